@@ -1,0 +1,100 @@
+"""The one exception tree of hpo-sync.
+
+Every error the product raises on purpose derives from :class:`HpoSyncError`; errors of
+aiohttp, sqlite3 and the TOML parser are mapped onto it at the boundary where they occur.
+"""
+
+from __future__ import annotations
+
+
+class HpoSyncError(Exception):
+    """Base class of every error hpo-sync raises on purpose."""
+
+
+class ConfigError(HpoSyncError):
+    """The configuration file or command line is invalid; the message names the key."""
+
+    def __init__(self, message: str, *, key: str | None = None, line: int | None = None) -> None:
+        self.key = key
+        self.line = line
+        where = ""
+        if key:
+            where = f"{key}: "
+        if line is not None:
+            where = f"{where[:-2]} (line {line}): " if key else f"line {line}: "
+        super().__init__(f"{where}{message}")
+        self.bare_message = message
+
+
+class CredentialsError(HpoSyncError):
+    """No usable Alibaba Cloud credentials could be found or refreshed."""
+
+
+class UpstreamError(HpoSyncError):
+    """A call to the ListHpoExperiments API failed."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        http_status: int | None = None,
+        request_id: str | None = None,
+        workspace_id: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        self.code = code
+        self.http_status = http_status
+        self.request_id = request_id
+        self.workspace_id = workspace_id
+        self.hint = hint
+        self.upstream_message = message
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        parts = []
+        if self.workspace_id:
+            parts.append(f"workspace {self.workspace_id}")
+        if self.code:
+            parts.append(self.code)
+        if self.http_status is not None:
+            parts.append(f"HTTP {self.http_status}")
+        head = ", ".join(parts)
+        text = f"{head}: {self.upstream_message}" if head else self.upstream_message
+        if self.request_id:
+            text += f" (RequestId {self.request_id})"
+        if self.hint:
+            text += f" — {self.hint}"
+        return text
+
+
+class RetryableUpstreamError(UpstreamError):
+    """A failure worth retrying: throttling, 5xx, timeouts, resets, malformed bodies."""
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None, **kw: object) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(message, **kw)  # type: ignore[arg-type]
+
+
+class ThrottledError(RetryableUpstreamError):
+    """The gateway said Throttling*: slow the whole client down, then retry."""
+
+
+class RetriesExhaustedError(UpstreamError):
+    """A retryable failure went on past the retry budget (attempts or total time)."""
+
+
+class FatalUpstreamError(UpstreamError):
+    """A failure that retrying cannot fix: bad signature, unknown key, access denied, bad input."""
+
+
+class StoreError(HpoSyncError):
+    """The SQLite mirror cannot be opened, migrated or written."""
+
+
+class SchemaTooNewError(StoreError):
+    """The mirror was written by a newer hpo-sync whose schema this version does not know."""
+
+
+class DeliveryError(HpoSyncError):
+    """A chat webhook delivery failed."""

@@ -1,0 +1,252 @@
+"""Normalise raw ListHpoExperiments objects into typed records (pure; no I/O, no clock).
+
+Upstream types drift between documents and responses: ``Creator`` and ``JobType`` arrive as
+strings or numbers, ``TrialStatus`` counts as ints or strings, ``Deleted`` as bool, 0/1 or
+"true", and times as ``2023-03-31T10:29:30Z`` or ``2024-01-01 08:30:11``. Everything is made
+one shape here; the raw object is kept whole so that fields added upstream are not lost.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+ISO_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+
+_TIME_RE = re.compile(
+    r"^(\d{4})-(\d{2})-(\d{2})(?:[T ](\d{2}):(\d{2})(?::(\d{2}))?(?:\.(\d+))?)?"
+    r"\s*(Z|z|[+-]\d{2}:?\d{2}|UTC)?$"
+)
+
+
+def parse_time(value: Any, *, naive_tz: timezone = UTC) -> datetime | None:
+    """Parse an upstream time (ISO-8601 with or without zone, ``yyyy-mm-dd hh:mm:ss``,
+    ``yyyy-mm-dd``, or epoch seconds/milliseconds) into an aware UTC datetime.
+
+    A time without a zone is taken to be in ``naive_tz``. Returns None for empty or
+    unparseable input.
+    """
+    if value is None or value == "" or isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        seconds = value / 1000 if value > 10**11 else value
+        try:
+            return datetime.fromtimestamp(seconds, UTC).replace(microsecond=0)
+        except (OverflowError, OSError, ValueError):
+            return None
+    text = str(value).strip()
+    if text.isdigit():
+        return parse_time(int(text), naive_tz=naive_tz)
+    m = _TIME_RE.match(text)
+    if not m:
+        return None
+    year, month, day, hh, mm, ss, _frac, zone = m.groups()
+    try:
+        dt = datetime(int(year), int(month), int(day), int(hh or 0), int(mm or 0), int(ss or 0))
+    except ValueError:
+        return None
+    if zone is None:
+        tz: timezone = naive_tz
+    elif zone in ("Z", "z", "UTC"):
+        tz = UTC
+    else:
+        sign = 1 if zone[0] == "+" else -1
+        digits = zone[1:].replace(":", "")
+        tz = timezone(sign * timedelta(hours=int(digits[:2]), minutes=int(digits[2:])))
+    return dt.replace(tzinfo=tz).astimezone(UTC)
+
+
+def format_time(dt: datetime) -> str:
+    """An aware datetime as ISO-8601 UTC ``YYYY-MM-DDTHH:MM:SSZ``."""
+    return dt.astimezone(UTC).strftime(ISO_FORMAT)
+
+
+def iso_time(value: Any, *, naive_tz: timezone = UTC) -> str | None:
+    dt = parse_time(value, naive_tz=naive_tz)
+    return format_time(dt) if dt else None
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, dict | list):
+        return json.dumps(value, sort_keys=True, ensure_ascii=False)
+    return str(value)
+
+
+def _int(value: Any) -> int | None:
+    if value is None or value == "" or isinstance(value, bool):
+        return None
+    try:
+        return int(float(value)) if isinstance(value, str) and "." in value else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        return value != 0
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "1", "yes", "y", "t")
+    return False
+
+
+def normalise_trial_status(value: Any) -> dict[str, int]:
+    """``{trial-status: count}`` with int counts, sorted keys and zero counts dropped.
+
+    Accepts a dict, a JSON string of one, or a list of ``{Status, Count}`` objects.
+    """
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return {}
+    items: Iterable[tuple[Any, Any]]
+    if isinstance(value, Mapping):
+        items = value.items()
+    elif isinstance(value, list):
+        items = (
+            (v.get("Status") or v.get("status"), v.get("Count") or v.get("count"))
+            for v in value
+            if isinstance(v, Mapping)
+        )
+    else:
+        return {}
+    out: dict[str, int] = {}
+    for k, v in items:
+        n = _int(v)
+        if k is None or not n:
+            continue
+        key = str(k).upper()
+        out[key] = out.get(key, 0) + n
+    return dict(sorted(out.items()))
+
+
+def normalise_tags(value: Any) -> list[dict[str, str]]:
+    """Tags as a list of ``{"Key", "Value"}`` with string values, in upstream order."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return []
+    if isinstance(value, Mapping):
+        value = [{"Key": k, "Value": v} for k, v in value.items()]
+    if not isinstance(value, list):
+        return []
+    out = []
+    for tag in value:
+        if isinstance(tag, Mapping):
+            key = tag.get("Key", tag.get("key"))
+            if key is None:
+                continue
+            val = tag.get("Value", tag.get("value"))
+            out.append({"Key": str(key), "Value": "" if val is None else str(val)})
+    return out
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One experiment, normalised. Field names are the mirror's column names."""
+
+    experiment_id: str
+    workspace_id: str | None
+    name: str | None
+    creator: str | None
+    status: str | None
+    job_type: str | None
+    accessibility: str | None
+    description: str | None
+    trial_count: int | None
+    trial_status: dict[str, int]
+    tags: list[dict[str, str]]
+    search_space: str | None
+    config_ini: str | None
+    config_yml: str | None
+    gmt_create_time: str | None
+    gmt_modified_time: str | None
+    deleted: bool
+    raw: dict[str, Any] = field(compare=False, repr=False)
+
+
+def normalise(raw: Mapping[str, Any], *, naive_tz: timezone = UTC) -> Experiment | None:
+    """Normalise one raw upstream experiment; None when it has no ``ExperimentId``."""
+    exp_id = _text(raw.get("ExperimentId"))
+    if not exp_id:
+        return None
+    status = _text(raw.get("Status"))
+    return Experiment(
+        experiment_id=exp_id,
+        workspace_id=_text(raw.get("WorkspaceId")),
+        name=_text(raw.get("Name")),
+        creator=_text(raw.get("Creator")),
+        status=status.strip().upper() if status else None,
+        job_type=_text(raw.get("JobType")),
+        accessibility=_text(raw.get("Accessibility")),
+        description=_text(raw.get("Description")),
+        trial_count=_int(raw.get("TrialCount")),
+        trial_status=normalise_trial_status(raw.get("TrialStatus")),
+        tags=normalise_tags(raw.get("Tags")),
+        search_space=_text(raw.get("SearchSpace")),
+        config_ini=_text(raw.get("ConfigIni")),
+        config_yml=_text(raw.get("ConfigYml")),
+        gmt_create_time=iso_time(raw.get("GmtCreateTime"), naive_tz=naive_tz),
+        gmt_modified_time=iso_time(raw.get("GmtModifiedTime"), naive_tz=naive_tz),
+        deleted=_bool(raw.get("Deleted")),
+        raw=dict(raw),
+    )
+
+
+@dataclass
+class NormaliseResult:
+    experiments: list[Experiment]
+    skipped: int
+
+
+def normalise_all(
+    raws: Iterable[Mapping[str, Any]], *, naive_tz: timezone = UTC
+) -> NormaliseResult:
+    """Normalise many; records without ``ExperimentId`` (or not objects) are counted as skipped."""
+    out: list[Experiment] = []
+    skipped = 0
+    for raw in raws:
+        exp = normalise(raw, naive_tz=naive_tz) if isinstance(raw, Mapping) else None
+        if exp is None:
+            skipped += 1
+        else:
+            out.append(exp)
+    return NormaliseResult(out, skipped)
+
+
+def to_upstream(exp: Experiment, *, include_config: bool = True) -> dict[str, Any]:
+    """The experiment in the upstream response shape and field names, with normalised types."""
+    out: dict[str, Any] = {
+        "ExperimentId": exp.experiment_id,
+        "Name": exp.name,
+        "Status": exp.status,
+        "Creator": exp.creator,
+        "WorkspaceId": exp.workspace_id,
+        "Accessibility": exp.accessibility,
+        "Description": exp.description,
+        "JobType": exp.job_type,
+        "GmtCreateTime": exp.gmt_create_time,
+        "GmtModifiedTime": exp.gmt_modified_time,
+        "TrialCount": exp.trial_count,
+        "TrialStatus": dict(exp.trial_status),
+        "Deleted": exp.deleted,
+        "Tags": [dict(t) for t in exp.tags],
+    }
+    if include_config:
+        out["SearchSpace"] = exp.search_space
+        out["ConfigIni"] = exp.config_ini
+        out["ConfigYml"] = exp.config_yml
+    return out
