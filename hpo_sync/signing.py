@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import quote
@@ -28,21 +29,23 @@ def canonical_query(query: Mapping[str, str]) -> str:
     This exact string is also what goes on the wire, so that what the server sees is what was
     signed.
     """
-    return "&".join(
-        f"{percent_encode(k)}={percent_encode(query[k])}" for k in sorted(query)
-    )
+    return "&".join(f"{percent_encode(k)}={percent_encode(query[k])}" for k in sorted(query))
 
 
 def canonical_headers(headers: Mapping[str, str]) -> tuple[str, str]:
     """Return (canonical header block, SignedHeaders) for the headers that must be signed:
-    ``host``, ``content-type`` and every ``x-acs-*`` header."""
-    picked: dict[str, str] = {}
+    ``host``, ``content-type`` and every ``x-acs-*`` header.
+
+    Names are lowercased and values trimmed; should two names differ only in case, their
+    values are sorted and joined with ``,`` as the official SDK does.
+    """
+    picked: dict[str, list[str]] = {}
     for name, value in headers.items():
         low = name.lower()
         if low in ("host", "content-type") or low.startswith("x-acs-"):
-            picked[low] = value.strip()
+            picked.setdefault(low, []).append(value.strip())
     names = sorted(picked)
-    block = "".join(f"{n}:{picked[n]}\n" for n in names)
+    block = "".join(f"{n}:{','.join(sorted(picked[n]))}\n" for n in names)
     return block, ";".join(names)
 
 
@@ -109,23 +112,28 @@ class ParsedAuthorization:
     signature: str
 
 
+_SIGNATURE_RE = re.compile(r"[0-9a-fA-F]{64}")
+
+
 def parse_authorization(value: str) -> ParsedAuthorization | None:
     """Parse an ``Authorization: ACS3-HMAC-SHA256 Credential=…,SignedHeaders=…,Signature=…``
-    header; None when it is not of that form."""
+    header; None when it is not of that form (missing or repeated field, empty credential or
+    header list, a signature that is not 64 hex digits)."""
     algo, _, rest = value.strip().partition(" ")
-    if algo != ALGORITHM or not rest:
+    if algo != ALGORITHM or not rest.strip():
         return None
     fields: dict[str, str] = {}
     for part in rest.split(","):
         k, sep, v = part.strip().partition("=")
-        if not sep:
+        if not sep or k in fields:
             return None
-        fields[k] = v
-    try:
-        names = tuple(n for n in fields["SignedHeaders"].split(";") if n)
-        return ParsedAuthorization(fields["Credential"], names, fields["Signature"])
-    except KeyError:
+        fields[k] = v.strip()
+    credential = fields.get("Credential", "")
+    names = tuple(fields.get("SignedHeaders", "").split(";"))
+    sig = fields.get("Signature", "")
+    if not credential or not all(names) or not _SIGNATURE_RE.fullmatch(sig):
         return None
+    return ParsedAuthorization(credential, names, sig)
 
 
 def verify(
@@ -140,11 +148,24 @@ def verify(
     body_sha256: str,
 ) -> bool:
     """Recompute the signature from the headers the client says it signed, as the gateway
-    does, and compare in constant time."""
-    lower = {k.lower(): v for k, v in headers.items()}
-    block = "".join(f"{n}:{lower.get(n, '').strip()}\n" for n in signed_header_names)
-    canon = canonical_request(
-        method, path, query, block, ";".join(signed_header_names), body_sha256
-    )
+    does, and compare in constant time.
+
+    False as well when a header named as signed is absent, or when ``host`` or an
+    ``x-acs-*`` header that was sent is not among the signed ones: such a request would let
+    those headers be changed in transit.
+    """
+    lower: dict[str, list[str]] = {}
+    for k, v in headers.items():
+        lower.setdefault(k.lower(), []).append(v.strip())
+    names = tuple(n.lower() for n in signed_header_names)
+    if any(n not in lower for n in names):
+        return False
+    must_sign = {n for n in lower if n == "host" or n.startswith("x-acs-")}
+    if not must_sign <= set(names):
+        return False
+    block = "".join(f"{n}:{','.join(sorted(lower[n]))}\n" for n in names)
+    canon = canonical_request(method, path, query, block, ";".join(names), body_sha256)
     expected = signature(access_key_secret, string_to_sign(canon))
+    if not claimed_signature.isascii():
+        return False  # compare_digest refuses non-ASCII str; it cannot match a hex digest
     return hmac.compare_digest(expected, claimed_signature)
