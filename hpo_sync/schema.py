@@ -1,0 +1,397 @@
+"""The mirror's SQLite schema: forward migrations, column lists and column encodings.
+
+The schema is a public interface (people query the file directly; see ``docs/schema.md``), so
+it changes only by appending a migration to :data:`MIGRATIONS`, never by editing one. Each
+migration is plain SQL rather than sqlite-utils calls: a migration must produce the same
+schema forever, whatever version of sqlite-utils is installed, and sqlite-utils cannot express
+``AUTOINCREMENT``, ``CHECK`` constraints or triggers.
+
+The version lives in ``PRAGMA user_version`` and the file is tagged with
+``PRAGMA application_id`` so that hpo-sync never "migrates" somebody else's database.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from hpo_sync.errors import SchemaTooNewError, StoreError
+from hpo_sync.normalise import Experiment
+
+#: ``PRAGMA application_id`` of every hpo-sync mirror: ASCII "HPOS".
+APPLICATION_ID = 0x48504F53
+
+#: Every column of ``experiments``, in table order.
+EXPERIMENT_COLUMNS: tuple[str, ...] = (
+    "experiment_id",
+    "workspace_id",
+    "name",
+    "creator",
+    "status",
+    "job_type",
+    "accessibility",
+    "description",
+    "trial_count",
+    "trial_status",
+    "tags",
+    "search_space",
+    "config_ini",
+    "config_yml",
+    "gmt_create_time",
+    "gmt_modified_time",
+    "deleted",
+    "first_seen_at",
+    "last_seen_at",
+    "last_changed_at",
+    "raw",
+)
+
+#: Columns whose change moves ``last_changed_at``: everything upstream tells us, normalised.
+TRACKED_CONTENT_COLUMNS: tuple[str, ...] = (
+    "workspace_id",
+    "name",
+    "creator",
+    "status",
+    "job_type",
+    "accessibility",
+    "description",
+    "trial_count",
+    "trial_status",
+    "tags",
+    "search_space",
+    "config_ini",
+    "config_yml",
+    "gmt_create_time",
+    "gmt_modified_time",
+    "deleted",
+)
+
+#: Columns rewritten when an experiment is seen with different content (``raw`` included:
+#: it is "the last upstream object", even when only its representation drifted).
+CONTENT_COLUMNS: tuple[str, ...] = (*TRACKED_CONTENT_COLUMNS, "raw")
+
+CHANGE_COLUMNS: tuple[str, ...] = (
+    "id",
+    "experiment_id",
+    "workspace_id",
+    "field",
+    "old_value",
+    "new_value",
+    "observed_at",
+    "sync_run_id",
+    "baseline",
+)
+
+
+# --- column encodings (pure) -----------------------------------------------------------
+
+
+# Built once: json.dumps() with non-default options constructs a new encoder per call, which
+# is a measurable share of applying 100,000 experiments.
+_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str)
+_CANONICAL = json.JSONEncoder(
+    separators=(",", ":"), ensure_ascii=False, sort_keys=True, default=str
+)
+
+
+def encode_trial_status(trial_status: Mapping[str, int]) -> str:
+    """``{trial-status: count}`` as compact JSON with sorted keys and zero counts dropped."""
+    return _CANONICAL.encode({str(k): int(v) for k, v in trial_status.items() if v})
+
+
+def decode_trial_status(value: str | Mapping[str, Any] | None) -> dict[str, int]:
+    """The inverse of :func:`encode_trial_status`; tolerant of hand-edited or NULL values."""
+    if value is None or value == "":
+        return {}
+    data: Any = json.loads(value) if isinstance(value, str) else value
+    if not isinstance(data, Mapping):
+        return {}
+    return {str(k): int(v) for k, v in sorted(data.items()) if v}
+
+
+def encode_deleted(deleted: bool) -> str:
+    """``Deleted`` change values are the JSON literals ``"true"`` / ``"false"``."""
+    return "true" if deleted else "false"
+
+
+def encode_json(value: Any) -> str:
+    """Compact JSON for the ``tags`` column (upstream order kept)."""
+    return _COMPACT.encode(value)
+
+
+def encode_raw(raw: Mapping[str, Any]) -> str:
+    """The raw upstream object as canonical JSON (sorted keys), so equal objects compare equal."""
+    return _CANONICAL.encode(raw)
+
+
+def experiment_values(exp: Experiment, workspace_id: str) -> tuple[Any, ...]:
+    """The ``CONTENT_COLUMNS`` of ``exp``, in that order, exactly as they are stored.
+
+    ``workspace_id`` fills in an experiment whose upstream object did not name its workspace.
+    A tuple, so that the store can compare it with a stored row in one step.
+    """
+    return (
+        exp.workspace_id or workspace_id,
+        exp.name,
+        exp.creator,
+        exp.status,
+        exp.job_type,
+        exp.accessibility,
+        exp.description,
+        exp.trial_count,
+        encode_trial_status(exp.trial_status),
+        encode_json(exp.tags),
+        exp.search_space,
+        exp.config_ini,
+        exp.config_yml,
+        exp.gmt_create_time,
+        exp.gmt_modified_time,
+        1 if exp.deleted else 0,
+        encode_raw(exp.raw),
+    )
+
+
+def experiment_content(exp: Experiment, workspace_id: str) -> dict[str, Any]:
+    """:func:`experiment_values` as a ``{column: value}`` dict."""
+    return dict(zip(CONTENT_COLUMNS, experiment_values(exp, workspace_id), strict=True))
+
+
+def decode_experiment_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored ``experiments`` row with JSON columns parsed and ``deleted`` as a bool."""
+    out = dict(row)
+    if "trial_status" in out:
+        out["trial_status"] = decode_trial_status(out["trial_status"])
+    if "tags" in out:
+        out["tags"] = json.loads(out["tags"]) if out["tags"] else []
+    if "raw" in out:
+        out["raw"] = json.loads(out["raw"]) if out["raw"] else {}
+    if "deleted" in out:
+        out["deleted"] = bool(out["deleted"])
+    return out
+
+
+def row_to_experiment(row: Mapping[str, Any]) -> Experiment:
+    """Rebuild the :class:`Experiment` a stored row holds (e.g. to serve the upstream shape)."""
+    d = decode_experiment_row(row)
+    return Experiment(
+        experiment_id=d["experiment_id"],
+        workspace_id=d["workspace_id"],
+        name=d["name"],
+        creator=d["creator"],
+        status=d["status"],
+        job_type=d["job_type"],
+        accessibility=d["accessibility"],
+        description=d["description"],
+        trial_count=d["trial_count"],
+        trial_status=d["trial_status"],
+        tags=d["tags"],
+        search_space=d["search_space"],
+        config_ini=d["config_ini"],
+        config_yml=d["config_yml"],
+        gmt_create_time=d["gmt_create_time"],
+        gmt_modified_time=d["gmt_modified_time"],
+        deleted=d["deleted"],
+        raw=d["raw"],
+    )
+
+
+# --- migrations ---------------------------------------------------------------------------
+
+Migration = Callable[[sqlite3.Connection], None]
+
+
+def _run(conn: sqlite3.Connection, statements: list[str]) -> None:
+    # Not executescript(): it COMMITs first, which would split a migration from the
+    # user_version bump that records it.
+    for sql in statements:
+        conn.execute(sql)
+
+
+def _m1_core(conn: sqlite3.Connection) -> None:
+    """Version 1: workspaces, experiments, changes, sync_runs."""
+    _run(
+        conn,
+        [
+            """
+            CREATE TABLE workspaces (
+                workspace_id     TEXT PRIMARY KEY NOT NULL,
+                label            TEXT,
+                baseline_at      TEXT,
+                last_full_ok_at  TEXT,
+                last_hot_ok_at   TEXT,
+                last_error       TEXT,
+                last_error_at    TEXT,
+                create_watermark TEXT
+            )""",
+            """
+            CREATE TABLE experiments (
+                experiment_id     TEXT PRIMARY KEY NOT NULL,
+                workspace_id      TEXT NOT NULL REFERENCES workspaces (workspace_id),
+                name              TEXT,
+                creator           TEXT,
+                status            TEXT,
+                job_type          TEXT,
+                accessibility     TEXT,
+                description       TEXT,
+                trial_count       INTEGER,
+                trial_status      TEXT NOT NULL DEFAULT '{}',
+                tags              TEXT NOT NULL DEFAULT '[]',
+                search_space      TEXT,
+                config_ini        TEXT,
+                config_yml        TEXT,
+                gmt_create_time   TEXT,
+                gmt_modified_time TEXT,
+                deleted           INTEGER NOT NULL DEFAULT 0 CHECK (deleted IN (0, 1)),
+                first_seen_at     TEXT NOT NULL,
+                last_seen_at      TEXT NOT NULL,
+                last_changed_at   TEXT NOT NULL,
+                raw               TEXT NOT NULL DEFAULT '{}'
+            )""",
+            # experiment_id is appended to every sort index: it is the keyset tie-breaker,
+            # and a rowid table's indexes do not carry the (text) primary key implicitly.
+            "CREATE INDEX experiments_workspace_status_created"
+            " ON experiments (workspace_id, status, gmt_create_time, experiment_id)",
+            "CREATE INDEX experiments_workspace_created"
+            " ON experiments (workspace_id, gmt_create_time, experiment_id)",
+            "CREATE INDEX experiments_created ON experiments (gmt_create_time, experiment_id)",
+            "CREATE INDEX experiments_modified ON experiments (gmt_modified_time, experiment_id)",
+            "CREATE INDEX experiments_name ON experiments (name, experiment_id)",
+            """
+            CREATE TABLE sync_runs (
+                id               INTEGER PRIMARY KEY AUTOINCREMENT,
+                workspace_id     TEXT NOT NULL REFERENCES workspaces (workspace_id),
+                mode             TEXT NOT NULL,
+                started_at       TEXT NOT NULL,
+                finished_at      TEXT,
+                status           TEXT NOT NULL DEFAULT 'running',
+                api_calls        INTEGER NOT NULL DEFAULT 0,
+                pages            INTEGER NOT NULL DEFAULT 0,
+                experiments_seen INTEGER NOT NULL DEFAULT 0,
+                changes          INTEGER NOT NULL DEFAULT 0,
+                error            TEXT
+            )""",
+            "CREATE INDEX sync_runs_workspace ON sync_runs (workspace_id, id)",
+            "CREATE INDEX sync_runs_started ON sync_runs (started_at)",
+            # sync_run_id is deliberately not a foreign key: old sync_runs rows may be pruned
+            # one day, while history must stay.
+            """
+            CREATE TABLE changes (
+                id            INTEGER PRIMARY KEY AUTOINCREMENT,
+                experiment_id TEXT NOT NULL REFERENCES experiments (experiment_id),
+                workspace_id  TEXT NOT NULL,
+                field         TEXT NOT NULL,
+                old_value     TEXT,
+                new_value     TEXT,
+                observed_at   TEXT NOT NULL,
+                sync_run_id   INTEGER,
+                baseline      INTEGER NOT NULL DEFAULT 0 CHECK (baseline IN (0, 1))
+            )""",
+            "CREATE INDEX changes_experiment ON changes (experiment_id, id)",
+            "CREATE INDEX changes_workspace ON changes (workspace_id, id)",
+            "CREATE INDEX changes_observed ON changes (observed_at)",
+            # History is append-only, for people writing SQL by hand too.
+            """
+            CREATE TRIGGER changes_no_update BEFORE UPDATE ON changes
+            BEGIN SELECT RAISE(ABORT, 'changes is append-only'); END""",
+            """
+            CREATE TRIGGER changes_no_delete BEFORE DELETE ON changes
+            BEGIN SELECT RAISE(ABORT, 'changes is append-only'); END""",
+            f"PRAGMA application_id = {APPLICATION_ID}",
+        ],
+    )
+
+
+def _m2_alert_outbox(conn: sqlite3.Connection) -> None:
+    """Version 2: the alert outbox, written in the same transaction as the change rows."""
+    _run(
+        conn,
+        [
+            """
+            CREATE TABLE alert_outbox (
+                id              INTEGER PRIMARY KEY AUTOINCREMENT,
+                change_id       INTEGER NOT NULL REFERENCES changes (id),
+                target          TEXT NOT NULL,
+                rule            TEXT NOT NULL,
+                status          TEXT NOT NULL DEFAULT 'pending'
+                                CHECK (status IN ('pending', 'sent', 'dead')),
+                attempts        INTEGER NOT NULL DEFAULT 0,
+                next_attempt_at TEXT,
+                created_at      TEXT NOT NULL,
+                sent_at         TEXT,
+                last_error      TEXT,
+                -- one delivery per (change, target, rule), however often a sweep is replayed
+                UNIQUE (change_id, target, rule)
+            )""",
+            "CREATE INDEX alert_outbox_due ON alert_outbox (next_attempt_at)"
+            " WHERE status = 'pending'",
+            "CREATE INDEX alert_outbox_target ON alert_outbox (target, status, id)",
+        ],
+    )
+
+
+#: Forward migrations, in order; migration ``i`` (0-based) takes the file to version ``i + 1``.
+#: Append only. Never edit or reorder a released migration.
+MIGRATIONS: tuple[Migration, ...] = (_m1_core, _m2_alert_outbox)
+
+#: The schema version this code reads and writes.
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def read_version(conn: sqlite3.Connection) -> int:
+    """The file's ``PRAGMA user_version``."""
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def check_version(conn: sqlite3.Connection, where: str) -> int:
+    """Refuse a file that is not a mirror or is newer than this code; return its version."""
+    version = read_version(conn)
+    app_id = int(conn.execute("PRAGMA application_id").fetchone()[0])
+    if version > 0 and app_id != APPLICATION_ID:
+        raise StoreError(
+            f"{where} is not an hpo-sync mirror (application_id {app_id:#x}, "
+            f"user_version {version}); point the store path at another file"
+        )
+    if version == 0:
+        tables = conn.execute(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+        ).fetchone()[0]
+        if tables:
+            raise StoreError(
+                f"{where} already holds tables but is not an hpo-sync mirror; "
+                "point the store path at a new or existing mirror file"
+            )
+    if version > SCHEMA_VERSION:
+        raise SchemaTooNewError(
+            f"{where} has schema version {version}, but this hpo-sync only knows versions "
+            f"up to {SCHEMA_VERSION}: it was written by a newer hpo-sync. Upgrade hpo-sync, "
+            "or restore a backup made before the upgrade"
+        )
+    return version
+
+
+def migrate(conn: sqlite3.Connection, *, where: str, target: int = SCHEMA_VERSION) -> int:
+    """Bring the file up to ``target`` in place; return the version it had before.
+
+    ``conn`` must be in autocommit mode (``isolation_level=None``). Each migration runs in its
+    own ``BEGIN IMMEDIATE`` transaction together with the ``user_version`` bump, so a crash
+    leaves the file at a well-defined version, and a second process opening the file at the
+    same time waits and then finds nothing left to do.
+    """
+    start = check_version(conn, where)
+    while True:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Re-read under the write lock: another process may have migrated meanwhile.
+            version = check_version(conn, where)
+            if version >= target:
+                conn.execute("COMMIT")
+                return start
+            MIGRATIONS[version](conn)
+            conn.execute(f"PRAGMA user_version = {version + 1}")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
