@@ -12,60 +12,77 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from typing import Any
 
-ISO_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+ISO_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # strftime form of format_time (which also pads years < 1000)
 
 _TIME_RE = re.compile(
-    r"^(\d{4})-(\d{2})-(\d{2})(?:[T ](\d{2}):(\d{2})(?::(\d{2}))?(?:\.(\d+))?)?"
-    r"\s*(Z|z|[+-]\d{2}:?\d{2}|UTC)?$"
+    r"^(\d{4})-(\d{2})-(\d{2})(?:[Tt ](\d{2}):(\d{2})(?::(\d{2}))?(?:[.,](\d+))?)?"
+    r"\s*(Z|z|UTC|GMT|[+-]\d{2}(?::?\d{2})?)?$",
+    re.ASCII,
 )
 
 
-def parse_time(value: Any, *, naive_tz: timezone = UTC) -> datetime | None:
+def parse_time(value: Any, *, naive_tz: tzinfo = UTC) -> datetime | None:
     """Parse an upstream time (ISO-8601 with or without zone, ``yyyy-mm-dd hh:mm:ss``,
-    ``yyyy-mm-dd``, or epoch seconds/milliseconds) into an aware UTC datetime.
+    ``yyyy-mm-dd``, epoch seconds or milliseconds, or a datetime) into an aware UTC
+    datetime, truncated to the second.
 
     A time without a zone is taken to be in ``naive_tz``. Returns None for empty or
-    unparseable input.
+    unparseable input, never raises.
     """
-    if value is None or value == "" or isinstance(value, bool):
+    if value is None or isinstance(value, bool):
         return None
+    if isinstance(value, datetime):
+        dt = value if value.tzinfo is not None else value.replace(tzinfo=naive_tz)
+        return _to_utc(dt)
     if isinstance(value, int | float):
-        seconds = value / 1000 if value > 10**11 else value
         try:
+            seconds = value / 1000 if abs(value) > 10**11 else value  # epoch ms past 1973
             return datetime.fromtimestamp(seconds, UTC).replace(microsecond=0)
         except (OverflowError, OSError, ValueError):
             return None
-    text = str(value).strip()
-    if text.isdigit():
-        return parse_time(int(text), naive_tz=naive_tz)
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    if text.isascii() and text.isdigit():
+        return parse_time(int(text), naive_tz=naive_tz) if len(text) <= 20 else None
     m = _TIME_RE.match(text)
     if not m:
         return None
     year, month, day, hh, mm, ss, _frac, zone = m.groups()
     try:
         dt = datetime(int(year), int(month), int(day), int(hh or 0), int(mm or 0), int(ss or 0))
+        if zone is None:
+            zone_info: tzinfo = naive_tz
+        elif zone.upper() in ("Z", "UTC", "GMT"):
+            zone_info = UTC
+        else:
+            sign = 1 if zone[0] == "+" else -1
+            digits = zone[1:].replace(":", "")
+            offset = timedelta(hours=int(digits[:2]), minutes=int(digits[2:] or 0))
+            zone_info = timezone(sign * offset)  # ValueError beyond ±24 h
     except ValueError:
         return None
-    if zone is None:
-        tz: timezone = naive_tz
-    elif zone in ("Z", "z", "UTC"):
-        tz = UTC
-    else:
-        sign = 1 if zone[0] == "+" else -1
-        digits = zone[1:].replace(":", "")
-        tz = timezone(sign * timedelta(hours=int(digits[:2]), minutes=int(digits[2:])))
-    return dt.replace(tzinfo=tz).astimezone(UTC)
+    return _to_utc(dt.replace(tzinfo=zone_info))
+
+
+def _to_utc(dt: datetime) -> datetime | None:
+    try:
+        return dt.astimezone(UTC).replace(microsecond=0)
+    except (OverflowError, ValueError):  # year 1 or 9999 pushed past the edge by the offset
+        return None
 
 
 def format_time(dt: datetime) -> str:
-    """An aware datetime as ISO-8601 UTC ``YYYY-MM-DDTHH:MM:SSZ``."""
-    return dt.astimezone(UTC).strftime(ISO_FORMAT)
+    """An aware datetime as ISO-8601 UTC ``YYYY-MM-DDTHH:MM:SSZ`` (years zero-padded)."""
+    u = dt.astimezone(UTC)
+    return f"{u.year:04d}-{u.month:02d}-{u.day:02d}T{u.hour:02d}:{u.minute:02d}:{u.second:02d}Z"
 
 
-def iso_time(value: Any, *, naive_tz: timezone = UTC) -> str | None:
+def iso_time(value: Any, *, naive_tz: tzinfo = UTC) -> str | None:
+    """:func:`parse_time` then :func:`format_time`; None when the value is not a time."""
     dt = parse_time(value, naive_tz=naive_tz)
     return format_time(dt) if dt else None
 
@@ -83,11 +100,21 @@ def _text(value: Any) -> str | None:
 
 
 def _int(value: Any) -> int | None:
-    if value is None or value == "" or isinstance(value, bool):
+    if value is None or isinstance(value, bool):
         return None
+    if isinstance(value, int):
+        return value
     try:
-        return int(float(value)) if isinstance(value, str) and "." in value else int(value)
-    except (TypeError, ValueError):
+        if isinstance(value, str):
+            text = value.strip()
+            if not text.isascii():
+                return None
+            try:
+                return int(text)
+            except ValueError:
+                value = float(text)  # "3.0", "1e3"
+        return int(value)  # floats truncate; NaN and infinities raise
+    except (TypeError, ValueError, OverflowError):
         return None
 
 
@@ -95,7 +122,7 @@ def _bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
     if isinstance(value, int | float):
-        return value != 0
+        return value != 0 and value == value  # NaN is not "deleted"
     if isinstance(value, str):
         return value.strip().lower() in ("true", "1", "yes", "y", "t")
     return False
@@ -125,10 +152,11 @@ def normalise_trial_status(value: Any) -> dict[str, int]:
     out: dict[str, int] = {}
     for k, v in items:
         n = _int(v)
-        if k is None or not n:
-            continue
-        key = str(k).upper()
-        out[key] = out.get(key, 0) + n
+        if k is None or n is None or n <= 0:
+            continue  # zero (and nonsensical negative) counts carry no information
+        key = str(k).strip().upper()
+        if key:
+            out[key] = out.get(key, 0) + n
     return dict(sorted(out.items()))
 
 
@@ -149,8 +177,8 @@ def normalise_tags(value: Any) -> list[dict[str, str]]:
             key = tag.get("Key", tag.get("key"))
             if key is None:
                 continue
-            val = tag.get("Value", tag.get("value"))
-            out.append({"Key": str(key), "Value": "" if val is None else str(val)})
+            val = _text(tag.get("Value", tag.get("value")))
+            out.append({"Key": _text(key) or "", "Value": val or ""})
     return out
 
 
@@ -178,9 +206,9 @@ class Experiment:
     raw: dict[str, Any] = field(compare=False, repr=False)
 
 
-def normalise(raw: Mapping[str, Any], *, naive_tz: timezone = UTC) -> Experiment | None:
+def normalise(raw: Mapping[str, Any], *, naive_tz: tzinfo = UTC) -> Experiment | None:
     """Normalise one raw upstream experiment; None when it has no ``ExperimentId``."""
-    exp_id = _text(raw.get("ExperimentId"))
+    exp_id = (_text(raw.get("ExperimentId")) or "").strip()
     if not exp_id:
         return None
     status = _text(raw.get("Status"))
@@ -212,9 +240,7 @@ class NormaliseResult:
     skipped: int
 
 
-def normalise_all(
-    raws: Iterable[Mapping[str, Any]], *, naive_tz: timezone = UTC
-) -> NormaliseResult:
+def normalise_all(raws: Iterable[Any], *, naive_tz: tzinfo = UTC) -> NormaliseResult:
     """Normalise many; records without ``ExperimentId`` (or not objects) are counted as skipped."""
     out: list[Experiment] = []
     skipped = 0

@@ -1,0 +1,252 @@
+"""The ``hpo-sync`` command line.
+
+Exit status: 0 success, 1 a workspace (or the command's work) failed, 2 a config or usage
+error — always one clear message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from . import __version__
+from . import config as config_mod
+from .errors import ConfigError, HpoSyncError
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class UsageError(HpoSyncError):
+    """The command line asks for something that cannot be done."""
+
+
+def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    # --config is accepted before and after the command; SUPPRESS keeps a sub-parser's
+    # absent flag from overwriting the one given before the command.
+    default = None if top else argparse.SUPPRESS
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        default=default,
+        help="config file (default: $HPO_SYNC_CONFIG, else /etc/hpo-sync/config.toml)",
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default=default,
+        help="override [logging] level",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=("auto", "json", "console"),
+        default=default,
+        help="override [logging] format",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hpo-sync",
+        description="A local, queryable history of PAI AutoML HPO experiments.",
+    )
+    parser.add_argument("--version", action="version", version=f"hpo-sync {__version__}")
+    _common(parser, top=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, help: str, handler: Handler) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        _common(p, top=False)
+        p.set_defaults(handler=handler)
+        return p
+
+    command(
+        "check-config", "validate the config and print it with secrets redacted", cmd_check_config
+    )
+
+    p = command("sync", "sync the mirror once (hot where a baseline exists, else full)", cmd_sync)
+    p.add_argument("--full", action="store_true", help="full sweep of every workspace")
+    p.add_argument(
+        "--workspace",
+        action="append",
+        metavar="ID",
+        default=[],
+        help="only this workspace (repeatable; default: all configured)",
+    )
+
+    from .sim import server as sim_server
+
+    p = command(
+        "simulate", "run the built-in simulator of the ListHpoExperiments API", cmd_simulate
+    )
+    sim_server.add_arguments(p)
+
+    for register in _extra_commands():
+        register(sub, command)
+    return parser
+
+
+def _extra_commands() -> list[Callable[..., None]]:
+    """Commands that live in their own modules (queries, daemon, demo, alerts)."""
+    registers: list[Callable[..., None]] = []
+    import importlib
+
+    for name in ("cli_query", "daemon", "demo", "alerts.cli"):
+        try:
+            module = importlib.import_module(f"hpo_sync.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.startswith("hpo_sync"):
+                continue
+            raise
+        register = getattr(module, "register_cli", None)
+        if register is not None:
+            registers.append(register)
+    return registers
+
+
+def load_config(args: argparse.Namespace) -> config_mod.Config:
+    path = config_mod.resolve_path(getattr(args, "config", None))
+    return config_mod.load(path)
+
+
+def setup_logging(args: argparse.Namespace, cfg: config_mod.Config | None = None) -> None:
+    from . import logs
+
+    level = getattr(args, "log_level", None) or (cfg.logging.level if cfg else "info")
+    fmt = getattr(args, "log_format", None) or (cfg.logging.format if cfg else "auto")
+    logs.configure(level, fmt)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except ConfigError as exc:
+        print(f"hpo-sync: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except UsageError as exc:
+        print(f"hpo-sync: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except HpoSyncError as exc:
+        print(f"hpo-sync: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    setup_logging(args)
+    cfg = load_config(args)
+    print(f"# {cfg.source}: OK")
+    print(json.dumps(config_mod.redacted(cfg), indent=2, ensure_ascii=False))
+    return EXIT_OK
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    setup_logging(args, cfg)
+    wanted = args.workspace or list(cfg.workspace_ids())
+    unknown = [w for w in wanted if w not in cfg.workspace_ids()]
+    if unknown:
+        configured = ", ".join(cfg.workspace_ids())
+        raise UsageError(f"workspace {unknown[0]!r} is not configured (configured: {configured})")
+    results = asyncio.run(_sync_once(cfg, wanted, full=args.full))
+    for result in results:
+        print(result.summary())
+    return EXIT_FAILED if any(r.status == "failed" for r in results) else EXIT_OK
+
+
+async def _sync_once(cfg: config_mod.Config, workspaces: list[str], *, full: bool) -> list[Any]:
+    from .client import UpstreamClient
+    from .credentials import DefaultChainCredentials
+    from .store import Store
+    from .sync import SyncEngine
+
+    bar = _ProgressBar() if sys.stderr.isatty() else None
+    store = await asyncio.to_thread(Store.open, cfg.store.path)
+    try:
+        async with UpstreamClient(cfg.upstream, DefaultChainCredentials()) as client:
+            engine = SyncEngine(
+                cfg, client, store, progress=bar.update if bar is not None else None
+            )
+            results = await asyncio.gather(
+                *(engine.sweep(ws, "full" if full else "auto") for ws in workspaces)
+            )
+    finally:
+        if bar is not None:
+            bar.close()
+        await asyncio.to_thread(store.close)
+    return list(results)
+
+
+class _ProgressBar:
+    """One status line on a terminal: pages read per workspace."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, tuple[int, int]] = {}
+
+    def update(self, workspace: str, done: int, total: int) -> None:
+        self.state[workspace] = (done, total)
+        parts = []
+        for ws, (d, t) in self.state.items():
+            width = 20
+            filled = int(width * d / t) if t else 0
+            parts.append(f"{ws} [{'#' * filled}{'.' * (width - filled)}] {d}/{t}")
+        sys.stderr.write("\r\x1b[2K" + "  ".join(parts)[:200])
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.state:
+            sys.stderr.write("\r\x1b[2K")
+            sys.stderr.flush()
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from .sim import server as sim_server
+
+    setup_logging(args)
+    options = sim_server.options_from_args(args)
+
+    def ready(url: str) -> None:
+        ak, secret = next(iter(options.credentials.items()))
+        print(f"simulator listening on {url}", flush=True)
+        print(
+            f"  {options.experiments} experiments in {options.workspaces} workspaces; "
+            f"AccessKey id {ak!r}, secret {secret!r} (test credentials)",
+            flush=True,
+        )
+        print(f"  ground truth: {url}/_sim/truth   stats: {url}/_sim/stats", flush=True)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(sim_server.serve_forever(options, on_ready=ready))
+    return EXIT_OK
+
+
+def default_db_path(args: argparse.Namespace) -> Path:
+    """The mirror for read-only commands: ``--db`` beats the config's ``[store] path``."""
+    db = getattr(args, "db", None)
+    if db:
+        return Path(db)
+    return load_config(args).store.path
+
+
+log = structlog.get_logger(__name__)
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,619 @@
+"""The ListHpoExperiments client: signed, rate-limited, retried, concurrently paged.
+
+One :class:`UpstreamClient` (one aiohttp session) per process. Every attempt is signed
+afresh (new ``x-acs-date`` and nonce), the query string on the wire is exactly the canonical
+query that was signed (built with ``encoded=True`` so yarl does not re-encode it), and errors
+are classified into retryable (throttling at any HTTP status, 5xx, timeouts, resets, broken
+bodies, a reused nonce) and fatal (signature, key, access, input) ones.
+
+Throttled attempts are the rate limiter's business, not a sign the page is broken: they wait
+for the server's ``x-acs-retry-after`` and do not escalate the exponential backoff or use up
+``retry_max_attempts`` (``retry_max_total_s`` and a hard cap still bound them), so a page
+unlucky enough to meet both throttling and faults is not given up early.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, tzinfo
+from typing import Any
+
+import aiohttp
+import structlog
+import tenacity
+from yarl import URL
+
+from . import __version__, signing
+from .config import UpstreamConfig
+from .credentials import CredentialsProvider
+from .errors import (
+    FatalUpstreamError,
+    RetriesExhaustedError,
+    RetryableUpstreamError,
+    ThrottledError,
+    UpstreamError,
+)
+
+PATH = "/api/automl/v1/hpo/experiments"
+ACTION = "ListHpoExperiments"
+VERSION = "2022-08-28"
+
+log = structlog.get_logger(__name__)
+
+BACKOFF_INITIAL_S = 0.2
+BACKOFF_MAX_S = 10.0
+BACKOFF_JITTER_S = 0.5
+THROTTLE_JITTER_S = 0.1
+THROTTLED_ATTEMPTS_FACTOR = 4
+"""Throttled attempts of one page stop at this multiple of ``retry_max_attempts``."""
+
+_RETRYABLE_CODES = {
+    "InternalError",
+    "ServiceUnavailable",
+    "SignatureNonceUsed",  # aiohttp may resend a GET on a dead keep-alive connection
+    "ServiceTimeout",
+    "RequestTimeout",
+    "LastResponseInvalid",
+}
+
+_HINTS: tuple[tuple[str, str], ...] = (
+    ("SignatureDoesNotMatch", "check the AccessKey secret (and that no proxy rewrites the query)"),
+    (
+        "IncompleteSignature",
+        "the request was not signed completely; check a proxy is not dropping headers",
+    ),
+    ("InvalidAccessKeyId", "the AccessKey ID is unknown or disabled; check the credentials"),
+    ("InvalidTimeStamp", "this machine's clock is more than 15 minutes off; sync it (NTP/chrony)"),
+    (
+        "InvalidSecurityToken",
+        "the STS security token is invalid or expired; refresh the credentials",
+    ),
+    ("Forbidden", "grant the RAM action paiautoml:ListHpoExperiments to these credentials"),
+    ("NoPermission", "grant the RAM action paiautoml:ListHpoExperiments to these credentials"),
+    ("AccessDenied", "grant the RAM action paiautoml:ListHpoExperiments to these credentials"),
+    (
+        "INVALID_INPUT_PARAMS",
+        "upstream rejected a query parameter; check upstream.sort_by and page_size",
+    ),
+    (
+        "InvalidParameter",
+        "upstream rejected a query parameter; check upstream.sort_by and page_size",
+    ),
+)
+
+
+def hint_for(code: str | None) -> str | None:
+    if not code:
+        return None
+    for prefix, hint in _HINTS:
+        if code.startswith(prefix):
+            return hint
+    return None
+
+
+def is_throttling(code: str | None) -> bool:
+    return bool(code) and code.split(".")[0] == "Throttling"  # type: ignore[union-attr]
+
+
+@dataclass(frozen=True)
+class ListQuery:
+    """The filters of one ListHpoExperiments listing (paging is the client's business)."""
+
+    workspace_id: str | None = None
+    name: str | None = None
+    creator: str | None = None
+    status: str | None = None
+    min_create_time: datetime | str | None = None
+    max_create_time: datetime | str | None = None
+    accessibility: str | None = None
+    include_config_data: bool | None = None
+    sort_by: str | None = None
+    order: str | None = None
+    tags: tuple[tuple[str, str], ...] = ()
+
+    def params(self, zone: tzinfo = UTC) -> dict[str, str]:
+        """The query parameters, times formatted ``yyyy-mm-dd hh:mm:ss`` in ``zone``.
+
+        Naive datetimes are taken as UTC (never as this machine's local time); strings are
+        sent as given.
+        """
+        out: dict[str, str] = {}
+        simple = {
+            "WorkspaceId": self.workspace_id,
+            "Name": self.name,
+            "Creator": self.creator,
+            "Status": self.status,
+            "Accessibility": self.accessibility,
+            "SortBy": self.sort_by,
+            "Order": self.order,
+        }
+        out.update({k: v for k, v in simple.items() if v is not None})
+        for key, value in (
+            ("MinCreateTime", self.min_create_time),
+            ("MaxCreateTime", self.max_create_time),
+        ):
+            if isinstance(value, datetime):
+                aware = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+                out[key] = aware.astimezone(zone).strftime("%Y-%m-%d %H:%M:%S")
+            elif value is not None:
+                out[key] = value
+        if self.include_config_data is not None:
+            out["IncludeConfigData"] = "True" if self.include_config_data else "False"
+        if self.tags:
+            out["Tag"] = json.dumps(
+                [{"Key": k, "Value": v} for k, v in self.tags],
+                separators=(",", ":"),
+                ensure_ascii=False,
+            )
+        return out
+
+
+@dataclass(frozen=True)
+class Page:
+    total_count: int
+    experiments: list[dict[str, Any]]
+    request_id: str | None
+
+
+@dataclass
+class Listing:
+    """Every page of one query, deduplicated by ExperimentId."""
+
+    experiments: list[dict[str, Any]] = field(default_factory=list)
+    total_count: int = 0
+    pages_expected: int = 0
+    pages_read: int = 0
+    duplicates: int = 0
+    skipped: int = 0
+    totals_seen: set[int] = field(default_factory=set)
+    seen_ids: set[str] = field(default_factory=set)
+    error: UpstreamError | None = None
+
+    @property
+    def complete(self) -> bool:
+        """Every page was read."""
+        return self.error is None and self.pages_read == self.pages_expected
+
+    @property
+    def consistent(self) -> bool:
+        """Complete, every page reported the same TotalCount, and the ids add up to it."""
+        return (
+            self.complete and len(self.totals_seen) <= 1 and len(self.seen_ids) == self.total_count
+        )
+
+
+@dataclass
+class ClientStats:
+    api_calls: int = 0
+    retries: int = 0
+    throttled: int = 0
+    by_code: dict[str, int] = field(default_factory=dict)
+
+    def count(self, code: str) -> None:
+        self.by_code[code] = self.by_code.get(code, 0) + 1
+
+
+@dataclass
+class Tally:
+    """What one sweep cost: attempts sent (retries included) and pages read."""
+
+    api_calls: int = 0
+    pages: int = 0
+    retries: int = 0
+    throttled: int = 0
+
+
+RequestObserver = Callable[[str, str], None]
+"""Called once per attempt with (outcome code — "OK" or the error code, workspace id)."""
+
+
+class UpstreamClient:
+    """Client of ``ListHpoExperiments``. Use as an async context manager or call close()."""
+
+    def __init__(
+        self,
+        config: UpstreamConfig,
+        credentials: CredentialsProvider,
+        *,
+        session: aiohttp.ClientSession | None = None,
+        observer: RequestObserver | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        from .ratelimit import AdaptiveRateLimiter
+
+        self.config = config
+        self._credentials = credentials
+        self._base = URL(config.base_url)
+        self._session = session
+        self._own_session = session is None
+        self._limiter = AdaptiveRateLimiter(config.max_qps)
+        self._concurrency = asyncio.Semaphore(config.max_concurrency)
+        self._observer = observer
+        self._clock = clock
+        self.stats = ClientStats()
+
+    async def __aenter__(self) -> UpstreamClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def limiter_rate(self) -> float:
+        return self._limiter.rate
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=max(8, self.config.max_concurrency * 2)),
+                headers={"User-Agent": f"hpo-sync/{__version__}"},
+            )
+            self._own_session = True
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None and self._own_session and not self._session.closed:
+            await self._session.close()
+
+    # --- one request ---------------------------------------------------------------------
+
+    def _url(self, query: str) -> URL:
+        """The URL to send: the endpoint's path prefix (a proxy's, if any) + the API path +
+        the canonical query, ``encoded=True`` so that yarl sends the signed bytes untouched."""
+        prefix = self._base.raw_path.rstrip("/")
+        target = f"{self._base.origin()}{prefix}{PATH}"
+        return URL(f"{target}?{query}" if query else target, encoded=True)
+
+    async def _attempt(
+        self, params: Mapping[str, str], workspace_id: str | None, tally: Tally | None
+    ) -> Page:
+        """One signed attempt. Raises Retryable/Throttled/FatalUpstreamError."""
+        creds = await self._credentials.get()
+        query = signing.canonical_query(params)
+        headers = {
+            "host": self._base.raw_authority,
+            "x-acs-action": ACTION,
+            "x-acs-version": VERSION,
+            "x-acs-date": self._clock().astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "x-acs-signature-nonce": uuid.uuid4().hex,
+            "x-acs-content-sha256": signing.EMPTY_SHA256,
+        }
+        if creds.security_token:
+            headers["x-acs-security-token"] = creds.security_token
+        # The gateway checks the API path: a path prefix of the endpoint belongs to a proxy
+        # in between, which strips it, so it is sent but not signed.
+        signed = signing.sign(
+            method="GET",
+            path=PATH,
+            query=params,
+            headers=headers,
+            access_key_id=creds.access_key_id,
+            access_key_secret=creds.access_key_secret,
+        )
+        headers["Authorization"] = signed.authorization
+        headers["Accept"] = "application/json"
+        self.stats.api_calls += 1
+        if tally is not None:
+            tally.api_calls += 1
+        session = self._get_session()
+        try:
+            async with session.get(
+                self._url(query),
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=self.config.timeout_s),
+                allow_redirects=False,
+            ) as resp:
+                body = await resp.read()
+                status = resp.status
+                retry_after = _retry_after_s(
+                    resp.headers.get("x-acs-retry-after"), resp.headers.get("Retry-After")
+                )
+                header_request_id = resp.headers.get("x-acs-request-id")
+        except TimeoutError:
+            self._observe("Timeout", workspace_id)
+            raise RetryableUpstreamError(
+                f"timed out after {self.config.timeout_s:g}s",
+                code="Timeout",
+                workspace_id=workspace_id,
+            ) from None
+        except aiohttp.ClientError as exc:
+            self._observe("ConnectionError", workspace_id)
+            raise RetryableUpstreamError(
+                f"connection failed: {type(exc).__name__}: {exc}",
+                code="ConnectionError",
+                workspace_id=workspace_id,
+            ) from None
+        return self._parse(status, body, retry_after, workspace_id, header_request_id)
+
+    def _observe(self, code: str, workspace_id: str | None) -> None:
+        self.stats.count(code)
+        if self._observer is not None:
+            self._observer(code, workspace_id or "")
+
+    def _parse(
+        self,
+        status: int,
+        body: bytes,
+        retry_after_s: float | None,
+        workspace_id: str | None,
+        header_request_id: str | None = None,
+    ) -> Page:
+        try:
+            data = json.loads(body)
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+        except ValueError:
+            self._observe("MalformedBody", workspace_id)
+            message = f"HTTP {status} with a body that is not valid JSON ({len(body)} bytes)"
+            if 400 <= status < 500 and status not in (408, 429):
+                # not the API's error shape: something else (a wrong endpoint, a proxy, a
+                # firewall) answered, and asking again will not change its mind
+                raise FatalUpstreamError(
+                    message,
+                    code=f"HTTP{status}",
+                    http_status=status,
+                    request_id=header_request_id,
+                    workspace_id=workspace_id,
+                    hint="this is not a PAI API answer; check upstream.endpoint and any proxy",
+                ) from None
+            # a 200 cut short, a gateway's 5xx page: worth another try
+            raise RetryableUpstreamError(
+                message,
+                code="MalformedBody",
+                http_status=status,
+                request_id=header_request_id,
+                workspace_id=workspace_id,
+            ) from None
+        code = data.get("Code")
+        request_id = data.get("RequestId") or header_request_id
+        if (
+            status == 200
+            and isinstance(data.get("Experiments"), list | type(None))
+            and ("Experiments" in data or "TotalCount" in data)
+        ):
+            experiments = data.get("Experiments") or []
+            try:
+                total = int(data.get("TotalCount") or 0)
+            except (TypeError, ValueError):
+                total = len(experiments)
+            self._observe("OK", workspace_id)
+            return Page(total, experiments, request_id)
+        hint: str | None
+        if code:
+            code = str(code)
+            hint = hint_for(code)
+        else:
+            code = f"HTTP{status}"
+            hint = "this is not a PAI API answer; check upstream.endpoint and any proxy"
+        message = str(data.get("Message") or f"HTTP {status}")
+        self._observe(code, workspace_id)
+        kw: dict[str, Any] = dict(
+            code=code, http_status=status, request_id=request_id, workspace_id=workspace_id
+        )
+        if is_throttling(code) or status == 429:
+            raise ThrottledError(message, retry_after_s=retry_after_s, **kw)
+        if code in _RETRYABLE_CODES or status >= 500:
+            raise RetryableUpstreamError(message, retry_after_s=retry_after_s, **kw)
+        raise FatalUpstreamError(message, hint=hint, **kw)
+
+    async def list_page(
+        self,
+        query: ListQuery,
+        page_number: int,
+        page_size: int | None = None,
+        *,
+        tally: Tally | None = None,
+    ) -> Page:
+        """One page, with rate limiting and retries."""
+        params = query.params(self.config.tz)
+        params["PageNumber"] = str(page_number)
+        params["PageSize"] = str(page_size or self.config.page_size)
+        page = await self._call(params, query.workspace_id, tally)
+        if tally is not None:
+            tally.pages += 1
+        return page
+
+    async def _call(
+        self, params: Mapping[str, str], workspace_id: str | None, tally: Tally | None
+    ) -> Page:
+        started = time.monotonic()
+        attempt = 0
+        throttled = 0  # attempts of this page answered with Throttling*
+        max_attempts = self.config.retry_max_attempts
+
+        def stop(state: tenacity.RetryCallState) -> bool:
+            # stop before a wait that would end past the time budget, not after it
+            spent_s = (state.seconds_since_start or 0.0) + state.upcoming_sleep
+            return (
+                state.attempt_number - throttled >= max_attempts
+                or state.attempt_number >= max_attempts * THROTTLED_ATTEMPTS_FACTOR
+                or spent_s > self.config.retry_max_total_s
+            )
+
+        def wait(state: tenacity.RetryCallState) -> float:
+            exc = state.outcome.exception() if state.outcome else None
+            return _retry_wait(exc, state.attempt_number - throttled)
+
+        retrying = tenacity.AsyncRetrying(
+            retry=tenacity.retry_if_exception_type(RetryableUpstreamError),
+            stop=stop,
+            wait=wait,
+            reraise=True,
+            before_sleep=lambda state: self._before_retry(state, tally),
+        )
+        try:
+            async for try_ in retrying:
+                with try_:
+                    attempt += 1
+                    async with self._concurrency:
+                        await self._limiter.acquire()
+                        try:
+                            page = await self._attempt(params, workspace_id, tally)
+                        except ThrottledError as exc:
+                            throttled += 1
+                            self.stats.throttled += 1
+                            if tally is not None:
+                                tally.throttled += 1
+                            self._limiter.on_throttle(exc.retry_after_s)
+                            raise
+                        except RetryableUpstreamError as exc:
+                            if exc.http_status is not None:
+                                # it got past the gateway's flow control: for the limiter's
+                                # goodput it counts like a success
+                                self._limiter.on_success()
+                            raise
+                    self._limiter.on_success()
+                    return page
+        except RetryableUpstreamError as exc:
+            raise RetriesExhaustedError(
+                f"gave up after {attempt} attempts ({throttled} throttled) in "
+                f"{time.monotonic() - started:.1f}s: {exc.upstream_message}",
+                code=exc.code,
+                http_status=exc.http_status,
+                request_id=exc.request_id,
+                workspace_id=workspace_id,
+                hint="upstream kept failing; the next sweep will try again",
+            ) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _before_retry(self, state: tenacity.RetryCallState, tally: Tally | None) -> None:
+        self.stats.retries += 1
+        if tally is not None:
+            tally.retries += 1
+        exc = state.outcome.exception() if state.outcome else None
+        log.debug(
+            "upstream.retry",
+            attempt=state.attempt_number,
+            code=getattr(exc, "code", None),
+            workspace=getattr(exc, "workspace_id", None),
+            wait_s=round(state.upcoming_sleep, 3),
+        )
+
+    # --- listings ------------------------------------------------------------------------
+
+    async def list_all(
+        self,
+        query: ListQuery,
+        *,
+        page_size: int | None = None,
+        on_page: Callable[[Page], Awaitable[None]] | None = None,
+        tally: Tally | None = None,
+        keep: bool = True,
+    ) -> Listing:
+        """Every page of ``query``: page 1 first (for TotalCount), then the rest concurrently.
+
+        Fatal errors raise. A page that keeps failing past the retry budget leaves the
+        listing incomplete (``error`` set) rather than losing what the other pages returned.
+        ``on_page`` is awaited for every page as it arrives, with only the experiments not
+        seen before in this listing; with ``keep=False`` the listing keeps only their ids, so
+        memory stays bounded by the pages in flight, not the size of the workspace.
+        """
+        size = page_size or self.config.page_size
+        listing = Listing()
+        seen: set[str] = set()
+
+        async def take(page: Page) -> None:
+            listing.pages_read += 1
+            listing.totals_seen.add(page.total_count)
+            listing.total_count = max(listing.total_count, page.total_count)
+            fresh: list[dict[str, Any]] = []
+            for raw in page.experiments:
+                exp_id = raw.get("ExperimentId") if isinstance(raw, dict) else None
+                if exp_id is None or exp_id == "":
+                    listing.skipped += 1
+                    continue
+                key = str(exp_id)
+                if key in seen:
+                    listing.duplicates += 1
+                    continue
+                seen.add(key)
+                fresh.append(raw)
+            if keep:
+                listing.experiments.extend(fresh)
+            if on_page is not None:
+                await on_page(Page(page.total_count, fresh, page.request_id))
+
+        first = await self.list_page(query, 1, size, tally=tally)
+        listing.pages_expected = max(1, math.ceil(first.total_count / size))
+        await take(first)
+
+        # Bounds the pages fetched but not yet handed to on_page, so a slow consumer
+        # cannot make pages pile up in memory.
+        pipeline = asyncio.Semaphore(self.config.max_concurrency * 2)
+
+        async def fetch(number: int) -> None:
+            async with pipeline:
+                try:
+                    page = await self.list_page(query, number, size, tally=tally)
+                except FatalUpstreamError:
+                    raise
+                except UpstreamError as exc:
+                    listing.error = listing.error or exc
+                    return
+                await take(page)
+
+        if listing.pages_expected > 1:
+            # TaskGroup cancels the other pages as soon as one fails fatally.
+            try:
+                async with asyncio.TaskGroup() as group:
+                    for number in range(2, listing.pages_expected + 1):
+                        group.create_task(fetch(number))
+            except BaseExceptionGroup as group_error:
+                errors: list[BaseException] = list(group_error.exceptions)
+                fatal = [e for e in errors if isinstance(e, FatalUpstreamError)]
+                raise (fatal or errors)[0] from None
+        listing.seen_ids = seen
+        return listing
+
+    async def iter_pages(
+        self, query: ListQuery, *, page_size: int | None = None, tally: Tally | None = None
+    ) -> AsyncIterator[Page]:
+        """Pages one after another (for feeds read until a condition holds)."""
+        size = page_size or self.config.page_size
+        number = 1
+        while True:
+            page = await self.list_page(query, number, size, tally=tally)
+            yield page
+            if number * size >= page.total_count or not page.experiments:
+                return
+            number += 1
+
+
+def _retry_after_s(acs_ms: str | None, http_s: str | None = None) -> float | None:
+    """The server's wait hint in seconds: ``x-acs-retry-after`` is in milliseconds (as the
+    official SDK reads it), a standard ``Retry-After`` in seconds (HTTP-date form ignored)."""
+    for value, scale in ((acs_ms, 1000.0), (http_s, 1.0)):
+        if not value:
+            continue
+        with contextlib.suppress(ValueError):
+            number = float(value)
+            if number > 0 and math.isfinite(number):
+                return number / scale
+    return None
+
+
+def _retry_wait(exc: BaseException | None, failures: int) -> float:
+    """How long to wait before the next attempt of a page.
+
+    Throttled: the server's hint plus a little jitter (the limiter has already paused every
+    caller and slowed down; the backoff must not escalate). Otherwise capped exponential
+    backoff with jitter over the page's ``failures`` that were not throttling, never shorter
+    than the server asked.
+    """
+    hinted = exc.retry_after_s if isinstance(exc, RetryableUpstreamError) else None
+    if isinstance(exc, ThrottledError):
+        return (hinted or 0.0) + random.uniform(0, THROTTLE_JITTER_S)
+    exponent = max(0, failures - 1)
+    base = min(BACKOFF_MAX_S, BACKOFF_INITIAL_S * 2.0**exponent)
+    base += random.uniform(0, BACKOFF_JITTER_S)
+    if hinted:
+        return max(hinted + random.uniform(0, 0.05), min(base, hinted * 2))
+    return base

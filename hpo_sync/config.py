@@ -1,0 +1,927 @@
+"""Configuration: one TOML file, validated once at load into frozen, typed objects.
+
+A bad file raises :class:`~hpo_sync.errors.ConfigError` naming the key (and the line where it
+can be found); the CLI turns that into one message and exit status 2. Secrets never live in
+the file: they are read from the environment or from files (systemd ``LoadCredential=``) and
+held in :class:`Secret`, whose ``repr``/``str`` never show the value.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hmac
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, timedelta, timezone
+from pathlib import Path
+from typing import Any, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import structlog
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/hpo-sync/config.toml")
+CONFIG_ENV = "HPO_SYNC_CONFIG"
+
+REGIONS = (
+    "cn-beijing",
+    "cn-wulanchabu",
+    "cn-hangzhou",
+    "cn-shanghai",
+    "cn-shenzhen",
+    "cn-hongkong",
+)
+EXPERIMENT_STATUSES = (
+    "CREATED",
+    "RUNNING",
+    "FINISHED",
+    "FAILED",
+    "EARLY_STOPPED",
+    "USER_CANCELED",
+    "SYS_CANCELED",
+    "WAITING",
+    "NO_MORE_TRIAL",
+    "UNKNOWN",
+)
+DEFAULT_TERMINAL = ("FINISHED", "FAILED", "EARLY_STOPPED", "USER_CANCELED", "SYS_CANCELED")
+SORT_BY_VOCABULARIES = {
+    # create-time sort name -> the same vocabulary's modified-time sort name
+    "GmtCreateTime": "GmtModifiedTime",
+    "create_time": "update_time",
+}
+TARGET_TYPES = ("slack", "discord", "dingtalk", "feishu", "lark", "wecom", "teams", "webhook")
+
+log = structlog.get_logger(__name__)
+
+
+class Secret:
+    """A secret value that never shows itself in repr, str, logs or config dumps."""
+
+    __slots__ = ("_source", "_value")
+
+    def __init__(self, value: str, source: str) -> None:
+        self._value = value
+        self._source = source
+
+    def reveal(self) -> str:
+        return self._value
+
+    @property
+    def source(self) -> str:
+        """Where the value came from (``env:NAME`` or ``file:PATH``), safe to show."""
+        return self._source
+
+    def __repr__(self) -> str:
+        return f"Secret({self._source}, ***)"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Secret):
+            return NotImplemented
+        mine, theirs = (v.encode("utf-8", "surrogateescape") for v in (self._value, other._value))
+        return hmac.compare_digest(mine, theirs)
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    region: str = "cn-hangzhou"
+    endpoint: str | None = None
+    vpc: bool = False
+    page_size: int = 100
+    max_concurrency: int = 4
+    max_qps: float = 10.0
+    timeout_s: float = 10.0
+    sort_by: str = "GmtCreateTime"
+    sort_by_modified: str = "GmtModifiedTime"
+    create_time_zone: str = "UTC"
+    retry_max_attempts: int = 8
+    retry_max_total_s: float = 120.0
+
+    @property
+    def base_url(self) -> str:
+        if self.endpoint:
+            return self.endpoint.rstrip("/")
+        host = f"paiautoml{'-vpc' if self.vpc else ''}.{self.region}.aliyuncs.com"
+        return f"https://{host}"
+
+    @property
+    def tz(self) -> timezone | ZoneInfo:
+        return _zone(self.create_time_zone)
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    path: Path = Path("/var/lib/hpo-sync/mirror.db")
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    hot_interval_s: float = 30.0
+    full_interval_s: float = 3600.0
+    terminal_statuses: tuple[str, ...] = DEFAULT_TERMINAL
+    create_time_overlap_s: float = 600.0
+    jitter_s: float = 5.0
+    failure_backoff_max_s: float = 900.0
+
+    @property
+    def non_terminal_statuses(self) -> tuple[str, ...]:
+        return tuple(s for s in EXPERIMENT_STATUSES if s not in self.terminal_statuses)
+
+
+@dataclass(frozen=True)
+class WorkspaceConfig:
+    id: str
+    label: str | None = None
+
+
+@dataclass(frozen=True)
+class TokenConfig:
+    name: str
+    token: Secret
+    workspaces: tuple[str, ...] = ()
+    admin: bool = False
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    listen: str = "127.0.0.1:8787"
+    tokens: tuple[TokenConfig, ...] = ()
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        return _parse_listen(self.listen, "api.listen")
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    name: str
+    type: str
+    url: Secret
+    secret: Secret | None = None
+    keyword: str | None = None
+
+
+@dataclass(frozen=True)
+class RuleConfig:
+    name: str
+    targets: tuple[str, ...]
+    workspaces: tuple[str, ...] = ()
+    experiments: tuple[str, ...] = ()
+    tags: tuple[tuple[str, str], ...] = ()
+    from_status: tuple[str, ...] = ()
+    to_status: tuple[str, ...] = ()
+    trial_failures_rose: bool = False
+    trial_failures_min: int = 1
+    quiet_hours: str | None = None
+
+
+@dataclass(frozen=True)
+class AlertsConfig:
+    group_wait_s: float = 10.0
+    max_age_s: float = 86400.0
+    stalled_after_s: float = 1800.0
+    console_url: str = "https://pai.console.aliyun.com/?regionId={region}&workspaceId={workspace}#/automl/hpo/{experiment_id}"
+    targets: tuple[TargetConfig, ...] = ()
+    rules: tuple[RuleConfig, ...] = ()
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "info"
+    format: str = "auto"
+
+
+@dataclass(frozen=True)
+class Config:
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    workspaces: tuple[WorkspaceConfig, ...] = ()
+    api: ApiConfig = field(default_factory=ApiConfig)
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    source: Path | None = None
+
+    def workspace_ids(self) -> tuple[str, ...]:
+        return tuple(w.id for w in self.workspaces)
+
+
+# ---------------------------------------------------------------------------------------------
+# The keys the parser accepts, per section ("[]" marks an array of tables). The example config
+# and its test are checked against this, so a new key cannot go undocumented.
+
+SECTION_KEYS: dict[str, frozenset[str]] = {
+    "": frozenset({"upstream", "store", "sync", "workspaces", "api", "alerts", "logging"}),
+    "upstream": frozenset(UpstreamConfig.__dataclass_fields__),
+    "store": frozenset({"path"}),
+    "sync": frozenset(SyncConfig.__dataclass_fields__),
+    "workspaces[]": frozenset({"id", "label"}),
+    "api": frozenset({"listen", "tokens"}),
+    "api.tokens[]": frozenset({"name", "token_env", "token_file", "workspaces", "admin"}),
+    "alerts": frozenset(AlertsConfig.__dataclass_fields__),
+    "alerts.targets[]": frozenset(
+        {"name", "type", "url", "url_env", "url_file", "secret_env", "secret_file", "keyword"}
+    ),
+    "alerts.rules[]": frozenset(RuleConfig.__dataclass_fields__),
+    "logging": frozenset({"level", "format"}),
+}
+#: keys recognised only to be refused with a pointer to their ``_env``/``_file`` forms
+REFUSED_KEYS: dict[str, frozenset[str]] = {
+    "api.tokens[]": frozenset({"token"}),
+    "alerts.targets[]": frozenset({"secret"}),
+}
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("auto", "json", "console")
+CONSOLE_URL_FIELDS = ("region", "workspace", "experiment_id")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def resolve_path(cli_path: str | None, env: Mapping[str, str] | None = None) -> Path:
+    """``--config`` beats ``$HPO_SYNC_CONFIG`` beats ``/etc/hpo-sync/config.toml``."""
+    env = os.environ if env is None else env
+    if cli_path:
+        return Path(cli_path).expanduser()
+    if env.get(CONFIG_ENV):
+        return Path(env[CONFIG_ENV]).expanduser()
+    return DEFAULT_CONFIG_PATH
+
+
+def load(path: Path | str, env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a config file. Raises ConfigError naming the key and line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config file {path} does not exist (pass --config PATH or set ${CONFIG_ENV})"
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text: {exc.reason}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    return loads(text, source=path, env=env)
+
+
+def loads(text: str, *, source: Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Validate config text (``source`` anchors relative paths; default: the cwd)."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        message = str(exc)
+        m = re.search(r"\s*\(at line (\d+), column (\d+)\)", message)
+        line: int | None = None
+        if m:
+            line = int(m.group(1))
+            message = f"{message[: m.start()]} (column {m.group(2)})"
+        elif "(at end of document)" in message:
+            line = max(1, len(text.splitlines()))
+            message = message.replace(" (at end of document)", " at the end of the file")
+        raise ConfigError(f"TOML syntax error: {message}", line=line) from None
+    return _Parser(text, os.environ if env is None else env, source).parse(data)
+
+
+_T = TypeVar("_T")
+
+_BARE_OR_QUOTED = r"""(?:[A-Za-z0-9_-]+|"(?:[^"\\]|\\.)*"|'[^']*')"""
+_DOTTED = rf"{_BARE_OR_QUOTED}(?:\s*\.\s*{_BARE_OR_QUOTED})*"
+_ARRAY_HEADER_RE = re.compile(rf"^\s*\[\[\s*({_DOTTED})\s*\]\]")
+_TABLE_HEADER_RE = re.compile(rf"^\s*\[\s*({_DOTTED})\s*\]")
+_KEY_RE = re.compile(rf"^\s*({_DOTTED})\s*=")
+_PART_RE = re.compile(_BARE_OR_QUOTED)
+_MULTILINE_QUOTES = ('"' * 3, "'" * 3)
+
+
+def _key_parts(dotted: str) -> list[str]:
+    parts = []
+    for raw in _PART_RE.findall(dotted):
+        if raw[:1] == '"':
+            raw = raw[1:-1].encode("utf-8").decode("unicode_escape", errors="replace")
+        elif raw[:1] == "'":
+            raw = raw[1:-1]
+        parts.append(raw)
+    return parts
+
+
+def index_lines(text: str) -> dict[str, int]:
+    """Map every table and key of a TOML text to the line it is on, named as the parser names
+    them: ``upstream``, ``upstream.region``, ``alerts.targets[1]``,
+    ``alerts.targets[1].url_env``, ``alerts.rules[0].tags.team``.
+
+    A best-effort line scanner, not a TOML parser: keys inside inline tables and multi-line
+    values are not indexed (:meth:`_Parser.line_of` falls back to their nearest ancestor).
+    """
+    lines: dict[str, int] = {}
+    arrays: dict[str, int] = {}  # indexed path of an array of tables -> its last index
+    current = ""
+    in_multiline: str | None = None
+
+    def resolve(parts: list[str]) -> str:
+        path = ""
+        for part in parts:
+            path = f"{path}.{part}" if path else part
+            if path in arrays:
+                path = f"{path}[{arrays[path]}]"
+        return path
+
+    for no, line in enumerate(text.splitlines(), 1):
+        if in_multiline:
+            if line.count(in_multiline) % 2 == 1:
+                in_multiline = None
+            continue
+        if m := _ARRAY_HEADER_RE.match(line):
+            parts = _key_parts(m.group(1))
+            array = f"{resolve(parts[:-1])}.{parts[-1]}" if parts[:-1] else parts[-1]
+            arrays[array] = arrays.get(array, -1) + 1
+            current = f"{array}[{arrays[array]}]"
+            lines.setdefault(array, no)
+            lines.setdefault(current, no)
+            continue
+        if m := _TABLE_HEADER_RE.match(line):
+            current = resolve(_key_parts(m.group(1)))
+            lines.setdefault(current, no)
+            continue
+        if m := _KEY_RE.match(line):
+            parts = _key_parts(m.group(1))
+            lines.setdefault(".".join([current, *parts] if current else parts), no)
+            rest = line[m.end() :]
+            for quote in _MULTILINE_QUOTES:
+                if rest.count(quote) % 2 == 1:
+                    in_multiline = quote
+    return lines
+
+
+class _Parser:
+    def __init__(self, text: str, env: Mapping[str, str], source: Path | None) -> None:
+        self.lines = index_lines(text)
+        self.env = env
+        self.base_dir = source.parent if source else Path.cwd()
+        self.source = source
+
+    # --- error helpers -------------------------------------------------------------------
+
+    def line_of(self, key: str) -> int | None:
+        """The line of a dotted key such as ``alerts.targets[1].url``, else that of its
+        nearest ancestor that has one (an inline table, an array written inline)."""
+        while key:
+            if key in self.lines:
+                return self.lines[key]
+            cut = max(key.rfind("."), key.rfind("["))
+            key = key[:cut] if cut > 0 else ""
+        return None
+
+    def fail(self, key: str, message: str) -> ConfigError:
+        return ConfigError(message, key=key, line=self.line_of(key))
+
+    # --- typed getters -------------------------------------------------------------------
+
+    def table(self, data: Mapping[str, Any], key: str, section: str) -> Mapping[str, Any]:
+        allowed = SECTION_KEYS[section] | REFUSED_KEYS.get(section, frozenset())
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            name = f"{key}.{unknown[0]}" if key else unknown[0]
+            known = ", ".join(sorted(SECTION_KEYS[section]))
+            hint = _did_you_mean(unknown[0], SECTION_KEYS[section])
+            raise self.fail(name, f"unknown key{hint} (known keys here: {known})")
+        return data
+
+    def get(
+        self,
+        data: Mapping[str, Any],
+        key: str,
+        name: str,
+        kind: type[_T] | tuple[type, ...],
+        default: _T,
+        check: Callable[[Any], str | None] | None = None,
+    ) -> _T:
+        if name not in data:
+            return default
+        value = data[name]
+        full = f"{key}.{name}" if key else name
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(value, bool) and bool not in kinds:
+            raise self.fail(full, f"expected {_kind_name(kinds)}, got a boolean")
+        if not isinstance(value, kinds):
+            raise self.fail(full, f"expected {_kind_name(kinds)}, got {_type_name(value)}")
+        if check:
+            problem = check(value)
+            if problem:
+                raise self.fail(full, problem)
+        return value  # type: ignore[return-value]
+
+    def number(
+        self, data: Mapping[str, Any], key: str, name: str, default: float, lo: float, hi: float
+    ) -> float:
+        return float(self.get(data, key, name, (int, float), default, _range(lo, hi)))
+
+    def str_list(
+        self, data: Mapping[str, Any], key: str, name: str, choices: tuple[str, ...] | None = None
+    ) -> tuple[str, ...]:
+        if name not in data:
+            return ()
+        value = data[name]
+        full = f"{key}.{name}"
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.fail(full, f"expected a list of strings, got {_type_name(value)}")
+        if choices:
+            bad = [v for v in value if v not in choices]
+            if bad:
+                raise self.fail(full, f"{bad[0]!r} is not one of {', '.join(choices)}")
+        return tuple(value)
+
+    def expand(self, value: str, key: str) -> str:
+        """``~`` and ``$NAME`` / ``${NAME}`` (from the environment given to load)."""
+
+        def sub(m: re.Match[str]) -> str:
+            name = m.group(1) or m.group(2)
+            if name not in self.env:
+                raise self.fail(key, f"environment variable {name} (used in the path) is not set")
+            return self.env[name]
+
+        return os.path.expanduser(re.sub(r"\$(?:\{(\w+)\}|(\w+))", sub, value))
+
+    def path(self, value: str, key: str) -> Path:
+        path = Path(self.expand(value, key))
+        return path if path.is_absolute() else self.base_dir / path
+
+    def secret(
+        self, data: Mapping[str, Any], key: str, base: str, *, required: bool, literal_ok: bool
+    ) -> tuple[Secret, str] | None:
+        """Resolve ``<base>``, ``<base>_env`` or ``<base>_file`` into a Secret, with the
+        dotted key it came from."""
+        given = [n for n in (base, f"{base}_env", f"{base}_file") if n in data]
+        if len(given) > 1:
+            raise self.fail(f"{key}.{given[1]}", f"give only one of {', '.join(given)}")
+        if not given:
+            if required:
+                options = f"{base}, {base}_env" if literal_ok else f"{base}_env"
+                raise self.fail(key, f"missing {options} or {base}_file")
+            return None
+        name = given[0]
+        full = f"{key}.{name}"
+        value = data[name]
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(full, f"expected a non-empty string, got {_type_name(value)}")
+        if name == base:
+            if not literal_ok:
+                raise self.fail(
+                    full,
+                    "secrets must not live in the config file; name an environment variable "
+                    f"with {base}_env or a file with {base}_file",
+                )
+            log.warning("config.literal_secret", key=full, hint=f"use {base}_env or {base}_file")
+            return Secret(value.strip(), "config file"), full
+        if name.endswith("_env"):
+            env_value = self.env.get(value)
+            if env_value is None or not env_value.strip():
+                raise self.fail(full, f"environment variable {value} is not set or empty")
+            return Secret(env_value.strip(), f"env:{value}"), full
+        path = self.path(value, full)
+        try:
+            file_value = path.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError:
+            raise self.fail(full, f"secret file {path} is not UTF-8 text") from None
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            raise self.fail(full, f"cannot read secret file {path}: {reason}") from None
+        if not file_value:
+            raise self.fail(full, f"secret file {path} is empty")
+        return Secret(file_value, f"file:{path}"), full
+
+    # --- sections ------------------------------------------------------------------------
+
+    def parse(self, data: Mapping[str, Any]) -> Config:
+        self.table(data, "", "")
+        for section in ("upstream", "store", "sync", "api", "alerts", "logging"):
+            if section in data and not isinstance(data[section], dict):
+                raise self.fail(section, f"expected a table, got {_type_name(data[section])}")
+        workspaces = self.workspaces(data)
+        workspace_ids = {w.id for w in workspaces}
+        return Config(
+            upstream=self.upstream(data.get("upstream", {})),
+            store=self.store(data.get("store", {})),
+            sync=self.sync(data.get("sync", {})),
+            workspaces=workspaces,
+            api=self.api(data.get("api", {}), workspace_ids),
+            alerts=self.alerts(data.get("alerts", {}), workspace_ids),
+            logging=self.logging(data.get("logging", {})),
+            source=self.source,
+        )
+
+    def upstream(self, d: Mapping[str, Any]) -> UpstreamConfig:
+        k = "upstream"
+        self.table(d, k, k)
+        dflt = UpstreamConfig()
+        endpoint = self.get(d, k, "endpoint", str, "", _check_url) or None
+        region = self.get(d, k, "region", str, dflt.region, _check_region)
+        sort_by = self.get(d, k, "sort_by", str, dflt.sort_by, _check_sort_name)
+        sort_by_modified = self.get(
+            d,
+            k,
+            "sort_by_modified",
+            str,
+            SORT_BY_VOCABULARIES.get(sort_by, dflt.sort_by_modified),
+            _check_sort_name,
+        )
+        return UpstreamConfig(
+            region=region,
+            endpoint=endpoint.rstrip("/") if endpoint else None,
+            vpc=self.get(d, k, "vpc", bool, dflt.vpc),
+            page_size=self.get(d, k, "page_size", int, dflt.page_size, _range(1, 1000)),
+            max_concurrency=self.get(
+                d, k, "max_concurrency", int, dflt.max_concurrency, _range(1, 64)
+            ),
+            max_qps=self.number(d, k, "max_qps", dflt.max_qps, 0.01, 1e4),
+            timeout_s=self.number(d, k, "timeout_s", dflt.timeout_s, 0.1, 600),
+            sort_by=sort_by,
+            sort_by_modified=sort_by_modified,
+            create_time_zone=self.get(
+                d, k, "create_time_zone", str, dflt.create_time_zone, _check_zone
+            ),
+            retry_max_attempts=self.get(
+                d, k, "retry_max_attempts", int, dflt.retry_max_attempts, _range(1, 100)
+            ),
+            retry_max_total_s=self.number(
+                d, k, "retry_max_total_s", dflt.retry_max_total_s, 1, 86400
+            ),
+        )
+
+    def store(self, d: Mapping[str, Any]) -> StoreConfig:
+        self.table(d, "store", "store")
+        raw = self.get(d, "store", "path", str, str(StoreConfig().path), _non_empty)
+        return StoreConfig(path=self.path(raw, "store.path"))
+
+    def sync(self, d: Mapping[str, Any]) -> SyncConfig:
+        k = "sync"
+        self.table(d, k, k)
+        dflt = SyncConfig()
+        terminal = (
+            self.str_list(d, k, "terminal_statuses", EXPERIMENT_STATUSES)
+            if "terminal_statuses" in d
+            else dflt.terminal_statuses
+        )
+        hot = self.number(d, k, "hot_interval_s", dflt.hot_interval_s, 1, 86400)
+        full = self.number(d, k, "full_interval_s", dflt.full_interval_s, 10, 7 * 86400)
+        if full < hot:
+            raise self.fail(f"{k}.full_interval_s", "must not be shorter than hot_interval_s")
+        return SyncConfig(
+            hot_interval_s=hot,
+            full_interval_s=full,
+            terminal_statuses=terminal,
+            create_time_overlap_s=self.number(
+                d, k, "create_time_overlap_s", dflt.create_time_overlap_s, 0, 7 * 86400
+            ),
+            jitter_s=self.number(d, k, "jitter_s", dflt.jitter_s, 0, 3600),
+            failure_backoff_max_s=self.number(
+                d, k, "failure_backoff_max_s", dflt.failure_backoff_max_s, 1, 86400
+            ),
+        )
+
+    def workspaces(self, data: Mapping[str, Any]) -> tuple[WorkspaceConfig, ...]:
+        raw = data.get("workspaces")
+        if raw is None:
+            raise self.fail(
+                "workspaces", "no [[workspaces]] configured: add at least one with an id"
+            )
+        if not isinstance(raw, list) or not raw:
+            raise self.fail("workspaces", "expected one or more [[workspaces]] tables")
+        out: list[WorkspaceConfig] = []
+        seen: set[str] = set()
+        for i, w in enumerate(raw):
+            k = f"workspaces[{i}]"
+            if not isinstance(w, dict):
+                raise self.fail(k, f"expected a table, got {_type_name(w)}")
+            self.table(w, k, "workspaces[]")
+            if "id" not in w:
+                raise self.fail(k, "missing id")
+            wid = w["id"]
+            if isinstance(wid, int) and not isinstance(wid, bool):
+                wid = str(wid)
+            if not isinstance(wid, str) or not wid.strip():
+                raise self.fail(f"{k}.id", "expected a non-empty string")
+            wid = wid.strip()
+            if wid in seen:
+                raise self.fail(f"{k}.id", f"workspace {wid!r} is listed twice")
+            seen.add(wid)
+            out.append(WorkspaceConfig(id=wid, label=self.get(w, k, "label", str, None)))
+        return tuple(out)
+
+    def api(self, d: Mapping[str, Any], workspace_ids: set[str]) -> ApiConfig:
+        k = "api"
+        self.table(d, k, k)
+        listen = self.get(d, k, "listen", str, ApiConfig().listen)
+        try:
+            _parse_listen(listen, "api.listen")
+        except ConfigError as exc:
+            raise self.fail("api.listen", exc.bare_message) from None
+        tokens: list[TokenConfig] = []
+        raw = d.get("tokens", [])
+        if not isinstance(raw, list):
+            raise self.fail("api.tokens", "expected [[api.tokens]] tables")
+        for i, t in enumerate(raw):
+            tk = f"api.tokens[{i}]"
+            if not isinstance(t, dict):
+                raise self.fail(tk, "expected a table")
+            self.table(t, tk, "api.tokens[]")
+            name = self.get(t, tk, "name", str, "", _non_empty)
+            if not name:
+                raise self.fail(tk, "missing name")
+            if any(x.name == name for x in tokens):
+                raise self.fail(f"{tk}.name", f"token name {name!r} is used twice")
+            resolved = self.secret(t, tk, "token", required=True, literal_ok=False)
+            if resolved is None:  # pragma: no cover - required=True raises instead
+                raise self.fail(tk, "missing token_env or token_file")
+            token, token_key = resolved
+            same = next((x for x in tokens if x.token == token), None)
+            if same is not None:
+                raise self.fail(token_key, f"the same token value as token {same.name!r}")
+            ws = self.str_list(t, tk, "workspaces")
+            unknown = [w for w in ws if w not in workspace_ids]
+            if unknown:
+                raise self.fail(f"{tk}.workspaces", f"workspace {unknown[0]!r} is not configured")
+            tokens.append(TokenConfig(name, token, ws, self.get(t, tk, "admin", bool, False)))
+        return ApiConfig(listen=listen, tokens=tuple(tokens))
+
+    def alerts(self, d: Mapping[str, Any], workspace_ids: set[str]) -> AlertsConfig:
+        k = "alerts"
+        self.table(d, k, k)
+        dflt = AlertsConfig()
+        targets: list[TargetConfig] = []
+        raw_targets = d.get("targets", [])
+        if not isinstance(raw_targets, list):
+            raise self.fail("alerts.targets", "expected [[alerts.targets]] tables")
+        for i, t in enumerate(raw_targets):
+            tk = f"alerts.targets[{i}]"
+            if not isinstance(t, dict):
+                raise self.fail(tk, "expected a table")
+            self.table(t, tk, "alerts.targets[]")
+            name = self.get(t, tk, "name", str, "", _non_empty)
+            if not name:
+                raise self.fail(tk, "missing name")
+            if any(x.name == name for x in targets):
+                raise self.fail(f"{tk}.name", f"target name {name!r} is used twice")
+            ttype = self.get(t, tk, "type", str, "", _choice(TARGET_TYPES))
+            if not ttype:
+                raise self.fail(tk, f"missing type (one of {', '.join(TARGET_TYPES)})")
+            resolved = self.secret(t, tk, "url", required=True, literal_ok=True)
+            if resolved is None:  # pragma: no cover - required=True raises instead
+                raise self.fail(tk, "missing url, url_env or url_file")
+            url, url_key = resolved
+            if not re.match(r"^https?://[^\s/?#]+", url.reveal()):
+                raise self.fail(
+                    url_key, "the webhook URL must start with http:// or https:// and a host"
+                )
+            secret = self.secret(t, tk, "secret", required=False, literal_ok=False)
+            targets.append(
+                TargetConfig(
+                    name=name,
+                    type=ttype,
+                    url=url,
+                    secret=secret[0] if secret else None,
+                    keyword=self.get(t, tk, "keyword", str, None, _non_empty),
+                )
+            )
+        target_names = {t.name for t in targets}
+        rules: list[RuleConfig] = []
+        raw_rules = d.get("rules", [])
+        if not isinstance(raw_rules, list):
+            raise self.fail("alerts.rules", "expected [[alerts.rules]] tables")
+        for i, r in enumerate(raw_rules):
+            rk = f"alerts.rules[{i}]"
+            if not isinstance(r, dict):
+                raise self.fail(rk, "expected a table")
+            self.table(r, rk, "alerts.rules[]")
+            name = self.get(r, rk, "name", str, "", _non_empty)
+            if not name:
+                raise self.fail(rk, "missing name")
+            if any(x.name == name for x in rules):
+                raise self.fail(f"{rk}.name", f"rule name {name!r} is used twice")
+            rule_targets = self.str_list(r, rk, "targets")
+            if not rule_targets:
+                raise self.fail(f"{rk}.targets", "name at least one target")
+            missing = [t for t in rule_targets if t not in target_names]
+            if missing:
+                raise self.fail(f"{rk}.targets", f"no target named {missing[0]!r}")
+            ws = self.str_list(r, rk, "workspaces")
+            unknown = [w for w in ws if w not in workspace_ids]
+            if unknown:
+                raise self.fail(f"{rk}.workspaces", f"workspace {unknown[0]!r} is not configured")
+            tags_raw = self.get(r, rk, "tags", dict, {})
+            tags = []
+            for tkey, tval in tags_raw.items():
+                if not isinstance(tval, str):
+                    raise self.fail(f"{rk}.tags.{tkey}", "tag values must be strings")
+                tags.append((tkey, tval))
+            experiments = self.str_list(r, rk, "experiments")
+            if any(not g.strip() for g in experiments):
+                raise self.fail(f"{rk}.experiments", "an empty name pattern matches nothing")
+            rules.append(
+                RuleConfig(
+                    name=name,
+                    targets=rule_targets,
+                    workspaces=ws,
+                    experiments=experiments,
+                    tags=tuple(tags),
+                    from_status=self.str_list(r, rk, "from_status", EXPERIMENT_STATUSES),
+                    to_status=self.str_list(r, rk, "to_status", EXPERIMENT_STATUSES),
+                    trial_failures_rose=self.get(r, rk, "trial_failures_rose", bool, False),
+                    trial_failures_min=self.get(
+                        r, rk, "trial_failures_min", int, 1, _range(1, 10**6)
+                    ),
+                    quiet_hours=self.get(r, rk, "quiet_hours", str, None, _check_quiet_hours),
+                )
+            )
+        return AlertsConfig(
+            group_wait_s=self.number(d, k, "group_wait_s", dflt.group_wait_s, 0, 3600),
+            max_age_s=self.number(d, k, "max_age_s", dflt.max_age_s, 60, 30 * 86400),
+            stalled_after_s=self.number(
+                d, k, "stalled_after_s", dflt.stalled_after_s, 10, 30 * 86400
+            ),
+            console_url=self.get(d, k, "console_url", str, dflt.console_url, _check_console_url),
+            targets=tuple(targets),
+            rules=tuple(rules),
+        )
+
+    def logging(self, d: Mapping[str, Any]) -> LoggingConfig:
+        self.table(d, "logging", "logging")
+        level = self.get(d, "logging", "level", str, "info", _choice(LOG_LEVELS, fold=True))
+        fmt = self.get(d, "logging", "format", str, "auto", _choice(LOG_FORMATS, fold=True))
+        return LoggingConfig(level=level.lower(), format=fmt.lower())
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks (return a problem string or None)
+
+
+def _kind_name(kinds: tuple[type, ...]) -> str:
+    names = {
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        bool: "true or false",
+        dict: "a table",
+        list: "a list",
+    }
+    if set(kinds) == {int, float}:
+        return "a number"
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _type_name(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    return {
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        dict: "a table",
+        list: "a list",
+    }.get(type(value), f"a {type(value).__name__}")
+
+
+def _did_you_mean(name: str, known: frozenset[str]) -> str:
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _range(lo: float, hi: float) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        return None if lo <= v <= hi else f"must be between {lo:g} and {hi:g}, got {v}"
+
+    return check
+
+
+def _choice(choices: tuple[str, ...], *, fold: bool = False) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        ok = (v.lower() if fold else v) in choices
+        return None if ok else f"{v!r} is not one of {', '.join(choices)}"
+
+    return check
+
+
+def _non_empty(v: Any) -> str | None:
+    return None if str(v).strip() else "must not be empty"
+
+
+def _check_url(v: Any) -> str | None:
+    if v == "" or re.match(r"^https?://[^\s/?#@]+/?$", v):
+        return None
+    return "expected a base URL with no path, such as http://127.0.0.1:8780"
+
+
+def _check_region(v: Any) -> str | None:
+    if re.match(r"^[a-z]{2}(-[a-z0-9]+)+$", v):
+        return None
+    return f"{v!r} is not a region id (e.g. {', '.join(REGIONS)})"
+
+
+def _check_sort_name(v: Any) -> str | None:
+    return None if re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", v) else f"{v!r} is not a field name"
+
+
+_OFFSET_RE = re.compile(r"^(?:UTC|GMT)?([+-])(\d{1,2})(?::?(\d{2}))?$", re.ASCII)
+
+
+def _zone(name: str) -> timezone | ZoneInfo:
+    """An IANA zone name, ``UTC``, or a fixed offset such as ``+08:00`` or ``UTC+8``."""
+    if name.upper() in ("UTC", "Z", "GMT"):
+        return UTC
+    m = _OFFSET_RE.match(name)
+    if m:
+        sign = 1 if m.group(1) == "+" else -1
+        offset = timedelta(hours=int(m.group(2)), minutes=int(m.group(3) or 0))
+        return timezone(sign * offset)  # ValueError beyond ±24 h
+    return ZoneInfo(name)
+
+
+def _check_zone(v: Any) -> str | None:
+    try:
+        _zone(v)
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: "Asia" is a directory
+        return (
+            f"unknown time zone {v!r} (use an IANA name such as UTC or Asia/Shanghai, "
+            "or an offset such as +08:00)"
+        )
+    return None
+
+
+def _check_quiet_hours(v: Any) -> str | None:
+    if re.match(r"^([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d$", v):
+        return None
+    return "expected HH:MM-HH:MM (UTC), e.g. 22:00-07:00"
+
+
+def _check_console_url(v: Any) -> str | None:
+    if not re.match(r"^https?://", v):
+        return "expected an http:// or https:// URL template"
+    try:
+        v.format(**dict.fromkeys(CONSOLE_URL_FIELDS, "x"))
+    except (KeyError, IndexError, ValueError) as exc:
+        fields = ", ".join("{" + f + "}" for f in CONSOLE_URL_FIELDS)
+        return f"bad placeholder {exc} (the template may use {fields})"
+    return None
+
+
+_HOSTNAME_RE = re.compile(
+    r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
+
+
+def _parse_listen(value: str, key: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) into (host, port); an empty host is loopback."""
+    problem = ConfigError("expected HOST:PORT, e.g. 127.0.0.1:8787 or [::1]:8787", key=key)
+    host, sep, port = value.strip().rpartition(":")
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
+        raise problem
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise problem from None
+        return host[1:-1], int(port)
+    if not host:
+        return "127.0.0.1", int(port)
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        if not _HOSTNAME_RE.match(host) or host.replace(".", "").isdigit():
+            raise problem from None
+    return host, int(port)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dump
+
+
+def redacted(config: Config) -> dict[str, Any]:
+    """The effective config as plain data, every secret replaced by where it comes from."""
+
+    def conv(value: Any) -> Any:
+        if isinstance(value, Secret):
+            return f"<redacted: {value.source}>"
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, RuleConfig):
+            return {**conv_fields(value), "tags": dict(value.tags)}
+        if hasattr(value, "__dataclass_fields__"):
+            return conv_fields(value)
+        if isinstance(value, tuple | list):
+            return [conv(v) for v in value]
+        return value
+
+    def conv_fields(value: Any) -> dict[str, Any]:
+        return {f: conv(getattr(value, f)) for f in value.__dataclass_fields__ if f != "source"}
+
+    out: dict[str, Any] = conv(config)
+    return out

@@ -1,0 +1,73 @@
+"""Cloud credentials: the Alibaba Cloud default chain, via the official package.
+
+``alibabacloud-credentials`` implements the whole chain (environment, OIDC/RRSA, the CLI
+profile ``~/.aliyun/config.json``, ``~/.alibabacloud/credentials.ini``, the ECS RAM role with
+IMDSv2) and refreshes STS credentials before they expire; hpo-sync only adapts it to a small
+protocol so the client can be handed static credentials in tests and the demo.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .errors import CredentialsError
+
+
+@dataclass(frozen=True)
+class CloudCredentials:
+    access_key_id: str
+    access_key_secret: str
+    security_token: str | None = None
+
+    def __repr__(self) -> str:
+        return f"CloudCredentials(access_key_id={self.access_key_id!r}, secret=***)"
+
+
+class CredentialsProvider(Protocol):
+    async def get(self) -> CloudCredentials: ...
+
+
+class StaticCredentials:
+    """Fixed credentials (tests, the demo, the simulator)."""
+
+    def __init__(self, creds: CloudCredentials) -> None:
+        self._creds = creds
+
+    async def get(self) -> CloudCredentials:
+        return self._creds
+
+
+class DefaultChainCredentials:
+    """The Alibaba Cloud default credentials chain.
+
+    The chain's refreshable providers (STS, OIDC, ECS role) cache what they fetch and refresh
+    it shortly before expiry, so asking per request costs nothing but a check.
+    """
+
+    def __init__(self) -> None:
+        self._client: Any = None
+
+    async def get(self) -> CloudCredentials:
+        try:
+            if self._client is None:
+                from alibabacloud_credentials.client import Client
+
+                self._client = Client()
+            model = await self._client.get_credential_async()
+        except Exception as exc:  # the chain raises its own CredentialException and more
+            raise CredentialsError(
+                "no Alibaba Cloud credentials found: set ALIBABA_CLOUD_ACCESS_KEY_ID and "
+                "ALIBABA_CLOUD_ACCESS_KEY_SECRET (or use OIDC, ~/.aliyun/config.json, "
+                f"~/.alibabacloud/credentials.ini or an ECS RAM role) — {_first_line(exc)}"
+            ) from None
+        if not model.access_key_id or not model.access_key_secret:
+            raise CredentialsError("the credentials chain returned an empty AccessKey")
+        return CloudCredentials(
+            model.access_key_id, model.access_key_secret, model.security_token or None
+        )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__

@@ -1,0 +1,66 @@
+"""Logging: structlog events, JSON for services and pipes, readable on a terminal.
+
+Everything goes through one ``configure()``; stdlib logging (aiohttp, APScheduler) is routed
+into the same renderer so journald gets one format.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+_SECRET_KEYS = ("secret", "token", "password", "authorization", "signature")
+
+
+def redact_secrets(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> Any:
+    """Last line of defence: values of keys that name a secret are never rendered."""
+    for key in list(event):
+        low = key.lower()
+        if any(s in low for s in _SECRET_KEYS) and event[key] is not None:
+            event[key] = "***"
+    return event
+
+
+def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
+    """Set up structlog and stdlib logging. ``fmt``: auto (console on a TTY), json, console."""
+    stream = stream or sys.stderr
+    use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        redact_secrets,
+    ]
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if use_json
+        else structlog.dev.ConsoleRenderer(colors=stream.isatty())
+    )
+    numeric = getattr(logging, level.upper(), logging.INFO)
+    structlog.configure(
+        processors=[*shared, structlog.processors.format_exc_info, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(stream),
+        cache_logger_on_first_use=False,
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                renderer,
+            ],
+            foreign_pre_chain=shared,
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(max(numeric, logging.INFO) if numeric < logging.INFO else numeric)
+    # aiohttp's access log is noisy at info; the API logs its own request events.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("apscheduler").setLevel(max(numeric, logging.WARNING))

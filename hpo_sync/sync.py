@@ -1,0 +1,471 @@
+"""Full and hot sweeps: how the mirror is kept equal to upstream.
+
+Full sweep (the safety net): page through everything of a workspace, sorted by create time
+ascending, applying each page as it arrives (memory stays bounded by the pages in flight).
+Experiments the mirror holds that the listing did not return are *absentees*; each is looked
+up narrowly (its name and create time) before it is marked deleted, because paging by page
+number over a list that changes underneath can skip a row even when the counts add up (one
+deletion and one creation during the sweep). Only when there are too many absentees to look
+up one by one does a complete, consistent listing decide alone; anything less is ``partial``
+and deletes nothing.
+
+Hot sweep (every ``hot_interval_s``): asks only for what can have changed recently —
+
+1. experiments created since the workspace's create-time watermark minus an overlap (new
+   experiments, whatever their status);
+2. one listing per non-terminal status that the mirror currently holds experiments in
+   (their current Status and TrialStatus, so trial-count changes are caught too);
+3. every experiment the mirror holds as non-terminal that none of those listings returned
+   has necessarily left its status (a status that the mirror held is listed in full): it is
+   looked up narrowly, one call each, which yields its new status — or, if it is gone, marks
+   it deleted;
+4. a "recently modified" feed (sort by modified time, descending, read until the previous
+   hot sweep's time) — one call that *may* catch changes of terminal experiments if upstream
+   bumps ``GmtModifiedTime``; never relied on.
+
+Why a hot sweep cannot miss a status change of a non-terminal experiment: such an experiment
+is either still in one of the listed statuses (step 2 returns it with its current fields; an
+item that shifts between pages while a listing is read shows up as missing and step 3 finds
+it), or it is not, and then step 3 looks it up by itself. A listing that fails makes the
+sweep ``partial`` and skips step 3, so nothing is concluded from incomplete data.
+
+What it leaves to the full sweep: changes of experiments the mirror holds as terminal (trials
+restarted) unless the modified feed shows them, deletions of terminal experiments, and
+anything when a hot sweep was partial.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+import structlog
+
+from .client import ListQuery, Page, Tally, UpstreamClient
+from .config import Config
+from .errors import FatalUpstreamError, HpoSyncError, UpstreamError
+from .normalise import Experiment, format_time, normalise_all, parse_time
+from .store import ChangeHook, Store, WorkspaceState
+
+log = structlog.get_logger(__name__)
+
+Mode = Literal["full", "hot"]
+
+# Beyond this many absentees, looking each one up costs more than it is worth: a complete,
+# consistent listing decides alone (and an inconsistent one deletes nothing).
+MAX_LOOKUPS = 50
+# A look-up by create time first uses the configured zone, then a window this wide on both
+# sides (any zone offset) before it concludes that an experiment is gone.
+WIDE_WINDOW = timedelta(hours=14)
+MODIFIED_FEED_MAX_PAGES = 3
+
+
+@dataclass
+class SweepResult:
+    """The outcome of one sweep of one workspace (also written as a ``sync_runs`` row)."""
+
+    workspace_id: str
+    mode: Mode
+    run_id: int
+    status: Literal["ok", "partial", "failed"] = "ok"
+    api_calls: int = 0
+    pages: int = 0
+    retries: int = 0
+    throttled: int = 0
+    experiments_seen: int = 0
+    changes: int = 0
+    marked_deleted: int = 0
+    lookups: int = 0
+    skipped_records: int = 0
+    baseline: bool = False
+    duration_s: float = 0.0
+    error: str | None = None
+    error_code: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        text = (
+            f"{self.workspace_id}: {self.mode} {self.status} — {self.api_calls} API calls, "
+            f"{self.experiments_seen} experiments, {self.changes} changes"
+            f"{' (baseline)' if self.baseline else ''}, {self.duration_s:.1f}s"
+        )
+        if self.error:
+            text += f" — {self.error}"
+        return text
+
+
+Progress = Callable[[str, int, int], None]
+"""Called with (workspace id, pages read, pages expected) as a listing proceeds."""
+
+
+class SyncEngine:
+    """Runs sweeps of configured workspaces against one client and one store."""
+
+    def __init__(
+        self,
+        config: Config,
+        client: UpstreamClient,
+        store: Store,
+        *,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        on_changes: ChangeHook | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        self.config = config
+        self.client = client
+        self.store = store
+        self.clock = clock
+        self.on_changes = on_changes
+        self.progress = progress
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def lock_for(self, workspace_id: str) -> asyncio.Lock:
+        """One sweep of a workspace at a time, hot or full."""
+        return self._locks.setdefault(workspace_id, asyncio.Lock())
+
+    async def sweep(self, workspace_id: str, mode: Mode | Literal["auto"] = "auto") -> SweepResult:
+        """Sweep one workspace. ``auto``: hot once the workspace has its baseline, else full.
+
+        Never raises for upstream or store trouble: the result (and its ``sync_runs`` row) says
+        what went wrong.
+        """
+        async with self.lock_for(workspace_id):
+            state = await asyncio.to_thread(self.store.workspace_state, workspace_id)
+            has_baseline = bool(state and state.baseline_at)
+            # Without a baseline only a full sweep makes sense, whatever was asked.
+            chosen: Mode = "hot" if mode != "full" and has_baseline else "full"
+            started = time.monotonic()
+            started_at = self._now()
+            run_id = await asyncio.to_thread(self.store.begin_run, workspace_id, chosen, started_at)
+            result = SweepResult(workspace_id, chosen, run_id, baseline=not has_baseline)
+            tally = Tally()
+            try:
+                if chosen == "full":
+                    await self._full(result, tally)
+                else:
+                    assert state is not None  # a baseline implies a workspace row
+                    await self._hot(result, tally, state)
+            except FatalUpstreamError as exc:
+                result.status, result.error, result.error_code = "failed", str(exc), exc.code
+            except UpstreamError as exc:
+                result.status, result.error, result.error_code = "failed", str(exc), exc.code
+            except HpoSyncError as exc:
+                result.status, result.error = "failed", str(exc)
+            except asyncio.CancelledError:
+                result.status, result.error = "failed", "cancelled (shutting down)"
+                await self._finish(result, tally, started)
+                raise
+            await self._finish(result, tally, started)
+            return result
+
+    async def _finish(self, result: SweepResult, tally: Tally, started: float) -> None:
+        result.api_calls, result.pages = tally.api_calls, tally.pages
+        result.retries, result.throttled = tally.retries, tally.throttled
+        result.duration_s = time.monotonic() - started
+        finished_at = self._now()
+        await asyncio.to_thread(
+            self.store.finish_run,
+            result.run_id,
+            finished_at=finished_at,
+            status=result.status,
+            api_calls=result.api_calls,
+            pages=result.pages,
+            experiments_seen=result.experiments_seen,
+            changes=result.changes,
+            error=result.error,
+        )
+        if result.status != "ok":
+            await asyncio.to_thread(
+                self.store.set_workspace_error, result.workspace_id, result.error, finished_at
+            )
+        else:
+            await asyncio.to_thread(
+                self.store.record_success, result.workspace_id, result.mode, finished_at
+            )
+        if result.mode == "full" and result.status == "ok" and result.baseline:
+            await asyncio.to_thread(self.store.mark_baseline, result.workspace_id, finished_at)
+        event = log.info if result.status == "ok" else log.warning
+        event(
+            "sync.finished",
+            workspace=result.workspace_id,
+            mode=result.mode,
+            status=result.status,
+            api_calls=result.api_calls,
+            pages=result.pages,
+            retries=result.retries,
+            throttled=result.throttled,
+            experiments=result.experiments_seen,
+            changes=result.changes,
+            deleted=result.marked_deleted,
+            lookups=result.lookups,
+            baseline=result.baseline,
+            duration_s=round(result.duration_s, 3),
+            error=result.error,
+            error_code=result.error_code,
+        )
+
+    def _now(self) -> str:
+        return format_time(self.clock())
+
+    # --- applying ------------------------------------------------------------------------
+
+    async def _apply(
+        self, result: SweepResult, raws: Iterable[Mapping[str, Any]], *, seen: set[str]
+    ) -> list[Experiment]:
+        normalised = normalise_all(raws, naive_tz=self.config.upstream.tz)
+        result.skipped_records += normalised.skipped
+        mine = [e for e in normalised.experiments if e.workspace_id in (None, result.workspace_id)]
+        foreign = len(normalised.experiments) - len(mine)
+        if foreign:
+            result.notes.append(f"{foreign} experiments of other workspaces ignored")
+        # An experiment whose WorkspaceId upstream left out belongs to the workspace queried.
+        mine = [e if e.workspace_id else _with_workspace(e, result.workspace_id) for e in mine]
+        fresh = [e for e in mine if e.experiment_id not in seen]
+        seen.update(e.experiment_id for e in mine)
+        result.experiments_seen += len(fresh)
+        if fresh:
+            applied = await asyncio.to_thread(
+                self.store.apply,
+                result.workspace_id,
+                fresh,
+                observed_at=self._now(),
+                run_id=result.run_id,
+                baseline=result.baseline,
+                on_changes=self.on_changes,
+            )
+            result.changes += applied.changes
+        return fresh
+
+    async def _mark_deleted(self, result: SweepResult, ids: Collection[str]) -> None:
+        if not ids:
+            return
+        applied = await asyncio.to_thread(
+            self.store.mark_deleted,
+            result.workspace_id,
+            list(ids),
+            observed_at=self._now(),
+            run_id=result.run_id,
+            baseline=result.baseline,
+            on_changes=self.on_changes,
+        )
+        result.changes += applied.changes
+        result.marked_deleted += applied.marked_deleted
+
+    # --- full ----------------------------------------------------------------------------
+
+    async def _full(self, result: SweepResult, tally: Tally) -> None:
+        ws = result.workspace_id
+        seen: set[str] = set()
+
+        async def on_page(page: Page) -> None:
+            await self._apply(result, page.experiments, seen=seen)
+            if self.progress is not None:
+                self.progress(ws, tally.pages, listing_pages_expected[0])
+
+        listing_pages_expected = [0]
+        query = ListQuery(
+            workspace_id=ws,
+            sort_by=self.config.upstream.sort_by,
+            order="ASC",
+            include_config_data=True,
+        )
+
+        def expect(page: Page) -> None:
+            size = self.config.upstream.page_size
+            listing_pages_expected[0] = max(1, -(-page.total_count // size))
+
+        async def on_page_first(page: Page) -> None:
+            if not listing_pages_expected[0]:
+                expect(page)
+            await on_page(page)
+
+        listing = await self.client.list_all(query, on_page=on_page_first, tally=tally, keep=False)
+        if not listing.complete:
+            result.status = "partial"
+            result.error = f"listing incomplete, deletions skipped: {listing.error}"
+            result.error_code = listing.error.code if listing.error else None
+            return
+        active = await asyncio.to_thread(self.store.active_experiments, ws)
+        absentees = {i: row for i, row in active.items() if i not in listing.seen_ids}
+        if not absentees:
+            return
+        if len(absentees) > MAX_LOOKUPS:
+            if listing.consistent:
+                await self._mark_deleted(result, absentees)
+            else:
+                result.status = "partial"
+                result.error = (
+                    f"{len(absentees)} experiments missing from a listing whose counts did not "
+                    "add up; deletions left to the next full sweep"
+                )
+            return
+        await self._resolve_missing(result, tally, absentees, seen)
+
+    async def _resolve_missing(
+        self,
+        result: SweepResult,
+        tally: Tally,
+        missing: Mapping[str, Mapping[str, Any]],
+        seen: set[str],
+    ) -> None:
+        """Look each missing experiment up by name and create time; apply what is found and
+        mark deleted what a complete narrow listing does not return."""
+        gone: list[str] = []
+
+        async def look(exp_id: str, row: Mapping[str, Any]) -> None:
+            found = await self._lookup(result, tally, exp_id, row)
+            if found is None:
+                gone.append(exp_id)
+            else:
+                await self._apply(result, [found], seen=seen)
+
+        async with asyncio.TaskGroup() as group:
+            for exp_id, row in missing.items():
+                group.create_task(look(exp_id, row))
+        await self._mark_deleted(result, gone)
+
+    async def _lookup(
+        self, result: SweepResult, tally: Tally, exp_id: str, row: Mapping[str, Any]
+    ) -> dict[str, Any] | None:
+        created = parse_time(row.get("gmt_create_time"))
+        name = row.get("name") or None
+        windows = (
+            [(created, created), (created - WIDE_WINDOW, created + WIDE_WINDOW)]
+            if created
+            else [(None, None)]
+        )
+        for low, high in windows:
+            result.lookups += 1
+            listing = await self.client.list_all(
+                ListQuery(
+                    workspace_id=result.workspace_id,
+                    name=name,
+                    min_create_time=low,
+                    max_create_time=high,
+                    include_config_data=True,
+                    sort_by=self.config.upstream.sort_by,
+                    order="ASC",
+                ),
+                tally=tally,
+            )
+            for raw in listing.experiments:
+                if str(raw.get("ExperimentId")) == exp_id:
+                    return raw
+            if not listing.complete:
+                raise listing.error or UpstreamError("look-up incomplete")
+        return None
+
+    # --- hot -----------------------------------------------------------------------------
+
+    async def _hot(self, result: SweepResult, tally: Tally, state: WorkspaceState) -> None:
+        ws = result.workspace_id
+        up = self.config.upstream
+        terminal = set(self.config.sync.terminal_statuses)
+        active = await asyncio.to_thread(self.store.active_experiments, ws)
+        non_terminal = {i: row for i, row in active.items() if row.get("status") not in terminal}
+        statuses = sorted({str(row.get("status")) for row in non_terminal.values()})
+        seen: set[str] = set()
+        overlap = timedelta(seconds=self.config.sync.create_time_overlap_s)
+        watermark = parse_time(state.create_watermark)
+        since = (watermark - overlap) if watermark else None
+
+        async def on_page(page: Page) -> None:
+            await self._apply(result, page.experiments, seen=seen)
+
+        listings: dict[str, Any] = {}
+
+        async def run(label: str, query: ListQuery) -> None:
+            listings[label] = await self.client.list_all(
+                query, on_page=on_page, tally=tally, keep=False
+            )
+
+        async with asyncio.TaskGroup() as group:
+            group.create_task(
+                run(
+                    "new",
+                    ListQuery(
+                        workspace_id=ws,
+                        min_create_time=since,
+                        sort_by=up.sort_by,
+                        order="ASC",
+                        include_config_data=True,
+                    ),
+                )
+            )
+            for status in statuses:
+                group.create_task(
+                    run(
+                        f"status:{status}",
+                        ListQuery(
+                            workspace_id=ws,
+                            status=status,
+                            sort_by=up.sort_by,
+                            order="ASC",
+                            include_config_data=True,
+                        ),
+                    )
+                )
+            group.create_task(self._modified_feed(result, tally, state, on_page))
+        incomplete = [label for label, listing in listings.items() if not listing.complete]
+        if incomplete:
+            result.status = "partial"
+            first = listings[incomplete[0]].error
+            result.error = f"{', '.join(incomplete)} incomplete: {first}"
+            result.error_code = first.code if first else None
+            return
+        vanished = {i: row for i, row in non_terminal.items() if i not in seen}
+        if len(vanished) > MAX_LOOKUPS:
+            result.notes.append(f"{len(vanished)} left their status; capped look-ups")
+            result.status = "partial"
+            result.error = (
+                f"{len(vanished)} non-terminal experiments changed at once; "
+                f"looked up {MAX_LOOKUPS}, the next sweep goes on"
+            )
+            vanished = dict(list(vanished.items())[:MAX_LOOKUPS])
+        await self._resolve_missing(result, tally, vanished, seen)
+
+    async def _modified_feed(
+        self,
+        result: SweepResult,
+        tally: Tally,
+        state: WorkspaceState,
+        on_page: Callable[[Page], Any],
+    ) -> None:
+        """Recently modified experiments, newest first, until the previous hot sweep.
+
+        Best effort: upstream does not document that every change bumps GmtModifiedTime, so a
+        failure here is logged and does not make the sweep partial.
+        """
+        last = parse_time(state.last_hot_ok_at or state.last_full_ok_at)
+        if last is None:
+            return
+        horizon = last - timedelta(seconds=self.config.sync.create_time_overlap_s)
+        query = ListQuery(
+            workspace_id=result.workspace_id,
+            sort_by=self.config.upstream.sort_by_modified,
+            order="DESC",
+            include_config_data=True,
+        )
+        try:
+            pages = 0
+            async for page in self.client.iter_pages(query, tally=tally):
+                pages += 1
+                await on_page(page)
+                times = [parse_time(r.get("GmtModifiedTime")) for r in page.experiments]
+                oldest = min((t for t in times if t), default=None)
+                if oldest is None or oldest < horizon or pages >= MODIFIED_FEED_MAX_PAGES:
+                    return
+        except FatalUpstreamError:
+            raise
+        except UpstreamError as exc:
+            log.info("sync.modified_feed_skipped", workspace=result.workspace_id, error=str(exc))
+
+
+def _with_workspace(exp: Experiment, workspace_id: str) -> Experiment:
+    from dataclasses import replace
+
+    return replace(exp, workspace_id=workspace_id)
