@@ -1,0 +1,878 @@
+"""The config file: the example loads and documents every key; every mistake is named."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import typing
+from datetime import timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+from structlog.testing import capture_logs
+
+from hpo_sync import config
+from hpo_sync.config import (
+    DEFAULT_CONFIG_PATH,
+    REFUSED_KEYS,
+    SECTION_KEYS,
+    AlertsConfig,
+    ApiConfig,
+    Config,
+    LoggingConfig,
+    RuleConfig,
+    Secret,
+    StoreConfig,
+    SyncConfig,
+    TargetConfig,
+    TokenConfig,
+    UpstreamConfig,
+    WorkspaceConfig,
+    load,
+    loads,
+    redacted,
+    resolve_path,
+)
+from hpo_sync.errors import ConfigError
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "hpo-sync.example.toml"
+EXAMPLE_ENV = {
+    "HPO_SYNC_API_TOKEN": "tok-3f9a1c7e5b2d",
+    "HPO_SYNC_SLACK_WEBHOOK_URL": "https://hooks.slack.com/services/T000/B000/slk9q8w7e6",
+    "HPO_SYNC_DINGTALK_WEBHOOK_URL": "https://oapi.dingtalk.com/robot/send?access_token=dt5x4c3v",
+    "HPO_SYNC_DINGTALK_SECRET": "SECd1n9t4lk",
+}
+
+MINIMAL = '[[workspaces]]\nid = "ws1"\n'
+
+
+def error(text: str, env: dict[str, str] | None = None, source: Path | None = None) -> str:
+    with pytest.raises(ConfigError) as info:
+        loads(text, env=env or {}, source=source)
+    return str(info.value)
+
+
+def line_of(text: str, needle: str, occurrence: int = 1) -> int:
+    """1-based number of the line holding ``needle`` (its n-th occurrence)."""
+    hits = [no for no, line in enumerate(text.splitlines(), 1) if needle in line]
+    return hits[occurrence - 1]
+
+
+# --- the example file ----------------------------------------------------------------------
+
+
+def test_the_example_loads() -> None:
+    with capture_logs() as logs:
+        cfg = load(EXAMPLE, env=EXAMPLE_ENV)
+    assert logs == []  # no literal secret in it, so no warning
+    assert cfg.source == EXAMPLE
+    assert cfg.workspace_ids() == ("12345", "67890")
+    assert cfg.upstream == UpstreamConfig()  # it sets every default explicitly or not at all
+    assert cfg.sync == SyncConfig()
+    assert cfg.logging == LoggingConfig()
+    assert cfg.store == StoreConfig()
+    assert cfg.api.listen == ApiConfig().listen
+    assert cfg.api.tokens[0].token.reveal() == EXAMPLE_ENV["HPO_SYNC_API_TOKEN"]
+    assert cfg.alerts.targets[1].secret is not None
+    assert cfg.alerts.targets[1].secret.reveal() == EXAMPLE_ENV["HPO_SYNC_DINGTALK_SECRET"]
+    rules = {r.name: r for r in cfg.alerts.rules}
+    assert set(rules["experiment failed"].to_status) == {"FAILED", "SYS_CANCELED"}
+    assert rules["experiment finished"].to_status == ("FINISHED",)
+
+
+def test_the_example_needs_its_environment() -> None:
+    with pytest.raises(ConfigError, match=r"api\.tokens\[0\]\.token_env \(line \d+\)"):
+        load(EXAMPLE, env={})
+
+
+def _documented_keys(text: str) -> dict[str, set[str]]:
+    """Section (arrays as ``name[]``) -> keys set or shown commented-out in the text."""
+    keys: dict[str, set[str]] = {"": set()}
+    section = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        commented = re.match(r"^#\s?(\[\[?[A-Za-z_.]+\]\]?\s*$|[A-Za-z_]+\s*=.*)$", line)
+        if commented:
+            line = commented.group(1)
+        elif line.startswith("#"):
+            continue
+        if m := re.match(r"^\[\[([A-Za-z_.]+)\]\]$", line):
+            section = m.group(1) + "[]"
+        elif m := re.match(r"^\[([A-Za-z_.]+)\]$", line):
+            section = m.group(1)
+        elif m := re.match(r"^([A-Za-z_]+)\s*=", line):
+            keys.setdefault(section, set()).add(m.group(1))
+            continue
+        else:
+            continue
+        keys.setdefault(section, set())
+        parent, _, leaf = section.removesuffix("[]").rpartition(".")
+        keys.setdefault(parent, set()).add(leaf)  # a table is a key of its parent
+    return keys
+
+
+def test_every_accepted_key_is_documented_in_the_example() -> None:
+    documented = _documented_keys(EXAMPLE.read_text(encoding="utf-8"))
+    missing = {
+        f"{section}.{key}" if section else key
+        for section, accepted in SECTION_KEYS.items()
+        for key in accepted
+        if key not in documented.get(section, set())
+    }
+    assert not missing, f"keys the parser accepts but the example does not show: {missing}"
+    unknown = {
+        f"{section}.{key}" if section else key
+        for section, shown in documented.items()
+        for key in shown
+        if key not in SECTION_KEYS.get(section, frozenset())
+    }
+    assert not unknown, f"keys shown in the example that the parser rejects: {unknown}"
+
+
+SECTIONS_OF: dict[type, str] = {
+    Config: "",
+    UpstreamConfig: "upstream",
+    StoreConfig: "store",
+    SyncConfig: "sync",
+    WorkspaceConfig: "workspaces[]",
+    ApiConfig: "api",
+    TokenConfig: "api.tokens[]",
+    AlertsConfig: "alerts",
+    TargetConfig: "alerts.targets[]",
+    RuleConfig: "alerts.rules[]",
+    LoggingConfig: "logging",
+}
+
+
+def test_every_config_field_is_a_key_in_the_example() -> None:
+    """A field added to a config object must be parsed and documented (or the test fails)."""
+    documented = _documented_keys(EXAMPLE.read_text(encoding="utf-8"))
+    for cls, section in SECTIONS_OF.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if cls is Config and f.name == "source":
+                continue  # where the file was found, not a key
+            shown = documented.get(section, set())
+            if "Secret" in str(hints[f.name]):  # secrets are named, never written
+                assert {f"{f.name}_env", f"{f.name}_file"} <= shown, (section, f.name)
+            else:
+                assert f.name in shown, f"{section or 'top level'}: {f.name} is not documented"
+
+
+def test_every_config_class_is_covered() -> None:
+    found = {Config}
+    todo = [Config]
+    while todo:
+        cls = todo.pop()
+        for hint in typing.get_type_hints(cls).values():
+            for arg in [hint, *typing.get_args(hint)]:
+                if dataclasses.is_dataclass(arg) and arg not in found:
+                    found.add(arg)  # type: ignore[arg-type]
+                    todo.append(arg)  # type: ignore[arg-type]
+    assert found == set(SECTIONS_OF)
+
+
+def test_refused_keys_name_their_replacements() -> None:
+    for section, refused in REFUSED_KEYS.items():
+        for key in refused:
+            assert {f"{key}_env", f"{key}_file"} <= SECTION_KEYS[section]
+
+
+# --- defaults and values -------------------------------------------------------------------
+
+
+def test_a_minimal_config_takes_the_defaults(tmp_path: Path) -> None:
+    cfg = loads(MINIMAL, env={})
+    assert cfg == Config(workspaces=(WorkspaceConfig("ws1"),))
+    assert cfg.upstream.base_url == "https://paiautoml.cn-hangzhou.aliyuncs.com"
+    assert cfg.sync.non_terminal_statuses == (
+        "CREATED",
+        "RUNNING",
+        "WAITING",
+        "NO_MORE_TRIAL",
+        "UNKNOWN",
+    )
+    assert cfg.api.host_port == ("127.0.0.1", 8787)
+
+
+@pytest.mark.parametrize(
+    ("upstream", "base_url"),
+    [
+        ('region = "cn-shanghai"', "https://paiautoml.cn-shanghai.aliyuncs.com"),
+        ('region = "cn-beijing"\nvpc = true', "https://paiautoml-vpc.cn-beijing.aliyuncs.com"),
+        ('endpoint = "http://127.0.0.1:8780/"\nvpc = true', "http://127.0.0.1:8780"),
+    ],
+)
+def test_base_url(upstream: str, base_url: str) -> None:
+    cfg = loads(f"[upstream]\n{upstream}\n{MINIMAL}", env={})
+    assert cfg.upstream.base_url == base_url
+
+
+@pytest.mark.parametrize(
+    ("zone", "offset"),
+    [
+        ("UTC", timedelta(0)),
+        ("Asia/Shanghai", timedelta(hours=8)),
+        ("+08:00", timedelta(hours=8)),
+        ("UTC+8", timedelta(hours=8)),
+        ("-05:30", -timedelta(hours=5, minutes=30)),
+    ],
+)
+def test_create_time_zone(zone: str, offset: timedelta) -> None:
+    from datetime import datetime
+
+    cfg = loads(f'[upstream]\ncreate_time_zone = "{zone}"\n{MINIMAL}', env={})
+    assert datetime(2024, 1, 1, tzinfo=cfg.upstream.tz).utcoffset() == offset
+    if "/" in zone:
+        assert cfg.upstream.tz == ZoneInfo(zone)
+
+
+def test_sort_by_modified_follows_the_vocabulary_of_sort_by() -> None:
+    cfg = loads(f'[upstream]\nsort_by = "create_time"\n{MINIMAL}', env={})
+    assert cfg.upstream.sort_by_modified == "update_time"
+    cfg = loads(f'[upstream]\nsort_by = "create_time"\nsort_by_modified = "x"\n{MINIMAL}', env={})
+    assert cfg.upstream.sort_by_modified == "x"
+
+
+def test_numbers_accept_integers_and_floats() -> None:
+    cfg = loads(f"[upstream]\nmax_qps = 2\ntimeout_s = 2.5\n{MINIMAL}", env={})
+    assert cfg.upstream.max_qps == 2.0
+    assert isinstance(cfg.upstream.max_qps, float)
+    assert cfg.upstream.timeout_s == 2.5
+
+
+def test_numeric_workspace_ids_become_text() -> None:
+    cfg = loads("[[workspaces]]\nid = 12345\n[[workspaces]]\nid = ' w2 '\n", env={})
+    assert cfg.workspace_ids() == ("12345", "w2")
+
+
+def test_logging_names_are_case_insensitive() -> None:
+    cfg = loads(f'[logging]\nlevel = "DEBUG"\nformat = "JSON"\n{MINIMAL}', env={})
+    assert cfg.logging == LoggingConfig(level="debug", format="json")
+
+
+def test_store_path_is_expanded_and_anchored(tmp_path: Path) -> None:
+    cfg_file = tmp_path / "etc" / "config.toml"
+    cfg_file.parent.mkdir()
+    cfg_file.write_text(f'[store]\npath = "data/mirror.db"\n{MINIMAL}', encoding="utf-8")
+    assert load(cfg_file, env={}).store.path == tmp_path / "etc" / "data" / "mirror.db"
+    text = f'[store]\npath = "${{STATE_DIRECTORY}}/mirror.db"\n{MINIMAL}'
+    cfg = loads(text, env={"STATE_DIRECTORY": "/var/lib/hpo-sync"})
+    assert cfg.store.path == Path("/var/lib/hpo-sync/mirror.db")
+    message = error(text, env={})
+    assert "store.path (line 2)" in message
+    assert "STATE_DIRECTORY" in message
+
+
+def test_secrets_from_files(tmp_path: Path) -> None:
+    (tmp_path / "api-token").write_text("  file-token-value\n", encoding="utf-8")
+    (tmp_path / "hook").write_text("https://example.com/hook?key=filekey\n", encoding="utf-8")
+    text = f"""{MINIMAL}
+[[api.tokens]]
+name = "t"
+token_file = "${{CREDENTIALS_DIRECTORY}}/api-token"
+[[alerts.targets]]
+name = "hook"
+type = "webhook"
+url_file = "hook"
+"""
+    cfg = loads(text, env={"CREDENTIALS_DIRECTORY": str(tmp_path)}, source=tmp_path / "c.toml")
+    assert cfg.api.tokens[0].token.reveal() == "file-token-value"
+    assert cfg.api.tokens[0].token.source == f"file:{tmp_path / 'api-token'}"
+    assert cfg.alerts.targets[0].url.reveal() == "https://example.com/hook?key=filekey"
+
+
+# --- errors: each names the key and the line ----------------------------------------------
+
+
+def test_toml_syntax_error_names_the_line() -> None:
+    message = error('[upstream]\nregion = "cn-hangzhou"\npage_size = = 3\n')
+    assert message.startswith("line 3: TOML syntax error")
+    message = error('[upstream]\nregion = "cn-hangzhou\n')
+    assert "line 2" in message
+    message = error(f"{MINIMAL}[upstream]\nregion = \n")  # at the very end
+    assert re.search(r"line \d+", message)
+
+
+def test_duplicate_table_is_a_syntax_error() -> None:
+    assert error("[api]\n[upstream]\n[api]\n").startswith("line 3:")
+
+
+# Each place a key can live, as (header line to insert after, dotted key of the bogus key).
+LEVELS = [
+    (None, "bogus_key"),
+    ("[upstream]", "upstream.bogus_key"),
+    ("[store]", "store.bogus_key"),
+    ("[sync]", "sync.bogus_key"),
+    ("[[workspaces]]#2", "workspaces[1].bogus_key"),
+    ("[api]", "api.bogus_key"),
+    ("[[api.tokens]]", "api.tokens[0].bogus_key"),
+    ("[alerts]", "alerts.bogus_key"),
+    ("[[alerts.targets]]#2", "alerts.targets[1].bogus_key"),
+    ("[[alerts.rules]]#3", "alerts.rules[2].bogus_key"),
+    ("[logging]", "logging.bogus_key"),
+]
+
+
+@pytest.mark.parametrize(("after", "key"), LEVELS, ids=[k for _, k in LEVELS])
+def test_unknown_key_at_every_level(after: str | None, key: str) -> None:
+    lines = EXAMPLE.read_text(encoding="utf-8").splitlines()
+    if after is None:
+        at = 0
+    else:
+        header, _, nth = after.partition("#")
+        at = [i for i, line in enumerate(lines) if line == header][int(nth or 1) - 1] + 1
+    lines.insert(at, "bogus_key = 1")
+    message = error("\n".join(lines), env=EXAMPLE_ENV)
+    assert message.startswith(f"{key} (line {at + 1}): unknown key")
+
+
+def test_unknown_key_suggests_the_near_one() -> None:
+    message = error(f"[upstream]\nmax_qsp = 3\n{MINIMAL}")
+    assert message.startswith("upstream.max_qsp (line 2): unknown key (did you mean 'max_qps'?)")
+    message = error(f"[upstreams]\nregion = 'cn-beijing'\n{MINIMAL}")
+    assert message.startswith("upstreams (line 1): unknown key (did you mean 'upstream'?)")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            f'[upstream]\npage_size = "100"\n{MINIMAL}',
+            "upstream.page_size (line 2): expected an integer, got a string",
+        ),
+        (
+            f"[upstream]\npage_size = 10.5\n{MINIMAL}",
+            "upstream.page_size (line 2): expected an integer, got a number",
+        ),
+        (
+            f'[upstream]\nvpc = "yes"\n{MINIMAL}',
+            "upstream.vpc (line 2): expected true or false, got a string",
+        ),
+        (
+            f"[upstream]\nmax_qps = true\n{MINIMAL}",
+            "upstream.max_qps (line 2): expected a number, got a boolean",
+        ),
+        (
+            f"[sync]\nterminal_statuses = 'FAILED'\n{MINIMAL}",
+            "sync.terminal_statuses (line 2): expected a list of strings",
+        ),
+        (f"[store]\npath = 5\n{MINIMAL}", "store.path (line 2): expected a string, got an integer"),
+        (f"upstream = 5\n{MINIMAL}", "upstream (line 1): expected a table, got an integer"),
+        (f"[logging]\nlevel = 3\n{MINIMAL}", "logging.level (line 2): expected a string"),
+        ("[[workspaces]]\nid = true\n", "workspaces[0].id (line 2): expected a non-empty string"),
+        (
+            "[[workspaces]]\nid = 'a'\nlabel = 1\n",
+            "workspaces[0].label (line 3): expected a string",
+        ),
+        ('workspaces = ["a"]\n', "workspaces[0] (line 1): expected a table, got a string"),
+        (f"[api]\ntokens = 'x'\n{MINIMAL}", "api.tokens (line 2): expected [[api.tokens]] tables"),
+        (
+            f"{MINIMAL}[alerts]\ntargets = 5\n",
+            "alerts.targets (line 4): expected [[alerts.targets]] tables",
+        ),
+    ],
+)
+def test_wrong_type(text: str, expected: str) -> None:
+    assert error(text).startswith(expected)
+
+
+@pytest.mark.parametrize(
+    ("setting", "key"),
+    [
+        ("[upstream]\npage_size = 0", "upstream.page_size"),
+        ("[upstream]\npage_size = 100000", "upstream.page_size"),
+        ("[upstream]\nmax_qps = 0", "upstream.max_qps"),
+        ("[upstream]\nmax_qps = nan", "upstream.max_qps"),
+        ("[upstream]\nmax_qps = inf", "upstream.max_qps"),
+        ("[upstream]\nmax_concurrency = 65", "upstream.max_concurrency"),
+        ("[upstream]\ntimeout_s = -1", "upstream.timeout_s"),
+        ("[upstream]\nretry_max_attempts = 0", "upstream.retry_max_attempts"),
+        ("[sync]\nhot_interval_s = 0", "sync.hot_interval_s"),
+        ("[sync]\njitter_s = -5", "sync.jitter_s"),
+        ("[alerts]\ngroup_wait_s = 99999", "alerts.group_wait_s"),
+        ("[alerts]\nmax_age_s = 1", "alerts.max_age_s"),
+    ],
+)
+def test_out_of_range(setting: str, key: str) -> None:
+    text = f"{setting}\n{MINIMAL}"
+    message = error(text)
+    leaf = key.rpartition(".")[2]
+    assert message.startswith(f"{key} (line {line_of(text, leaf)}): must be between")
+
+
+@pytest.mark.parametrize(
+    ("setting", "key", "fragment"),
+    [
+        ('[upstream]\nregion = "Hangzhou"', "upstream.region", "not a region id"),
+        ('[upstream]\nendpoint = "localhost:8780"', "upstream.endpoint", "base URL"),
+        ('[upstream]\nendpoint = "http://h/path"', "upstream.endpoint", "no path"),
+        ('[upstream]\nsort_by = ""', "upstream.sort_by", "not a field name"),
+        (
+            '[upstream]\ncreate_time_zone = "Mars/Olympus"',
+            "upstream.create_time_zone",
+            "unknown time zone",
+        ),
+        ('[upstream]\ncreate_time_zone = "Asia"', "upstream.create_time_zone", "unknown time zone"),
+        ('[upstream]\ncreate_time_zone = ""', "upstream.create_time_zone", "unknown time zone"),
+        (
+            '[upstream]\ncreate_time_zone = "+25:00"',
+            "upstream.create_time_zone",
+            "unknown time zone",
+        ),
+        ('[sync]\nterminal_statuses = ["DONE"]', "sync.terminal_statuses", "'DONE' is not one of"),
+        ('[logging]\nlevel = "verbose"', "logging.level", "is not one of"),
+        ('[logging]\nformat = "xml"', "logging.format", "is not one of"),
+        ('[alerts]\nconsole_url = "https://x/{workspace_id}"', "alerts.console_url", "placeholder"),
+        ('[alerts]\nconsole_url = "https://x/{"', "alerts.console_url", "placeholder"),
+        ('[alerts]\nconsole_url = "pai.console.aliyun.com"', "alerts.console_url", "URL"),
+    ],
+)
+def test_bad_values(setting: str, key: str, fragment: str) -> None:
+    text = f"{setting}\n{MINIMAL}"
+    message = error(text)
+    assert message.startswith(f"{key} (line 2): ")
+    assert fragment in message
+
+
+@pytest.mark.parametrize(
+    "listen",
+    [
+        "localhost",
+        "127.0.0.1",
+        "127.0.0.1:99999",
+        "127.0.0.1:-1",
+        "127.0.0.1:http",
+        "1.2.3.4.5:80",
+        "bad host:80",
+        "[::1:80",
+        "[not-v6]:80",
+        "::1",
+        "127.0.0.1:٨٠",
+    ],
+)
+def test_bad_listen_address(listen: str) -> None:
+    message = error(f'[api]\nlisten = "{listen}"\n{MINIMAL}')
+    assert message.startswith("api.listen (line 2): expected HOST:PORT")
+
+
+@pytest.mark.parametrize(
+    ("listen", "host_port"),
+    [
+        ("0.0.0.0:80", ("0.0.0.0", 80)),
+        ("[::1]:8787", ("::1", 8787)),
+        ("localhost:0", ("localhost", 0)),
+        (":9000", ("127.0.0.1", 9000)),
+        ("mirror.internal.example:8787", ("mirror.internal.example", 8787)),
+    ],
+)
+def test_good_listen_address(listen: str, host_port: tuple[str, int]) -> None:
+    assert loads(f'[api]\nlisten = "{listen}"\n{MINIMAL}', env={}).api.host_port == host_port
+
+
+def test_full_sweeps_not_more_often_than_hot_ones() -> None:
+    text = f"[sync]\nhot_interval_s = 600\nfull_interval_s = 60\n{MINIMAL}"
+    assert error(text).startswith("sync.full_interval_s (line 3): must not be shorter than")
+
+
+def test_no_workspaces() -> None:
+    assert error("[upstream]\n").startswith("workspaces: no [[workspaces]] configured")
+    assert error("workspaces = []\n").startswith("workspaces (line 1): expected one or more")
+    assert error("[[workspaces]]\nlabel = 'x'\n").startswith("workspaces[0] (line 1): missing id")
+
+
+def test_duplicate_workspace() -> None:
+    text = "[[workspaces]]\nid = 'a'\n\n[[workspaces]]\nid = 'b'\n\n[[workspaces]]\nid = 'a'\n"
+    assert error(text).startswith("workspaces[2].id (line 8): workspace 'a' is listed twice")
+
+
+def test_inline_tables_point_at_their_line() -> None:
+    text = 'workspaces = [\n  { id = "a" },\n  { id = "a" },\n]\n'
+    assert error(text).startswith("workspaces[1].id (line 1): workspace 'a' is listed twice")
+
+
+TOKEN = f'{MINIMAL}\n[[api.tokens]]\nname = "ops"\n'
+
+
+def test_token_env_naming_an_unset_variable() -> None:
+    text = f'{TOKEN}token_env = "NOT_SET_ANYWHERE"\n'
+    message = error(text, env={"OTHER": "x"})
+    assert message.startswith(
+        "api.tokens[0].token_env (line 6): environment variable NOT_SET_ANYWHERE is not set"
+    )
+    assert error(text, env={"NOT_SET_ANYWHERE": "  "}).startswith("api.tokens[0].token_env")
+
+
+def test_a_literal_token_is_refused() -> None:
+    message = error(f'{TOKEN}token = "s3cr3t-literal"\n')
+    assert message.startswith("api.tokens[0].token (line 6): secrets must not live in the config")
+    assert "token_env" in message
+    assert "token_file" in message
+    assert "s3cr3t-literal" not in message
+
+
+def test_a_literal_target_secret_is_refused() -> None:
+    text = (
+        f"{MINIMAL}[[alerts.targets]]\n"
+        'name = "d"\ntype = "dingtalk"\nurl = "https://x"\nsecret = "SECliteral"\n'
+    )
+    with capture_logs():
+        message = error(text)
+    assert message.startswith("alerts.targets[0].secret (line 7): secrets must not live")
+    assert "SECliteral" not in message
+
+
+def test_a_token_needs_a_value_and_only_one() -> None:
+    assert error(TOKEN).startswith("api.tokens[0] (line 4): missing token_env or token_file")
+    message = error(f'{TOKEN}token_env = "A"\ntoken_file = "/x"\n', env={"A": "v"})
+    assert message.startswith("api.tokens[0].token_file (line 7): give only one of")
+
+
+def test_token_names_and_values_are_unique() -> None:
+    text = f'{TOKEN}token_env = "A"\n[[api.tokens]]\nname = "ops"\ntoken_env = "B"\n'
+    assert error(text, env={"A": "1", "B": "2"}).startswith("api.tokens[1].name (line 8)")
+    text = f'{TOKEN}token_env = "A"\n[[api.tokens]]\nname = "two"\ntoken_env = "B"\n'
+    message = error(text, env={"A": "same-value", "B": "same-value"})
+    assert message.startswith("api.tokens[1].token_env (line 9): the same token value")
+    assert "same-value" not in message
+
+
+def test_token_workspaces_must_be_configured() -> None:
+    text = f'{TOKEN}token_env = "A"\nworkspaces = ["ws1", "nope"]\n'
+    assert error(text, env={"A": "v"}).startswith(
+        "api.tokens[0].workspaces (line 7): workspace 'nope' is not configured"
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        (None, "cannot read secret file"),  # missing
+        ("dir", "cannot read secret file"),  # a directory
+        (b"\xff\xfe\x00binary", "is not UTF-8 text"),
+        ("   \n", "is empty"),
+    ],
+)
+def test_unreadable_secret_file(tmp_path: Path, content: str | bytes | None, fragment: str) -> None:
+    secret = tmp_path / "token"
+    if content == "dir":
+        secret.mkdir()
+    elif isinstance(content, bytes):
+        secret.write_bytes(content)
+    elif content is not None:
+        secret.write_text(content, encoding="utf-8")
+    message = error(f'{TOKEN}token_file = "{secret}"\n')
+    assert message.startswith("api.tokens[0].token_file (line 6): ")
+    assert fragment in message
+
+
+def test_unreadable_secret_file_without_permission(tmp_path: Path) -> None:
+    import os
+
+    secret = tmp_path / "token"
+    secret.write_text("v", encoding="utf-8")
+    secret.chmod(0)
+    try:
+        if os.access(secret, os.R_OK):
+            pytest.skip("running as root: permissions do not stop us")
+        message = error(f'{TOKEN}token_file = "{secret}"\n')
+        assert message.startswith("api.tokens[0].token_file (line 6): cannot read secret file")
+        assert "Permission denied" in message
+    finally:
+        secret.chmod(0o600)
+
+
+TARGET = f'{MINIMAL}\n[[alerts.targets]]\nname = "slack"\ntype = "slack"\n'
+
+
+def test_a_literal_target_url_is_allowed_with_a_warning() -> None:
+    url = "https://hooks.slack.com/services/T1/B2/literalsecretpart"
+    with capture_logs() as logs:
+        cfg = loads(f'{TARGET}url = "{url}"\n', env={})
+    assert cfg.alerts.targets[0].url.reveal() == url
+    assert cfg.alerts.targets[0].url.source == "config file"
+    assert [e["event"] for e in logs] == ["config.literal_secret"]
+    assert logs[0]["log_level"] == "warning"
+    assert logs[0]["key"] == "alerts.targets[0].url"
+    assert "literalsecretpart" not in json.dumps(logs)
+
+
+def test_target_url_env_naming_an_unset_variable() -> None:
+    message = error(f'{TARGET}url_env = "SLACK_URL"\n')
+    assert message.startswith(
+        "alerts.targets[0].url_env (line 7): environment variable SLACK_URL is not set"
+    )
+
+
+def test_target_url_must_be_http_and_the_error_names_where_it_came_from() -> None:
+    message = error(
+        f'{TARGET}url_env = "SLACK_URL"\n', env={"SLACK_URL": "hooks.slack.com/x/topsecret"}
+    )
+    assert message.startswith("alerts.targets[0].url_env (line 7): the webhook URL must start")
+    assert "topsecret" not in message
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ('name = "x"\nurl_env = "U"', "alerts.targets[0] (line 4): missing type"),
+        ('type = "slack"\nurl_env = "U"', "alerts.targets[0] (line 4): missing name"),
+        (
+            'name = "x"\ntype = "telegram"\nurl_env = "U"',
+            "alerts.targets[0].type (line 6): 'telegram' is not one of",
+        ),
+        (
+            'name = "x"\ntype = "slack"',
+            "alerts.targets[0] (line 4): missing url, url_env or url_file",
+        ),
+        (
+            'name = "x"\ntype = "slack"\nurl_env = "U"\nurl = "https://h"',
+            "alerts.targets[0].url_env (line 7): give only one of",
+        ),
+        (
+            'name = "x"\ntype = "slack"\nurl_env = "U"\nsecret_env = "NOPE"',
+            "alerts.targets[0].secret_env (line 8): environment variable NOPE",
+        ),
+        (
+            'name = "x"\ntype = "slack"\nurl_env = "U"\nkeyword = ""',
+            "alerts.targets[0].keyword (line 8): must not be empty",
+        ),
+    ],
+)
+def test_bad_targets(body: str, expected: str) -> None:
+    assert error(f"{MINIMAL}\n[[alerts.targets]]\n{body}\n", env={"U": "https://h"}).startswith(
+        expected
+    )
+
+
+def test_duplicate_target_names() -> None:
+    text = (
+        f'{TARGET}url_env = "U"\n'
+        '[[alerts.targets]]\nname = "slack"\ntype = "teams"\nurl_env = "U"\n'
+    )
+    assert error(text, env={"U": "https://h"}).startswith(
+        "alerts.targets[1].name (line 9): target name 'slack' is used twice"
+    )
+
+
+RULES = f'{TARGET}url_env = "U"\n\n[[alerts.rules]]\nname = "r"\n'
+ENV_U = {"U": "https://hooks.example.com/x"}
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (
+            'targets = ["slack", "nowhere"]',
+            "alerts.rules[0].targets (line 11): no target named 'nowhere'",
+        ),
+        ("targets = []", "alerts.rules[0].targets (line 11): name at least one target"),
+        (
+            'targets = ["slack"]\nworkspaces = ["ws9"]',
+            "alerts.rules[0].workspaces (line 12): workspace 'ws9' is not configured",
+        ),
+        (
+            'targets = ["slack"]\nto_status = ["BROKEN"]',
+            "alerts.rules[0].to_status (line 12): 'BROKEN' is not one of",
+        ),
+        (
+            'targets = ["slack"]\nfrom_status = ["running"]',
+            "alerts.rules[0].from_status (line 12): 'running' is not one of",
+        ),
+        (
+            'targets = ["slack"]\nexperiments = ["ok*", " "]',
+            "alerts.rules[0].experiments (line 12): an empty name pattern",
+        ),
+        (
+            'targets = ["slack"]\ntags = ["a"]',
+            "alerts.rules[0].tags (line 12): expected a table, got a list",
+        ),
+        (
+            'targets = ["slack"]\ntags = { team = 5 }',
+            "alerts.rules[0].tags.team (line 12): tag values must be strings",
+        ),
+        (
+            'targets = ["slack"]\ntrial_failures_min = 0',
+            "alerts.rules[0].trial_failures_min (line 12): must be between",
+        ),
+        (
+            'targets = ["slack"]\ntrial_failures_rose = "yes"',
+            "alerts.rules[0].trial_failures_rose (line 12): expected true or false",
+        ),
+        (
+            'targets = ["slack"]\nquiet_hours = "22-07"',
+            "alerts.rules[0].quiet_hours (line 12): expected HH:MM-HH:MM",
+        ),
+        (
+            'targets = ["slack"]\nquiet_hours = "24:00-07:00"',
+            "alerts.rules[0].quiet_hours (line 12): expected HH:MM-HH:MM",
+        ),
+    ],
+)
+def test_bad_rules(body: str, expected: str) -> None:
+    assert error(f"{RULES}{body}\n", env=ENV_U).startswith(expected)
+
+
+def test_rule_tags_as_a_table_point_at_their_own_line() -> None:
+    text = f'{RULES}targets = ["slack"]\n\n[alerts.rules.tags]\nteam = "nlp"\nstage = 3\n'
+    assert error(text, env=ENV_U).startswith("alerts.rules[0].tags.stage (line 15): tag values")
+
+
+def test_rule_keys_in_a_second_rule_point_at_that_rule() -> None:
+    text = f'{RULES}targets = ["slack"]\n[[alerts.rules]]\nname = "r2"\ntargets = ["gone"]\n'
+    assert error(text, env=ENV_U).startswith("alerts.rules[1].targets (line 14): no target named")
+
+
+def test_duplicate_rule_names() -> None:
+    text = f'{RULES}targets = ["slack"]\n[[alerts.rules]]\nname = "r"\ntargets = ["slack"]\n'
+    assert error(text, env=ENV_U).startswith("alerts.rules[1].name (line 13): rule name 'r'")
+
+
+def test_a_good_rule() -> None:
+    text = f"""{RULES}targets = ["slack"]
+workspaces = ["ws1"]
+experiments = ["bert_*"]
+tags = {{ team = "nlp", env = "prod" }}
+from_status = ["RUNNING"]
+to_status = ["FAILED", "SYS_CANCELED"]
+trial_failures_rose = true
+trial_failures_min = 2
+quiet_hours = "22:00-07:00"
+"""
+    rule = loads(text, env=ENV_U).alerts.rules[0]
+    assert rule == RuleConfig(
+        name="r",
+        targets=("slack",),
+        workspaces=("ws1",),
+        experiments=("bert_*",),
+        tags=(("team", "nlp"), ("env", "prod")),
+        from_status=("RUNNING",),
+        to_status=("FAILED", "SYS_CANCELED"),
+        trial_failures_rose=True,
+        trial_failures_min=2,
+        quiet_hours="22:00-07:00",
+    )
+
+
+def test_load_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"does not exist .*--config"):
+        load(tmp_path / "missing.toml")
+    bad = tmp_path / "latin1.toml"
+    bad.write_bytes(b"# caf\xe9\n" + MINIMAL.encode())
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load(bad)
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load(tmp_path)
+
+
+def test_config_error_carries_key_and_line() -> None:
+    with pytest.raises(ConfigError) as info:
+        loads(f"[upstream]\npage_size = 0\n{MINIMAL}", env={})
+    assert info.value.key == "upstream.page_size"
+    assert info.value.line == 2
+
+
+# --- resolve_path ---------------------------------------------------------------------------
+
+
+def test_resolve_path_precedence() -> None:
+    env = {"HPO_SYNC_CONFIG": "/from/env.toml"}
+    assert resolve_path("/from/cli.toml", env) == Path("/from/cli.toml")
+    assert resolve_path(None, env) == Path("/from/env.toml")
+    assert resolve_path("", env) == Path("/from/env.toml")
+    assert resolve_path(None, {}) == DEFAULT_CONFIG_PATH == Path("/etc/hpo-sync/config.toml")
+    assert resolve_path(None, {"HPO_SYNC_CONFIG": ""}) == DEFAULT_CONFIG_PATH
+    assert resolve_path("~/hpo.toml", {}) == Path.home() / "hpo.toml"
+
+
+def test_resolve_path_reads_the_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HPO_SYNC_CONFIG", "/x/y.toml")
+    assert resolve_path(None) == Path("/x/y.toml")
+    monkeypatch.delenv("HPO_SYNC_CONFIG")
+    assert resolve_path(None) == DEFAULT_CONFIG_PATH
+
+
+# --- secrets never show ---------------------------------------------------------------------
+
+
+def test_redacted_shows_no_secret(tmp_path: Path) -> None:
+    (tmp_path / "feishu-secret").write_text("fsFILESECRET42\n", encoding="utf-8")
+    literal_url = "http://127.0.0.1:9000/hook?token=LITERALURLSECRET"
+    text = (
+        EXAMPLE.read_text(encoding="utf-8")
+        + f"""
+[[alerts.targets]]
+name = "feishu"
+type = "feishu"
+url = "{literal_url}"
+secret_file = "{tmp_path / "feishu-secret"}"
+"""
+    )
+    with capture_logs():
+        cfg = loads(text, env=EXAMPLE_ENV, source=EXAMPLE)
+    dump = json.dumps(redacted(cfg), ensure_ascii=False)
+    secrets = [*EXAMPLE_ENV.values(), "fsFILESECRET42", "LITERALURLSECRET", literal_url]
+    for value in secrets:
+        assert value not in dump
+        assert value not in repr(cfg)
+        assert value not in str(cfg)
+    assert "<redacted: env:HPO_SYNC_API_TOKEN>" in dump
+    assert f"<redacted: file:{tmp_path / 'feishu-secret'}>" in dump
+    assert "<redacted: config file>" in dump
+    data = redacted(cfg)
+    assert data["upstream"]["region"] == "cn-hangzhou"  # the rest is all there
+    assert data["alerts"]["rules"][2]["tags"] == {"team": "nlp"}
+
+
+def test_secret_never_shows_its_value() -> None:
+    secret = Secret("hunter2-value", "env:API_TOKEN")
+    for shown in (
+        repr(secret),
+        str(secret),
+        f"{secret}",
+        "{}".format(secret),  # noqa: UP032
+        repr([secret]),
+        repr({"k": secret}),
+    ):
+        assert "hunter2" not in shown
+        assert "env:API_TOKEN" in shown
+    assert secret.reveal() == "hunter2-value"
+    assert secret.source == "env:API_TOKEN"
+    assert secret == Secret("hunter2-value", "file:/elsewhere")
+    assert secret != Secret("other", "env:API_TOKEN")
+    assert secret != "hunter2-value"
+    token = TokenConfig("t", secret)
+    assert "hunter2" not in repr(token)
+
+
+def test_errors_do_not_echo_secret_values(tmp_path: Path) -> None:
+    """Whatever goes wrong around a secret, its value is not in the message."""
+    value = "https://oapi.dingtalk.com/robot/send?access_token=TOPSECRETTOKEN"
+    env = {"U": value, "S": "SECTOPSECRET"}
+    texts = [
+        f'{TARGET}url_env = "U"\nsecret_env = "S"\nsecret_file = "/x"\n',
+        f'{TARGET}url_env = "U"\nkeyword = 5\n',
+        f'{TARGET}url_env = "U"\ntype2 = 1\n',
+    ]
+    for text in texts:
+        message = error(text, env=env)
+        assert "TOPSECRET" not in message
+
+
+def test_dump_of_a_real_config_round_trips_through_json() -> None:
+    cfg = load(EXAMPLE, env=EXAMPLE_ENV)
+    data = json.loads(json.dumps(redacted(cfg)))
+    assert set(data) == {f.name for f in dataclasses.fields(Config)} - {"source"}
+
+
+def test_every_dataclass_is_frozen() -> None:
+    for cls in SECTIONS_OF:
+        assert cls.__dataclass_params__.frozen, cls  # type: ignore[attr-defined]
+
+
+def test_config_module_exports() -> None:
+    for name in ("load", "loads", "resolve_path", "redacted", "Config", "Secret"):
+        assert hasattr(config, name)
+    assert UpstreamConfig().tz.utcoffset(None) == timedelta(0)
