@@ -221,7 +221,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from .sim import server as sim_server
 
     setup_logging(args)
-    options = sim_server.options_from_args(args)
+    try:
+        options = sim_server.options_from_args(args)
+    except ValueError as exc:
+        raise UsageError(f"simulate: {exc}") from None
 
     def ready(url: str) -> None:
         ak, secret = next(iter(options.credentials.items()))

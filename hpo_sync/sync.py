@@ -37,8 +37,9 @@ anything when a hot sweep was partial.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -57,9 +58,9 @@ Mode = Literal["full", "hot"]
 
 # Beyond this many absentees, looking each one up costs more than it is worth: a complete,
 # consistent listing decides alone (and an inconsistent one deletes nothing).
-MAX_LOOKUPS = 50
-# A look-up by create time first uses the configured zone, then a window this wide on both
-# sides (any zone offset) before it concludes that an experiment is gone.
+MAX_LOOKUPS = 200
+# Before concluding that an experiment is gone, it is looked up by name in a create-time
+# window this wide on both sides: any zone offset upstream might read times in.
 WIDE_WINDOW = timedelta(hours=14)
 MODIFIED_FEED_MAX_PAGES = 3
 
@@ -122,6 +123,9 @@ class SyncEngine:
         self.on_changes = on_changes
         self.progress = progress
         self._locks: dict[str, asyncio.Lock] = {}
+        # Per workspace: whether upstream was seen to bump GmtModifiedTime when an experiment
+        # changes (None: not known yet). Without bumping, the modified feed is a wasted call.
+        self._bumps: dict[str, bool] = {}
 
     def lock_for(self, workspace_id: str) -> asyncio.Lock:
         """One sweep of a workspace at a time, hot or full."""
@@ -214,7 +218,12 @@ class SyncEngine:
     # --- applying ------------------------------------------------------------------------
 
     async def _apply(
-        self, result: SweepResult, raws: Iterable[Mapping[str, Any]], *, seen: set[str]
+        self,
+        result: SweepResult,
+        raws: Iterable[Mapping[str, Any]],
+        *,
+        seen: set[str],
+        previous: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> list[Experiment]:
         normalised = normalise_all(raws, naive_tz=self.config.upstream.tz)
         result.skipped_records += normalised.skipped
@@ -225,6 +234,8 @@ class SyncEngine:
         # An experiment whose WorkspaceId upstream left out belongs to the workspace queried.
         mine = [e if e.workspace_id else _with_workspace(e, result.workspace_id) for e in mine]
         fresh = [e for e in mine if e.experiment_id not in seen]
+        if previous is not None:
+            self._learn_bumping(result.workspace_id, fresh, previous)
         seen.update(e.experiment_id for e in mine)
         result.experiments_seen += len(fresh)
         if fresh:
@@ -239,6 +250,23 @@ class SyncEngine:
             )
             result.changes += applied.changes
         return fresh
+
+    def _learn_bumping(
+        self,
+        workspace_id: str,
+        fresh: Iterable[Experiment],
+        previous: Mapping[str, Mapping[str, Any]],
+    ) -> None:
+        for exp in fresh:
+            old = previous.get(exp.experiment_id)
+            if old is None or (
+                old.get("status") == exp.status and old.get("trial_status") == exp.trial_status
+            ):
+                continue
+            bumped = (exp.gmt_modified_time or "") > (old.get("gmt_modified_time") or "")
+            if self._bumps.get(workspace_id) != bumped:
+                log.info("sync.modified_feed", workspace=workspace_id, upstream_bumps=bumped)
+            self._bumps[workspace_id] = bumped
 
     async def _mark_deleted(self, result: SweepResult, ids: Collection[str]) -> None:
         if not ids:
@@ -303,7 +331,9 @@ class SyncEngine:
                     "add up; deletions left to the next full sweep"
                 )
             return
-        await self._resolve_missing(result, tally, absentees, seen)
+        await self._resolve_missing(
+            result, tally, absentees, seen, (r.get("gmt_create_time") for r in active.values())
+        )
 
     async def _resolve_missing(
         self,
@@ -311,52 +341,75 @@ class SyncEngine:
         tally: Tally,
         missing: Mapping[str, Mapping[str, Any]],
         seen: set[str],
+        population: Iterable[str | None],
     ) -> None:
-        """Look each missing experiment up by name and create time; apply what is found and
-        mark deleted what a complete narrow listing does not return."""
+        """Find experiments a listing did not return: first by create-time windows planned
+        from the mirror (a few calls for many experiments), then each one still missing by
+        name in a window wide enough for any zone; apply what is found and mark deleted what
+        complete listings do not return."""
+        if not missing:
+            return
+        times = sorted(t for t in (parse_time(v) for v in population) if t)
+        dated = {i: parse_time(row.get("gmt_create_time")) for i, row in missing.items()}
+        targets = sorted(t for t in dated.values() if t)
+        for low, high in plan_windows(targets, times, self.config.upstream.page_size):
+            result.lookups += 1
+            listing = await self.client.list_all(
+                self._query(result.workspace_id, min_create_time=low, max_create_time=high),
+                tally=tally,
+            )
+            if not listing.complete:
+                raise listing.error or UpstreamError("look-up incomplete")
+            await self._apply(result, listing.experiments, seen=seen)
+        still = {i: row for i, row in missing.items() if i not in seen}
         gone: list[str] = []
 
         async def look(exp_id: str, row: Mapping[str, Any]) -> None:
-            found = await self._lookup(result, tally, exp_id, row)
+            found = await self._lookup(result, tally, exp_id, row, dated.get(exp_id))
             if found is None:
                 gone.append(exp_id)
             else:
                 await self._apply(result, [found], seen=seen)
 
         async with asyncio.TaskGroup() as group:
-            for exp_id, row in missing.items():
+            for exp_id, row in still.items():
                 group.create_task(look(exp_id, row))
         await self._mark_deleted(result, gone)
 
-    async def _lookup(
-        self, result: SweepResult, tally: Tally, exp_id: str, row: Mapping[str, Any]
-    ) -> dict[str, Any] | None:
-        created = parse_time(row.get("gmt_create_time"))
-        name = row.get("name") or None
-        windows = (
-            [(created, created), (created - WIDE_WINDOW, created + WIDE_WINDOW)]
-            if created
-            else [(None, None)]
+    def _query(self, workspace_id: str, **filters: Any) -> ListQuery:
+        return ListQuery(
+            workspace_id=workspace_id,
+            include_config_data=True,
+            sort_by=self.config.upstream.sort_by,
+            order="ASC",
+            **filters,
         )
-        for low, high in windows:
-            result.lookups += 1
-            listing = await self.client.list_all(
-                ListQuery(
-                    workspace_id=result.workspace_id,
-                    name=name,
-                    min_create_time=low,
-                    max_create_time=high,
-                    include_config_data=True,
-                    sort_by=self.config.upstream.sort_by,
-                    order="ASC",
-                ),
-                tally=tally,
-            )
-            for raw in listing.experiments:
-                if str(raw.get("ExperimentId")) == exp_id:
-                    return raw
-            if not listing.complete:
-                raise listing.error or UpstreamError("look-up incomplete")
+
+    async def _lookup(
+        self,
+        result: SweepResult,
+        tally: Tally,
+        exp_id: str,
+        row: Mapping[str, Any],
+        created: datetime | None,
+    ) -> dict[str, Any] | None:
+        """One experiment by name, in a create-time window of ±14 h (whatever the zone
+        upstream reads times in); None when a complete listing does not return it."""
+        result.lookups += 1
+        window = (
+            {"min_create_time": created - WIDE_WINDOW, "max_create_time": created + WIDE_WINDOW}
+            if created
+            else {}
+        )
+        listing = await self.client.list_all(
+            self._query(result.workspace_id, name=row.get("name") or None, **window),
+            tally=tally,
+        )
+        for raw in listing.experiments:
+            if str(raw.get("ExperimentId")) == exp_id:
+                return raw
+        if not listing.complete:
+            raise listing.error or UpstreamError("look-up incomplete")
         return None
 
     # --- hot -----------------------------------------------------------------------------
@@ -374,7 +427,7 @@ class SyncEngine:
         since = (watermark - overlap) if watermark else None
 
         async def on_page(page: Page) -> None:
-            await self._apply(result, page.experiments, seen=seen)
+            await self._apply(result, page.experiments, seen=seen, previous=non_terminal)
 
         listings: dict[str, Any] = {}
 
@@ -409,7 +462,8 @@ class SyncEngine:
                         ),
                     )
                 )
-            group.create_task(self._modified_feed(result, tally, state, on_page))
+            if self._bumps.get(ws) is not False:
+                group.create_task(self._modified_feed(result, tally, state, on_page))
         incomplete = [label for label, listing in listings.items() if not listing.complete]
         if incomplete:
             result.status = "partial"
@@ -426,7 +480,9 @@ class SyncEngine:
                 f"looked up {MAX_LOOKUPS}, the next sweep goes on"
             )
             vanished = dict(list(vanished.items())[:MAX_LOOKUPS])
-        await self._resolve_missing(result, tally, vanished, seen)
+        await self._resolve_missing(
+            result, tally, vanished, seen, (r.get("gmt_create_time") for r in active.values())
+        )
 
     async def _modified_feed(
         self,
@@ -463,6 +519,29 @@ class SyncEngine:
             raise
         except UpstreamError as exc:
             log.info("sync.modified_feed_skipped", workspace=result.workspace_id, error=str(exc))
+
+
+def plan_windows(
+    targets: Sequence[datetime], population: Sequence[datetime], capacity: int
+) -> list[tuple[datetime, datetime]]:
+    """Group sorted create times to look up into as few create-time windows as possible,
+    each holding at most ``capacity`` of the mirror's experiments (``population``, sorted),
+    i.e. one page. Pure; windows are inclusive at both ends, as upstream reads them."""
+    windows: list[tuple[datetime, datetime]] = []
+    start = end = None
+    for t in targets:
+        if start is None:
+            start = end = t
+            continue
+        inside = bisect.bisect_right(population, t) - bisect.bisect_left(population, start)
+        if inside <= capacity:
+            end = t
+        else:
+            windows.append((start, end))  # type: ignore[arg-type]
+            start = end = t
+    if start is not None:
+        windows.append((start, end))  # type: ignore[arg-type]
+    return windows
 
 
 def _with_workspace(exp: Experiment, workspace_id: str) -> Experiment:

@@ -89,6 +89,9 @@ class SimOptions:
     # The official SDKs send spaces as '+' (urlencode / URLEncoder) while signing '%20', so
     # the gateway must read '+' as a space; False reads '+' literally (urllib's unquote).
     query_plus_as_space: bool = True
+    # Workspaces these credentials may not list (a RAM policy that denies them): answered
+    # with 403 Forbidden.RAM, as the gateway does.
+    forbidden_workspaces: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_runtime(
@@ -605,6 +608,15 @@ class Simulator:
         query = self._raw_query(raw_query)
         body = await request.read()
         access_key_id = self._authenticate(request, path, query, body)
+        if query.get("WorkspaceId") in self.options.forbidden_workspaces:
+            return self._error(
+                request,
+                403,
+                "Forbidden.RAM",
+                "User not authorized to operate on the specified resource, or this API "
+                "doesn't support RAM.",
+                request_id,
+            )
         wait_s = self._throttle(access_key_id)
         if wait_s > 0:
             self.stats.throttled += 1
@@ -846,6 +858,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="leave GmtModifiedTime alone when an experiment changes",
     )
     parser.add_argument("--time-zone", default=d.time_zone, help="zone of naive times")
+    parser.add_argument(
+        "--forbid-workspace",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="answer listings of this workspace with 403 Forbidden.RAM (repeatable)",
+    )
     parser.add_argument("--access-key-id", default=DEFAULT_ACCESS_KEY_ID)
     parser.add_argument("--access-key-secret", default=DEFAULT_ACCESS_KEY_SECRET)
 
@@ -865,5 +884,6 @@ def options_from_args(ns: argparse.Namespace) -> SimOptions:
         drift=not ns.no_drift,
         bump_modified=not ns.no_modified_bump,
         time_zone=ns.time_zone,
+        forbidden_workspaces=tuple(ns.forbid_workspace),
         credentials={ns.access_key_id: ns.access_key_secret},
     )

@@ -1,0 +1,358 @@
+"""Full and hot sweeps against the simulator: the mirror must equal the ground truth, and the
+history must hold exactly the transitions that happened between observations."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hpo_sync.client import UpstreamClient
+from hpo_sync.config import Config, StoreConfig, UpstreamConfig, WorkspaceConfig
+from hpo_sync.credentials import CloudCredentials, StaticCredentials
+from hpo_sync.diff import replay
+from hpo_sync.normalise import Experiment, normalise
+from hpo_sync.sim import DEFAULT_ACCESS_KEY_ID, DEFAULT_ACCESS_KEY_SECRET
+from hpo_sync.sim.server import SimOptions, Simulator
+from hpo_sync.store import Store
+from hpo_sync.sync import SyncEngine
+
+TERMINAL = {"FINISHED", "FAILED", "EARLY_STOPPED", "USER_CANCELED", "SYS_CANCELED"}
+
+
+@dataclass
+class Rig:
+    sim: Simulator
+    store: Store
+    client: UpstreamClient
+    engine: SyncEngine
+    config: Config
+
+
+async def make_rig(tmp_path: Path, options: SimOptions, **upstream: Any) -> AsyncIterator[Rig]:
+    async with Simulator(options) as sim:
+        settings: dict[str, Any] = {
+            "endpoint": sim.base_url,
+            "max_qps": 500.0,
+            "max_concurrency": 4,
+            "retry_max_total_s": 60.0,
+        }
+        settings.update(upstream)
+        config = Config(
+            upstream=UpstreamConfig(**settings),
+            store=StoreConfig(tmp_path / "mirror.db"),
+            workspaces=tuple(WorkspaceConfig(ws) for ws in sim.world.workspace_ids),
+        )
+        store = Store.open(config.store.path)
+        creds = StaticCredentials(
+            CloudCredentials(DEFAULT_ACCESS_KEY_ID, DEFAULT_ACCESS_KEY_SECRET)
+        )
+        try:
+            async with UpstreamClient(config.upstream, creds) as client:
+                # The mirror's clock is the simulator's, so observed_at orders like the world.
+                engine = SyncEngine(config, client, store, clock=lambda: sim.world.now)
+                yield Rig(sim, store, client, engine, config)
+        finally:
+            store.close()
+
+
+def truth(sim: Simulator, ws: str) -> dict[str, Experiment]:
+    out = {}
+    for raw in sim.world.truth(ws):
+        exp = normalise(raw)
+        assert exp is not None
+        out[exp.experiment_id] = exp
+    return out
+
+
+def mirror_rows(store: Store, ws: str) -> dict[str, dict[str, Any]]:
+    with store.reader() as conn:
+        rows = conn.execute("SELECT * FROM experiments WHERE workspace_id = ?", (ws,)).fetchall()
+    return {r["experiment_id"]: dict(r) for r in rows}
+
+
+def assert_mirror_equals_truth(store: Store, sim: Simulator, ws: str) -> None:
+    """Every field of every live experiment equals the truth; every other row is deleted."""
+    import json
+
+    expected = truth(sim, ws)
+    rows = mirror_rows(store, ws)
+    missing = set(expected) - set(rows)
+    assert not missing, f"{len(missing)} experiments missing from the mirror"
+    for exp_id, exp in expected.items():
+        row = rows[exp_id]
+        got = {
+            "status": row["status"],
+            "trial_status": json.loads(row["trial_status"]),
+            "trial_count": row["trial_count"],
+            "name": row["name"],
+            "creator": row["creator"],
+            "gmt_create_time": row["gmt_create_time"],
+            "gmt_modified_time": row["gmt_modified_time"],
+            "deleted": bool(row["deleted"]),
+            "tags": json.loads(row["tags"]),
+            "config_yml": row["config_yml"],
+        }
+        want = {k: getattr(exp, k) for k in got}
+        assert got == want, exp_id
+    gone = {i for i, r in rows.items() if not r["deleted"]} - set(expected)
+    assert not gone, f"{len(gone)} experiments deleted upstream but live in the mirror"
+
+
+def assert_history_replays(store: Store, ws: str) -> None:
+    rows = mirror_rows(store, ws)
+    changes = store.history(workspace=ws)
+    replayed = replay(changes)
+    import json
+
+    for exp_id, row in rows.items():
+        state = replayed[exp_id]
+        assert state.status == row["status"], exp_id
+        assert state.trial_status == json.loads(row["trial_status"]), exp_id
+        assert state.deleted == bool(row["deleted"]), exp_id
+
+
+class Observations:
+    """What the test itself saw of the world at each sweep: the expected history."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, list[tuple[str | None, dict[str, int], bool]]] = {}
+
+    def record(self, exps: dict[str, Experiment], ids: set[str], deleted: set[str]) -> None:
+        for exp_id in ids:
+            if exp_id in exps:
+                e = exps[exp_id]
+                state = (e.status, e.trial_status, False)
+            elif exp_id in deleted and exp_id in self.seen:
+                last = self.seen[exp_id][-1]
+                state = (last[0], last[1], True)
+            else:
+                continue
+            history = self.seen.setdefault(exp_id, [])
+            if not history or history[-1] != state:
+                history.append(state)
+
+    def expected_statuses(self, exp_id: str) -> list[str | None]:
+        """The first status seen, then every status that differed from the one before."""
+        states = self.seen[exp_id]
+        return [states[0][0]] + [b[0] for a, b in itertools.pairwise(states) if a[0] != b[0]]
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    options = SimOptions(
+        experiments=3000,
+        workspaces=2,
+        seed=11,
+        fault_rate=0.2,
+        bump_modified=False,
+        restart_per_min=0.0,
+    )
+    async for r in make_rig(tmp_path, options, page_size=50, retry_max_attempts=30):
+        yield r
+
+
+async def test_mirror_and_history_follow_the_world_through_faults(rig: Rig) -> None:
+    """Random advances, deletions and sweeps with 20% of requests failing: after every full
+    sweep the mirror equals the truth; after every hot sweep every experiment that was
+    non-terminal is current; the change rows are exactly the observed transitions."""
+    rng = random.Random(5)
+    obs = {ws: Observations() for ws in rig.sim.world.workspace_ids}
+    for ws in rig.sim.world.workspace_ids:
+        result = await rig.engine.sweep(ws)
+        assert (result.mode, result.status, result.baseline) == ("full", "ok", True)
+        exps = truth(rig.sim, ws)
+        obs[ws].record(exps, set(exps), set())
+        assert_mirror_equals_truth(rig.store, rig.sim, ws)
+    for step in range(8):
+        rig.sim.world.advance(rng.choice([5, 20, 45, 90]))
+        if step % 3 == 1:
+            victim = rng.choice(list(truth(rig.sim, rig.sim.world.workspace_ids[0])))
+            rig.sim.world.mutate(victim, delete=True)
+        mode = "full" if step % 4 == 3 else "hot"
+        for ws in rig.sim.world.workspace_ids:
+            before = {
+                i
+                for i, r in rig.store.active_experiments(ws).items()
+                if r["status"] not in TERMINAL
+            }
+            known = set(mirror_rows(rig.store, ws))
+            result = await rig.engine.sweep(ws, mode)  # type: ignore[arg-type]
+            assert result.status == "ok", result.error
+            exps = truth(rig.sim, ws)
+            deleted = set(rig.sim.world.deleted_ids(ws))
+            if mode == "full":
+                assert_mirror_equals_truth(rig.store, rig.sim, ws)
+                observed = set(exps) | (known & deleted)
+            else:
+                new = set(exps) - known
+                observed = (before | new) - (deleted - before)
+                rows = mirror_rows(rig.store, ws)
+                for exp_id in (before | new) & set(exps):
+                    assert rows[exp_id]["status"] == exps[exp_id].status, exp_id
+            obs[ws].record(exps, observed, deleted)
+            assert_history_replays(rig.store, ws)
+    for ws in rig.sim.world.workspace_ids:
+        history = rig.store.history(workspace=ws)
+        by_exp: dict[str, list[Any]] = {}
+        for change in history:
+            by_exp.setdefault(change.experiment_id, []).append(change)
+        for exp_id, states in obs[ws].seen.items():
+            rows = by_exp.get(exp_id, [])
+            statuses = [c.new_value for c in rows if c.field == "Status"]
+            assert statuses == obs[ws].expected_statuses(exp_id), exp_id
+            deleted_rows = [c.new_value for c in rows if c.field == "Deleted"]
+            assert deleted_rows == (["true"] if states[-1][2] else []), exp_id
+
+
+async def test_first_sync_is_baseline_and_later_changes_are_not(rig: Rig) -> None:
+    ws = rig.sim.world.workspace_ids[0]
+    await rig.engine.sweep(ws)
+    first = rig.store.history(workspace=ws)
+    assert first and all(c.baseline for c in first)
+    assert len([c for c in first if c.field == "Status" and c.old_value is None]) == len(
+        truth(rig.sim, ws)
+    )
+    rig.sim.world.advance(60)
+    result = await rig.engine.sweep(ws)
+    assert result.mode == "hot" and result.changes > 0
+    later = rig.store.history(workspace=ws)[len(first) :]
+    assert later and not any(c.baseline for c in later)
+
+
+async def test_reapplying_the_same_world_writes_nothing(rig: Rig) -> None:
+    ws = rig.sim.world.workspace_ids[1]
+    await rig.engine.sweep(ws)
+    count = len(rig.store.history(workspace=ws))
+    for mode in ("full", "hot", "full"):
+        result = await rig.engine.sweep(ws, mode)  # type: ignore[arg-type]
+        assert result.changes == 0
+    assert len(rig.store.history(workspace=ws)) == count
+
+
+async def test_incomplete_listing_deletes_nothing(tmp_path: Path) -> None:
+    options = SimOptions(experiments=600, workspaces=1, seed=2, restart_per_min=0.0)
+    async for rig in make_rig(tmp_path, options, page_size=20, retry_max_attempts=1):
+        ws = rig.sim.world.workspace_ids[0]
+        assert (await rig.engine.sweep(ws)).status == "ok"
+        victim = next(iter(truth(rig.sim, ws)))
+        rig.sim.world.mutate(victim, delete=True)
+        rig.sim.configure(fault_rate=0.3, fault_kinds=["internal_error"])
+        result = await rig.engine.sweep(ws, "full")
+        assert result.status in ("partial", "failed")
+        assert not mirror_rows(rig.store, ws)[victim]["deleted"]
+        assert rig.store.sync_runs(ws)[0].status == result.status
+        rig.sim.configure(fault_rate=0.0)
+        result = await rig.engine.sweep(ws, "full")
+        assert result.status == "ok" and result.marked_deleted == 1
+        assert mirror_rows(rig.store, ws)[victim]["deleted"] == 1
+        assert_mirror_equals_truth(rig.store, rig.sim, ws)
+
+
+async def test_a_row_that_shifts_between_pages_is_not_taken_for_deleted(tmp_path: Path) -> None:
+    """A deletion while the listing is paged shifts later rows one place up, so the row on
+    the page boundary is never returned. The sweep must look it up, not delete it."""
+    options = SimOptions(experiments=200, workspaces=1, seed=4, drift=False)
+    async for rig in make_rig(tmp_path, options, page_size=10, max_concurrency=1):
+        ws = rig.sim.world.workspace_ids[0]
+        await rig.engine.sweep(ws)
+        ordered = [e["ExperimentId"] for e in rig.sim.world.truth(ws)]  # create time ascending
+        victim, boundary = ordered[3], ordered[20]  # boundary: first row of page 3
+        world = rig.sim.world
+        original = world.list
+
+        def list_and_delete(
+            params: Any, world: Any = world, victim: str = victim, original: Any = original
+        ) -> Any:
+            if params.get("PageNumber") == "3" and world.get(victim) is not None:
+                world.mutate(victim, delete=True)
+            return original(params)
+
+        world.list = list_and_delete  # type: ignore[method-assign]
+        result = await rig.engine.sweep(ws, "full")
+        world.list = original  # type: ignore[method-assign]
+        assert result.status == "ok"
+        assert result.lookups == 1  # the boundary row, found where it is
+        rows = mirror_rows(rig.store, ws)
+        assert rows[boundary]["deleted"] == 0
+        # The victim was read on page 1, before it went: the next full sweep marks it.
+        assert rows[victim]["deleted"] == 0
+        result = await rig.engine.sweep(ws, "full")
+        assert result.marked_deleted == 1
+        assert mirror_rows(rig.store, ws)[victim]["deleted"] == 1
+        assert_mirror_equals_truth(rig.store, rig.sim, ws)
+
+
+async def test_a_fatal_error_fails_one_workspace_and_the_others_sync(tmp_path: Path) -> None:
+    options = SimOptions(experiments=300, workspaces=2, seed=1, forbidden_workspaces=("100002",))
+    async for rig in make_rig(tmp_path, options):
+        ok = await rig.engine.sweep("100001")
+        denied = await rig.engine.sweep("100002")
+        assert ok.status == "ok"
+        assert denied.status == "failed"
+        assert denied.error_code == "Forbidden.RAM"
+        assert denied.error is not None
+        assert "paiautoml:ListHpoExperiments" in denied.error
+        assert denied.api_calls == 1  # not retried
+        state = rig.store.workspace_state("100002")
+        assert state is not None and state.last_error and "Forbidden.RAM" in state.last_error
+        assert rig.store.sync_runs("100002")[0].status == "failed"
+
+
+async def test_throttling_at_an_unknown_limit_loses_nothing(tmp_path: Path) -> None:
+    """The upstream throttles at 8 requests/s while the config allows 100: the client must
+    learn the limit (throttled answers at most a quarter of the pages) and lose nothing."""
+    options = SimOptions(experiments=3000, workspaces=1, seed=9, max_qps=8.0)
+    async for rig in make_rig(
+        tmp_path, options, page_size=50, max_qps=100.0, max_concurrency=8, retry_max_attempts=50
+    ):
+        ws = rig.sim.world.workspace_ids[0]
+        result = await rig.engine.sweep(ws)
+        assert result.status == "ok"
+        assert result.pages >= 60
+        assert result.throttled <= result.pages / 4, (result.throttled, result.pages)
+        assert_mirror_equals_truth(rig.store, rig.sim, ws)
+
+
+@pytest.mark.slow
+async def test_hot_sweep_costs_a_tenth_of_a_full_one_and_misses_no_status_change(
+    tmp_path: Path,
+) -> None:
+    """20,000 experiments, ~5% non-terminal; GmtModifiedTime is NOT bumped, so the hot sweep
+    cannot lean on the modified feed."""
+    options = SimOptions(experiments=20_000, workspaces=1, seed=21, bump_modified=False)
+    async for rig in make_rig(tmp_path, options, page_size=100, max_concurrency=8):
+        ws = rig.sim.world.workspace_ids[0]
+        full = await rig.engine.sweep(ws)
+        assert full.status == "ok" and full.api_calls == 200
+        caught = 0
+        for _ in range(5):
+            before = {
+                i: r["status"]
+                for i, r in rig.store.active_experiments(ws).items()
+                if r["status"] not in TERMINAL
+            }
+            events = rig.sim.world.advance(15)
+            hot = await rig.engine.sweep(ws)
+            assert hot.mode == "hot" and hot.status == "ok"
+            assert hot.api_calls <= full.api_calls / 10, hot.api_calls
+            now = truth(rig.sim, ws)
+            rows = mirror_rows(rig.store, ws)
+            for exp_id, old_status in before.items():
+                if exp_id in now:
+                    assert rows[exp_id]["status"] == now[exp_id].status, exp_id
+                    caught += now[exp_id].status != old_status
+            assert events
+        assert caught > 0
+
+
+def test_sweep_result_summary_is_one_line() -> None:
+    from hpo_sync.sync import SweepResult
+
+    r = SweepResult("100001", "hot", 1, api_calls=3, experiments_seen=10, changes=2)
+    assert "\n" not in r.summary() and "3 API calls" in r.summary()
