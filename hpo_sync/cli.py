@@ -175,12 +175,20 @@ def cmd_sync(args: argparse.Namespace) -> int:
 async def _sync_once(cfg: config_mod.Config, workspaces: list[str], *, full: bool) -> list[Any]:
     from .client import UpstreamClient
     from .credentials import DefaultChainCredentials
-    from .store import Store
+    from .normalise import format_time
+    from .store import Store, acquire_lock
     from .sync import SyncEngine
 
     bar = _ProgressBar() if sys.stderr.isatty() else None
+    cfg.store.path.parent.mkdir(parents=True, exist_ok=True)
+    # The same lock as the daemon's: a one-shot sync next to a running daemon would race its
+    # sweeps, and only the lock holder may close runs a killed process left "running".
+    lock = acquire_lock(cfg.store.path)
     store = await asyncio.to_thread(Store.open, cfg.store.path)
     try:
+        from datetime import UTC, datetime
+
+        await asyncio.to_thread(store.abandon_running_runs, format_time(datetime.now(UTC)))
         async with UpstreamClient(cfg.upstream, DefaultChainCredentials()) as client:
             engine = SyncEngine(
                 cfg, client, store, progress=bar.update if bar is not None else None
@@ -192,6 +200,7 @@ async def _sync_once(cfg: config_mod.Config, workspaces: list[str], *, full: boo
         if bar is not None:
             bar.close()
         await asyncio.to_thread(store.close)
+        lock.release()
     return list(results)
 
 

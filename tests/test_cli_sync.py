@@ -1,0 +1,167 @@
+"""``hpo-sync sync`` as a real process: exit codes, summaries, and SIGKILL mid-sweep."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from hpo_sync.normalise import normalise
+from hpo_sync.sim import DEFAULT_ACCESS_KEY_ID, DEFAULT_ACCESS_KEY_SECRET
+from hpo_sync.sim.server import SimOptions, Simulator
+
+ENV = {
+    **os.environ,
+    "ALIBABA_CLOUD_ACCESS_KEY_ID": DEFAULT_ACCESS_KEY_ID,
+    "ALIBABA_CLOUD_ACCESS_KEY_SECRET": DEFAULT_ACCESS_KEY_SECRET,
+    # keep the credentials chain from probing the ECS metadata service
+    "ALIBABA_CLOUD_ECS_METADATA_DISABLED": "true",
+}
+
+
+def write_config(path: Path, endpoint: str, workspaces: list[str], **upstream: object) -> Path:
+    extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in upstream.items())
+    ws = "".join(f'[[workspaces]]\nid = "{w}"\n' for w in workspaces)
+    path.write_text(
+        f'[upstream]\nendpoint = "{endpoint}"\nmax_qps = 200\n{extra}\n'
+        f'[store]\npath = "{path.parent / "mirror.db"}"\n\n{ws}'
+    )
+    return path
+
+
+async def run_cli(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "hpo_sync.cli",
+        *args,
+        env=ENV,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(120):
+        out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[Simulator]:
+    options = SimOptions(
+        experiments=400, workspaces=2, seed=3, forbidden_workspaces=("100002",), latency_ms=1
+    )
+    async with Simulator(options) as s:
+        yield s
+
+
+async def test_sync_exit_codes_and_summaries(sim: Simulator, tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "c.toml", sim.base_url, ["100001", "100002"])
+    code, out, err = await run_cli("sync", "--config", str(cfg), "--log-format", "json")
+    assert code == 1, err
+    lines = out.strip().splitlines()
+    assert len(lines) == 2
+    ok = next(line for line in lines if line.startswith("100001"))
+    bad = next(line for line in lines if line.startswith("100002"))
+    assert "full ok" in ok and "200 experiments" in ok and "(baseline)" in ok
+    assert "failed" in bad and "Forbidden.RAM" in bad and "paiautoml:ListHpoExperiments" in bad
+    assert DEFAULT_ACCESS_KEY_SECRET not in out + err
+    # the ok workspace has its baseline: the next sync of it is hot and exits 0
+    code, out, _ = await run_cli("--config", str(cfg), "sync", "--workspace", "100001")
+    assert code == 0 and "100001: hot ok" in out
+    code, out, _ = await run_cli("--config", str(cfg), "sync", "--full", "--workspace", "100001")
+    assert code == 0 and "100001: full ok" in out and "0 changes" in out
+
+
+async def test_sync_usage_and_config_errors_exit_2(sim: Simulator, tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "c.toml", sim.base_url, ["100001"])
+    code, _, err = await run_cli("sync", "--config", str(cfg), "--workspace", "nope")
+    assert code == 2 and "'nope' is not configured" in err
+    broken = tmp_path / "broken.toml"
+    broken.write_text(cfg.read_text() + "\n[sync]\nhot_interval_s = 'soon'\n")
+    code, _, err = await run_cli("sync", "--config", str(broken))
+    assert code == 2 and "sync.hot_interval_s" in err and "line" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.slow
+async def test_sigkill_mid_sweep_then_resume_loses_and_doubles_nothing(tmp_path: Path) -> None:
+    options = SimOptions(experiments=6000, workspaces=1, seed=8, latency_ms=25)
+    async with Simulator(options) as sim:
+        ws = sim.world.workspace_ids[0]
+        cfg = write_config(tmp_path / "c.toml", sim.base_url, [ws], page_size=20, max_concurrency=2)
+        db = tmp_path / "mirror.db"
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "hpo_sync.cli", "--config", str(cfg), "sync", env=ENV,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60
+            seen = 0
+            while seen < 1500 and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+                if db.exists():
+                    try:
+                        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+                            seen = conn.execute("SELECT count(*) FROM experiments").fetchone()[0]
+                    except sqlite3.OperationalError:
+                        continue
+            assert proc.returncode is None, "the sync finished before it could be killed"
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        with sqlite3.connect(db) as conn:
+            assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+            partial = conn.execute("SELECT count(*) FROM experiments").fetchone()[0]
+            assert 0 < partial < 6000
+            assert conn.execute("SELECT status FROM sync_runs").fetchall() == [("running",)]
+
+        code, out, err = await run_cli("--config", str(cfg), "sync")
+        assert code == 0, err
+        assert "full ok" in out  # still no baseline: the resumed sync is full again
+        sim.world.advance(120)
+        code, out, err = await run_cli("--config", str(cfg), "sync")
+        assert code == 0 and "hot ok" in out, err
+
+        truth = {e["ExperimentId"]: normalise(e) for e in sim.world.truth(ws)}
+        with sqlite3.connect(db) as conn:
+            rows = {
+                r[0]: (r[1], json.loads(r[2]))
+                for r in conn.execute(
+                    "SELECT experiment_id, status, trial_status FROM experiments WHERE deleted = 0"
+                )
+            }
+            first_sightings = Counter(
+                r[0]
+                for r in conn.execute(
+                    "SELECT experiment_id FROM changes WHERE field = 'Status' AND old_value IS NULL"
+                )
+            )
+            statuses = conn.execute(
+                "SELECT experiment_id, old_value, new_value FROM changes"
+                " WHERE field = 'Status' ORDER BY id"
+            ).fetchall()
+            runs = [r[0] for r in conn.execute("SELECT status FROM sync_runs ORDER BY id")]
+        for exp_id, exp in truth.items():
+            assert exp is not None
+            assert rows.get(exp_id) == (exp.status, exp.trial_status), exp_id
+        # every experiment first seen exactly once, and each transition chains on the last
+        assert set(first_sightings) >= set(truth)
+        assert max(first_sightings.values()) == 1
+        last: dict[str, str] = {}
+        for exp_id, old, new in statuses:
+            assert old == last.get(exp_id), exp_id
+            assert old != new
+            last[exp_id] = new
+        assert runs == ["failed", "ok", "ok"]  # the killed run was closed, not left running
