@@ -542,6 +542,12 @@ class UpstreamClient:
                 await on_page(Page(page.total_count, fresh, page.request_id))
 
         first = await self.list_page(query, 1, size, tally=tally)
+        got = len(first.experiments)
+        if 0 < got < size and first.total_count > got:
+            # No page-size maximum is documented: a server that silently caps PageSize
+            # still pages by its own size, so plan the page count with that.
+            log.warning("upstream.page_size_capped", asked=size, got=got)
+            size = got
         listing.pages_expected = max(1, math.ceil(first.total_count / size))
         await take(first)
 

@@ -1,0 +1,791 @@
+"""The ListHpoExperiments client against real servers on loopback: a tiny capture server
+(raw request target and headers, scripted answers) for wire-level checks, and the simulator
+for the gateway's own checks, throttling, faults and the issue's acceptance listings."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, fields
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import unquote
+from zoneinfo import ZoneInfo
+
+import pytest
+from aiohttp import web
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from multidict import CIMultiDictProxy
+
+from hpo_sync import signing
+from hpo_sync.client import Listing, ListQuery, Page, Tally, UpstreamClient
+from hpo_sync.config import UpstreamConfig
+from hpo_sync.credentials import CloudCredentials, StaticCredentials
+from hpo_sync.errors import FatalUpstreamError, RetriesExhaustedError
+from hpo_sync.normalise import Experiment, normalise
+from hpo_sync.sim import DEFAULT_ACCESS_KEY_ID, DEFAULT_ACCESS_KEY_SECRET
+from hpo_sync.sim.server import API_PATH, SimOptions, Simulator
+
+SIGNED_ALWAYS = {
+    "host",
+    "x-acs-action",
+    "x-acs-version",
+    "x-acs-date",
+    "x-acs-signature-nonce",
+    "x-acs-content-sha256",
+}
+DATE_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+
+
+# ---------------------------------------------------------------------- capture server
+
+Action = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class Seen:
+    """One request as it arrived: the raw request target and the headers."""
+
+    raw_path: str
+    headers: CIMultiDictProxy[str]
+    at: float  # time.monotonic() on arrival
+
+    @property
+    def path(self) -> str:
+        return self.raw_path.partition("?")[0]
+
+    @property
+    def raw_query(self) -> str:
+        return self.raw_path.partition("?")[2]
+
+    @property
+    def nonce(self) -> str:
+        return self.headers["x-acs-signature-nonce"]
+
+
+def api_error(
+    status: int, code: str, *, headers: Mapping[str, str] | None = None, request_id: str = ""
+) -> Action:
+    async def act(request: web.Request) -> web.StreamResponse:
+        body = {
+            "RequestId": request_id or f"REQ-{code}",
+            "Code": code,
+            "Message": f"{code} (from the capture server)",
+            "HostId": request.host,
+        }
+        return web.json_response(body, status=status, headers=dict(headers or {}))
+
+    return act
+
+
+def raw_reply(status: int, body: bytes, content_type: str = "application/json") -> Action:
+    async def act(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=status, body=body, content_type=content_type)
+
+    return act
+
+
+async def reset(request: web.Request) -> web.StreamResponse:
+    """Drop the connection without an answer."""
+    assert request.transport is not None
+    request.transport.abort()
+    return web.Response(status=500)  # never reaches the client
+
+
+def sleep_then(seconds: float, then: Action) -> Action:
+    async def act(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(seconds)
+        return await then(request)
+
+    return act
+
+
+@dataclass
+class Capture:
+    """Records every request; answers from ``script`` first, then from a small listing of
+    ``experiments`` (``fail_pages`` always answer 500). Like the gateway, a nonce it has seen
+    before is answered ``SignatureNonceUsed`` (unless ``check_nonces`` is off)."""
+
+    base_url: str = ""
+    seen: list[Seen] = field(default_factory=list)
+    script: deque[Action] = field(default_factory=deque)
+    experiments: list[dict[str, Any]] = field(default_factory=list)
+    fail_pages: set[int] = field(default_factory=set)
+    fatal_pages: set[int] = field(default_factory=set)
+    max_page_size: int = 1000
+    check_nonces: bool = True
+    _nonces: set[str] = field(default_factory=set)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.seen.append(Seen(request.raw_path, request.headers, time.monotonic()))
+        nonce = request.headers.get("x-acs-signature-nonce", "")
+        if self.check_nonces and nonce in self._nonces:
+            return await api_error(400, "SignatureNonceUsed")(request)
+        self._nonces.add(nonce)
+        if self.script:
+            return await self.script.popleft()(request)
+        return await self.listing(request)
+
+    async def listing(self, request: web.Request) -> web.StreamResponse:
+        number = int(request.query.get("PageNumber", "1"))
+        size = min(self.max_page_size, int(request.query.get("PageSize", "100")))
+        if number in self.fail_pages:
+            return await api_error(500, "InternalError")(request)
+        if number in self.fatal_pages:
+            return await api_error(403, "Forbidden.RAM")(request)
+        page = self.experiments[(number - 1) * size : number * size]
+        body = {"RequestId": f"OK-{len(self.seen)}", "TotalCount": len(self.experiments)}
+        return web.json_response({**body, "Experiments": page})
+
+
+@pytest.fixture
+async def capture() -> AsyncIterator[Capture]:
+    cap = Capture(experiments=[{"ExperimentId": f"e{i:03d}", "Name": f"x{i}"} for i in range(3)])
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", cap.handle)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    cap.base_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    yield cap
+    await runner.cleanup()
+
+
+def creds(
+    access_key_id: str = DEFAULT_ACCESS_KEY_ID,
+    secret: str = DEFAULT_ACCESS_KEY_SECRET,
+    token: str | None = None,
+) -> StaticCredentials:
+    return StaticCredentials(CloudCredentials(access_key_id, secret, token))
+
+
+def make_client(
+    endpoint: str,
+    credentials: StaticCredentials | None = None,
+    *,
+    clock: Callable[[], datetime] | None = None,
+    **config: Any,
+) -> UpstreamClient:
+    settings_: dict[str, Any] = {"max_qps": 1000.0, "max_concurrency": 4, "timeout_s": 5.0}
+    settings_.update(config)
+    kw: dict[str, Any] = {"clock": clock} if clock is not None else {}
+    return UpstreamClient(
+        UpstreamConfig(endpoint=endpoint, **settings_), credentials or creds(), **kw
+    )
+
+
+def parse_wire_query(raw_query: str) -> dict[str, str]:
+    """Decode a raw query the strict RFC 3986 way ('+' stays '+')."""
+    out: dict[str, str] = {}
+    for part in raw_query.split("&"):
+        if part:
+            name, _, value = part.partition("=")
+            out[unquote(name)] = unquote(value)
+    return out
+
+
+def check_signed(seen: Seen, secret: str = DEFAULT_ACCESS_KEY_SECRET) -> dict[str, str]:
+    """The raw query is the canonical query, and the signature verifies over the raw bytes
+    and the headers that arrived. Returns the decoded parameters."""
+    params = parse_wire_query(seen.raw_query)
+    assert seen.raw_query == signing.canonical_query(params)
+    auth = signing.parse_authorization(seen.headers["Authorization"])
+    assert auth is not None
+    assert set(auth.signed_headers) >= SIGNED_ALWAYS
+    assert signing.verify(
+        method="GET",
+        path=seen.path,
+        query=params,
+        headers=dict(seen.headers),
+        signed_header_names=auth.signed_headers,
+        access_key_secret=secret,
+        claimed_signature=auth.signature,
+        body_sha256=signing.EMPTY_SHA256,
+    )
+    return params
+
+
+def ok_listing(total: int = 1) -> Action:
+    body = {"RequestId": "OK", "TotalCount": total, "Experiments": [{"ExperimentId": "e1"}]}
+    return raw_reply(200, json.dumps(body).encode())
+
+
+# ---------------------------------------------------------------------- the wire
+
+AWKWARD = [
+    ListQuery(workspace_id="12345", name="exp a*b~c"),
+    ListQuery(name="实验 α/β+γ 50% ü", creator="1557702098194904"),
+    ListQuery(name="a+b c/d*e~f'g(h)!", tags=(("team", "ml ops"),)),
+    ListQuery(tags=(("team", "ml ops"), ("项目", "a+b/c*d~e"))),
+    ListQuery(workspace_id="w", name="  leading and trailing  ", status="RUNNING"),
+]
+
+
+@pytest.mark.parametrize("query", AWKWARD, ids=lambda q: repr(q.name or q.tags))
+async def test_the_bytes_on_the_wire_are_the_bytes_signed(
+    capture: Capture, query: ListQuery
+) -> None:
+    async with make_client(capture.base_url) as client:
+        await client.list_page(query, 1, 50)
+    (seen,) = capture.seen
+    assert seen.path == API_PATH
+    assert seen.headers["Host"] == capture.base_url.removeprefix("http://")
+    params = check_signed(seen)
+    assert params == {**query.params(), "PageNumber": "1", "PageSize": "50"}
+
+
+async def test_tag_is_one_compact_json_parameter(capture: Capture) -> None:
+    async with make_client(capture.base_url) as client:
+        await client.list_page(ListQuery(tags=(("team", "ml ops"),)), 1)
+    (seen,) = capture.seen
+    params = check_signed(seen)
+    assert params["Tag"] == '[{"Key":"team","Value":"ml ops"}]'
+    assert "Tag=%5B%7B%22Key%22%3A%22team%22%2C%22Value%22%3A%22ml%20ops%22%7D%5D" in (
+        seen.raw_query
+    )
+
+
+text = st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=24)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(name=text, creator=text, tags=st.lists(st.tuples(text, text), max_size=3))
+async def test_any_text_goes_on_the_wire_as_signed(
+    capture: Capture, name: str, creator: str, tags: list[tuple[str, str]]
+) -> None:
+    query = ListQuery(name=name, creator=creator, tags=tuple(tags))
+    async with make_client(capture.base_url) as client:
+        await client.list_page(query, 2, 7)
+    params = check_signed(capture.seen[-1])
+    assert params == {**query.params(), "PageNumber": "2", "PageSize": "7"}
+
+
+async def test_every_parameter_has_its_name_and_format(
+    capture: Capture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # this machine's own zone must play no part
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    query = ListQuery(
+        workspace_id="12345",
+        name="bert lr",
+        creator="1557702098194904",
+        status="RUNNING",
+        min_create_time=datetime(2024, 1, 1, 0, 0, 0, tzinfo=UTC),
+        max_create_time=datetime(2024, 6, 30, 16, 0, 0),  # naive: taken as UTC
+        accessibility="PRIVATE",
+        include_config_data=True,
+        sort_by="GmtCreateTime",
+        order="ASC",
+        tags=(("team", "ml ops"),),
+    )
+    async with make_client(capture.base_url, create_time_zone="Asia/Shanghai") as client:
+        await client.list_page(query, 3, 50)
+        await client.list_page(
+            ListQuery(
+                include_config_data=False,
+                min_create_time="2024-12-31",
+                max_create_time=datetime(2025, 1, 1, 12, 30, 5, tzinfo=UTC),
+            ),
+            1,
+        )
+    first, second = (check_signed(s) for s in capture.seen)
+    assert first == {
+        "WorkspaceId": "12345",
+        "Name": "bert lr",
+        "Creator": "1557702098194904",
+        "Status": "RUNNING",
+        "MinCreateTime": "2024-01-01 08:00:00",  # in the configured zone, UTC+8
+        "MaxCreateTime": "2024-07-01 00:00:00",
+        "Accessibility": "PRIVATE",
+        "IncludeConfigData": "True",
+        "SortBy": "GmtCreateTime",
+        "Order": "ASC",
+        "Tag": '[{"Key":"team","Value":"ml ops"}]',
+        "PageNumber": "3",
+        "PageSize": "50",
+    }
+    assert second == {
+        "IncludeConfigData": "False",
+        "MinCreateTime": "2024-12-31",  # a string is sent as given
+        "MaxCreateTime": "2025-01-01 20:30:05",
+        "PageNumber": "1",
+        "PageSize": "100",  # the configured default
+    }
+    monkeypatch.undo()
+    time.tzset()
+    headers = capture.seen[0].headers
+    assert headers["x-acs-action"] == "ListHpoExperiments"
+    assert headers["x-acs-version"] == "2022-08-28"
+    assert headers["x-acs-content-sha256"] == signing.EMPTY_SHA256
+    assert "x-acs-security-token" not in headers
+
+
+async def test_an_endpoint_path_prefix_is_sent_but_not_signed(capture: Capture) -> None:
+    async with make_client(f"{capture.base_url}/proxy/pai/") as client:
+        await client.list_page(ListQuery(name="a b"), 1)
+    (seen,) = capture.seen
+    assert seen.path == f"/proxy/pai{API_PATH}"
+    params = parse_wire_query(seen.raw_query)
+    auth = signing.parse_authorization(seen.headers["Authorization"])
+    assert auth is not None
+    assert signing.verify(
+        method="GET",
+        path=API_PATH,  # what the gateway behind the prefix-stripping proxy checks
+        query=params,
+        headers=dict(seen.headers),
+        signed_header_names=auth.signed_headers,
+        access_key_secret=DEFAULT_ACCESS_KEY_SECRET,
+        claimed_signature=auth.signature,
+        body_sha256=signing.EMPTY_SHA256,
+    )
+
+
+async def test_sts_token_is_sent_and_signed(capture: Capture) -> None:
+    async with make_client(capture.base_url, creds("STS.k", "s", "tok-123")) as client:
+        await client.list_page(ListQuery(), 1)
+    (seen,) = capture.seen
+    assert seen.headers["x-acs-security-token"] == "tok-123"
+    auth = signing.parse_authorization(seen.headers["Authorization"])
+    assert auth is not None and "x-acs-security-token" in auth.signed_headers
+    assert auth.access_key_id == "STS.k"
+    check_signed(seen, secret="s")
+
+
+async def test_sts_credentials_are_accepted_by_the_gateway() -> None:
+    options = SimOptions(
+        experiments=30, workspaces=1, credentials={"STS.k": "s"}, sts_tokens={"STS.k": "tok"}
+    )
+    async with Simulator(options) as sim:
+        async with make_client(sim.base_url, creds("STS.k", "s", "tok")) as client:
+            page = await client.list_page(ListQuery(), 1, 10)
+            assert page.total_count == 30 and len(page.experiments) == 10
+        async with make_client(sim.base_url, creds("STS.k", "s", None)) as client:
+            with pytest.raises(FatalUpstreamError) as info:
+                await client.list_page(ListQuery(), 1)
+            assert info.value.code == "InvalidSecurityToken.MismatchWithAccessKey"
+            assert client.stats.api_calls == 1
+
+
+async def test_a_clock_in_another_zone_still_sends_utc() -> None:
+    shanghai = lambda: datetime.now(ZoneInfo("Asia/Shanghai"))  # noqa: E731
+    async with (
+        Simulator(SimOptions(experiments=5, workspaces=1)) as sim,
+        make_client(sim.base_url, clock=shanghai) as client,
+    ):
+        page = await client.list_page(ListQuery(), 1)
+    assert page.total_count == 5
+
+
+def ticking_clock(step: timedelta = timedelta(seconds=1)) -> Callable[[], datetime]:
+    start = datetime.now(UTC)
+    counter = itertools.count()
+    return lambda: start + next(counter) * step
+
+
+async def test_every_attempt_has_a_fresh_nonce_and_date(capture: Capture) -> None:
+    capture.script.extend([api_error(500, "InternalError"), api_error(503, "ServiceUnavailable")])
+    async with make_client(capture.base_url, clock=ticking_clock()) as client:
+        page = await client.list_page(ListQuery(workspace_id="w1"), 1)
+    assert page.experiments
+    assert len(capture.seen) == 3
+    assert len({s.nonce for s in capture.seen}) == 3
+    dates = [datetime.strptime(s.headers["x-acs-date"], DATE_FORMAT) for s in capture.seen]
+    assert dates == sorted(set(dates))
+    for seen in capture.seen:
+        check_signed(seen)  # each attempt re-signed, not a replay of the first signature
+
+
+# ---------------------------------------------------------------------- retries
+
+RETRYABLE: dict[str, Action] = {
+    "500": api_error(500, "InternalError"),
+    "503": api_error(503, "ServiceUnavailable"),
+    "502-html": raw_reply(502, b"<html>bad gateway</html>", "text/html"),
+    "truncated-json": raw_reply(200, b'{"RequestId": "x", "TotalCount": 3, "Experi'),
+    "SignatureNonceUsed": api_error(400, "SignatureNonceUsed"),
+}
+
+
+@pytest.mark.parametrize("fault", list(RETRYABLE))
+async def test_retryable_failures_are_retried(capture: Capture, fault: str) -> None:
+    capture.script.append(RETRYABLE[fault])
+    tally = Tally()
+    async with make_client(capture.base_url) as client:
+        page = await client.list_page(ListQuery(), 1, tally=tally)
+        assert page.total_count == 3
+        assert client.stats.api_calls == 2 and client.stats.retries == 1
+    assert tally.api_calls == 2 and tally.retries == 1 and tally.pages == 1
+    assert capture.seen[0].nonce != capture.seen[1].nonce
+
+
+async def test_connection_reset_resent_by_aiohttp_meets_a_used_nonce(capture: Capture) -> None:
+    # aiohttp re-sends an idempotent GET once, unchanged, when the connection drops: the
+    # gateway then sees the nonce again; the client re-signs and tries once more
+    capture.script.append(reset)
+    async with make_client(capture.base_url) as client:
+        page = await client.list_page(ListQuery(), 1)
+        assert page.total_count == 3
+        assert client.stats.by_code.get("SignatureNonceUsed") == 1
+    assert [s.nonce for s in capture.seen].count(capture.seen[0].nonce) == 2
+    assert capture.seen[-1].nonce != capture.seen[0].nonce
+
+
+async def test_connection_reset_twice_is_a_retried_connection_error(capture: Capture) -> None:
+    capture.check_nonces = False
+    capture.script.extend([reset, reset])  # the request and aiohttp's own re-send
+    async with make_client(capture.base_url) as client:
+        page = await client.list_page(ListQuery(), 1)
+        assert page.total_count == 3
+        assert client.stats.by_code.get("ConnectionError") == 1
+        assert client.stats.api_calls == 2
+
+
+async def test_a_timeout_is_retried(capture: Capture) -> None:
+    capture.script.append(sleep_then(1.5, ok_listing()))
+    async with make_client(capture.base_url, timeout_s=0.3) as client:
+        started = time.monotonic()
+        page = await client.list_page(ListQuery(), 1)
+        assert page.total_count == 3
+        assert client.stats.by_code.get("Timeout") == 1
+        assert time.monotonic() - started < 1.5
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "header", "value", "wait_s"),
+    [
+        (400, "Throttling.User", "x-acs-retry-after", "400", 0.4),  # milliseconds
+        (429, "Throttling", "x-acs-retry-after", "300", 0.3),
+        (503, "Throttling.Api", "x-acs-retry-after", "250", 0.25),
+        (429, "Throttling", "Retry-After", "1", 1.0),  # the standard header: seconds
+    ],
+)
+async def test_throttling_waits_as_told_and_slows_the_limiter(
+    capture: Capture, status: int, code: str, header: str, value: str, wait_s: float
+) -> None:
+    capture.script.append(api_error(status, code, headers={header: value}))
+    async with make_client(capture.base_url, max_qps=50.0) as client:
+        assert client.limiter_rate == 50.0
+        page = await client.list_page(ListQuery(), 1)
+        assert page.total_count == 3
+        assert client.stats.throttled == 1 and client.stats.by_code[code] == 1
+        assert client.limiter_rate < 50.0
+    first, second = capture.seen
+    assert second.at - first.at >= wait_s
+    assert second.at - first.at < wait_s + 1.0
+
+
+async def test_throttled_attempts_do_not_use_up_the_attempt_budget(capture: Capture) -> None:
+    throttle = api_error(400, "Throttling.User", headers={"x-acs-retry-after": "20"})
+    capture.script.extend([throttle, throttle, throttle, api_error(500, "InternalError")])
+    async with make_client(capture.base_url, retry_max_attempts=3) as client:
+        page = await client.list_page(ListQuery(), 1)
+        assert page.total_count == 3
+        assert client.stats.api_calls == 5 and client.stats.throttled == 3
+
+
+async def test_exhausting_attempts_raises(capture: Capture) -> None:
+    capture.fail_pages = {1}
+    async with make_client(capture.base_url, retry_max_attempts=3) as client:
+        with pytest.raises(RetriesExhaustedError) as info:
+            await client.list_page(ListQuery(workspace_id="w9"), 1)
+        assert client.stats.api_calls == 3
+    err = info.value
+    assert (err.code, err.http_status, err.workspace_id) == ("InternalError", 500, "w9")
+    assert err.request_id == "REQ-InternalError"
+    assert "gave up after 3 attempts" in str(err)
+
+
+async def test_endless_throttling_is_bounded(capture: Capture) -> None:
+    throttle = api_error(400, "Throttling.User", headers={"x-acs-retry-after": "10"})
+    capture.script.extend([throttle] * 100)
+    async with make_client(capture.base_url, retry_max_attempts=2) as client:
+        with pytest.raises(RetriesExhaustedError) as info:
+            await client.list_page(ListQuery(), 1)
+        assert info.value.code == "Throttling.User"
+        assert client.stats.api_calls == 8  # THROTTLED_ATTEMPTS_FACTOR x retry_max_attempts
+    capture.script.clear()
+    capture.script.extend([api_error(400, "Throttling", headers={"x-acs-retry-after": "300"})] * 20)
+    async with make_client(capture.base_url, retry_max_total_s=1.0) as client:
+        started = time.monotonic()
+        with pytest.raises(RetriesExhaustedError):
+            await client.list_page(ListQuery(), 1)
+        assert time.monotonic() - started < 1.5  # stops before a wait past the budget
+
+
+async def test_a_page_that_always_fails_leaves_the_listing_incomplete(capture: Capture) -> None:
+    capture.experiments = [{"ExperimentId": f"e{i:02d}"} for i in range(10)]
+    capture.fail_pages = {3}
+    async with make_client(capture.base_url, retry_max_attempts=2) as client:
+        listing = await client.list_all(ListQuery(workspace_id="w1"), page_size=2)
+    assert not listing.complete and not listing.consistent
+    assert isinstance(listing.error, RetriesExhaustedError)
+    assert listing.error.code == "InternalError"
+    assert (listing.pages_expected, listing.pages_read) == (5, 4)
+    kept = [e["ExperimentId"] for e in listing.experiments]
+    assert sorted(kept) == ["e00", "e01", "e02", "e03", "e06", "e07", "e08", "e09"]
+    assert listing.seen_ids == set(kept)
+
+
+async def test_a_silently_capped_page_size_still_lists_everything(capture: Capture) -> None:
+    capture.experiments = [{"ExperimentId": f"e{i:03d}"} for i in range(250)]
+    capture.max_page_size = 40
+    async with make_client(capture.base_url) as client:
+        listing = await client.list_all(ListQuery(), page_size=100)
+    assert listing.complete and listing.consistent
+    assert listing.pages_expected == 7 and len(listing.seen_ids) == 250
+
+
+async def test_a_fatal_page_fails_the_whole_listing(capture: Capture) -> None:
+    capture.experiments = [{"ExperimentId": f"e{i:02d}"} for i in range(10)]
+    capture.fatal_pages = {4}
+    async with make_client(capture.base_url) as client:
+        with pytest.raises(FatalUpstreamError) as info:
+            await client.list_all(ListQuery(workspace_id="w1"), page_size=2)
+    assert info.value.code == "Forbidden.RAM"
+
+
+# ---------------------------------------------------------------------- fatal errors
+
+
+async def expect_fatal(client: UpstreamClient, query: ListQuery) -> FatalUpstreamError:
+    with pytest.raises(FatalUpstreamError) as info:
+        await client.list_page(query, 1)
+    assert client.stats.api_calls == 1 and client.stats.retries == 0
+    return info.value
+
+
+async def test_fatal_gateway_rejections_are_not_retried() -> None:
+    options = SimOptions(experiments=20, workspaces=1, credentials={"ak": "right"})
+    query = ListQuery(workspace_id="100001")
+    async with Simulator(options) as sim:
+        async with make_client(sim.base_url, creds("ak", "wrong")) as client:
+            err = await expect_fatal(client, query)
+        assert (err.code, err.http_status) == ("SignatureDoesNotMatch", 400)
+        assert err.hint is not None and "secret" in err.hint
+
+        async with make_client(sim.base_url, creds("nobody", "right")) as client:
+            err = await expect_fatal(client, query)
+        assert (err.code, err.http_status) == ("InvalidAccessKeyId.NotFound", 404)
+        assert err.hint is not None and "AccessKey ID" in err.hint
+
+        skewed = lambda: datetime.now(UTC) - timedelta(minutes=20)  # noqa: E731
+        async with make_client(sim.base_url, creds("ak", "right"), clock=skewed) as client:
+            err = await expect_fatal(client, query)
+        assert (err.code, err.http_status) == ("InvalidTimeStamp.Expired", 400)
+        assert err.hint is not None and "clock" in err.hint
+        assert sim.stats.requests == 3  # exactly one attempt each
+
+        async with make_client(sim.base_url, creds("ak", "right")) as client:
+            await client.list_page(query, 1)  # and the right ones pass
+
+    assert err.request_id and len(err.request_id) == 36
+    assert err.workspace_id == "100001"
+    text = str(err)
+    assert "workspace 100001" in text and "InvalidTimeStamp.Expired" in text
+    assert err.request_id in text and "NTP" in text
+
+
+@pytest.mark.parametrize("code", ["Forbidden.RAM", "NoPermission", "AccessDenied"])
+async def test_access_denied_is_fatal_with_a_ram_hint(capture: Capture, code: str) -> None:
+    capture.script.append(api_error(403, code, request_id="RID-403"))
+    async with make_client(capture.base_url) as client:
+        err = await expect_fatal(client, ListQuery(workspace_id="w2"))
+    assert (err.code, err.http_status, err.request_id) == (code, 403, "RID-403")
+    assert err.hint is not None and "paiautoml:ListHpoExperiments" in err.hint
+    assert len(capture.seen) == 1
+
+
+async def test_a_non_api_4xx_answer_is_fatal(capture: Capture) -> None:
+    capture.script.append(raw_reply(404, b"<html>not here</html>", "text/html"))
+    async with make_client(capture.base_url) as client:
+        err = await expect_fatal(client, ListQuery())
+    assert (err.code, err.http_status) == ("HTTP404", 404)
+    assert err.hint is not None and "upstream.endpoint" in err.hint
+
+
+# ---------------------------------------------------------------------- listings
+
+
+async def test_list_all_without_keeping_records_and_iter_pages() -> None:
+    async with Simulator(SimOptions(experiments=250, workspaces=1, seed=4)) as sim:
+        (ws,) = sim.world.workspace_ids
+        truth_ids = {e["ExperimentId"] for e in sim.world.truth(ws)}
+        streamed: list[str] = []
+
+        async def on_page(page: Page) -> None:
+            streamed.extend(e["ExperimentId"] for e in page.experiments)
+
+        query = ListQuery(workspace_id=ws, sort_by="GmtCreateTime", order="ASC")
+        async with make_client(sim.base_url) as client:
+            listing = await client.list_all(query, page_size=30, on_page=on_page, keep=False)
+            pages = [p async for p in client.iter_pages(query, page_size=100)]
+        assert listing.complete and listing.consistent and listing.experiments == []
+        assert sorted(streamed) == sorted(truth_ids) == sorted(listing.seen_ids)
+        assert [len(p.experiments) for p in pages] == [100, 100, 50]
+
+
+def normalised(records: list[dict[str, Any]]) -> dict[str, Experiment]:
+    out: dict[str, Experiment] = {}
+    for raw in records:
+        exp = normalise(raw)
+        assert exp is not None
+        assert exp.experiment_id not in out, f"{exp.experiment_id} listed twice"
+        out[exp.experiment_id] = exp
+    return out
+
+
+def assert_same_records(
+    got: Mapping[str, Experiment], want: Mapping[str, Experiment], skip: tuple[str, ...] = ()
+) -> None:
+    assert got.keys() == want.keys()
+    names = [f.name for f in fields(Experiment) if f.compare and f.name not in skip]
+    for exp_id, mine in got.items():
+        theirs = want[exp_id]
+        for name in names:
+            assert getattr(mine, name) == getattr(theirs, name), (exp_id, name)
+
+
+async def list_workspaces(
+    client: UpstreamClient, workspace_ids: list[str], page_size: int = 100
+) -> dict[str, Listing]:
+    async def one(ws: str) -> tuple[str, Listing]:
+        query = ListQuery(
+            workspace_id=ws, sort_by="GmtCreateTime", order="ASC", include_config_data=True
+        )
+        return ws, await client.list_all(query, page_size=page_size)
+
+    return dict(await asyncio.gather(*(one(ws) for ws in workspace_ids)))
+
+
+@pytest.mark.slow
+async def test_acceptance_20000_experiments_with_faults_and_throttling() -> None:
+    """DESIGN.md's acceptance check: 20,000 experiments in 4 workspaces, 20 % faults, an
+    upstream limit of 25 requests/s under a client configured for 100: every workspace's
+    listing holds each experiment exactly once and equals the truth, field by field."""
+    options = SimOptions(experiments=20_000, workspaces=4, fault_rate=0.2, max_qps=25, seed=7)
+    async with Simulator(options) as sim:
+        workspaces = list(sim.world.workspace_ids)
+        assert len(workspaces) == 4
+        async with make_client(sim.base_url, max_qps=100.0, max_concurrency=8) as client:
+            started = time.monotonic()
+            listings = await list_workspaces(client, workspaces)
+            elapsed_s = time.monotonic() - started
+            stats = client.stats
+        total = 0
+        for ws, listing in listings.items():
+            assert listing.complete and listing.consistent, (ws, listing.error)
+            assert listing.duplicates == 0 and listing.skipped == 0
+            truth = sim.world.truth(ws)
+            ids = [e["ExperimentId"] for e in listing.experiments]
+            assert len(ids) == len(set(ids)) == len(truth)  # each exactly once
+            assert_same_records(normalised(listing.experiments), normalised(truth))
+            total += len(truth)
+        assert total == 20_000
+        assert sum(sim.stats.faults.values()) > 0 and sim.stats.throttled > 0
+        assert stats.by_code["OK"] == 200
+        print(
+            f"acceptance: 200 pages in {elapsed_s:.1f}s, {stats.api_calls} calls, "
+            f"{stats.throttled} throttled, faults {dict(sim.stats.faults)}"
+        )
+
+
+def sdk_client(port: int, secret: str = DEFAULT_ACCESS_KEY_SECRET) -> Any:
+    from alibabacloud_paiautoml20220828.client import Client
+    from alibabacloud_tea_openapi import models as open_api_models
+
+    return Client(
+        open_api_models.Config(
+            access_key_id=DEFAULT_ACCESS_KEY_ID,
+            access_key_secret=secret,
+            endpoint=f"127.0.0.1:{port}",
+            protocol="http",
+        )
+    )
+
+
+def sdk_list_all(client: Any, workspace_id: str) -> list[dict[str, Any]]:
+    """The plain loop a user of the official SDK writes."""
+    from alibabacloud_paiautoml20220828.models import ListHpoExperimentsRequest
+
+    out: list[dict[str, Any]] = []
+    for number in itertools.count(1):
+        request = ListHpoExperimentsRequest(
+            workspace_id=workspace_id,
+            page_number=number,
+            page_size=100,
+            sort_by="GmtCreateTime",
+            order="ASC",
+            include_config_data="True",
+        )
+        body = client.list_hpo_experiments(request).body
+        out.extend(item.to_map() for item in body.experiments or [])
+        if not body.experiments or number * 100 >= body.total_count:
+            return out
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+@pytest.mark.slow
+async def test_official_sdk_lists_the_same_20000() -> None:
+    from alibabacloud_tea_openapi.exceptions import ClientException
+
+    async with Simulator(SimOptions(experiments=20_000, workspaces=4, seed=7)) as sim:
+        workspaces = list(sim.world.workspace_ids)
+        async with make_client(sim.base_url, max_concurrency=8) as client:
+            ours = await list_workspaces(client, workspaces)
+        sdk = sdk_client(sim.port)
+        seen = 0
+        for ws in workspaces:
+            theirs = normalised(await asyncio.to_thread(sdk_list_all, sdk, ws))
+            mine = normalised(ours[ws].experiments)
+            truth = normalised(sim.world.truth(ws))
+            assert_same_records(mine, truth)
+            # the SDK's response model has no Tags field: compare everything else
+            assert_same_records(theirs, mine, skip=("tags",))
+            seen += len(theirs)
+        assert seen == 20_000
+
+        with pytest.raises(ClientException) as info:
+            await asyncio.to_thread(sdk_list_all, sdk_client(sim.port, "wrong"), workspaces[0])
+        assert info.value.code == "SignatureDoesNotMatch"
+
+
+@pytest.mark.slow
+async def test_adaptive_limit_finds_the_upstream_rate(capsys: pytest.CaptureFixture[str]) -> None:
+    """Upstream allows 10 requests/s; the client is configured for 100 with 8 in flight."""
+    limit_qps = 10.0
+    page_size = 50
+    pages = 300
+    options = SimOptions(
+        experiments=pages * page_size, workspaces=1, max_qps=limit_qps, latency_ms=20, seed=11
+    )
+    async with Simulator(options) as sim:
+        (ws,) = sim.world.workspace_ids
+        async with make_client(
+            sim.base_url, max_qps=100.0, max_concurrency=8, page_size=page_size
+        ) as client:
+            started = time.monotonic()
+            listing = await client.list_all(ListQuery(workspace_id=ws, order="ASC"))
+            elapsed_s = time.monotonic() - started
+            throttled = client.stats.throttled
+            rate = client.limiter_rate
+        assert listing.complete and listing.consistent
+        assert listing.seen_ids == {e["ExperimentId"] for e in sim.world.truth(ws)}
+        achieved = pages / elapsed_s
+        with capsys.disabled():
+            print(
+                f"\nadaptive limit: {pages} pages in {elapsed_s:.1f}s = {achieved:.2f} pages/s "
+                f"against an upstream limit of {limit_qps:g}/s ({achieved / limit_qps:.0%}); "
+                f"throttled {throttled} ({throttled / pages:.1%} of pages); "
+                f"limiter ends at {rate:.2f}/s"
+            )
+        assert throttled <= 0.25 * pages
+        assert achieved >= 0.6 * limit_qps
