@@ -2,12 +2,11 @@
 
 Full sweep (the safety net): page through everything of a workspace, sorted by create time
 ascending, applying each page as it arrives (memory stays bounded by the pages in flight).
-Experiments the mirror holds that the listing did not return are *absentees*; each is looked
-up narrowly (its name and create time) before it is marked deleted, because paging by page
-number over a list that changes underneath can skip a row even when the counts add up (one
-deletion and one creation during the sweep). Only when there are too many absentees to look
-up one by one does a complete, consistent listing decide alone; anything less is ``partial``
-and deletes nothing.
+Experiments the mirror holds that the listing did not return are *absentees*; they are
+looked up (see below) before any is marked deleted, because paging by page number over a
+list that changes underneath can skip a row even when the counts add up (one deletion and
+one creation during the sweep). Only when there are too many absentees to look up does a
+complete, consistent listing decide alone; anything less is ``partial`` and deletes nothing.
 
 Hot sweep (every ``hot_interval_s``): asks only for what can have changed recently —
 
@@ -17,17 +16,23 @@ Hot sweep (every ``hot_interval_s``): asks only for what can have changed recent
    (their current Status and TrialStatus, so trial-count changes are caught too);
 3. every experiment the mirror holds as non-terminal that none of those listings returned
    has necessarily left its status (a status that the mirror held is listed in full): it is
-   looked up narrowly, one call each, which yields its new status — or, if it is gone, marks
-   it deleted;
+   looked up, which yields its new status — or, if it is gone, marks it deleted;
 4. a "recently modified" feed (sort by modified time, descending, read until the previous
    hot sweep's time) — one call that *may* catch changes of terminal experiments if upstream
-   bumps ``GmtModifiedTime``; never relied on.
+   bumps ``GmtModifiedTime``; never relied on, and dropped for a workspace once upstream is
+   seen changing an experiment without bumping it.
+
+Look-ups: missing experiments are grouped into create-time windows planned from the
+mirror's own create times so that each window holds about one page (:func:`plan_windows`):
+a handful of calls for many experiments that finished around the same time. One still
+missing after its window is looked up by name in a ±14 h window (any zone upstream may read
+times in) before it is declared deleted.
 
 Why a hot sweep cannot miss a status change of a non-terminal experiment: such an experiment
 is either still in one of the listed statuses (step 2 returns it with its current fields; an
 item that shifts between pages while a listing is read shows up as missing and step 3 finds
-it), or it is not, and then step 3 looks it up by itself. A listing that fails makes the
-sweep ``partial`` and skips step 3, so nothing is concluded from incomplete data.
+it), or it is not, and then step 3 looks it up. A listing that fails makes the sweep
+``partial`` and skips step 3, so nothing is concluded from incomplete data.
 
 What it leaves to the full sweep: changes of experiments the mirror holds as terminal (trials
 restarted) unless the modified feed shows them, deletions of terminal experiments, and
