@@ -538,6 +538,8 @@ def plan_windows(
         if start is None:
             start = end = t
             continue
+        if end is not None and t <= end:
+            continue  # already inside the current window
         inside = bisect.bisect_right(population, t) - bisect.bisect_left(population, start)
         if inside <= capacity:
             end = t
