@@ -261,4 +261,8 @@ def default_db_path(args: argparse.Namespace) -> Path:
 log = structlog.get_logger(__name__)
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # Run hpo_sync.cli's own main: as __main__ this module's classes (UsageError) would be
+    # copies that commands importing hpo_sync.cli do not raise.
+    from hpo_sync.cli import main as _main
+
+    sys.exit(_main())

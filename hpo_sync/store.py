@@ -956,10 +956,12 @@ class Store:
         limit: int | None = None,
         *,
         include_baseline: bool = True,
+        newest_first: bool = False,
     ) -> list[ChangeRow]:
         """Change rows in ``id`` order; ``after_id`` makes it a change feed with a cursor.
 
-        ``since`` is inclusive on ``observed_at``.
+        ``since`` is inclusive on ``observed_at``. ``newest_first`` reverses the order, so
+        that with ``limit`` it returns the latest rows.
         """
         where: list[str] = []
         params: list[Any] = []
@@ -976,6 +978,8 @@ class Store:
         if not include_baseline:
             where.append("baseline = 0")
         sql = f"SELECT {_CHANGE_SELECT} FROM changes WHERE {' AND '.join(where) or '1'} ORDER BY id"
+        if newest_first:
+            sql += " DESC"
         if limit is not None:
             sql += " LIMIT ?"
             params.append(limit)

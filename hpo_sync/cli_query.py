@@ -1,0 +1,790 @@
+"""The read-only query commands: ``ls``, ``show``, ``history``, ``export`` and ``stats``.
+
+They never touch the network and open the mirror read-only, so they are safe while the daemon
+writes. ``--db PATH`` names the mirror (no config file needed); without it the config's
+``[store] path`` is used. Big results stream: ``ls --limit 0``, ``history --limit 0`` and
+``export`` walk the mirror page by page (keyset pages, never ``OFFSET``), so memory stays flat
+however large the mirror is.
+
+Exit status: 0 success (an empty result included); 1 when there is no mirror at the path, the
+file cannot be read, or ``show``/``history`` names an experiment the mirror lacks; 2 for bad
+arguments (a bad date, ``--tag`` without ``=``, an unknown sort …) or a bad config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import IO, Any, Literal, TextIO
+
+from . import cli
+from . import render as r
+from .errors import ConfigError, HpoSyncError, StoreError
+from .normalise import format_time, parse_time
+from .store import ChangeRow, ExperimentFilter, PageKey, SortOrder, Store, WorkspaceStats
+
+Handler = Callable[[argparse.Namespace], int]
+Command = Callable[[str, str, Handler], argparse.ArgumentParser]
+
+#: Rows per keyset page when streaming experiments or changes.
+PAGE_SIZE = 500
+DEFAULT_LIMIT = 50
+DEFAULT_STATS_SINCE = "7d"
+SORTS: tuple[SortOrder, ...] = ("-created", "created", "-modified", "modified", "name", "-name")
+HISTORY_FIELDS = ("Status", "TrialStatus", "Deleted")
+EXPORT_KINDS = ("experiments", "changes", "sync_runs")
+
+_RELATIVE_RE = re.compile(r"^(\d+)\s*([smhdw])$", re.ASCII)
+_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+class NoSuchExperimentError(HpoSyncError):
+    """The mirror holds no experiment with the id given."""
+
+
+def utc_now() -> datetime:
+    """The wall clock (a seam for tests of relative ``--since`` values)."""
+    return datetime.now(UTC)
+
+
+# --- argument types (pure) ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TimeArg:
+    """A ``--since``/``--created-*`` value: an absolute UTC time, or an age (``7d``) that is
+    turned into a time against the clock when the command runs."""
+
+    at: str | None = None
+    ago: timedelta | None = None
+
+    def resolve(self, now: datetime) -> str:
+        """The time as ``YYYY-MM-DDTHH:MM:SSZ``."""
+        if self.at is not None:
+            return self.at
+        assert self.ago is not None
+        return format_time(now - self.ago)
+
+
+def parse_time_arg(text: str, *, relative: bool = False) -> TimeArg:
+    """Parse an ISO date or datetime (UTC unless it names a zone), or with ``relative`` an age
+    such as ``90m``, ``12h``, ``7d``, ``2w``. Raises ValueError with a message for people."""
+    value = text.strip()
+    m = _RELATIVE_RE.match(value)
+    if relative and m:
+        return TimeArg(ago=timedelta(seconds=int(m.group(1)) * _UNITS_S[m.group(2)]))
+    forms = "YYYY-MM-DD or YYYY-MM-DDTHH:MM[:SS][Z|±HH:MM] (UTC unless a zone is given)"
+    if relative:
+        forms += ", or an age such as 12h, 7d, 2w"
+    # parse_time also reads bare numbers as epoch seconds: far more likely a typo here.
+    dt = None if value.isdigit() else parse_time(value)
+    if dt is None:
+        raise ValueError(f"cannot read {text!r} as a time: use {forms}")
+    return TimeArg(at=format_time(dt))
+
+
+def parse_tag(text: str) -> tuple[str, str]:
+    """``key=value`` → ``(key, value)``; the value may be empty, the key may not."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value
+
+
+def _arg_type(parse: Callable[[str], Any], name: str) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = name  # argparse names the type in some messages
+    return convert
+
+
+def _non_negative(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise ValueError(f"expected a whole number, got {text!r}") from None
+    if n < 0:
+        raise ValueError(f"must be 0 (no limit) or more, got {n}")
+    return n
+
+
+def _output_path(text: str) -> str:
+    if text != "-" and not Path(text).parent.is_dir():
+        raise ValueError(f"directory {Path(text).parent} does not exist")
+    return text
+
+
+def _field_name(text: str) -> str:
+    # Case-insensitive; an unknown value falls through to argparse's choices message.
+    return {f.lower(): f for f in HISTORY_FIELDS}.get(text.lower(), text)
+
+
+_time_type = _arg_type(parse_time_arg, "time")
+_since_type = _arg_type(lambda t: parse_time_arg(t, relative=True), "since")
+_tag_type = _arg_type(parse_tag, "tag")
+_limit_type = _arg_type(_non_negative, "limit")
+_output_type = _arg_type(_output_path, "output")
+
+
+# --- registration -----------------------------------------------------------------------------
+
+
+def _allow_dash_values(p: argparse.ArgumentParser, values: Sequence[str]) -> None:
+    """Let ``--sort -created`` work: argparse takes any word starting with ``-`` for an
+    option, so without this only ``--sort=-created`` would. ``None`` from
+    ``_parse_optional`` means "a positional value" in every Python that has it."""
+    original = p._parse_optional
+    dash_values = frozenset(values)
+
+    def parse_optional(arg_string: str) -> Any:
+        return None if arg_string in dash_values else original(arg_string)
+
+    p._parse_optional = parse_optional  # type: ignore[method-assign]
+
+
+def _db_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--db",
+        metavar="PATH",
+        help="the mirror to read (default: the config's [store] path; no config needed)",
+    )
+
+
+def _format_option(p: argparse.ArgumentParser, choices: Sequence[str], default: str) -> None:
+    p.add_argument(
+        "--format",
+        choices=choices,
+        default=default,
+        help=f"output format (default: {default})",
+    )
+
+
+def register_cli(sub: Any, command: Command) -> None:
+    """Add the query commands to the ``hpo-sync`` parser (see :mod:`hpo_sync.cli`)."""
+    p = command("ls", "list the mirror's experiments (offline, read-only)", cmd_ls)
+    _db_option(p)
+    p.add_argument(
+        "--workspace",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="only this workspace (repeatable)",
+    )
+    p.add_argument(
+        "--status",
+        action="append",
+        default=[],
+        metavar="STATUS",
+        help="only this status, e.g. FAILED (repeatable; any case)",
+    )
+    p.add_argument("--name", metavar="TEXT", help="name contains TEXT (case-insensitive)")
+    p.add_argument("--creator", metavar="ID", help="created by this user (exact)")
+    p.add_argument(
+        "--tag",
+        action="append",
+        default=[],
+        type=_tag_type,
+        metavar="KEY=VALUE",
+        help="has this tag (repeatable: all must match)",
+    )
+    p.add_argument(
+        "--created-after",
+        type=_time_type,
+        metavar="TIME",
+        help="created at or after TIME (ISO date or datetime, UTC)",
+    )
+    p.add_argument(
+        "--created-before",
+        type=_time_type,
+        metavar="TIME",
+        help="created before TIME (ISO date or datetime, UTC; a date means its midnight)",
+    )
+    p.add_argument(
+        "--include-deleted",
+        action="store_true",
+        help="include experiments deleted upstream (marked in the table)",
+    )
+    p.add_argument(
+        "--sort",
+        choices=SORTS,
+        default="-created",
+        help="order; '-' is descending (default: -created, newest first)",
+    )
+    _allow_dash_values(p, [s for s in SORTS if s.startswith("-")])
+    p.add_argument(
+        "--limit",
+        type=_limit_type,
+        default=DEFAULT_LIMIT,
+        metavar="N",
+        help=f"at most N rows (default {DEFAULT_LIMIT}; 0: all, streamed)",
+    )
+    _format_option(p, ("table", "json", "jsonl", "csv"), "table")
+
+    p = command("show", "show one experiment: every field, and its history", cmd_show)
+    p.add_argument("experiment_id", metavar="ID", help="the ExperimentId")
+    _db_option(p)
+    _format_option(p, ("table", "json"), "table")
+
+    p = command("history", "show recorded changes of Status, TrialStatus and Deleted", cmd_history)
+    p.add_argument(
+        "experiment_id", metavar="ID", nargs="?", help="only this experiment (default: all)"
+    )
+    _db_option(p)
+    p.add_argument(
+        "--since",
+        type=_since_type,
+        metavar="WHEN",
+        help="observed at or after WHEN: an ISO date/datetime (UTC) or an age (12h, 7d, 2w)",
+    )
+    p.add_argument(
+        "--field",
+        type=_field_name,
+        choices=HISTORY_FIELDS,
+        help="only changes of this field",
+    )
+    p.add_argument("--workspace", metavar="ID", help="only this workspace")
+    p.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="hide rows written by a workspace's first full sync (what already existed)",
+    )
+    p.add_argument(
+        "--limit",
+        type=_limit_type,
+        default=DEFAULT_LIMIT,
+        metavar="N",
+        help=f"the latest N changes (default {DEFAULT_LIMIT}; 0: all, streamed)",
+    )
+    _format_option(p, ("table", "json", "jsonl", "csv"), "table")
+
+    p = command("export", "stream every row of a table as JSON lines or CSV", cmd_export)
+    _db_option(p)
+    _format_option(p, ("jsonl", "csv"), "jsonl")
+    p.add_argument(
+        "--kind",
+        choices=EXPORT_KINDS,
+        default="experiments",
+        help="what to export (default: experiments)",
+    )
+    p.add_argument("--workspace", metavar="ID", help="only this workspace")
+    p.add_argument(
+        "--output",
+        type=_output_type,
+        metavar="FILE",
+        help="write to FILE (replaced only once complete) instead of standard output",
+    )
+
+    p = command(
+        "stats",
+        "per workspace: experiments by status, failure rate and median run time",
+        cmd_stats,
+    )
+    _db_option(p)
+    p.add_argument(
+        "--since",
+        type=_since_type,
+        default=parse_time_arg(DEFAULT_STATS_SINCE, relative=True),
+        metavar="WHEN",
+        help="count runs that ended at or after WHEN: an ISO date/datetime (UTC) or an age "
+        f"(12h, 7d, 2w; default {DEFAULT_STATS_SINCE})",
+    )
+    p.add_argument("--workspace", metavar="ID", help="only this workspace")
+    _format_option(p, ("table", "json"), "table")
+
+
+# --- plumbing -------------------------------------------------------------------------------
+
+
+def _open_store(args: argparse.Namespace) -> Store:
+    try:
+        path = cli.default_db_path(args)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}; or name the mirror with --db PATH") from None
+    if not path.exists():
+        raise StoreError(f"no mirror at {path} — run `hpo-sync sync` first (or pass --db PATH)")
+    return Store.open(path, readonly=True)
+
+
+def _handler(run: Callable[[argparse.Namespace, Store, TextIO], int]) -> Handler:
+    """Open the mirror, run the command against stdout, and end quietly when the reader of a
+    pipe goes away (``hpo-sync ls --limit 0 | head``)."""
+
+    def handle(args: argparse.Namespace) -> int:
+        store = _open_store(args)
+        cli.setup_logging(args)
+        out = sys.stdout
+        try:
+            return run(args, store, out)
+        except BrokenPipeError:
+            # Python would complain again when it flushes stdout at exit.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, out.fileno())
+            return cli.EXIT_OK
+        finally:
+            store.close()
+
+    handle.__name__ = run.__name__
+    handle.__doc__ = run.__doc__
+    return handle
+
+
+def _table_width(out: IO[str]) -> int | None:
+    """Columns to fit tables into: the terminal's, else ``$COLUMNS``, else no limit (a pipe
+    or file gets whole names)."""
+    if out.isatty():
+        return shutil.get_terminal_size().columns
+    try:
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        return None
+    return columns if columns > 0 else None
+
+
+def _note(text: str) -> None:
+    print(f"hpo-sync: {text}", file=sys.stderr)
+
+
+def _warn_unknown_workspaces(store: Store, wanted: Iterable[str | None]) -> None:
+    known = [w.workspace_id for w in store.workspaces()]
+    for ws in wanted:
+        if ws is not None and ws not in known:
+            listed = ", ".join(known) or "none yet"
+            _note(f"workspace {ws!r} is not in the mirror (it has: {listed})")
+
+
+def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _write_table(
+    out: TextIO,
+    columns: Sequence[r.Column],
+    rows: Iterable[Sequence[str]],
+    max_width: int | None,
+) -> int:
+    """Stream an aligned table; widths come from the first page. Returns the row count."""
+    widths: list[int] | None = None
+    n = 0
+    for batch in _batches(rows, PAGE_SIZE):
+        if widths is None:
+            widths = r.fit_widths(columns, batch, max_width)
+            out.write(r.format_header(columns, widths) + "\n")
+        out.write("".join(r.format_row(columns, widths, cells) + "\n" for cells in batch))
+        out.flush()
+        n += len(batch)
+    return n
+
+
+def _write_records(
+    out: TextIO,
+    fmt: str,
+    header: Sequence[str],
+    records: Iterable[Mapping[str, Any]],
+) -> int:
+    """Stream records as ``json`` (one array), ``jsonl`` or ``csv``. Returns the count."""
+    n = 0
+
+    def counted() -> Iterator[Mapping[str, Any]]:
+        nonlocal n
+        for record in records:
+            n += 1
+            yield record
+
+    if fmt == "json":
+        chunks = r.json_array_chunks(counted())
+    elif fmt == "jsonl":
+        chunks = (r.json_line(rec) for rec in counted())
+    elif fmt == "csv":
+        chunks = r.csv_chunks(header, counted())
+    else:  # pragma: no cover - argparse choices
+        raise ValueError(f"unknown format {fmt!r}")
+    for chunk in chunks:
+        out.write(chunk)
+    out.flush()
+    return n
+
+
+# --- ls -------------------------------------------------------------------------------------
+
+
+class ExperimentWalk:
+    """Iterate experiments page by page (keyset pagination) up to ``limit`` (0: all);
+    afterwards ``more`` tells whether the limit cut the listing short."""
+
+    def __init__(
+        self, store: Store, filters: ExperimentFilter, sort: SortOrder, limit: int
+    ) -> None:
+        self.store, self.filters, self.sort, self.limit = store, filters, sort, limit
+        self.more = False
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        remaining = self.limit or None
+        after: PageKey | None = None
+        while True:
+            size = min(PAGE_SIZE, remaining) if remaining is not None else PAGE_SIZE
+            page = self.store.list_experiments(self.filters, self.sort, size, after)
+            yield from page.rows
+            if remaining is not None:
+                remaining -= len(page.rows)
+                if remaining <= 0:
+                    self.more = page.has_more
+                    return
+            if not page.has_more:
+                return
+            after = page.last_key
+
+
+LS_COLUMNS = (
+    r.Column("STATUS", min_width=6),
+    r.Column("NAME", shrink=True),
+    r.Column("ID"),
+    r.Column("WORKSPACE"),
+    r.Column("TRIALS", align="right"),
+    r.Column("CREATED"),
+    r.Column("MODIFIED"),
+)
+
+
+def ls_cells(row: Mapping[str, Any]) -> list[str]:
+    """A decoded experiment row as the cells of the ``ls`` table."""
+    return [
+        r.status_cell(row["status"], row["deleted"]),
+        row["name"] or r.NONE_CELL,
+        row["experiment_id"],
+        row["workspace_id"],
+        r.trials_cell(row["trial_count"], row["trial_status"]),
+        r.short_time(row["gmt_create_time"]),
+        r.short_time(row["gmt_modified_time"]),
+    ]
+
+
+def filters_from_args(args: argparse.Namespace) -> ExperimentFilter:
+    return ExperimentFilter(
+        workspaces=tuple(args.workspace),
+        statuses=tuple(args.status),
+        name=args.name,
+        creator=args.creator,
+        tags=tuple(args.tag),
+        created_after=args.created_after.at if args.created_after else None,
+        created_before=args.created_before.at if args.created_before else None,
+        include_deleted=args.include_deleted,
+    )
+
+
+def _ls(args: argparse.Namespace, store: Store, out: TextIO) -> int:
+    filters = filters_from_args(args)
+    _warn_unknown_workspaces(store, filters.workspaces)
+    walk = ExperimentWalk(store, filters, args.sort, args.limit)
+    if args.format == "table":
+        n = _write_table(out, LS_COLUMNS, (ls_cells(row) for row in walk), _table_width(out))
+        if n == 0:
+            _note("no experiments match")
+        elif walk.more:
+            _note(f"showing the first {n}; --limit N for more, --limit 0 for all")
+    else:
+        records = (r.experiment_record(row) for row in walk)
+        _write_records(out, args.format, r.EXPERIMENT_FIELDS, records)
+    return cli.EXIT_OK
+
+
+cmd_ls = _handler(_ls)
+
+
+# --- show and history -----------------------------------------------------------------------
+
+
+def _require_experiment(store: Store, experiment_id: str) -> dict[str, Any]:
+    row = store.get_experiment(experiment_id)
+    if row is None:
+        raise NoSuchExperimentError(
+            f"no experiment {experiment_id!r} in the mirror at {store.path} — find ids with "
+            "`hpo-sync ls` (add --include-deleted to see deleted ones)"
+        )
+    return row
+
+
+def change_record(change: ChangeRow) -> dict[str, Any]:
+    return r.pascal_record(change._asdict())
+
+
+SHOW_HISTORY_COLUMNS = (
+    r.Column("OBSERVED"),
+    r.Column("FIELD"),
+    r.Column("CHANGE", shrink=True),
+    r.Column("RUN"),
+)
+
+
+def show_lines(
+    row: Mapping[str, Any], changes: Sequence[ChangeRow], width: int | None
+) -> list[str]:
+    """The ``show`` page of one experiment: every field, then its history."""
+    record = r.experiment_record(row)
+    pairs: list[tuple[str, str]] = []
+    for key, value in record.items():
+        if key == "TrialStatus":
+            text = r.trial_status_text(value)
+        elif key == "Tags":
+            text = r.tags_text(value)
+        elif isinstance(value, bool):
+            text = "true" if value else "false"
+        else:
+            text = r.NONE_CELL if value is None or value == "" else str(value)
+        pairs.append((key, text))
+    lines = r.format_fields(pairs)
+    lines += ["", f"History ({len(changes)} change{'' if len(changes) == 1 else 's'}, UTC)"]
+    if changes:
+        cells = [
+            [
+                c.observed_at,
+                c.field,
+                r.change_text(c.field, c.old_value, c.new_value),
+                r.run_cell(c.sync_run_id, c.baseline),
+            ]
+            for c in changes
+        ]
+        lines += r.format_table(SHOW_HISTORY_COLUMNS, cells, width)
+    return lines
+
+
+def _show(args: argparse.Namespace, store: Store, out: TextIO) -> int:
+    row = _require_experiment(store, args.experiment_id)
+    changes = store.history(experiment_id=args.experiment_id)
+    if args.format == "json":
+        record = r.experiment_record(row)
+        record["History"] = [change_record(c) for c in changes]
+        out.write(r.json_document(record))
+    else:
+        out.write("".join(line + "\n" for line in show_lines(row, changes, _table_width(out))))
+    out.flush()
+    return cli.EXIT_OK
+
+
+cmd_show = _handler(_show)
+
+
+HISTORY_COLUMNS = (
+    r.Column("ID", align="right"),
+    r.Column("OBSERVED"),
+    r.Column("EXPERIMENT"),
+    r.Column("NAME", shrink=True),
+    r.Column("WORKSPACE"),
+    r.Column("FIELD"),
+    r.Column("CHANGE", shrink=True, min_width=20),
+    r.Column("RUN"),
+)
+
+
+class _Names:
+    """Experiment names for history rows, looked up once each (bounded)."""
+
+    def __init__(self, store: Store, max_size: int = 10_000) -> None:
+        self.store, self.max_size = store, max_size
+        self.names: dict[str, str | None] = {}
+
+    def __call__(self, experiment_id: str) -> str:
+        if experiment_id not in self.names:
+            if len(self.names) >= self.max_size:
+                self.names.clear()
+            row = self.store.get_experiment(experiment_id)
+            self.names[experiment_id] = row["name"] if row else None
+        return self.names[experiment_id] or r.NONE_CELL
+
+
+def _history_rows(
+    store: Store, args: argparse.Namespace, since: str | None
+) -> tuple[Iterator[ChangeRow], bool]:
+    """The selected changes in ``id`` order, and whether ``--limit`` left older ones out."""
+    query: dict[str, Any] = {
+        "experiment_id": args.experiment_id,
+        "since": since,
+        "field": args.field,
+        "workspace": args.workspace,
+        "include_baseline": not args.no_baseline,
+    }
+    if args.limit:
+        latest = store.history(**query, limit=args.limit + 1, newest_first=True)
+        return iter(reversed(latest[: args.limit])), len(latest) > args.limit
+
+    def stream() -> Iterator[ChangeRow]:
+        after_id: int | None = None
+        while page := store.history(**query, after_id=after_id, limit=PAGE_SIZE):
+            yield from page
+            after_id = page[-1].id
+
+    return stream(), False
+
+
+def _history(args: argparse.Namespace, store: Store, out: TextIO) -> int:
+    if args.experiment_id is not None:
+        _require_experiment(store, args.experiment_id)
+    _warn_unknown_workspaces(store, [args.workspace])
+    since = args.since.resolve(utc_now()) if args.since else None
+    changes, more = _history_rows(store, args, since)
+    if args.format != "table":
+        _write_records(out, args.format, r.CHANGE_FIELDS, (change_record(c) for c in changes))
+        return cli.EXIT_OK
+    name = _Names(store)
+    rows = (
+        [
+            str(c.id),
+            r.short_time(c.observed_at),
+            c.experiment_id,
+            name(c.experiment_id),
+            c.workspace_id,
+            c.field,
+            r.change_text(c.field, c.old_value, c.new_value),
+            r.run_cell(c.sync_run_id, c.baseline),
+        ]
+        for c in changes
+    )
+    n = _write_table(out, HISTORY_COLUMNS, rows, _table_width(out))
+    if n == 0:
+        _note("no changes match")
+    elif more:
+        _note(f"showing the latest {n}; --limit N for more, --limit 0 for all")
+    return cli.EXIT_OK
+
+
+cmd_history = _handler(_history)
+
+
+# --- export ---------------------------------------------------------------------------------
+
+_EXPORT_HEADERS = {
+    "experiments": r.EXPERIMENT_FIELDS,
+    "changes": r.CHANGE_FIELDS,
+    "sync_runs": r.SYNC_RUN_FIELDS,
+}
+
+
+@contextmanager
+def _output(path: str | None, fmt: str) -> Iterator[TextIO]:
+    """Standard output, or a file that appears only once completely written."""
+    if path is None or path == "-":
+        yield sys.stdout
+        return
+    dest = Path(path)
+    partial = dest.with_name(f".{dest.name}.partial")
+    try:
+        with partial.open("w", encoding="utf-8", newline="" if fmt == "csv" else None) as f:
+            yield f
+        os.replace(partial, dest)
+    except OSError as exc:
+        raise StoreError(f"cannot write {dest}: {exc.strerror or exc}") from exc
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _export(args: argparse.Namespace, store: Store, out: TextIO) -> int:
+    kind: Literal["experiments", "changes", "sync_runs"] = args.kind
+    _warn_unknown_workspaces(store, [args.workspace])
+    rows = store.iter_export(kind, workspace=args.workspace, decode=False)
+    records: Iterator[dict[str, Any]]
+    if kind == "experiments":
+        records = (r.experiment_record(row) for row in rows)
+    else:
+        records = (r.pascal_record(row) for row in rows)
+    try:
+        with _output(args.output, args.format) as dest:
+            n = _write_records(dest, args.format, _EXPORT_HEADERS[kind], records)
+    finally:
+        # Closing the generator ends its read transaction now, not at garbage collection.
+        close = getattr(rows, "close", None)
+        if close is not None:
+            close()
+    if args.output not in (None, "-"):
+        _note(f"exported {n} {kind.replace('_', ' ')} rows to {args.output}")
+    return cli.EXIT_OK
+
+
+cmd_export = _handler(_export)
+
+
+# --- stats ----------------------------------------------------------------------------------
+
+
+def stats_record(s: WorkspaceStats) -> dict[str, Any]:
+    return {
+        "WorkspaceId": s.workspace_id,
+        "Experiments": sum(s.counts_by_status.values()),
+        "CountsByStatus": {
+            r.status_key(k): s.counts_by_status[k] for k in r.ordered_statuses(s.counts_by_status)
+        },
+        "Ended": s.finished,
+        "EndedByStatus": s.finished_by_status,
+        "Failed": s.failed,
+        "FailureRate": s.failure_rate,
+        "MedianRunTimeS": s.median_run_time_s,
+    }
+
+
+def stats_lines(stats: Sequence[WorkspaceStats], since: str, width: int | None) -> list[str]:
+    """The ``stats`` table: current counts by status, then the window's ended runs."""
+    statuses = r.ordered_statuses({k for s in stats for k in s.counts_by_status})
+    columns = [
+        r.Column("WORKSPACE"),
+        r.Column("TOTAL", align="right"),
+        *(r.Column(r.status_key(k), align="right") for k in statuses),
+        r.Column("ENDED", align="right"),
+        r.Column("ENDED FAILED", align="right"),
+        r.Column("FAILURE RATE", align="right"),
+        r.Column("MEDIAN RUN", align="right"),
+    ]
+    rows = [
+        [
+            s.workspace_id,
+            str(sum(s.counts_by_status.values())),
+            *(str(s.counts_by_status.get(k, 0)) for k in statuses),
+            str(s.finished),
+            str(s.failed),
+            r.rate_text(s.failure_rate),
+            r.duration_text(s.median_run_time_s),
+        ]
+        for s in stats
+    ]
+    return [
+        *r.format_table(columns, rows, width),
+        "",
+        "TOTAL and the status columns: experiments now, deleted ones left out.",
+        f"Since {since}: the runs that ENDED (reached a terminal status), how many of",
+        "them FAILED (and the FAILURE RATE), and their MEDIAN RUN time (from first seen",
+        "RUNNING, else from creation, to the end).",
+    ]
+
+
+def _stats(args: argparse.Namespace, store: Store, out: TextIO) -> int:
+    since = args.since.resolve(utc_now())
+    _warn_unknown_workspaces(store, [args.workspace])
+    stats = list(store.stats(since, workspace=args.workspace).values())
+    if args.format == "json":
+        record = {"Since": since, "Workspaces": [stats_record(s) for s in stats]}
+        out.write(r.json_document(record))
+    elif not stats:
+        _note("the mirror has no workspaces yet")
+    else:
+        out.write("".join(line + "\n" for line in stats_lines(stats, since, _table_width(out))))
+    out.flush()
+    return cli.EXIT_OK
+
+
+cmd_stats = _handler(_stats)

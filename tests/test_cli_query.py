@@ -1,0 +1,866 @@
+"""The query commands (``ls``, ``show``, ``history``, ``export``, ``stats``) against real mirror
+files: one built by hand with fixed times (exact expectations), one written by a real sync
+against the simulator. Output is parsed back and checked, not just exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from hpo_sync import cli, cli_query, render
+from hpo_sync.errors import ConfigError
+from hpo_sync.normalise import Experiment, normalise, to_upstream
+from hpo_sync.store import Store
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+
+T0 = "2024-03-01T00:00:00Z"  # baselines
+T1 = "2024-03-02T06:00:00Z"  # ws-a changes
+T2 = "2024-03-03T00:00:00Z"  # ws-b changes
+LONG_NAME = "hyperparameter-search-" + "x" * 150 + "-end"
+BULK = 1234  # > 2 pages of cli_query.PAGE_SIZE, all created at the same second
+
+
+def raw(
+    exp_id: str,
+    ws: str,
+    name: str,
+    status: str,
+    created: str,
+    *,
+    creator: str = "1001",
+    tags: dict[str, str] | None = None,
+    trials: dict[str, int] | None = None,
+    deleted: bool = False,
+    modified: str | None = None,
+) -> Experiment:
+    exp = normalise(
+        {
+            "ExperimentId": exp_id,
+            "WorkspaceId": ws,
+            "Name": name,
+            "Status": status,
+            "Creator": creator,
+            "Tags": [{"Key": k, "Value": v} for k, v in (tags or {}).items()],
+            "TrialStatus": trials or {},
+            "TrialCount": sum((trials or {}).values()) or None,
+            "GmtCreateTime": created,
+            "GmtModifiedTime": modified or created,
+            "Deleted": deleted,
+            "Accessibility": "PRIVATE",
+            "SearchSpace": '{"lr": {"_type": "loguniform"}}' if exp_id == "hpo-a1" else None,
+        }
+    )
+    assert exp is not None
+    return exp
+
+
+def sweep(
+    store: Store, ws: str, at: str, exps: list[Experiment], *, baseline: bool, complete: bool
+) -> None:
+    run = store.begin_run(ws, "full" if baseline else "hot", at)
+    store.apply(ws, exps, observed_at=at, run_id=run, baseline=baseline, complete=complete)
+    store.finish_run(run, finished_at=at, status="ok", api_calls=1, pages=1, experiments_seen=1)
+
+
+def build_mirror(path: Path) -> None:
+    nlp, cv = {"team": "nlp"}, {"team": "cv"}
+    with Store.open(path) as store:
+        ws_a = [
+            raw("hpo-a1", "ws-a", "bert-sweep", "RUNNING", "2024-02-28T10:00:00Z",
+                tags=nlp, trials={"RUNNING": 2, "SUCCEEDED": 3}),
+            raw("hpo-a2", "ws-a", "resnet-lr", "FINISHED", "2024-02-20T00:00:00Z",
+                creator="1002", tags=cv, trials={"SUCCEEDED": 10}),
+            raw("hpo-a3", "ws-a", "bert-large", "RUNNING", "2024-02-29T12:00:00Z",
+                tags={"team": "nlp", "env": "prod"}, trials={"RUNNING": 1}),
+            raw("hpo-a4", "ws-a", "old-thing", "FAILED", "2024-01-01T00:00:00Z", deleted=True),
+            raw("hpo-a5", "ws-a", LONG_NAME, "CREATED", "2024-02-25T00:00:00Z", creator="1002"),
+            raw("hpo-a7", "ws-a", "中文实验", "WAITING", "2024-02-26T00:00:00Z"),
+        ]  # fmt: skip
+        sweep(store, "ws-a", T0, ws_a, baseline=True, complete=True)
+        ws_b = [
+            raw("hpo-b1", "ws-b", "gpt-tune", "RUNNING", "2024-02-27T00:00:00Z", tags=nlp),
+            raw("hpo-b2", "ws-b", "mixed_100%", "FAILED", "2024-02-10T00:00:00Z"),
+        ]
+        sweep(store, "ws-b", T0, ws_b, baseline=True, complete=True)
+        bulk = [
+            raw(f"hpo-bulk-{i:05d}", "ws-bulk", f"bulk {i}", "FINISHED", "2024-01-15T00:00:00Z")
+            for i in range(BULK)
+        ]
+        sweep(store, "ws-bulk", T0, bulk, baseline=True, complete=True)
+        # After the baselines: real transitions.
+        changed_a = [
+            raw("hpo-a1", "ws-a", "bert-sweep", "FAILED", "2024-02-28T10:00:00Z",
+                tags=nlp, trials={"FAILED": 3, "SUCCEEDED": 3}, modified=T1),
+            raw("hpo-a3", "ws-a", "bert-large", "FINISHED", "2024-02-29T12:00:00Z",
+                tags={"team": "nlp", "env": "prod"}, trials={"SUCCEEDED": 1}, modified=T1),
+            raw("hpo-a6", "ws-a", "vit-new", "RUNNING", "2024-03-02T05:00:00Z"),
+        ]  # fmt: skip
+        sweep(store, "ws-a", T1, changed_a, baseline=False, complete=False)
+        changed_b = [
+            raw("hpo-b1", "ws-b", "gpt-tune", "FAILED", "2024-02-27T00:00:00Z",
+                tags=nlp, trials={"FAILED": 1}, modified=T2),
+        ]  # fmt: skip
+        sweep(store, "ws-b", T2, changed_b, baseline=False, complete=False)
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("mirror") / "mirror.db"
+    build_mirror(path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _no_terminal_width(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("COLUMNS", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """The commands configure logging onto the (captured) stderr of the test that ran them;
+    put it back so later tests do not log into a closed capture."""
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    structlog.configure(**saved)
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+class Run:
+    def __init__(self, capsys: pytest.CaptureFixture[str], db: Path) -> None:
+        self.capsys, self.db = capsys, db
+
+    def __call__(self, *argv: str, db: Path | None = None) -> tuple[int, str, str]:
+        self.capsys.readouterr()
+        code = cli.main([*argv, "--db", str(db or self.db)])
+        out, err = self.capsys.readouterr()
+        return code, out, err
+
+    def ok(self, *argv: str) -> str:
+        code, out, err = self(*argv)
+        assert code == 0, err
+        return out
+
+    def json(self, *argv: str) -> Any:
+        return json.loads(self.ok(*argv, "--format", "json"))
+
+    def ids(self, *argv: str) -> list[str]:
+        return [e["ExperimentId"] for e in self.json("ls", *argv)]
+
+    def usage_error(self, *argv: str) -> str:
+        """argv must be rejected by argparse: exit 2, one message."""
+        self.capsys.readouterr()
+        with pytest.raises(SystemExit) as exc:
+            cli.main([*argv, "--db", str(self.db)])
+        assert exc.value.code == 2
+        err = self.capsys.readouterr().err
+        assert "Traceback" not in err
+        return err
+
+
+@pytest.fixture
+def run(capsys: pytest.CaptureFixture[str], db: Path) -> Run:
+    return Run(capsys, db)
+
+
+# --- ls -------------------------------------------------------------------------------------
+
+
+def test_ls_default_is_newest_first_without_deleted_and_limited(run: Run) -> None:
+    code, out, err = run("ls")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split() == [
+        "STATUS", "NAME", "ID", "WORKSPACE", "TRIALS", "CREATED", "MODIFIED",
+    ]  # fmt: skip
+    assert len(lines) == 1 + cli_query.DEFAULT_LIMIT
+    assert "hpo-a6" in lines[1]  # created last
+    assert "hpo-a4" not in out  # deleted
+    assert "showing the first 50" in err and "--limit 0" in err
+
+
+def test_ls_table_cells(run: Run) -> None:
+    out = run.ok("ls", "--workspace", "ws-a", "--sort", "created")
+    lines = out.splitlines()
+    by_id = {re.search(r"hpo-\w+", line)[0]: line for line in lines[1:]}  # type: ignore[index]
+    assert list(by_id) == ["hpo-a2", "hpo-a5", "hpo-a7", "hpo-a1", "hpo-a3", "hpo-a6"]
+    assert re.fullmatch(
+        r"FAILED\s+bert-sweep\s+hpo-a1\s+ws-a\s+6 \(3 failed\)"
+        r"\s+2024-02-28 10:00\s+2024-03-02 06:00",
+        by_id["hpo-a1"],
+    )
+    assert re.search(
+        r"FINISHED\s+resnet-lr\s+hpo-a2\s+ws-a\s+10\s+2024-02-20 00:00", by_id["hpo-a2"]
+    )
+    assert re.search(r"RUNNING\s+vit-new\s+hpo-a6\s+ws-a\s+-\s", by_id["hpo-a6"])
+    assert LONG_NAME in out  # not a terminal: names are whole
+    # Aligned in terminal columns (the CJK name is 4 characters wide, 8 columns).
+    starts = {render.display_width(line[: line.index("hpo-")]) for line in lines[1:]}
+    assert starts == {render.display_width(lines[0][: lines[0].index("ID")])}
+
+
+def test_ls_truncates_names_to_the_terminal_width(
+    run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "100")
+    out = run.ok("ls", "--workspace", "ws-a")
+    assert LONG_NAME not in out
+    assert "hyperparameter-searc…" in out
+    assert all(render.display_width(line) <= 100 for line in out.splitlines())
+    lines = out.splitlines()
+    starts = {render.display_width(line[: line.index("hpo-")]) for line in lines[1:]}
+    assert len(starts) == 1
+
+
+def test_ls_filters(run: Run) -> None:
+    assert run.ids("--workspace", "ws-b") == ["hpo-b1", "hpo-b2"]
+    assert set(run.ids("--workspace", "ws-a", "--workspace", "ws-b")) == {
+        "hpo-a1", "hpo-a2", "hpo-a3", "hpo-a5", "hpo-a6", "hpo-a7", "hpo-b1", "hpo-b2",
+    }  # fmt: skip
+    assert run.ids("--status", "failed") == ["hpo-a1", "hpo-b1", "hpo-b2"]
+    assert run.ids("--status", "FAILED", "--status", "RUNNING") == [
+        "hpo-a6", "hpo-a1", "hpo-b1", "hpo-b2",
+    ]  # fmt: skip
+    assert run.ids("--name", "BERT") == ["hpo-a3", "hpo-a1"]
+    assert run.ids("--name", "_100%") == ["hpo-b2"]  # literal, not a LIKE pattern
+    assert run.ids("--name", "中文") == ["hpo-a7"]
+    assert run.ids("--creator", "1002") == ["hpo-a5", "hpo-a2"]
+    assert run.ids("--tag", "team=nlp") == ["hpo-a3", "hpo-a1", "hpo-b1"]
+    assert run.ids("--tag", "team=nlp", "--tag", "env=prod") == ["hpo-a3"]
+    assert run.ids("--tag", "team=") == []
+    assert run.ids("--created-after", "2024-02-28", "--created-before", "2024-03-01") == [
+        "hpo-a3", "hpo-a1",
+    ]  # fmt: skip
+    # Inclusive after, exclusive before; datetimes with a zone are converted to UTC.
+    assert run.ids("--created-after", "2024-02-28T10:00:00Z", "--workspace", "ws-a") == [
+        "hpo-a6", "hpo-a3", "hpo-a1",
+    ]  # fmt: skip
+    assert run.ids("--created-before", "2024-02-28T18:00+08:00", "--workspace", "ws-a") == [
+        "hpo-a7", "hpo-a5", "hpo-a2",
+    ]  # fmt: skip
+    assert "hpo-a4" not in run.ids("--workspace", "ws-a")
+    with_deleted = run.json("ls", "--workspace", "ws-a", "--include-deleted")
+    assert [e["Deleted"] for e in with_deleted if e["ExperimentId"] == "hpo-a4"] == [True]
+    table = run.ok("ls", "--workspace", "ws-a", "--include-deleted")
+    assert re.search(r"FAILED \(deleted\)\s+old-thing\s+hpo-a4", table)
+
+
+def test_ls_sorts(run: Run) -> None:
+    ws = ("--workspace", "ws-a")
+    assert run.ids(*ws, "--sort", "created") == [
+        "hpo-a2", "hpo-a5", "hpo-a7", "hpo-a1", "hpo-a3", "hpo-a6",
+    ]  # fmt: skip
+    assert run.ids(*ws) == list(reversed(run.ids(*ws, "--sort", "created")))
+    assert run.ids(*ws, "--sort", "-modified")[:3] == ["hpo-a3", "hpo-a1", "hpo-a6"]
+    assert run.ids(*ws, "--sort", "modified")[0] == "hpo-a2"
+    names = [e["Name"] for e in run.json("ls", *ws, "--sort", "name")]
+    assert names == sorted(names)
+    assert run.ids(*ws, "--sort", "-name") == list(reversed(run.ids(*ws, "--sort", "name")))
+
+
+def test_ls_json_keeps_upstream_field_names(run: Run, db: Path) -> None:
+    [a1] = [e for e in run.json("ls", "--workspace", "ws-a") if e["ExperimentId"] == "hpo-a1"]
+    assert list(a1) == list(render.EXPERIMENT_FIELDS)
+    assert a1["Name"] == "bert-sweep"
+    assert a1["Status"] == "FAILED"
+    assert a1["TrialStatus"] == {"FAILED": 3, "SUCCEEDED": 3}
+    assert a1["TrialCount"] == 6
+    assert a1["Tags"] == [{"Key": "team", "Value": "nlp"}]
+    assert a1["Deleted"] is False
+    assert a1["SearchSpace"] == '{"lr": {"_type": "loguniform"}}'
+    assert (a1["FirstSeenAt"], a1["LastSeenAt"], a1["LastChangedAt"]) == (T0, T1, T1)
+    with Store.open(db, readonly=True) as store:
+        row = store.get_experiment("hpo-a1")
+    assert row is not None
+    assert {k: a1[k] for k in to_upstream(render.row_experiment(row))} == to_upstream(
+        render.row_experiment(row)
+    )
+
+
+def test_ls_jsonl_and_csv_agree_with_json(run: Run) -> None:
+    args = ("ls", "--workspace", "ws-a", "--include-deleted")
+    as_json = run.json(*args)
+    as_jsonl = [json.loads(line) for line in run.ok(*args, "--format", "jsonl").splitlines()]
+    assert as_jsonl == as_json
+    rows = list(csv.DictReader(io.StringIO(run.ok(*args, "--format", "csv"))))
+    assert list(rows[0]) == list(render.EXPERIMENT_FIELDS)
+    assert [r["ExperimentId"] for r in rows] == [e["ExperimentId"] for e in as_json]
+    a1 = next(r for r in rows if r["ExperimentId"] == "hpo-a1")
+    assert json.loads(a1["TrialStatus"]) == {"FAILED": 3, "SUCCEEDED": 3}
+    assert json.loads(a1["Tags"]) == [{"Key": "team", "Value": "nlp"}]
+    assert (a1["Deleted"], a1["TrialCount"], a1["ConfigYml"]) == ("false", "6", "")
+    assert next(r for r in rows if r["ExperimentId"] == "hpo-a4")["Deleted"] == "true"
+    assert next(r for r in rows if r["ExperimentId"] == "hpo-a7")["Name"] == "中文实验"
+
+
+def test_ls_empty_result(run: Run) -> None:
+    code, out, err = run("ls", "--name", "no-such-name")
+    assert (code, out) == (0, "")
+    assert "no experiments match" in err
+    assert run.json("ls", "--name", "no-such-name") == []
+    csv_out = run.ok("ls", "--name", "no-such-name", "--format", "csv")
+    assert csv_out == ",".join(render.EXPERIMENT_FIELDS) + "\n"
+    assert run.ok("ls", "--name", "no-such-name", "--format", "jsonl") == ""
+
+
+def test_ls_unknown_workspace_warns(run: Run) -> None:
+    code, out, err = run("ls", "--workspace", "ws-typo", "--format", "json")
+    assert (code, json.loads(out)) == (0, [])
+    assert "workspace 'ws-typo' is not in the mirror" in err and "ws-a" in err
+
+
+def test_ls_limit_zero_streams_every_row_in_keyset_pages(
+    run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sizes: list[int] = []
+    real = Store.list_experiments
+
+    def spy(self: Store, *args: Any, **kwargs: Any) -> Any:
+        page = real(self, *args, **kwargs)
+        sizes.append(len(page.rows))
+        return page
+
+    monkeypatch.setattr(Store, "list_experiments", spy)
+    lines = run.ok("ls", "--limit", "0", "--workspace", "ws-bulk", "--format", "jsonl")
+    ids = [json.loads(line)["ExperimentId"] for line in lines.splitlines()]
+    # All created in the same second: the pages are cut on experiment_id, without repeats.
+    assert sorted(ids, reverse=True) == ids
+    assert len(set(ids)) == len(ids) == BULK
+    assert max(sizes) <= cli_query.PAGE_SIZE and len(sizes) == -(-BULK // cli_query.PAGE_SIZE)
+    sizes.clear()
+    out = run.ok("ls", "--limit", "0")
+    assert len(out.splitlines()) == 1 + BULK + 8  # header, bulk, ws-a and ws-b live rows
+    assert max(sizes) <= cli_query.PAGE_SIZE
+    sizes.clear()
+    assert len(run.ids("--limit", "501", "--workspace", "ws-bulk")) == 501
+    assert sizes == [500, 1]
+
+
+# --- show and history -----------------------------------------------------------------------
+
+
+def test_show_prints_every_field_and_the_history(run: Run) -> None:
+    out = run.ok("show", "hpo-a1")
+    block = out.split("\n\n")[0].splitlines()
+    fields = {line.split()[0]: line.split(None, 1)[1] for line in block}
+    assert set(fields) == set(render.EXPERIMENT_FIELDS)
+    assert fields["Status"] == "FAILED"
+    assert fields["TrialStatus"] == "FAILED 3, SUCCEEDED 3"
+    assert fields["Tags"] == "team=nlp"
+    assert fields["LastChangedAt"] == T1
+    history = out.split("\n\n", 1)[1].splitlines()
+    assert history[0] == "History (4 changes, UTC)"
+    assert history[1].split() == ["OBSERVED", "FIELD", "CHANGE", "RUN"]
+    assert re.search(r"Status\s+\(none\) → RUNNING\s+#1 baseline$", history[2])
+    assert re.search(r"TrialStatus\s+\(none\) → RUNNING 2, SUCCEEDED 3\s+#1 baseline", history[3])
+    assert re.search(r"^2024-03-02T06:00:00Z\s+Status\s+RUNNING → FAILED\s+#4$", history[4])
+    assert "RUNNING 2, SUCCEEDED 3 → FAILED 3, SUCCEEDED 3" in history[5]
+
+
+def test_show_json(run: Run) -> None:
+    record = run.json("show", "hpo-a1")
+    assert record["ExperimentId"] == "hpo-a1" and record["Status"] == "FAILED"
+    assert [list(h) for h in record["History"]] == [list(render.CHANGE_FIELDS)] * 4
+    history = record["History"]
+    assert [(h["Field"], h["OldValue"], h["NewValue"], h["Baseline"]) for h in history] == [
+        ("Status", None, "RUNNING", True),
+        ("TrialStatus", None, '{"RUNNING":2,"SUCCEEDED":3}', True),
+        ("Status", "RUNNING", "FAILED", False),
+        ("TrialStatus", '{"RUNNING":2,"SUCCEEDED":3}', '{"FAILED":3,"SUCCEEDED":3}', False),
+    ]  # fmt: skip
+
+
+def test_show_deleted_experiment(run: Run) -> None:
+    record = run.json("show", "hpo-a4")
+    assert record["Deleted"] is True
+    assert [h["Field"] for h in record["History"]] == ["Status", "Deleted"]
+
+
+def test_show_and_history_of_an_unknown_id_fail_with_exit_1(run: Run) -> None:
+    for cmd in ("show", "history"):
+        code, out, err = run(cmd, "hpo-nope")
+        assert (code, out) == (1, "")
+        assert err.startswith("hpo-sync: no experiment 'hpo-nope' in the mirror")
+        assert "hpo-sync ls" in err and len(err.splitlines()) == 1
+
+
+def test_history_shows_everything_in_id_order_by_default(run: Run, db: Path) -> None:
+    with Store.open(db, readonly=True) as store:
+        every = store.history()
+    jsonl = run.ok("history", "--limit", "0", "--format", "jsonl")
+    records = [json.loads(line) for line in jsonl.splitlines()]
+    assert [r["Id"] for r in records] == [c.id for c in every]
+    assert any(r["Baseline"] for r in records) and not all(r["Baseline"] for r in records)
+    # --limit N: the latest N, still oldest first.
+    latest = run.json("history", "--limit", "3")
+    assert [r["Id"] for r in latest] == [c.id for c in every[-3:]]
+    _, out, err = run("history")
+    assert len(out.splitlines()) == 1 + cli_query.DEFAULT_LIMIT
+    assert "showing the latest 50" in err
+
+
+def test_history_filters(run: Run) -> None:
+    def fields(*argv: str) -> list[tuple[str, str, str | None, str | None]]:
+        return [
+            (r["ExperimentId"], r["Field"], r["OldValue"], r["NewValue"])
+            for r in run.json("history", *argv)
+        ]
+
+    non_baseline = fields("--no-baseline", "--limit", "0")
+    assert non_baseline == [
+        ("hpo-a1", "Status", "RUNNING", "FAILED"),
+        ("hpo-a1", "TrialStatus", '{"RUNNING":2,"SUCCEEDED":3}', '{"FAILED":3,"SUCCEEDED":3}'),
+        ("hpo-a3", "Status", "RUNNING", "FINISHED"),
+        ("hpo-a3", "TrialStatus", '{"RUNNING":1}', '{"SUCCEEDED":1}'),
+        ("hpo-a6", "Status", None, "RUNNING"),
+        ("hpo-b1", "Status", "RUNNING", "FAILED"),
+        ("hpo-b1", "TrialStatus", "{}", '{"FAILED":1}'),
+    ]
+    assert fields("hpo-a3", "--no-baseline") == non_baseline[2:4]
+    assert [f[0] for f in fields("--field", "status", "--no-baseline")] == [
+        "hpo-a1", "hpo-a3", "hpo-a6", "hpo-b1",
+    ]  # fmt: skip
+    assert fields("--field", "Deleted") == [("hpo-a4", "Deleted", None, "true")]
+    assert fields("--since", "2024-03-02T06:00:00Z") == non_baseline
+    assert fields("--since", "2024-03-03") == non_baseline[5:]
+    assert fields("--workspace", "ws-b", "--no-baseline") == non_baseline[5:]
+    assert fields("--workspace", "ws-b", "--limit", "0")[0] == ("hpo-b1", "Status", None, "RUNNING")
+
+
+def test_history_since_an_age_is_relative_to_now(run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli_query, "utc_now", lambda: datetime(2024, 3, 3, 12, tzinfo=UTC))
+    assert [r["ExperimentId"] for r in run.json("history", "--since", "1d")] == ["hpo-b1"] * 2
+    assert len(run.json("history", "--since", "36h")) == 7
+
+
+def test_history_table(run: Run) -> None:
+    out = run.ok("history", "--no-baseline")
+    lines = out.splitlines()
+    assert lines[0].split() == [
+        "ID", "OBSERVED", "EXPERIMENT", "NAME", "WORKSPACE", "FIELD", "CHANGE", "RUN",
+    ]  # fmt: skip
+    assert re.search(
+        r"2024-03-02 06:00\s+hpo-a1\s+bert-sweep\s+ws-a\s+Status\s+RUNNING → FAILED\s+#4$",
+        lines[1],
+    )
+    assert "RUNNING 2, SUCCEEDED 3 → FAILED 3, SUCCEEDED 3" in lines[2]
+    assert len(lines) == 8
+
+
+def test_history_csv(run: Run) -> None:
+    rows = list(csv.DictReader(io.StringIO(run.ok("history", "--format", "csv", "hpo-b1"))))
+    assert [(r["Field"], r["OldValue"], r["NewValue"], r["Baseline"]) for r in rows] == [
+        ("Status", "", "RUNNING", "true"),
+        ("Status", "RUNNING", "FAILED", "false"),
+        ("TrialStatus", "{}", '{"FAILED":1}', "false"),
+    ]
+
+
+# --- export ---------------------------------------------------------------------------------
+
+
+def test_export_experiments_jsonl_includes_deleted(run: Run) -> None:
+    out = run.ok("export")
+    records = [json.loads(line) for line in out.splitlines()]
+    assert len(records) == BULK + 9  # every row, deleted ones too
+    by_id = {r["ExperimentId"]: r for r in records}
+    assert by_id["hpo-a4"]["Deleted"] is True
+    assert by_id["hpo-a1"] == next(
+        e for e in run.json("ls", "--workspace", "ws-a") if e["ExperimentId"] == "hpo-a1"
+    )
+
+
+def test_export_changes_csv_to_a_file(run: Run, db: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "changes.csv"
+    code, out, err = run("export", "--kind", "changes", "--format", "csv", "--output", str(dest))
+    assert (code, out) == (0, "")
+    assert f"exported {BULK + 19} changes rows to {dest}" in err
+    with dest.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    with Store.open(db, readonly=True) as store:
+        every = store.history()
+    assert [int(r["Id"]) for r in rows] == [c.id for c in every]
+    assert list(rows[0]) == list(render.CHANGE_FIELDS)
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_export_by_workspace_and_sync_runs(run: Run) -> None:
+    ws_b = [json.loads(x) for x in run.ok("export", "--workspace", "ws-b").splitlines()]
+    assert [r["ExperimentId"] for r in ws_b] == ["hpo-b1", "hpo-b2"]
+    changes = run.ok("export", "--kind", "changes", "--workspace", "ws-b", "--format", "jsonl")
+    assert {json.loads(x)["WorkspaceId"] for x in changes.splitlines()} == {"ws-b"}
+    runs_csv = run.ok("export", "--kind", "sync_runs", "--format", "csv")
+    runs = list(csv.DictReader(io.StringIO(runs_csv)))
+    assert [(r["WorkspaceId"], r["Mode"], r["Status"]) for r in runs] == [
+        ("ws-a", "full", "ok"), ("ws-b", "full", "ok"), ("ws-bulk", "full", "ok"),
+        ("ws-a", "hot", "ok"), ("ws-b", "hot", "ok"),
+    ]  # fmt: skip
+    assert list(runs[0]) == list(render.SYNC_RUN_FIELDS)
+
+
+# --- stats ----------------------------------------------------------------------------------
+
+
+def test_stats_json(run: Run) -> None:
+    data = run.json("stats", "--since", "2024-03-01")
+    assert data["Since"] == T0
+    by_ws = {w["WorkspaceId"]: w for w in data["Workspaces"]}
+    assert list(by_ws) == ["ws-a", "ws-b", "ws-bulk"]
+    a = by_ws["ws-a"]
+    assert a["CountsByStatus"] == {
+        "RUNNING": 1, "WAITING": 1, "CREATED": 1, "FINISHED": 2, "FAILED": 1,
+    }  # fmt: skip
+    assert a["Experiments"] == 6
+    # hpo-a1 ran 68 h (from its create time: RUNNING was first seen by the baseline), hpo-a3 42 h.
+    assert (a["Ended"], a["Failed"], a["FailureRate"]) == (2, 1, 0.5)
+    assert a["EndedByStatus"] == {"FAILED": 1, "FINISHED": 1}
+    assert a["MedianRunTimeS"] == 55 * 3600
+    b = by_ws["ws-b"]
+    assert (b["Ended"], b["Failed"], b["FailureRate"]) == (1, 1, 1.0)
+    assert b["MedianRunTimeS"] == 120 * 3600
+    # Baseline finishes are not counted: nobody knows when they happened.
+    assert by_ws["ws-bulk"]["Ended"] == 0 and by_ws["ws-bulk"]["FailureRate"] is None
+    only_b = run.json("stats", "--since", "2024-03-01", "--workspace", "ws-b")
+    assert [w["WorkspaceId"] for w in only_b["Workspaces"]] == ["ws-b"]
+    later = run.json("stats", "--since", "2024-03-02T12:00:00Z")
+    assert [w["Ended"] for w in later["Workspaces"]] == [0, 1, 0]
+
+
+def test_stats_default_window_is_the_last_7_days(run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli_query, "utc_now", lambda: datetime(2024, 3, 8, 3, tzinfo=UTC))
+    data = run.json("stats")
+    assert data["Since"] == "2024-03-01T03:00:00Z"
+    assert [w["Ended"] for w in data["Workspaces"]] == [2, 1, 0]
+    monkeypatch.setattr(cli_query, "utc_now", lambda: datetime(2024, 3, 11, tzinfo=UTC))
+    assert [w["Ended"] for w in run.json("stats")["Workspaces"]] == [0, 0, 0]
+
+
+def test_stats_table(run: Run) -> None:
+    out = run.ok("stats", "--since", "2024-03-01")
+    lines = out.splitlines()
+    assert lines[0].split()[:4] == ["WORKSPACE", "TOTAL", "RUNNING", "WAITING"]
+    assert lines[0].endswith("ENDED  ENDED FAILED  FAILURE RATE  MEDIAN RUN")
+    assert re.search(r"^ws-a\s+6\s+1\s+1\s+1\s+2\s+1\s+2\s+1\s+50\.0%\s+2d 7h$", lines[1])
+    assert re.search(r"^ws-b\s+2\s+0\s+0\s+0\s+0\s+2\s+1\s+1\s+100\.0%\s+5d 0h$", lines[2])
+    assert re.search(rf"^ws-bulk\s+{BULK}\s.*\s0\s+0\s+-\s+-$", lines[3])
+    assert "Since 2024-03-01T00:00:00Z: the runs that ENDED" in out
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["ls", "--created-after", "soon"], "argument --created-after: cannot read 'soon'"),
+        (["ls", "--created-before", "2024-13-01"], "cannot read '2024-13-01' as a time"),
+        (["ls", "--created-after", "20240301"], "cannot read '20240301'"),
+        (["ls", "--tag", "team"], "argument --tag: expected KEY=VALUE, got 'team'"),
+        (["ls", "--tag", "=nlp"], "expected KEY=VALUE"),
+        (["ls", "--sort", "size"], "argument --sort: invalid choice: 'size'"),
+        (["ls", "--limit", "-1"], "argument --limit: must be 0 (no limit) or more"),
+        (["ls", "--limit", "ten"], "argument --limit: expected a whole number"),
+        (["ls", "--format", "xml"], "argument --format: invalid choice: 'xml'"),
+        (["history", "--since", "7"], "cannot read '7' as a time"),
+        (["history", "--since", "7y"], "or an age such as 12h, 7d, 2w"),
+        (["history", "--field", "Name"], "argument --field: invalid choice: 'Name'"),
+        (["stats", "--since", "last week"], "argument --since: cannot read 'last week'"),
+        (["export", "--format", "json"], "argument --format: invalid choice: 'json'"),
+        (["export", "--kind", "workspaces"], "argument --kind: invalid choice"),
+        (["export", "--output", "/no/such/dir/x.csv"], "directory /no/such/dir does not exist"),
+        (["show"], "the following arguments are required: ID"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_message(run: Run, argv: list[str], message: str) -> None:
+    err = run.usage_error(*argv)
+    assert message in err
+    assert len([line for line in err.splitlines() if "error:" in line]) == 1
+
+
+def test_missing_mirror_exits_1(run: Run, tmp_path: Path) -> None:
+    missing = tmp_path / "nope.db"
+    for argv in (["ls"], ["show", "x"], ["history"], ["export"], ["stats"]):
+        code, out, err = run(*argv, db=missing)
+        assert (code, out) == (1, "")
+        hint = "run `hpo-sync sync` first (or pass --db PATH)"
+        assert err == f"hpo-sync: no mirror at {missing} — {hint}\n"
+    assert not missing.exists()  # read-only: nothing is created
+
+
+def test_a_file_that_is_not_a_mirror_exits_1(run: Run, tmp_path: Path) -> None:
+    bogus = tmp_path / "notes.txt"
+    bogus.write_text("hello\n" * 100)
+    code, out, err = run("ls", db=bogus)
+    assert (code, out) == (1, "")
+    assert err.startswith("hpo-sync: ") and "Traceback" not in err
+
+
+def test_without_db_the_config_store_path_is_used(
+    capsys: pytest.CaptureFixture[str], db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("HPO_SYNC_CONFIG", raising=False)
+    args = argparse.Namespace(db=None, config=str(tmp_path / "absent.toml"))
+    with pytest.raises(ConfigError, match="or name the mirror with --db PATH"):
+        cli_query._open_store(args)
+    assert cli.main(["ls", "--config", str(tmp_path / "absent.toml")]) == 2
+    assert "--db PATH" in capsys.readouterr().err
+
+
+def test_read_only_open_leaves_the_mirror_untouched(run: Run, db: Path) -> None:
+    before = db.stat().st_mtime_ns, db.read_bytes()
+    run.ok("ls", "--limit", "0")
+    run.ok("export", "--kind", "changes")
+    assert (db.stat().st_mtime_ns, db.read_bytes()) == before
+
+
+# --- as a real process ----------------------------------------------------------------------
+
+
+def hpo_sync(*argv: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("HPO_SYNC_CONFIG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "hpo_sync.cli", *argv],
+        capture_output=True, text=True, timeout=60, env=env, check=False, **kw,
+    )  # fmt: skip
+
+
+def test_exit_codes_of_a_real_process(db: Path, tmp_path: Path) -> None:
+    proc = hpo_sync("ls", "--db", str(db), "--status", "FAILED", "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    assert [e["ExperimentId"] for e in json.loads(proc.stdout)] == ["hpo-a1", "hpo-b1", "hpo-b2"]
+    proc = hpo_sync("ls", "--db", str(db), "--tag", "team")
+    assert proc.returncode == 2 and "expected KEY=VALUE" in proc.stderr and not proc.stdout
+    proc = hpo_sync("show", "hpo-nope", "--db", str(db))
+    assert proc.returncode == 1 and "no experiment 'hpo-nope'" in proc.stderr
+    proc = hpo_sync("stats", "--db", str(tmp_path / "absent.db"))
+    assert proc.returncode == 1 and "run `hpo-sync sync` first" in proc.stderr
+
+
+def test_a_closed_pipe_ends_the_listing_quietly(db: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hpo_sync.cli", "export", "--kind", "changes", "--db", str(db)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    with proc, proc.stderr:
+        proc.stdout.read(100)
+        proc.stdout.close()  # like `| head -c 100`
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=60) == 0, err
+    assert "Traceback" not in err and "BrokenPipe" not in err
+
+
+# --- against a mirror written by a real sync ------------------------------------------------
+
+
+async def test_queries_of_a_mirror_synced_from_the_simulator(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from hpo_sync.client import UpstreamClient
+    from hpo_sync.config import Config, StoreConfig, UpstreamConfig, WorkspaceConfig
+    from hpo_sync.credentials import CloudCredentials, StaticCredentials
+    from hpo_sync.sim import DEFAULT_ACCESS_KEY_ID, DEFAULT_ACCESS_KEY_SECRET
+    from hpo_sync.sim.server import SimOptions, Simulator
+    from hpo_sync.sync import SyncEngine
+
+    path = tmp_path / "mirror.db"
+    start = datetime(2026, 11, 2, 8, tzinfo=UTC)
+    options = SimOptions(experiments=400, workspaces=2, seed=7, start_time=start)
+    async with Simulator(options) as sim:
+        config = Config(
+            upstream=UpstreamConfig(endpoint=sim.base_url, max_qps=500.0, max_concurrency=4),
+            store=StoreConfig(path),
+            workspaces=tuple(WorkspaceConfig(ws) for ws in sim.world.workspace_ids),
+        )
+        creds = StaticCredentials(
+            CloudCredentials(DEFAULT_ACCESS_KEY_ID, DEFAULT_ACCESS_KEY_SECRET)
+        )
+        with Store.open(path) as store:
+            async with UpstreamClient(config.upstream, creds) as client:
+                engine = SyncEngine(config, client, store, clock=lambda: sim.world.now)
+                for ws in sim.world.workspace_ids:
+                    await engine.sweep(ws, "full")
+                for _ in range(3):
+                    sim.world.advance(1800)
+                    for ws in sim.world.workspace_ids:
+                        await engine.sweep(ws)
+                for ws in sim.world.workspace_ids:  # hot sweeps leave some deletions to it
+                    await engine.sweep(ws, "full")
+            all_changes = store.history()
+        truth = {e["ExperimentId"]: e for e in sim.world.truth()}
+
+    def query(*argv: str) -> str:
+        capsys.readouterr()
+        assert cli.main([*argv, "--db", str(path)]) == 0
+        return capsys.readouterr().out
+
+    listed = [json.loads(x) for x in query("ls", "--limit", "0", "--format", "jsonl").splitlines()]
+    assert {e["ExperimentId"] for e in listed} == set(truth)
+    for e in listed:
+        assert e["Status"] == truth[e["ExperimentId"]]["Status"]
+    ws = sim.world.workspace_ids[0]
+    running = json.loads(
+        query("ls", "--workspace", ws, "--status", "RUNNING", "--limit", "0", "--format", "json")
+    )
+    assert {e["ExperimentId"] for e in running} == {
+        i for i, e in truth.items() if e["WorkspaceId"] == ws and e["Status"] == "RUNNING"
+    }
+    changes = query("export", "--kind", "changes", "--format", "csv")
+    assert len(list(csv.DictReader(io.StringIO(changes)))) == len(all_changes)
+    stats = json.loads(query("stats", "--since", "2026-11-01", "--format", "json"))
+    assert sum(w["Experiments"] for w in stats["Workspaces"]) == len(truth)
+    ended = sum(w["Ended"] for w in stats["Workspaces"])
+    finished_changes = {
+        c.experiment_id
+        for c in all_changes
+        if c.field == "Status" and not c.baseline and c.new_value in {"FINISHED", "FAILED"}
+    }
+    assert ended >= len(finished_changes) > 0
+    some = next(iter(finished_changes))
+    shown = json.loads(query("show", some, "--format", "json"))
+    assert [h["Id"] for h in shown["History"]] == [
+        c.id for c in all_changes if c.experiment_id == some
+    ]
+    assert query("history", "--since", format_minus(sim.world.now, hours=1), "--format", "json")
+
+
+def format_minus(now: datetime, *, hours: int) -> str:
+    return (now - timedelta(hours=hours)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# --- pure pieces ----------------------------------------------------------------------------
+
+
+def test_parse_time_arg() -> None:
+    now = datetime(2024, 3, 10, 12, 30, tzinfo=UTC)
+    parse = cli_query.parse_time_arg
+    assert parse("2024-03-01").resolve(now) == "2024-03-01T00:00:00Z"
+    assert parse("2024-03-01T08:30").resolve(now) == "2024-03-01T08:30:00Z"
+    assert parse("2024-03-01T08:30:00+08:00").resolve(now) == "2024-03-01T00:30:00Z"
+    assert parse("7d", relative=True).resolve(now) == "2024-03-03T12:30:00Z"
+    assert parse("90m", relative=True).resolve(now) == "2024-03-10T11:00:00Z"
+    assert parse("2w", relative=True).resolve(now) == "2024-02-25T12:30:00Z"
+    for bad in ("7d", "", "0", "2024-02-30", "soon"):
+        with pytest.raises(ValueError, match="cannot read"):
+            parse(bad)
+
+
+def test_parse_tag() -> None:
+    assert cli_query.parse_tag("team=nlp") == ("team", "nlp")
+    assert cli_query.parse_tag("expr=a=b") == ("expr", "a=b")
+    assert cli_query.parse_tag("team=") == ("team", "")
+    for bad in ("team", "=x", " =x"):
+        with pytest.raises(ValueError):
+            cli_query.parse_tag(bad)
+
+
+def test_experiment_fields_follow_to_upstream() -> None:
+    exp = normalise({"ExperimentId": "x"})
+    assert exp is not None
+    assert (*to_upstream(exp), *render.MIRROR_FIELDS) == render.EXPERIMENT_FIELDS
+
+
+def test_render_cells() -> None:
+    assert render.trials_cell(12, {"FAILED": 3, "SUCCEEDED": 9}) == "12 (3 failed)"
+    assert render.trials_cell(5, {"SUCCEEDED": 5}) == "5"
+    assert render.trials_cell(None, {"RUNNING": 2}) == "2"
+    assert render.trials_cell(None, {}) == "-"
+    assert render.duration_text(59.6) == "1m 0s"
+    assert render.duration_text(45) == "45s"
+    assert render.duration_text(2 * 3600 + 13 * 60) == "2h 13m"
+    assert render.duration_text(3 * 86400 + 4 * 3600) == "3d 4h"
+    assert render.rate_text(0.25) == "25.0%" and render.rate_text(None) == "-"
+    assert render.change_text("TrialStatus", None, '{"RUNNING":2}') == "(none) → RUNNING 2"
+    assert render.change_text("TrialStatus", "not json", "{}") == "not json → (none)"
+    assert render.ordered_statuses({None, "ZED", "FAILED", "RUNNING"}) == [
+        "RUNNING", "FAILED", "ZED", None,
+    ]  # fmt: skip
+
+
+def test_render_text_width() -> None:
+    assert render.display_width("中文") == 4
+    assert render.display_width("e\u0301") == 1
+    assert render.truncate("中文实验", 5) == "中文…"
+    assert render.truncate("abcdef", 4) == "abc…"
+    assert render.truncate("abc", 3) == "abc"
+    assert render.clean("a\x1b[31mb\nc") == "a [31mb c"
+    lines = render.format_table(
+        [
+            render.Column("A"),
+            render.Column("NAME", shrink=True, min_width=4),
+            render.Column("N", align="right"),
+        ],
+        [["x", "a-very-long-name", "1"], ["yy", "中文", "10"]],
+        max_width=14,
+    )
+    assert lines == ["A   NAME     N", "x   a-ver…   1", "yy  中文    10"]
+
+
+def test_json_and_csv_chunks() -> None:
+    assert "".join(render.json_array_chunks([])) == "[]\n"
+    assert json.loads("".join(render.json_array_chunks([{"a": 1}, {"a": "é"}]))) == [
+        {"a": 1}, {"a": "é"},
+    ]  # fmt: skip
+    text = "".join(render.csv_chunks(["a", "b"], [{"a": [1], "b": None}, {"a": True, "b": "x,y"}]))
+    assert text == 'a,b\n[1],\ntrue,"x,y"\n'
+
+
+# --- the README documents the whole command line ---------------------------------------------
+
+
+def subcommands() -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    parser = cli.build_parser()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            yield from action.choices.items()
+
+
+def mentions(text: str, option: str) -> bool:
+    return re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", text) is not None
+
+
+def test_every_command_and_option_is_in_the_readme() -> None:
+    readme = README.read_text(encoding="utf-8")
+    missing = []
+    for name, parser in subcommands():
+        if not re.search(rf"`hpo-sync {re.escape(name)}\b", readme):
+            missing.append(f"command `hpo-sync {name}`")
+        for action in parser._actions:
+            for option in action.option_strings:
+                if option.startswith("--") and option != "--help" and not mentions(readme, option):
+                    missing.append(f"`{name} {option}`")
+    assert not missing, "undocumented in README.md: " + ", ".join(missing)
+
+
+@pytest.mark.parametrize("name", ["ls", "show", "history", "export", "stats"])
+def test_query_commands_have_a_readme_section_naming_each_option(name: str) -> None:
+    readme = README.read_text(encoding="utf-8")
+    section = readme.split("## Querying the mirror", 1)[1].split("\n## ", 1)[0]
+    assert f"### `hpo-sync {name}" in section, name
+    body = section.split(f"### `hpo-sync {name}", 1)[1].split("\n### ", 1)[0]
+    parser = dict(subcommands())[name]
+    common = {"--help", "--config", "--log-level", "--log-format"}
+    for action in parser._actions:
+        for option in action.option_strings:
+            if option.startswith("--") and option not in common:
+                assert mentions(body, option), f"{name} {option}"
