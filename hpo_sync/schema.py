@@ -159,13 +159,15 @@ def experiment_content(exp: Experiment, workspace_id: str) -> dict[str, Any]:
 
 
 def decode_experiment_row(row: Mapping[str, Any]) -> dict[str, Any]:
-    """A stored ``experiments`` row with JSON columns parsed and ``deleted`` as a bool."""
+    """A stored ``experiments`` row with JSON columns parsed and ``deleted`` as a bool.
+
+    Idempotent: columns that are already decoded are left as they are."""
     out = dict(row)
-    if "trial_status" in out:
+    if isinstance(out.get("trial_status"), str | None) and "trial_status" in out:
         out["trial_status"] = decode_trial_status(out["trial_status"])
-    if "tags" in out:
+    if isinstance(out.get("tags"), str | None) and "tags" in out:
         out["tags"] = json.loads(out["tags"]) if out["tags"] else []
-    if "raw" in out:
+    if isinstance(out.get("raw"), str | None) and "raw" in out:
         out["raw"] = json.loads(out["raw"]) if out["raw"] else {}
     if "deleted" in out:
         out["deleted"] = bool(out["deleted"])
