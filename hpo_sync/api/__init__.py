@@ -1,0 +1,115 @@
+"""The daemon's HTTP server: health, readiness and metrics (the read API plugs in here too).
+
+:func:`build_app` makes the :class:`aiohttp.web.Application`; every handler finds the daemon's
+:class:`~hpo_sync.runtime.Runtime` as ``request.app[RUNTIME]`` and must read
+``runtime.config`` afresh (a SIGHUP reload replaces it). Store reads run off the event loop
+(``asyncio.to_thread``), so a sync in progress never stalls a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+from aiohttp import web
+
+from .. import __version__
+from ..errors import StoreError
+from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from ..normalise import format_time, parse_time
+from ..runtime import Runtime, WorkspaceHealth
+from ..store import WorkspaceState
+
+RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime", Runtime)
+
+
+def build_app(runtime: Runtime) -> web.Application:
+    """The daemon's application. Extend it by adding routes (or sub-apps) to what this
+    returns, or here, next to :func:`add_health_routes`."""
+    app = web.Application()
+    app[RUNTIME] = runtime
+    add_health_routes(app)
+    return app
+
+
+def add_health_routes(app: web.Application) -> None:
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process answers. Always 200."""
+    runtime = request.app[RUNTIME]
+    now = runtime.clock()
+    return web.json_response(
+        {
+            "status": "ok",
+            "version": __version__,
+            "started_at": format_time(runtime.started_at),
+            "uptime_s": round((now - runtime.started_at).total_seconds(), 3),
+        }
+    )
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: 200 when the mirror is open and every configured workspace has synced
+    successfully at least once (ever: a restarted daemon serves its mirror at once), else
+    503. The body tells each workspace's data age and failure state."""
+    runtime = request.app[RUNTIME]
+    workspace_ids = runtime.config.workspace_ids()
+    try:
+        states = await asyncio.to_thread(runtime.store.workspaces)
+    except StoreError as exc:
+        return web.json_response(
+            {"ready": False, "mirror": "unavailable", "error": str(exc)}, status=503
+        )
+    body = readiness(workspace_ids, states, runtime.health, runtime.clock())
+    return web.json_response(body, status=200 if body["ready"] else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text exposition of the daemon's registry."""
+    runtime = request.app[RUNTIME]
+    payload = await asyncio.to_thread(runtime.metrics.render)
+    return web.Response(body=payload, headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+def readiness(
+    workspace_ids: Sequence[str],
+    states: Iterable[WorkspaceState],
+    health: dict[str, WorkspaceHealth],
+    now: datetime,
+) -> dict[str, Any]:
+    """The ``/readyz`` body (pure): per configured workspace, when it last synced OK and how
+    old that makes its data, and whether it is failing now."""
+    by_id = {s.workspace_id: s for s in states}
+    out: dict[str, Any] = {}
+    ready = True
+    for ws in workspace_ids:
+        state = by_id.get(ws)
+        oks = [
+            t
+            for t in (
+                parse_time(state.last_full_ok_at) if state else None,
+                parse_time(state.last_hot_ok_at) if state else None,
+            )
+            if t is not None
+        ]
+        last_ok = max(oks) if oks else None
+        h = health.get(ws)
+        entry: dict[str, Any] = {
+            "synced": last_ok is not None,
+            "baseline_at": state.baseline_at if state else None,
+            "last_success_at": format_time(last_ok) if last_ok else None,
+            "age_s": round((now - last_ok).total_seconds(), 1) if last_ok else None,
+            "consecutive_failures": h.consecutive_failures if h else 0,
+            "backoff_until": format_time(h.retry_at) if h and h.retry_at else None,
+            "last_error": h.last_error if h else None,
+            "sweeping": h.sweeping if h else False,
+        }
+        ready = ready and last_ok is not None
+        out[ws] = entry
+    return {"ready": ready, "mirror": "open", "workspaces": out}

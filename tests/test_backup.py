@@ -1,0 +1,100 @@
+"""``hpo-sync backup``: an online, consistent copy of the mirror, also while the daemon writes."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from daemon_harness import (
+    Daemons,
+    assert_history_consistent,
+    cli,
+    config_text,
+    daemon_env,
+    query,
+    wait_db,
+)
+
+from hpo_sync.sim.server import SimOptions, Simulator
+
+
+@pytest.fixture
+async def daemons(tmp_path: Path) -> AsyncIterator[Daemons]:
+    ds = Daemons(tmp_path)
+    try:
+        yield ds
+    finally:
+        await ds.cleanup()
+
+
+async def run_cli(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *cli(*args),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=daemon_env(),
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_backup_while_the_daemon_writes(tmp_path: Path, daemons: Daemons) -> None:
+    # An evolving world and 1 s hot sweeps: the mirror is written to all the time.
+    async with Simulator(SimOptions(experiments=300, workspaces=2, seed=9, speed=120)) as sim:
+        db = tmp_path / "mirror.db"
+        cfg = tmp_path / "config.toml"
+        cfg.write_text(
+            config_text(sim_url=sim.base_url, db=db, workspaces=["100001", "100002"]),
+            encoding="utf-8",
+        )
+        d = await daemons.start(cfg)
+        await wait_db(db, "SELECT 1 FROM workspaces WHERE baseline_at IS NOT NULL", daemon=d)
+        await wait_db(db, "SELECT 1 FROM changes WHERE baseline = 0", daemon=d)
+        copies = []
+        for i in range(3):
+            dest = tmp_path / f"copy{i}.db"
+            code, out, err = await run_cli("--config", str(cfg), "backup", str(dest))
+            assert code == 0, err
+            assert f"to {dest}" in out and "integrity ok" in out
+            copies.append(dest)
+            await asyncio.sleep(0.5)
+        d.check_alive()
+        for dest in copies:
+            conn = sqlite3.connect(dest)
+            try:
+                assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+                assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+            finally:
+                conn.close()
+            assert query(dest, "SELECT count(*) FROM experiments")[0][0] >= 300
+            assert_history_consistent(dest)  # one snapshot: history and state agree
+
+        # A directory as DEST gets a time-stamped file; an existing file needs --overwrite.
+        backups = tmp_path / "backups"
+        backups.mkdir()
+        code, out, err = await run_cli("--config", str(cfg), "backup", str(backups))
+        assert code == 0, err
+        (made,) = backups.iterdir()
+        assert made.name.startswith("mirror-") and made.suffix == ".db"
+        code, _, err = await run_cli("--config", str(cfg), "backup", str(copies[0]))
+        assert code == 2 and "--overwrite" in err
+        code, _, err = await run_cli("--config", str(cfg), "backup", "--overwrite", str(made))
+        assert code == 0, err
+        code, _ = await d.stop()
+        assert code == 0
+
+
+async def test_backup_without_a_mirror_says_so(tmp_path: Path) -> None:
+    code, _, err = await run_cli("backup", "--db", str(tmp_path / "none.db"), str(tmp_path / "x"))
+    assert code == 1
+    assert "no mirror at" in err
+    code, _, err = await run_cli("backup", "--db", str(tmp_path / "none.db"), "/no/such/dir/x.db")
+    assert code == 2 and "does not exist" in err
+    code, _, err = await run_cli("backup", "--db", str(tmp_path / "none.db"), f"{tmp_path}/new/")
+    assert code == 2 and "does not exist" in err

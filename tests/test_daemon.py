@@ -1,0 +1,249 @@
+"""``hpo-sync run`` as a real process against the simulator: readiness over sd_notify and
+``/readyz``, SIGHUP reloads, the single-instance lock, SIGTERM, SIGKILL mid-sweep and a
+flaky upstream. The simulator is frozen (speed 0) and moved with ``/_sim/advance``, so the
+ground truth is fixed whenever the mirror is compared with it."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from daemon_harness import (
+    Daemons,
+    assert_history_consistent,
+    assert_mirror_matches_truth,
+    cli,
+    config_text,
+    daemon_env,
+    metric_sum,
+    metric_value,
+    now_run_time,
+    query,
+    sim_post,
+    sim_truth,
+    wait_db,
+    wait_full_ok_since,
+)
+
+from hpo_sync.sim.server import SimOptions, Simulator
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+
+
+@pytest.fixture
+async def daemons(tmp_path: Path) -> AsyncIterator[Daemons]:
+    ds = Daemons(tmp_path)
+    try:
+        yield ds
+    finally:
+        await ds.cleanup()
+
+
+async def test_ready_reload_second_instance_and_clean_stop(
+    tmp_path: Path, daemons: Daemons
+) -> None:
+    async with Simulator(SimOptions(experiments=240, workspaces=3, seed=3, speed=0)) as sim:
+        db = tmp_path / "mirror.db"
+        cfg = tmp_path / "config.toml"
+        cfg.write_text(
+            config_text(sim_url=sim.base_url, db=db, workspaces=["100001", "100002"]),
+            encoding="utf-8",
+        )
+        d = await daemons.start(cfg, watchdog_usec=1_000_000)
+
+        ready = await d.wait_notify("READY", timeout_s=20)
+        assert "STATUS=2 workspaces" in ready
+        assert await d.wait_notify("WATCHDOG", timeout_s=5) == "WATCHDOG=1\n"
+        status, health = await d.get("/healthz")
+        assert status == 200 and health["status"] == "ok"
+        for _ in range(200):
+            status, body = await d.get("/readyz")
+            if status == 200:
+                break
+            await asyncio.sleep(0.05)
+        assert status == 200, body
+        assert set(body["workspaces"]) == {"100001", "100002"}
+        assert all(w["synced"] for w in body["workspaces"].values())
+        status, metrics = await d.get("/metrics")
+        assert status == 200
+        assert metric_sum(metrics, "hpo_sync_sweeps_total", outcome="ok") >= 2
+        assert metric_sum(metrics, "hpo_sync_upstream_requests_total", code="OK") >= 2
+        assert metric_sum(metrics, "hpo_sync_changes_total", baseline="true") > 0
+
+        # A second daemon on the same mirror refuses, with a message saying why.
+        second = await asyncio.create_subprocess_exec(
+            *cli("--config", str(cfg), "run"),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=daemon_env(),
+        )
+        _, err = await asyncio.wait_for(second.communicate(), 30)
+        assert second.returncode == 1, err
+        assert b"in use by another hpo-sync process" in err
+
+        # SIGHUP with a workspace added: applied without a restart, and it is synced.
+        cfg.write_text(
+            config_text(sim_url=sim.base_url, db=db, workspaces=["100001", "100002", "100003"]),
+            encoding="utf-8",
+        )
+        d.proc.send_signal(signal.SIGHUP)
+        reloading = await d.wait_notify("RELOADING")
+        assert "MONOTONIC_USEC=" in reloading
+        await d.wait_event("config.reloaded", where=lambda e: e["added"] == ["100003"])
+        await d.wait_notify("READY", skip=1)
+        await wait_db(
+            db,
+            "SELECT id FROM sync_runs WHERE workspace_id = '100003' AND status = 'ok'",
+            timeout_s=20,
+        )
+        status, body = await d.get("/readyz")
+        assert status == 200 and "100003" in body["workspaces"]
+
+        # SIGHUP with a broken file: refused, the running config stays, syncing goes on.
+        cfg.write_text("[sync]\nhot_interval_s = 'soon'\n", encoding="utf-8")
+        d.proc.send_signal(signal.SIGHUP)
+        rejected = await d.wait_event("config.reload_rejected")
+        assert "hot_interval_s" in rejected["error"] or "workspaces" in rejected["error"]
+        assert "rejected" in await d.wait_notify("READY", skip=2)
+        seen = len(d.events("sync.finished"))
+        await d.wait_event("sync.finished", skip=seen, where=lambda e: True)
+        assert (await d.get("/healthz"))[0] == 200
+
+        code, took = await d.stop(signal.SIGTERM)
+        assert code == 0, d.tail()
+        assert took < 10
+        await d.wait_notify("STOPPING")
+        assert d.events("daemon.stopped")
+        assert not query(db, "SELECT id FROM sync_runs WHERE status = 'running'")
+
+
+async def test_sigkill_mid_sweep_then_restart_equals_the_truth(
+    tmp_path: Path, daemons: Daemons
+) -> None:
+    options = SimOptions(experiments=400, workspaces=2, seed=5, speed=0, latency_ms=25)
+    workspaces = ["100001", "100002"]
+    async with Simulator(options) as sim:
+        db = tmp_path / "mirror.db"
+        cfg = tmp_path / "config.toml"
+        cfg.write_text(
+            config_text(sim_url=sim.base_url, db=db, workspaces=workspaces, page_size=10),
+            encoding="utf-8",
+        )
+        first = await daemons.start(cfg, name="first")
+        await wait_full_ok_since(db, workspaces, "", timeout_s=30, daemon=first)
+
+        # Move the world on and kill -9 while a sweep has committed some of its changes.
+        killed_run = None
+        for _ in range(10):
+            await sim_post(sim.base_url, "/_sim/advance", {"seconds": 1800})
+            try:
+                rows = await wait_db(
+                    db,
+                    "SELECT id FROM sync_runs WHERE status = 'running' AND changes > 0",
+                    timeout_s=3,
+                    poll_s=0.005,
+                )
+            except AssertionError:
+                continue
+            first.proc.kill()
+            await first.proc.wait()
+            killed_run = rows[0]["id"]
+            break
+        assert killed_run is not None, "never caught a sweep in the act"
+        assert query(db, "SELECT status FROM sync_runs WHERE id = ?", (killed_run,))[0][0] == (
+            "running"
+        )
+
+        # The world moves on while the daemon is down; a restart must catch up exactly.
+        await sim_post(sim.base_url, "/_sim/advance", {"seconds": 1800})
+        since = now_run_time()
+        second = await daemons.start(cfg, name="second")
+        await second.wait_event("daemon.interrupted_runs_closed")
+        await wait_full_ok_since(db, workspaces, since, timeout_s=30, daemon=second)
+        interrupted = query(db, "SELECT status, error FROM sync_runs WHERE id = ?", (killed_run,))
+        assert interrupted[0]["status"] == "failed"
+        assert "interrupted" in interrupted[0]["error"]
+
+        truth = await sim_truth(sim.base_url)
+        assert assert_mirror_matches_truth(db, truth, workspaces) > 300
+        assert assert_history_consistent(db) > 0
+        non_baseline = query(db, "SELECT count(*) FROM changes WHERE baseline = 0")[0][0]
+        assert non_baseline > 0
+        code, took = await second.stop()
+        assert code == 0 and took < 10
+
+
+async def test_flaky_upstream_backs_off_records_failures_and_catches_up(
+    tmp_path: Path, daemons: Daemons
+) -> None:
+    workspaces = ["100001", "100002"]
+    async with Simulator(SimOptions(experiments=300, workspaces=2, seed=7, speed=0)) as sim:
+        db = tmp_path / "mirror.db"
+        cfg = tmp_path / "config.toml"
+        cfg.write_text(
+            config_text(
+                sim_url=sim.base_url,
+                db=db,
+                workspaces=workspaces,
+                upstream="retry_max_attempts = 2",
+                retry_max_total_s=2,
+            ),
+            encoding="utf-8",
+        )
+        d = await daemons.start(cfg)
+        await wait_full_ok_since(db, workspaces, "", timeout_s=30, daemon=d)
+
+        # Everything fails: the workspaces back off, saying why in logs, metrics and runs.
+        await sim_post(sim.base_url, "/_sim/config", {"fault_rate": 1.0})
+        backoff = await d.wait_event("sync.backoff", timeout_s=20)
+        assert backoff["consecutive_failures"] >= 2 and backoff["reason"]
+        _, metrics = await d.get("/metrics")
+        streak = metric_value(
+            metrics, "hpo_sync_consecutive_failures", workspace=backoff["workspace"]
+        )
+        assert streak is not None and streak >= 2
+        codes = metric_sum(metrics, "hpo_sync_upstream_requests_total") - metric_sum(
+            metrics, "hpo_sync_upstream_requests_total", code="OK"
+        )
+        assert codes > 0
+        noted = await wait_db(
+            db, "SELECT error FROM sync_runs WHERE error LIKE '%backing off%'", timeout_s=10
+        )
+        assert "consecutive failures" in noted[0]["error"]
+        status, ready = await d.get("/readyz")
+        assert status == 200  # synced once: still serving its (ageing) mirror
+        assert any(w["consecutive_failures"] for w in ready["workspaces"].values())
+
+        # 30% of requests fail while the world moves: the daemon keeps going.
+        await sim_post(sim.base_url, "/_sim/config", {"fault_rate": 0.3})
+        await sim_post(sim.base_url, "/_sim/advance", {"seconds": 3600})
+        await asyncio.sleep(4)
+        d.check_alive()
+        assert (await d.get("/healthz"))[0] == 200
+        failed = query(db, "SELECT count(*) FROM sync_runs WHERE status IN ('failed', 'partial')")
+        assert failed[0][0] > 0
+
+        # Faults stop: every workspace recovers by itself and equals the truth again.
+        await sim_post(sim.base_url, "/_sim/config", {"fault_rate": 0.0})
+        since = now_run_time()
+        await wait_full_ok_since(db, workspaces, since, timeout_s=40, daemon=d)
+        for ws in workspaces:
+            await wait_db(
+                db,
+                "SELECT id FROM sync_runs WHERE workspace_id = ? AND status = 'ok'"
+                " AND started_at >= ? AND mode = 'hot'",
+                (ws, since),
+                timeout_s=20,
+            )
+        truth = await sim_truth(sim.base_url)
+        assert_mirror_matches_truth(db, truth, workspaces)
+        assert_history_consistent(db)
+        _, metrics = await d.get("/metrics")
+        for ws in workspaces:
+            assert metric_value(metrics, "hpo_sync_consecutive_failures", workspace=ws) == 0
+        assert d.events("sync.recovered")
+        code, _ = await d.stop()
+        assert code == 0

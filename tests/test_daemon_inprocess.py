@@ -1,0 +1,127 @@
+"""The :class:`~hpo_sync.daemon.Daemon` in the test's own event loop, next to the simulator:
+the seams other parts build on (``request_sync``, hosted services and their change hook,
+``reload``), checked without a process boundary."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+from daemon_harness import config_text
+
+from hpo_sync.config import Config, load
+from hpo_sync.credentials import CloudCredentials, StaticCredentials
+from hpo_sync.daemon import Daemon, job_id
+from hpo_sync.notify import Notifier
+from hpo_sync.sim import DEFAULT_ACCESS_KEY_ID, DEFAULT_ACCESS_KEY_SECRET
+from hpo_sync.sim.server import SimOptions, Simulator
+from hpo_sync.store import ChangeRow
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class RecordingService:
+    """A stand-in for the alert worker: records what the daemon hands it."""
+
+    name = "recorder"
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.rows: list[ChangeRow] = []
+        self.in_transaction: list[bool] = []
+        self.configs: list[Config] = []
+
+    async def start(self) -> None:
+        self.calls.append("start")
+
+    async def stop(self) -> None:
+        self.calls.append("stop")
+
+    async def reload(self, config: Config) -> None:
+        self.calls.append("reload")
+        self.configs.append(config)
+
+    def on_changes(self, conn: sqlite3.Connection, rows: list[ChangeRow]) -> None:
+        self.in_transaction.append(conn.in_transaction)
+        self.rows.extend(rows)
+
+
+async def test_daemon_seams(tmp_path: Path) -> None:
+    async with Simulator(SimOptions(experiments=120, workspaces=3, seed=4, speed=0)) as sim:
+        cfg_path = tmp_path / "config.toml"
+        db = tmp_path / "mirror.db"
+        cfg_path.write_text(
+            config_text(sim_url=sim.base_url, db=db, workspaces=["100001", "100002"]),
+            encoding="utf-8",
+        )
+        service = RecordingService()
+        daemon = Daemon(
+            load(cfg_path),
+            credentials=StaticCredentials(
+                CloudCredentials(DEFAULT_ACCESS_KEY_ID, DEFAULT_ACCESS_KEY_SECRET)
+            ),
+            notifier=Notifier({}),
+            services=[service],
+        )
+        run = asyncio.create_task(daemon.run())
+        try:
+            started = asyncio.create_task(daemon.started.wait())
+            await asyncio.wait({run, started}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+            if run.done():
+                run.result()  # raises what stopped it
+            assert daemon.started.is_set()
+            runtime = daemon.runtime
+            assert runtime is not None and runtime.api_url == daemon.api_url
+            assert service.calls == ["start"]
+
+            result = await daemon.request_sync("100001", "full")
+            assert result.status == "ok" and result.mode == "full"
+            assert runtime.health["100001"].last_outcome == "ok"
+            with pytest.raises(KeyError):
+                daemon.request_sync("999")
+            # every change row went through the hook, inside its transaction
+            assert service.rows and all(service.in_transaction)
+            assert {r.workspace_id for r in service.rows} <= {"100001", "100002"}
+            text = daemon.metrics.render().decode()
+            assert 'hpo_sync_changes_total{baseline="true",field="Status",workspace="100001"}' in (
+                text
+            )
+
+            # reload: one workspace out, one in, new intervals
+            cfg_path.write_text(
+                config_text(
+                    sim_url=sim.base_url,
+                    db=db,
+                    workspaces=["100002", "100003"],
+                    hot_interval_s=2,
+                    full_interval_s=20,
+                ),
+                encoding="utf-8",
+            )
+            assert await daemon.reload()
+            assert runtime.config.workspace_ids() == ("100002", "100003")
+            assert daemon.engine.config is runtime.config
+            assert service.calls == ["start", "reload"]
+            assert set(runtime.health) == {"100002", "100003"}
+            scheduler = daemon._scheduler
+            assert scheduler is not None
+            ids = {job.id for job in scheduler.get_jobs()}
+            assert ids == {job_id(w, k) for w in ("100002", "100003") for k in ("hot", "full")}
+            assert scheduler.get_job(job_id("100002", "hot")).trigger.interval.total_seconds() == 2
+            assert (
+                'workspace="100001"'
+                not in daemon.metrics.render().decode().split("hpo_sync_consecutive_failures")[-1]
+            )
+            result = await daemon.request_sync("100003")
+            assert result.status == "ok"
+
+            # an invalid file is refused and changes nothing
+            cfg_path.write_text("[[workspaces]]\nid = ''\n", encoding="utf-8")
+            assert not await daemon.reload()
+            assert runtime.config.workspace_ids() == ("100002", "100003")
+        finally:
+            daemon.request_stop()
+            await asyncio.wait_for(run, 10)
+        assert service.calls == ["start", "reload", "stop"]

@@ -1,0 +1,329 @@
+"""The daemon's pure parts: backoff, start-up planning, reload planning, STATUS lines,
+sd_notify framing, metrics and the readiness body — fixed times, no scheduler, no sleeping."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from hpo_sync.api import readiness
+from hpo_sync.config import Config, SyncConfig, WorkspaceConfig, loads
+from hpo_sync.daemon import (
+    Backoff,
+    after_sweep,
+    backoff_delay_s,
+    counts_as_failure,
+    first_full_at,
+    make_trigger,
+    plan_reload,
+    startup_mode,
+    status_line,
+    wait_before_sweep_s,
+)
+from hpo_sync.metrics import Metrics
+from hpo_sync.notify import (
+    Notifier,
+    format_message,
+    socket_address,
+    watchdog_interval_s,
+)
+from hpo_sync.runtime import WorkspaceHealth
+from hpo_sync.store import WorkspaceState
+
+NOW = datetime(2025, 3, 30, 0, 59, 30, tzinfo=UTC)  # an hour before Europe's DST switch
+
+
+def state(**kw: str | None) -> WorkspaceState:
+    base: dict[str, str | None] = dict(
+        workspace_id="1",
+        label=None,
+        baseline_at=None,
+        last_full_ok_at=None,
+        last_hot_ok_at=None,
+        last_error=None,
+        last_error_at=None,
+        create_watermark=None,
+    )
+    base.update(kw)
+    return WorkspaceState(**base)  # type: ignore[arg-type]
+
+
+# --- backoff ---------------------------------------------------------------------------------
+
+
+def test_backoff_delay_is_exponential_and_capped() -> None:
+    delays = [backoff_delay_s(n, base_s=30, max_s=900) for n in range(0, 8)]
+    assert delays == [0, 0, 60, 120, 240, 480, 900, 900]
+
+
+def test_backoff_delay_survives_huge_streaks() -> None:
+    assert backoff_delay_s(10_000, base_s=30, max_s=900) == 900
+
+
+def test_a_failure_streak_grows_and_a_success_clears_it() -> None:
+    b = Backoff()
+    b = after_sweep(b, failed=True, reason="boom", now_s=100, base_s=10, max_s=60)
+    assert b == Backoff(1, None, "boom")
+    assert wait_before_sweep_s(b, 100) == 0  # one failure: the next tick retries
+    b = after_sweep(b, failed=True, reason="boom", now_s=110, base_s=10, max_s=60)
+    assert b.consecutive_failures == 2 and b.retry_at_s == 130
+    assert wait_before_sweep_s(b, 115) == 15
+    assert wait_before_sweep_s(b, 130) == 0
+    b = after_sweep(b, failed=True, reason="again", now_s=130, base_s=10, max_s=60)
+    assert b.retry_at_s == 170 and b.reason == "again"
+    for _ in range(10):
+        b = after_sweep(b, failed=True, reason="x", now_s=1000, base_s=10, max_s=60)
+    assert b.retry_at_s == 1060  # capped at max_s
+    b = after_sweep(b, failed=False, reason=None, now_s=1070, base_s=10, max_s=60)
+    assert b == Backoff()
+    assert wait_before_sweep_s(b, 0) == 0
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "failed"),
+    [
+        ("ok", None, False),
+        ("failed", None, True),
+        ("failed", "SignatureDoesNotMatch", True),
+        ("partial", "InternalError", True),  # a page kept failing upstream
+        ("partial", None, False),  # the sweep capped its own look-ups
+    ],
+)
+def test_what_counts_as_failure(status: str, code: str | None, failed: bool) -> None:
+    assert counts_as_failure(status, code) is failed
+
+
+# --- start-up --------------------------------------------------------------------------------
+
+
+def test_startup_is_full_without_a_baseline() -> None:
+    assert startup_mode(None, NOW, 3600) == "full"
+    assert startup_mode(state(), NOW, 3600) == "full"
+    assert first_full_at(None, NOW, 3600) == NOW + timedelta(hours=1)
+
+
+def test_startup_is_hot_when_the_last_full_sweep_is_recent() -> None:
+    s = state(baseline_at="2025-03-29T00:00:00Z", last_full_ok_at="2025-03-30T00:30:00.250Z")
+    assert startup_mode(s, NOW, 3600) == "hot"
+    # the periodic full sweep keeps its rhythm across the restart
+    assert first_full_at(s, NOW, 3600) == datetime(2025, 3, 30, 1, 30, tzinfo=UTC)
+
+
+def test_a_clock_set_back_does_not_postpone_the_full_sweep() -> None:
+    s = state(baseline_at="2025-03-29T00:00:00Z", last_full_ok_at="2025-03-30T05:00:00Z")
+    assert startup_mode(s, NOW, 3600) == "hot"
+    assert first_full_at(s, NOW, 3600) == NOW + timedelta(hours=1)
+
+
+def test_startup_is_full_when_the_last_full_sweep_is_overdue() -> None:
+    s = state(baseline_at="2025-03-29T00:00:00Z", last_full_ok_at="2025-03-29T23:59:30Z")
+    assert startup_mode(s, NOW, 3600) == "full"
+    assert first_full_at(s, NOW, 3600) == NOW + timedelta(hours=1)
+    s = state(baseline_at="2025-03-29T00:00:00Z")  # baseline, but no full since (odd file)
+    assert startup_mode(s, NOW, 3600) == "full"
+
+
+def test_triggers_fire_on_the_interval_with_bounded_jitter() -> None:
+    start = NOW + timedelta(minutes=30)
+    exact = make_trigger(3600, 0, start)
+    assert exact.get_next_fire_time(None, NOW) == start
+    assert exact.get_next_fire_time(start, start) == start + timedelta(hours=1)
+    # across Europe's DST switch nothing moves: the daemon schedules in UTC
+    assert exact.get_next_fire_time(start, start + timedelta(minutes=5)) == datetime(
+        2025, 3, 30, 2, 29, 30, tzinfo=UTC
+    )
+    jittery = make_trigger(10, 30, start)  # jitter capped at half the interval
+    for _ in range(50):
+        fire = jittery.get_next_fire_time(start, start)
+        assert start + timedelta(seconds=10) <= fire <= start + timedelta(seconds=15)
+
+
+# --- reload ----------------------------------------------------------------------------------
+
+BASE = """
+[upstream]
+endpoint = "http://127.0.0.1:1"
+[store]
+path = "/tmp/m.db"
+[sync]
+hot_interval_s = 30
+[[workspaces]]
+id = "1"
+[[workspaces]]
+id = "2"
+label = "two"
+"""
+
+
+def test_reload_plan_workspaces_and_intervals() -> None:
+    old = loads(BASE, source=Path("/etc/hpo-sync/config.toml"))
+    text = BASE.replace('id = "1"', 'id = "3"').replace('label = "two"', 'label = "deux"')
+    new = loads(text.replace("hot_interval_s = 30", "hot_interval_s = 10"), source=old.source)
+    plan = plan_reload(old, new)
+    assert plan.added == ("3",) and plan.removed == ("1",) and plan.relabelled == ("2",)
+    assert plan.intervals_changed and plan.restart_required == ()
+    assert plan.config.sync.hot_interval_s == 10
+
+
+def test_reload_keeps_what_needs_a_restart() -> None:
+    old = loads(BASE, source=Path("/x.toml"))
+    text = BASE.replace("/tmp/m.db", "/tmp/other.db").replace("127.0.0.1:1", "127.0.0.1:2")
+    new = loads(text + '\n[api]\nlisten = "127.0.0.1:9999"\n', source=Path("/x.toml"))
+    plan = plan_reload(old, new)
+    assert plan.restart_required == ("store", "upstream", "api.listen")
+    assert plan.config.store == old.store
+    assert plan.config.upstream == old.upstream
+    assert plan.config.api.listen == old.api.listen
+    assert not plan.intervals_changed and plan.added == plan.removed == ()
+
+
+def test_reload_plan_of_an_identical_config_is_empty() -> None:
+    cfg = Config(workspaces=(WorkspaceConfig("1"),), sync=SyncConfig())
+    plan = plan_reload(cfg, replace(cfg))
+    assert (plan.added, plan.removed, plan.relabelled, plan.restart_required) == ((),) * 4
+    assert not plan.intervals_changed
+
+
+# --- STATUS ----------------------------------------------------------------------------------
+
+
+def test_status_line() -> None:
+    health = {
+        "1": WorkspaceHealth("1", last_outcome="ok"),
+        "2": WorkspaceHealth("2", consecutive_failures=3, last_outcome="failed"),
+        "3": WorkspaceHealth("3", sweeping=True),
+    }
+    assert status_line(health, "http://127.0.0.1:8787") == (
+        "3 workspaces: 1 ok, 1 failing (2), 1 not synced yet, 1 sweeping; API http://127.0.0.1:8787"
+    )
+    assert status_line({"1": WorkspaceHealth("1", last_outcome="ok")}, None) == (
+        "1 workspace: 1 ok"
+    )
+
+
+# --- sd_notify -------------------------------------------------------------------------------
+
+
+def test_socket_address_forms() -> None:
+    assert socket_address("/run/systemd/notify") == "/run/systemd/notify"
+    assert socket_address("@hpo/notify") == b"\0hpo/notify"
+    assert socket_address("") is None
+    assert socket_address(None) is None
+    assert socket_address("vsock:2:1234") is None
+
+
+def test_watchdog_interval_is_half_of_watchdog_usec() -> None:
+    assert watchdog_interval_s({"WATCHDOG_USEC": "30000000"}, pid=7) == 15.0
+    assert watchdog_interval_s({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "7"}, pid=7) == 15
+    assert watchdog_interval_s({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "8"}, pid=7) is None
+    assert watchdog_interval_s({}, pid=7) is None
+    assert watchdog_interval_s({"WATCHDOG_USEC": "0"}, pid=7) is None
+    assert watchdog_interval_s({"WATCHDOG_USEC": "soon"}, pid=7) is None
+
+
+def test_format_message() -> None:
+    assert format_message({"READY": 1, "STATUS": "two\nlines"}) == b"READY=1\nSTATUS=two lines\n"
+    long = format_message({"STATUS": "x" * 500}).decode()
+    assert len(long) < 220 and long.endswith("…\n")
+
+
+def _receiver(address: str | bytes) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(address)
+    sock.settimeout(2)
+    return sock
+
+
+def test_notifier_sends_to_a_path_socket(tmp_path: Path) -> None:
+    path = f"/tmp/hpo-notify-{uuid.uuid4().hex[:8]}.sock"
+    sock = _receiver(path)
+    try:
+        n = Notifier({"NOTIFY_SOCKET": path})
+        assert n.enabled
+        assert n.ready("up")
+        assert sock.recv(4096) == b"READY=1\nSTATUS=up\n"
+        assert n.reloading()
+        msg = sock.recv(4096).decode()
+        assert msg.startswith("RELOADING=1\nMONOTONIC_USEC=")
+        usec = int(msg.split("MONOTONIC_USEC=")[1].split("\n")[0])
+        assert abs(usec - time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000) < 5_000_000
+        assert n.stopping() and sock.recv(4096).startswith(b"STOPPING=1\n")
+        assert n.watchdog() and sock.recv(4096) == b"WATCHDOG=1\n"
+        n.close()
+    finally:
+        sock.close()
+        os.unlink(path)
+
+
+def test_notifier_sends_to_an_abstract_socket() -> None:
+    name = f"hpo-sync-test-{uuid.uuid4().hex}"
+    sock = _receiver(b"\0" + name.encode())
+    try:
+        n = Notifier({"NOTIFY_SOCKET": f"@{name}"})
+        assert n.status("syncing")
+        assert sock.recv(4096) == b"STATUS=syncing\n"
+        n.close()
+    finally:
+        sock.close()
+
+
+def test_notifier_is_a_no_op_outside_systemd_and_never_raises() -> None:
+    assert not Notifier({}).ready()
+    gone = Notifier({"NOTIFY_SOCKET": "/nonexistent/notify.sock"})
+    assert gone.enabled and not gone.ready() and not gone.watchdog()
+    gone.close()
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+
+def test_metrics_live_in_their_own_registry() -> None:
+    a, b = Metrics(), Metrics()
+    a.observe_request("OK", "1")
+    a.observe_request("Throttling.User", "1")
+    a.observe_sweep("1", "hot", "ok", 0.3, retries=2, throttled=1, finished_at_s=1700000000)
+    a.observe_changes("1", [("Status", False), ("Status", False), ("TrialStatus", True)])
+    a.set_failures("1", 0, 0)
+    text = a.render().decode()
+    assert 'hpo_sync_upstream_requests_total{code="OK",workspace="1"} 1.0' in text
+    assert 'hpo_sync_sweeps_total{mode="hot",outcome="ok",workspace="1"} 1.0' in text
+    assert 'hpo_sync_upstream_retries_total{workspace="1"} 2.0' in text
+    assert 'hpo_sync_changes_total{baseline="false",field="Status",workspace="1"} 2.0' in text
+    assert 'hpo_sync_last_success_timestamp_seconds{workspace="1"} 1.7e+09' in text
+    assert "hpo_sync_sweep_duration_seconds_bucket" in text
+    assert 'workspace="1"' not in b.render().decode()
+    a.forget_workspace("1")
+    assert 'hpo_sync_consecutive_failures{workspace="1"}' not in a.render().decode()
+
+
+# --- readiness -------------------------------------------------------------------------------
+
+
+def test_readiness_needs_every_workspace_synced_once() -> None:
+    states = [
+        state(workspace_id="1", last_hot_ok_at="2025-03-30T00:59:00.500Z"),
+        state(workspace_id="2"),
+    ]
+    health = {"2": WorkspaceHealth("2", consecutive_failures=2, last_error="boom")}
+    body = readiness(["1", "2"], states, health, NOW)
+    assert body["ready"] is False
+    assert body["workspaces"]["1"]["synced"] and body["workspaces"]["1"]["age_s"] == 30.0
+    assert body["workspaces"]["2"] == {
+        "synced": False,
+        "baseline_at": None,
+        "last_success_at": None,
+        "age_s": None,
+        "consecutive_failures": 2,
+        "backoff_until": None,
+        "last_error": "boom",
+        "sweeping": False,
+    }
+    assert readiness(["1"], states, {}, NOW)["ready"] is True
+    assert readiness(["3"], states, {}, NOW)["ready"] is False  # configured, never seen

@@ -1,0 +1,137 @@
+"""``hpo-sync demo``: within seconds the mirror holds the simulated experiments and status
+changes scroll by; ``--duration`` and SIGINT both stop it cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from daemon_harness import ROOT, cli, daemon_env, query
+
+from hpo_sync.demo import config_text, format_change
+from hpo_sync.store import ChangeRow
+
+pytestmark = pytest.mark.timeout(120)
+
+FAST = (
+    "--experiments", "300", "--workspaces", "2", "--speed", "120",
+    "--hot-interval", "1", "--full-interval", "10", "--api-port", "0",
+)  # fmt: skip
+
+
+def gone(path: Path) -> bool:
+    return not path.exists()
+
+
+def change(field: str, old: str | None, new: str | None) -> ChangeRow:
+    return ChangeRow(1, "exp1", "100001", field, old, new, "2025-01-01T00:00:00Z", 1, False)
+
+
+def test_change_lines() -> None:
+    assert format_change(change("Status", "RUNNING", "FAILED"), "bert_lr_sweep_0042") == (
+        "ws 100001 · bert_lr_sweep_0042 (exp1) RUNNING → FAILED"
+    )
+    assert (
+        format_change(change("Status", None, "WAITING"), "x") == "ws 100001 · x (exp1) new, WAITING"
+    )
+    assert format_change(
+        change("TrialStatus", '{"RUNNING":2}', '{"FAILED":1,"RUNNING":1}'), None
+    ) == ("ws 100001 · ? (exp1) trials running 2 → failed 1 running 1")
+    assert format_change(change("Deleted", "false", "true"), "x").endswith("(exp1) deleted")
+
+
+def test_demo_config_is_valid(tmp_path: Path) -> None:
+    from hpo_sync.config import loads
+
+    cfg = loads(
+        config_text(
+            sim_url="http://127.0.0.1:1234",
+            db_path=tmp_path / "mirror.db",
+            workspace_ids=["100001", "100002"],
+            api_port=0,
+            hot_interval_s=5,
+            full_interval_s=120,
+        )
+    )
+    assert cfg.workspace_ids() == ("100001", "100002")
+    assert cfg.sync.hot_interval_s == 5 and cfg.api.listen == "127.0.0.1:0"
+
+
+@pytest.mark.slow
+def test_demo_runs_for_a_while_and_shows_experiments_and_changes(tmp_path: Path) -> None:
+    data = tmp_path / "demo"
+    began = time.monotonic()
+    proc = subprocess.run(
+        [*cli("demo", "--duration", "12", "--data-dir", str(data)), *FAST],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env=daemon_env(),
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert time.monotonic() - began < 40
+    out = proc.stdout
+    assert "simulator  http://127.0.0.1:" in out
+    m = re.search(r"API\s+(http://127\.0\.0\.1:\d+)/readyz", out)
+    assert m, out
+    assert f"--config {data / 'config.toml'}" in out
+    held = re.search(r"mirror holds ([\d,]+) experiments of 2 workspaces", out)
+    assert held and int(held.group(1).replace(",", "")) >= 290, out
+    changes = [line for line in out.splitlines() if " → " in line or " new, " in line]
+    assert changes, out
+    assert "stopped; the mirror stays in" in out
+    db = data / "mirror.db"
+    assert query(db, "SELECT count(*) FROM changes WHERE baseline = 0")[0][0] >= len(changes)
+    assert (data / "daemon.log").read_text().count('"sync.finished"') >= 2
+    check = subprocess.run(
+        [*cli("--config", str(data / "config.toml"), "check-config")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=daemon_env(),
+    )
+    assert check.returncode == 0, check.stderr
+
+
+@pytest.mark.slow
+async def test_demo_stops_on_sigint_and_cleans_up_its_temp_dir() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "hpo_sync.cli",
+        "demo",
+        *FAST,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=daemon_env(),
+        cwd=ROOT,
+    )
+    try:
+        assert proc.stdout is not None
+        lines = []
+        while True:
+            line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+            assert line, "demo ended early"
+            lines.append(line)
+            if "Ctrl-C stops everything" in line:
+                break
+        data_dir = Path(lines[0].rsplit("data in ", 1)[1].strip())
+        assert (data_dir / "mirror.db").exists()
+        began = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = await asyncio.wait_for(proc.communicate(), 15)
+        assert proc.returncode == 0, err.decode()
+        assert time.monotonic() - began < 10
+        assert "stopped; removed" in out.decode()
+        assert gone(data_dir)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
