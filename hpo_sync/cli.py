@@ -102,7 +102,7 @@ def _extra_commands() -> list[Callable[..., None]]:
     registers: list[Callable[..., None]] = []
     import importlib
 
-    for name in ("cli_query", "daemon", "demo", "alerts.cli"):
+    for name in ("cli_query", "daemon", "demo", "api.serve", "alerts.cli"):
         try:
             module = importlib.import_module(f"hpo_sync.{name}")
         except ModuleNotFoundError as exc:

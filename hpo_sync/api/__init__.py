@@ -31,6 +31,9 @@ def build_app(runtime: Runtime) -> web.Application:
     app = web.Application()
     app[RUNTIME] = runtime
     add_health_routes(app)
+    from .read import setup_read_api
+
+    setup_read_api(app, runtime)
     return app
 
 

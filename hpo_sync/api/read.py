@@ -1,0 +1,1082 @@
+"""The read API: ``/v1`` routes over the mirror, the upstream-compatible route, the OpenAPI
+document, and the middlewares that guard them all (auth, limits, errors, metrics).
+
+The daemon's ``build_app(runtime)`` calls :func:`setup_read_api` once; ``hpo-sync serve``
+does the same for a read-only instance. Handlers never touch SQLite on the event loop: every
+query runs in a small thread pool of its own, through the store's per-thread read-only
+connections, inside one read transaction (one consistent snapshot for the rows, the counts
+and the freshness of a response). In WAL mode readers never wait for the writer, so a sweep
+applying a large batch does not hold up a request. Every query runs under a time budget
+(a SQLite progress handler aborts it: 503 ``query_timeout``) and every list is LIMITed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sqlite3
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol, TypeVar
+
+import structlog
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from ..config import Config
+from ..errors import StoreError
+from ..normalise import format_time, parse_time
+
+# The store's own WHERE/keyset builders, so that the API's pages and counts select exactly
+# what Store.list_experiments would, without reading and decoding ``raw`` for every row.
+from ..store import (
+    _SORTS,
+    ExperimentFilter,
+    ExperimentPage,
+    SortOrder,
+    Store,
+    WorkspaceState,
+    _filter_sql,
+    _keyset_sql,
+)
+from .auth import Authenticator, Principal, check_listen_allowed, presented_token
+from .cursor import Cursor, CursorError, filters_hash
+from .errors import (
+    ApiError,
+    BadParameterError,
+    ForbiddenError,
+    NotFoundError,
+    UnavailableError,
+    error_response,
+    upstream_error_response,
+)
+from .openapi import (
+    CHANGES_PARAMS,
+    EXPERIMENT_CHANGES_PARAMS,
+    EXPERIMENT_PARAMS,
+    EXPERIMENTS_PARAMS,
+    SYNC_PARAMS,
+    WORKSPACES_PARAMS,
+    build_document,
+    parse_params,
+)
+
+__all__ = [
+    "PRINCIPAL",
+    "READ_API",
+    "ApiMetrics",
+    "ChangeWatcher",
+    "ReadApi",
+    "ReadRuntime",
+    "freshness",
+    "setup_read_api",
+]
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+COMPAT_PATH = "/api/automl/v1/hpo/experiments"
+COMPAT_PREFIX = "/api/automl/"
+#: No route reads a request body; anything bigger than this is refused (413).
+MAX_BODY_BYTES = 1024
+MAX_QUERY_STRING = 4096
+DEFAULT_QUERY_TIMEOUT_S = 5.0
+DEFAULT_READ_THREADS = 4
+LONG_POLL_INTERVAL_S = 0.5
+#: With a notifier, still look at the database this often (a missed notification).
+NOTIFIED_POLL_INTERVAL_S = 5.0
+NOTIFIED_LOOKS = 10
+NOTIFIED_LOOK_INTERVAL_S = 0.1
+MAX_LONG_POLLS = 256
+MAX_ID_LEN = 256
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+# Route policies, by canonical path; every other matched route needs a reading token.
+PUBLIC, READYZ, FULL_ACCESS, READ, ADMIN = "public", "readyz", "full", "read", "admin"
+ROUTE_POLICIES: Mapping[str, str] = {
+    "/healthz": PUBLIC,
+    "/openapi.json": PUBLIC,
+    "/readyz": READYZ,
+    "/metrics": FULL_ACCESS,
+    "/v1/sync": ADMIN,
+}
+
+_EXPERIMENT_FIELDS = (
+    "experiment_id",
+    "workspace_id",
+    "name",
+    "creator",
+    "status",
+    "job_type",
+    "accessibility",
+    "description",
+    "trial_count",
+    "trial_status",
+    "tags",
+    "gmt_create_time",
+    "gmt_modified_time",
+    "deleted",
+    "first_seen_at",
+    "last_seen_at",
+    "last_changed_at",
+)
+_CONFIG_FIELDS = ("search_space", "config_ini", "config_yml")
+
+
+# --- what the API needs from its host --------------------------------------------------------
+
+
+class HasRegistry(Protocol):
+    @property
+    def registry(self) -> CollectorRegistry: ...
+
+
+class ReadRuntime(Protocol):
+    """What the read API uses of the daemon's :class:`~hpo_sync.runtime.Runtime` (``serve``
+    provides the same). Optional, looked up with ``getattr``: ``request_sync(ws, mode)``
+    (absent: ``POST /v1/sync`` is 503), ``health`` (``{ws: WorkspaceHealth}``) and
+    ``changes_notifier`` (an :class:`asyncio.Condition` notified after change rows commit).
+    ``config`` is read afresh on every request (a SIGHUP reload replaces it)."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def store(self) -> Store: ...
+
+    @property
+    def metrics(self) -> HasRegistry: ...
+
+    @property
+    def clock(self) -> Callable[[], datetime]: ...
+
+
+# --- metrics ----------------------------------------------------------------------------------
+
+
+class ApiMetrics:
+    """The API's Prometheus metrics, registered once per registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "hpo_sync_api_requests",
+            "Read API requests by route (its path template; 'unmatched' for unknown paths), "
+            "method and HTTP status",
+            ["route", "method", "status"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "hpo_sync_api_request_duration_seconds",
+            "Read API request latency by route (long polls included)",
+            ["route"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=registry,
+        )
+        self.long_polls = Gauge(
+            "hpo_sync_api_long_polls_waiting",
+            "GET /v1/changes requests waiting for new changes (wait=N)",
+            registry=registry,
+        )
+
+    def observe(self, route: str, method: str, status: int, duration_s: float) -> None:
+        self.requests.labels(route=route, method=method, status=str(status)).inc()
+        self.latency.labels(route=route).observe(duration_s)
+
+
+_METRICS: weakref.WeakKeyDictionary[CollectorRegistry, ApiMetrics] = weakref.WeakKeyDictionary()
+
+
+def api_metrics(registry: CollectorRegistry) -> ApiMetrics:
+    """The API metrics of ``registry``, created on first use (a registry refuses a metric
+    registered twice, and one daemon may build its app more than once in tests)."""
+    found = _METRICS.get(registry)
+    if found is None:
+        found = _METRICS[registry] = ApiMetrics(registry)
+    return found
+
+
+# --- long-poll support -----------------------------------------------------------------------
+
+
+class ChangeWatcher:
+    """Wakes long-polling requests when ``changes`` grows.
+
+    One shared poller per app, running only while somebody waits: it reads
+    ``max(changes.id)`` (an index look-up) every :data:`LONG_POLL_INTERVAL_S`, or, when the
+    host offers ``changes_notifier`` (an :class:`asyncio.Condition`), whenever that is notified
+    (and every :data:`NOTIFIED_POLL_INTERVAL_S` in case a notification was missed).
+    """
+
+    def __init__(
+        self,
+        read_max_id: Callable[[], Awaitable[int]],
+        notifier: asyncio.Condition | None = None,
+        *,
+        poll_interval_s: float = LONG_POLL_INTERVAL_S,
+        max_waiters: int = MAX_LONG_POLLS,
+        on_waiters: Callable[[int], None] | None = None,
+    ) -> None:
+        self._read_max_id = read_max_id
+        self._notifier = notifier
+        self._poll_interval_s = poll_interval_s
+        self._max_waiters = max_waiters
+        self._on_waiters = on_waiters
+        self._latest = 0
+        self._waiters = 0
+        self._cond: asyncio.Condition | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def waiters(self) -> int:
+        return self._waiters
+
+    async def wait_beyond(self, known_max_id: int, timeout_s: float) -> int | None:
+        """Wait until some change has an id above ``known_max_id``; its max id, or None on
+        timeout (or at once when too many requests already wait)."""
+        if timeout_s <= 0 or self._waiters >= self._max_waiters:
+            return None
+        if self._cond is None:
+            self._cond = asyncio.Condition()
+        cond = self._cond
+        self._set_waiters(self._waiters + 1)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._poll(), name="api-change-watcher")
+        try:
+            async with asyncio.timeout(timeout_s), cond:
+                await cond.wait_for(lambda: self._latest > known_max_id)
+            return self._latest
+        except TimeoutError:
+            return None
+        finally:
+            self._set_waiters(self._waiters - 1)
+
+    def _set_waiters(self, n: int) -> None:
+        self._waiters = n
+        if self._on_waiters is not None:
+            self._on_waiters(n)
+
+    async def _poll(self) -> None:
+        while self._waiters > 0:
+            # A notification may come from inside the writing transaction, before it
+            # commits: after one, look a few times in quick succession.
+            looks = 1
+            if self._notifier is not None:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(NOTIFIED_POLL_INTERVAL_S), self._notifier:
+                        await self._notifier.wait()
+                        looks = NOTIFIED_LOOKS
+            else:
+                await asyncio.sleep(self._poll_interval_s)
+            for look in range(looks):
+                if look:
+                    await asyncio.sleep(NOTIFIED_LOOK_INTERVAL_S)
+                try:
+                    latest = await self._read_max_id()
+                except Exception as exc:  # the mirror unreadable for a moment: keep watching
+                    log.warning("api.change_watcher_failed", error=str(exc))
+                    await asyncio.sleep(self._poll_interval_s)
+                    break
+                if latest > self._latest and self._cond is not None:
+                    self._latest = latest
+                    async with self._cond:
+                        self._cond.notify_all()
+                    break
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+
+
+# --- freshness (pure) ------------------------------------------------------------------------
+
+
+def _last_sync(state: WorkspaceState | None) -> datetime | None:
+    if state is None:
+        return None
+    times = [t for t in (_when(state.last_full_ok_at), _when(state.last_hot_ok_at)) if t]
+    return max(times) if times else None
+
+
+def _when(value: str | None) -> datetime | None:
+    """A stored time; sweep times may carry fractions of a second."""
+    if not value:
+        return None
+    try:
+        dt = datetime.fromisoformat(value)
+    except ValueError:
+        return parse_time(value)
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+
+
+def _iso(dt: datetime) -> str:
+    u = dt.astimezone(UTC)
+    text = format_time(u)
+    return f"{text[:-1]}.{u.microsecond // 1000:03d}Z" if u.microsecond else text
+
+
+def freshness(
+    states: Iterable[WorkspaceState], workspaces: Sequence[str], now: datetime
+) -> dict[str, Any]:
+    """How fresh the data covering ``workspaces`` (all of ``states`` when empty) is: per
+    workspace its last successful sync and age, and overall the *oldest* of them (null when
+    one never synced) — the data is at least that fresh."""
+    by_id = {s.workspace_id: s for s in states}
+    covered = list(workspaces) if workspaces else sorted(by_id)
+    per: dict[str, Any] = {}
+    oldest: datetime | None = None
+    never = not covered
+    for ws in covered:
+        last = _last_sync(by_id.get(ws))
+        per[ws] = {
+            "last_sync_at": _iso(last) if last else None,
+            "age_s": _age_s(now, last),
+        }
+        if last is None:
+            never = True
+        elif oldest is None or last < oldest:
+            oldest = last
+    overall = None if never else oldest
+    return {
+        "as_of": _iso(now),
+        "last_sync_at": _iso(overall) if overall else None,
+        "age_s": _age_s(now, overall),
+        "workspaces": per,
+    }
+
+
+def _age_s(now: datetime, then: datetime | None) -> float | None:
+    return None if then is None else round(max(0.0, (now - then).total_seconds()), 3)
+
+
+def freshness_headers(fresh: Mapping[str, Any]) -> dict[str, str]:
+    headers = {"X-Last-Sync": fresh["last_sync_at"] or "never"}
+    if fresh["age_s"] is not None:
+        headers["X-Data-Age"] = str(int(fresh["age_s"]))
+    return headers
+
+
+# --- the API's state ---------------------------------------------------------------------------
+
+
+@dataclass
+class ReadApi:
+    """Everything the handlers share; one per application (``app[READ_API]``)."""
+
+    runtime: ReadRuntime
+    listen_host: str
+    metrics: ApiMetrics
+    query_timeout_s: float = DEFAULT_QUERY_TIMEOUT_S
+    read_threads: int = DEFAULT_READ_THREADS
+    auth: Authenticator = field(default_factory=Authenticator)
+    executor: ThreadPoolExecutor = field(init=False)
+    watcher: ChangeWatcher = field(init=False)
+    _document: bytes | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.executor = ThreadPoolExecutor(self.read_threads, thread_name_prefix="api-read")
+        self.watcher = ChangeWatcher(
+            self._max_change_id,
+            getattr(self.runtime, "changes_notifier", None),
+            on_waiters=self.metrics.long_polls.set,
+        )
+
+    @property
+    def store(self) -> Store:
+        return self.runtime.store
+
+    async def read(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``work(conn)`` in the read pool, in one snapshot, under the time budget."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, self._run, work)
+
+    def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        fired = False
+        deadline = time.monotonic() + self.query_timeout_s
+
+        def progress() -> int:
+            nonlocal fired
+            if time.monotonic() > deadline:
+                fired = True
+                return 1  # SQLite aborts the statement: "interrupted"
+            return 0
+
+        try:
+            with self.store.reader() as conn:
+                conn.set_progress_handler(progress, 1000)
+                try:
+                    return work(conn)
+                finally:
+                    conn.set_progress_handler(None, 0)
+        except (StoreError, sqlite3.Error) as exc:
+            if fired:
+                raise UnavailableError(
+                    f"the query ran longer than {self.query_timeout_s:g}s and was stopped; "
+                    "narrow the filters (a workspace, a status, a time range)",
+                    code="query_timeout",
+                ) from None
+            log.error("api.mirror_unreadable", error=str(exc))
+            raise UnavailableError(
+                f"the mirror cannot be read: {exc}", code="mirror_unavailable"
+            ) from None
+
+    async def _max_change_id(self) -> int:
+        def work(conn: sqlite3.Connection) -> int:
+            return int(conn.execute("SELECT coalesce(max(id), 0) FROM changes").fetchone()[0])
+
+        return await self.read(work)
+
+    def document(self) -> bytes:
+        if self._document is None:
+            self._document = json.dumps(build_document(), indent=1).encode()
+        return self._document
+
+    async def close(self, _app: web.Application | None = None) -> None:
+        await self.watcher.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+READ_API: web.AppKey[ReadApi] = web.AppKey("hpo_sync.read_api", ReadApi)
+PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("hpo_sync.principal", Principal)
+
+
+# --- setup --------------------------------------------------------------------------------
+
+
+def setup_read_api(
+    app: web.Application,
+    runtime: ReadRuntime,
+    *,
+    listen_host: str | None = None,
+    query_timeout_s: float = DEFAULT_QUERY_TIMEOUT_S,
+    read_threads: int = DEFAULT_READ_THREADS,
+) -> None:
+    """Add the read API's routes and middlewares to ``app`` (idempotent).
+
+    Raises :class:`~hpo_sync.errors.ConfigError` when no tokens are configured and the API
+    would listen on a non-loopback address (``listen_host``, default ``[api] listen``).
+    """
+    if READ_API in app:
+        return
+    host = listen_host if listen_host is not None else runtime.config.api.host_port[0]
+    check_listen_allowed(host, runtime.config.api.tokens)
+    api = ReadApi(
+        runtime,
+        host,
+        api_metrics(runtime.metrics.registry),
+        query_timeout_s=query_timeout_s,
+        read_threads=read_threads,
+    )
+    app[READ_API] = api
+    from .compat import list_hpo_experiments
+
+    r = app.router
+    r.add_get("/openapi.json", openapi_document)
+    r.add_get("/v1/experiments", list_experiments)
+    r.add_get("/v1/experiments/{id}", get_experiment)
+    r.add_get("/v1/experiments/{id}/changes", get_experiment_changes)
+    r.add_get("/v1/changes", list_changes)
+    r.add_get("/v1/workspaces", list_workspaces)
+    r.add_post("/v1/sync", request_sync)
+    r.add_get(COMPAT_PATH, list_hpo_experiments)
+    # Outermost first: metrics see the final status of every request, errors included.
+    app.middlewares.extend([metrics_middleware, error_middleware, guard_middleware])
+    app.on_cleanup.append(api.close)
+
+
+# --- middlewares ---------------------------------------------------------------------------
+
+
+def _route_of(request: web.Request) -> str | None:
+    """The path template of the matched route, or None (unknown path, wrong method)."""
+    if request.match_info.http_exception is not None:
+        return None
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else None
+
+
+@web.middleware
+async def metrics_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    api = request.app[READ_API]
+    started = time.perf_counter()
+    route = _route_of(request) or "unmatched"
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    except asyncio.CancelledError:
+        status = 499  # the client went away, or the server is stopping
+        raise
+    finally:
+        api.metrics.observe(route, request.method, status, time.perf_counter() - started)
+
+
+_STATUS_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    414: "uri_too_long",
+}
+
+
+@web.middleware
+async def error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    upstream = request.path.startswith(COMPAT_PREFIX)
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        if upstream:
+            return upstream_error_response(
+                exc.status, exc.upstream_code, exc.message, headers=exc.headers
+            )
+        return error_response(
+            exc.status, exc.code, exc.message, param=exc.param, headers=exc.headers
+        )
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow",)}
+        if exc.status == 404:
+            message = f"no route {request.path}; see /openapi.json"
+        elif exc.status == 405:
+            message = f"{request.method} is not allowed here; allowed: {exc.headers.get('Allow')}"
+        else:
+            message = exc.reason
+        code = _STATUS_CODES.get(exc.status, "http_error")
+        if upstream:
+            return upstream_error_response(exc.status, code, message, headers=headers)
+        return error_response(exc.status, code, message, headers=headers)
+    except Exception:
+        log.exception("api.unhandled_error", method=request.method, path=request.path)
+        if upstream:
+            return upstream_error_response(500, "InternalError", "internal error")
+        return error_response(500, "internal_error", "internal error; see the daemon's log")
+
+
+class PayloadTooLargeError(ApiError):
+    """A request body over :data:`MAX_BODY_BYTES` (413)."""
+
+    status = 413
+    code = "payload_too_large"
+    upstream_code = "InvalidParameter.BodyTooLarge"
+
+
+@web.middleware
+async def guard_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Size limits, then who is asking, by route policy."""
+    length = request.content_length
+    if (length is not None and length > MAX_BODY_BYTES) or (length is None and request.body_exists):
+        raise PayloadTooLargeError(
+            f"request bodies over {MAX_BODY_BYTES} bytes (or of unknown length) are refused; "
+            "no route reads a body: pass parameters in the query string"
+        )
+    return await _guard(request, handler)
+
+
+async def _guard(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    if len(request.query_string) > MAX_QUERY_STRING:
+        raise BadParameterError("query", f"longer than {MAX_QUERY_STRING} characters")
+    route = _route_of(request)
+    if route is None:
+        return await handler(request)  # the router's 404 / 405
+    policy = ROUTE_POLICIES.get(route, READ)
+    if policy == PUBLIC:
+        return await handler(request)
+    api = request.app[READ_API]
+    tokens = api.runtime.config.api.tokens
+
+    def resolve() -> Principal:
+        presented = presented_token(
+            request.headers, request.query, allow_query=request.path.startswith(COMPAT_PREFIX)
+        )
+        return api.auth.resolve(
+            tokens,
+            presented,
+            listen_host=api.listen_host,
+            peer=request.remote,
+            host_header=request.headers.get("Host"),
+        )
+
+    if policy == READYZ:
+        try:
+            principal: Principal | None = resolve()
+        except ApiError:
+            principal = None
+        response = await handler(request)
+        if principal is not None and principal.full_access:
+            return response
+        return _reduced_readiness(response)
+    principal = resolve()
+    if policy == FULL_ACCESS and not principal.full_access:
+        raise ForbiddenError(
+            f"{route} shows every workspace: it needs a token without a workspace limit",
+            code="full_access_required",
+        )
+    if policy == ADMIN and not principal.admin:
+        why = (
+            "an admin token (admin = true in [[api.tokens]])"
+            if principal.by_token
+            else "an admin token; without [[api.tokens]] admin routes are disabled"
+        )
+        raise ForbiddenError(f"{route} needs {why}", code="admin_required")
+    request[PRINCIPAL] = principal
+    return await handler(request)
+
+
+def _reduced_readiness(response: web.StreamResponse) -> web.StreamResponse:
+    """``/readyz`` for callers who may not see every workspace: the verdict only."""
+    if not isinstance(response, web.Response) or response.body is None:
+        return response
+    try:
+        body = json.loads(bytes(response.body))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return response
+    if not isinstance(body, dict):
+        return response
+    reduced = {k: body[k] for k in ("ready", "mirror") if k in body}
+    return web.json_response(reduced, status=response.status)
+
+
+# --- serialisation (pure) ----------------------------------------------------------------
+
+
+# Compact, UTF-8 JSON: a page of 50 experiments is a third smaller than json.dumps' default.
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def _change_value(field_name: str, value: str | None) -> Any:
+    if value is None:
+        return None
+    if field_name == "Deleted":
+        return value == "true"
+    if field_name == "TrialStatus":
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def change_json(row: Sequence[Any]) -> dict[str, Any]:
+    id_, exp_id, name, ws, field_name, old, new, observed_at, run_id, baseline = row
+    return {
+        "id": id_,
+        "experiment_id": exp_id,
+        "experiment_name": name,
+        "workspace_id": ws,
+        "field": field_name,
+        "old_value": _change_value(field_name, old),
+        "new_value": _change_value(field_name, new),
+        "observed_at": observed_at,
+        "sync_run_id": run_id,
+        "baseline": bool(baseline),
+    }
+
+
+def filter_identity(f: ExperimentFilter) -> dict[str, Any]:
+    """The filters as canonical data, for the cursor's hash (order-insensitive)."""
+    return {
+        "workspaces": sorted(set(f.workspaces)),
+        "statuses": sorted(set(f.statuses)),
+        "name": f.name,
+        "creator": f.creator,
+        "tags": sorted({(k, v) for k, v in f.tags}, key=lambda kv: (kv[0], kv[1] is None, kv[1])),
+        "created_after": f.created_after,
+        "created_before": f.created_before,
+        "modified_after": f.modified_after,
+        "include_deleted": f.include_deleted,
+    }
+
+
+def _json_response(
+    body: dict[str, Any], fresh: Mapping[str, Any], *, status: int = 200
+) -> web.Response:
+    body["freshness"] = fresh
+    return web.json_response(body, status=status, headers=freshness_headers(fresh), dumps=_dumps)
+
+
+# --- SQL (runs in the read pool) -----------------------------------------------------------
+
+
+_CHANGE_SELECT = (
+    "SELECT c.id, c.experiment_id, e.name, c.workspace_id, c.field, c.old_value,"
+    " c.new_value, c.observed_at, c.sync_run_id, c.baseline"
+    " FROM changes c LEFT JOIN experiments e ON e.experiment_id = c.experiment_id"
+)
+
+
+def select_changes(
+    conn: sqlite3.Connection,
+    *,
+    after: int,
+    limit: int,
+    workspaces: Sequence[str] = (),
+    experiment_id: str | None = None,
+    field_name: str | None = None,
+) -> list[sqlite3.Row]:
+    where = ["c.id > ?"]
+    params: list[Any] = [after]
+    if workspaces:
+        where.append(f"c.workspace_id IN ({','.join('?' * len(workspaces))})")
+        params.extend(workspaces)
+    if experiment_id is not None:
+        where.append("c.experiment_id = ?")
+        params.append(experiment_id)
+    if field_name is not None:
+        where.append("c.field = ?")
+        params.append(field_name)
+    params.append(limit)
+    sql = f"{_CHANGE_SELECT} WHERE {' AND '.join(where)} ORDER BY c.id LIMIT ?"
+    return conn.execute(sql, params).fetchall()
+
+
+def _columns(include_config: bool) -> str:
+    return ", ".join(_EXPERIMENT_FIELDS + (_CONFIG_FIELDS if include_config else ()))
+
+
+def _decoded(row: sqlite3.Row) -> dict[str, Any]:
+    out = dict(row)
+    out["trial_status"] = json.loads(out["trial_status"]) if out["trial_status"] else {}
+    out["tags"] = json.loads(out["tags"]) if out["tags"] else []
+    out["deleted"] = bool(out["deleted"])
+    return out
+
+
+def select_experiments(
+    conn: sqlite3.Connection,
+    filters: ExperimentFilter,
+    sort: SortOrder,
+    limit: int,
+    after_key: tuple[str | None, str] | None,
+    *,
+    include_config: bool,
+) -> ExperimentPage:
+    """:meth:`Store.list_experiments`'s page (same WHERE, same keyset, same order) with only
+    the columns the API shows: the stored ``raw`` object (the whole upstream record, config
+    texts included) is never read, which makes a page several times cheaper."""
+    column, desc = _SORTS[sort]
+    where, params = _filter_sql(filters)
+    if after_key is not None:
+        clause, key_params = _keyset_sql(column, desc, after_key[0], after_key[1])
+        where.append(clause)
+        params.extend(key_params)
+    direction = "DESC" if desc else "ASC"
+    sql = (
+        f"SELECT {_columns(include_config)} FROM experiments"
+        f" WHERE {' AND '.join(where) or '1'}"
+        f" ORDER BY {column} {direction}, experiment_id {direction} LIMIT ?"
+    )
+    rows = conn.execute(sql, [*params, limit + 1]).fetchall()
+    page = [_decoded(r) for r in rows[:limit]]
+    last_key = (page[-1][column], page[-1]["experiment_id"]) if page else None
+    return ExperimentPage(page, last_key, len(rows) > limit)
+
+
+def select_experiment(
+    conn: sqlite3.Connection, experiment_id: str, *, include_config: bool
+) -> dict[str, Any] | None:
+    row = conn.execute(
+        f"SELECT {_columns(include_config)} FROM experiments WHERE experiment_id = ?",
+        (experiment_id,),
+    ).fetchone()
+    return _decoded(row) if row is not None else None
+
+
+def count_by_status(conn: sqlite3.Connection, f: ExperimentFilter) -> dict[str, int]:
+    """Counts by status of everything ``f`` matches: the very WHERE clause the listing uses."""
+    where, params = _filter_sql(f)
+    sql = (
+        f"SELECT status, count(*) FROM experiments WHERE {' AND '.join(where) or '1'}"
+        " GROUP BY status ORDER BY status"
+    )
+    return {("null" if s is None else s): n for s, n in conn.execute(sql, params)}
+
+
+# --- handlers ---------------------------------------------------------------------------------
+
+
+async def openapi_document(request: web.Request) -> web.Response:
+    body = request.app[READ_API].document()
+    return web.Response(body=body, content_type="application/json")
+
+
+async def list_experiments(request: web.Request) -> web.Response:
+    api = request.app[READ_API]
+    principal = request[PRINCIPAL]
+    q = parse_params(EXPERIMENTS_PARAMS, request.query)
+    scope = principal.scope(q["workspace"])
+    filters = ExperimentFilter(
+        workspaces=scope,
+        statuses=tuple(q["status"]),
+        name=q["name"],
+        creator=q["creator"],
+        tags=tuple(q["tag"]),
+        created_after=q["created_after"],
+        created_before=q["created_before"],
+        modified_after=q["modified_after"],
+        include_deleted=q["include_deleted"],
+    )
+    sort: SortOrder = q["sort"]
+    limit: int = q["limit"]
+    fhash = filters_hash(filter_identity(filters))
+    after_key: tuple[str | None, str] | None = None
+    if q["cursor"] is not None:
+        try:
+            cursor = Cursor.decode(q["cursor"])
+            cursor.check(sort, fhash)
+        except CursorError as exc:
+            raise BadParameterError("cursor", str(exc)) from None
+        after_key = cursor.key
+    store = api.store
+
+    def work(
+        conn: sqlite3.Connection,
+    ) -> tuple[Any, dict[str, int] | None, list[WorkspaceState]]:
+        page = select_experiments(
+            conn, filters, sort, limit, after_key, include_config=q["include_config"]
+        )
+        counts = count_by_status(conn, filters) if q["count"] else None
+        return page, counts, store.workspaces()
+
+    page, counts, states = await api.read(work)
+    next_cursor = None
+    if page.has_more and page.last_key is not None:
+        next_cursor = Cursor(sort, fhash, (page.last_key[0], page.last_key[1])).encode()
+    body: dict[str, Any] = {
+        "experiments": page.rows,  # already the API's shape: see select_experiments
+        "next_cursor": next_cursor,
+        "has_more": page.has_more,
+    }
+    if counts is not None:
+        body["count"] = {"total": sum(counts.values()), "by_status": counts}
+    fresh = freshness(states, scope, api.runtime.clock())
+    return _json_response(body, fresh)
+
+
+def _experiment_id(request: web.Request) -> str:
+    exp_id = request.match_info["id"]
+    if len(exp_id) > MAX_ID_LEN:
+        raise NotFoundError(f"no experiment {exp_id[:40]}…", code="experiment_not_found")
+    return exp_id
+
+
+def _not_found(exp_id: str, principal: Principal) -> NotFoundError:
+    where = "" if principal.full_access else " in the workspaces this token may read"
+    return NotFoundError(
+        f"the mirror holds no experiment {exp_id!r}{where}", code="experiment_not_found"
+    )
+
+
+async def get_experiment(request: web.Request) -> web.Response:
+    api = request.app[READ_API]
+    principal = request[PRINCIPAL]
+    q = parse_params(EXPERIMENT_PARAMS, request.query)
+    exp_id = _experiment_id(request)
+    store = api.store
+
+    def work(conn: sqlite3.Connection) -> tuple[dict[str, Any] | None, list[WorkspaceState]]:
+        row = select_experiment(conn, exp_id, include_config=q["include_config"])
+        return row, store.workspaces()
+
+    row, states = await api.read(work)
+    if row is None or not principal.can_see(row["workspace_id"]):
+        raise _not_found(exp_id, principal)
+    fresh = freshness(states, [row["workspace_id"]], api.runtime.clock())
+    return _json_response({"experiment": row}, fresh)
+
+
+async def get_experiment_changes(request: web.Request) -> web.Response:
+    api = request.app[READ_API]
+    principal = request[PRINCIPAL]
+    q = parse_params(EXPERIMENT_CHANGES_PARAMS, request.query)
+    exp_id = _experiment_id(request)
+    store = api.store
+
+    def work(
+        conn: sqlite3.Connection,
+    ) -> tuple[str | None, list[sqlite3.Row], list[WorkspaceState]]:
+        found = conn.execute(
+            "SELECT workspace_id FROM experiments WHERE experiment_id = ?", (exp_id,)
+        ).fetchone()
+        if found is None or not principal.can_see(found[0]):
+            return None, [], []
+        rows = select_changes(
+            conn,
+            after=q["after"],
+            limit=q["limit"] + 1,
+            experiment_id=exp_id,
+            field_name=q["field"],
+        )
+        return found[0], rows, store.workspaces()
+
+    ws, rows, states = await api.read(work)
+    if ws is None:
+        raise _not_found(exp_id, principal)
+    has_more = len(rows) > q["limit"]
+    rows = rows[: q["limit"]]
+    fresh = freshness(states, [ws], api.runtime.clock())
+    body = {
+        "changes": [change_json(r) for r in rows],
+        "next_after": rows[-1][0] if rows else q["after"],
+        "has_more": has_more,
+    }
+    return _json_response(body, fresh)
+
+
+async def list_changes(request: web.Request) -> web.Response:
+    api = request.app[READ_API]
+    principal = request[PRINCIPAL]
+    q = parse_params(CHANGES_PARAMS, request.query)
+    scope = principal.scope(q["workspace"])
+    after: int = q["after"]
+    limit: int = q["limit"]
+    store = api.store
+
+    def work(conn: sqlite3.Connection) -> tuple[list[sqlite3.Row], int, list[WorkspaceState]]:
+        rows = select_changes(
+            conn, after=after, limit=limit + 1, workspaces=scope, field_name=q["field"]
+        )
+        max_id = int(conn.execute("SELECT coalesce(max(id), 0) FROM changes").fetchone()[0])
+        return rows, max_id, store.workspaces()
+
+    rows, max_id, states = await api.read(work)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + q["wait"]
+    while not rows and (remaining := deadline - loop.time()) > 0:
+        newer = await api.watcher.wait_beyond(max(max_id, after), remaining)
+        if newer is None:
+            break
+        rows, max_id, states = await api.read(work)
+    has_more = len(rows) > limit
+    rows = rows[:limit]
+    # With no rows: nothing matched up to max_id in this snapshot, and ids are assigned in
+    # commit order (one writer), so the next poll may start there.
+    next_after = rows[-1][0] if rows else max(after, max_id)
+    fresh = freshness(states, scope, api.runtime.clock())
+    body = {
+        "changes": [change_json(r) for r in rows],
+        "next_after": next_after,
+        "has_more": has_more,
+    }
+    return _json_response(body, fresh)
+
+
+async def list_workspaces(request: web.Request) -> web.Response:
+    api = request.app[READ_API]
+    principal = request[PRINCIPAL]
+    parse_params(WORKSPACES_PARAMS, request.query)
+    store = api.store
+
+    def work(conn: sqlite3.Connection) -> tuple[list[WorkspaceState], list[sqlite3.Row]]:
+        counts = conn.execute(
+            "SELECT workspace_id, status, deleted, count(*) FROM experiments"
+            " GROUP BY workspace_id, status, deleted"
+        ).fetchall()
+        return store.workspaces(), counts
+
+    states, counts = await api.read(work)
+    config = api.runtime.config
+    configured = set(config.workspace_ids())
+    labels = {w.id: w.label for w in config.workspaces}
+    health: Mapping[str, Any] = getattr(api.runtime, "health", None) or {}
+    now = api.runtime.clock()
+    by_id = {s.workspace_id: s for s in states}
+    ids = sorted(w for w in set(by_id) | configured if principal.can_see(w))
+    per_status: dict[str, dict[str, int]] = {w: {} for w in ids}
+    deleted: dict[str, int] = dict.fromkeys(ids, 0)
+    for ws, status, is_deleted, n in counts:
+        if ws not in per_status:
+            continue
+        if is_deleted:
+            deleted[ws] += n
+        else:
+            key = "null" if status is None else status
+            per_status[ws][key] = per_status[ws].get(key, 0) + n
+    out = []
+    for ws in ids:
+        state = by_id.get(ws)
+        last = _last_sync(state)
+        err_at = _when(state.last_error_at) if state else None
+        h = health.get(ws)
+        out.append(
+            {
+                "workspace_id": ws,
+                "label": (state.label if state and state.label else None) or labels.get(ws),
+                "configured": ws in configured,
+                "experiments": sum(per_status[ws].values()),
+                "deleted": deleted[ws],
+                "counts_by_status": dict(sorted(per_status[ws].items())),
+                "baseline_at": state.baseline_at if state else None,
+                "last_full_sync_at": state.last_full_ok_at if state else None,
+                "last_hot_sync_at": state.last_hot_ok_at if state else None,
+                "last_sync_at": _iso(last) if last else None,
+                "data_age_s": _age_s(now, last),
+                "last_error": state.last_error if state else None,
+                "last_error_at": state.last_error_at if state else None,
+                "failing": err_at is not None and (last is None or err_at > last),
+                "sweeping": getattr(h, "sweeping", None),
+                "consecutive_failures": getattr(h, "consecutive_failures", None),
+            }
+        )
+    fresh = freshness(states, ids, now)
+    return _json_response({"workspaces": out}, fresh)
+
+
+async def request_sync(request: web.Request) -> web.Response:
+    api = request.app[READ_API]
+    principal = request[PRINCIPAL]
+    q = parse_params(SYNC_PARAMS, request.query)
+    ws: str = q["workspace"]
+    mode: str = q["mode"]
+    principal.scope([ws])
+    requester = getattr(api.runtime, "request_sync", None)
+    if requester is None:
+        raise UnavailableError(
+            "this instance only reads the mirror (hpo-sync serve); sync from the daemon",
+            code="read_only",
+        )
+    try:
+        future = requester(ws, mode)
+    except KeyError:
+        raise NotFoundError(
+            f"workspace {ws!r} is not configured", code="unknown_workspace"
+        ) from None
+    if isinstance(future, asyncio.Future):
+        future.add_done_callback(_consume)
+    log.info("api.sync_requested", workspace=ws, mode=mode, token=principal.name)
+    store = api.store
+
+    def work(_conn: sqlite3.Connection) -> list[WorkspaceState]:
+        return store.workspaces()
+
+    states = await api.read(work)
+    fresh = freshness(states, [ws], api.runtime.clock())
+    return _json_response({"queued": {"workspace": ws, "mode": mode}}, fresh, status=202)
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    """Retrieve a requested sweep's outcome so a failure is not reported as unretrieved
+    (the daemon records and logs sweeps itself)."""
+    if not future.cancelled():
+        future.exception()

@@ -1,0 +1,672 @@
+"""The ``/v1`` routes against a real mirror synced from the simulator: every filter and sort
+against a Python reading of the same rows, keyset paging while writes land between pages,
+history and the change feed (long-poll included), workspaces, sync requests, errors, the
+time budget, metrics, and reads that never wait for a sync."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import re
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_api_rig import (
+    START,
+    WS1,
+    WS2,
+    WS3,
+    ApiRig,
+    api_rig,
+    golden_mirror,
+    mirror_rows,
+    new_experiment,
+    rig,
+)
+
+from hpo_sync.api.cursor import Cursor
+from hpo_sync.api.openapi import build_document
+from hpo_sync.normalise import format_time
+from hpo_sync.store import Store
+
+__all__ = ["golden_mirror", "rig"]  # fixtures, imported for pytest
+
+Row = dict[str, Any]
+
+
+def decoded(store: Store, where: str = "1") -> list[Row]:
+    rows = mirror_rows(store, where)
+    for r in rows:
+        r["tags"] = json.loads(r["tags"])
+        r["trial_status"] = json.loads(r["trial_status"])
+    return rows
+
+
+SORT_KEYS: dict[str, tuple[Callable[[Row], Any], bool]] = {
+    "-created": (lambda r: (r["gmt_create_time"], r["experiment_id"]), True),
+    "created": (lambda r: (r["gmt_create_time"], r["experiment_id"]), False),
+    "-modified": (lambda r: (r["gmt_modified_time"], r["experiment_id"]), True),
+    "modified": (lambda r: (r["gmt_modified_time"], r["experiment_id"]), False),
+    "name": (lambda r: (r["name"], r["experiment_id"]), False),
+    "-name": (lambda r: (r["name"], r["experiment_id"]), True),
+}
+
+
+def expected_ids(rows: list[Row], pred: Callable[[Row], bool], sort: str = "-created") -> list[str]:
+    key, desc = SORT_KEYS[sort]
+    return [r["experiment_id"] for r in sorted(filter(pred, rows), key=key, reverse=desc)]
+
+
+async def walk(
+    rig: ApiRig,
+    params: list[tuple[str, str]],
+    *,
+    limit: int = 97,
+    token: str = "all",
+    between: Callable[[int], Any] | None = None,
+) -> list[Row]:
+    """Follow next_cursor to the end; ``between(page_no)`` runs between pages."""
+    out: list[Row] = []
+    cursor: str | None = None
+    for page_no in range(10_000):
+        p = [*params, ("limit", str(limit))] + ([("cursor", cursor)] if cursor else [])
+        body = await rig.ok("/v1/experiments", p, token=token)
+        assert len(body["experiments"]) <= limit
+        out += body["experiments"]
+        cursor = body["next_cursor"]
+        if not body["has_more"]:
+            assert cursor is None
+            return out
+        assert cursor
+        if between is not None:
+            await between(page_no)
+    raise AssertionError("the walk did not end")
+
+
+# --- listing ----------------------------------------------------------------------------------
+
+
+async def test_default_page_is_50_newest_without_config_texts_and_says_how_fresh(
+    rig: ApiRig,
+) -> None:
+    rows = decoded(rig.store)
+    reply = await rig.get("/v1/experiments")
+    assert reply.status == 200
+    body = reply.body
+    ids = [e["experiment_id"] for e in body["experiments"]]
+    assert ids == expected_ids(rows, lambda r: not r["deleted"])[:50]
+    assert body["has_more"] is True and body["next_cursor"]
+    first = body["experiments"][0]
+    assert "search_space" not in first and "raw" not in first
+    by_id = {r["experiment_id"]: r for r in rows}
+    row = by_id[first["experiment_id"]]
+    for key in ("name", "status", "creator", "trial_status", "tags", "gmt_create_time"):
+        assert first[key] == row[key], key
+    # Freshness: the oldest last sync of the workspaces covered (all three here).
+    states = rig.store.workspaces()
+    last = min(max(s.last_full_ok_at or "", s.last_hot_ok_at or "") for s in states)
+    fresh = body["freshness"]
+    assert fresh["last_sync_at"] == last
+    assert set(fresh["workspaces"]) == {WS1, WS2, WS3}
+    now = rig.runtime.clock()
+    age = (now - datetime.fromisoformat(last)).total_seconds()
+    assert fresh["age_s"] == pytest.approx(age)
+    assert fresh["as_of"] == format_time(now)
+    assert reply.headers["X-Last-Sync"] == last
+    assert reply.headers["X-Data-Age"] == str(int(age))
+
+
+async def test_every_filter_matches_a_python_reading_of_the_mirror(rig: ApiRig) -> None:
+    rows = decoded(rig.store)
+    live = [r for r in rows if not r["deleted"]]
+    ws1 = [r for r in live if r["workspace_id"] == WS1]
+    creator = Counter(r["creator"] for r in ws1).most_common(1)[0][0]
+    created = sorted(r["gmt_create_time"] for r in live)
+    pivot = created[len(created) // 2]
+    pivot_dt = datetime.fromisoformat(pivot)
+    pivot_plus8 = pivot_dt.astimezone(timezone(timedelta(hours=8))).isoformat()
+    modified_pivot = sorted(r["gmt_modified_time"] for r in live)[-40]
+    day = (pivot_dt - timedelta(days=3)).date().isoformat()
+
+    def tag(key: str, value: str | None = None) -> Callable[[Row], bool]:
+        return lambda r: any(
+            t["Key"] == key and (value is None or t["Value"] == value) for t in r["tags"]
+        )
+
+    def alive(pred: Callable[[Row], bool]) -> Callable[[Row], bool]:
+        return lambda r: not r["deleted"] and pred(r)
+
+    cases: list[tuple[str, list[tuple[str, str]], Callable[[Row], bool]]] = [
+        ("workspace", [("workspace", WS1)], alive(lambda r: r["workspace_id"] == WS1)),
+        (
+            "two workspaces",
+            [("workspace", WS1), ("workspace", WS3)],
+            alive(lambda r: r["workspace_id"] in (WS1, WS3)),
+        ),
+        ("status", [("status", "RUNNING")], alive(lambda r: r["status"] == "RUNNING")),
+        (
+            "two statuses",
+            [("status", "FAILED"), ("status", "USER_CANCELED")],
+            alive(lambda r: r["status"] in ("FAILED", "USER_CANCELED")),
+        ),
+        ("name, any case", [("name", "BERT")], alive(lambda r: "bert" in r["name"].lower())),
+        ("creator", [("creator", creator)], alive(lambda r: r["creator"] == creator)),
+        ("tag with value", [("tag", "team:ml ops")], alive(tag("team", "ml ops"))),
+        ("tag key only", [("tag", "priority")], alive(tag("priority"))),
+        (
+            "two tags",
+            [("tag", "team:nlp"), ("tag", "env")],
+            alive(lambda r: tag("team", "nlp")(r) and tag("env")(r)),
+        ),
+        (
+            "created_after (inclusive)",
+            [("created_after", pivot)],
+            alive(lambda r: r["gmt_create_time"] >= pivot),
+        ),
+        (
+            "created_before (exclusive), +08:00",
+            [("created_before", pivot_plus8)],
+            alive(lambda r: r["gmt_create_time"] < pivot),
+        ),
+        (
+            "created_after, a date",
+            [("created_after", day)],
+            alive(lambda r: r["gmt_create_time"] >= f"{day}T00:00:00Z"),
+        ),
+        (
+            "modified_after",
+            [("modified_after", modified_pivot)],
+            alive(lambda r: r["gmt_modified_time"] >= modified_pivot),
+        ),
+        ("include_deleted", [("include_deleted", "true")], lambda r: True),
+        (
+            "everything at once",
+            [
+                ("workspace", WS2),
+                ("status", "FINISHED"),
+                ("status", "FAILED"),
+                ("tag", "team"),
+                ("created_before", pivot),
+                ("include_deleted", "false"),
+            ],
+            alive(
+                lambda r: (
+                    r["workspace_id"] == WS2
+                    and r["status"] in ("FINISHED", "FAILED")
+                    and tag("team")(r)
+                    and r["gmt_create_time"] < pivot
+                )
+            ),
+        ),
+    ]
+    for name, params, pred in cases:
+        want = expected_ids(rows, pred)
+        assert want, f"{name}: the case selects nothing; pick another value"
+        got = [e["experiment_id"] for e in await walk(rig, params, limit=211)]
+        assert got == want, name
+        counted = await rig.ok("/v1/experiments", [*params, ("count", "true"), ("limit", "1")])
+        by_status = Counter("null" if r["status"] is None else r["status"] for r in rows if pred(r))
+        assert counted["count"] == {"total": len(want), "by_status": dict(by_status)}, name
+
+
+@pytest.mark.parametrize("sort", list(SORT_KEYS))
+async def test_every_sort_orders_by_its_key_then_id(rig: ApiRig, sort: str) -> None:
+    rows = decoded(rig.store)
+    got = [
+        e["experiment_id"] for e in await walk(rig, [("sort", sort), ("workspace", WS2)], limit=500)
+    ]
+    assert got == expected_ids(rows, lambda r: not r["deleted"] and r["workspace_id"] == WS2, sort)
+
+
+async def test_include_config_adds_the_config_texts(rig: ApiRig) -> None:
+    body = await rig.ok("/v1/experiments", {"include_config": "true", "limit": "3"})
+    for e in body["experiments"]:
+        row = mirror_rows(rig.store, "experiment_id = ?", [e["experiment_id"]])[0]
+        assert e["config_yml"] == row["config_yml"] and e["config_yml"]
+        assert e["search_space"] == row["search_space"]
+
+
+@pytest.mark.parametrize("sort", ["-created", "created", "name"])
+async def test_paging_while_syncs_write_never_skips_or_repeats_a_row(
+    rig: ApiRig, sort: str
+) -> None:
+    """Between pages: new experiments created before and after the cursor's position, and
+    status and trial changes to experiments already served and not yet served."""
+    rng = random.Random(sort)
+    before = decoded(rig.store, f"workspace_id = '{WS1}' AND deleted = 0")
+    times = sorted(r["gmt_create_time"] for r in before)
+    run_id = rig.store.begin_run(WS1, "hot", "2030-01-01T00:00:00Z")
+    tick = iter(range(1, 10_000))
+
+    async def write(page_no: int) -> None:
+        observed = format_time(datetime(2030, 1, 1, tzinfo=UTC) + timedelta(seconds=next(tick)))
+        batch = []
+        for i in range(4):
+            t = datetime.fromisoformat(rng.choice(times)) + timedelta(seconds=rng.choice([-1, 1]))
+            name = rng.choice(["aaa", "mmm", "zzz"]) + f"_new_{page_no}_{i}"
+            batch.append(new_experiment(WS1, f"new-{sort}-{page_no}-{i}", t, name=name))
+        for r in rng.sample(before, 6):
+            changed = new_experiment(
+                WS1,
+                r["experiment_id"],
+                datetime.fromisoformat(r["gmt_create_time"]),
+                status=rng.choice(["FAILED", "RUNNING", "FINISHED"]),
+                name=r["name"],
+            )
+            batch.append(changed)
+        await asyncio.to_thread(
+            rig.store.apply, WS1, batch, observed_at=observed, run_id=run_id, baseline=False
+        )
+
+    served = await walk(rig, [("workspace", WS1), ("sort", sort)], limit=37, between=write)
+    ids = [e["experiment_id"] for e in served]
+    assert len(ids) == len(set(ids)), "a row was served twice"
+    missing = {r["experiment_id"] for r in before} - set(ids)
+    assert not missing, f"{len(missing)} rows present for the whole walk were skipped"
+    assert any(i.startswith("new-") for i in ids)  # some inserts landed ahead of the cursor
+
+
+async def test_a_cursor_is_refused_with_other_filters_another_sort_or_when_malformed(
+    rig: ApiRig,
+) -> None:
+    body = await rig.ok("/v1/experiments", [("status", "FINISHED"), ("limit", "5")])
+    cursor = body["next_cursor"]
+    ok = await rig.get(
+        "/v1/experiments", [("status", "FINISHED"), ("limit", "9"), ("cursor", cursor)]
+    )
+    assert ok.status == 200  # another limit is fine
+    decoded_cursor = Cursor.decode(cursor)
+    bad = {
+        "other filters": [("status", "FAILED"), ("cursor", cursor)],
+        "no filters": [("cursor", cursor)],
+        "another sort": [("status", "FINISHED"), ("sort", "created"), ("cursor", cursor)],
+        "garbage": [("cursor", "not-a-cursor")],
+        "bad characters": [("cursor", "abc$%")],
+        "not JSON": [("cursor", "bm90IGpzb24")],
+        "wrong version": [
+            ("status", "FINISHED"),
+            ("cursor", replace(decoded_cursor, sort="-created").encode().replace("A", "B", 1)),
+        ],
+        "too long": [("cursor", "A" * 1025)],
+    }
+    for name, params in bad.items():
+        reply = await rig.get("/v1/experiments", params)
+        assert reply.status == 400, name
+        assert reply.body["error"]["param"] == "cursor", (name, reply.body)
+
+
+# --- one experiment and its history -------------------------------------------------------
+
+
+async def test_one_experiment_with_config_and_deleted_ones_too(rig: ApiRig) -> None:
+    row = decoded(rig.store, "deleted = 1")[0]
+    body = await rig.ok(f"/v1/experiments/{row['experiment_id']}")
+    exp = body["experiment"]
+    assert exp["deleted"] is True and exp["config_yml"] == row["config_yml"]
+    assert body["freshness"]["workspaces"].keys() == {row["workspace_id"]}
+    lean = await rig.ok(f"/v1/experiments/{row['experiment_id']}", {"include_config": "false"})
+    assert "config_yml" not in lean["experiment"]
+    missing = await rig.get("/v1/experiments/no-such-id")
+    assert missing.status == 404 and missing.error_code == "experiment_not_found"
+    assert (await rig.get("/v1/experiments/" + "x" * 300)).status == 404
+
+
+async def test_an_experiments_changes_are_its_history_decoded_and_paged(rig: ApiRig) -> None:
+    history = rig.store.history(include_baseline=False)
+    exp_id = Counter(c.experiment_id for c in history).most_common(1)[0][0]
+    full = rig.store.history(exp_id)
+    assert len(full) >= 3
+    body = await rig.ok(f"/v1/experiments/{exp_id}/changes")
+    assert [c["id"] for c in body["changes"]] == [c.id for c in full]
+    assert body["has_more"] is False and body["next_after"] == full[-1].id
+    for got, want in zip(body["changes"], full, strict=True):
+        assert got["field"] == want.field and got["observed_at"] == want.observed_at
+        if want.field == "TrialStatus":
+            assert got["new_value"] == json.loads(want.new_value or "{}")
+        elif want.field == "Deleted":
+            assert got["new_value"] is (want.new_value == "true")
+        else:
+            assert got["new_value"] == want.new_value
+        assert got["baseline"] is want.baseline and got["experiment_name"]
+    page = await rig.ok(f"/v1/experiments/{exp_id}/changes", {"limit": "2"})
+    assert [c["id"] for c in page["changes"]] == [c.id for c in full[:2]] and page["has_more"]
+    rest = await rig.ok(f"/v1/experiments/{exp_id}/changes", {"after": str(page["next_after"])})
+    assert [c["id"] for c in rest["changes"]] == [c.id for c in full[2:]]
+    statuses = await rig.ok(f"/v1/experiments/{exp_id}/changes", {"field": "Status"})
+    assert {c["field"] for c in statuses["changes"]} == {"Status"}
+    assert (await rig.get("/v1/experiments/nope/changes")).status == 404
+
+
+# --- the change feed --------------------------------------------------------------------------
+
+
+async def test_the_change_feed_walks_every_change_in_id_order(rig: ApiRig) -> None:
+    want = [c.id for c in rig.store.history()]
+    got: list[int] = []
+    after = 0
+    while True:
+        body = await rig.ok("/v1/changes", {"after": str(after), "limit": "500"})
+        got += [c["id"] for c in body["changes"]]
+        after = body["next_after"]
+        if not body["has_more"]:
+            break
+    assert got == want
+    ws2 = await rig.ok("/v1/changes", {"workspace": WS2, "field": "Deleted", "limit": "500"})
+    assert [c["id"] for c in ws2["changes"]] == [
+        c.id for c in rig.store.history(workspace=WS2, field="Deleted")
+    ]
+    assert ws2["freshness"]["workspaces"].keys() == {WS2}
+    # Nothing new: next_after jumps to the newest id, so the next poll starts there.
+    empty = await rig.ok(
+        "/v1/changes", {"after": str(want[-1] - 1), "workspace": WS3, "field": "Deleted"}
+    )
+    assert empty["changes"] == [] or empty["changes"][0]["id"] == want[-1]
+    if not empty["changes"]:
+        assert empty["next_after"] == want[-1]
+
+
+def _apply_change(store: Store, ws: str, exp_id: str, status: str, second: int) -> None:
+    row = mirror_rows(store, "experiment_id = ?", [exp_id])[0]
+    exp = new_experiment(
+        ws, exp_id, datetime.fromisoformat(row["gmt_create_time"]), status=status, name=row["name"]
+    )
+    observed = format_time(datetime(2031, 1, 1, tzinfo=UTC) + timedelta(seconds=second))
+    run = store.begin_run(ws, "hot", observed)
+    store.apply(ws, [exp], observed_at=observed, run_id=run, baseline=False)
+
+
+def _some_id(store: Store, ws: str, status: str = "FINISHED") -> str:
+    where = "workspace_id = ? AND status = ? AND deleted = 0"
+    return str(mirror_rows(store, where, [ws, status])[0]["experiment_id"])
+
+
+async def test_long_poll_answers_as_soon_as_a_matching_change_commits(rig: ApiRig) -> None:
+    newest = rig.store.history(newest_first=True, limit=1)[0].id
+    ws1_id, ws2_id = _some_id(rig.store, WS1), _some_id(rig.store, WS2)
+
+    async def writer() -> None:
+        await asyncio.sleep(0.3)
+        await asyncio.to_thread(_apply_change, rig.store, WS2, ws2_id, "FAILED", 1)
+        await asyncio.sleep(0.7)
+        await asyncio.to_thread(_apply_change, rig.store, WS1, ws1_id, "FAILED", 2)
+
+    task = asyncio.create_task(writer())
+    started = time.monotonic()
+    body = await rig.ok(
+        "/v1/changes", {"after": str(newest), "wait": "20", "workspace": WS1, "field": "Status"}
+    )
+    elapsed = time.monotonic() - started
+    await task
+    assert [(c["experiment_id"], c["new_value"]) for c in body["changes"]] == [(ws1_id, "FAILED")]
+    assert 0.9 < elapsed < 5, elapsed  # woke by the WS2 change, kept waiting for WS1's
+
+    newest = rig.store.history(newest_first=True, limit=1)[0].id
+    started = time.monotonic()
+    quiet = await rig.ok("/v1/changes", {"after": str(newest), "wait": "1"})
+    assert quiet["changes"] == [] and 0.9 < time.monotonic() - started < 3
+    assert quiet["next_after"] == newest
+
+
+async def test_long_poll_uses_the_daemons_notifier_when_it_offers_one(
+    golden_mirror: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    db = tmp_path / "mirror.db"
+    shutil.copy(golden_mirror, db)
+    notifier = asyncio.Condition()
+    async with api_rig(db, notifier=notifier) as r:
+        newest = r.store.history(newest_first=True, limit=1)[0].id
+        exp_id = _some_id(r.store, WS1)
+        poll = asyncio.create_task(r.ok("/v1/changes", {"after": str(newest), "wait": "30"}))
+        await asyncio.sleep(0.2)
+        await asyncio.to_thread(_apply_change, r.store, WS1, exp_id, "FAILED", 3)
+        await asyncio.sleep(1.5)  # no 0.5 s polling: it waits for the notification
+        assert not poll.done()
+        started = time.monotonic()
+        async with notifier:
+            notifier.notify_all()
+        body = await poll
+        assert time.monotonic() - started < 1
+        assert {c["experiment_id"] for c in body["changes"]} == {exp_id}
+        # Notified from inside the writing transaction, before its commit: still caught
+        # promptly (the watcher looks again for a second), not at the next 5 s look.
+        other = _some_id(r.store, WS2)
+        poll = asyncio.create_task(
+            r.ok("/v1/changes", {"after": str(body["next_after"]), "wait": "30"})
+        )
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        async with notifier:
+            notifier.notify_all()
+        await asyncio.sleep(0.3)
+        await asyncio.to_thread(_apply_change, r.store, WS2, other, "FAILED", 4)
+        body = await poll
+        assert time.monotonic() - started < 2
+        assert {c["experiment_id"] for c in body["changes"]} == {other}
+
+
+# --- workspaces and sync requests ------------------------------------------------------------
+
+
+async def test_workspaces_show_counts_sync_times_errors_and_age(rig: ApiRig) -> None:
+    rig.store.set_workspace_error(WS3, "Throttling.User: slow down", "2030-01-01T00:00:00.500Z")
+    body = await rig.ok("/v1/workspaces")
+    got = {w["workspace_id"]: w for w in body["workspaces"]}
+    assert list(got) == [WS1, WS2, WS3]
+    for ws, w in got.items():
+        assert w["counts_by_status"] == {
+            k: v for k, v in sorted(rig.store.counts_by_status(ws).items()) if k
+        }
+        assert w["experiments"] == sum(w["counts_by_status"].values())
+        assert w["deleted"] == len(mirror_rows(rig.store, "workspace_id = ? AND deleted = 1", [ws]))
+        state = rig.store.workspace_state(ws)
+        assert state is not None
+        assert w["last_full_sync_at"] == state.last_full_ok_at
+        assert w["label"] == f"team {ws}" and w["configured"] is True
+        assert w["data_age_s"] == body["freshness"]["workspaces"][ws]["age_s"]
+    assert got[WS3]["failing"] is True and got[WS3]["last_error"].startswith("Throttling")
+    assert got[WS1]["failing"] is False and got[WS1]["last_error"] is None
+
+
+async def test_sync_now_queues_a_sweep_for_admins(rig: ApiRig) -> None:
+    reply = await rig.post("/v1/sync", {"workspace": WS2, "mode": "full"}, token="admin")
+    assert reply.status == 202 and reply.body["queued"] == {"workspace": WS2, "mode": "full"}
+    assert rig.sync_requests == [(WS2, "full")]
+    assert (await rig.post("/v1/sync", {"workspace": WS1}, token="admin")).status == 202
+    assert rig.sync_requests[-1] == (WS1, "auto")
+    unknown = await rig.post("/v1/sync", {"workspace": "999"}, token="admin")
+    assert unknown.status == 404 and unknown.error_code == "unknown_workspace"
+    bad_mode = await rig.post("/v1/sync", {"workspace": WS1, "mode": "warm"}, token="admin")
+    assert bad_mode.status == 400 and bad_mode.body["error"]["param"] == "mode"
+    no_ws = await rig.post("/v1/sync", token="admin")
+    assert no_ws.status == 400 and no_ws.body["error"]["param"] == "workspace"
+    assert (await rig.get("/v1/sync", {"workspace": WS1}, token="admin")).status == 405
+    assert len(rig.sync_requests) == 2
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "param"),
+    [
+        ("/v1/experiments", {"created_after": "yesterday"}, "created_after"),
+        ("/v1/experiments", {"created_before": "2025-13-01"}, "created_before"),
+        ("/v1/experiments", {"modified_after": "2025-01-01T25:00:00Z"}, "modified_after"),
+        ("/v1/experiments", {"sort": "size"}, "sort"),
+        ("/v1/experiments", {"limit": "0"}, "limit"),
+        ("/v1/experiments", {"limit": "501"}, "limit"),
+        ("/v1/experiments", {"limit": "-1"}, "limit"),
+        ("/v1/experiments", {"limit": "1e3"}, "limit"),
+        ("/v1/experiments", {"status": "running"}, "status"),
+        ("/v1/experiments", {"status": ""}, "status"),
+        ("/v1/experiments", {"tag": ":value"}, "tag"),
+        ("/v1/experiments", {"include_deleted": "yes"}, "include_deleted"),
+        ("/v1/experiments", {"stauts": "RUNNING"}, "stauts"),
+        ("/v1/experiments", [("limit", "5"), ("limit", "6")], "limit"),
+        ("/v1/experiments", {"name": "x" * 201}, "name"),
+        ("/v1/experiments", {"workspace": "a b"}, "workspace"),
+        ("/v1/experiments", [("status", "RUNNING")] * 11, "status"),
+        ("/v1/changes", {"after": "-5"}, "after"),
+        ("/v1/changes", {"after": "99999999999999999999"}, "after"),
+        ("/v1/changes", {"wait": "61"}, "wait"),
+        ("/v1/changes", {"field": "Name"}, "field"),
+        ("/v1/workspaces", {"x": "1"}, "x"),
+        ("/v1/experiments/abc", {"include_config": "1"}, "include_config"),
+    ],
+)
+async def test_bad_input_is_a_400_naming_the_parameter(
+    rig: ApiRig, path: str, params: Any, param: str
+) -> None:
+    reply = await rig.get(path, params)
+    assert reply.status == 400, reply.text
+    assert reply.body["error"]["param"] == param
+    assert reply.body["error"]["code"] == "bad_parameter"
+    assert param in reply.body["error"]["message"]
+
+
+async def test_unknown_routes_methods_and_big_bodies_get_json_errors(rig: ApiRig) -> None:
+    missing = await rig.get("/v1/nope")
+    assert missing.status == 404 and missing.error_code == "not_found"
+    wrong = await rig.request("DELETE", "/v1/experiments")
+    assert wrong.status == 405 and wrong.error_code == "method_not_allowed"
+    assert "GET" in wrong.headers["Allow"]
+    big = await rig.request("POST", "/v1/sync", {"workspace": WS1}, token="admin", data=b"x" * 5000)
+    assert big.status == 413 and big.error_code == "payload_too_large"
+    long_query = await rig.get("/v1/experiments", {"name": "x" * 5000})
+    assert long_query.status == 400
+
+
+async def test_a_query_over_its_time_budget_is_stopped_with_a_503(
+    golden_mirror: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    db = tmp_path / "mirror.db"
+    shutil.copy(golden_mirror, db)
+    async with api_rig(db, query_timeout_s=1e-9) as r:
+        reply = await r.get("/v1/experiments", {"count": "true", "tag": "team:nlp"})
+        assert reply.status == 503 and reply.error_code == "query_timeout"
+        assert (await r.get("/healthz")).status == 200
+
+
+# --- reads never wait for a sync --------------------------------------------------------------
+
+
+async def test_reads_answer_while_a_large_apply_holds_the_write_lock(rig: ApiRig) -> None:
+    """A 3,000-experiment batch is applied in a worker thread; its change hook (which runs
+    inside the transaction, holding SQLite's write lock and the store's writer lock) blocks
+    until the requests below have answered."""
+    inside = threading.Event()
+    release = threading.Event()
+
+    def hook(_conn: Any, _rows: Any) -> None:
+        inside.set()
+        assert release.wait(30), "the test never released the writer"
+
+    batch = [new_experiment(WS1, f"bulk-{i}", START + timedelta(seconds=i)) for i in range(3000)]
+    run = rig.store.begin_run(WS1, "full", "2032-01-01T00:00:00Z")
+    writer = asyncio.create_task(
+        asyncio.to_thread(
+            rig.store.apply,
+            WS1,
+            batch,
+            observed_at="2032-01-01T00:00:00Z",
+            run_id=run,
+            baseline=False,
+            on_changes=hook,
+        )
+    )
+    try:
+        assert await asyncio.to_thread(inside.wait, 30)
+        started = time.monotonic()
+        lists = await rig.ok("/v1/experiments", {"workspace": WS1, "count": "true"})
+        one = await rig.ok(f"/v1/experiments/{lists['experiments'][0]['experiment_id']}")
+        feed = await rig.ok("/v1/changes", {"limit": "10"})
+        spaces = await rig.ok("/v1/workspaces")
+        compat = await rig.ok("/api/automl/v1/hpo/experiments", {"PageSize": "5"})
+        elapsed = time.monotonic() - started
+        assert not writer.done(), "the apply finished early: the test proves nothing"
+        assert elapsed < 2, elapsed
+        # The readers saw the snapshot before the batch.
+        assert not any(e["experiment_id"].startswith("bulk-") for e in lists["experiments"])
+        assert one and feed and spaces and compat
+    finally:
+        release.set()
+        await writer
+    assert (await rig.ok("/v1/experiments/bulk-2999"))["experiment"]["workspace_id"] == WS1
+
+
+# --- metrics and the document -----------------------------------------------------------------
+
+
+def _sample(text: str, name: str, **labels: str) -> float:
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        got = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
+        if all(got.get(k) == v for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_metrics_count_requests_by_route_and_status_and_time_them(rig: ApiRig) -> None:
+    before = (await rig.get("/metrics")).text
+    for _ in range(3):
+        await rig.get("/v1/experiments", {"limit": "1"})
+    await rig.get("/v1/experiments", {"limit": "0"})
+    await rig.get("/v1/nope")
+    await rig.get("/v1/workspaces", token=None)
+    after = (await rig.get("/metrics")).text
+    name = "hpo_sync_api_requests_total"
+
+    def delta(**labels: str) -> float:
+        return _sample(after, name, **labels) - _sample(before, name, **labels)
+
+    assert delta(route="/v1/experiments", method="GET", status="200") == 3
+    assert delta(route="/v1/experiments", method="GET", status="400") == 1
+    assert delta(route="unmatched", method="GET", status="404") == 1
+    assert delta(route="/v1/workspaces", method="GET", status="401") == 1
+    count = "hpo_sync_api_request_duration_seconds_count"
+    assert (
+        _sample(after, count, route="/v1/experiments")
+        - _sample(before, count, route="/v1/experiments")
+        == 4
+    )
+    assert "hpo_sync_sweeps" in after  # the daemon's own registry, shared
+
+
+async def test_the_openapi_document_describes_every_route_and_parameter(rig: ApiRig) -> None:
+    doc = await rig.ok("/openapi.json", token=None)
+    assert doc == json.loads(json.dumps(build_document()))
+    served = {
+        (route.method.lower(), route.resource.canonical)
+        for route in rig.app.router.routes()
+        if route.method != "HEAD" and route.resource is not None
+    }
+    documented = {
+        (method, re.sub(r"\{(\w+)\}", r"{\1}", path))
+        for path, ops in doc["paths"].items()
+        for method in ops
+    }
+    assert served == documented
+    # Every documented parameter of a /v1 GET is accepted (not an "unknown parameter").
+    for path, ops in doc["paths"].items():
+        if not path.startswith("/v1/") or "get" not in ops:
+            continue
+        url = path.replace("{id}", "nope")
+        for p in ops["get"].get("parameters", []):
+            if p["in"] != "query":
+                continue
+            reply = await rig.get(url, {p["name"]: "\x01"})
+            if reply.status == 400:
+                assert "unknown parameter" not in reply.body["error"]["message"], p["name"]

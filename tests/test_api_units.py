@@ -1,0 +1,225 @@
+"""Pure parts of the read API: cursors, parameter validation, freshness, the SQL of the
+upstream-compatible route. No server, no database."""
+
+from __future__ import annotations
+
+import base64
+import json
+import sqlite3
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from multidict import MultiDict
+
+from hpo_sync.api.compat import compat_sql
+from hpo_sync.api.cursor import Cursor, CursorError, filters_hash
+from hpo_sync.api.errors import BadParameterError
+from hpo_sync.api.openapi import EXPERIMENTS_PARAMS, parse_params
+from hpo_sync.api.read import filter_identity, freshness
+from hpo_sync.sim.world import parse_query
+from hpo_sync.store import ExperimentFilter, WorkspaceState
+
+keys = st.tuples(st.one_of(st.none(), st.text(max_size=40)), st.text(min_size=1, max_size=40))
+
+
+@given(
+    sort=st.sampled_from(["-created", "created", "name"]),
+    key=keys,
+    fhash=st.text("0123456789abcdef", min_size=16, max_size=16),
+)
+def test_a_cursor_round_trips_and_is_url_safe(
+    sort: str, key: tuple[str | None, str], fhash: str
+) -> None:
+    cursor = Cursor(sort, fhash, key)
+    text = cursor.encode()
+    assert text.replace("-", "").replace("_", "").isalnum()
+    assert Cursor.decode(text) == cursor
+    cursor.check(sort, fhash)
+
+
+@given(st.text(max_size=200))
+def test_no_text_decodes_into_anything_but_a_cursor_or_a_cursor_error(text: str) -> None:
+    try:
+        cursor = Cursor.decode(text)
+    except CursorError:
+        return
+    assert isinstance(cursor.key[1], str) and cursor.key[1]
+
+
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+        lambda inner: (
+            st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3)
+        ),
+        max_leaves=8,
+    )
+)
+def test_any_json_payload_is_a_cursor_error_unless_well_formed(payload: object) -> None:
+    text = base64.urlsafe_b64encode(json.dumps(payload).encode()).rstrip(b"=").decode()
+    with pytest.raises(CursorError):
+        Cursor.decode(text)
+
+
+def test_the_filter_hash_ignores_order_but_not_content() -> None:
+    a = ExperimentFilter(
+        workspaces=("1", "2"), statuses=("RUNNING", "FAILED"), tags=(("team", "nlp"), ("env", None))
+    )
+    b = ExperimentFilter(
+        workspaces=("2", "1"), statuses=("FAILED", "RUNNING"), tags=(("env", None), ("team", "nlp"))
+    )
+    assert filters_hash(filter_identity(a)) == filters_hash(filter_identity(b))
+    for other in (
+        ExperimentFilter(workspaces=("1",), statuses=a.statuses, tags=a.tags),
+        ExperimentFilter(
+            workspaces=a.workspaces, statuses=a.statuses, tags=(("team", "nlp"), ("env", ""))
+        ),
+        ExperimentFilter(
+            workspaces=a.workspaces, statuses=a.statuses, tags=a.tags, include_deleted=True
+        ),
+    ):
+        assert filters_hash(filter_identity(other)) != filters_hash(filter_identity(a))
+
+
+def test_parameters_are_converted_and_defaulted() -> None:
+    q = parse_params(
+        EXPERIMENTS_PARAMS,
+        MultiDict(
+            [
+                ("status", "RUNNING"),
+                ("status", "FAILED"),
+                ("tag", "team:ml ops"),
+                ("tag", "env"),
+                ("tag", "k:"),
+                ("created_after", "2026-11-01T16:30:00+08:00"),
+                ("created_before", "2026-11-02"),
+                ("limit", "007"),
+            ]
+        ),
+    )
+    assert q["status"] == ["RUNNING", "FAILED"]
+    assert q["tag"] == [("team", "ml ops"), ("env", None), ("k", "")]
+    assert q["created_after"] == "2026-11-01T08:30:00Z"
+    assert q["created_before"] == "2026-11-02T00:00:00Z"
+    assert (q["limit"], q["sort"], q["include_deleted"], q["cursor"]) == (
+        7,
+        "-created",
+        False,
+        None,
+    )
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from([p.name for p in EXPERIMENTS_PARAMS] + ["x", "Limit"]),
+        st.text(max_size=30),
+        max_size=6,
+    )
+)
+def test_any_query_validates_or_names_the_bad_parameter(query: dict[str, str]) -> None:
+    try:
+        parse_params(EXPERIMENTS_PARAMS, MultiDict(query))
+    except BadParameterError as exc:
+        assert exc.param in query or exc.param == "query"
+        assert exc.status == 400 and exc.message.startswith(f"{exc.param}: ")
+
+
+def _state(ws: str, full: str | None, hot: str | None) -> WorkspaceState:
+    return WorkspaceState(ws, None, None, full, hot, None, None, None)
+
+
+def test_freshness_is_the_oldest_last_sync_of_the_workspaces_covered() -> None:
+    now = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+    states = [
+        _state("a", "2026-01-01T11:00:00Z", "2026-01-01T11:59:30.250Z"),
+        _state("b", "2026-01-01T10:00:00Z", None),
+        _state("c", None, None),
+    ]
+    f = freshness(states, ["a", "b"], now)
+    assert f["workspaces"]["a"] == {"last_sync_at": "2026-01-01T11:59:30.250Z", "age_s": 29.75}
+    assert (f["last_sync_at"], f["age_s"]) == ("2026-01-01T10:00:00Z", 7200.0)
+    never = freshness(states, [], now)  # all of them; c never synced
+    assert never["last_sync_at"] is None and never["age_s"] is None
+    assert freshness(states, ["zzz"], now)["workspaces"]["zzz"]["last_sync_at"] is None
+    skew = freshness(states, ["a"], now - timedelta(hours=1))
+    assert skew["age_s"] == 0.0  # a clock behind the sync time never gives a negative age
+
+
+def test_the_compatible_route_filters_like_upstream() -> None:
+    conn = sqlite3.connect(":memory:")
+    conn.execute(
+        "CREATE TABLE experiments (experiment_id TEXT, workspace_id TEXT, name TEXT,"
+        " creator TEXT, status TEXT, accessibility TEXT, tags TEXT, gmt_create_time TEXT,"
+        " gmt_modified_time TEXT, deleted INTEGER)"
+    )
+    rows = [
+        (
+            "e1",
+            "1",
+            "Ünïcode BERT",
+            "u1",
+            "RUNNING",
+            "PUBLIC",
+            '[{"Key":"team","Value":"nlp"}]',
+            "2026-01-01T00:00:00Z",
+            "2026-01-02T00:00:00Z",
+            0,
+        ),
+        (
+            "e2",
+            "1",
+            "bert",
+            "u2",
+            "FAILED",
+            "PRIVATE",
+            "[]",
+            "2026-01-01T00:00:00Z",
+            "2026-01-01T00:00:00Z",
+            0,
+        ),
+        (
+            "e3",
+            "2",
+            "resnet",
+            "u1",
+            "RUNNING",
+            "PUBLIC",
+            "[]",
+            "2026-01-03T00:00:00Z",
+            "2026-01-03T00:00:00Z",
+            0,
+        ),
+        (
+            "e4",
+            "1",
+            "bert gone",
+            "u1",
+            "RUNNING",
+            "PUBLIC",
+            "[]",
+            "2026-01-04T00:00:00Z",
+            "2026-01-04T00:00:00Z",
+            1,
+        ),
+    ]
+    conn.executemany(f"INSERT INTO experiments VALUES ({','.join('?' * 10)})", rows)
+    conn.create_function("hpo_lower", 1, lambda v: v.lower() if isinstance(v, str) else None)
+
+    def ids(params: dict[str, str], workspaces: tuple[str, ...] = ()) -> list[str]:
+        where, args, order = compat_sql(parse_query(params), workspaces)
+        sql = f"SELECT experiment_id FROM experiments WHERE {where} ORDER BY {order}"
+        return [r[0] for r in conn.execute(sql, args)]
+
+    assert ids({}) == ["e3", "e2", "e1"]  # newest first, ties by id descending, no deleted
+    assert ids({"Order": "asc"}) == ["e1", "e2", "e3"]
+    assert ids({"Name": "ÜNÏ"}) == ["e1"]  # case-insensitive beyond ASCII
+    assert ids({"Name": "BeRt", "Order": "ASC"}) == ["e1", "e2"]
+    assert ids({"Status": "running", "Accessibility": "public", "Creator": "u1"}) == ["e3", "e1"]
+    assert ids({"MaxCreateTime": "2026-01-01"}) == ["e2", "e1"]  # inclusive
+    assert ids({"MinCreateTime": "2026-01-02 00:00:00"}) == ["e3"]
+    assert ids({"Tag": '[{"Key":"team"}]'}) == ["e1"]
+    assert ids({"SortBy": "GmtModifiedTime"}) == ["e3", "e1", "e2"]
+    assert ids({"SortBy": "workspace_id", "Order": "DESC"}) == ["e3", "e2", "e1"]
+    assert ids({}, ("2",)) == ["e3"]
