@@ -365,7 +365,7 @@ def _banner(
         f"  daemon     hot sweep every {options.hot_interval_s:g}s, full every "
         f"{options.full_interval_s:g}s; log: {log_path}"
     )
-    say(f"  API        {api}/readyz   {api}/metrics   {api}/healthz")
+    say(f"  API        {api}/v1/experiments   {api}/v1/changes   {api}/openapi.json")
     say(f"  mirror     {db_path}")
     for extra in extras:
         for line in extra.banner:
@@ -373,6 +373,8 @@ def _banner(
     say()
     say("Try, in another terminal:")
     say(f"  curl -s {api}/readyz")
+    say(f"  curl -s '{api}/v1/experiments?status=RUNNING&limit=5'")
+    say(f"  curl -s '{api}/v1/changes?wait=30'")
     if "ls" in commands:
         say(f"  hpo-sync {cfg} ls --status RUNNING")
     if "history" in commands:

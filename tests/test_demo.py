@@ -79,7 +79,7 @@ def test_demo_runs_for_a_while_and_shows_experiments_and_changes(tmp_path: Path)
     assert time.monotonic() - began < 40
     out = proc.stdout
     assert "simulator  http://127.0.0.1:" in out
-    m = re.search(r"API\s+(http://127\.0\.0\.1:\d+)/readyz", out)
+    m = re.search(r"API\s+(http://127\.0\.0\.1:\d+)/v1/experiments", out)
     assert m, out
     assert f"--config {data / 'config.toml'}" in out
     held = re.search(r"mirror holds ([\d,]+) experiments of 2 workspaces", out)
