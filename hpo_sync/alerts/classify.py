@@ -1,0 +1,125 @@
+"""What a chat target's answer means: sent, retry later, or give up (pure)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+#: When a target says "too fast" without saying for how long.
+DEFAULT_RETRY_S = 60.0
+
+
+@dataclass(frozen=True)
+class Sent:
+    """Delivered."""
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Retryable; ``after_s`` None means "use the backoff"."""
+
+    reason: str
+    after_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Dead:
+    """Permanent failure: retrying cannot help."""
+
+    reason: str
+
+
+Outcome = Sent | Retry | Dead
+
+# errcode -> (retryable, explanation)
+_DINGTALK = {
+    130101: (True, "sending too fast (20/min per robot)"),
+    310000: (False, "keyword, signature or timestamp check failed"),
+    460101: (False, "message too big"),
+    300001: (False, "bad access token"),
+}
+_FEISHU = {
+    19021: (False, "signature or timestamp check failed"),
+    19024: (False, "keyword missing"),
+    11232: (True, "rate limited"),
+    9499: (True, "rate limited"),
+}
+_WECOM = {
+    45009: (True, "rate limited (20/min)"),
+    40058: (False, "message too long"),
+    93000: (False, "invalid webhook URL"),
+}
+
+
+def _snippet(body: bytes, limit: int = 200) -> str:
+    return body[:limit].decode("utf-8", "replace").strip()
+
+
+def _json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    for name, value in headers.items():
+        if name.lower() == "retry-after":
+            try:
+                return max(0.0, float(value))
+            except ValueError:
+                return None
+    return None
+
+
+def _code_body(body: bytes, key: str, table: dict[int, tuple[bool, str]], msg_key: str) -> Outcome:
+    data = _json(body)
+    if not isinstance(data, dict) or key not in data:
+        # Feishu answers some successes as {"StatusCode":0,...}
+        if isinstance(data, dict) and data.get("StatusCode") == 0:
+            return Sent()
+        return Retry(f"unexpected answer: {_snippet(body)}")
+    try:
+        code = int(data[key])
+    except (TypeError, ValueError):
+        return Retry(f"unexpected answer: {_snippet(body)}")
+    if code == 0:
+        return Sent()
+    msg = str(data.get(msg_key, ""))
+    retryable, meaning = table.get(code, (False, "rejected"))
+    reason = f"{key} {code}: {meaning} ({msg})" if msg else f"{key} {code}: {meaning}"
+    return Retry(reason, DEFAULT_RETRY_S) if retryable else Dead(reason)
+
+
+def classify(target_type: str, status: int, headers: Mapping[str, str], body: bytes) -> Outcome:
+    """Map a target's HTTP answer to an outcome (see the target table in DESIGN.md)."""
+    if status == 429:
+        after = _retry_after(headers)
+        if after is None:
+            data = _json(body)
+            if isinstance(data, dict) and isinstance(data.get("retry_after"), int | float):
+                after = float(data["retry_after"])
+        return Retry(f"HTTP 429: {_snippet(body) or 'rate limited'}", after)
+    if status >= 500:
+        return Retry(f"HTTP {status}: {_snippet(body)}", _retry_after(headers))
+    if target_type == "dingtalk" and status == 200:
+        return _code_body(body, "errcode", _DINGTALK, "errmsg")
+    if target_type in ("feishu", "lark") and status == 200:
+        return _code_body(body, "code", _FEISHU, "msg")
+    if target_type == "wecom" and status == 200:
+        return _code_body(body, "errcode", _WECOM, "errmsg")
+    if target_type == "slack":
+        if status == 200:
+            return Sent() if body.strip() in (b"ok", b"") else Dead(f"HTTP 200: {_snippet(body)}")
+        return Dead(f"HTTP {status}: {_snippet(body)}")
+    if target_type == "discord" and status in (200, 204):
+        return Sent()
+    if target_type == "teams" and status in (200, 202):
+        return Sent()
+    if target_type == "webhook" and 200 <= status < 300:
+        return Sent()
+    if status == 408:
+        return Retry(f"HTTP {status}: {_snippet(body)}", _retry_after(headers))
+    return Dead(f"HTTP {status}: {_snippet(body)}")

@@ -1,0 +1,230 @@
+"""``hpo-sync alerts test|list|retry``: try a target, look at the outbox, re-queue dead alerts.
+
+Nothing printed ever contains a webhook URL or a secret: targets are shown by name only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+import aiohttp
+
+from hpo_sync import cli
+from hpo_sync.cli import UsageError
+from hpo_sync.config import Config, TargetConfig
+from hpo_sync.errors import StoreError
+from hpo_sync.normalise import format_time
+from hpo_sync.store import Store
+
+from . import outbox
+from .classify import Sent, classify
+from .render import AlertItem, console_link, render
+from .service import send_message
+
+Handler = Callable[[argparse.Namespace], int]
+Command = Callable[[str, str, Handler], argparse.ArgumentParser]
+
+
+def register_cli(sub: Any, command: Command) -> None:
+    """Add ``hpo-sync alerts …`` (see :mod:`hpo_sync.cli`)."""
+    p = command("alerts", "test alert targets, list and retry alert deliveries", _need_action)
+    actions = p.add_subparsers(dest="alerts_command", metavar="ACTION", required=True)
+
+    t = actions.add_parser(
+        "test",
+        help="send a sample message to TARGET and print its answer",
+        description="send a sample message to TARGET and print its answer",
+    )
+    cli._common(t, top=False)
+    t.add_argument("target", metavar="TARGET", help="a [[alerts.targets]] name")
+    t.set_defaults(handler=cmd_test)
+
+    ls = actions.add_parser(
+        "list",
+        help="list alert deliveries (newest first)",
+        description="list alert deliveries (newest first)",
+    )
+    cli._common(ls, top=False)
+    ls.add_argument("--db", metavar="PATH", help="the mirror (default: the config's [store] path)")
+    which = ls.add_mutually_exclusive_group()
+    which.add_argument("--pending", action="store_true", help="only pending deliveries")
+    which.add_argument("--dead", action="store_true", help="only dead-lettered deliveries")
+    ls.add_argument("--limit", type=int, default=50, help="at most this many rows (default 50)")
+    ls.add_argument("--format", choices=("table", "json"), default="table")
+    ls.set_defaults(handler=cmd_list)
+
+    r = actions.add_parser(
+        "retry",
+        help="queue dead-lettered deliveries again, due now",
+        description="queue dead-lettered deliveries again, due now (their max_age_s restarts)",
+    )
+    cli._common(r, top=False)
+    r.add_argument("--db", metavar="PATH", help="the mirror (default: the config's [store] path)")
+    r.add_argument("ids", metavar="ID", type=int, nargs="*", help="alert_outbox ids")
+    r.add_argument("--all-dead", action="store_true", help="every dead-lettered delivery")
+    r.set_defaults(handler=cmd_retry)
+
+
+def _need_action(args: argparse.Namespace) -> int:  # pragma: no cover - argparse requires one
+    raise UsageError("name an action: test, list or retry")
+
+
+# --- test ------------------------------------------------------------------------------------
+
+
+def sample_item(cfg: Config, now: datetime) -> AlertItem:
+    """The made-up change ``alerts test`` announces."""
+    ws = cfg.workspaces[0] if cfg.workspaces else None
+    ws_id = ws.id if ws else "12345"
+    return AlertItem(
+        outbox_id=0,
+        rule="test",
+        workspace_id=ws_id,
+        experiment_id="exp-test",
+        name="hpo-sync test message",
+        field="Status",
+        old_value="RUNNING",
+        new_value="FAILED",
+        observed_at=format_time(now),
+        trial_status={"FAILED": 1, "SUCCEEDED": 3},
+        failed_delta=1,
+        workspace_label=ws.label if ws else None,
+        console_url=console_link(cfg.alerts.console_url, cfg.upstream.region, ws_id, "exp-test"),
+    )
+
+
+async def try_target(target: TargetConfig, cfg: Config, out: TextIO, now: datetime) -> int:
+    (message,) = render(target.type, [sample_item(cfg, now)], keyword=target.keyword)
+    async with aiohttp.ClientSession() as session:
+        try:
+            answer = await send_message(
+                session, target, message.payload, now=now, msg_id="hposync_test"
+            )
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            # The exception's text may name the URL: show only its kind.
+            print(f"{target.name} ({target.type}): no answer ({type(exc).__name__})", file=out)
+            return cli.EXIT_FAILED
+    outcome = classify(target.type, answer.status, answer.headers, answer.body)
+    print(f"{target.name} ({target.type}): HTTP {answer.status}", file=out)
+    body = answer.body.decode("utf-8", "replace")
+    print(body if body else "(empty body)", file=out)
+    verdict = (
+        "sent"
+        if isinstance(outcome, Sent)
+        else f"{type(outcome).__name__.lower()}: {outcome.reason}"
+    )
+    print(f"=> {verdict}", file=out)
+    return cli.EXIT_OK if isinstance(outcome, Sent) else cli.EXIT_FAILED
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    cfg = cli.load_config(args)
+    cli.setup_logging(args, cfg)
+    target = next((t for t in cfg.alerts.targets if t.name == args.target), None)
+    if target is None:
+        names = ", ".join(t.name for t in cfg.alerts.targets) or "none configured"
+        raise UsageError(f"no target named {args.target!r} (targets: {names})")
+    return asyncio.run(try_target(target, cfg, sys.stdout, datetime.now(UTC)))
+
+
+# --- list / retry ----------------------------------------------------------------------------
+
+_LIST_SQL = """
+SELECT o.id, o.status, o.target, o.rule, o.attempts, o.created_at, o.next_attempt_at,
+       o.sent_at, o.last_error, c.workspace_id, c.experiment_id, e.name, c.field,
+       c.old_value, c.new_value, c.observed_at
+FROM alert_outbox o JOIN changes c ON c.id = o.change_id
+LEFT JOIN experiments e ON e.experiment_id = c.experiment_id
+{where} ORDER BY o.id DESC LIMIT ?
+"""
+_LIST_KEYS = (
+    "id",
+    "status",
+    "target",
+    "rule",
+    "attempts",
+    "created_at",
+    "next_attempt_at",
+    "sent_at",
+    "last_error",
+    "workspace_id",
+    "experiment_id",
+    "name",
+    "field",
+    "from",
+    "to",
+    "observed_at",
+)
+
+
+def list_rows(store: Store, status: str | None, limit: int) -> list[dict[str, Any]]:
+    where = "WHERE o.status = ?" if status else ""
+    params: tuple[Any, ...] = (status, limit) if status else (limit,)
+    with store.reader() as conn:
+        return [
+            dict(zip(_LIST_KEYS, r, strict=True))
+            for r in conn.execute(_LIST_SQL.format(where=where), params)
+        ]
+
+
+def print_rows(rows: Sequence[dict[str, Any]], fmt: str, out: TextIO) -> None:
+    if fmt == "json":
+        for row in rows:
+            print(json.dumps(row, ensure_ascii=False), file=out)
+        return
+    print(
+        f"{'ID':>6}  {'STATUS':7}  {'TARGET':16}  {'TRIES':>5}  {'EXPERIMENT':28}  CHANGE / ERROR",
+        file=out,
+    )
+    for r in rows:
+        exp = f"{r['name'] or ''} ({r['experiment_id']})"
+        change = f"{r['field']} {r['from'] or '-'} → {r['to'] or '-'}"
+        tail = f"{change}  [{r['last_error']}]" if r["last_error"] else change
+        print(
+            f"{r['id']:>6}  {r['status']:7}  {r['target'][:16]:16}  {r['attempts']:>5}"
+            f"  {exp[:28]:28}  {tail}",
+            file=out,
+        )
+    if not rows:
+        print("(no alert deliveries)", file=out)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    path = cli.default_db_path(args)
+    if not path.exists():
+        raise StoreError(f"no mirror at {path} — run `hpo-sync sync` first (or pass --db PATH)")
+    cli.setup_logging(args)
+    status = outbox.PENDING if args.pending else outbox.DEAD if args.dead else None
+    store = Store.open(path, readonly=True)
+    try:
+        print_rows(list_rows(store, status, args.limit), args.format, sys.stdout)
+    finally:
+        store.close()
+    return cli.EXIT_OK
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    if bool(args.ids) == bool(args.all_dead):
+        raise UsageError("give alert ids or --all-dead (not both)")
+    path = cli.default_db_path(args)
+    if not path.exists():
+        raise StoreError(f"no mirror at {path} (pass --db PATH)")
+    cli.setup_logging(args)
+    # No single-instance lock: a running daemon holds it, and this is one short write
+    # transaction that SQLite serialises with the daemon's.
+    store = Store.open(path)
+    try:
+        with store._write("re-queue dead alerts") as conn:
+            n = outbox.retry_rows(conn, datetime.now(UTC), args.ids, all_dead=args.all_dead)
+    finally:
+        store.close()
+    print(f"re-queued {n} dead alert deliver{'y' if n == 1 else 'ies'}")
+    if args.ids and n < len(args.ids):
+        print("(the others are not dead-lettered, or do not exist)")
+    return cli.EXIT_OK

@@ -1,0 +1,280 @@
+"""Render a digest of alerts into each target type's message body (pure).
+
+A digest that does not fit one message is split into several, at most ``max_messages``;
+past that the last message ends with "… and N more".
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from dataclasses import field as dc_field
+from typing import Any
+
+#: The message size limits, and whether they count characters or UTF-8 bytes of the JSON body
+#: ("json") or of the text ("text").
+LIMITS: dict[str, tuple[int, str]] = {
+    "slack": (40_000, "chars"),
+    "discord": (2_000, "chars"),
+    "dingtalk": (20_000, "json"),
+    "feishu": (20_000, "json"),
+    "lark": (20_000, "json"),
+    "wecom": (4_096, "bytes"),
+    "teams": (28_000, "json"),
+    "webhook": (1_000_000, "json"),
+}
+MAX_MESSAGES = 3
+TITLE = "hpo-sync alerts"
+
+
+@dataclass(frozen=True)
+class AlertItem:
+    """One alert as messages show it."""
+
+    outbox_id: int
+    rule: str
+    workspace_id: str
+    experiment_id: str
+    name: str | None
+    field: str
+    old_value: str | None
+    new_value: str | None
+    observed_at: str
+    trial_status: Mapping[str, int] = dc_field(default_factory=dict)
+    failed_delta: int = 0
+    workspace_label: str | None = None
+    console_url: str = ""
+
+    @property
+    def transition(self) -> str:
+        if self.field == "Deleted":
+            return "deleted" if self.new_value == "true" else "restored"
+        if self.field == "TrialStatus":
+            return f"trials changed (FAILED {self.failed_delta:+d})"
+        return f"{self.old_value or 'new'} → {self.new_value or '?'}"
+
+    @property
+    def trials(self) -> str:
+        if not self.trial_status:
+            return "no trials"
+        return ", ".join(f"{k} {v}" for k, v in sorted(self.trial_status.items()))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "workspace": self.workspace_id,
+            "experiment_id": self.experiment_id,
+            "name": self.name,
+            "field": self.field,
+            "from": self.old_value,
+            "to": self.new_value,
+            "trial_status": dict(self.trial_status),
+            "observed_at": self.observed_at,
+            "console_url": self.console_url,
+            "rule": self.rule,
+        }
+
+
+def console_link(template: str, region: str, workspace: str, experiment_id: str) -> str:
+    return template.format(region=region, workspace=workspace, experiment_id=experiment_id)
+
+
+@dataclass(frozen=True)
+class Message:
+    """One request body and the outbox rows it announces (listed or counted in "N more")."""
+
+    payload: dict[str, Any]
+    outbox_ids: tuple[int, ...]
+
+
+def _ws(item: AlertItem) -> str:
+    return (
+        f"{item.workspace_label} ({item.workspace_id})"
+        if item.workspace_label
+        else item.workspace_id
+    )
+
+
+def _md_line(item: AlertItem, link: Callable[[str, str], str], code: str = "`") -> str:
+    exp = f"{code}{item.name or item.experiment_id}{code} ({item.experiment_id})"
+    return (
+        f"- **{item.transition}** · {exp} · workspace {_ws(item)} · trials: {item.trials}"
+        f" · {item.observed_at} · rule {item.rule} · {link('console', item.console_url)}"
+    )
+
+
+def _slack_line(item: AlertItem) -> str:
+    exp = f"`{item.name or item.experiment_id}` ({item.experiment_id})"
+    return (
+        f"• *{item.transition}* · {exp} · workspace {_ws(item)} · trials: {item.trials}"
+        f" · {item.observed_at} · rule {item.rule} · <{item.console_url}|console>"
+    )
+
+
+def _md_link(text: str, url: str) -> str:
+    return f"[{text}]({url})"
+
+
+def _teams_link(text: str, url: str) -> str:
+    return f"[{text}]({url})"
+
+
+def _heading(n: int, keyword: str | None) -> str:
+    head = f"{TITLE}: {n} change{'s' if n != 1 else ''}"
+    if keyword and keyword not in head:
+        head = f"{head} [{keyword}]"
+    return head
+
+
+def _payload(target_type: str, lines: Sequence[str], head: str) -> dict[str, Any]:
+    if target_type == "slack":
+        return {"text": "\n".join([f"*{head}*", *lines])}
+    if target_type == "discord":
+        return {"content": "\n".join([f"**{head}**", *lines])}
+    if target_type == "dingtalk":
+        return {
+            "msgtype": "markdown",
+            "markdown": {"title": head, "text": "\n".join([f"### {head}", "", *lines])},
+        }
+    if target_type in ("feishu", "lark"):
+        return {
+            "msg_type": "interactive",
+            "card": {
+                "config": {"wide_screen_mode": True},
+                "header": {"title": {"tag": "plain_text", "content": head}},
+                "elements": [
+                    {"tag": "div", "text": {"tag": "lark_md", "content": "\n".join(lines)}}
+                ],
+            },
+        }
+    if target_type == "wecom":
+        return {"msgtype": "markdown", "markdown": {"content": "\n".join([f"**{head}**", *lines])}}
+    if target_type == "teams":
+        body: list[dict[str, Any]] = [
+            {"type": "TextBlock", "text": head, "weight": "Bolder", "size": "Medium", "wrap": True}
+        ]
+        body.extend({"type": "TextBlock", "text": line, "wrap": True} for line in lines)
+        return {
+            "type": "message",
+            "attachments": [
+                {
+                    "contentType": "application/vnd.microsoft.card.adaptive",
+                    "contentUrl": None,
+                    "content": {
+                        "$schema": "http://adaptivecards.io/schemas/adaptive-card.json",
+                        "type": "AdaptiveCard",
+                        "version": "1.4",
+                        "body": body,
+                    },
+                }
+            ],
+        }
+    raise ValueError(f"unknown target type {target_type!r}")
+
+
+def _text_of(target_type: str, payload: Mapping[str, Any]) -> str:
+    if target_type == "slack":
+        return str(payload["text"])
+    if target_type == "discord":
+        return str(payload["content"])
+    if target_type == "dingtalk":
+        return str(payload["markdown"]["text"])
+    if target_type == "wecom":
+        return str(payload["markdown"]["content"])
+    return ""
+
+
+def size_of(target_type: str, payload: Mapping[str, Any]) -> int:
+    """The payload's size as the target counts it against :data:`LIMITS`."""
+    _, unit = LIMITS[target_type]
+    if unit == "json":
+        return len(json.dumps(payload, ensure_ascii=False).encode())
+    text = _text_of(target_type, payload)
+    return len(text) if unit == "chars" else len(text.encode())
+
+
+def _line(target_type: str, item: AlertItem) -> str:
+    if target_type == "slack":
+        return _slack_line(item)
+    return _md_line(item, _md_link)
+
+
+def _more(n: int) -> str:
+    return f"… and {n} more"
+
+
+def render(
+    target_type: str,
+    items: Sequence[AlertItem],
+    *,
+    keyword: str | None = None,
+    max_messages: int = MAX_MESSAGES,
+) -> list[Message]:
+    """Messages announcing ``items`` (every item is in exactly one message's ``outbox_ids``)."""
+    if not items:
+        return []
+    if target_type == "webhook":
+        return [
+            Message(
+                {"type": "hpo-sync.changes", "alerts": [i.to_json() for i in items]},
+                tuple(i.outbox_id for i in items),
+            )
+        ]
+    limit, _ = LIMITS[target_type]
+    limit -= 64  # headroom for the "… and N more" line
+    total = len(items)
+    head = _heading(total, keyword)
+    messages: list[Message] = []
+    i = 0
+    while i < total:
+        last = len(messages) == max_messages - 1
+        lines: list[str] = []
+        ids: list[int] = []
+        while i < total:
+            line = _line(target_type, items[i])
+            candidate = [*lines, line]
+            if size_of(target_type, _payload(target_type, candidate, head)) > limit:
+                if not lines:  # one item alone is too big: cut its line
+                    budget = max(80, limit // 2)
+                    candidate = [line[:budget] + "…"]
+                    lines, ids = candidate, [items[i].outbox_id]
+                    i += 1
+                break
+            lines, ids = candidate, [*ids, items[i].outbox_id]
+            i += 1
+        if last and i < total:
+            rest = items[i:]
+            lines.append(_more(len(rest)))
+            ids.extend(r.outbox_id for r in rest)
+            i = total
+        messages.append(Message(_payload(target_type, lines, head), tuple(ids)))
+    return messages
+
+
+def render_notice(
+    target_type: str,
+    workspace_id: str,
+    label: str | None,
+    state: str,
+    last_success_at: str | None,
+    *,
+    keyword: str | None = None,
+) -> dict[str, Any]:
+    """The message for a workspace that stopped syncing (``stalled``) or recovered."""
+    if target_type == "webhook":
+        return {
+            "type": "hpo-sync.workspace",
+            "workspace": workspace_id,
+            "state": state,
+            "last_success_at": last_success_at,
+        }
+    name = f"{label} ({workspace_id})" if label else workspace_id
+    since = last_success_at or "never"
+    if state == "stalled":
+        line = f"workspace {name} has not synced successfully since {since}"
+    else:
+        line = f"workspace {name} syncs again (last success {since})"
+    head = f"hpo-sync: workspace {state}"
+    if keyword and keyword not in head:
+        head = f"{head} [{keyword}]"
+    return _payload(target_type, [line], head)

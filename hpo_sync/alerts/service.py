@@ -1,0 +1,440 @@
+"""The alert delivery worker the daemon hosts: drain the outbox, group per target, render,
+rate-limit, deliver, classify, record. Never logs a webhook URL or secret (URLs embed
+tokens): only target names."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from yarl import URL
+
+from hpo_sync.config import Config, TargetConfig
+from hpo_sync.normalise import parse_time
+from hpo_sync.store import ChangeRow, Store
+
+from . import outbox
+from .classify import Dead, Outcome, Retry, Sent, classify
+from .render import AlertItem, Message, console_link, render, render_notice
+from .rules import StallNotice, decode_counts, stall_notices
+from .signing import dingtalk_url, feishu_sign, webhook_headers
+
+if TYPE_CHECKING:
+    from hpo_sync.runtime import Runtime
+
+log = structlog.get_logger(__name__)
+
+#: (messages, per seconds) windows each sender keeps under, a little below the documented
+#: limits so clock skew against the receiver's window never trips them.
+RATE_LIMITS: dict[str, tuple[tuple[int, float], ...]] = {
+    "slack": ((1, 1.1),),
+    "discord": ((4, 2.2),),
+    "dingtalk": ((19, 62.0),),
+    "feishu": ((4, 1.1), (95, 62.0)),
+    "lark": ((4, 1.1), (95, 62.0)),
+    "wecom": ((19, 62.0),),
+    "teams": ((1, 1.1),),
+    "webhook": (),
+}
+BACKOFF_BASE_S = 5.0
+BACKOFF_MAX_S = 600.0
+POLL_S = 1.0
+REQUEST_TIMEOUT_S = 10.0
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def backoff_s(attempts: int) -> float:
+    """Capped exponential backoff after ``attempts`` failed attempts (1 → 5 s, 2 → 10 s …)."""
+    return float(min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** max(0, attempts - 1)))
+
+
+class RateLimiter:
+    """Sliding windows: at most ``n`` acquisitions per ``period_s`` for each window."""
+
+    def __init__(
+        self,
+        windows: Sequence[tuple[int, float]],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.windows = tuple(windows)
+        self._clock = clock
+        self._sent: deque[float] = deque()
+        self._lock = asyncio.Lock()
+
+    def wait_s(self, now: float) -> float:
+        wait = 0.0
+        for n, period in self.windows:
+            recent = [t for t in self._sent if t > now - period]
+            if len(recent) >= n:
+                wait = max(wait, recent[-n] + period - now)
+        return wait
+
+    async def acquire(self) -> None:
+        async with self._lock:
+            while True:
+                wait = self.wait_s(self._clock())
+                if wait <= 0:
+                    break
+                await asyncio.sleep(wait)
+            now = self._clock()
+            self._sent.append(now)
+            longest = max((p for _, p in self.windows), default=0.0)
+            while self._sent and self._sent[0] <= now - longest:
+                self._sent.popleft()
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+async def send_message(
+    session: aiohttp.ClientSession,
+    target: TargetConfig,
+    payload: dict[str, Any],
+    *,
+    now: datetime,
+    msg_id: str,
+    timeout_s: float = REQUEST_TIMEOUT_S,
+) -> Answer:
+    """POST one rendered message to ``target``, signed as its type wants. Raises
+    aiohttp.ClientError / TimeoutError on transport failure (their text may name the host;
+    callers log only the exception's type)."""
+    url = target.url.reveal()
+    secret = target.secret.reveal() if target.secret else None
+    body_obj = dict(payload)
+    headers = {"Content-Type": "application/json"}
+    if target.type == "dingtalk" and secret:
+        url = dingtalk_url(url, secret, int(now.timestamp() * 1000))
+    if target.type in ("feishu", "lark") and secret:
+        ts = int(now.timestamp())
+        body_obj = {"timestamp": str(ts), "sign": feishu_sign(secret, ts), **body_obj}
+    body = json.dumps(body_obj, ensure_ascii=False, separators=(",", ":")).encode()
+    if target.type == "webhook" and secret:
+        headers.update(webhook_headers(secret, msg_id, int(now.timestamp()), body))
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async with session.post(
+        URL(url, encoded=True), data=body, headers=headers, timeout=timeout
+    ) as resp:
+        return Answer(resp.status, dict(resp.headers), await resp.read())
+
+
+@contextmanager
+def _write(store: Store, action: str) -> Iterator[sqlite3.Connection]:
+    # Store has no public "run my SQL in a write transaction"; its private helper gives the
+    # same BEGIN IMMEDIATE ... COMMIT and error mapping every other write uses.
+    with store._write(action) as conn:
+        yield conn
+
+
+class AlertMetrics:
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        r = registry or CollectorRegistry()
+        self.pending = Gauge("hpo_sync_alerts_pending", "Alerts waiting for delivery", registry=r)
+        self.sent = Counter("hpo_sync_alerts_sent", "Alerts delivered", ["target"], registry=r)
+        self.retried = Counter(
+            "hpo_sync_alerts_retried", "Alert delivery attempts to retry", ["target"], registry=r
+        )
+        self.dead = Counter(
+            "hpo_sync_alerts_dead", "Alerts given up (dead-lettered)", ["target"], registry=r
+        )
+
+
+class AlertWorker:
+    """Delivers the outbox. Tests call :meth:`run_once` directly with a chosen ``now``."""
+
+    name = "alerts"
+
+    def __init__(
+        self,
+        store: Store,
+        config: Config,
+        *,
+        registry: CollectorRegistry | None = None,
+        clock: Callable[[], datetime] = _utcnow,
+        poll_s: float = POLL_S,
+        rate_limits: dict[str, tuple[tuple[int, float], ...]] | None = None,
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.clock = clock
+        self.poll_s = poll_s
+        self.metrics = AlertMetrics(registry)
+        self._rate_limits = rate_limits if rate_limits is not None else RATE_LIMITS
+        self._limiters: dict[str, RateLimiter] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._since = clock()
+        #: per target, the workspaces it was told are stalled (in memory: after a restart a
+        #: stall still going on is announced again)
+        self._stalled: dict[str, set[str]] = {}
+
+    # --- the daemon's seam ---------------------------------------------------------------
+
+    def on_changes(self, conn: sqlite3.Connection, rows: list[ChangeRow]) -> None:
+        """Inside the sync transaction: one outbox row per matching (change, target)."""
+        outbox.write_outbox(conn, rows, self.config.alerts.rules, self.clock())
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="alerts.worker")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self.close()
+
+    async def reload(self, config: Config) -> None:
+        self.config = config
+        self._limiters = {k: v for k, v in self._limiters.items() if self._target(k)}
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # --- the work --------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # keep delivering whatever one round's trouble was
+                log.error("alert.worker_failed", error=repr(exc))
+            await asyncio.sleep(self.poll_s)
+
+    def _target(self, name: str) -> TargetConfig | None:
+        return next((t for t in self.config.alerts.targets if t.name == name), None)
+
+    def _limiter(self, target: TargetConfig) -> RateLimiter:
+        lim = self._limiters.get(target.name)
+        if lim is None:
+            lim = RateLimiter(self._rate_limits.get(target.type, ()))
+            self._limiters[target.name] = lim
+        return lim
+
+    def _session_get(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession()
+        return self._session
+
+    async def run_once(self, *, now: datetime | None = None, flush: bool = False) -> int:
+        """One round: expire, read due rows, deliver every target whose group is ready
+        (oldest row older than ``group_wait_s``, or ``flush``). Returns messages sent."""
+        now = now or self.clock()
+        cfg = self.config.alerts
+        rows, pending = await asyncio.to_thread(self._due, now, cfg.max_age_s)
+        self.metrics.pending.set(pending)
+        by_target: dict[str, list[outbox.DueRow]] = {}
+        for row in rows:
+            by_target.setdefault(row.target, []).append(row)
+        ready: list[tuple[TargetConfig, list[outbox.DueRow]]] = []
+        for name, group in by_target.items():
+            target = self._target(name)
+            if target is None:
+                await self._record(
+                    name,
+                    [r.id for r in group],
+                    Dead(f"no target named {name!r} is configured"),
+                    now,
+                    0,
+                )
+                continue
+            wait = timedelta(seconds=cfg.group_wait_s)
+            if flush or any(
+                r.attempts > 0 or (parse_time(r.created_at) or now) + wait <= now for r in group
+            ):
+                ready.append((target, group))
+        results = await asyncio.gather(*(self._deliver(t, g, now) for t, g in ready))
+        await self.check_stalls(now)
+        return sum(results)
+
+    async def check_stalls(self, now: datetime) -> None:
+        """Tell every target when a configured workspace has not synced successfully for
+        ``stalled_after_s``, and when it recovers. Best effort, not through the outbox (a
+        stall is not a change): a notice a target did not accept is tried again next round."""
+        ids = self.config.workspace_ids()
+        if not ids or not self.config.alerts.targets:
+            return
+        states = await asyncio.to_thread(self.store.workspaces)
+        by_id = {s.workspace_id: s for s in states}
+        last: dict[str, datetime | None] = {}
+        for ws in ids:
+            st = by_id.get(ws)
+            times = [t for t in (st.last_full_ok_at, st.last_hot_ok_at) if t] if st else []
+            parsed = [p for p in (parse_time(t) for t in times) if p is not None]
+            last[ws] = max(parsed, default=None)
+        labels = {w.id: w.label for w in self.config.workspaces}
+        for target in self.config.alerts.targets:
+            told = self._stalled.setdefault(target.name, set())
+            notices = stall_notices(
+                last, labels, told, now, self.config.alerts.stalled_after_s, self._since
+            )
+            for notice in notices:
+                if await self._announce(target, notice):
+                    if notice.state == "stalled":
+                        told.add(notice.workspace_id)
+                    else:
+                        told.discard(notice.workspace_id)
+
+    @property
+    def stalled(self) -> set[str]:
+        """Workspaces some target was told are stalled (and not yet that they recovered)."""
+        return set().union(*self._stalled.values())
+
+    async def _announce(self, target: TargetConfig, notice: StallNotice) -> bool:
+        last = notice.last_success_at
+        last_text = last.strftime("%Y-%m-%dT%H:%M:%SZ") if last else None
+        payload = render_notice(
+            target.type,
+            notice.workspace_id,
+            notice.label,
+            notice.state,
+            last_text,
+            keyword=target.keyword,
+        )
+        msg_id = f"hposync_{notice.workspace_id}_{notice.state}_{last_text or 'never'}"
+        outcome = await self._send(target, Message(payload, (0,)), msg_id)
+        event = f"alert.workspace_{notice.state}"
+        if isinstance(outcome, Sent):
+            log.info(event, target=target.name, workspace=notice.workspace_id)
+            return True
+        reason = getattr(outcome, "reason", "")
+        log.warning(event, target=target.name, workspace=notice.workspace_id, reason=reason)
+        return False
+
+    def _due(self, now: datetime, max_age_s: float) -> tuple[list[outbox.DueRow], int]:
+        with self.store.reader() as conn:
+            stale = outbox.has_expired(conn, now, max_age_s)
+        expired = 0
+        if stale:
+            with _write(self.store, "expire old alerts") as conn:
+                expired = outbox.expire(conn, now, max_age_s)
+        if expired:
+            log.error("alert.dead", target="*", alerts=expired, reason="expired")
+        with self.store.reader() as conn:
+            return outbox.due_rows(conn, now), outbox.counts(conn)[outbox.PENDING]
+
+    def _item(self, row: outbox.DueRow) -> AlertItem:
+        old = decode_counts(row.trial_old)
+        new = decode_counts(row.trial_new)
+        trial_status = new if row.trial_new is not None else decode_counts(row.trial_status)
+        if row.field == "TrialStatus":
+            old, new = decode_counts(row.old_value), decode_counts(row.new_value)
+            trial_status = new
+        return AlertItem(
+            outbox_id=row.id,
+            rule=row.rule,
+            workspace_id=row.workspace_id,
+            experiment_id=row.experiment_id,
+            name=row.name,
+            field=row.field,
+            old_value=row.old_value,
+            new_value=row.new_value,
+            observed_at=row.observed_at,
+            trial_status=trial_status,
+            failed_delta=new.get("FAILED", 0) - old.get("FAILED", 0),
+            workspace_label=row.workspace_label,
+            console_url=console_link(
+                self.config.alerts.console_url,
+                self.config.upstream.region,
+                row.workspace_id,
+                row.experiment_id,
+            ),
+        )
+
+    async def _deliver(
+        self, target: TargetConfig, group: list[outbox.DueRow], now: datetime
+    ) -> int:
+        messages = render(target.type, [self._item(r) for r in group], keyword=target.keyword)
+        attempts = {r.id: r.attempts for r in group}
+        sent = 0
+        for i, message in enumerate(messages):
+            outcome = await self._send(target, message)
+            n = max(attempts[x] for x in message.outbox_ids) + 1
+            await self._record(target.name, message.outbox_ids, outcome, now, n)
+            if isinstance(outcome, Sent):
+                sent += 1
+            elif isinstance(outcome, Retry):
+                # Whatever is left of this digest waits as long as this message does.
+                rest = [x for m in messages[i + 1 :] for x in m.outbox_ids]
+                if rest:
+                    await self._record(target.name, rest, outcome, now, n)
+                break
+        return sent
+
+    async def _send(
+        self, target: TargetConfig, message: Message, msg_id: str | None = None
+    ) -> Outcome:
+        await self._limiter(target).acquire()
+        msg_id = msg_id or f"hposync_{message.outbox_ids[0]}_{len(message.outbox_ids)}"
+        try:
+            answer = await send_message(
+                self._session_get(), target, message.payload, now=self.clock(), msg_id=msg_id
+            )
+        except TimeoutError:
+            return Retry("timed out")
+        except aiohttp.ClientError as exc:
+            return Retry(f"connection failed ({type(exc).__name__})")
+        except ValueError as exc:  # a URL yarl refuses; its message would quote the URL
+            return Dead(f"cannot send to this URL ({type(exc).__name__})")
+        return classify(target.type, answer.status, answer.headers, answer.body)
+
+    async def _record(
+        self, target: str, ids: Sequence[int], outcome: Outcome, now: datetime, attempts: int
+    ) -> None:
+        def write() -> None:
+            with _write(self.store, "record alert deliveries") as conn:
+                if isinstance(outcome, Sent):
+                    outbox.mark_sent(conn, ids, self.clock())
+                elif isinstance(outcome, Retry):
+                    outbox.mark_retry(conn, ids, now + timedelta(seconds=delay), outcome.reason)
+                else:
+                    outbox.mark_dead(conn, ids, outcome.reason, attempted=attempts > 0)
+
+        delay = 0.0
+        if isinstance(outcome, Retry):
+            delay = outcome.after_s if outcome.after_s is not None else backoff_s(attempts)
+        await asyncio.to_thread(write)
+        if isinstance(outcome, Sent):
+            self.metrics.sent.labels(target).inc(len(ids))
+            log.info("alert.sent", target=target, alerts=len(ids))
+        elif isinstance(outcome, Retry):
+            self.metrics.retried.labels(target).inc(len(ids))
+            log.warning(
+                "alert.retry",
+                target=target,
+                alerts=len(ids),
+                reason=outcome.reason,
+                attempts=attempts,
+                retry_in_s=delay,
+            )
+        else:
+            self.metrics.dead.labels(target).inc(len(ids))
+            log.error("alert.dead", target=target, alerts=len(ids), reason=outcome.reason)
+
+
+def build_service(runtime: Runtime) -> AlertWorker:
+    """The daemon's hook (see :data:`hpo_sync.daemon.SERVICE_MODULES`)."""
+    registry = getattr(getattr(runtime, "metrics", None), "registry", None)
+    return AlertWorker(runtime.store, runtime.config, registry=registry, clock=runtime.clock)

@@ -1,0 +1,184 @@
+"""``hpo-sync alerts test|list|retry`` against the emulated targets and a real mirror."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import structlog
+from structlog.testing import capture_logs
+
+from hpo_sync import cli
+from hpo_sync.alerts.receivers import Receivers
+from hpo_sync.alerts.service import AlertWorker
+from hpo_sync.config import load
+from hpo_sync.normalise import format_time, normalise
+from hpo_sync.store import Store
+
+SECRET = "SECcli-secret-value"
+TOKEN = "cli-S3CRET-token"
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """The CLI configures logging globally, onto the captured stream of this test."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    structlog.reset_defaults()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.fixture
+async def receivers() -> AsyncIterator[Receivers]:
+    r = Receivers(secrets={TOKEN: SECRET, "wrong-" + TOKEN: "other"}, keywords={TOKEN: "hpo"})
+    await r.start()
+    yield r
+    await r.stop()
+
+
+@pytest.fixture
+def config_path(tmp_path: Path, receivers: Receivers, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("T_DING_URL", receivers.url("dingtalk", TOKEN))
+    monkeypatch.setenv("T_BAD_URL", receivers.url("dingtalk", "wrong-" + TOKEN))
+    monkeypatch.setenv("T_SECRET", SECRET)
+    monkeypatch.setenv("T_SLACK_URL", receivers.url("slack", TOKEN))
+    path = tmp_path / "config.toml"
+    path.write_text(
+        f"""
+[store]
+path = "{tmp_path / "mirror.db"}"
+
+[[workspaces]]
+id = "ws1"
+
+[alerts]
+group_wait_s = 0
+
+[[alerts.targets]]
+name = "ding"
+type = "dingtalk"
+url_env = "T_DING_URL"
+secret_env = "T_SECRET"
+keyword = "hpo"
+
+[[alerts.targets]]
+name = "bad"
+type = "dingtalk"
+url_env = "T_BAD_URL"
+secret_env = "T_SECRET"
+
+[[alerts.targets]]
+name = "slack"
+type = "slack"
+url_env = "T_SLACK_URL"
+
+[[alerts.rules]]
+name = "failed"
+targets = ["ding", "bad"]
+to_status = ["FAILED"]
+"""
+    )
+    return path
+
+
+async def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = await asyncio.to_thread(cli.main, args)
+    out, err = capsys.readouterr()
+    return code, out + err
+
+
+def assert_no_secret(text: str) -> None:
+    for s in (SECRET, TOKEN, "access_token"):
+        assert s not in text
+
+
+async def test_alerts_test_prints_the_exact_answer(
+    config_path: Path, receivers: Receivers, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out = await run_cli(["alerts", "test", "ding", "--config", str(config_path)], capsys)
+    assert code == 0, out
+    assert "ding (dingtalk): HTTP 200" in out
+    assert '{"errcode": 0, "errmsg": "ok"}' in out and "=> sent" in out
+    assert len(receivers.of(TOKEN)) == 1
+    assert_no_secret(out)
+
+    code, out = await run_cli(["alerts", "test", "bad", "--config", str(config_path)], capsys)
+    assert code == 1
+    assert '"errcode": 310000' in out and "=> dead" in out
+    assert_no_secret(out)
+
+    code, out = await run_cli(["alerts", "test", "nope", "--config", str(config_path)], capsys)
+    assert code == 2 and "no target named 'nope'" in out
+
+
+async def test_alerts_test_target_down(
+    config_path: Path, receivers: Receivers, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await receivers.stop()
+    code, out = await run_cli(["alerts", "test", "slack", "--config", str(config_path)], capsys)
+    assert code == 1 and "no answer" in out
+    assert_no_secret(out)
+
+
+async def test_alerts_list_and_retry(
+    config_path: Path, receivers: Receivers, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = load(config_path)
+    store = Store.open(cfg.store.path)
+    worker = AlertWorker(store, cfg, rate_limits={})
+    t = datetime.now(UTC) - timedelta(seconds=30)
+    for i, status in enumerate(("RUNNING", "FAILED")):
+        e = normalise(
+            {"ExperimentId": "e1", "WorkspaceId": "ws1", "Name": "bert", "Status": status}
+        )
+        assert e is not None
+        at = format_time(t + timedelta(seconds=i))
+        run = store.begin_run("ws1", "hot", at)
+        store.apply(
+            "ws1",
+            [e],
+            observed_at=at,
+            run_id=run,
+            baseline=i == 0,
+            on_changes=worker.on_changes,
+        )
+    with capture_logs() as logs:
+        await worker.run_once()
+        await worker.close()
+    assert {e["event"] for e in logs} == {"alert.sent", "alert.dead"}
+    assert_no_secret(repr(logs))
+    store.close()
+
+    code, out = await run_cli(["alerts", "list", "--config", str(config_path)], capsys)
+    assert code == 0 and "sent" in out and "dead" in out and "bert (e1)" in out
+    assert "310000" in out
+    assert_no_secret(out)
+    code, out = await run_cli(["alerts", "list", "--dead", "--config", str(config_path)], capsys)
+    assert "dead" in out and "sent " not in out
+    code, out = await run_cli(
+        ["alerts", "list", "--pending", "--format", "json", "--config", str(config_path)], capsys
+    )
+    assert out.strip() == ""
+
+    conn = sqlite3.connect(cfg.store.path)
+    (dead_id,) = conn.execute("SELECT id FROM alert_outbox WHERE status = 'dead'").fetchone()
+    conn.close()
+    code, out = await run_cli(
+        ["alerts", "retry", str(dead_id), "--config", str(config_path)], capsys
+    )
+    assert code == 0 and "re-queued 1 dead alert delivery" in out
+    code, out = await run_cli(
+        ["alerts", "retry", "--all-dead", "--config", str(config_path)], capsys
+    )
+    assert "re-queued 0" in out
+    code, out = await run_cli(["alerts", "list", "--pending", "--config", str(config_path)], capsys)
+    assert f"{dead_id:>6}  pending" in out
+    code, out = await run_cli(["alerts", "retry", "--config", str(config_path)], capsys)
+    assert code == 2

@@ -1,0 +1,124 @@
+"""Alerts through a real ``hpo-sync run`` process: SIGKILL while a target is down (the pending
+alerts are delivered after the restart) and after delivery (nothing is sent twice)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from daemon_harness import Daemons, config_text, query, sim_post, wait_db
+
+from hpo_sync.alerts.receivers import Receivers
+from hpo_sync.sim.server import SimOptions, Simulator
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+
+TOKEN = "daemon-hook-S3CRET"
+HOOK_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+
+@pytest.fixture
+async def daemons(tmp_path: Path) -> AsyncIterator[Daemons]:
+    ds = Daemons(tmp_path)
+    try:
+        yield ds
+    finally:
+        await ds.cleanup()
+
+
+def alerts_toml(tmp_path: Path, url: str) -> str:
+    (tmp_path / "hook-url").write_text(url)
+    (tmp_path / "hook-secret").write_text(HOOK_SECRET)
+    return f"""
+[alerts]
+group_wait_s = 0
+
+[[alerts.targets]]
+name = "hook"
+type = "webhook"
+url_file = "{tmp_path / "hook-url"}"
+secret_file = "{tmp_path / "hook-secret"}"
+
+[[alerts.rules]]
+name = "status"
+targets = ["hook"]
+to_status = ["CREATED", "RUNNING", "FINISHED", "FAILED", "EARLY_STOPPED", "USER_CANCELED",
+             "SYS_CANCELED", "WAITING", "NO_MORE_TRIAL", "UNKNOWN"]
+"""
+
+
+def delivered(receivers: Receivers) -> Counter[tuple[str, str, str]]:
+    return Counter(
+        (a["experiment_id"], a["field"], a["observed_at"])
+        for r in receivers.of(TOKEN)
+        for a in r.body["alerts"]
+    )
+
+
+def outbox(db: Path, status: str) -> int:
+    return int(query(db, "SELECT count(*) FROM alert_outbox WHERE status = ?", (status,))[0][0])
+
+
+async def wait_all_sent(db: Path, timeout_s: float = 30) -> None:
+    await wait_db(
+        db,
+        "SELECT 1 WHERE (SELECT count(*) FROM alert_outbox) > 0"
+        " AND NOT EXISTS (SELECT 1 FROM alert_outbox WHERE status != 'sent')",
+        timeout_s=timeout_s,
+    )
+
+
+async def test_sigkill_before_and_after_delivery(tmp_path: Path, daemons: Daemons) -> None:
+    receivers = Receivers(secrets={TOKEN: HOOK_SECRET})
+    await receivers.start()
+    try:
+        async with Simulator(SimOptions(experiments=80, workspaces=1, seed=5, speed=0)) as sim:
+            db = tmp_path / "mirror.db"
+            cfg = tmp_path / "config.toml"
+            cfg.write_text(
+                config_text(sim_url=sim.base_url, db=db, workspaces=["100001"])
+                + alerts_toml(tmp_path, receivers.url("webhook", TOKEN)),
+                encoding="utf-8",
+            )
+            d = await daemons.start(cfg, "first")
+            await wait_db(db, "SELECT 1 FROM workspaces WHERE baseline_at IS NOT NULL", daemon=d)
+            port = receivers.port
+            await receivers.stop()  # the target goes down
+
+            await sim_post(sim.base_url, "/_sim/advance", {"seconds": 1800})
+            await wait_db(
+                db, "SELECT 1 FROM alert_outbox WHERE attempts >= 1", daemon=d, timeout_s=30
+            )
+            d.proc.send_signal(signal.SIGKILL)
+            await d.proc.wait()
+            assert outbox(db, "sent") == 0
+            pending = outbox(db, "pending")
+            assert pending > 0
+
+            await receivers.start(port=port)  # back up; a new process resumes
+            d2 = await daemons.start(cfg, "second")
+            await wait_all_sent(db)
+            got = delivered(receivers)
+            assert sum(got.values()) == outbox(db, "sent") >= pending
+            assert max(got.values()) == 1  # nothing twice
+
+            # Kill -9 after delivery: the restarted daemon does not resend.
+            sent_before = sum(got.values())
+            d2.proc.send_signal(signal.SIGKILL)
+            await d2.proc.wait()
+            d3 = await daemons.start(cfg, "third")
+            await d3.wait_event("sync.finished")
+            await asyncio.sleep(2.5)  # a couple of worker rounds
+            assert sum(delivered(receivers).values()) == sent_before
+            log = (tmp_path / "second.log").read_text()
+            assert '"alert.sent"' in log
+            for secret in (TOKEN, HOOK_SECRET, f"127.0.0.1:{port}"):
+                assert secret not in log
+            assert json.dumps(TOKEN) not in (tmp_path / "first.log").read_text()
+    finally:
+        await receivers.stop()

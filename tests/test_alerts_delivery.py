@@ -1,0 +1,413 @@
+"""Delivery end to end: a real SQLite file, the outbox written inside Store.apply, the worker,
+and the emulated chat targets on a loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from structlog.testing import capture_logs
+
+from hpo_sync.alerts.receivers import Receivers
+from hpo_sync.alerts.service import AlertWorker
+from hpo_sync.alerts.signing import dingtalk_sign
+from hpo_sync.config import (
+    AlertsConfig,
+    Config,
+    RuleConfig,
+    Secret,
+    StoreConfig,
+    TargetConfig,
+    WorkspaceConfig,
+)
+from hpo_sync.normalise import Experiment, format_time, normalise
+from hpo_sync.store import Store
+
+DING_SECRET = "SECding-secret-value"
+FEISHU_SECRET = "feishu-secret-value"
+HOOK_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+KINDS = ("slack", "discord", "dingtalk", "feishu", "lark", "wecom", "teams", "webhook")
+SECRETS = {
+    "dingtalk": DING_SECRET,
+    "feishu": FEISHU_SECRET,
+    "lark": FEISHU_SECRET,
+    "webhook": HOOK_SECRET,
+}
+
+
+def token(kind: str) -> str:
+    return f"tok-{kind}-S3CRETTOKEN"
+
+
+def exp(exp_id: str, status: str = "RUNNING", trials: dict[str, int] | None = None) -> Experiment:
+    out = normalise(
+        {
+            "ExperimentId": exp_id,
+            "WorkspaceId": "ws1",
+            "Name": f"bert_{exp_id}",
+            "Status": status,
+            "TrialStatus": trials if trials is not None else {"RUNNING": 2},
+            "Tags": [{"Key": "team", "Value": "nlp"}],
+            "GmtCreateTime": "2024-02-01T00:00:00Z",
+            "GmtModifiedTime": "2024-02-01T00:00:00Z",
+        }
+    )
+    assert out is not None
+    return out
+
+
+@pytest.fixture
+async def receivers() -> AsyncIterator[Receivers]:
+    r = Receivers(
+        secrets={token(k): v for k, v in SECRETS.items()},
+        keywords={token("dingtalk"): "hpo-sync", token("feishu"): "hpo-sync"},
+    )
+    await r.start()
+    yield r
+    await r.stop()
+
+
+def make_config(db: Path, r: Receivers, kinds: tuple[str, ...] = KINDS, **alerts: Any) -> Config:
+    targets = tuple(
+        TargetConfig(
+            name=f"t-{k}",
+            type=k,
+            url=Secret(r.url(k, token(k)), "test"),
+            secret=Secret(SECRETS[k], "test") if k in SECRETS else None,
+            keyword="hpo-sync" if k in ("dingtalk", "feishu") else None,
+        )
+        for k in kinds
+    )
+    rule = RuleConfig("failed", tuple(t.name for t in targets), to_status=("FAILED",))
+    cfg = AlertsConfig(group_wait_s=5, targets=targets, rules=(rule,), **alerts)
+    return Config(store=StoreConfig(db), alerts=cfg)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "mirror.db"
+
+
+@pytest.fixture
+def store(db: Path) -> Iterator[Store]:
+    s = Store.open(db)
+    yield s
+    s.close()
+
+
+def now() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+class World:
+    """Experiments that change, with the worker's hook inside each apply."""
+
+    def __init__(self, store: Store, worker: AlertWorker, n: int) -> None:
+        self.store, self.worker = store, worker
+        self.t = now() - timedelta(seconds=60)
+        self.ids = [f"e{i:04d}" for i in range(n)]
+        self._apply([exp(i) for i in self.ids], baseline=True)
+
+    def _apply(self, exps: list[Experiment], baseline: bool = False) -> None:
+        self.t += timedelta(seconds=1)
+        at = format_time(self.t)
+        run = self.store.begin_run("ws1", "hot", at)
+        self.store.apply(
+            "ws1",
+            exps,
+            observed_at=at,
+            run_id=run,
+            baseline=baseline,
+            on_changes=self.worker.on_changes,
+        )
+
+    def fail(self, ids: list[str]) -> None:
+        self._apply([exp(i, "FAILED", {"FAILED": 2}) for i in ids])
+
+
+def outbox(db: Path) -> list[dict[str, Any]]:
+    conn = sqlite3.connect(db)
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute("SELECT * FROM alert_outbox ORDER BY id")]
+    finally:
+        conn.close()
+
+
+async def test_every_target_gets_one_signed_digest(
+    receivers: Receivers, store: Store, db: Path
+) -> None:
+    worker = AlertWorker(store, make_config(db, receivers), rate_limits={})
+    world = World(store, worker, 3)
+    assert outbox(db) == []  # the baseline never alerts
+    with capture_logs() as logs:
+        world.fail(["e0000", "e0001"])
+        rows = outbox(db)
+        assert len(rows) == 2 * len(KINDS)
+        assert await worker.run_once() == 0  # still inside group_wait_s
+        assert await worker.run_once(now=now() + timedelta(seconds=6)) == len(KINDS)
+        assert await worker.run_once(now=now() + timedelta(seconds=60)) == 0
+        await worker.close()
+    assert receivers.rejected == []
+    assert {r["status"] for r in outbox(db)} == {"sent"}
+    for kind in KINDS:
+        (got,) = receivers.of(token(kind))
+        text = json.dumps(got.body, ensure_ascii=False)
+        assert "bert_e0000" in text and "e0001" in text
+        assert "RUNNING → FAILED" in text or kind == "webhook"
+    ding = receivers.of(token("dingtalk"))[0]
+    assert ding.query["sign"] == dingtalk_sign(DING_SECRET, int(ding.query["timestamp"]))
+    assert ding.body["msgtype"] == "markdown" and "hpo-sync" in ding.body["markdown"]["text"]
+    feishu = receivers.of(token("feishu"))[0]
+    assert {"timestamp", "sign", "msg_type", "card"} <= set(feishu.body)
+    hook = receivers.of(token("webhook"))[0]
+    assert hook.body["type"] == "hpo-sync.changes" and len(hook.body["alerts"]) == 2
+    assert {"webhook-id", "webhook-timestamp", "webhook-signature"} <= {
+        k.lower() for k in hook.headers
+    }
+    assert {e["event"] for e in logs} >= {"alert.sent"}
+    dumped = repr(logs)
+    for secret in (*SECRETS.values(), *(token(k) for k in KINDS), "127.0.0.1"):
+        assert secret not in dumped
+
+
+async def test_receiver_down_then_up_delivers_exactly_once(
+    receivers: Receivers, store: Store, db: Path
+) -> None:
+    kinds = ("slack", "webhook", "dingtalk")
+    worker = AlertWorker(store, make_config(db, receivers, kinds), rate_limits={})
+    world = World(store, worker, 4)
+    port = receivers.port
+    await receivers.stop()
+    with capture_logs() as logs:
+        world.fail(world.ids)
+        t = now() + timedelta(seconds=6)
+        assert await worker.run_once(now=t) == 0
+        rows = outbox(db)
+        assert {r["status"] for r in rows} == {"pending"}
+        assert {r["attempts"] for r in rows} == {1}
+        assert all("connection failed" in r["last_error"] for r in rows)
+        await receivers.start(port=port)
+        assert await worker.run_once(now=t + timedelta(seconds=1)) == 0  # backoff not over
+        assert await worker.run_once(now=t + timedelta(seconds=10)) == len(kinds)
+        assert await worker.run_once(now=t + timedelta(seconds=1000)) == 0
+        await worker.close()
+    assert any(e["event"] == "alert.retry" for e in logs)
+    for kind in kinds:
+        got = receivers.of(token(kind))
+        assert len(got) == 1
+        assert sorted(json.dumps(got[0].body).count(f"e000{i}") > 0 for i in range(4)) == [True] * 4
+    assert {r["status"] for r in outbox(db)} == {"sent"}
+
+
+async def test_http_500_is_retried(receivers: Receivers, store: Store, db: Path) -> None:
+    worker = AlertWorker(store, make_config(db, receivers, ("teams",)), rate_limits={})
+    world = World(store, worker, 1)
+    receivers.fail(token("teams"), times=1)
+    world.fail(world.ids)
+    t = now() + timedelta(seconds=6)
+    assert await worker.run_once(now=t) == 0
+    (row,) = outbox(db)
+    assert row["status"] == "pending" and row["last_error"].startswith("HTTP 500")
+    assert await worker.run_once(now=t + timedelta(seconds=30)) == 1
+    await worker.close()
+    assert outbox(db)[0]["status"] == "sent"
+
+
+async def test_dingtalk_130101_retried_then_310000_dead(
+    receivers: Receivers, store: Store, db: Path
+) -> None:
+    worker = AlertWorker(store, make_config(db, receivers, ("dingtalk",)), rate_limits={})
+    world = World(store, worker, 2)
+    receivers.fail(token("dingtalk"), errcode=130101, times=1)
+    world.fail(["e0000"])
+    t = now() + timedelta(seconds=6)
+    with capture_logs() as logs:
+        assert await worker.run_once(now=t) == 0
+        (row,) = outbox(db)
+        assert row["status"] == "pending" and "130101" in row["last_error"]
+        assert await worker.run_once(now=t + timedelta(seconds=30)) == 0  # waits 60 s
+        assert await worker.run_once(now=t + timedelta(seconds=61)) == 1
+        assert outbox(db)[0]["status"] == "sent"
+        receivers.fail(token("dingtalk"), errcode=310000, times=1)
+        world.fail(["e0001"])
+        assert await worker.run_once(now=t + timedelta(seconds=200)) == 0
+        await worker.close()
+    dead = outbox(db)[1]
+    assert dead["status"] == "dead" and "310000" in dead["last_error"]
+    assert any(e["event"] == "alert.dead" and "310000" in e["reason"] for e in logs)
+    assert DING_SECRET not in repr(logs) and token("dingtalk") not in repr(logs)
+
+
+async def test_wrong_signing_secret_is_dead_lettered(
+    receivers: Receivers, store: Store, db: Path
+) -> None:
+    cfg = make_config(db, receivers, ("dingtalk", "feishu"))
+    bad = tuple(
+        TargetConfig(t.name, t.type, t.url, Secret("wrong", "test"), t.keyword)
+        for t in cfg.alerts.targets
+    )
+    cfg = Config(
+        store=cfg.store, alerts=AlertsConfig(group_wait_s=5, targets=bad, rules=cfg.alerts.rules)
+    )
+    worker = AlertWorker(store, cfg, rate_limits={})
+    world = World(store, worker, 1)
+    world.fail(world.ids)
+    await worker.run_once(now=now() + timedelta(seconds=6))
+    await worker.close()
+    errors = sorted(r["last_error"] for r in outbox(db))
+    assert [r["status"] for r in outbox(db)] == ["dead", "dead"]
+    assert "19021" in errors[0] and "310000" in errors[1]
+
+
+async def test_burst_at_a_20_per_minute_target(
+    receivers: Receivers, store: Store, db: Path
+) -> None:
+    worker = AlertWorker(store, make_config(db, receivers, ("dingtalk", "wecom")))
+    world = World(store, worker, 500)
+    world.fail(world.ids)
+    assert len(outbox(db)) == 1000
+    assert await worker.run_once(now=now() + timedelta(seconds=6)) <= 6
+    await worker.close()
+    assert receivers.rejected == []
+    assert {r["status"] for r in outbox(db)} == {"sent"}
+    for kind in ("dingtalk", "wecom"):
+        got = receivers.of(token(kind))
+        assert 1 <= len(got) <= 3
+        assert "… and" in json.dumps(got[-1].body, ensure_ascii=False)
+
+
+async def test_restart_resumes_pending_and_does_not_resend(receivers: Receivers, db: Path) -> None:
+    cfg = make_config(db, receivers, ("webhook",))
+    store = Store.open(db)
+    worker = AlertWorker(store, cfg, rate_limits={})
+    world = World(store, worker, 2)
+    world.fail(["e0000"])
+    assert await worker.run_once(now=now() + timedelta(seconds=6)) == 1
+    world.fail(["e0001"])  # pending when the "process" goes away
+    await worker.close()
+    store.close()
+
+    store2 = Store.open(db)
+    worker2 = AlertWorker(store2, cfg, rate_limits={})
+    try:
+        assert await worker2.run_once(now=now() + timedelta(seconds=6)) == 1
+        assert await worker2.run_once(now=now() + timedelta(seconds=60)) == 0
+    finally:
+        await worker2.close()
+        store2.close()
+    got = receivers.of(token("webhook"))
+    assert len(got) == 2
+    assert "e0000" in json.dumps(got[0].body) and "e0000" not in json.dumps(got[1].body)
+    assert {r["status"] for r in outbox(db)} == {"sent"}
+
+
+async def test_old_alerts_expire(receivers: Receivers, store: Store, db: Path) -> None:
+    worker = AlertWorker(
+        store, make_config(db, receivers, ("slack",), max_age_s=60), rate_limits={}
+    )
+    world = World(store, worker, 1)
+    receivers.fail(token("slack"))
+    world.fail(world.ids)
+    await worker.run_once(now=now() + timedelta(seconds=6))
+    receivers.fail(token("slack"), "ok")
+    await worker.run_once(now=now() + timedelta(seconds=3600))
+    await worker.close()
+    (row,) = outbox(db)
+    assert row["status"] == "dead" and row["last_error"] == "expired"
+    assert receivers.received == []
+
+
+async def test_quiet_hours_delay_delivery(receivers: Receivers, store: Store, db: Path) -> None:
+    t = now()
+    start = (t - timedelta(hours=1)).strftime("%H:%M")
+    end = (t + timedelta(hours=1)).strftime("%H:%M")
+    cfg = make_config(db, receivers, ("slack",))
+    rule = RuleConfig("quiet", ("t-slack",), quiet_hours=f"{start}-{end}")
+    cfg = Config(
+        store=cfg.store,
+        alerts=AlertsConfig(group_wait_s=5, targets=cfg.alerts.targets, rules=(rule,)),
+    )
+    worker = AlertWorker(store, cfg, rate_limits={})
+    world = World(store, worker, 1)
+    world.fail(world.ids)
+    assert await worker.run_once(now=t + timedelta(seconds=10)) == 0
+    assert await worker.run_once(now=t + timedelta(hours=1, minutes=1)) == 1
+    await worker.close()
+
+
+async def test_stalled_and_recovered_workspace(
+    receivers: Receivers, store: Store, db: Path
+) -> None:
+    cfg = make_config(db, receivers, ("webhook", "slack"), stalled_after_s=60)
+    cfg = Config(store=cfg.store, alerts=cfg.alerts, workspaces=(WorkspaceConfig("ws1", "nlp"),))
+    t = now()
+    store.record_success("ws1", "hot", format_time(t - timedelta(seconds=600)))
+    worker = AlertWorker(store, cfg)
+    with capture_logs() as logs:
+        await worker.run_once(now=t)
+        await worker.run_once(now=t + timedelta(seconds=1))  # announced once
+        store.record_success("ws1", "full", format_time(t + timedelta(seconds=2)))
+        await worker.run_once(now=t + timedelta(seconds=3))
+        await worker.close()
+    hooks = [r.body for r in receivers.of(token("webhook"))]
+    assert [(h["workspace"], h["state"]) for h in hooks] == [
+        ("ws1", "stalled"),
+        ("ws1", "recovered"),
+    ]
+    slack = [r.body["text"] for r in receivers.of(token("slack"))]
+    assert len(slack) == 2 and "nlp (ws1)" in slack[0] and "stalled" in slack[0]
+    assert worker.stalled == set()
+    events = [e["event"] for e in logs]
+    assert events.count("alert.workspace_stalled") == 2
+    assert events.count("alert.workspace_recovered") == 2
+
+
+async def test_receivers_enforce_the_real_rate_limits(receivers: Receivers) -> None:
+    async def post(kind: str, body: dict[str, Any]) -> tuple[int, str, dict[str, str]]:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(receivers.url(kind, f"rl-{kind}"), json=body) as r,
+        ):
+            return r.status, await r.text(), dict(r.headers)
+
+    md = {"msgtype": "markdown", "markdown": {"title": "t", "text": "x", "content": "x"}}
+    cases: list[tuple[str, dict[str, Any], int, str]] = [
+        ("slack", {"text": "x"}, 1, "rate_limited"),
+        ("discord", {"content": "x"}, 5, '"retry_after"'),
+        ("dingtalk", md, 20, '"errcode": 130101'),
+        ("feishu", {"msg_type": "text", "content": {"text": "x"}}, 5, '"code": 11232'),
+        ("wecom", md, 20, '"errcode": 45009'),
+    ]
+    for kind, body, limit, error in cases:
+        answers = [await post(kind, body) for _ in range(limit + 1)]
+        assert all(error not in text for _, text, _ in answers[:limit]), kind
+        status, text, headers = answers[limit]
+        assert error in text, (kind, text)
+        if kind in ("slack", "discord"):
+            assert status == 429 and "Retry-After" in headers
+
+
+async def test_discord_429_is_retried_after_its_retry_after(
+    receivers: Receivers, store: Store, db: Path
+) -> None:
+    worker = AlertWorker(store, make_config(db, receivers, ("discord",)), rate_limits={})
+    world = World(store, worker, 1)
+    world.fail(world.ids)
+    for _ in range(5):  # someone else used up the webhook's window
+        receivers._rate_ok("discord", token("discord"))
+    t = now() + timedelta(seconds=6)
+    assert await worker.run_once(now=t) == 0
+    (row,) = outbox(db)
+    assert row["status"] == "pending" and row["last_error"].startswith("HTTP 429")
+    assert row["next_attempt_at"] == format_time(t + timedelta(seconds=1))
+    await asyncio.sleep(2.1)
+    assert await worker.run_once(now=t + timedelta(seconds=2)) == 1
+    await worker.close()
