@@ -1,4 +1,5 @@
-"""Shared helpers of the benchmarks: a simulator in its own process, peak memory, tables.
+"""Shared helpers of the benchmarks: a simulator in its own process, its control API,
+child processes measured one by one (wall time, peak memory), tables.
 
 The simulator runs as a separate process (``hpo-sync simulate``) so that its CPU time is not
 charged to the client being measured: on a small machine, a server in the same event loop
@@ -8,6 +9,7 @@ would make every client look slower than it is.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import resource
@@ -16,10 +18,13 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterator, Sequence
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 READY_PREFIX = "simulator listening on "
 
@@ -33,7 +38,8 @@ class SimProcess:
     process: subprocess.Popen[str]
 
 
-def _hpo_sync_command() -> list[str]:
+def hpo_sync_command() -> list[str]:
+    """How to run the ``hpo-sync`` command of this environment."""
     script = Path(sys.executable).with_name("hpo-sync")
     if script.exists():
         return [str(script)]
@@ -47,7 +53,7 @@ def _hpo_sync_command() -> list[str]:
 def simulator(args: Sequence[str], *, ready_timeout_s: float = 120.0) -> Iterator[SimProcess]:
     """Start ``hpo-sync simulate ARGS`` (on a free port unless ARGS name one), wait for its
     ``simulator listening on URL`` line, and stop it (SIGINT, then SIGKILL) on exit."""
-    argv = [*_hpo_sync_command(), "simulate", *args]
+    argv = [*hpo_sync_command(), "simulate", *args]
     if "--port" not in args:
         argv += ["--port", "0"]
     proc = subprocess.Popen(
@@ -86,6 +92,71 @@ def _stop(proc: subprocess.Popen[str]) -> None:
             proc.wait()
     if proc.stdout is not None:
         proc.stdout.close()
+
+
+def sim_control(base_url: str, path: str, payload: Mapping[str, Any] | None = None) -> Any:
+    """Call the simulator's loopback control API (``/_sim/...``): POST ``payload`` as JSON,
+    or GET when it is None; return the decoded answer."""
+    data = None if payload is None else json.dumps(payload).encode()
+    request = urllib.request.Request(
+        f"{base_url}{path}",
+        data=data,
+        method="GET" if data is None else "POST",
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=300) as resp:
+        return json.loads(resp.read())
+
+
+# ---------------------------------------------------------------------- child processes
+
+
+@dataclass(frozen=True)
+class ChildRun:
+    """A finished child process: exit status, output, wall time and its own peak RSS."""
+
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+    wall_s: float
+    peak_rss_mb: float
+
+
+def run_child(
+    argv: Sequence[str], *, env: Mapping[str, str] | None = None, timeout_s: float = 900.0
+) -> ChildRun:
+    """Run ``argv`` to completion and measure it alone: wall time from spawn to exit, and the
+    peak RSS of that one process (``wait4``'s ``ru_maxrss``, not the maximum over every child
+    this process ever had, which ``RUSAGE_CHILDREN`` would give). Output goes to temporary
+    files, so a chatty child cannot block on a full pipe; it is returned as text."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        started = time.perf_counter()
+        proc = subprocess.Popen(list(argv), stdout=out, stderr=err, env=dict(env or os.environ))
+        deadline = started + timeout_s
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() > deadline:
+                proc.kill()
+                pid, status, usage = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.005)
+        wall_s = time.perf_counter() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+        out.seek(0)
+        err.seek(0)
+        # ru_maxrss is KiB on Linux, bytes on macOS
+        scale = 1 if sys.platform == "darwin" else 1024
+        return ChildRun(
+            tuple(argv),
+            proc.returncode,
+            out.read().decode(errors="replace"),
+            err.read().decode(errors="replace"),
+            wall_s,
+            usage.ru_maxrss * scale / 2**20,
+        )
 
 
 # ---------------------------------------------------------------------- memory

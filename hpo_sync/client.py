@@ -27,6 +27,7 @@ from datetime import UTC, datetime, tzinfo
 from typing import Any
 
 import aiohttp
+import orjson
 import structlog
 import tenacity
 from yarl import URL
@@ -347,7 +348,7 @@ class UpstreamClient:
         header_request_id: str | None = None,
     ) -> Page:
         try:
-            data = json.loads(body)
+            data = _loads(body)
             if not isinstance(data, dict):
                 raise ValueError("not a JSON object")
         except ValueError:
@@ -591,6 +592,25 @@ class UpstreamClient:
             if number * size >= page.total_count or not page.experiments:
                 return
             number += 1
+
+
+_DIGIT_RUNS = bytes.maketrans(b"0123456789", b"0000000000")
+_LONG_NUMBER = b"0" * 19  # -9223372036854775809 and 18446744073709551616 have 19+ digits
+
+
+def _loads(body: bytes) -> Any:
+    """Parse a response body as ``json.loads`` would, with orjson where that is the same.
+
+    orjson is several times faster, but it reads integers beyond 64 bits as floats where json
+    keeps them exact: a body holding a run of 19 or more digits anywhere goes to json, as does
+    anything orjson refuses and json accepts (NaN, a BOM, lone surrogates, UTF-16).
+    """
+    if _LONG_NUMBER not in body.translate(_DIGIT_RUNS):
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(body)
 
 
 def _retry_after_s(acs_ms: str | None, http_s: str | None = None) -> float | None:

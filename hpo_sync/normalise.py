@@ -24,6 +24,13 @@ _TIME_RE = re.compile(
 )
 
 
+# The two forms upstream actually sends: ISO UTC ``2023-03-31T10:29:30Z`` and naive
+# ``2024-01-01 08:30:11``. parse_time() and iso_time() read them (when the zone is UTC) without
+# the general regex and offset arithmetic; _TIME_RE accepts both, and fromisoformat() rejects
+# the same impossible dates, so the fast path returns exactly what the general one would.
+_CANONICAL_RE = re.compile(r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}Z?", re.ASCII)
+
+
 def parse_time(value: Any, *, naive_tz: tzinfo = UTC) -> datetime | None:
     """Parse an upstream time (ISO-8601 with or without zone, ``yyyy-mm-dd hh:mm:ss``,
     ``yyyy-mm-dd``, epoch seconds or milliseconds, or a datetime) into an aware UTC
@@ -32,6 +39,13 @@ def parse_time(value: Any, *, naive_tz: tzinfo = UTC) -> datetime | None:
     A time without a zone is taken to be in ``naive_tz``. Returns None for empty or
     unparseable input, never raises.
     """
+    # the forms upstream sends (and the mirror stores): no regex groups, no offset maths
+    fast = type(value) is str and _CANONICAL_RE.fullmatch(value)
+    if fast and (value[19:] == "Z" or naive_tz is UTC):
+        try:
+            return datetime.fromisoformat(value[:19]).replace(tzinfo=UTC)
+        except ValueError:
+            return None
     if value is None or isinstance(value, bool):
         return None
     if isinstance(value, datetime):
@@ -83,11 +97,23 @@ def format_time(dt: datetime) -> str:
 
 def iso_time(value: Any, *, naive_tz: tzinfo = UTC) -> str | None:
     """:func:`parse_time` then :func:`format_time`; None when the value is not a time."""
+    if type(value) is str and _CANONICAL_RE.fullmatch(value):
+        # 2023-03-31T10:29:30Z (zone given) or, read in UTC, 2024-01-01 08:30:11: already
+        # the stored form once the date is known to be valid (fromisoformat checks ranges).
+        utc = value[19:] == "Z"
+        if (utc or naive_tz is UTC) and (value[10] == "T") == utc:
+            try:
+                datetime.fromisoformat(value[:19])
+            except ValueError:
+                return None
+            return value if utc else f"{value[:10]}T{value[11:]}Z"
     dt = parse_time(value, naive_tz=naive_tz)
     return format_time(dt) if dt else None
 
 
 def _text(value: Any) -> str | None:
+    if type(value) is str:  # the common case first
+        return value
     if value is None:
         return None
     if isinstance(value, bool):
@@ -139,7 +165,7 @@ def normalise_trial_status(value: Any) -> dict[str, int]:
         except ValueError:
             return {}
     items: Iterable[tuple[Any, Any]]
-    if isinstance(value, Mapping):
+    if type(value) is dict or isinstance(value, Mapping):  # ABC checks are slow: dict first
         items = value.items()
     elif isinstance(value, list):
         items = (
@@ -173,11 +199,11 @@ def normalise_tags(value: Any) -> list[dict[str, str]]:
         return []
     out = []
     for tag in value:
-        if isinstance(tag, Mapping):
-            key = tag.get("Key", tag.get("key"))
+        if type(tag) is dict or isinstance(tag, Mapping):
+            key = tag["Key"] if "Key" in tag else tag.get("key")
             if key is None:
                 continue
-            val = _text(tag.get("Value", tag.get("value")))
+            val = _text(tag["Value"] if "Value" in tag else tag.get("value"))
             out.append({"Key": _text(key) or "", "Value": val or ""})
     return out
 
@@ -208,28 +234,29 @@ class Experiment:
 
 def normalise(raw: Mapping[str, Any], *, naive_tz: tzinfo = UTC) -> Experiment | None:
     """Normalise one raw upstream experiment; None when it has no ``ExperimentId``."""
-    exp_id = (_text(raw.get("ExperimentId")) or "").strip()
+    get = raw.get
+    exp_id = (_text(get("ExperimentId")) or "").strip()
     if not exp_id:
         return None
-    status = _text(raw.get("Status"))
+    status = _text(get("Status"))
     return Experiment(
         experiment_id=exp_id,
-        workspace_id=_text(raw.get("WorkspaceId")),
-        name=_text(raw.get("Name")),
-        creator=_text(raw.get("Creator")),
+        workspace_id=_text(get("WorkspaceId")),
+        name=_text(get("Name")),
+        creator=_text(get("Creator")),
         status=status.strip().upper() if status else None,
-        job_type=_text(raw.get("JobType")),
-        accessibility=_text(raw.get("Accessibility")),
-        description=_text(raw.get("Description")),
-        trial_count=_int(raw.get("TrialCount")),
-        trial_status=normalise_trial_status(raw.get("TrialStatus")),
-        tags=normalise_tags(raw.get("Tags")),
-        search_space=_text(raw.get("SearchSpace")),
-        config_ini=_text(raw.get("ConfigIni")),
-        config_yml=_text(raw.get("ConfigYml")),
-        gmt_create_time=iso_time(raw.get("GmtCreateTime"), naive_tz=naive_tz),
-        gmt_modified_time=iso_time(raw.get("GmtModifiedTime"), naive_tz=naive_tz),
-        deleted=_bool(raw.get("Deleted")),
+        job_type=_text(get("JobType")),
+        accessibility=_text(get("Accessibility")),
+        description=_text(get("Description")),
+        trial_count=_int(get("TrialCount")),
+        trial_status=normalise_trial_status(get("TrialStatus")),
+        tags=normalise_tags(get("Tags")),
+        search_space=_text(get("SearchSpace")),
+        config_ini=_text(get("ConfigIni")),
+        config_yml=_text(get("ConfigYml")),
+        gmt_create_time=iso_time(get("GmtCreateTime"), naive_tz=naive_tz),
+        gmt_modified_time=iso_time(get("GmtModifiedTime"), naive_tz=naive_tz),
+        deleted=_bool(get("Deleted")),
         raw=dict(raw),
     )
 
@@ -245,7 +272,8 @@ def normalise_all(raws: Iterable[Any], *, naive_tz: tzinfo = UTC) -> NormaliseRe
     out: list[Experiment] = []
     skipped = 0
     for raw in raws:
-        exp = normalise(raw, naive_tz=naive_tz) if isinstance(raw, Mapping) else None
+        is_mapping = type(raw) is dict or isinstance(raw, Mapping)
+        exp = normalise(raw, naive_tz=naive_tz) if is_mapping else None
         if exp is None:
             skipped += 1
         else:

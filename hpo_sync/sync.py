@@ -1,7 +1,11 @@
 """Full and hot sweeps: how the mirror is kept equal to upstream.
 
 Full sweep (the safety net): page through everything of a workspace, sorted by create time
-ascending, applying each page as it arrives (memory stays bounded by the pages in flight).
+ascending, applying pages in batches as they arrive: a batch goes to the store once it holds
+``FULL_BATCH_ROWS`` experiments or ``FULL_BATCH_AGE_S`` after its first page arrived, one
+batch being written while the next fills (memory stays bounded by the pages in flight and
+two batches). Each batch is one :meth:`~hpo_sync.store.Store.apply`: atomic and idempotent,
+so an interrupted sweep leaves whole batches behind and the next one completes them.
 Experiments the mirror holds that the listing did not return are *absentees*; they are
 looked up (see below) before any is marked deleted, because paging by page number over a
 list that changes underneath can skip a row even when the counts add up (one deletion and
@@ -68,6 +72,13 @@ MAX_LOOKUPS = 200
 # window this wide on both sides: any zone offset upstream might read times in.
 WIDE_WINDOW = timedelta(hours=14)
 MODIFIED_FEED_MAX_PAGES = 3
+# A full sweep applies pages in batches of about this many experiments: one transaction per
+# page of 100 spends most of a 100,000-experiment baseline committing (index pages written
+# again and again, WAL checkpoints); batches of ~2,000 write each page about once.
+FULL_BATCH_ROWS = 2000
+# ... or this long after the batch's first page arrived, so that slow pages (throttling,
+# retries) do not keep what already arrived out of the mirror.
+FULL_BATCH_AGE_S = 1.0
 
 
 @dataclass
@@ -164,6 +175,13 @@ class SyncEngine:
                 result.status, result.error, result.error_code = "failed", str(exc), exc.code
             except HpoSyncError as exc:
                 result.status, result.error = "failed", str(exc)
+            except BaseExceptionGroup as group:
+                # A TaskGroup (concurrent listings, look-ups) wraps what its tasks raised.
+                first = _first_hpo_error(group)
+                if first is None:
+                    raise
+                result.status, result.error = "failed", str(first)
+                result.error_code = first.code if isinstance(first, UpstreamError) else None
             except asyncio.CancelledError:
                 result.status, result.error = "failed", "cancelled (shutting down)"
                 await self._finish(result, tally, started)
@@ -230,6 +248,14 @@ class SyncEngine:
         seen: set[str],
         previous: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> list[Experiment]:
+        """Normalise ``raws`` and apply those not in ``seen`` in one transaction."""
+        mine = self._normalise(result, raws)
+        return await self._apply_normalised(result, mine, seen=seen, previous=previous)
+
+    def _normalise(
+        self, result: SweepResult, raws: Iterable[Mapping[str, Any]]
+    ) -> list[Experiment]:
+        """The workspace's experiments among ``raws``, normalised; the rest is counted."""
         normalised = normalise_all(raws, naive_tz=self.config.upstream.tz)
         result.skipped_records += normalised.skipped
         mine = [e for e in normalised.experiments if e.workspace_id in (None, result.workspace_id)]
@@ -237,7 +263,16 @@ class SyncEngine:
         if foreign:
             result.notes.append(f"{foreign} experiments of other workspaces ignored")
         # An experiment whose WorkspaceId upstream left out belongs to the workspace queried.
-        mine = [e if e.workspace_id else _with_workspace(e, result.workspace_id) for e in mine]
+        return [e if e.workspace_id else _with_workspace(e, result.workspace_id) for e in mine]
+
+    async def _apply_normalised(
+        self,
+        result: SweepResult,
+        mine: Sequence[Experiment],
+        *,
+        seen: set[str],
+        previous: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> list[Experiment]:
         fresh = [e for e in mine if e.experiment_id not in seen]
         if previous is not None:
             self._learn_bumping(result.workspace_id, fresh, previous)
@@ -293,9 +328,10 @@ class SyncEngine:
     async def _full(self, result: SweepResult, tally: Tally) -> None:
         ws = result.workspace_id
         seen: set[str] = set()
+        batches = _Batches(self, result, seen)
 
         async def on_page(page: Page) -> None:
-            await self._apply(result, page.experiments, seen=seen)
+            await batches.add(page.experiments)
             if self.progress is not None:
                 self.progress(ws, tally.pages, listing_pages_expected[0])
 
@@ -316,14 +352,29 @@ class SyncEngine:
                 expect(page)
             await on_page(page)
 
-        listing = await self.client.list_all(query, on_page=on_page_first, tally=tally, keep=False)
+        try:
+            listing = await self.client.list_all(
+                query, on_page=on_page_first, tally=tally, keep=False
+            )
+        except asyncio.CancelledError:
+            await batches.close(apply_rest=False)  # shutting down: finish only what runs
+            raise
+        except BaseException:
+            try:
+                await batches.close(apply_rest=True)  # what arrived before the error is valid
+            except HpoSyncError as exc:  # the listing's error is the one to report
+                log.warning("sync.apply_failed", workspace=ws, error=str(exc))
+            raise
+        await batches.close(apply_rest=True)
         if not listing.complete:
             result.status = "partial"
             result.error = f"listing incomplete, deletions skipped: {listing.error}"
             result.error_code = listing.error.code if listing.error else None
             return
-        active = await asyncio.to_thread(self.store.active_experiments, ws)
-        absentees = {i: row for i, row in active.items() if i not in listing.seen_ids}
+        # Only the absentees are read whole: the rest of the workspace may be 100,000 rows.
+        absentees = await asyncio.to_thread(
+            self.store.active_experiments, ws, exclude=listing.seen_ids
+        )
         if not absentees:
             return
         if len(absentees) > MAX_LOOKUPS:
@@ -336,9 +387,8 @@ class SyncEngine:
                     "add up; deletions left to the next full sweep"
                 )
             return
-        await self._resolve_missing(
-            result, tally, absentees, seen, (r.get("gmt_create_time") for r in active.values())
-        )
+        population = await asyncio.to_thread(self.store.active_create_times, ws)
+        await self._resolve_missing(result, tally, absentees, seen, population)
 
     async def _resolve_missing(
         self,
@@ -526,6 +576,106 @@ class SyncEngine:
             log.info("sync.modified_feed_skipped", workspace=result.workspace_id, error=str(exc))
 
 
+class _Batches:
+    """A full sweep's pages, applied in batches (see the module docstring).
+
+    Pages are normalised as they arrive (on the event loop, a page at a time) and buffered.
+    A batch is handed to the store when ``rows`` experiments are buffered, or ``age_s`` after
+    the first page of the batch arrived; at most one batch is being applied (in a worker
+    thread) at any time, and batches are applied in arrival order. A page that fills the
+    buffer while the previous batch is still being applied waits for it, which holds the
+    listing back rather than letting pages pile up in memory.
+    """
+
+    def __init__(
+        self,
+        engine: SyncEngine,
+        result: SweepResult,
+        seen: set[str],
+        *,
+        rows: int | None = None,
+        age_s: float | None = None,
+    ) -> None:
+        self._engine = engine
+        self._result = result
+        self._seen = seen
+        self._rows = FULL_BATCH_ROWS if rows is None else rows
+        self._age_s = FULL_BATCH_AGE_S if age_s is None else age_s
+        self._buffer: list[Experiment] = []
+        self._applying: asyncio.Task[list[Experiment]] | None = None
+        self._lock = asyncio.Lock()
+        self._timer: asyncio.TimerHandle | None = None
+        self._failed = False
+
+    async def add(self, raws: Iterable[Mapping[str, Any]]) -> None:
+        """Buffer one page; apply a batch when it is full (waiting for the previous one)."""
+        self._buffer.extend(self._engine._normalise(self._result, raws))
+        if len(self._buffer) >= self._rows:
+            async with self._lock:
+                if len(self._buffer) >= self._rows:  # another page may have taken it
+                    await self._wait()
+                    self._start()
+        elif self._buffer and self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._age_s, self._on_timer)
+
+    async def close(self, *, apply_rest: bool) -> None:
+        """Wait for the batch being applied, then (``apply_rest``) apply what is left.
+        Raises the error of a failed apply, unless one was raised already."""
+        self._cancel_timer()
+        async with self._lock:
+            await self._wait()
+            if apply_rest and self._buffer and not self._failed:
+                self._start()
+                await self._wait()
+            self._buffer = []
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if not self._buffer:
+            return
+        running = self._applying is not None and not self._applying.done()
+        if running or self._lock.locked():
+            # the batch being applied goes first; try again a little later
+            self._timer = asyncio.get_running_loop().call_later(self._age_s, self._on_timer)
+            return
+        done = self._applying
+        if done is not None and (done.cancelled() or done.exception() is not None):
+            return  # its error is raised by the next add() or close()
+        self._applying = None
+        self._start()
+
+    def _start(self) -> None:
+        """Hand the buffer to the store (the caller made sure no batch is being applied)."""
+        self._cancel_timer()
+        batch, self._buffer = self._buffer, []
+        self._applying = asyncio.create_task(
+            self._engine._apply_normalised(self._result, batch, seen=self._seen)
+        )
+
+    async def _wait(self) -> None:
+        task = self._applying
+        if task is None:
+            return
+        try:
+            # Shielded: a page cancelled while it waits (the listing failed elsewhere) must
+            # not cancel the batch; close() then waits for it.
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                raise
+            self._applying, self._failed = None, True
+            raise
+        except BaseException:
+            self._applying, self._failed = None, True
+            raise
+        self._applying = None
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
 def plan_windows(
     targets: Sequence[datetime], population: Sequence[datetime], capacity: int
 ) -> list[tuple[datetime, datetime]]:
@@ -549,6 +699,25 @@ def plan_windows(
     if start is not None:
         windows.append((start, end))  # type: ignore[arg-type]
     return windows
+
+
+def _first_hpo_error(group: BaseExceptionGroup[BaseException]) -> HpoSyncError | None:
+    """The first hpo-sync error in a (nested) exception group, fatal ones first."""
+    leaves: list[BaseException] = []
+
+    def walk(g: BaseExceptionGroup[BaseException]) -> None:
+        for e in g.exceptions:
+            if isinstance(e, BaseExceptionGroup):
+                walk(e)
+            else:
+                leaves.append(e)
+
+    walk(group)
+    ours = [e for e in leaves if isinstance(e, HpoSyncError)]
+    if len(ours) != len(leaves):
+        return None  # something else went wrong too: let it surface
+    fatal = [e for e in ours if isinstance(e, FatalUpstreamError)]
+    return (fatal or ours or [None])[0]
 
 
 def _with_workspace(exp: Experiment, workspace_id: str) -> Experiment:

@@ -304,17 +304,20 @@ async def test_a_fatal_error_fails_one_workspace_and_the_others_sync(tmp_path: P
         assert rig.store.sync_runs("100002")[0].status == "failed"
 
 
+@pytest.mark.slow
 async def test_throttling_at_an_unknown_limit_loses_nothing(tmp_path: Path) -> None:
     """The upstream throttles at 8 requests/s while the config allows 100: the client must
     learn the limit (throttled answers at most a quarter of the pages) and lose nothing."""
-    options = SimOptions(experiments=3000, workspaces=1, seed=9, max_qps=8.0)
+    # 120 pages (~15 s at the limit): long enough that the first second's overshoot, before
+    # anything is known of the limit, does not dominate the count.
+    options = SimOptions(experiments=6000, workspaces=1, seed=9, max_qps=8.0)
     async for rig in make_rig(
         tmp_path, options, page_size=50, max_qps=100.0, max_concurrency=8, retry_max_attempts=50
     ):
         ws = rig.sim.world.workspace_ids[0]
         result = await rig.engine.sweep(ws)
         assert result.status == "ok"
-        assert result.pages >= 60
+        assert result.pages >= 120
         assert result.throttled <= result.pages / 4, (result.throttled, result.pages)
         assert_mirror_equals_truth(rig.store, rig.sim, ws)
 
@@ -356,3 +359,18 @@ def test_sweep_result_summary_is_one_line() -> None:
 
     r = SweepResult("100001", "hot", 1, api_calls=3, experiments_seen=10, changes=2)
     assert "\n" not in r.summary() and "3 API calls" in r.summary()
+
+
+async def test_a_hot_sweep_whose_listings_all_fail_is_recorded_not_raised(tmp_path: Path) -> None:
+    """Concurrent listings fail inside a TaskGroup: the sweep still returns a failed result
+    and closes its sync_runs row."""
+    options = SimOptions(experiments=300, workspaces=1, seed=6)
+    async for rig in make_rig(tmp_path, options, retry_max_attempts=1):
+        ws = rig.sim.world.workspace_ids[0]
+        assert (await rig.engine.sweep(ws)).status == "ok"
+        rig.sim.configure(fault_rate=1.0, fault_kinds=["internal_error"])
+        result = await rig.engine.sweep(ws, "hot")
+        assert result.status == "failed" and result.error_code == "InternalError"
+        assert rig.store.sync_runs(ws)[0].status == "failed"
+        rig.sim.configure(fault_rate=0.0)
+        assert (await rig.engine.sweep(ws, "hot")).status == "ok"
