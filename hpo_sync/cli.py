@@ -98,21 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands() -> list[Callable[..., None]]:
-    """Commands that live in their own modules (queries, daemon, demo, alerts)."""
-    registers: list[Callable[..., None]] = []
-    import importlib
+    """Commands that live in their own modules (queries, daemon, demo, API, alerts).
 
-    for name in ("cli_query", "daemon", "demo", "api.serve", "alerts.cli"):
-        try:
-            module = importlib.import_module(f"hpo_sync.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.startswith("hpo_sync"):
-                continue
-            raise
-        register = getattr(module, "register_cli", None)
-        if register is not None:
-            registers.append(register)
-    return registers
+    Imported here, not at the top: ``hpo-sync ls`` should not pay for importing the daemon."""
+    from . import cli_query, daemon, demo
+    from .alerts import cli as alerts_cli
+    from .api import serve
+
+    return [m.register_cli for m in (cli_query, daemon, demo, serve, alerts_cli)]
 
 
 def load_config(args: argparse.Namespace) -> config_mod.Config:

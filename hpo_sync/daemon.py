@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import importlib
 import os
 import signal
 import sqlite3
@@ -64,7 +63,6 @@ STOP_SWEEPS_TIMEOUT_S = 5.0
 #: aiohttp's graceful shutdown of open connections (its default is 60 s).
 API_SHUTDOWN_TIMEOUT_S = 1.0
 #: Modules that may provide ``build_service(runtime) -> DaemonService | None``.
-SERVICE_MODULES = ("alerts.service",)
 
 ChangeHook = Callable[[sqlite3.Connection, list[ChangeRow]], None]
 
@@ -239,7 +237,7 @@ def make_trigger(
 class DaemonService(Protocol):
     """Something the daemon hosts beside the scheduler and the API (e.g. the alert worker).
 
-    Provide it from a module listed in :data:`SERVICE_MODULES` as
+    List its factory in :func:`discover_service_factories`:
     ``build_service(runtime) -> DaemonService | None`` (None: nothing to run with this
     config), or pass it to :class:`Daemon` directly.
     """
@@ -264,18 +262,10 @@ ServiceFactory = Callable[[Runtime], "DaemonService | None"]
 
 
 def discover_service_factories() -> list[ServiceFactory]:
-    factories: list[ServiceFactory] = []
-    for name in SERVICE_MODULES:
-        try:
-            module = importlib.import_module(f"hpo_sync.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.startswith("hpo_sync"):
-                continue
-            raise
-        factory = getattr(module, "build_service", None)
-        if factory is not None:
-            factories.append(factory)
-    return factories
+    """The services the daemon runs beside the scheduler and the API."""
+    from .alerts.service import build_service
+
+    return [build_service]
 
 
 # =============================================================================================

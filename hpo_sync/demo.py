@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib
 import json
 import shutil
 import signal
@@ -38,7 +37,6 @@ from .store import ChangeRow, Store
 DEFAULT_API_PORT = 8787
 #: A module that may provide ``async start_demo_extra(data_dir) -> DemoExtra`` (the alerts
 #: issue's local chat receiver).
-EXTRA_MODULES = ("alerts.demo",)
 TAIL_INTERVAL_S = 0.5
 
 
@@ -229,18 +227,10 @@ def _available_commands() -> set[str]:
 
 
 def _discover_extras() -> list[Callable[[Path], Any]]:
-    found = []
-    for name in EXTRA_MODULES:
-        try:
-            module = importlib.import_module(f"hpo_sync.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.startswith("hpo_sync"):
-                continue
-            raise
-        start = getattr(module, "start_demo_extra", None)
-        if start is not None:
-            found.append(start)
-    return found
+    """What the demo starts beside the simulator and the daemon (the chat receivers)."""
+    from .alerts.demo import start_demo_extra
+
+    return [start_demo_extra]
 
 
 class _Out:

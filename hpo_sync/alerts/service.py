@@ -435,6 +435,6 @@ class AlertWorker:
 
 
 def build_service(runtime: Runtime) -> AlertWorker:
-    """The daemon's hook (see :data:`hpo_sync.daemon.SERVICE_MODULES`)."""
+    """The daemon's hook (see :func:`hpo_sync.daemon.discover_service_factories`)."""
     registry = getattr(getattr(runtime, "metrics", None), "registry", None)
     return AlertWorker(runtime.store, runtime.config, registry=registry, clock=runtime.clock)
