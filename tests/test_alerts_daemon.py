@@ -122,3 +122,54 @@ async def test_sigkill_before_and_after_delivery(tmp_path: Path, daemons: Daemon
             assert json.dumps(TOKEN) not in (tmp_path / "first.log").read_text()
     finally:
         await receivers.stop()
+
+
+async def test_sighup_with_changed_rules_sends_nothing_again(
+    tmp_path: Path, daemons: Daemons
+) -> None:
+    """Reloading with different rules neither re-sends what was delivered nor loses what
+    the new rules match afterwards (unlike a notifier that forgets its state on reload)."""
+    receivers = Receivers(secrets={TOKEN: HOOK_SECRET})
+    await receivers.start()
+    try:
+        async with Simulator(SimOptions(experiments=80, workspaces=1, seed=9, speed=0)) as sim:
+            db = tmp_path / "mirror.db"
+            cfg = tmp_path / "config.toml"
+            base = config_text(sim_url=sim.base_url, db=db, workspaces=["100001"])
+            rules = alerts_toml(tmp_path, receivers.url("webhook", TOKEN))
+            cfg.write_text(base + rules, encoding="utf-8")
+            d = await daemons.start(cfg)
+            await wait_db(db, "SELECT 1 FROM workspaces WHERE baseline_at IS NOT NULL", daemon=d)
+            await sim_post(sim.base_url, "/_sim/advance", {"seconds": 1800})
+            await wait_all_sent(db)
+            sent_before = sum(delivered(receivers).values())
+            assert sent_before > 0
+
+            # Same target, the rule renamed and widened by a second rule: a reload that
+            # rebuilt delivery state from the rules would send all of it again.
+            changed = rules.replace('name = "status"', 'name = "every-status"') + (
+                '\n[[alerts.rules]]\nname = "trials"\ntargets = ["hook"]\n'
+                "trial_failures_rose = true\n"
+            )
+            cfg.write_text(base + changed, encoding="utf-8")
+            d.proc.send_signal(signal.SIGHUP)
+            await d.wait_event("config.reloaded")
+            await d.wait_event("sync.finished")
+            await asyncio.sleep(2.5)  # a couple of worker rounds
+            assert sum(delivered(receivers).values()) == sent_before
+
+            # What happens after the reload is delivered, once.
+            await sim_post(sim.base_url, "/_sim/advance", {"seconds": 1800})
+            await wait_db(
+                db,
+                "SELECT 1 FROM alert_outbox WHERE rule != 'status'"
+                " AND NOT EXISTS (SELECT 1 FROM alert_outbox WHERE status != 'sent')",
+                timeout_s=30,
+                daemon=d,
+            )
+            got = delivered(receivers)
+            assert sum(got.values()) > sent_before
+            assert max(got.values()) == 1
+            assert sum(got.values()) == outbox(db, "sent")
+    finally:
+        await receivers.stop()
