@@ -61,6 +61,7 @@ __all__ = [
     "WorkspaceState",
     "WorkspaceStats",
     "acquire_lock",
+    "tag_condition",
 ]
 
 #: Ids per ``WHERE experiment_id IN (...)`` query: far below SQLite's variable limit, large
@@ -1347,12 +1348,9 @@ def _filter_sql(f: ExperimentFilter) -> tuple[list[str], list[Any]]:
         where.append("creator = ?")
         params.append(f.creator)
     for key, value in f.tags:
-        tag_where = "json_extract(t.value, '$.Key') = ?"
-        params.append(key)
-        if value is not None:
-            tag_where += " AND json_extract(t.value, '$.Value') = ?"
-            params.append(value)
-        where.append(f"EXISTS (SELECT 1 FROM json_each(experiments.tags) AS t WHERE {tag_where})")
+        clause, tag_params = tag_condition(key, value)
+        where.append(clause)
+        params.extend(tag_params)
     for clause, value, name in (
         ("gmt_create_time >= ?", f.created_after, "created_after"),
         ("gmt_create_time < ?", f.created_before, "created_before"),
@@ -1364,6 +1362,17 @@ def _filter_sql(f: ExperimentFilter) -> tuple[list[str], list[Any]]:
     if not f.include_deleted:
         where.append("deleted = 0")
     return where, params
+
+
+def tag_condition(key: str, value: str | None) -> tuple[str, list[Any]]:
+    """SQL (and its parameters) matching experiments carrying tag ``key`` (with ``value``,
+    unless None) in their JSON ``tags`` column."""
+    tag_where = "json_extract(t.value, '$.Key') = ?"
+    params: list[Any] = [key]
+    if value is not None:
+        tag_where += " AND json_extract(t.value, '$.Value') = ?"
+        params.append(value)
+    return f"EXISTS (SELECT 1 FROM json_each(experiments.tags) AS t WHERE {tag_where})", params
 
 
 def _keyset_sql(column: str, desc: bool, value: str | None, exp_id: str) -> tuple[str, list[Any]]:

@@ -33,7 +33,7 @@ from ..sim.world import (
     Query,
     parse_query,
 )
-from ..store import WorkspaceState
+from ..store import WorkspaceState, tag_condition
 from .errors import ApiError, new_request_id
 from .read import PRINCIPAL, READ_API, freshness, freshness_headers
 
@@ -87,12 +87,9 @@ def compat_sql(q: Query, workspaces: Sequence[str]) -> tuple[str, list[Any], str
         where.append("instr(hpo_lower(name), ?) > 0")
         params.append(q.name)
     for key, value in q.tags:
-        tag_where = "json_extract(t.value, '$.Key') = ?"
-        params.append(key)
-        if value is not None:
-            tag_where += " AND json_extract(t.value, '$.Value') = ?"
-            params.append(value)
-        where.append(f"EXISTS (SELECT 1 FROM json_each(experiments.tags) AS t WHERE {tag_where})")
+        clause, tag_params = tag_condition(key, value)
+        where.append(clause)
+        params.extend(tag_params)
     direction = "DESC" if q.descending else "ASC"
     order = f"{_SORT_COLUMNS[q.sort_field]} {direction}, experiment_id {direction}"
     return " AND ".join(where), params, order

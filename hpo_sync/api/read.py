@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from ..config import Config
 from ..errors import StoreError
 from ..normalise import format_time, parse_time
+from ..schema import EXPERIMENT_COLUMNS
 
 # The store's own WHERE/keyset builders, so that the API's pages and counts select exactly
 # what Store.list_experiments would, without reading and decoding ``raw`` for every row.
@@ -107,26 +108,9 @@ ROUTE_POLICIES: Mapping[str, str] = {
     "/v1/sync": ADMIN,
 }
 
-_EXPERIMENT_FIELDS = (
-    "experiment_id",
-    "workspace_id",
-    "name",
-    "creator",
-    "status",
-    "job_type",
-    "accessibility",
-    "description",
-    "trial_count",
-    "trial_status",
-    "tags",
-    "gmt_create_time",
-    "gmt_modified_time",
-    "deleted",
-    "first_seen_at",
-    "last_seen_at",
-    "last_changed_at",
-)
 _CONFIG_FIELDS = ("search_space", "config_ini", "config_yml")
+# Every column but the config texts (asked for separately) and ``raw`` (too big to serve).
+_EXPERIMENT_FIELDS = tuple(c for c in EXPERIMENT_COLUMNS if c not in (*_CONFIG_FIELDS, "raw"))
 
 
 # --- what the API needs from its host --------------------------------------------------------

@@ -25,23 +25,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, tzinfo
 from typing import Any, Final
 
+from hpo_sync.config import DEFAULT_TERMINAL
+from hpo_sync.config import EXPERIMENT_STATUSES as _STATUSES
 from hpo_sync.normalise import parse_time
 
-EXPERIMENT_STATUSES: Final = (
-    "CREATED",
-    "RUNNING",
-    "FINISHED",
-    "FAILED",
-    "EARLY_STOPPED",
-    "USER_CANCELED",
-    "SYS_CANCELED",
-    "WAITING",
-    "NO_MORE_TRIAL",
-    "UNKNOWN",
-)
-TERMINAL_STATUSES: Final = frozenset(
-    {"FINISHED", "FAILED", "EARLY_STOPPED", "USER_CANCELED", "SYS_CANCELED"}
-)
+EXPERIMENT_STATUSES: Final = _STATUSES
+TERMINAL_STATUSES: Final = frozenset(DEFAULT_TERMINAL)
 ACTIVE_STATUSES: Final = frozenset(EXPERIMENT_STATUSES) - TERMINAL_STATUSES
 TRIAL_STATUSES: Final = (
     "WAITING",
