@@ -472,9 +472,9 @@ class SyncEngine:
     async def _hot(self, result: SweepResult, tally: Tally, state: WorkspaceState) -> None:
         ws = result.workspace_id
         up = self.config.upstream
-        terminal = set(self.config.sync.terminal_statuses)
-        active = await asyncio.to_thread(self.store.active_experiments, ws)
-        non_terminal = {i: row for i, row in active.items() if row.get("status") not in terminal}
+        non_terminal = await asyncio.to_thread(
+            self.store.non_terminal_experiments, ws, self.config.sync.terminal_statuses
+        )
         statuses = sorted({str(row.get("status")) for row in non_terminal.values()})
         seen: set[str] = set()
         overlap = timedelta(seconds=self.config.sync.create_time_overlap_s)
@@ -536,7 +536,11 @@ class SyncEngine:
             )
             vanished = dict(list(vanished.items())[:MAX_LOOKUPS])
         await self._resolve_missing(
-            result, tally, vanished, seen, (r.get("gmt_create_time") for r in active.values())
+            result,
+            tally,
+            vanished,
+            seen,
+            await asyncio.to_thread(self.store.active_create_times, ws) if vanished else (),
         )
 
     async def _modified_feed(
