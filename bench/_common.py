@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hpo_sync.sim import DEFAULT_ACCESS_KEY_ID, DEFAULT_ACCESS_KEY_SECRET
+
 READY_PREFIX = "simulator listening on "
 
 
@@ -222,3 +224,18 @@ def _cell(value: object) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
+
+
+def sdk_client(port: int) -> Any:
+    """The official SDK's client, pointed at a simulator on loopback with its test keys."""
+    from alibabacloud_paiautoml20220828.client import Client  # type: ignore[import-untyped]
+    from alibabacloud_tea_openapi import models as open_api_models  # type: ignore[import-untyped]
+
+    return Client(
+        open_api_models.Config(
+            access_key_id=DEFAULT_ACCESS_KEY_ID,
+            access_key_secret=DEFAULT_ACCESS_KEY_SECRET,
+            endpoint=f"127.0.0.1:{port}",
+            protocol="http",
+        )
+    )

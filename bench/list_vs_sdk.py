@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from _common import machine, peak_rss_mb, print_table, reset_peak_rss, simulator
+from _common import machine, peak_rss_mb, print_table, reset_peak_rss, sdk_client, simulator
 
 from hpo_sync.client import ListQuery, UpstreamClient
 from hpo_sync.config import UpstreamConfig
@@ -61,20 +61,6 @@ class Measured:
     wall_s: float
     peak_mb: float
     outcome: Outcome
-
-
-def sdk_client(port: int) -> Any:
-    from alibabacloud_paiautoml20220828.client import Client  # type: ignore[import-untyped]
-    from alibabacloud_tea_openapi import models as open_api_models  # type: ignore[import-untyped]
-
-    return Client(
-        open_api_models.Config(
-            access_key_id=DEFAULT_ACCESS_KEY_ID,
-            access_key_secret=DEFAULT_ACCESS_KEY_SECRET,
-            endpoint=f"127.0.0.1:{port}",
-            protocol="http",
-        )
-    )
 
 
 def sdk_request(page_number: int, page_size: int) -> Any:

@@ -52,6 +52,7 @@ from _common import (
     machine,
     print_table,
     run_child,
+    sdk_client,
     sim_control,
     simulator,
 )
@@ -88,20 +89,6 @@ SUMMARY_RE = re.compile(
 
 # --------------------------------------------------------------------------- the SDK peers
 # These run in a child process (``--child``) and print one JSON line.
-
-
-def _sdk_client(port: int) -> Any:
-    from alibabacloud_paiautoml20220828.client import Client  # type: ignore[import-untyped]
-    from alibabacloud_tea_openapi import models as open_api_models  # type: ignore[import-untyped]
-
-    return Client(
-        open_api_models.Config(
-            access_key_id=DEFAULT_ACCESS_KEY_ID,
-            access_key_secret=DEFAULT_ACCESS_KEY_SECRET,
-            endpoint=f"127.0.0.1:{port}",
-            protocol="http",
-        )
-    )
 
 
 def _sdk_request(workspace_id: str, page_number: int, page_size: int) -> Any:
@@ -153,7 +140,7 @@ def peer_sequential(
     """The loop a user of the official SDK writes: a page, upsert it, the next page."""
     import sqlite_utils
 
-    client = _sdk_client(port)
+    client = sdk_client(port)
     table = sqlite_utils.Database(db_path)["experiments"]
     number = 1
     while True:
@@ -176,7 +163,7 @@ async def peer_async(
     each page upserted as it arrives."""
     import sqlite_utils
 
-    client = _sdk_client(port)
+    client = sdk_client(port)
     table = sqlite_utils.Database(db_path)["experiments"]
 
     def upsert(body: Any) -> None:

@@ -51,23 +51,10 @@ EXPERIMENT_COLUMNS: tuple[str, ...] = (
 )
 
 #: Columns whose change moves ``last_changed_at``: everything upstream tells us, normalised.
-TRACKED_CONTENT_COLUMNS: tuple[str, ...] = (
-    "workspace_id",
-    "name",
-    "creator",
-    "status",
-    "job_type",
-    "accessibility",
-    "description",
-    "trial_count",
-    "trial_status",
-    "tags",
-    "search_space",
-    "config_ini",
-    "config_yml",
-    "gmt_create_time",
-    "gmt_modified_time",
-    "deleted",
+TRACKED_CONTENT_COLUMNS: tuple[str, ...] = tuple(
+    c
+    for c in EXPERIMENT_COLUMNS
+    if c not in ("experiment_id", "first_seen_at", "last_seen_at", "last_changed_at", "raw")
 )
 
 #: Columns rewritten when an experiment is seen with different content (``raw`` included:
