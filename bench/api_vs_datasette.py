@@ -11,46 +11,60 @@ on a loopback port and is measured in turn with the same two requests:
 - **get**: one experiment by id (cycling through 500 ids) — ``GET /v1/experiments/{id}``,
   Datasette's row endpoint, and a primary-key SELECT in the bare handler.
 
-The floor is what serving that SQL over aiohttp costs at the least: a handler that runs the
-query in a 4-thread pool over per-thread read-only connections and dumps the rows as JSON.
-Datasette runs with 4 SQL threads to match. The load generator is an aiohttp client in this
-process with ``--concurrency`` connections, stopping after ``--requests`` requests or
-``--seconds`` seconds, whichever comes first, after ``--warmup`` unmeasured requests. Before
-measuring, every server's list answer must hold the same 50 ids, or the run fails.
+The read API runs as users run it: the real ``hpo-sync serve`` process, with a config file
+holding one bearer token (so every request is authenticated) and its Prometheus metrics on.
+The floor is what serving the same rows over aiohttp costs at the least: a handler that runs
+the same SQL in a thread pool over per-thread read-only connections and dumps the same JSON
+fields (``trial_status`` and ``tags`` decoded) with orjson — no auth, cursor, freshness or
+metrics. Datasette runs with as many SQL threads as the floor's pool (``--threads``).
+
+The load generator is ``wrk`` (a separate process, ``--wrk-threads`` threads,
+``--connections`` connections, ``--seconds`` per measurement after ``--warmup-s`` unmeasured
+seconds), driven by a small Lua script that adds the ``Authorization`` header and cycles the
+look-up ids; its ``done()`` prints the summary and latency percentiles as JSON. Before
+measuring, every server's list answer must hold the same 50 ids, or the run fails; any
+non-2xx answer or socket error under load fails it too.
+
+``--during-sweep`` adds a measurement of the read API's list latency on a copy of the mirror
+while another process writes a full sweep of every experiment into it (the store's write
+path, one transaction per ``--sweep-batch`` rows, as the daemon's sweeps batch them).
 
     .venv/bin/python bench/api_vs_datasette.py                  # builds the mirror once
-    .venv/bin/python bench/api_vs_datasette.py --concurrency 32 --requests 5000
+    .venv/bin/python bench/api_vs_datasette.py --connections 64 --seconds 20 --during-sweep
 
-Needs Datasette (``pip install datasette``); without it that row is skipped.
+Needs ``wrk`` on the PATH and Datasette (``pip install -e '.[bench]'``); without Datasette
+that row is skipped.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import json
 import os
+import secrets
 import shutil
 import socket
 import sqlite3
-import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
-import aiohttp
-from _common import machine, print_table
-from aiohttp import web
+from _common import hpo_sync_command, machine, print_table
 
 LIST_STATUS = "FAILED"
 LIST_LIMIT = 50
 LOOKUP_IDS = 500
+TOKEN_ENV = "HPO_SYNC_BENCH_TOKEN"
 COLUMNS = (
     "experiment_id, workspace_id, name, creator, status, job_type, accessibility, description,"
     " trial_count, trial_status, tags, gmt_create_time, gmt_modified_time, deleted,"
@@ -61,15 +75,7 @@ LIST_SQL = (
     " AND deleted = 0 ORDER BY gmt_create_time DESC, experiment_id DESC LIMIT 50"
 )
 GET_SQL = f"SELECT {COLUMNS} FROM experiments WHERE experiment_id = :id"
-# The CLI with `serve` registered whether or not cli.py lists it.
-SERVE_LAUNCHER = """
-import sys
-from hpo_sync import cli
-from hpo_sync.api.serve import register_cli
-listed = cli._extra_commands
-cli._extra_commands = lambda: [r for r in listed() if r is not register_cli] + [register_cli]
-sys.exit(cli.main(sys.argv[1:]))
-"""
+FLOOR, API, DATASETTE = "bare aiohttp + same SQL (floor)", "hpo-sync read API", "Datasette"
 
 
 # --- the mirror ---------------------------------------------------------------------------
@@ -124,23 +130,77 @@ def pick_queries(path: Path) -> tuple[str, list[str], list[str]]:
     return ws, expected, ids
 
 
+def run_sweep_writer(db: Path, experiments: int, seed: int, batch: int) -> None:
+    """A full sweep of every workspace into ``db`` through the store's write path, after
+    the world has moved on a day (so that many rows change), ``batch`` rows a transaction."""
+    from hpo_sync.normalise import normalise
+    from hpo_sync.sim.world import World
+    from hpo_sync.store import Store
+
+    world = World(seed=seed, experiments=experiments, workspaces=3)
+    world.advance(86_400)
+    sweeps = []
+    for ws in world.workspace_ids:
+        sweeps.append((ws, [e for e in (normalise(r) for r in world.truth(ws)) if e is not None]))
+    store = Store.open(db)
+    print("writing", flush=True)
+    started = time.monotonic()
+    changes = 0
+    try:
+        at = "2025-06-02T08:00:00Z"
+        for ws, exps in sweeps:
+            run = store.begin_run(ws, "full", at)
+            seen: list[str] = []
+            for i in range(0, len(exps), batch):
+                chunk = exps[i : i + batch]
+                seen.extend(e.experiment_id for e in chunk)
+                last = i + batch >= len(exps)
+                result = store.apply(
+                    ws,
+                    chunk,
+                    observed_at=at,
+                    run_id=run,
+                    baseline=False,
+                    complete=last,
+                    seen_ids_for_deletion=seen if last else None,
+                )
+                changes += result.changes
+            store.finish_run(
+                run, finished_at=at, status="ok", api_calls=0, pages=0, experiments_seen=len(exps)
+            )
+            store.record_success(ws, "full", at)
+    finally:
+        store.close()
+    rows = sum(len(e) for _, e in sweeps)
+    print(f"wrote {rows} {changes} {time.monotonic() - started:.2f}", flush=True)
+
+
 # --- the floor: a bare aiohttp handler ----------------------------------------------------------
 
 
-def run_floor_server(db: Path, port: int) -> None:
-    """The least that serving this SQL over aiohttp costs (runs in its own process)."""
-    import threading
+def run_floor_server(db: Path, port: int, threads: int) -> None:
+    """The least that serving these rows over aiohttp costs (runs in its own process): the
+    same SQL, the same JSON fields, nothing else."""
+    import orjson
+    from aiohttp import web
 
     local = threading.local()
-    pool = ThreadPoolExecutor(4)
+    pool = ThreadPoolExecutor(threads)
 
     def query(sql: str, params: dict[str, str]) -> bytes:
         conn = getattr(local, "conn", None)
         if conn is None:
             conn = local.conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-            conn.row_factory = sqlite3.Row
-        rows = [dict(r) for r in conn.execute(sql, params)]
-        return json.dumps(rows).encode()
+        cur = conn.execute(sql, params)
+        names = [d[0] for d in cur.description]
+        rows = []
+        for values in cur:
+            row = dict(zip(names, values, strict=True))
+            row["trial_status"] = orjson.loads(row["trial_status"] or "{}")
+            row["tags"] = orjson.loads(row["tags"] or "[]")
+            row["deleted"] = bool(row["deleted"])
+            rows.append(row)
+        return orjson.dumps(rows)
 
     async def list_handler(request: web.Request) -> web.Response:
         params = {"ws": request.query["workspace"], "st": request.query["status"]}
@@ -165,9 +225,11 @@ def run_floor_server(db: Path, port: int) -> None:
 class Server:
     name: str
     argv: Callable[[int], list[str]]  # port -> command line
-    list_url: Callable[[str, int, str], str]  # (base, i, ws) -> url
-    get_url: Callable[[str, str], str]  # (base, id) -> url
+    list_path: Callable[[str], str]  # workspace -> path and query
+    get_path: Callable[[str], str]  # experiment id -> path and query
     list_ids: Callable[[Any], list[str]]
+    headers: dict[str, str]
+    env: dict[str, str]
 
 
 def free_port() -> int:
@@ -176,14 +238,30 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def servers(db: Path, *, with_datasette: bool) -> list[Server]:
-    from urllib.parse import urlencode
+def api_config(workdir: Path, db: Path) -> Path:
+    """A config as a user writes it: the mirror, its workspaces and one bearer token (from
+    the environment) that may read every workspace."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        workspaces = [r[0] for r in conn.execute("SELECT workspace_id FROM workspaces")]
+    finally:
+        conn.close()
+    path = workdir / "serve.toml"
+    path.write_text(
+        f"[store]\npath = {json.dumps(str(db))}\n\n"
+        + "".join(f"[[workspaces]]\nid = {json.dumps(ws)}\n\n" for ws in workspaces)
+        + f'[[api.tokens]]\nname = "bench"\ntoken_env = "{TOKEN_ENV}"\n'
+    )
+    return path
 
+
+def servers(db: Path, workdir: Path, args: argparse.Namespace) -> list[Server]:
     here = Path(__file__).resolve()
-    dbname = db.stem
+    token = secrets.token_urlsafe(32)
+    config = api_config(workdir, db)
     out = [
         Server(
-            "bare aiohttp + same SQL (floor)",
+            FLOOR,
             lambda port: [
                 sys.executable,
                 str(here),
@@ -192,39 +270,42 @@ def servers(db: Path, *, with_datasette: bool) -> list[Server]:
                 str(db),
                 "--port",
                 str(port),
+                "--threads",
+                str(args.threads),
             ],
-            lambda base, _i, ws: f"{base}/list?workspace={ws}&status={LIST_STATUS}",
-            lambda base, exp_id: f"{base}/get/{exp_id}",
+            lambda ws: f"/list?workspace={ws}&status={LIST_STATUS}",
+            lambda exp_id: f"/get/{exp_id}",
             lambda body: [r["experiment_id"] for r in body],
+            {},
+            {},
         ),
         Server(
-            "hpo-sync read API",
+            API,
             lambda port: [
-                sys.executable,
-                "-c",
-                SERVE_LAUNCHER,
+                *hpo_sync_command(),
                 "serve",
-                "--db",
-                str(db),
+                "--config",
+                str(config),
                 "--listen",
                 f"127.0.0.1:{port}",
                 "--log-level",
                 "warning",
             ],
-            lambda base, _i, ws: (
-                f"{base}/v1/experiments?workspace={ws}&status={LIST_STATUS}&limit={LIST_LIMIT}"
-            ),
-            lambda base, exp_id: f"{base}/v1/experiments/{exp_id}?include_config=false",
+            lambda ws: f"/v1/experiments?workspace={ws}&status={LIST_STATUS}&limit={LIST_LIMIT}",
+            lambda exp_id: f"/v1/experiments/{exp_id}?include_config=false",
             lambda body: [e["experiment_id"] for e in body["experiments"]],
+            {"Authorization": f"Bearer {token}"},
+            {TOKEN_ENV: token},
         ),
     ]
     datasette = shutil.which("datasette", path=str(Path(sys.executable).parent)) or shutil.which(
         "datasette"
     )
-    if with_datasette and datasette:
+    if not args.no_datasette and datasette:
+        dbname = db.stem
         out.append(
             Server(
-                "Datasette",
+                DATASETTE,
                 lambda port: [
                     datasette,
                     "serve",
@@ -235,142 +316,262 @@ def servers(db: Path, *, with_datasette: bool) -> list[Server]:
                     str(port),
                     "--setting",
                     "num_sql_threads",
-                    "4",
+                    str(args.threads),
                     "--setting",
                     "sql_time_limit_ms",
                     "5000",
                 ],
-                lambda base, _i, ws: (
-                    f"{base}/{dbname}.json?"
+                lambda ws: (
+                    f"/{dbname}.json?"
                     + urlencode({"sql": LIST_SQL, "ws": ws, "st": LIST_STATUS, "_shape": "array"})
                 ),
-                lambda base, exp_id: f"{base}/{dbname}/experiments/{exp_id}.json?_shape=array",
+                lambda exp_id: f"/{dbname}/experiments/{exp_id}.json?_shape=array",
                 lambda body: [r["experiment_id"] for r in body],
+                {},
+                {},
             )
         )
-    elif with_datasette:
+    elif not args.no_datasette:
         print("datasette is not installed (pip install datasette): skipping it", file=sys.stderr)
     return out
 
 
-async def wait_ready(url: str, proc: asyncio.subprocess.Process, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            if proc.returncode is not None:
-                raise RuntimeError(f"the server exited early (status {proc.returncode})")
-            try:
-                async with session.get(url) as resp:
-                    if resp.status < 500:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    raise RuntimeError(f"{url} did not answer within {timeout_s:g}s")
+def fetch_json(url: str, headers: dict[str, str]) -> Any:
+    req = urllib.request.Request(url, headers=headers)
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
 
 
-# --- load ---------------------------------------------------------------------------------------
+def wait_ready(url: str, headers: dict[str, str], proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited early (status {proc.returncode})")
+        try:
+            fetch_json(url, headers)
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"{url} did not answer within 60s")
+
+
+# --- load: wrk ----------------------------------------------------------------------------------
+
+WRK_SCRIPT = """
+local paths = {%(paths)s}
+local headers = {%(headers)s}
+local n = 0
+function setup(thread)
+  thread:set("offset", math.random(1, #paths))
+end
+function request()
+  n = n + 1
+  return wrk.format("GET", paths[((n + offset) %% #paths) + 1], headers)
+end
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRK {"requests":%%d,"duration_us":%%d,"bytes":%%d,"connect":%%d,"read":%%d,"write":%%d,' ..
+    '"status":%%d,"timeout":%%d,"p50_us":%%d,"p90_us":%%d,"p99_us":%%d,"max_us":%%d}\\n',
+    summary.requests, summary.duration, summary.bytes, e.connect, e.read, e.write, e.status,
+    e.timeout, latency:percentile(50), latency:percentile(90), latency:percentile(99),
+    latency.max))
+end
+"""
+
+
+def _lua_string(text: str) -> str:
+    return json.dumps(text)  # a JSON string of ASCII is a valid Lua string literal
 
 
 @dataclass(frozen=True)
 class Load:
     requests: int
     errors: int
-    wall_s: float
-    latencies_s: list[float]
+    duration_s: float
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
 
     @property
     def rps(self) -> float:
-        return self.requests / self.wall_s if self.wall_s else 0.0
-
-    def pct_ms(self, p: float) -> float:
-        if not self.latencies_s:
-            return float("nan")
-        ordered = sorted(self.latencies_s)
-        return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] * 1000
+        return self.requests / self.duration_s if self.duration_s else 0.0
 
 
-async def load(
-    session: aiohttp.ClientSession,
-    url_of: Callable[[int], str],
-    *,
-    concurrency: int,
-    max_requests: int,
-    max_seconds: float,
+def wrk(
+    base: str,
+    paths: Sequence[str],
+    headers: dict[str, str],
+    seconds: float,
+    args: argparse.Namespace,
 ) -> Load:
-    counter = itertools.count()
-    latencies: list[float] = []
-    errors = 0
-    deadline = time.perf_counter() + max_seconds
-
-    async def worker() -> None:
-        nonlocal errors
-        while time.perf_counter() < deadline:
-            i = next(counter)
-            if i >= max_requests:
-                return
-            started = time.perf_counter()
-            async with session.get(url_of(i)) as resp:
-                await resp.read()
-                if resp.status != 200:
-                    errors += 1
-            latencies.append(time.perf_counter() - started)
-
-    began = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return Load(len(latencies), errors, time.perf_counter() - began, latencies)
-
-
-async def measure(
-    server: Server, db: Path, ws: str, expected: list[str], ids: list[str], args: argparse.Namespace
-) -> dict[str, Load]:
-    port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        *server.argv(port), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
-    )
-    base = f"http://127.0.0.1:{port}"
+    """One wrk run over ``paths`` (cycled), its summary."""
+    script = WRK_SCRIPT % {
+        "paths": ", ".join(_lua_string(p) for p in paths),
+        "headers": ", ".join(f"[{_lua_string(k)}] = {_lua_string(v)}" for k, v in headers.items()),
+    }
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(script)
     try:
-        await wait_ready(server.get_url(base, ids[0]), proc)
-        connector = aiohttp.TCPConnector(limit=args.concurrency)
-        async with aiohttp.ClientSession(connector=connector) as session:
-            async with session.get(server.list_url(base, 0, ws)) as resp:
-                body = await resp.json(content_type=None)
-                got = server.list_ids(body)
-            if got != expected:
-                raise SystemExit(f"{server.name}: the list query returned other rows: {got[:3]}…")
-            out = {}
-            for kind, url_of in (
-                ("list", lambda i: server.list_url(base, i, ws)),
-                ("get", lambda i: server.get_url(base, ids[i % len(ids)])),
-            ):
-                await load(
-                    session,
-                    url_of,
-                    concurrency=args.concurrency,
-                    max_requests=args.warmup,
-                    max_seconds=10,
-                )
-                out[kind] = await load(
-                    session,
-                    url_of,
-                    concurrency=args.concurrency,
-                    max_requests=args.requests,
-                    max_seconds=args.seconds,
-                )
-                if out[kind].errors:
-                    raise SystemExit(f"{server.name}: {out[kind].errors} {kind} requests failed")
-            return out
+        proc = subprocess.run(
+            [
+                "wrk",
+                "-t",
+                str(args.wrk_threads),
+                "-c",
+                str(args.connections),
+                "-d",
+                f"{seconds:g}s",
+                "--timeout",
+                "10s",
+                "-s",
+                f.name,
+                base,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     finally:
-        if proc.returncode is None:
-            proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), 10)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        os.unlink(f.name)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("WRK ")), None)
+    if line is None:
+        raise SystemExit(f"wrk printed no summary:\n{proc.stdout}\n{proc.stderr}")
+    s = json.loads(line[4:])
+    errors = s["connect"] + s["read"] + s["write"] + s["status"] + s["timeout"]
+    return Load(
+        s["requests"],
+        errors,
+        s["duration_us"] / 1e6,
+        s["p50_us"] / 1000,
+        s["p99_us"] / 1000,
+        s["max_us"] / 1000,
+    )
 
 
-async def run(args: argparse.Namespace) -> int:
+def start(server: Server) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        server.argv(port),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **server.env},
+    )
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def measure(
+    server: Server, ws: str, expected: list[str], ids: list[str], args: argparse.Namespace
+) -> dict[str, Load]:
+    proc, base = start(server)
+    try:
+        wait_ready(base + server.get_path(ids[0]), server.headers, proc)
+        got = server.list_ids(fetch_json(base + server.list_path(ws), server.headers))
+        if got != expected:
+            raise SystemExit(f"{server.name}: the list query returned other rows: {got[:3]}…")
+        out = {}
+        for kind, paths in (
+            ("list", [server.list_path(ws)]),
+            ("get", [server.get_path(i) for i in ids]),
+        ):
+            wrk(base, paths, server.headers, args.warmup_s, args)
+            out[kind] = wrk(base, paths, server.headers, args.seconds, args)
+            if out[kind].errors:
+                raise SystemExit(f"{server.name}: {out[kind].errors} {kind} requests failed")
+        return out
+    finally:
+        stop(proc)
+
+
+def measure_during_sweep(
+    api: Server, db: Path, workdir: Path, ws: str, args: argparse.Namespace
+) -> tuple[Load, Load, str]:
+    """The read API's list on a copy of the mirror: quiet, then while a full sweep writes."""
+    copy = workdir / "sweep.db"
+    shutil.copy(db, copy)
+    here = Path(__file__).resolve()
+    swept = Server(
+        api.name,
+        lambda port: [*api.argv(port), "--db", str(copy)],
+        api.list_path,
+        api.get_path,
+        api.list_ids,
+        api.headers,
+        api.env,
+    )
+    proc, base = start(swept)
+    writer: subprocess.Popen[str] | None = None
+    try:
+        wait_ready(base + swept.list_path(ws), swept.headers, proc)
+        paths = [swept.list_path(ws)]
+        wrk(base, paths, swept.headers, args.warmup_s, args)
+        quiet = wrk(base, paths, swept.headers, args.seconds, args)
+        writer = subprocess.Popen(
+            [
+                sys.executable,
+                str(here),
+                "--sweep-writer",
+                "--db",
+                str(copy),
+                "--experiments",
+                str(args.experiments),
+                "--seed",
+                str(args.seed),
+                "--sweep-batch",
+                str(args.sweep_batch),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert writer.stdout is not None
+        if writer.stdout.readline().strip() != "writing":
+            raise SystemExit("the sweep writer failed before writing")
+        began = time.monotonic()
+        busy = wrk(base, paths, swept.headers, args.seconds, args)
+        measured_s = time.monotonic() - began
+        report = writer.stdout.readline().split()
+        writer.wait()
+        if writer.returncode != 0 or len(report) != 4:
+            raise SystemExit("the sweep writer failed")
+        rows, changes, write_s = int(report[1]), int(report[2]), float(report[3])
+        overlap = min(measured_s, write_s)
+        note = (
+            f"the sweep wrote {rows:,} experiments ({changes:,} changes) in {write_s:.1f}s, "
+            f"{args.sweep_batch:,} a transaction; {overlap:.1f}s of the {measured_s:.1f}s "
+            "measured overlapped it"
+        )
+        if quiet.errors or busy.errors:
+            raise SystemExit(f"{quiet.errors + busy.errors} requests failed")
+        return quiet, busy, note
+    finally:
+        if writer is not None and writer.poll() is None:
+            writer.kill()
+            writer.wait()
+        stop(proc)
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{copy}{suffix}").unlink(missing_ok=True)
+
+
+def load_average() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+def run(args: argparse.Namespace) -> int:
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed (apt-get install wrk)")
     db = (
         Path(args.db)
         if args.db
@@ -384,60 +585,92 @@ async def run(args: argparse.Namespace) -> int:
     print(f"mirror {db} ({db.stat().st_size / 2**20:,.0f} MiB); {machine()}")
     print(
         f"list: workspace={ws} status={LIST_STATUS} newest first, {LIST_LIMIT} rows; get: "
-        f"{len(ids)} ids; {args.concurrency} connections, up to {args.requests:,} requests "
-        f"or {args.seconds:g}s per measurement\n"
+        f"{len(ids)} ids; wrk -t{args.wrk_threads} -c{args.connections}, {args.seconds:g}s "
+        f"per measurement after {args.warmup_s:g}s of warm-up; load average before: "
+        f"{load_average()}\n"
     )
-    results: list[tuple[Server, dict[str, Load]]] = []
-    for server in servers(db, with_datasette=not args.no_datasette):
-        print(f"measuring {server.name} …", file=sys.stderr)
-        results.append((server, await measure(server, db, ws, expected, ids, args)))
-    floor = results[0][1]
+    results: dict[str, dict[str, Load]] = {}
+    with tempfile.TemporaryDirectory(prefix="hpo-sync-bench-") as tmp:
+        workdir = Path(tmp)
+        all_servers = servers(db, workdir, args)
+        for server in all_servers:
+            print(f"measuring {server.name} …", file=sys.stderr)
+            results[server.name] = measure(server, ws, expected, ids, args)
+        sweep = None
+        if args.during_sweep:
+            print("measuring the read API during a full sweep …", file=sys.stderr)
+            api_server = next(s for s in all_servers if s.name == API)
+            sweep = measure_during_sweep(api_server, db, workdir, ws, args)
+    floor = results[FLOOR]
+    ds = results.get(DATASETTE)
     rows: list[Sequence[object]] = []
-    for server, res in results:
-        rows.append(
-            [
-                server.name,
-                res["list"].rps,
-                res["list"].pct_ms(50),
-                res["list"].pct_ms(99),
-                f"{res['list'].rps / floor['list'].rps:.2f}×",
-                res["get"].rps,
-                res["get"].pct_ms(50),
-                res["get"].pct_ms(99),
-                f"{res['get'].rps / floor['get'].rps:.2f}×",
-            ]
-        )
+    for name, res in results.items():
+        row: list[object] = [name]
+        for kind in ("list", "get"):
+            load = res[kind]
+            row += [load.rps, load.p50_ms, load.p99_ms]
+            row.append(f"{load.rps / ds[kind].rps:.2f}×" if ds else "-")
+            row.append(f"{load.rps / floor[kind].rps:.2f}×")
+        rows.append(row)
     print_table(
         [
             "server",
             "list req/s",
             "p50 ms",
             "p99 ms",
-            "of floor",
+            "÷ Datasette",
+            "÷ floor",
             "get req/s",
             "p50 ms",
             "p99 ms",
-            "of floor",
+            "÷ Datasette",
+            "÷ floor",
         ],
         rows,
     )
-    by_name = {s.name: r for s, r in results}
-    api, ds = by_name.get("hpo-sync read API"), by_name.get("Datasette")
+    api = results.get(API)
     if api and ds:
         print(
             f"\nread API vs Datasette: list {api['list'].rps / ds['list'].rps:.2f}× the "
-            f"requests/s (p99 {api['list'].pct_ms(99):.1f} vs {ds['list'].pct_ms(99):.1f} ms), "
-            f"get {api['get'].rps / ds['get'].rps:.2f}× (p99 {api['get'].pct_ms(99):.1f} vs "
-            f"{ds['get'].pct_ms(99):.1f} ms)"
+            f"requests/s (p99 {api['list'].p99_ms:.1f} vs {ds['list'].p99_ms:.1f} ms), "
+            f"get {api['get'].rps / ds['get'].rps:.2f}× (p99 {api['get'].p99_ms:.1f} vs "
+            f"{ds['get'].p99_ms:.1f} ms)"
         )
-    total = sum(len(r[k].latencies_s) for _, r in results for k in r)
-    print(
-        f"{total:,} measured requests; medians of latency: "
-        + ", ".join(
-            f"{s.name.split(' ')[0]} {statistics.median(r['list'].latencies_s) * 1000:.1f} ms"
-            for s, r in results
+    if api:
+        print(
+            f"read API ÷ floor: list {api['list'].rps / floor['list'].rps:.2f}, "
+            f"get {api['get'].rps / floor['get'].rps:.2f}"
         )
-    )
+        checks = [
+            ("list p99 ≤ 20 ms", api["list"].p99_ms <= 20, f"{api['list'].p99_ms:.1f} ms"),
+            (
+                "list within 2× of the floor",
+                api["list"].rps * 2 >= floor["list"].rps,
+                f"{api['list'].rps / floor['list'].rps:.2f}×",
+            ),
+        ]
+        if ds:
+            checks.insert(
+                0,
+                (
+                    "list ≥ 5× Datasette",
+                    api["list"].rps >= 5 * ds["list"].rps,
+                    f"{api['list'].rps / ds['list'].rps:.2f}×",
+                ),
+            )
+        print(
+            "targets: "
+            + "; ".join(f"{name}: {got} {'PASS' if ok else 'MISS'}" for name, ok, got in checks)
+        )
+    if sweep is not None:
+        quiet, busy, note = sweep
+        print(
+            f"\nread API list during a full sweep: {busy.rps:,.0f} req/s, p50 {busy.p50_ms:.1f} "
+            f"ms, p99 {busy.p99_ms:.1f} ms, max {busy.max_ms:.0f} ms (quiet: {quiet.rps:,.0f} "
+            f"req/s, p50 {quiet.p50_ms:.1f} ms, p99 {quiet.p99_ms:.1f} ms, max "
+            f"{quiet.max_ms:.0f} ms); {note}"
+        )
+    print(f"load average after: {load_average()}")
     return 0
 
 
@@ -447,18 +680,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--experiments", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--rebuild", action="store_true", help="build the mirror again")
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=3000, help="per measurement")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--wrk-threads", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=10.0, help="per measurement")
-    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--warmup-s", type=float, default=2.0)
+    parser.add_argument(
+        "--threads", type=int, default=2, help="SQL threads of the floor and of Datasette"
+    )
     parser.add_argument("--no-datasette", action="store_true")
+    parser.add_argument("--during-sweep", action="store_true")
+    parser.add_argument("--sweep-batch", type=int, default=2000)
     parser.add_argument("--floor-server", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--sweep-writer", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.floor_server:
-        run_floor_server(Path(args.db), args.port)
+        run_floor_server(Path(args.db), args.port, args.threads)
         return 0
-    return asyncio.run(run(args))
+    if args.sweep_writer:
+        run_sweep_writer(Path(args.db), args.experiments, args.seed, args.sweep_batch)
+        return 0
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,27 @@ def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Commands defined in this module. For one of these, main() builds a parser with that command
+# alone: importing every other command's module (daemon, API, alerts, queries, simulator)
+# would add most of a second to `hpo-sync sync`.
+_OWN_COMMANDS = ("check-config", "sync", "simulate")
+
+
+def _own_command(argv: Sequence[str] | None) -> str | None:
+    """The command named on the command line when it is one of _OWN_COMMANDS, else None."""
+    pre = argparse.ArgumentParser(add_help=False)
+    _common(pre, top=True)
+    pre.add_argument("rest", nargs=argparse.REMAINDER)
+    try:
+        known, _ = pre.parse_known_args(argv)
+    except SystemExit:  # let the full parser report the error
+        return None
+    rest = known.rest
+    return rest[0] if rest and rest[0] in _OWN_COMMANDS else None
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The command line's parser; ``only``: just that one of the commands defined here."""
     parser = argparse.ArgumentParser(
         prog="hpo-sync",
         description="A local, queryable history of PAI AutoML HPO experiments.",
@@ -71,29 +91,37 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
         return p
 
-    command(
-        "check-config", "validate the config and print it with secrets redacted", cmd_check_config
-    )
+    if only in (None, "check-config"):
+        command(
+            "check-config",
+            "validate the config and print it with secrets redacted",
+            cmd_check_config,
+        )
 
-    p = command("sync", "sync the mirror once (hot where a baseline exists, else full)", cmd_sync)
-    p.add_argument("--full", action="store_true", help="full sweep of every workspace")
-    p.add_argument(
-        "--workspace",
-        action="append",
-        metavar="ID",
-        default=[],
-        help="only this workspace (repeatable; default: all configured)",
-    )
+    if only in (None, "sync"):
+        p = command(
+            "sync", "sync the mirror once (hot where a baseline exists, else full)", cmd_sync
+        )
+        p.add_argument("--full", action="store_true", help="full sweep of every workspace")
+        p.add_argument(
+            "--workspace",
+            action="append",
+            metavar="ID",
+            default=[],
+            help="only this workspace (repeatable; default: all configured)",
+        )
 
-    from .sim import server as sim_server
+    if only in (None, "simulate"):
+        from .sim import server as sim_server
 
-    p = command(
-        "simulate", "run the built-in simulator of the ListHpoExperiments API", cmd_simulate
-    )
-    sim_server.add_arguments(p)
+        p = command(
+            "simulate", "run the built-in simulator of the ListHpoExperiments API", cmd_simulate
+        )
+        sim_server.add_arguments(p)
 
-    for register in _extra_commands():
-        register(sub, command)
+    if only is None:
+        for register in _extra_commands():
+            register(sub, command)
     return parser
 
 
@@ -122,7 +150,7 @@ def setup_logging(args: argparse.Namespace, cfg: config_mod.Config | None = None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(_own_command(argv))
     args = parser.parse_args(argv)
     handler: Handler = args.handler
     try:

@@ -177,7 +177,7 @@ def normalise_trial_status(value: Any) -> dict[str, int]:
         return {}
     out: dict[str, int] = {}
     for k, v in items:
-        n = _int(v)
+        n = v if type(v) is int else _int(v)
         if k is None or n is None or n <= 0:
             continue  # zero (and nonsensical negative) counts carry no information
         key = str(k).strip().upper()
@@ -235,28 +235,44 @@ class Experiment:
 def normalise(raw: Mapping[str, Any], *, naive_tz: tzinfo = UTC) -> Experiment | None:
     """Normalise one raw upstream experiment; None when it has no ``ExperimentId``."""
     get = raw.get
-    exp_id = (_text(get("ExperimentId")) or "").strip()
+    # The _text calls written out for str values, the type upstream sends almost always:
+    # 100,000 experiments make 1.4 million of these calls.
+    text = _text
+    value = get("ExperimentId")
+    exp_id = (value if type(value) is str else text(value) or "").strip()
     if not exp_id:
         return None
-    status = _text(get("Status"))
+    status = get("Status")
+    status = status if type(status) is str else text(status)
+    ws = get("WorkspaceId")
+    name = get("Name")
+    creator = get("Creator")
+    job_type = get("JobType")
+    accessibility = get("Accessibility")
+    description = get("Description")
+    space = get("SearchSpace")
+    ini = get("ConfigIni")
+    yml = get("ConfigYml")
+    trial_count = get("TrialCount")
+    deleted = get("Deleted")
     return Experiment(
         experiment_id=exp_id,
-        workspace_id=_text(get("WorkspaceId")),
-        name=_text(get("Name")),
-        creator=_text(get("Creator")),
+        workspace_id=ws if type(ws) is str else text(ws),
+        name=name if type(name) is str else text(name),
+        creator=creator if type(creator) is str else text(creator),
         status=status.strip().upper() if status else None,
-        job_type=_text(get("JobType")),
-        accessibility=_text(get("Accessibility")),
-        description=_text(get("Description")),
-        trial_count=_int(get("TrialCount")),
+        job_type=job_type if type(job_type) is str else text(job_type),
+        accessibility=accessibility if type(accessibility) is str else text(accessibility),
+        description=description if type(description) is str else text(description),
+        trial_count=trial_count if type(trial_count) is int else _int(trial_count),
         trial_status=normalise_trial_status(get("TrialStatus")),
         tags=normalise_tags(get("Tags")),
-        search_space=_text(get("SearchSpace")),
-        config_ini=_text(get("ConfigIni")),
-        config_yml=_text(get("ConfigYml")),
+        search_space=space if type(space) is str else text(space),
+        config_ini=ini if type(ini) is str else text(ini),
+        config_yml=yml if type(yml) is str else text(yml),
         gmt_create_time=iso_time(get("GmtCreateTime"), naive_tz=naive_tz),
         gmt_modified_time=iso_time(get("GmtModifiedTime"), naive_tz=naive_tz),
-        deleted=_bool(get("Deleted")),
+        deleted=deleted if type(deleted) is bool else _bool(deleted),
         raw=dict(raw),
     )
 

@@ -87,15 +87,18 @@ _CANONICAL = json.JSONEncoder(
 # orjson writes the same bytes several times faster for plain values (see _plain); it is
 # most of the JSON cost of applying 100,000 experiments.
 _MAX_PLAIN_NODES = 10_000
+_SCALAR_TYPES = frozenset((str, int, bool, type(None)))
 
 
 def _plain(value: Any) -> bool:
-    """Whether ``value`` holds only dicts with str keys, lists, str, int, bool and None, all
-    of exactly those types: then orjson's output equals the json module's, byte for byte.
+    """Whether ``value`` holds only dicts, lists, str, int, bool and None, all of exactly
+    those types: then orjson's output equals the json module's, byte for byte (a dict key
+    that is not a str makes orjson raise, and _encode falls back to json).
 
     Floats are not plain: orjson writes ``1e-05`` as ``0.00001`` and ``1e-07`` as ``1e-7``.
     Subclasses (enums, ...) and other types go through ``default=str`` in the json module only.
     """
+    scalars = _SCALAR_TYPES
     stack = [value]
     nodes = 0
     while stack:
@@ -105,18 +108,15 @@ def _plain(value: Any) -> bool:
             nodes += len(item)
             if nodes > _MAX_PLAIN_NODES:  # huge, or a reference cycle: leave it to json
                 return False
-            for key, child in item.items():
-                if type(key) is not str:
-                    return False
-                t = type(child)
-                if not (t is str or t is int or t is bool or child is None):
+            for child in item.values():
+                if type(child) not in scalars:
                     stack.append(child)
         elif kind is list:
             nodes += len(item)
             if nodes > _MAX_PLAIN_NODES:
                 return False
             stack.extend(item)
-        elif not (kind is str or kind is int or kind is bool or item is None):
+        elif kind not in scalars:
             return False
     return True
 

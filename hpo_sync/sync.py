@@ -47,8 +47,10 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
+import gc
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -59,6 +61,7 @@ from .client import ListQuery, Page, Tally, UpstreamClient
 from .config import Config
 from .errors import FatalUpstreamError, HpoSyncError, UpstreamError
 from .normalise import Experiment, format_time, normalise_all, parse_time
+from .schema import experiment_values
 from .store import ChangeHook, Store, WorkspaceState
 
 log = structlog.get_logger(__name__)
@@ -79,6 +82,9 @@ FULL_BATCH_ROWS = 2000
 # ... or this long after the batch's first page arrived, so that slow pages (throttling,
 # retries) do not keep what already arrived out of the mirror.
 FULL_BATCH_AGE_S = 1.0
+# During a full sweep the youngest generation is collected after this many allocations
+# rather than 700 (see _full_sweep_gc).
+FULL_SWEEP_GC_GEN0 = 50_000
 
 
 @dataclass
@@ -165,7 +171,8 @@ class SyncEngine:
             tally = Tally()
             try:
                 if chosen == "full":
-                    await self._full(result, tally)
+                    with _full_sweep_gc():
+                        await self._full(result, tally)
                 else:
                     assert state is not None  # a baseline implies a workspace row
                     await self._hot(result, tally, state)
@@ -272,8 +279,17 @@ class SyncEngine:
         *,
         seen: set[str],
         previous: Mapping[str, Mapping[str, Any]] | None = None,
+        contents: Sequence[tuple[Any, ...]] | None = None,
     ) -> list[Experiment]:
-        fresh = [e for e in mine if e.experiment_id not in seen]
+        fresh_contents: list[tuple[Any, ...]] | None = None
+        if contents is None:
+            fresh = [e for e in mine if e.experiment_id not in seen]
+        else:
+            pairs = [
+                (e, c) for e, c in zip(mine, contents, strict=True) if e.experiment_id not in seen
+            ]
+            fresh = [e for e, _ in pairs]
+            fresh_contents = [c for _, c in pairs]
         if previous is not None:
             self._learn_bumping(result.workspace_id, fresh, previous)
         seen.update(e.experiment_id for e in mine)
@@ -287,6 +303,7 @@ class SyncEngine:
                 run_id=result.run_id,
                 baseline=result.baseline,
                 on_changes=self.on_changes,
+                contents=fresh_contents,
             )
             result.changes += applied.changes
         return fresh
@@ -652,8 +669,13 @@ class _Batches:
         """Hand the buffer to the store (the caller made sure no batch is being applied)."""
         self._cancel_timer()
         batch, self._buffer = self._buffer, []
+        # The rows' stored form is computed here, on the event loop thread, which mostly
+        # waits for pages, rather than by the writer thread, the busier one in a full sweep.
+        # Not as pages arrive: the buffer would hold each row twice while it fills.
+        ws = self._result.workspace_id
+        contents = [experiment_values(e, ws) for e in batch]
         self._applying = asyncio.create_task(
-            self._engine._apply_normalised(self._result, batch, seen=self._seen)
+            self._engine._apply_normalised(self._result, batch, seen=self._seen, contents=contents)
         )
 
     async def _wait(self) -> None:
@@ -678,6 +700,39 @@ class _Batches:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+_gc_sweeps = 0
+_gc_saved_threshold: tuple[int, int, int] = (700, 10, 10)
+
+
+@contextlib.contextmanager
+def _full_sweep_gc() -> Iterator[None]:
+    """Make the cyclic garbage collector cheap while full sweeps run.
+
+    A full sweep allocates millions of short-lived objects (parsed pages, normalised
+    experiments, rows) that reference counting frees, while the process holds a few hundred
+    thousand long-lived ones (modules, the event loop, aiohttp) that every collection of the
+    oldest generation scans again: ~2 s of a 100,000-experiment baseline. So, while any full
+    sweep runs, what exists at its start is frozen out of collections (``gc.freeze``) and
+    the youngest generation is collected less often. Both are undone when the last
+    concurrent full sweep ends; cyclic garbage made meanwhile is still collected.
+    """
+    global _gc_sweeps, _gc_saved_threshold
+    if _gc_sweeps == 0:
+        _gc_saved_threshold = gc.get_threshold()
+        gen0, gen1, gen2 = _gc_saved_threshold
+        gc.freeze()
+        if gen0:  # 0: automatic collection is off, and stays off
+            gc.set_threshold(max(gen0, FULL_SWEEP_GC_GEN0), gen1, gen2)
+    _gc_sweeps += 1
+    try:
+        yield
+    finally:
+        _gc_sweeps -= 1
+        if _gc_sweeps == 0:
+            gc.set_threshold(*_gc_saved_threshold)
+            gc.unfreeze()
 
 
 def plan_windows(

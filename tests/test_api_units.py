@@ -18,8 +18,8 @@ from hpo_sync.api.cursor import Cursor, CursorError, filters_hash
 from hpo_sync.api.errors import BadParameterError
 from hpo_sync.api.openapi import EXPERIMENTS_PARAMS, parse_params
 from hpo_sync.api.read import filter_identity, freshness
-from hpo_sync.sim.world import parse_query
 from hpo_sync.store import ExperimentFilter, WorkspaceState
+from hpo_sync.upstream_query import parse_query
 
 keys = st.tuples(st.one_of(st.none(), st.text(max_size=40)), st.text(min_size=1, max_size=40))
 

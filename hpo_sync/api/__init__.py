@@ -9,20 +9,49 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
 from .. import __version__
+from ..config import Config
 from ..errors import StoreError
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..normalise import format_time, parse_time
 from ..runtime import Runtime, WorkspaceHealth
-from ..store import WorkspaceState
+from ..store import Store, WorkspaceState
 
 RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime", Runtime)
+
+
+class _Renders(Protocol):
+    def render(self) -> bytes: ...
+
+
+class HostRuntime(Protocol):
+    """What the health routes use of their host: the daemon's :class:`Runtime`, or
+    ``hpo-sync serve``'s. Optional, looked up with ``getattr``: ``health``
+    (``{ws: WorkspaceHealth}``; absent: nothing syncs here)."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def store(self) -> Store: ...
+
+    @property
+    def metrics(self) -> _Renders: ...
+
+    @property
+    def clock(self) -> Callable[[], datetime]: ...
+
+    @property
+    def started_at(self) -> datetime: ...
+
+
+HOST: web.AppKey[HostRuntime] = web.AppKey("hpo_sync.host_runtime")
 
 
 def build_app(runtime: Runtime) -> web.Application:
@@ -34,10 +63,14 @@ def build_app(runtime: Runtime) -> web.Application:
     from .read import setup_read_api
 
     setup_read_api(app, runtime)
+
     return app
 
 
-def add_health_routes(app: web.Application) -> None:
+def add_health_routes(app: web.Application, runtime: HostRuntime | None = None) -> None:
+    """``/healthz``, ``/readyz`` and ``/metrics`` of ``runtime`` (default: ``app[RUNTIME]``),
+    for the daemon and ``hpo-sync serve`` alike."""
+    app[HOST] = runtime if runtime is not None else app[RUNTIME]
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
@@ -45,7 +78,7 @@ def add_health_routes(app: web.Application) -> None:
 
 async def healthz(request: web.Request) -> web.Response:
     """Liveness: the process answers. Always 200."""
-    runtime = request.app[RUNTIME]
+    runtime = request.app[HOST]
     now = runtime.clock()
     return web.json_response(
         {
@@ -58,24 +91,26 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Readiness: 200 when the mirror is open and every configured workspace has synced
-    successfully at least once (ever: a restarted daemon serves its mirror at once), else
-    503. The body tells each workspace's data age and failure state."""
-    runtime = request.app[RUNTIME]
-    workspace_ids = runtime.config.workspace_ids()
+    """Readiness: 200 when the mirror is open and every configured workspace (every
+    workspace of the mirror, for ``serve`` without a config) has synced successfully at
+    least once (ever: a restarted daemon serves its mirror at once), else 503. The body
+    tells each workspace's data age and failure state."""
+    runtime = request.app[HOST]
     try:
         states = await asyncio.to_thread(runtime.store.workspaces)
     except StoreError as exc:
         return web.json_response(
             {"ready": False, "mirror": "unavailable", "error": str(exc)}, status=503
         )
-    body = readiness(workspace_ids, states, runtime.health, runtime.clock())
+    workspace_ids = runtime.config.workspace_ids() or tuple(s.workspace_id for s in states)
+    health: Mapping[str, WorkspaceHealth] = getattr(runtime, "health", None) or {}
+    body = readiness(workspace_ids, states, health, runtime.clock())
     return web.json_response(body, status=200 if body["ready"] else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text exposition of the daemon's registry."""
-    runtime = request.app[RUNTIME]
+    runtime = request.app[HOST]
     payload = await asyncio.to_thread(runtime.metrics.render)
     return web.Response(body=payload, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
@@ -83,7 +118,7 @@ async def metrics(request: web.Request) -> web.Response:
 def readiness(
     workspace_ids: Sequence[str],
     states: Iterable[WorkspaceState],
-    health: dict[str, WorkspaceHealth],
+    health: Mapping[str, WorkspaceHealth],
     now: datetime,
 ) -> dict[str, Any]:
     """The ``/readyz`` body (pure): per configured workspace, when it last synced OK and how

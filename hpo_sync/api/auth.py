@@ -164,25 +164,33 @@ class Authenticator:
 
     def __init__(self) -> None:
         self._tokens: tuple[TokenConfig, ...] | None = None
-        self._table: list[tuple[bytes, TokenConfig]] = []
+        self._table: list[tuple[bytes, TokenConfig, Principal]] = []
 
-    def _digests(self, tokens: tuple[TokenConfig, ...]) -> list[tuple[bytes, TokenConfig]]:
+    def _digests(
+        self, tokens: tuple[TokenConfig, ...]
+    ) -> list[tuple[bytes, TokenConfig, Principal]]:
         if tokens is not self._tokens:
-            self._table = [(_digest(t.token.reveal()), t) for t in tokens]
+            self._table = [(_digest(t.token.reveal()), t, Principal.from_token(t)) for t in tokens]
             self._tokens = tokens
         return self._table
 
-    def match(self, tokens: tuple[TokenConfig, ...], presented: str) -> TokenConfig | None:
-        """The configured token equal to ``presented``, compared in constant time."""
+    def _match(
+        self, tokens: tuple[TokenConfig, ...], presented: str
+    ) -> tuple[TokenConfig, Principal] | None:
         if len(presented) > MAX_TOKEN_LEN:
             return None
         digest = _digest(presented)
-        found: TokenConfig | None = None
-        for candidate, token in self._digests(tokens):
+        found: tuple[TokenConfig, Principal] | None = None
+        for candidate, token, principal in self._digests(tokens):
             # No early exit: every token is compared whatever matched.
             if hmac.compare_digest(digest, candidate) and found is None:
-                found = token
+                found = (token, principal)
         return found
+
+    def match(self, tokens: tuple[TokenConfig, ...], presented: str) -> TokenConfig | None:
+        """The configured token equal to ``presented``, compared in constant time."""
+        found = self._match(tokens, presented)
+        return found[0] if found is not None else None
 
     def resolve(
         self,
@@ -219,10 +227,10 @@ class Authenticator:
                 "'x-acs-bearer-token: <token>')",
                 code="token_required",
             )
-        token = self.match(tokens, presented)
-        if token is None:
+        found = self._match(tokens, presented)
+        if found is None:
             raise UnauthorizedError("the bearer token is not valid", code="invalid_token")
-        return Principal.from_token(token)
+        return found[1]  # made once per token table (Principal is frozen)
 
 
 def _digest(value: str) -> bytes:

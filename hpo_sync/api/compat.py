@@ -2,8 +2,8 @@
 mirror, so that tools written for PAI — the official SDK configured with ``bearer_token``
 included — work offline against the cache.
 
-The upstream's contract, kept: the same query parameters and validation (the parser is the
-simulator's model of the upstream, :func:`hpo_sync.sim.world.parse_query`: unknown names are
+The upstream's contract, kept: the same query parameters and validation (the parser the
+simulator uses too, :func:`hpo_sync.upstream_query.parse_query`: unknown names are
 ignored, an empty value counts as absent, ``SortBy`` in both vocabularies, ``Order``,
 ``IncludeConfigData`` and ``Status`` in any case, ``Tag`` as one JSON parameter, times in the
 upstream time zone ``[upstream] create_time_zone``), the same sort (ties broken by
@@ -26,14 +26,14 @@ from aiohttp import web
 
 from ..normalise import format_time, to_upstream
 from ..schema import EXPERIMENT_COLUMNS, row_to_experiment
-from ..sim.world import (
+from ..store import WorkspaceState, tag_condition
+from ..upstream_query import (
     DEFAULT_PAGE_SIZE,
     MAX_PAGE_SIZE,
     InvalidInputError,
     Query,
     parse_query,
 )
-from ..store import WorkspaceState, tag_condition
 from .errors import ApiError, new_request_id
 from .read import PRINCIPAL, READ_API, freshness, freshness_headers
 

@@ -18,11 +18,12 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 __all__ = ["CURSOR_VERSION", "MAX_CURSOR_LEN", "Cursor", "CursorError", "filters_hash"]
 
@@ -39,8 +40,10 @@ class CursorError(ValueError):
 
 def filters_hash(filters: Mapping[str, Any]) -> str:
     """A short, stable hash of a query's effective filters (canonical JSON, SHA-256)."""
-    canonical = json.dumps(filters, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:_HASH_LEN]
+    # orjson writes what json.dumps(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    # does for these values (strings, lists, booleans, null), several times faster.
+    canonical = orjson.dumps(filters, option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(canonical).hexdigest()[:_HASH_LEN]
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +56,7 @@ class Cursor:
 
     def encode(self) -> str:
         payload = {"v": CURSOR_VERSION, "s": self.sort, "f": self.filters_hash, "k": list(self.key)}
-        raw = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        raw = orjson.dumps(payload)
         return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
     @classmethod
@@ -63,8 +66,8 @@ class Cursor:
             raise CursorError("malformed cursor: pass next_cursor exactly as it was returned")
         try:
             raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-            data = json.loads(raw.decode("utf-8"))
-        except (binascii.Error, ValueError):  # UnicodeDecodeError and JSONDecodeError too
+            data = orjson.loads(raw)
+        except (binascii.Error, ValueError):  # orjson.JSONDecodeError (bad UTF-8 too)
             raise CursorError(
                 "malformed cursor: pass next_cursor exactly as it was returned"
             ) from None

@@ -9,6 +9,7 @@ vocabulary is a 400 naming the parameter and why.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -116,7 +117,7 @@ class Param:
         except UnicodeEncodeError:
             raise BadParameterError(self.name, "is not valid UTF-8") from None
         if self.kind == "integer":
-            if not re.fullmatch(r"[0-9]{1,19}", value):
+            if not _regex(r"[0-9]{1,19}").fullmatch(value):
                 raise BadParameterError(self.name, f"expected a whole number, got {value!r}")
             number = int(value)
             lo = self.minimum if self.minimum is not None else 0
@@ -137,7 +138,7 @@ class Param:
         if len(value) > self.max_length:
             raise BadParameterError(self.name, f"longer than {self.max_length} characters")
         if self.kind == "time":
-            dt = parse_time(value) if re.fullmatch(TIME_PATTERN, value) else None
+            dt = parse_time(value) if _regex(TIME_PATTERN).fullmatch(value) else None
             if dt is None:
                 raise BadParameterError(
                     self.name,
@@ -152,9 +153,13 @@ class Param:
                     self.name, f"expected KEY:VALUE (or KEY for any value), got {value!r}"
                 )
             return (key, tag_value if sep else None)
-        if self.pattern and not re.fullmatch(self.pattern, value):
+        if self.pattern and not _regex(self.pattern).fullmatch(value):
             raise BadParameterError(self.name, f"{value!r} is not a valid {self.name}")
         return value
+
+
+#: Compiled once (``re.fullmatch`` with a string looks its cache up on every call).
+_regex = functools.cache(re.compile)
 
 
 def parse_params(

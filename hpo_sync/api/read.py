@@ -14,36 +14,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import sqlite3
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
+import orjson
 import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ..config import Config
 from ..errors import StoreError
-from ..normalise import format_time, parse_time
+from ..normalise import parse_time
 from ..schema import EXPERIMENT_COLUMNS
 
-# The store's own WHERE/keyset builders, so that the API's pages and counts select exactly
-# what Store.list_experiments would, without reading and decoding ``raw`` for every row.
+# The store's query builders, so that the API's pages and counts select exactly what
+# Store.list_experiments would, with only the columns the API shows.
 from ..store import (
-    _SORTS,
     ExperimentFilter,
-    ExperimentPage,
+    PageKey,
     SortOrder,
     Store,
     WorkspaceState,
-    _filter_sql,
-    _keyset_sql,
+    count_by_status_sql,
+    page_sql,
+    sort_column,
 )
 from .auth import Authenticator, Principal, check_listen_allowed, presented_token
 from .cursor import Cursor, CursorError, filters_hash
@@ -66,6 +67,7 @@ from .openapi import (
     build_document,
     parse_params,
 )
+from .pool import ReadPool
 
 __all__ = [
     "PRINCIPAL",
@@ -88,7 +90,7 @@ COMPAT_PREFIX = "/api/automl/"
 MAX_BODY_BYTES = 1024
 MAX_QUERY_STRING = 4096
 DEFAULT_QUERY_TIMEOUT_S = 5.0
-DEFAULT_READ_THREADS = 4
+DEFAULT_READ_THREADS = 2
 LONG_POLL_INTERVAL_S = 0.5
 #: With a notifier, still look at the database this often (a missed notification).
 NOTIFIED_POLL_INTERVAL_S = 5.0
@@ -96,6 +98,7 @@ NOTIFIED_LOOKS = 10
 NOTIFIED_LOOK_INTERVAL_S = 0.1
 MAX_LONG_POLLS = 256
 MAX_ID_LEN = 256
+MAX_CACHED_SERIES = 512
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 # Route policies, by canonical path; every other matched route needs a reading token.
@@ -168,9 +171,21 @@ class ApiMetrics:
             registry=registry,
         )
 
+        # Label look-ups cost more than the updates: keep each series' child.
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
     def observe(self, route: str, method: str, status: int, duration_s: float) -> None:
-        self.requests.labels(route=route, method=method, status=str(status)).inc()
-        self.latency.labels(route=route).observe(duration_s)
+        key = (route, method, status)
+        children = self._children.get(key)
+        if children is None:
+            children = (
+                self.requests.labels(route=route, method=method, status=str(status)),
+                self.latency.labels(route=route),
+            )
+            if len(self._children) < MAX_CACHED_SERIES:  # methods come from clients
+                self._children[key] = children
+        children[0].inc()
+        children[1].observe(duration_s)
 
 
 _METRICS: weakref.WeakKeyDictionary[CollectorRegistry, ApiMetrics] = weakref.WeakKeyDictionary()
@@ -286,8 +301,16 @@ class ChangeWatcher:
 def _last_sync(state: WorkspaceState | None) -> datetime | None:
     if state is None:
         return None
-    times = [t for t in (_when(state.last_full_ok_at), _when(state.last_hot_ok_at)) if t]
-    return max(times) if times else None
+    return _last_sync_of(state.last_full_ok_at, state.last_hot_ok_at)[0]
+
+
+@functools.lru_cache(maxsize=1024)
+def _last_sync_of(full_ok_at: str | None, hot_ok_at: str | None) -> tuple[datetime | None, str]:
+    """The later of two stored sweep times, and it as the API shows it (parsed once per
+    sweep, not once per request)."""
+    times = [t for t in (_when(full_ok_at), _when(hot_ok_at)) if t]
+    last = max(times) if times else None
+    return last, _iso(last) if last else ""
 
 
 def _when(value: str | None) -> datetime | None:
@@ -302,9 +325,9 @@ def _when(value: str | None) -> datetime | None:
 
 
 def _iso(dt: datetime) -> str:
+    """ISO-8601 UTC, with milliseconds when there are fractions (as_of: once per request)."""
     u = dt.astimezone(UTC)
-    text = format_time(u)
-    return f"{text[:-1]}.{u.microsecond // 1000:03d}Z" if u.microsecond else text
+    return u.isoformat(timespec="milliseconds" if u.microsecond else "seconds")[:-6] + "Z"
 
 
 def freshness(
@@ -316,22 +339,22 @@ def freshness(
     by_id = {s.workspace_id: s for s in states}
     covered = list(workspaces) if workspaces else sorted(by_id)
     per: dict[str, Any] = {}
-    oldest: datetime | None = None
+    oldest: tuple[datetime | None, str] = (None, "")
     never = not covered
     for ws in covered:
-        last = _last_sync(by_id.get(ws))
-        per[ws] = {
-            "last_sync_at": _iso(last) if last else None,
-            "age_s": _age_s(now, last),
-        }
+        state = by_id.get(ws)
+        last, shown = (
+            _last_sync_of(state.last_full_ok_at, state.last_hot_ok_at) if state else (None, "")
+        )
+        per[ws] = {"last_sync_at": shown or None, "age_s": _age_s(now, last)}
         if last is None:
             never = True
-        elif oldest is None or last < oldest:
-            oldest = last
-    overall = None if never else oldest
+        elif oldest[0] is None or last < oldest[0]:
+            oldest = (last, shown)
+    overall, shown = (None, "") if never else oldest
     return {
         "as_of": _iso(now),
-        "last_sync_at": _iso(overall) if overall else None,
+        "last_sync_at": shown or None,
         "age_s": _age_s(now, overall),
         "workspaces": per,
     }
@@ -361,12 +384,12 @@ class ReadApi:
     query_timeout_s: float = DEFAULT_QUERY_TIMEOUT_S
     read_threads: int = DEFAULT_READ_THREADS
     auth: Authenticator = field(default_factory=Authenticator)
-    executor: ThreadPoolExecutor = field(init=False)
+    pool: ReadPool = field(init=False)
     watcher: ChangeWatcher = field(init=False)
     _document: bytes | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
-        self.executor = ThreadPoolExecutor(self.read_threads, thread_name_prefix="api-read")
+        self.pool = ReadPool(self.read_threads, "api-read")
         self.watcher = ChangeWatcher(
             self._max_change_id,
             getattr(self.runtime, "changes_notifier", None),
@@ -379,8 +402,7 @@ class ReadApi:
 
     async def read(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``work(conn)`` in the read pool, in one snapshot, under the time budget."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self._run, work)
+        return await self.pool.run(functools.partial(self._run, work))
 
     def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
         fired = False
@@ -425,7 +447,7 @@ class ReadApi:
 
     async def close(self, _app: web.Application | None = None) -> None:
         await self.watcher.close()
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.pool.shutdown()
 
 
 READ_API: web.AppKey[ReadApi] = web.AppKey("hpo_sync.read_api", ReadApi)
@@ -645,10 +667,6 @@ def _reduced_readiness(response: web.StreamResponse) -> web.StreamResponse:
 # --- serialisation (pure) ----------------------------------------------------------------
 
 
-# Compact, UTF-8 JSON: a page of 50 experiments is a third smaller than json.dumps' default.
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-
-
 def _change_value(field_name: str, value: str | None) -> Any:
     if value is None:
         return None
@@ -656,8 +674,8 @@ def _change_value(field_name: str, value: str | None) -> Any:
         return value == "true"
     if field_name == "TrialStatus":
         try:
-            return json.loads(value)
-        except ValueError:
+            return orjson.loads(value)
+        except orjson.JSONDecodeError:
             return value
     return value
 
@@ -693,11 +711,28 @@ def filter_identity(f: ExperimentFilter) -> dict[str, Any]:
     }
 
 
+JSON_CONTENT_TYPE = "application/json; charset=utf-8"
+
+
 def _json_response(
     body: dict[str, Any], fresh: Mapping[str, Any], *, status: int = 200
 ) -> web.Response:
     body["freshness"] = fresh
-    return web.json_response(body, status=status, headers=freshness_headers(fresh), dumps=_dumps)
+    return _bytes_response(orjson.dumps(body), fresh, status=status)
+
+
+def _bytes_response(body: bytes, fresh: Mapping[str, Any], *, status: int = 200) -> web.Response:
+    headers = freshness_headers(fresh)
+    headers["Content-Type"] = JSON_CONTENT_TYPE
+    return web.Response(body=body, status=status, headers=headers)
+
+
+def _spliced(key: str, items: Sequence[bytes], rest: Mapping[str, Any]) -> bytes:
+    """``{key: [items...], **rest}`` as JSON, where ``items`` are already JSON (made by
+    SQLite: see :func:`_experiment_json`), so they are joined, never parsed again."""
+    tail = orjson.dumps(rest)  # b'{...}': its members follow the array
+    sep = b"," if len(tail) > 2 else b""
+    return b"{" + orjson.dumps(key) + b":[" + b",".join(items) + b"]" + sep + tail[1:]
 
 
 # --- SQL (runs in the read pool) -----------------------------------------------------------
@@ -735,16 +770,43 @@ def select_changes(
     return conn.execute(sql, params).fetchall()
 
 
-def _columns(include_config: bool) -> str:
-    return ", ".join(_EXPERIMENT_FIELDS + (_CONFIG_FIELDS if include_config else ()))
+# How the API shows a column, as a SQL expression giving a JSON value: the JSON columns
+# decoded (empty: {} and []), ``deleted`` as a boolean, the rest as they are stored.
+_JSON_VALUES = {
+    "trial_status": "json(coalesce(nullif(trial_status, ''), '{}'))",
+    "tags": "json(coalesce(nullif(tags, ''), '[]'))",
+    "deleted": "json(CASE WHEN deleted THEN 'true' ELSE 'false' END)",
+}
 
 
-def _decoded(row: sqlite3.Row) -> dict[str, Any]:
-    out = dict(row)
-    out["trial_status"] = json.loads(out["trial_status"]) if out["trial_status"] else {}
-    out["tags"] = json.loads(out["tags"]) if out["tags"] else []
-    out["deleted"] = bool(out["deleted"])
-    return out
+def _json_object(columns: Sequence[str]) -> str:
+    members = (f"'{c}', {_JSON_VALUES.get(c, c)}" for c in columns)
+    # As a BLOB: the UTF-8 bytes as SQLite wrote them, never decoded into a str.
+    return f"CAST(json_object({', '.join(members)}) AS BLOB)"
+
+
+_EXPERIMENT_JSON = {
+    False: _json_object(_EXPERIMENT_FIELDS),
+    True: _json_object(_EXPERIMENT_FIELDS + _CONFIG_FIELDS),
+}
+
+
+def _experiment_json(include_config: bool) -> str:
+    """The SQL expression of an experiment as the API shows it, one JSON object (UTF-8).
+
+    SQLite writes it while the statement runs, with the GIL released, so a page costs the
+    event loop one join, not a decode of its JSON columns and an encode of every field.
+    """
+    return _EXPERIMENT_JSON[include_config]
+
+
+@dataclass(frozen=True, slots=True)
+class JsonPage:
+    """A page of experiments, each as JSON (UTF-8); ``last_key`` makes the next cursor."""
+
+    rows: list[bytes]
+    last_key: PageKey | None
+    has_more: bool
 
 
 def select_experiments(
@@ -752,48 +814,37 @@ def select_experiments(
     filters: ExperimentFilter,
     sort: SortOrder,
     limit: int,
-    after_key: tuple[str | None, str] | None,
+    after_key: PageKey | None,
     *,
     include_config: bool,
-) -> ExperimentPage:
-    """:meth:`Store.list_experiments`'s page (same WHERE, same keyset, same order) with only
-    the columns the API shows: the stored ``raw`` object (the whole upstream record, config
-    texts included) is never read, which makes a page several times cheaper."""
-    column, desc = _SORTS[sort]
-    where, params = _filter_sql(filters)
-    if after_key is not None:
-        clause, key_params = _keyset_sql(column, desc, after_key[0], after_key[1])
-        where.append(clause)
-        params.extend(key_params)
-    direction = "DESC" if desc else "ASC"
-    sql = (
-        f"SELECT {_columns(include_config)} FROM experiments"
-        f" WHERE {' AND '.join(where) or '1'}"
-        f" ORDER BY {column} {direction}, experiment_id {direction} LIMIT ?"
-    )
-    rows = conn.execute(sql, [*params, limit + 1]).fetchall()
-    page = [_decoded(r) for r in rows[:limit]]
-    last_key = (page[-1][column], page[-1]["experiment_id"]) if page else None
-    return ExperimentPage(page, last_key, len(rows) > limit)
+) -> JsonPage:
+    """:meth:`Store.list_experiments`'s page (same WHERE, same keyset, same order:
+    :func:`~hpo_sync.store.page_sql`) with only the columns the API shows, as JSON: the
+    stored ``raw`` object (the whole upstream record, config texts included) is never read."""
+    column, _ = sort_column(sort)
+    select = f"{_experiment_json(include_config)}, {column}, experiment_id"
+    sql, params = page_sql(select, filters, sort, limit + 1, after_key)
+    rows = conn.execute(sql, params).fetchall()
+    page = rows[:limit]
+    last_key = (page[-1][1], page[-1][2]) if page else None
+    return JsonPage([r[0] for r in page], last_key, len(rows) > limit)
 
 
 def select_experiment(
     conn: sqlite3.Connection, experiment_id: str, *, include_config: bool
-) -> dict[str, Any] | None:
+) -> tuple[bytes, str] | None:
+    """``(the experiment as JSON, its workspace)``, or None."""
     row = conn.execute(
-        f"SELECT {_columns(include_config)} FROM experiments WHERE experiment_id = ?",
+        f"SELECT {_experiment_json(include_config)}, workspace_id FROM experiments"
+        " WHERE experiment_id = ?",
         (experiment_id,),
     ).fetchone()
-    return _decoded(row) if row is not None else None
+    return (row[0], row[1]) if row is not None else None
 
 
 def count_by_status(conn: sqlite3.Connection, f: ExperimentFilter) -> dict[str, int]:
     """Counts by status of everything ``f`` matches: the very WHERE clause the listing uses."""
-    where, params = _filter_sql(f)
-    sql = (
-        f"SELECT status, count(*) FROM experiments WHERE {' AND '.join(where) or '1'}"
-        " GROUP BY status ORDER BY status"
-    )
+    sql, params = count_by_status_sql(f)
     return {("null" if s is None else s): n for s, n in conn.execute(sql, params)}
 
 
@@ -833,29 +884,26 @@ async def list_experiments(request: web.Request) -> web.Response:
             raise BadParameterError("cursor", str(exc)) from None
         after_key = cursor.key
     store = api.store
+    clock = api.runtime.clock
 
-    def work(
-        conn: sqlite3.Connection,
-    ) -> tuple[Any, dict[str, int] | None, list[WorkspaceState]]:
+    # The response is made in the read pool too: under load the event loop's thread is the
+    # bottleneck, and the cursor, the freshness and the body are CPU work it need not do.
+    def work(conn: sqlite3.Connection) -> web.Response:
         page = select_experiments(
             conn, filters, sort, limit, after_key, include_config=q["include_config"]
         )
         counts = count_by_status(conn, filters) if q["count"] else None
-        return page, counts, store.workspaces()
+        states = store.workspaces()
+        next_cursor = None
+        if page.has_more and page.last_key is not None:
+            next_cursor = Cursor(sort, fhash, (page.last_key[0], page.last_key[1])).encode()
+        rest: dict[str, Any] = {"next_cursor": next_cursor, "has_more": page.has_more}
+        if counts is not None:
+            rest["count"] = {"total": sum(counts.values()), "by_status": counts}
+        fresh = rest["freshness"] = freshness(states, scope, clock())
+        return _bytes_response(_spliced("experiments", page.rows, rest), fresh)
 
-    page, counts, states = await api.read(work)
-    next_cursor = None
-    if page.has_more and page.last_key is not None:
-        next_cursor = Cursor(sort, fhash, (page.last_key[0], page.last_key[1])).encode()
-    body: dict[str, Any] = {
-        "experiments": page.rows,  # already the API's shape: see select_experiments
-        "next_cursor": next_cursor,
-        "has_more": page.has_more,
-    }
-    if counts is not None:
-        body["count"] = {"total": sum(counts.values()), "by_status": counts}
-    fresh = freshness(states, scope, api.runtime.clock())
-    return _json_response(body, fresh)
+    return await api.read(work)
 
 
 def _experiment_id(request: web.Request) -> str:
@@ -879,15 +927,18 @@ async def get_experiment(request: web.Request) -> web.Response:
     exp_id = _experiment_id(request)
     store = api.store
 
-    def work(conn: sqlite3.Connection) -> tuple[dict[str, Any] | None, list[WorkspaceState]]:
-        row = select_experiment(conn, exp_id, include_config=q["include_config"])
-        return row, store.workspaces()
+    clock = api.runtime.clock
 
-    row, states = await api.read(work)
-    if row is None or not principal.can_see(row["workspace_id"]):
-        raise _not_found(exp_id, principal)
-    fresh = freshness(states, [row["workspace_id"]], api.runtime.clock())
-    return _json_response({"experiment": row}, fresh)
+    def work(conn: sqlite3.Connection) -> web.Response:  # in the pool: see list_experiments
+        found = select_experiment(conn, exp_id, include_config=q["include_config"])
+        if found is None or not principal.can_see(found[1]):
+            raise _not_found(exp_id, principal)
+        experiment, ws = found
+        fresh = freshness(store.workspaces(), [ws], clock())
+        body = b'{"experiment":' + experiment + b',"freshness":' + orjson.dumps(fresh) + b"}"
+        return _bytes_response(body, fresh)
+
+    return await api.read(work)
 
 
 async def get_experiment_changes(request: web.Request) -> web.Response:

@@ -23,15 +23,13 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from .. import __version__
 from .. import config as config_mod
 from ..config import ApiConfig, Config, StoreConfig
 from ..errors import ConfigError, StoreError
-from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..metrics import Metrics
-from ..normalise import format_time
 from ..notify import Notifier
 from ..store import Store
+from . import add_health_routes
 from .read import MAX_BODY_BYTES, setup_read_api
 
 __all__ = ["ServeRuntime", "build_serve_app", "cmd_serve", "register_cli"]
@@ -63,47 +61,10 @@ def build_serve_app(runtime: ServeRuntime, *, listen_host: str | None = None) ->
     """The read-only application: health routes plus :func:`setup_read_api`."""
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     app[SERVE_RUNTIME] = runtime
-    app.router.add_get("/healthz", _healthz)
-    app.router.add_get("/readyz", _readyz)
-    app.router.add_get("/metrics", _metrics)
+    add_health_routes(app, runtime)  # the daemon's: readiness over the mirror's workspaces
     setup_read_api(app, runtime, listen_host=listen_host)
+
     return app
-
-
-async def _healthz(request: web.Request) -> web.Response:
-    rt = request.app[SERVE_RUNTIME]
-    now = rt.clock()
-    return web.json_response(
-        {
-            "status": "ok",
-            "version": __version__,
-            "started_at": format_time(rt.started_at),
-            "uptime_s": round((now - rt.started_at).total_seconds(), 3),
-        }
-    )
-
-
-async def _readyz(request: web.Request) -> web.Response:
-    """Ready when every configured workspace (every workspace of the mirror, without a
-    config) has synced successfully at least once."""
-    from . import readiness
-
-    rt = request.app[SERVE_RUNTIME]
-    try:
-        states = await asyncio.to_thread(rt.store.workspaces)
-    except StoreError as exc:
-        return web.json_response(
-            {"ready": False, "mirror": "unavailable", "error": str(exc)}, status=503
-        )
-    ids = rt.config.workspace_ids() or tuple(s.workspace_id for s in states)
-    body = readiness(ids, states, {}, rt.clock())
-    return web.json_response(body, status=200 if body["ready"] else 503)
-
-
-async def _metrics(request: web.Request) -> web.Response:
-    rt = request.app[SERVE_RUNTIME]
-    payload = await asyncio.to_thread(rt.metrics.render)
-    return web.Response(body=payload, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
 # --- the command ---------------------------------------------------------------------------

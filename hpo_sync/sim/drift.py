@@ -4,6 +4,7 @@ and as a number in the next, and times come in two formats (pure; the caller own
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Mapping
 from datetime import UTC, datetime, tzinfo
@@ -12,10 +13,20 @@ from typing import Any
 SPACE_FORMAT = "%Y-%m-%d %H:%M:%S"
 
 
+@functools.lru_cache(maxsize=1 << 18)  # pure, and strptime is slow
 def _space_time(iso: str, tz: tzinfo) -> str:
     """``2023-03-31T10:29:30Z`` -> ``2023-03-31 18:29:30`` in ``tz``."""
-    dt = datetime.strptime(iso, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-    return dt.astimezone(tz).strftime(SPACE_FORMAT)
+    if len(iso) == 20 and iso[10] == "T" and iso[19] == "Z":  # what the world renders
+        dt = datetime.fromisoformat(iso[:19]).replace(tzinfo=UTC)
+    else:  # strptime also reads unpadded fields
+        dt = datetime.strptime(iso, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    local = dt.astimezone(tz)
+    if local.year < 1000:  # strftime's %Y does not pad
+        return local.strftime(SPACE_FORMAT)
+    return (
+        f"{local.year}-{local.month:02d}-{local.day:02d} "
+        f"{local.hour:02d}:{local.minute:02d}:{local.second:02d}"
+    )
 
 
 def drift_experiment(

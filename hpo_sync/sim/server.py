@@ -47,6 +47,9 @@ _REQUIRED_SIGNED: Final = ("host", "x-acs-date", "x-acs-signature-nonce")
 _RATE_WINDOW_S: Final = 10.0
 _MAX_EVENTS_RETURNED: Final = 10_000
 _TICK_S: Final = 0.2
+_CONFIG_FIELDS: Final = ("SearchSpace", "ConfigIni", "ConfigYml")
+# What json.dumps(obj, ensure_ascii=False) uses, made once rather than per call.
+_ENCODER: Final = json.JSONEncoder(ensure_ascii=False)
 
 
 @dataclass(frozen=True)
@@ -277,6 +280,8 @@ class Simulator:
         self._fault_rng = random.Random(opts.seed + 1)
         self._throttle_rng = random.Random(opts.seed + 2)
         self._drift_rng = random.Random(opts.seed + 3)
+        # experiment id -> (its config texts, their encoded JSON members); see _page_json
+        self._config_json: dict[str, tuple[tuple[str, str, str], str]] = {}
         self._nonces: OrderedDict[str, float] = OrderedDict()
         self._buckets: dict[str, _Bucket] = {}
         self._runner: web.AppRunner | None = None
@@ -647,12 +652,7 @@ class Simulator:
             total, page = self.world.list(query)
         except InvalidInputError as exc:
             return self._error(request, 400, exc.code, str(exc), request_id)
-        if self.config.drift:
-            page = [drift_experiment(e, self._drift_rng, self.time_zone) for e in page]
-        payload = json.dumps(
-            {"RequestId": request_id, "TotalCount": total, "Experiments": page},
-            ensure_ascii=False,
-        ).encode("utf-8")
+        payload = self._page_json(request_id, total, page).encode("utf-8")
         if fault == "truncated":
             payload = payload[: len(payload) // 2]
         resp = web.Response(
@@ -663,6 +663,43 @@ class Simulator:
         )
         resp.headers["x-acs-request-id"] = request_id
         return resp
+
+    def _page_json(self, request_id: str, total: int, page: list[dict[str, Any]]) -> str:
+        """The answer: exactly ``json.dumps({"RequestId", "TotalCount", "Experiments"},
+        ensure_ascii=False)`` of the (drifted) experiments. The config texts, most of a
+        page's bytes and never drifted, are encoded once per experiment and remembered while
+        they stay the same."""
+        encode = _ENCODER.encode
+        drift = self.config.drift
+        items = []
+        for exp in page:
+            config = _config_of(exp)
+            if drift:
+                head = drift_experiment(exp, self._drift_rng, self.time_zone)
+            elif config is not None:
+                head = dict(exp)
+            else:
+                head = exp
+            if config is None:
+                items.append(encode(head))
+                continue
+            for name in _CONFIG_FIELDS:
+                del head[name]
+            exp_id = head.get("ExperimentId")
+            hit = self._config_json.get(exp_id) if type(exp_id) is str else None
+            if hit is None or hit[0] != config:
+                fragment = "".join(
+                    f", {encode(name)}: {encode(value)}"
+                    for name, value in zip(_CONFIG_FIELDS, config, strict=True)
+                )
+                hit = (config, fragment)
+                if type(exp_id) is str:
+                    self._config_json[exp_id] = hit
+            items.append(f"{encode(head)[:-1]}{hit[1]}}}")
+        return (
+            f'{{"RequestId": {encode(request_id)}, "TotalCount": {encode(total)}, '
+            f'"Experiments": [{", ".join(items)}]}}'
+        )
 
     def _pick_fault(self) -> str | None:
         rate = self.config.fault_rate
@@ -779,6 +816,18 @@ class Simulator:
 
 def _iso(dt: datetime) -> str:
     return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _config_of(exp: dict[str, Any]) -> tuple[str, str, str] | None:
+    """The config texts of a rendered experiment when they are its last three fields (as
+    the world renders them; then its JSON is the rest's plus theirs), else None."""
+    if len(exp) <= len(_CONFIG_FIELDS) or "ConfigYml" not in exp:
+        return None
+    last = reversed(exp)
+    if (next(last), next(last), next(last)) != _CONFIG_FIELDS[::-1]:
+        return None
+    texts = (exp["SearchSpace"], exp["ConfigIni"], exp["ConfigYml"])
+    return texts if all(type(t) is str for t in texts) else None
 
 
 def _dumps(obj: Any) -> str:
