@@ -63,7 +63,9 @@ def build_app(runtime: Runtime) -> web.Application:
     from .read import setup_read_api
 
     setup_read_api(app, runtime)
+    from ..web import setup_web_ui
 
+    setup_web_ui(app, runtime)
     return app
 
 

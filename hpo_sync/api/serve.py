@@ -63,7 +63,9 @@ def build_serve_app(runtime: ServeRuntime, *, listen_host: str | None = None) ->
     app[SERVE_RUNTIME] = runtime
     add_health_routes(app, runtime)  # the daemon's: readiness over the mirror's workspaces
     setup_read_api(app, runtime, listen_host=listen_host)
+    from ..web import setup_web_ui
 
+    setup_web_ui(app, runtime)
     return app
 
 
