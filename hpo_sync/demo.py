@@ -355,6 +355,7 @@ def _banner(
         f"  daemon     hot sweep every {options.hot_interval_s:g}s, full every "
         f"{options.full_interval_s:g}s; log: {log_path}"
     )
+    say(f"  web UI     {api}/ui/  (open in a browser on this machine)")
     say(f"  API        {api}/v1/experiments   {api}/v1/changes   {api}/openapi.json")
     say(f"  mirror     {db_path}")
     for extra in extras:

@@ -81,6 +81,7 @@ def test_demo_runs_for_a_while_and_shows_experiments_and_changes(tmp_path: Path)
     assert "simulator  http://127.0.0.1:" in out
     m = re.search(r"API\s+(http://127\.0\.0\.1:\d+)/v1/experiments", out)
     assert m, out
+    assert f"web UI     {m.group(1)}/ui/" in out
     assert f"--config {data / 'config.toml'}" in out
     held = re.search(r"mirror holds ([\d,]+) experiments of 2 workspaces", out)
     assert held and int(held.group(1).replace(",", "")) >= 290, out
