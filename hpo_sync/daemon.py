@@ -865,7 +865,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         logs.configure(overrides[0] or new.logging.level, overrides[1] or new.logging.format)
 
-    return asyncio.run(_serve(Daemon(cfg, on_reload_logging=relog)))
+    from .eventloop import run
+
+    return run(_serve(Daemon(cfg, on_reload_logging=relog)))
 
 
 async def _serve(daemon: Daemon) -> int:

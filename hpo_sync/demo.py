@@ -132,7 +132,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         fault_rate=args.fault_rate,
         all_changes=args.all_changes,
     )
-    return asyncio.run(run_demo(options))
+    from .eventloop import run
+
+    return run(run_demo(options))
 
 
 def config_text(

@@ -111,7 +111,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = serve_config(args)
     cli.setup_logging(args, cfg)
-    return asyncio.run(serve(cfg, reload_from=cfg.source))
+    from ..eventloop import run
+
+    return run(serve(cfg, reload_from=cfg.source))
 
 
 async def serve(
