@@ -856,33 +856,55 @@ async def openapi_document(request: web.Request) -> web.Response:
     return web.Response(body=body, content_type="application/json")
 
 
+@dataclass(frozen=True, slots=True)
+class ListRequest:
+    """A parsed ``/v1/experiments`` query (``EXPERIMENTS_PARAMS``) over the workspaces a
+    caller may see: the filters, the order, the page size and where the page starts.
+    The web UI's experiment list uses it too, so both read the same query the same way."""
+
+    filters: ExperimentFilter
+    sort: SortOrder
+    limit: int
+    #: :func:`~hpo_sync.api.cursor.filters_hash` of the filters, bound into cursors.
+    fhash: str
+    after_key: PageKey | None
+
+    @classmethod
+    def of(cls, q: Mapping[str, Any], scope: tuple[str, ...]) -> ListRequest:
+        """From ``parse_params(EXPERIMENTS_PARAMS, …)``'s result; a cursor that is
+        malformed or was made for another sort or other filters is a
+        :class:`BadParameterError` on ``cursor``."""
+        filters = ExperimentFilter(
+            workspaces=scope,
+            statuses=tuple(q["status"]),
+            name=q["name"],
+            creator=q["creator"],
+            tags=tuple(q["tag"]),
+            created_after=q["created_after"],
+            created_before=q["created_before"],
+            modified_after=q["modified_after"],
+            include_deleted=q["include_deleted"],
+        )
+        sort: SortOrder = q["sort"]
+        fhash = filters_hash(filter_identity(filters))
+        after_key: PageKey | None = None
+        if q["cursor"] is not None:
+            try:
+                cursor = Cursor.decode(q["cursor"])
+                cursor.check(sort, fhash)
+            except CursorError as exc:
+                raise BadParameterError("cursor", str(exc)) from None
+            after_key = cursor.key
+        return cls(filters, sort, q["limit"], fhash, after_key)
+
+
 async def list_experiments(request: web.Request) -> web.Response:
     api = request.app[READ_API]
     principal = request[PRINCIPAL]
     q = parse_params(EXPERIMENTS_PARAMS, request.query)
     scope = principal.scope(q["workspace"])
-    filters = ExperimentFilter(
-        workspaces=scope,
-        statuses=tuple(q["status"]),
-        name=q["name"],
-        creator=q["creator"],
-        tags=tuple(q["tag"]),
-        created_after=q["created_after"],
-        created_before=q["created_before"],
-        modified_after=q["modified_after"],
-        include_deleted=q["include_deleted"],
-    )
-    sort: SortOrder = q["sort"]
-    limit: int = q["limit"]
-    fhash = filters_hash(filter_identity(filters))
-    after_key: tuple[str | None, str] | None = None
-    if q["cursor"] is not None:
-        try:
-            cursor = Cursor.decode(q["cursor"])
-            cursor.check(sort, fhash)
-        except CursorError as exc:
-            raise BadParameterError("cursor", str(exc)) from None
-        after_key = cursor.key
+    lr = ListRequest.of(q, scope)
+    filters, sort, limit, fhash, after_key = lr.filters, lr.sort, lr.limit, lr.fhash, lr.after_key
     store = api.store
     clock = api.runtime.clock
 

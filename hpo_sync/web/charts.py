@@ -12,11 +12,11 @@ chart is drawn from the ``changes`` history:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
+from ..alerts.rules import decode_counts
 from ..normalise import parse_time
 
 #: Chart width and height in SVG user units (the SVG scales to its box; see ui.css).
@@ -237,24 +237,6 @@ def _at(value: str) -> datetime | None:
     return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
 
 
-def _counts(value: str | None) -> dict[str, int]:
-    if not value:
-        return {}
-    try:
-        data = json.loads(value)
-    except ValueError:
-        return {}
-    if not isinstance(data, dict):
-        return {}
-    out: dict[str, int] = {}
-    for k, v in data.items():
-        try:
-            out[str(k)] = int(v)
-        except (TypeError, ValueError):
-            continue
-    return out
-
-
 def timeline(
     history: Sequence[HistoryRow], now: datetime, trial_order: Sequence[str]
 ) -> Timeline | None:
@@ -295,7 +277,7 @@ def timeline(
 
     # Trial counts: a step line per trial status that ever had trials.
     steps: list[tuple[datetime, dict[str, int]]] = [
-        (t, _counts(r.new_value)) for t, r in dated if r.field == "TrialStatus"
+        (t, decode_counts(r.new_value)) for t, r in dated if r.field == "TrialStatus"
     ]
     keys = {k for _, c in steps for k in c}
     order = [s for s in trial_order if s in keys] + sorted(keys - set(trial_order))

@@ -27,7 +27,7 @@ from multidict import MultiDict, MultiMapping
 
 from .. import __version__
 from ..api.auth import Principal
-from ..api.cursor import Cursor, CursorError, filters_hash
+from ..api.cursor import Cursor
 from ..api.errors import ApiError, BadParameterError, NotFoundError
 from ..api.openapi import (
     CHANGE_FIELDS,
@@ -39,17 +39,17 @@ from ..api.openapi import (
 from ..api.read import (
     PRINCIPAL,
     READ_API,
+    ListRequest,
     ReadRuntime,
     change_json,
     count_by_status,
-    filter_identity,
     freshness,
     select_changes,
     select_experiment,
     select_experiments,
 )
 from ..config import EXPERIMENT_STATUSES
-from ..store import ExperimentFilter, SortOrder, WorkspaceState
+from ..store import WorkspaceState
 from . import charts, queries
 from .sessions import SESSION_MAX_AGE_S, SessionStore, current_token
 
@@ -563,28 +563,8 @@ async def experiments(request: web.Request) -> web.StreamResponse:
             limits=LIMITS,
             fresh=None,
         )
-    filters = ExperimentFilter(
-        workspaces=scope,
-        statuses=tuple(q["status"]),
-        name=q["name"],
-        creator=q["creator"],
-        tags=tuple(q["tag"]),
-        created_after=q["created_after"],
-        created_before=q["created_before"],
-        modified_after=q["modified_after"],
-        include_deleted=q["include_deleted"],
-    )
-    sort: SortOrder = q["sort"]
-    limit: int = q["limit"]
-    fhash = filters_hash(filter_identity(filters))
-    after_key: tuple[str | None, str] | None = None
-    if q["cursor"] is not None:
-        try:
-            cursor = Cursor.decode(q["cursor"])
-            cursor.check(sort, fhash)
-        except CursorError as exc:
-            raise BadParameterError("cursor", str(exc)) from None
-        after_key = cursor.key
+    lr = ListRequest.of(q, scope)
+    filters, sort, limit, fhash, after_key = lr.filters, lr.sort, lr.limit, lr.fhash, lr.after_key
 
     def work(conn: sqlite3.Connection) -> tuple[Any, dict[str, int], list[WorkspaceState]]:
         page = select_experiments(conn, filters, sort, limit, after_key, include_config=False)
