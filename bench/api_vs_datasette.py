@@ -215,7 +215,13 @@ def run_floor_server(db: Path, port: int, threads: int) -> None:
     app = web.Application()
     app.router.add_get("/list", list_handler)
     app.router.add_get("/get/{id}", get_handler)
-    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+    # The event loop hpo-sync's own server runs on (uvloop when installed), so that the floor
+    # differs from the API only by what the API does per request.
+    from hpo_sync.eventloop import loop_factory
+
+    factory = loop_factory()
+    loop = factory() if factory is not None else None
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None, loop=loop)
 
 
 # --- servers under test ----------------------------------------------------------------------
