@@ -594,6 +594,15 @@ class Store:
                     conn.execute("COMMIT")
 
     @contextmanager
+    def write(self, action: str) -> Iterator[sqlite3.Connection]:
+        """One write transaction (``BEGIN IMMEDIATE``) on the writer connection, for
+        modules that keep their own tables in the mirror (the alert outbox): committed when
+        the block ends, rolled back if it raises. Serialised with every other write of this
+        process. ``action`` names the work in errors ("cannot <action>")."""
+        with self._write(action) as conn:
+            yield conn
+
+    @contextmanager
     def _write(self, action: str) -> Iterator[sqlite3.Connection]:
         if self._closed:
             raise StoreError(f"the mirror {self.path} is closed")

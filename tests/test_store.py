@@ -776,3 +776,24 @@ def test_kill_9_during_applies_leaves_a_consistent_mirror(db_path: Path) -> None
                 decode_trial_status(row["trial_status"]),
                 row["deleted"],
             )
+
+
+def test_write_commits_the_block_or_rolls_it_back_and_refuses_a_read_only_mirror(
+    tmp_path: Path,
+) -> None:
+    db_path = tmp_path / "m.db"
+    with Store.open(db_path) as store:
+        store.ensure_workspace("ws1")
+        with store.write("label a workspace") as conn:
+            conn.execute("UPDATE workspaces SET label = 'kept' WHERE workspace_id = 'ws1'")
+        with pytest.raises(RuntimeError, match="boom"), store.write("label a workspace") as conn:
+            conn.execute("UPDATE workspaces SET label = 'lost' WHERE workspace_id = 'ws1'")
+            raise RuntimeError("boom")
+    with closing(sqlite3.connect(db_path)) as raw:
+        assert raw.execute("SELECT label FROM workspaces").fetchall() == [("kept",)]
+    with (
+        Store.open(db_path, readonly=True) as ro,
+        pytest.raises(StoreError, match="read-only; cannot re-queue"),
+        ro.write("re-queue dead alerts"),
+    ):
+        pass

@@ -220,7 +220,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
     # transaction that SQLite serialises with the daemon's.
     store = Store.open(path)
     try:
-        with store._write("re-queue dead alerts") as conn:
+        with store.write("re-queue dead alerts") as conn:
             n = outbox.retry_rows(conn, datetime.now(UTC), args.ids, all_dead=args.all_dead)
     finally:
         store.close()

@@ -139,7 +139,7 @@ async def send_message(
 def _write(store: Store, action: str) -> Iterator[sqlite3.Connection]:
     # Store has no public "run my SQL in a write transaction"; its private helper gives the
     # same BEGIN IMMEDIATE ... COMMIT and error mapping every other write uses.
-    with store._write(action) as conn:
+    with store.write(action) as conn:
         yield conn
 
 
