@@ -371,9 +371,23 @@ def _m2_alert_outbox(conn: sqlite3.Connection) -> None:
     )
 
 
+def _m3_deleted_index(conn: sqlite3.Connection) -> None:
+    """Version 3: a partial index of the experiments marked deleted (few), so that counts
+    that leave them out read two indexes instead of every row (``deleted`` is in no other
+    index): ``/v1/workspaces`` on a 100,000-experiment mirror went from a table scan to two
+    index reads."""
+    _run(
+        conn,
+        [
+            "CREATE INDEX experiments_deleted ON experiments (workspace_id, status)"
+            " WHERE deleted = 1",
+        ],
+    )
+
+
 #: Forward migrations, in order; migration ``i`` (0-based) takes the file to version ``i + 1``.
 #: Append only. Never edit or reorder a released migration.
-MIGRATIONS: tuple[Migration, ...] = (_m1_core, _m2_alert_outbox)
+MIGRATIONS: tuple[Migration, ...] = (_m1_core, _m2_alert_outbox, _m3_deleted_index)
 
 #: The schema version this code reads and writes.
 SCHEMA_VERSION = len(MIGRATIONS)
