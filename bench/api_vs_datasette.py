@@ -81,6 +81,21 @@ FLOOR, API, DATASETTE = "bare aiohttp + same SQL (floor)", "hpo-sync read API", 
 # --- the mirror ---------------------------------------------------------------------------
 
 
+def mirror_file(db: str | None, experiments: int, seed: int, *, rebuild: bool) -> Path:
+    """The benchmark's mirror: ``db``, else one kept in the temp dir per size. Built when
+    missing (or asked to); a file kept from an older hpo-sync is opened read-write once,
+    which upgrades its schema in place (``hpo-sync serve`` opens read-only and refuses an
+    older mirror)."""
+    path = Path(db) if db else Path(tempfile.gettempdir()) / f"hpo-sync-bench-{experiments}.db"
+    if not path.exists() or rebuild:
+        build_mirror(path, experiments, seed)
+    else:
+        from hpo_sync.store import Store
+
+        Store.open(path).close()
+    return path
+
+
 def build_mirror(path: Path, experiments: int, seed: int) -> None:
     """Write the world's experiments through the store, one full sweep per workspace."""
     from hpo_sync.normalise import normalise
@@ -578,13 +593,7 @@ def load_average() -> str:
 def run(args: argparse.Namespace) -> int:
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (apt-get install wrk)")
-    db = (
-        Path(args.db)
-        if args.db
-        else Path(tempfile.gettempdir()) / (f"hpo-sync-bench-{args.experiments}.db")
-    )
-    if not db.exists() or args.rebuild:
-        build_mirror(db, args.experiments, args.seed)
+    db = mirror_file(args.db, args.experiments, args.seed, rebuild=args.rebuild)
     ws, expected, ids = pick_queries(db)
     if len(expected) != LIST_LIMIT:
         raise SystemExit(f"workspace {ws} has fewer than {LIST_LIMIT} {LIST_STATUS} experiments")

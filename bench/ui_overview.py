@@ -23,14 +23,13 @@ import shutil
 import socket
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import aiohttp
 from _common import hpo_sync_command, machine, print_table
-from api_vs_datasette import build_mirror
+from api_vs_datasette import mirror_file
 
 
 def free_port() -> int:
@@ -106,13 +105,7 @@ async def measure(
 
 
 async def run(args: argparse.Namespace) -> int:
-    db = (
-        Path(args.db)
-        if args.db
-        else Path(tempfile.gettempdir()) / f"hpo-sync-bench-{args.experiments}.db"
-    )
-    if not db.exists() or args.rebuild:
-        build_mirror(db, args.experiments, args.seed)
+    db = mirror_file(args.db, args.experiments, args.seed, rebuild=args.rebuild)
     print(f"mirror {db} ({db.stat().st_size / 2**20:,.0f} MiB); {machine()}")
     print(f"{args.renders} sequential renders per row after {args.warmup} warm-up requests\n")
     serve = [
