@@ -667,7 +667,9 @@ def _reduced_readiness(response: web.StreamResponse) -> web.StreamResponse:
 # --- serialisation (pure) ----------------------------------------------------------------
 
 
-def _change_value(field_name: str, value: str | None) -> Any:
+def change_value(field_name: str, value: str | None) -> Any:
+    """A stored change value as the API (and the web UI) shows it: ``TrialStatus`` as a
+    mapping, ``Deleted`` as a bool, ``Status`` as text."""
     if value is None:
         return None
     if field_name == "Deleted":
@@ -688,8 +690,8 @@ def change_json(row: Sequence[Any]) -> dict[str, Any]:
         "experiment_name": name,
         "workspace_id": ws,
         "field": field_name,
-        "old_value": _change_value(field_name, old),
-        "new_value": _change_value(field_name, new),
+        "old_value": change_value(field_name, old),
+        "new_value": change_value(field_name, new),
         "observed_at": observed_at,
         "sync_run_id": run_id,
         "baseline": bool(baseline),

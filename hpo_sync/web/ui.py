@@ -42,6 +42,7 @@ from ..api.read import (
     ListRequest,
     ReadRuntime,
     change_json,
+    change_value,
     count_by_status,
     freshness,
     select_changes,
@@ -177,21 +178,6 @@ def trials_text(exp: Mapping[str, Any]) -> str:
     if count is None:
         return "—"
     return f"{count} ({failed} failed)" if failed else str(count)
-
-
-def decode_change_value(field_name: str, value: str | None) -> Any:
-    """A stored change value as the API shows it: ``TrialStatus`` as a mapping, ``Deleted``
-    as a bool, ``Status`` as text."""
-    if value is None:
-        return None
-    if field_name == "Deleted":
-        return value == "true"
-    if field_name == "TrialStatus":
-        try:
-            return json.loads(value)
-        except ValueError:
-            return value
-    return value
 
 
 def change_value_text(value: Any) -> str:
@@ -643,8 +629,8 @@ async def experiment(request: web.Request) -> web.StreamResponse:
         {
             "id": r["id"],
             "field": r["field"],
-            "old": decode_change_value(r["field"], r["old_value"]),
-            "new": decode_change_value(r["field"], r["new_value"]),
+            "old": change_value(r["field"], r["old_value"]),
+            "new": change_value(r["field"], r["new_value"]),
             "observed_at": r["observed_at"],
             "sync_run_id": r["sync_run_id"],
             "baseline": bool(r["baseline"]),
@@ -754,8 +740,8 @@ async def outbox_page(request: web.Request) -> web.StreamResponse:
     data = await api.read(work)
     for rows in (data["pending"], data["dead"]):
         for r in rows:
-            r["old"] = change_value_text(decode_change_value(r["field"], r["old_value"]))
-            r["new"] = change_value_text(decode_change_value(r["field"], r["new_value"]))
+            r["old"] = change_value_text(change_value(r["field"], r["old_value"]))
+            r["new"] = change_value_text(change_value(r["field"], r["new_value"]))
     return render(request, "outbox.html", page_rows=queries.PAGE_ROWS, **data)
 
 
