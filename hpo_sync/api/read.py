@@ -45,6 +45,7 @@ from ..store import (
     count_by_status_sql,
     page_sql,
     sort_column,
+    status_counts,
 )
 from .auth import Authenticator, Principal, check_listen_allowed, presented_token
 from .cursor import Cursor, CursorError, filters_hash
@@ -1050,27 +1051,7 @@ async def list_workspaces(request: web.Request) -> web.Response:
     def work(
         conn: sqlite3.Connection,
     ) -> tuple[list[WorkspaceState], list[tuple[str, str | None, int, int]]]:
-        # Every row by (workspace, status) from the covering index, and the deleted ones
-        # from their partial index: never a scan of the table (``deleted`` is in no other
-        # index). Rows come out as (workspace, status, deleted, count) as before.
-        every = conn.execute(
-            "SELECT workspace_id, status, count(*) FROM experiments GROUP BY workspace_id, status"
-        ).fetchall()
-        gone = {
-            (ws, st): n
-            for ws, st, n in conn.execute(
-                "SELECT workspace_id, status, count(*) FROM experiments WHERE deleted = 1"
-                " GROUP BY workspace_id, status"
-            )
-        }
-        counts: list[tuple[str, str | None, int, int]] = []
-        for ws, st, n in every:
-            d = gone.get((ws, st), 0)
-            if n - d:
-                counts.append((ws, st, 0, n - d))
-            if d:
-                counts.append((ws, st, 1, d))
-        return store.workspaces(), counts
+        return store.workspaces(), status_counts(conn)
 
     states, counts = await api.read(work)
     config = api.runtime.config
@@ -1082,14 +1063,12 @@ async def list_workspaces(request: web.Request) -> web.Response:
     ids = sorted(w for w in set(by_id) | configured if principal.can_see(w))
     per_status: dict[str, dict[str, int]] = {w: {} for w in ids}
     deleted: dict[str, int] = dict.fromkeys(ids, 0)
-    for ws, status, is_deleted, n in counts:
+    for ws, status, live, dead in counts:
         if ws not in per_status:
             continue
-        if is_deleted:
-            deleted[ws] += n
-        else:
-            key = "null" if status is None else status
-            per_status[ws][key] = per_status[ws].get(key, 0) + n
+        deleted[ws] += dead
+        if live:
+            per_status[ws]["null" if status is None else status] = live
     out = []
     for ws in ids:
         state = by_id.get(ws)

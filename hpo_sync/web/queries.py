@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..store import status_counts
 from .charts import HistoryRow, WindowChange
 
 #: Rows the outbox and feed pages show at most.
@@ -51,28 +52,11 @@ class LastRun:
 
 def live_counts(conn: sqlite3.Connection, scope: Sequence[str]) -> dict[str, dict[str, int]]:
     """``{workspace: {status: n}}`` of experiments not deleted upstream."""
-    where, params = _in("workspace_id", scope)
     out: dict[str, dict[str, int]] = {}
-    for ws, status, n in conn.execute(
-        "SELECT workspace_id, status, count(*) FROM experiments"
-        f" WHERE {where} GROUP BY workspace_id, status",
-        params,
-    ):
-        out.setdefault(ws, {})[status or "null"] = n
-    cwhere, cparams = _in("c.workspace_id", scope)
-    for ws, status, n in conn.execute(
-        "SELECT e.workspace_id, e.status, count(*) FROM experiments e"
-        " WHERE e.deleted = 1 AND e.experiment_id IN"
-        f" (SELECT c.experiment_id FROM changes c WHERE c.field = 'Deleted' AND {cwhere})"
-        " GROUP BY e.workspace_id, e.status",
-        cparams,
-    ):
-        per = out.get(ws)
-        key = status or "null"
-        if per is not None and key in per:
-            per[key] -= n
-            if per[key] <= 0:
-                del per[key]
+    for ws, status, live, _ in status_counts(conn, scope):
+        per = out.setdefault(ws, {})
+        if live:
+            per[status or "null"] = live
     return out
 
 
