@@ -81,6 +81,14 @@ FLOOR, API, DATASETTE = "bare aiohttp + same SQL (floor)", "hpo-sync read API", 
 # --- the mirror ---------------------------------------------------------------------------
 
 
+def add_mirror_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--db``, ``--experiments``, ``--seed``, ``--rebuild``: what :func:`mirror_file` takes."""
+    parser.add_argument("--db", help="the mirror file (built when missing)")
+    parser.add_argument("--experiments", type=int, default=100_000)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--rebuild", action="store_true", help="build the mirror again")
+
+
 def mirror_file(db: str | None, experiments: int, seed: int, *, rebuild: bool) -> Path:
     """The benchmark's mirror: ``db``, else one kept in the temp dir per size. Built when
     missing (or asked to); a file kept from an older hpo-sync is opened read-write once,
@@ -691,10 +699,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--db", help="the mirror file (built when missing)")
-    parser.add_argument("--experiments", type=int, default=100_000)
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--rebuild", action="store_true", help="build the mirror again")
+    add_mirror_arguments(parser)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--wrk-threads", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=10.0, help="per measurement")

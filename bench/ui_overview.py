@@ -29,7 +29,7 @@ from pathlib import Path
 
 import aiohttp
 from _common import hpo_sync_command, machine, print_table
-from api_vs_datasette import mirror_file
+from api_vs_datasette import add_mirror_arguments, mirror_file
 
 
 def free_port() -> int:
@@ -172,10 +172,7 @@ async def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--db", help="the mirror file (built when missing)")
-    parser.add_argument("--experiments", type=int, default=100_000)
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--rebuild", action="store_true", help="build the mirror again")
+    add_mirror_arguments(parser)
     parser.add_argument("--renders", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-datasette", action="store_true")
