@@ -550,13 +550,30 @@ async def test_a_query_over_its_time_budget_is_stopped_with_a_503(
     golden_mirror: Path, tmp_path: Path
 ) -> None:
     import shutil
+    import sqlite3
 
     db = tmp_path / "mirror.db"
     shutil.copy(golden_mirror, db)
+    # Enough rows that the tag filter's scan runs well past one budget check.
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.execute(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 100000)"
+            " INSERT INTO experiments (experiment_id, workspace_id, name, status, tags,"
+            " gmt_create_time, first_seen_at, last_seen_at, last_changed_at)"
+            " SELECT 'bulk-' || i, ?, 'bulk', 'RUNNING', '[{\"Key\":\"team\",\"Value\":\"cv\"}]',"
+            " '2025-01-01T00:00:00Z', '2025-01-01T00:00:00Z', '2025-01-01T00:00:00Z',"
+            " '2025-01-01T00:00:00Z' FROM n",
+            (WS1,),
+        )
+    conn.close()
     async with api_rig(db, query_timeout_s=1e-9) as r:
         reply = await r.get("/v1/experiments", {"count": "true", "tag": "team:nlp"})
         assert reply.status == 503 and reply.error_code == "query_timeout"
         assert (await r.get("/healthz")).status == 200
+    async with api_rig(db) as r:  # the same query within the default budget
+        reply = await r.get("/v1/experiments", {"count": "true", "tag": "team:nlp"})
+        assert reply.status == 200 and reply.body["count"]["total"] >= 0
 
 
 # --- reads never wait for a sync --------------------------------------------------------------

@@ -92,6 +92,12 @@ MAX_BODY_BYTES = 1024
 MAX_QUERY_STRING = 4096
 DEFAULT_QUERY_TIMEOUT_S = 5.0
 DEFAULT_READ_THREADS = 2
+#: How many SQLite VM instructions run between two checks of a read's time budget. Each check
+#: is a Python call, so it takes the GIL back: under load, when the event loop's thread holds
+#: it, a wait of up to the switch interval (5 ms). A page of 50 rows is ~3,000 instructions
+#: and counts by status ~40,000, so they run unchecked; a long scan is checked every few
+#: milliseconds of its work, and stopped within a few of its budget.
+BUDGET_CHECK_EVERY = 1_000_000
 LONG_POLL_INTERVAL_S = 0.5
 #: With a notifier, still look at the database this often (a missed notification).
 NOTIFIED_POLL_INTERVAL_S = 5.0
@@ -418,7 +424,7 @@ class ReadApi:
 
         try:
             with self.store.reader() as conn:
-                conn.set_progress_handler(progress, 1000)
+                conn.set_progress_handler(progress, BUDGET_CHECK_EVERY)
                 try:
                     return work(conn)
                 finally:
@@ -730,12 +736,12 @@ def _bytes_response(body: bytes, fresh: Mapping[str, Any], *, status: int = 200)
     return web.Response(body=body, status=status, headers=headers)
 
 
-def _spliced(key: str, items: Sequence[bytes], rest: Mapping[str, Any]) -> bytes:
-    """``{key: [items...], **rest}`` as JSON, where ``items`` are already JSON (made by
-    SQLite: see :func:`_experiment_json`), so they are joined, never parsed again."""
+def _spliced(key: str, items: bytes, rest: Mapping[str, Any]) -> bytes:
+    """``{key: [items], **rest}`` as JSON, where ``items`` is already JSON objects joined by
+    commas (made by SQLite: see :func:`select_experiments`), never parsed again."""
     tail = orjson.dumps(rest)  # b'{...}': its members follow the array
     sep = b"," if len(tail) > 2 else b""
-    return b"{" + orjson.dumps(key) + b":[" + b",".join(items) + b"]" + sep + tail[1:]
+    return b"{" + orjson.dumps(key) + b":[" + items + b"]" + sep + tail[1:]
 
 
 # --- SQL (runs in the read pool) -----------------------------------------------------------
@@ -805,11 +811,18 @@ def _experiment_json(include_config: bool) -> str:
 
 @dataclass(frozen=True, slots=True)
 class JsonPage:
-    """A page of experiments, each as JSON (UTF-8); ``last_key`` makes the next cursor."""
+    """A page of experiments as JSON (UTF-8): ``items`` is the objects joined by commas, the
+    inside of an array; ``last_key`` (the last row's sort key, only when there is a next
+    page) makes the next cursor."""
 
-    rows: list[bytes]
+    items: bytes
+    count: int
     last_key: PageKey | None
     has_more: bool
+
+    def rows(self) -> list[Any]:
+        """The experiments, decoded."""
+        return orjson.loads(b"[" + self.items + b"]")  # type: ignore[no-any-return]
 
 
 def select_experiments(
@@ -823,14 +836,32 @@ def select_experiments(
 ) -> JsonPage:
     """:meth:`Store.list_experiments`'s page (same WHERE, same keyset, same order:
     :func:`~hpo_sync.store.page_sql`) with only the columns the API shows, as JSON: the
-    stored ``raw`` object (the whole upstream record, config texts included) is never read."""
+    stored ``raw`` object (the whole upstream record, config texts included) is never read.
+
+    The page comes back as one row, made by one ``sqlite3_step``: the objects already
+    joined, and each row's size and sort key. Python's sqlite3 lets go of the GIL around
+    every step and must take it back after, and under load the event loop's thread holds
+    it: a step's wait for it can last up to the interpreter's switch interval (5 ms), so a
+    page fetched row by row (51 steps) spent most of its time waiting for the GIL, not in
+    SQLite (measured: bench/README.md). The aggregate reads the page's rows in the order the
+    ordered, limited subquery yields them (SQLite runs such a subquery as a co-routine and
+    does not reorder it; tests compare every sort with :meth:`Store.list_experiments`).
+    ``length()`` of a BLOB is its size in bytes, so the extra row is cut off by size.
+    """
     column, _ = sort_column(sort)
-    select = f"{_experiment_json(include_config)}, {column}, experiment_id"
-    sql, params = page_sql(select, filters, sort, limit + 1, after_key)
-    rows = conn.execute(sql, params).fetchall()
-    page = rows[:limit]
-    last_key = (page[-1][1], page[-1][2]) if page else None
-    return JsonPage([r[0] for r in page], last_key, len(rows) > limit)
+    select = f"{_experiment_json(include_config)} AS obj, {column} AS k, experiment_id AS id"
+    inner, params = page_sql(select, filters, sort, limit + 1, after_key)
+    items, meta = conn.execute(
+        "SELECT CAST(coalesce(group_concat(obj, ','), '') AS BLOB),"
+        f" json_group_array(json_array(length(obj), k, id)) FROM ({inner})",
+        params,
+    ).fetchone()
+    keys: list[list[Any]] = orjson.loads(meta)  # [bytes of the object, sort key, id] a row
+    if len(keys) <= limit:
+        return JsonPage(items, len(keys), None, False)
+    # One row more than the page: it says there is a next page, and is cut off again.
+    extra = keys[limit][0]
+    return JsonPage(items[: -extra - 1], limit, (keys[limit - 1][1], keys[limit - 1][2]), True)
 
 
 def select_experiment(
@@ -926,7 +957,7 @@ async def list_experiments(request: web.Request) -> web.Response:
         if counts is not None:
             rest["count"] = {"total": sum(counts.values()), "by_status": counts}
         fresh = rest["freshness"] = freshness(states, scope, clock())
-        return _bytes_response(_spliced("experiments", page.rows, rest), fresh)
+        return _bytes_response(_spliced("experiments", page.items, rest), fresh)
 
     return await api.read(work)
 
