@@ -385,9 +385,89 @@ def _m3_deleted_index(conn: sqlite3.Connection) -> None:
     )
 
 
+def _m4_api_json(conn: sqlite3.Connection) -> None:
+    """Version 4: ``experiments.api_json``, the experiment as the read API shows it (config
+    texts and ``raw`` left out), a stored generated column: SQLite writes it with the row,
+    so a page of the API is the rows' stored JSON joined, not 50 objects built per request
+    (~60 µs instead of ~200 µs for 50 rows of a 100,000-experiment mirror; bench/README.md).
+
+    A stored generated column cannot be added to a table, so the table is rebuilt (SQLite's
+    12-step procedure: :func:`migrate` turns foreign keys off around it, and the keys are
+    checked before the commit) and its indexes made again."""
+    shown = (
+        "experiment_id", "workspace_id", "name", "creator", "status", "job_type",
+        "accessibility", "description", "trial_count", "trial_status", "tags",
+        "gmt_create_time", "gmt_modified_time", "deleted", "first_seen_at", "last_seen_at",
+        "last_changed_at",
+    )  # fmt: skip
+    as_json = {
+        "trial_status": "json(coalesce(nullif(trial_status, ''), '{}'))",
+        "tags": "json(coalesce(nullif(tags, ''), '[]'))",
+        "deleted": "json(CASE WHEN deleted THEN 'true' ELSE 'false' END)",
+    }
+    members = ", ".join(f"'{c}', {as_json.get(c, c)}" for c in shown)
+    columns = (
+        "experiment_id, workspace_id, name, creator, status, job_type, accessibility,"
+        " description, trial_count, trial_status, tags, search_space, config_ini, config_yml,"
+        " gmt_create_time, gmt_modified_time, deleted, first_seen_at, last_seen_at,"
+        " last_changed_at, raw"
+    )
+    _run(
+        conn,
+        [
+            f"""
+            CREATE TABLE experiments_v4 (
+                experiment_id     TEXT PRIMARY KEY NOT NULL,
+                workspace_id      TEXT NOT NULL REFERENCES workspaces (workspace_id),
+                name              TEXT,
+                creator           TEXT,
+                status            TEXT,
+                job_type          TEXT,
+                accessibility     TEXT,
+                description       TEXT,
+                trial_count       INTEGER,
+                trial_status      TEXT NOT NULL DEFAULT '{{}}',
+                tags              TEXT NOT NULL DEFAULT '[]',
+                search_space      TEXT,
+                config_ini        TEXT,
+                config_yml        TEXT,
+                gmt_create_time   TEXT,
+                gmt_modified_time TEXT,
+                deleted           INTEGER NOT NULL DEFAULT 0 CHECK (deleted IN (0, 1)),
+                first_seen_at     TEXT NOT NULL,
+                last_seen_at      TEXT NOT NULL,
+                last_changed_at   TEXT NOT NULL,
+                raw               TEXT NOT NULL DEFAULT '{{}}',
+                api_json          BLOB GENERATED ALWAYS AS
+                                  (CAST(json_object({members}) AS BLOB)) STORED
+            )""",
+            f"INSERT INTO experiments_v4 ({columns}) SELECT {columns} FROM experiments",
+            "DROP TABLE experiments",
+            "ALTER TABLE experiments_v4 RENAME TO experiments",
+            "CREATE INDEX experiments_workspace_status_created"
+            " ON experiments (workspace_id, status, gmt_create_time, experiment_id)",
+            "CREATE INDEX experiments_workspace_created"
+            " ON experiments (workspace_id, gmt_create_time, experiment_id)",
+            "CREATE INDEX experiments_created ON experiments (gmt_create_time, experiment_id)",
+            "CREATE INDEX experiments_modified ON experiments (gmt_modified_time, experiment_id)",
+            "CREATE INDEX experiments_name ON experiments (name, experiment_id)",
+            "CREATE INDEX experiments_deleted ON experiments (workspace_id, status)"
+            " WHERE deleted = 1",
+        ],
+    )
+    broken = conn.execute("PRAGMA foreign_key_check").fetchall()
+    if broken:
+        raise StoreError(f"rebuilding experiments broke {len(broken)} foreign keys: {broken[:3]}")
+
+
 #: Forward migrations, in order; migration ``i`` (0-based) takes the file to version ``i + 1``.
 #: Append only. Never edit or reorder a released migration.
-MIGRATIONS: tuple[Migration, ...] = (_m1_core, _m2_alert_outbox, _m3_deleted_index)
+MIGRATIONS: tuple[Migration, ...] = (
+    _m1_core,
+    _m2_alert_outbox,
+    _m3_deleted_index,
+    _m4_api_json,
+)
 
 #: The schema version this code reads and writes.
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -434,18 +514,28 @@ def migrate(conn: sqlite3.Connection, *, where: str, target: int = SCHEMA_VERSIO
     same time waits and then finds nothing left to do.
     """
     start = check_version(conn, where)
-    while True:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            # Re-read under the write lock: another process may have migrated meanwhile.
-            version = check_version(conn, where)
-            if version >= target:
+    # A migration may rebuild a table that others reference (SQLite's 12-step procedure):
+    # foreign keys must be off for that, and can only be switched outside a transaction.
+    # Such a migration runs PRAGMA foreign_key_check itself before it commits.
+    keys_on = bool(conn.execute("PRAGMA foreign_keys").fetchone()[0])
+    if keys_on and start < target:
+        conn.execute("PRAGMA foreign_keys = OFF")
+    try:
+        while True:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                # Re-read under the write lock: another process may have migrated meanwhile.
+                version = check_version(conn, where)
+                if version >= target:
+                    conn.execute("COMMIT")
+                    return start
+                MIGRATIONS[version](conn)
+                conn.execute(f"PRAGMA user_version = {version + 1}")
                 conn.execute("COMMIT")
-                return start
-            MIGRATIONS[version](conn)
-            conn.execute(f"PRAGMA user_version = {version + 1}")
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+    finally:
+        if keys_on:
+            conn.execute("PRAGMA foreign_keys = ON")

@@ -119,7 +119,7 @@ def test_sqlite_serialises_an_experiment_as_python_did(
         )
         for include_config in (False, True):
             found = select_experiment(conn, "e1", include_config=include_config)
-            assert found is not None and found[1] == WS
+            assert found is not None and found[1] == WS and found[2][0].workspace_id == WS
             assert orjson.loads(found[0]) == _plain(row, include_config=include_config)
             page = select_experiments(
                 conn,
@@ -181,7 +181,16 @@ def test_a_page_in_one_step_is_the_stores_page(
             seen: list[str] = []
             while True:
                 want = store.list_experiments(filters, sort, limit, after)  # type: ignore[arg-type]
-                got = select_experiments(conn, filters, sort, limit, after, include_config=False)  # type: ignore[arg-type]
+                got = select_experiments(
+                    conn,
+                    filters,
+                    sort,  # type: ignore[arg-type]
+                    limit,
+                    after,
+                    include_config=False,
+                    with_states=True,
+                )
+                assert got.states == store.workspaces()  # the freshness, from the same read
                 decoded = got.rows()
                 assert [r["experiment_id"] for r in decoded] == [
                     r["experiment_id"] for r in want.rows

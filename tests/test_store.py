@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import subprocess
 import sys
@@ -456,6 +457,29 @@ def test_an_older_mirror_is_upgraded_in_place(db_path: Path) -> None:
     db = sqlite_utils.Database(db_path)
     assert db["alert_outbox"].exists()
     db.close()
+    conn = sqlite3.connect(db_path)
+    try:
+        # Version 4 rebuilt experiments: its rows, indexes and the keys to it all survive,
+        # and api_json is filled in for the rows that were there and the rows written since.
+        shown = json.loads(conn.execute("SELECT api_json FROM experiments").fetchone()[0])
+        assert shown["experiment_id"] == "old" and shown["status"] == "FAILED"
+        assert shown["deleted"] is False and shown["trial_status"] == {}
+        indexes = {r[0] for r in conn.execute("SELECT name FROM pragma_index_list('experiments')")}
+        assert {"experiments_workspace_status_created", "experiments_deleted"} <= indexes
+        assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
+        assert (
+            conn.execute("SELECT count(*) FROM changes WHERE experiment_id = 'old'").fetchone()[0]
+            == 2
+        )
+        conn.execute("PRAGMA foreign_keys = ON")
+        with pytest.raises(sqlite3.IntegrityError):  # the key from changes still holds
+            conn.execute(
+                "INSERT INTO changes (experiment_id, workspace_id, field, observed_at)"
+                " VALUES ('nobody', 'ws1', 'Status', ?)",
+                (T0,),
+            )
+    finally:
+        conn.close()
 
 
 def test_readonly_refuses_an_old_mirror(db_path: Path) -> None:

@@ -54,7 +54,8 @@ def test_every_table_column_and_index_is_documented(mirror: Store) -> None:
         for table in tables:
             assert f"## `{table}`" in doc, table
             section = doc.split(f"## `{table}`", 1)[1].split("\n## ", 1)[0]
-            for (column,) in conn.execute(f"SELECT name FROM pragma_table_info('{table}')"):
+            # table_xinfo: generated columns (experiments.api_json) too
+            for (column,) in conn.execute(f"SELECT name FROM pragma_table_xinfo('{table}')"):
                 assert f"| `{column}` |" in section, f"{table}.{column}"
         for (index,) in conn.execute(
             "SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"

@@ -32,17 +32,18 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from ..config import Config
 from ..errors import StoreError
 from ..normalise import parse_time
-from ..schema import EXPERIMENT_COLUMNS
 
 # The store's query builders, so that the API's pages and counts select exactly what
 # Store.list_experiments would, with only the columns the API shows.
 from ..store import (
+    WORKSPACE_STATES_SQL,
     ExperimentFilter,
     PageKey,
     SortOrder,
     Store,
     WorkspaceState,
     count_by_status_sql,
+    decode_workspace_states,
     page_sql,
     sort_column,
     status_counts,
@@ -118,9 +119,8 @@ ROUTE_POLICIES: Mapping[str, str] = {
     "/v1/sync": ADMIN,
 }
 
+#: The config texts: in an experiment's JSON only when asked for (``include_config``).
 _CONFIG_FIELDS = ("search_space", "config_ini", "config_yml")
-# Every column but the config texts (asked for separately) and ``raw`` (too big to serve).
-_EXPERIMENT_FIELDS = tuple(c for c in EXPERIMENT_COLUMNS if c not in (*_CONFIG_FIELDS, "raw"))
 
 
 # --- what the API needs from its host --------------------------------------------------------
@@ -407,11 +407,12 @@ class ReadApi:
     def store(self) -> Store:
         return self.runtime.store
 
-    async def read(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``work(conn)`` in the read pool, in one snapshot, under the time budget."""
-        return await self.pool.run(functools.partial(self._run, work))
+    async def read(self, work: Callable[[sqlite3.Connection], T], *, snapshot: bool = True) -> T:
+        """Run ``work(conn)`` in the read pool, in one snapshot, under the time budget.
+        ``snapshot=False``: work that reads with one statement (see :meth:`Store.reader`)."""
+        return await self.pool.run(functools.partial(self._run, work, snapshot))
 
-    def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+    def _run(self, work: Callable[[sqlite3.Connection], T], snapshot: bool) -> T:
         fired = False
         deadline = time.monotonic() + self.query_timeout_s
 
@@ -423,7 +424,7 @@ class ReadApi:
             return 0
 
         try:
-            with self.store.reader() as conn:
+            with self.store.reader(snapshot=snapshot) as conn:
                 conn.set_progress_handler(progress, BUDGET_CHECK_EVERY)
                 try:
                     return work(conn)
@@ -779,32 +780,23 @@ def select_changes(
     return conn.execute(sql, params).fetchall()
 
 
-# How the API shows a column, as a SQL expression giving a JSON value: the JSON columns
-# decoded (empty: {} and []), ``deleted`` as a boolean, the rest as they are stored.
-_JSON_VALUES = {
-    "trial_status": "json(coalesce(nullif(trial_status, ''), '{}'))",
-    "tags": "json(coalesce(nullif(tags, ''), '[]'))",
-    "deleted": "json(CASE WHEN deleted THEN 'true' ELSE 'false' END)",
-}
-
-
-def _json_object(columns: Sequence[str]) -> str:
-    members = (f"'{c}', {_JSON_VALUES.get(c, c)}" for c in columns)
-    # As a BLOB: the UTF-8 bytes as SQLite wrote them, never decoded into a str.
-    return f"CAST(json_object({', '.join(members)}) AS BLOB)"
-
-
+# How the API shows an experiment, as an SQL expression of one JSON object (UTF-8): the
+# ``api_json`` column (schema v4), which SQLite writes with the row — every column but the
+# config texts and ``raw``, the JSON columns decoded, ``deleted`` a boolean — and, when the
+# config texts are asked for, that object with them appended as three more members.
 _EXPERIMENT_JSON = {
-    False: _json_object(_EXPERIMENT_FIELDS),
-    True: _json_object(_EXPERIMENT_FIELDS + _CONFIG_FIELDS),
+    False: "api_json",
+    True: "CAST(substr(api_json, 1, length(api_json) - 1)"
+    + "".join(f" || ',\"{c}\":' || json_quote({c})" for c in _CONFIG_FIELDS)
+    + " || '}' AS BLOB)",
 }
 
 
 def _experiment_json(include_config: bool) -> str:
     """The SQL expression of an experiment as the API shows it, one JSON object (UTF-8).
 
-    SQLite writes it while the statement runs, with the GIL released, so a page costs the
-    event loop one join, not a decode of its JSON columns and an encode of every field.
+    SQLite wrote it with the row (or appends the config texts while the statement runs, with
+    the GIL released): a page costs no decode of JSON columns and no encode of any field.
     """
     return _EXPERIMENT_JSON[include_config]
 
@@ -819,6 +811,8 @@ class JsonPage:
     count: int
     last_key: PageKey | None
     has_more: bool
+    #: Every workspace's sync state, read by the same statement (``with_states``).
+    states: list[WorkspaceState] | None = None
 
     def rows(self) -> list[Any]:
         """The experiments, decoded."""
@@ -833,6 +827,7 @@ def select_experiments(
     after_key: PageKey | None,
     *,
     include_config: bool,
+    with_states: bool = False,
 ) -> JsonPage:
     """:meth:`Store.list_experiments`'s page (same WHERE, same keyset, same order:
     :func:`~hpo_sync.store.page_sql`) with only the columns the API shows, as JSON: the
@@ -847,33 +842,39 @@ def select_experiments(
     ordered, limited subquery yields them (SQLite runs such a subquery as a co-routine and
     does not reorder it; tests compare every sort with :meth:`Store.list_experiments`).
     ``length()`` of a BLOB is its size in bytes, so the extra row is cut off by size.
+    ``with_states`` adds every workspace's sync state (``page.states``), from the same
+    statement: the freshness of a page in the page's own snapshot, with no transaction.
     """
     column, _ = sort_column(sort)
     select = f"{_experiment_json(include_config)} AS obj, {column} AS k, experiment_id AS id"
     inner, params = page_sql(select, filters, sort, limit + 1, after_key)
-    items, meta = conn.execute(
+    states_sql = f", {WORKSPACE_STATES_SQL}" if with_states else ""
+    items, meta, *more = conn.execute(
         "SELECT CAST(coalesce(group_concat(obj, ','), '') AS BLOB),"
-        f" json_group_array(json_array(length(obj), k, id)) FROM ({inner})",
+        f" json_group_array(json_array(length(obj), k, id)){states_sql} FROM ({inner})",
         params,
     ).fetchone()
+    states = decode_workspace_states(more[0]) if with_states else None
     keys: list[list[Any]] = orjson.loads(meta)  # [bytes of the object, sort key, id] a row
     if len(keys) <= limit:
-        return JsonPage(items, len(keys), None, False)
+        return JsonPage(items, len(keys), None, False, states)
     # One row more than the page: it says there is a next page, and is cut off again.
     extra = keys[limit][0]
-    return JsonPage(items[: -extra - 1], limit, (keys[limit - 1][1], keys[limit - 1][2]), True)
+    last_key = (keys[limit - 1][1], keys[limit - 1][2])
+    return JsonPage(items[: -extra - 1], limit, last_key, True, states)
 
 
 def select_experiment(
     conn: sqlite3.Connection, experiment_id: str, *, include_config: bool
-) -> tuple[bytes, str] | None:
-    """``(the experiment as JSON, its workspace)``, or None."""
+) -> tuple[bytes, str, list[WorkspaceState]] | None:
+    """``(the experiment as JSON, its workspace, every workspace's sync state)`` from one
+    statement (one snapshot, no transaction: see :func:`select_experiments`), or None."""
     row = conn.execute(
-        f"SELECT {_experiment_json(include_config)}, workspace_id FROM experiments"
-        " WHERE experiment_id = ?",
+        f"SELECT {_experiment_json(include_config)}, workspace_id, {WORKSPACE_STATES_SQL}"
+        " FROM experiments WHERE experiment_id = ?",
         (experiment_id,),
     ).fetchone()
-    return (row[0], row[1]) if row is not None else None
+    return (row[0], row[1], decode_workspace_states(row[2])) if row is not None else None
 
 
 def count_by_status(conn: sqlite3.Connection, f: ExperimentFilter) -> dict[str, int]:
@@ -939,27 +940,33 @@ async def list_experiments(request: web.Request) -> web.Response:
     scope = principal.scope(q["workspace"])
     lr = ListRequest.of(q, scope)
     filters, sort, limit, fhash, after_key = lr.filters, lr.sort, lr.limit, lr.fhash, lr.after_key
-    store = api.store
     clock = api.runtime.clock
 
     # The response is made in the read pool too: under load the event loop's thread is the
     # bottleneck, and the cursor, the freshness and the body are CPU work it need not do.
     def work(conn: sqlite3.Connection) -> web.Response:
         page = select_experiments(
-            conn, filters, sort, limit, after_key, include_config=q["include_config"]
+            conn,
+            filters,
+            sort,
+            limit,
+            after_key,
+            include_config=q["include_config"],
+            with_states=True,
         )
         counts = count_by_status(conn, filters) if q["count"] else None
-        states = store.workspaces()
+        assert page.states is not None
         next_cursor = None
         if page.has_more and page.last_key is not None:
             next_cursor = Cursor(sort, fhash, (page.last_key[0], page.last_key[1])).encode()
         rest: dict[str, Any] = {"next_cursor": next_cursor, "has_more": page.has_more}
         if counts is not None:
             rest["count"] = {"total": sum(counts.values()), "by_status": counts}
-        fresh = rest["freshness"] = freshness(states, scope, clock())
+        fresh = rest["freshness"] = freshness(page.states, scope, clock())
         return _bytes_response(_spliced("experiments", page.items, rest), fresh)
 
-    return await api.read(work)
+    # One statement, unless the counts are asked for: then a snapshot holds the two.
+    return await api.read(work, snapshot=q["count"])
 
 
 def _experiment_id(request: web.Request) -> str:
@@ -981,20 +988,18 @@ async def get_experiment(request: web.Request) -> web.Response:
     principal = request[PRINCIPAL]
     q = parse_params(EXPERIMENT_PARAMS, request.query)
     exp_id = _experiment_id(request)
-    store = api.store
-
     clock = api.runtime.clock
 
     def work(conn: sqlite3.Connection) -> web.Response:  # in the pool: see list_experiments
         found = select_experiment(conn, exp_id, include_config=q["include_config"])
         if found is None or not principal.can_see(found[1]):
             raise _not_found(exp_id, principal)
-        experiment, ws = found
-        fresh = freshness(store.workspaces(), [ws], clock())
+        experiment, ws, states = found
+        fresh = freshness(states, [ws], clock())
         body = b'{"experiment":' + experiment + b',"freshness":' + orjson.dumps(fresh) + b"}"
         return _bytes_response(body, fresh)
 
-    return await api.read(work)
+    return await api.read(work, snapshot=False)  # one statement
 
 
 async def get_experiment_changes(request: web.Request) -> web.Response:

@@ -610,7 +610,6 @@ async def experiment(request: web.Request) -> web.StreamResponse:
     if request.query:
         parse_params((), request.query)
     exp_id = request.match_info["id"]
-    store = api.store
 
     def work(
         conn: sqlite3.Connection,
@@ -619,7 +618,7 @@ async def experiment(request: web.Request) -> web.StreamResponse:
         if found is None or not principal.can_see(found[1]):
             return None, [], []
         row: dict[str, Any] = json.loads(found[0])  # the API's own JSON of the experiment
-        return row, queries.experiment_history(conn, exp_id), store.workspaces()
+        return row, queries.experiment_history(conn, exp_id), found[2]
 
     row, history, states = await api.read(work)
     if row is None:
