@@ -16,7 +16,9 @@ holding one bearer token (so every request is authenticated) and its Prometheus 
 The floor is what serving the same rows over aiohttp costs at the least: a handler that runs
 the same SQL in a thread pool over per-thread read-only connections and dumps the same JSON
 fields (``trial_status`` and ``tags`` decoded) with orjson — no auth, cursor, freshness or
-metrics. Datasette runs with as many SQL threads as the floor's pool (``--threads``).
+metrics; and the same handler with the SQL on the event loop's own thread (no pool, so no
+GIL hand-offs, but nothing else can run while a query does). Datasette runs with as many
+SQL threads as the floor's pool (``--threads``).
 
 The load generator is ``wrk`` (a separate process, ``--wrk-threads`` threads,
 ``--connections`` connections, ``--seconds`` per measurement after ``--warmup-s`` unmeasured
@@ -76,6 +78,7 @@ LIST_SQL = (
 )
 GET_SQL = f"SELECT {COLUMNS} FROM experiments WHERE experiment_id = :id"
 FLOOR, API, DATASETTE = "bare aiohttp + same SQL (floor)", "hpo-sync read API", "Datasette"
+FLOOR_INLINE = "floor, SQL on the loop's thread"
 
 
 # --- the mirror ---------------------------------------------------------------------------
@@ -203,12 +206,13 @@ def run_sweep_writer(db: Path, experiments: int, seed: int, batch: int) -> None:
 
 def run_floor_server(db: Path, port: int, threads: int) -> None:
     """The least that serving these rows over aiohttp costs (runs in its own process): the
-    same SQL, the same JSON fields, nothing else."""
+    same SQL, the same JSON fields, nothing else. ``threads`` 0: the SQL runs on the event
+    loop's own thread (no GIL hand-offs; a slow query would stall every other request)."""
     import orjson
     from aiohttp import web
 
     local = threading.local()
-    pool = ThreadPoolExecutor(threads)
+    pool = ThreadPoolExecutor(threads) if threads else None
 
     def query(sql: str, params: dict[str, str]) -> bytes:
         conn = getattr(local, "conn", None)
@@ -225,14 +229,19 @@ def run_floor_server(db: Path, port: int, threads: int) -> None:
             rows.append(row)
         return orjson.dumps(rows)
 
+    async def run_query(sql: str, params: dict[str, str]) -> bytes:
+        if pool is None:
+            return query(sql, params)
+        return await asyncio.get_running_loop().run_in_executor(pool, query, sql, params)
+
     async def list_handler(request: web.Request) -> web.Response:
         params = {"ws": request.query["workspace"], "st": request.query["status"]}
-        body = await asyncio.get_running_loop().run_in_executor(pool, query, LIST_SQL, params)
+        body = await run_query(LIST_SQL, params)
         return web.Response(body=body, content_type="application/json")
 
     async def get_handler(request: web.Request) -> web.Response:
         params = {"id": request.match_info["id"]}
-        body = await asyncio.get_running_loop().run_in_executor(pool, query, GET_SQL, params)
+        body = await run_query(GET_SQL, params)
         return web.Response(body=body, content_type="application/json")
 
     app = web.Application()
@@ -288,9 +297,10 @@ def servers(db: Path, workdir: Path, args: argparse.Namespace) -> list[Server]:
     here = Path(__file__).resolve()
     token = secrets.token_urlsafe(32)
     config = api_config(workdir, db)
-    out = [
-        Server(
-            FLOOR,
+
+    def floor(name: str, threads: int) -> Server:
+        return Server(
+            name,
             lambda port: [
                 sys.executable,
                 str(here),
@@ -300,14 +310,18 @@ def servers(db: Path, workdir: Path, args: argparse.Namespace) -> list[Server]:
                 "--port",
                 str(port),
                 "--threads",
-                str(args.threads),
+                str(threads),
             ],
             lambda ws: f"/list?workspace={ws}&status={LIST_STATUS}",
             lambda exp_id: f"/get/{exp_id}",
             lambda body: [r["experiment_id"] for r in body],
             {},
             {},
-        ),
+        )
+
+    out = [
+        floor(FLOOR, args.threads),
+        floor(FLOOR_INLINE, 0),
         Server(
             API,
             lambda port: [
@@ -660,16 +674,21 @@ def run(args: argparse.Namespace) -> int:
             f"{ds['get'].p99_ms:.1f} ms)"
         )
     if api:
+        inline = results[FLOOR_INLINE]
         print(
             f"read API ÷ floor: list {api['list'].rps / floor['list'].rps:.2f}, "
-            f"get {api['get'].rps / floor['get'].rps:.2f}"
+            f"get {api['get'].rps / floor['get'].rps:.2f}; ÷ the floor with SQL on the loop: "
+            f"list {api['list'].rps / inline['list'].rps:.2f}, "
+            f"get {api['get'].rps / inline['get'].rps:.2f}"
         )
+        # "Within 2×" of the faster of the two floors.
+        best = max(floor["list"].rps, inline["list"].rps)
         checks = [
             ("list p99 ≤ 20 ms", api["list"].p99_ms <= 20, f"{api['list'].p99_ms:.1f} ms"),
             (
-                "list within 2× of the floor",
-                api["list"].rps * 2 >= floor["list"].rps,
-                f"{api['list'].rps / floor['list'].rps:.2f}×",
+                "list within 2× of the faster floor",
+                api["list"].rps * 2 >= best,
+                f"{api['list'].rps / best:.2f}×",
             ),
         ]
         if ds:
