@@ -467,6 +467,8 @@ def test_an_older_mirror_is_upgraded_in_place(db_path: Path) -> None:
         indexes = {r[0] for r in conn.execute("SELECT name FROM pragma_index_list('experiments')")}
         assert {"experiments_workspace_status_created", "experiments_deleted"} <= indexes
         assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
+        # the old table's pages were given back (VACUUM after the rebuild)
+        assert conn.execute("PRAGMA freelist_count").fetchone()[0] == 0
         assert (
             conn.execute("SELECT count(*) FROM changes WHERE experiment_id = 'old'").fetchone()[0]
             == 2
@@ -791,6 +793,8 @@ def test_kill_9_during_applies_leaves_a_consistent_mirror(db_path: Path) -> None
         with store.reader() as conn:
             assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
             assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
+        # the old table's pages were given back (VACUUM after the rebuild)
+        assert conn.execute("PRAGMA freelist_count").fetchone()[0] == 0
         rows = list(store.iter_export())
         assert rows
         state = replay(store.history())
