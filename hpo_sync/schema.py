@@ -439,8 +439,7 @@ def _m4_api_json(conn: sqlite3.Connection) -> None:
                 last_seen_at      TEXT NOT NULL,
                 last_changed_at   TEXT NOT NULL,
                 raw               TEXT NOT NULL DEFAULT '{{}}',
-                api_json          BLOB GENERATED ALWAYS AS
-                                  (CAST(json_object({members}) AS BLOB)) STORED
+                api_json          TEXT GENERATED ALWAYS AS (json_object({members})) STORED
             )""",
             f"INSERT INTO experiments_v4 ({columns}) SELECT {columns} FROM experiments",
             "DROP TABLE experiments",

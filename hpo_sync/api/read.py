@@ -784,8 +784,10 @@ def select_changes(
 # ``api_json`` column (schema v4), which SQLite writes with the row — every column but the
 # config texts and ``raw``, the JSON columns decoded, ``deleted`` a boolean — and, when the
 # config texts are asked for, that object with them appended as three more members.
+#: As a BLOB: the UTF-8 bytes as SQLite stored them, never decoded into a str (and
+#: ``length()`` of a BLOB is its size in bytes, which cuts a page's extra row).
 _EXPERIMENT_JSON = {
-    False: "api_json",
+    False: "CAST(api_json AS BLOB)",
     True: "CAST(substr(api_json, 1, length(api_json) - 1)"
     + "".join(f" || ',\"{c}\":' || json_quote({c})" for c in _CONFIG_FIELDS)
     + " || '}' AS BLOB)",
