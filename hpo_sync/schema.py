@@ -250,24 +250,9 @@ def _run(conn: sqlite3.Connection, statements: list[str]) -> None:
         conn.execute(sql)
 
 
-def _m1_core(conn: sqlite3.Connection) -> None:
-    """Version 1: workspaces, experiments, changes, sync_runs."""
-    _run(
-        conn,
-        [
-            """
-            CREATE TABLE workspaces (
-                workspace_id     TEXT PRIMARY KEY NOT NULL,
-                label            TEXT,
-                baseline_at      TEXT,
-                last_full_ok_at  TEXT,
-                last_hot_ok_at   TEXT,
-                last_error       TEXT,
-                last_error_at    TEXT,
-                create_watermark TEXT
-            )""",
-            """
-            CREATE TABLE experiments (
+#: The columns of ``experiments`` as version 1 made them. Frozen, like the migrations: version
+#: 4 makes the table again with these and ``api_json``.
+_EXPERIMENTS_V1_COLUMNS = """
                 experiment_id     TEXT PRIMARY KEY NOT NULL,
                 workspace_id      TEXT NOT NULL REFERENCES workspaces (workspace_id),
                 name              TEXT,
@@ -288,7 +273,27 @@ def _m1_core(conn: sqlite3.Connection) -> None:
                 first_seen_at     TEXT NOT NULL,
                 last_seen_at      TEXT NOT NULL,
                 last_changed_at   TEXT NOT NULL,
-                raw               TEXT NOT NULL DEFAULT '{}'
+                raw               TEXT NOT NULL DEFAULT '{}'"""
+
+
+def _m1_core(conn: sqlite3.Connection) -> None:
+    """Version 1: workspaces, experiments, changes, sync_runs."""
+    _run(
+        conn,
+        [
+            """
+            CREATE TABLE workspaces (
+                workspace_id     TEXT PRIMARY KEY NOT NULL,
+                label            TEXT,
+                baseline_at      TEXT,
+                last_full_ok_at  TEXT,
+                last_hot_ok_at   TEXT,
+                last_error       TEXT,
+                last_error_at    TEXT,
+                create_watermark TEXT
+            )""",
+            f"""
+            CREATE TABLE experiments ({_EXPERIMENTS_V1_COLUMNS}
             )""",
             # experiment_id is appended to every sort index: it is the keyset tie-breaker,
             # and a rowid table's indexes do not carry the (text) primary key implicitly.
@@ -417,28 +422,7 @@ def _m4_api_json(conn: sqlite3.Connection) -> None:
         conn,
         [
             f"""
-            CREATE TABLE experiments_v4 (
-                experiment_id     TEXT PRIMARY KEY NOT NULL,
-                workspace_id      TEXT NOT NULL REFERENCES workspaces (workspace_id),
-                name              TEXT,
-                creator           TEXT,
-                status            TEXT,
-                job_type          TEXT,
-                accessibility     TEXT,
-                description       TEXT,
-                trial_count       INTEGER,
-                trial_status      TEXT NOT NULL DEFAULT '{{}}',
-                tags              TEXT NOT NULL DEFAULT '[]',
-                search_space      TEXT,
-                config_ini        TEXT,
-                config_yml        TEXT,
-                gmt_create_time   TEXT,
-                gmt_modified_time TEXT,
-                deleted           INTEGER NOT NULL DEFAULT 0 CHECK (deleted IN (0, 1)),
-                first_seen_at     TEXT NOT NULL,
-                last_seen_at      TEXT NOT NULL,
-                last_changed_at   TEXT NOT NULL,
-                raw               TEXT NOT NULL DEFAULT '{{}}',
+            CREATE TABLE experiments_v4 ({_EXPERIMENTS_V1_COLUMNS},
                 api_json          TEXT GENERATED ALWAYS AS (json_object({members})) STORED
             )""",
             f"INSERT INTO experiments_v4 ({columns}) SELECT {columns} FROM experiments",
