@@ -399,7 +399,7 @@ def _m4_api_json(conn: sqlite3.Connection) -> None:
 
     A stored generated column cannot be added to a table, so the table is rebuilt (SQLite's
     12-step procedure: :func:`migrate` turns foreign keys off around it, and the keys are
-    checked before the commit) and its indexes made again."""
+    checked before the commit) and its indexes made again from their stored SQL."""
     shown = (
         "experiment_id", "workspace_id", "name", "creator", "status", "job_type",
         "accessibility", "description", "trial_count", "trial_status", "tags",
@@ -418,6 +418,13 @@ def _m4_api_json(conn: sqlite3.Connection) -> None:
         " gmt_create_time, gmt_modified_time, deleted, first_seen_at, last_seen_at,"
         " last_changed_at, raw"
     )
+    indexes = [
+        sql
+        for (sql,) in conn.execute(
+            "SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'experiments'"
+            " AND sql IS NOT NULL ORDER BY name"
+        )
+    ]
     _run(
         conn,
         [
@@ -428,15 +435,8 @@ def _m4_api_json(conn: sqlite3.Connection) -> None:
             f"INSERT INTO experiments_v4 ({columns}) SELECT {columns} FROM experiments",
             "DROP TABLE experiments",
             "ALTER TABLE experiments_v4 RENAME TO experiments",
-            "CREATE INDEX experiments_workspace_status_created"
-            " ON experiments (workspace_id, status, gmt_create_time, experiment_id)",
-            "CREATE INDEX experiments_workspace_created"
-            " ON experiments (workspace_id, gmt_create_time, experiment_id)",
-            "CREATE INDEX experiments_created ON experiments (gmt_create_time, experiment_id)",
-            "CREATE INDEX experiments_modified ON experiments (gmt_modified_time, experiment_id)",
-            "CREATE INDEX experiments_name ON experiments (name, experiment_id)",
-            "CREATE INDEX experiments_deleted ON experiments (workspace_id, status)"
-            " WHERE deleted = 1",
+            # The indexes the table had (versions 1 and 3 made them), as they were.
+            *indexes,
         ],
     )
     broken = conn.execute("PRAGMA foreign_key_check").fetchall()
