@@ -623,14 +623,24 @@ class _Batches:
         self._rows = FULL_BATCH_ROWS if rows is None else rows
         self._age_s = FULL_BATCH_AGE_S if age_s is None else age_s
         self._buffer: list[Experiment] = []
+        self._contents: list[tuple[Any, ...]] = []  # each buffered row's stored form
         self._applying: asyncio.Task[list[Experiment]] | None = None
         self._lock = asyncio.Lock()
         self._timer: asyncio.TimerHandle | None = None
         self._failed = False
 
     async def add(self, raws: Iterable[Mapping[str, Any]]) -> None:
-        """Buffer one page; apply a batch when it is full (waiting for the previous one)."""
-        self._buffer.extend(self._engine._normalise(self._result, raws))
+        """Buffer one page; apply a batch when it is full (waiting for the previous one).
+
+        The rows' stored form is computed here, on the event loop's thread, which mostly
+        waits for pages, rather than by the writer thread, the busier one in a full sweep;
+        and a page at a time: for a whole batch at once (2,000 rows, ~40 ms) the loop would
+        stop answering the read API meanwhile. The buffer then holds a row's stored form
+        beside its experiment, ~1.5 KB more a buffered row (~3 MB for a batch)."""
+        page = self._engine._normalise(self._result, raws)
+        ws = self._result.workspace_id
+        self._buffer.extend(page)
+        self._contents.extend(experiment_values(e, ws) for e in page)
         if len(self._buffer) >= self._rows:
             async with self._lock:
                 if len(self._buffer) >= self._rows:  # another page may have taken it
@@ -648,7 +658,7 @@ class _Batches:
             if apply_rest and self._buffer and not self._failed:
                 self._start()
                 await self._wait()
-            self._buffer = []
+            self._buffer, self._contents = [], []
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -669,11 +679,7 @@ class _Batches:
         """Hand the buffer to the store (the caller made sure no batch is being applied)."""
         self._cancel_timer()
         batch, self._buffer = self._buffer, []
-        # The rows' stored form is computed here, on the event loop thread, which mostly
-        # waits for pages, rather than by the writer thread, the busier one in a full sweep.
-        # Not as pages arrive: the buffer would hold each row twice while it fills.
-        ws = self._result.workspace_id
-        contents = [experiment_values(e, ws) for e in batch]
+        contents, self._contents = self._contents, []
         self._applying = asyncio.create_task(
             self._engine._apply_normalised(self._result, batch, seen=self._seen, contents=contents)
         )
