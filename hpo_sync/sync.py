@@ -639,8 +639,9 @@ class _Batches:
         beside its experiment, ~1.5 KB more a buffered row (~3 MB for a batch)."""
         page = self._engine._normalise(self._result, raws)
         ws = self._result.workspace_id
+        contents = [experiment_values(e, ws) for e in page]  # before either list grows
         self._buffer.extend(page)
-        self._contents.extend(experiment_values(e, ws) for e in page)
+        self._contents.extend(contents)
         if len(self._buffer) >= self._rows:
             async with self._lock:
                 if len(self._buffer) >= self._rows:  # another page may have taken it
