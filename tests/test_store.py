@@ -793,8 +793,6 @@ def test_kill_9_during_applies_leaves_a_consistent_mirror(db_path: Path) -> None
         with store.reader() as conn:
             assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
             assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
-        # the old table's pages were given back (VACUUM after the rebuild)
-        assert conn.execute("PRAGMA freelist_count").fetchone()[0] == 0
         rows = list(store.iter_export())
         assert rows
         state = replay(store.history())
