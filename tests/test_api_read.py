@@ -574,7 +574,8 @@ async def test_a_query_over_its_time_budget_is_stopped_with_a_503(
     conn = sqlite3.connect(db)
     nlp = conn.execute(
         "SELECT count(*) FROM experiments WHERE deleted = 0 AND EXISTS (SELECT 1 FROM"
-        " json_each(tags) t WHERE t.value ->> '$.Key' = 'team' AND t.value ->> '$.Value' = 'nlp')"
+        " json_each(tags) t WHERE json_extract(t.value, '$.Key') = 'team'"
+        " AND json_extract(t.value, '$.Value') = 'nlp')"
     ).fetchone()[0]
     conn.close()
     assert nlp > 0
