@@ -412,11 +412,9 @@ def _m4_api_json(conn: sqlite3.Connection) -> None:
         "deleted": "json(CASE WHEN deleted THEN 'true' ELSE 'false' END)",
     }
     members = ", ".join(f"'{c}', {as_json.get(c, c)}" for c in shown)
-    columns = (
-        "experiment_id, workspace_id, name, creator, status, job_type, accessibility,"
-        " description, trial_count, trial_status, tags, search_space, config_ini, config_yml,"
-        " gmt_create_time, gmt_modified_time, deleted, first_seen_at, last_seen_at,"
-        " last_changed_at, raw"
+    # Every column the table has (version 1's), copied across by name.
+    columns = ", ".join(
+        name for (name,) in conn.execute("SELECT name FROM pragma_table_info('experiments')")
     )
     indexes = [
         sql
@@ -499,7 +497,9 @@ def migrate(conn: sqlite3.Connection, *, where: str, target: int = SCHEMA_VERSIO
     ``conn`` must be in autocommit mode (``isolation_level=None``). Each migration runs in its
     own ``BEGIN IMMEDIATE`` transaction together with the ``user_version`` bump, so a crash
     leaves the file at a well-defined version, and a second process opening the file at the
-    same time waits and then finds nothing left to do.
+    same time waits and then finds nothing left to do. Foreign keys are off while migrations
+    run (a migration may rebuild a referenced table), and the file is vacuumed once after an
+    upgrade that copied a table (:data:`_REBUILDS`).
     """
     start = check_version(conn, where)
     # A migration may rebuild a table that others reference (SQLite's 12-step procedure):

@@ -573,7 +573,8 @@ class Store:
 
     @contextmanager
     def reader(self, *, snapshot: bool = True) -> Iterator[sqlite3.Connection]:
-        """A read-only connection of the calling thread, inside one read transaction.
+        """A read-only connection of the calling thread, inside one read transaction (unless
+        ``snapshot=False``).
 
         Everything read within one ``with`` block sees one consistent snapshot, even while a
         sync writes. Re-entrant within a thread. Rows are :class:`sqlite3.Row`.

@@ -780,12 +780,12 @@ def select_changes(
     return conn.execute(sql, params).fetchall()
 
 
-# How the API shows an experiment, as an SQL expression of one JSON object (UTF-8): the
-# ``api_json`` column (schema v4), which SQLite writes with the row — every column but the
-# config texts and ``raw``, the JSON columns decoded, ``deleted`` a boolean — and, when the
-# config texts are asked for, that object with them appended as three more members.
-#: As a BLOB: the UTF-8 bytes as SQLite stored them, never decoded into a str (and
-#: ``length()`` of a BLOB is its size in bytes, which cuts a page's extra row).
+# How the API shows an experiment, as an SQL expression of one JSON object: the ``api_json``
+# column (schema v4), which SQLite writes with the row — every column but the config texts
+# and ``raw``, the JSON columns decoded, ``deleted`` a boolean — and, when the config texts
+# are asked for, that object with them appended as three more members. As a BLOB: the UTF-8
+# bytes as SQLite stored them, never decoded into a str (and ``length()`` of a BLOB is its
+# size in bytes, which cuts a page's extra row).
 _EXPERIMENT_JSON = {
     False: "CAST(api_json AS BLOB)",
     True: "CAST(substr(api_json, 1, length(api_json) - 1)"
@@ -810,7 +810,6 @@ class JsonPage:
     page) makes the next cursor."""
 
     items: bytes
-    count: int
     last_key: PageKey | None
     has_more: bool
     #: Every workspace's sync state, read by the same statement (``with_states``).
@@ -859,11 +858,11 @@ def select_experiments(
     states = decode_workspace_states(more[0]) if with_states else None
     keys: list[list[Any]] = orjson.loads(meta)  # [bytes of the object, sort key, id] a row
     if len(keys) <= limit:
-        return JsonPage(items, len(keys), None, False, states)
+        return JsonPage(items, None, False, states)
     # One row more than the page: it says there is a next page, and is cut off again.
     extra = keys[limit][0]
     last_key = (keys[limit - 1][1], keys[limit - 1][2])
-    return JsonPage(items[: -extra - 1], limit, last_key, True, states)
+    return JsonPage(items[: -extra - 1], last_key, True, states)
 
 
 def select_experiment(
