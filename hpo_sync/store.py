@@ -1028,13 +1028,17 @@ class Store:
     ) -> dict[str, dict[str, Any]]:
         """Like :meth:`active_experiments`, but only the rows whose status is not terminal
         (what a hot sweep plans by: a few percent of a large workspace)."""
-        marks = _marks(len(terminal_statuses)) if terminal_statuses else "NULL"
+        # (No terminal statuses: every row. "NOT IN (NULL)" would be NULL, i.e. none.)
+        not_terminal = (
+            f" AND (status IS NULL OR status NOT IN ({_marks(len(terminal_statuses))}))"
+            if terminal_statuses
+            else ""
+        )
         with self.reader() as conn:
             rows = conn.execute(
                 "SELECT experiment_id, name, status, trial_status, gmt_create_time,"
                 " gmt_modified_time, last_seen_at FROM experiments"
-                " WHERE workspace_id = ? AND deleted = 0"
-                f" AND (status IS NULL OR status NOT IN ({marks}))",
+                f" WHERE workspace_id = ? AND deleted = 0{not_terminal}",
                 (workspace_id, *terminal_statuses),
             ).fetchall()
         return {r["experiment_id"]: decode_experiment_row(dict(r)) for r in rows}

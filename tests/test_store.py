@@ -823,3 +823,21 @@ def test_write_commits_the_block_or_rolls_it_back_and_refuses_a_read_only_mirror
         ro.write("re-queue dead alerts"),
     ):
         pass
+
+
+def test_non_terminal_experiments_with_no_terminal_status_is_every_live_row(
+    store: Store,
+) -> None:
+    apply(
+        store,
+        [exp("a", Status="RUNNING"), exp("b", Status="FAILED"), exp("c", Status=None)],
+        T1,
+        complete=True,
+    )
+    apply(store, [exp("a", Status="RUNNING"), exp("c", Status=None)], T2, complete=True)
+    terminal = ("FINISHED", "FAILED")
+    assert set(store.non_terminal_experiments("ws1", terminal)) == {"a", "c"}
+    # `terminal_statuses = []` in the config: every status is polled, the deleted "b" not.
+    assert set(store.non_terminal_experiments("ws1", ())) == {"a", "c"}
+    apply(store, [exp("b", Status="FAILED"), exp("a"), exp("c", Status=None)], T3)
+    assert set(store.non_terminal_experiments("ws1", ())) == {"a", "b", "c"}
