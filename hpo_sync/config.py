@@ -131,6 +131,8 @@ class SyncConfig:
     create_time_overlap_s: float = 600.0
     jitter_s: float = 5.0
     failure_backoff_max_s: float = 900.0
+    #: ``hpo-sync run`` sweeps in a child process (see :mod:`hpo_sync.sweeper`).
+    sweep_process: bool = True
 
     @property
     def non_terminal_statuses(self) -> tuple[str, ...]:
@@ -586,6 +588,7 @@ class _Parser:
             failure_backoff_max_s=self.number(
                 d, k, "failure_backoff_max_s", dflt.failure_backoff_max_s, 1, 86400
             ),
+            sweep_process=self.get(d, k, "sweep_process", bool, dflt.sweep_process),
         )
 
     def workspaces(self, data: Mapping[str, Any]) -> tuple[WorkspaceConfig, ...]:

@@ -52,6 +52,7 @@ from .normalise import parse_time
 from .notify import Notifier
 from .runtime import Runtime, SweepMode, WorkspaceHealth
 from .store import ChangeRow, Store, StoreLock, WorkspaceState, acquire_lock
+from .sweeper import SweepProcess
 
 if TYPE_CHECKING:
     from .sync import SweepResult, SyncEngine
@@ -175,11 +176,14 @@ def plan_reload(old: Config, new: Config) -> ReloadPlan:
         restart.append("upstream")
     if new.api.listen != old.api.listen:
         restart.append("api.listen")
+    if new.sync.sweep_process != old.sync.sweep_process:
+        restart.append("sync.sweep_process")
     effective = dataclasses.replace(
         new,
         store=old.store,
         upstream=old.upstream,
         api=dataclasses.replace(new.api, listen=old.api.listen),
+        sync=dataclasses.replace(new.sync, sweep_process=old.sync.sweep_process),
     )
     old_ws = {w.id: w for w in old.workspaces}
     new_ws = {w.id: w for w in new.workspaces}
@@ -313,6 +317,9 @@ class Daemon:
 
     ``credentials`` defaults to the Alibaba Cloud default chain; ``notifier`` to systemd's
     ``$NOTIFY_SOCKET`` (a no-op outside systemd). ``services`` None discovers them.
+    ``sweep_process`` (default: ``[sync] sweep_process``) runs the sweeps in a child process
+    (:mod:`hpo_sync.sweeper`); ``credentials`` must then pickle, and services'
+    ``on_changes`` hooks are not called: the child writes the alert outbox itself.
     """
 
     def __init__(
@@ -325,8 +332,10 @@ class Daemon:
         on_reload_logging: Callable[[Config], None] | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        sweep_process: bool | None = None,
     ) -> None:
         self.config = config
+        self._sweep_process = config.sync.sweep_process if sweep_process is None else sweep_process
         self._credentials = credentials
         self.notifier = notifier if notifier is not None else Notifier()
         self._given_services = list(services) if services is not None else None
@@ -345,11 +354,11 @@ class Daemon:
         self._reload_lock = asyncio.Lock()
         self._scheduler: AsyncIOScheduler | None = None
         self._store: Store | None = None
-        self._engine: SyncEngine | None = None
+        self._engine: SyncEngine | SweepProcess | None = None
         self.api_url: str | None = None
 
     @property
-    def engine(self) -> SyncEngine:
+    def engine(self) -> SyncEngine | SweepProcess:
         if self._engine is None:
             raise RuntimeError("the daemon has not started")
         return self._engine
@@ -420,13 +429,22 @@ class Daemon:
         for wcfg in cfg.workspaces:
             await asyncio.to_thread(store.ensure_workspace, wcfg.id, wcfg.label)
 
-        client = UpstreamClient(
-            cfg.upstream,
-            self._credentials or DefaultChainCredentials(),
-            observer=self.metrics.observe_request,
-        )
-        stack.push_async_callback(client.close)
-        engine = SyncEngine(cfg, client, store, on_changes=self._on_changes)
+        engine: SyncEngine | SweepProcess
+        if self._sweep_process:
+            engine = SweepProcess(
+                cfg, store, self.metrics, credentials=self._credentials, clock=self._clock
+            )
+            # Closed after the sweeps are cancelled (pushed before _cancel_sweeps below).
+            stack.push_async_callback(engine.close)
+            await engine.start()
+        else:
+            client = UpstreamClient(
+                cfg.upstream,
+                self._credentials or DefaultChainCredentials(),
+                observer=self.metrics.observe_request,
+            )
+            stack.push_async_callback(client.close)
+            engine = SyncEngine(cfg, client, store, on_changes=self._on_changes)
         self._engine = engine
         for ws in cfg.workspace_ids():
             self._add_slot(ws)
@@ -772,11 +790,11 @@ class Daemon:
         cfg = plan.config
         old = self.config
         self.config = cfg
-        self.engine.config = cfg
-        assert self.runtime is not None
-        self.runtime.config = cfg
         if self._on_reload_logging is not None and cfg.logging != old.logging:
             self._on_reload_logging(cfg)
+        self.engine.config = cfg  # after the logging: a sweep process takes its level too
+        assert self.runtime is not None
+        self.runtime.config = cfg
         for ws in plan.removed:
             for kind in ("hot", "full"):
                 with contextlib.suppress(Exception):  # JobLookupError: already gone

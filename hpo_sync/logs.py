@@ -58,9 +58,15 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
             foreign_pre_chain=shared,
         )
     )
+    route_stdlib(handler, numeric)
+
+
+def route_stdlib(handler: logging.Handler, level: int) -> None:
+    """Send stdlib logging (libraries) to ``handler`` at ``level``, minus their chatter."""
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(max(numeric, logging.INFO) if numeric < logging.INFO else numeric)
+    root.setLevel(max(level, logging.INFO) if level < logging.INFO else level)
     # aiohttp's access log is noisy at info; the API logs its own request events.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    logging.getLogger("apscheduler").setLevel(max(numeric, logging.WARNING))
+    # APScheduler: the daemon's scheduler, and the one the credentials chain starts.
+    logging.getLogger("apscheduler").setLevel(max(level, logging.WARNING))

@@ -6,9 +6,10 @@ Other parts add their own metrics to :attr:`Metrics.registry` (the read API, the
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -105,9 +106,10 @@ class Metrics:
 
     # --- feeding --------------------------------------------------------------------------
 
-    def observe_request(self, code: str, workspace: str) -> None:
-        """The upstream client's observer: called once per attempt."""
-        self.upstream_requests.labels(workspace=workspace or "-", code=code or "unknown").inc()
+    def observe_request(self, code: str, workspace: str, count: int = 1) -> None:
+        """The upstream client's observer: called once per attempt (``count``: for that
+        many, counted by the sweep process)."""
+        self.upstream_requests.labels(workspace=workspace or "-", code=code or "unknown").inc(count)
 
     def observe_sweep(
         self,
@@ -133,10 +135,14 @@ class Metrics:
 
     def observe_changes(self, workspace: str, fields: Iterable[tuple[str, bool]]) -> None:
         """Count change rows given as ``(field, baseline)`` pairs."""
-        for field, baseline in fields:
+        self.count_changes(workspace, collections.Counter(fields))
+
+    def count_changes(self, workspace: str, counts: Mapping[tuple[str, bool], int]) -> None:
+        """Count change rows given as ``{(field, baseline): n}``."""
+        for (field, baseline), n in counts.items():
             self.changes.labels(
                 workspace=workspace, field=field, baseline="true" if baseline else "false"
-            ).inc()
+            ).inc(n)
 
     def set_failures(self, workspace: str, consecutive: int, backoff_s: float) -> None:
         self.consecutive_failures.labels(workspace=workspace).set(consecutive)

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from .config import Config
     from .metrics import Metrics
     from .store import Store
+    from .sweeper import SweepProcess
     from .sync import SweepResult, SyncEngine
 
 SweepMode = Literal["auto", "hot", "full"]
@@ -53,7 +54,7 @@ class Runtime:
 
     config: Config
     store: Store
-    engine: SyncEngine
+    engine: SyncEngine | SweepProcess
     metrics: Metrics
     started_at: datetime
     request_sync: SyncRequester

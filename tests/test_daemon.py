@@ -6,8 +6,10 @@ ground truth is fixed whenever the mirror is compared with it."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -134,6 +136,8 @@ async def test_sigkill_mid_sweep_then_restart_equals_the_truth(
         )
         first = await daemons.start(cfg, name="first")
         await wait_full_ok_since(db, workspaces, "", timeout_s=30, daemon=first)
+        child = (await first.wait_event("sync.process_started"))["pid"]
+        assert process_alive(child)
 
         # Move the world on and kill -9 while a sweep has committed some of its changes.
         killed_run = None
@@ -153,6 +157,8 @@ async def test_sigkill_mid_sweep_then_restart_equals_the_truth(
             killed_run = rows[0]["id"]
             break
         assert killed_run is not None, "never caught a sweep in the act"
+        # The sweep process dies with the daemon: no writer is left behind.
+        await wait_until(lambda: not process_alive(child), timeout_s=5, what=f"pid {child} gone")
         assert query(db, "SELECT status FROM sync_runs WHERE id = ?", (killed_run,))[0][0] == (
             "running"
         )
@@ -174,6 +180,75 @@ async def test_sigkill_mid_sweep_then_restart_equals_the_truth(
         assert non_baseline > 0
         code, took = await second.stop()
         assert code == 0 and took < 10
+
+
+async def test_sweep_process_killed_mid_sweep_then_the_next_sweep_catches_up(
+    tmp_path: Path, daemons: Daemons
+) -> None:
+    options = SimOptions(experiments=300, workspaces=1, seed=9, speed=0, latency_ms=40)
+    workspaces = ["100001"]
+    async with Simulator(options) as sim:
+        db = tmp_path / "mirror.db"
+        cfg = tmp_path / "config.toml"
+        cfg.write_text(
+            config_text(
+                sim_url=sim.base_url,
+                db=db,
+                workspaces=workspaces,
+                page_size=10,
+                hot_interval_s=2,
+                full_interval_s=60,
+            ),
+            encoding="utf-8",
+        )
+        d = await daemons.start(cfg)
+        child = (await d.wait_event("sync.process_started"))["pid"]
+        # The baseline (30 pages, 2 in flight, 40 ms each) is under way: kill its process.
+        await wait_db(
+            db,
+            "SELECT id FROM sync_runs WHERE status = 'running' AND changes > 0",
+            timeout_s=15,
+            poll_s=0.005,
+        )
+        os.kill(child, signal.SIGKILL)
+        died = await d.wait_event("sync.process_died")
+        assert died["pid"] == child and died["exit"] == "signal 9" and died["sweeps_lost"] == 1
+        crashed = await d.wait_event("sync.crashed")
+        assert "SweepProcessError" in crashed["error"] and str(child) in crashed["error"]
+        # Its run is closed, not left "running"; the daemon itself never stopped serving.
+        await wait_db(db, "SELECT id FROM sync_runs WHERE status = 'failed'", timeout_s=5)
+        assert (await d.get("/healthz"))[0] == 200
+
+        # The next sweep (the backoff is one hot interval) starts a new process and
+        # finishes the baseline: the mirror equals the truth, its history is whole.
+        since = now_run_time()
+        second = (await d.wait_event("sync.process_started", skip=1, timeout_s=20))["pid"]
+        assert second != child
+        await wait_full_ok_since(db, workspaces, since, timeout_s=40, daemon=d)
+        assert not query(db, "SELECT id FROM sync_runs WHERE status = 'running'")
+        truth = await sim_truth(sim.base_url)
+        assert assert_mirror_matches_truth(db, truth, workspaces) == 300
+        assert assert_history_consistent(db) > 0
+        code, _ = await d.stop()
+        assert code == 0
+        await wait_until(lambda: not process_alive(second), timeout_s=5, what="child exit")
+
+
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting for its reaper counts as dead)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def wait_until(check: Callable[[], bool], *, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s}s: {what}")
+        await asyncio.sleep(0.05)
 
 
 async def test_flaky_upstream_backs_off_records_failures_and_catches_up(

@@ -18,6 +18,7 @@ from hpo_sync.notify import Notifier
 from hpo_sync.sim import DEFAULT_ACCESS_KEY_ID, DEFAULT_ACCESS_KEY_SECRET
 from hpo_sync.sim.server import SimOptions, Simulator
 from hpo_sync.store import ChangeRow
+from hpo_sync.sweeper import SweepProcess
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -48,7 +49,8 @@ class RecordingService:
         self.rows.extend(rows)
 
 
-async def test_daemon_seams(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sweep_process", [False, True], ids=["in-process", "sweep-process"])
+async def test_daemon_seams(tmp_path: Path, sweep_process: bool) -> None:
     async with Simulator(SimOptions(experiments=120, workspaces=3, seed=4, speed=0)) as sim:
         cfg_path = tmp_path / "config.toml"
         db = tmp_path / "mirror.db"
@@ -64,6 +66,7 @@ async def test_daemon_seams(tmp_path: Path) -> None:
             ),
             notifier=Notifier({}),
             services=[service],
+            sweep_process=sweep_process,
         )
         run = asyncio.create_task(daemon.run())
         try:
@@ -81,13 +84,24 @@ async def test_daemon_seams(tmp_path: Path) -> None:
             assert runtime.health["100001"].last_outcome == "ok"
             with pytest.raises(KeyError):
                 daemon.request_sync("999")
-            # every change row went through the hook, inside its transaction
-            assert service.rows and all(service.in_transaction)
-            assert {r.workspace_id for r in service.rows} <= {"100001", "100002"}
             text = daemon.metrics.render().decode()
             assert 'hpo_sync_changes_total{baseline="true",field="Status",workspace="100001"}' in (
                 text
             )
+            # counted once each, wherever the sweep ran: 40 experiments, 40 first statuses
+            assert (
+                'hpo_sync_changes_total{baseline="true",field="Status",workspace="100001"} 40.0'
+                in text
+            )
+            assert 'hpo_sync_upstream_requests_total{code="OK",workspace="100001"} 4.0' in text
+            if sweep_process:
+                # the child ran it; the hosted services' hooks are the in-process seam only
+                assert isinstance(daemon.engine, SweepProcess) and daemon.engine.pid
+                assert service.rows == []
+            else:
+                # every change row went through the hook, inside its transaction
+                assert service.rows and all(service.in_transaction)
+                assert {r.workspace_id for r in service.rows} <= {"100001", "100002"}
 
             # reload: one workspace out, one in, new intervals
             cfg_path.write_text(

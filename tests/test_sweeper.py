@@ -1,0 +1,197 @@
+"""The sweep process (:mod:`hpo_sync.sweeper`) driven from the test's own event loop: a real
+child process sweeping a real simulator into a real mirror. What the daemon relies on:
+results, metrics and logs come back; a cancelled sweep closes its run and leaves the child
+able to sweep again; a reload reaches the child; a child killed mid-sweep fails that sweep
+only, and the next sweep starts a new child."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator, MutableMapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from daemon_harness import (
+    assert_history_consistent,
+    assert_mirror_matches_truth,
+    config_text,
+    query,
+    sim_post,
+    sim_truth,
+    wait_db,
+)
+from structlog.testing import capture_logs
+
+from hpo_sync.config import Config, load
+from hpo_sync.credentials import CloudCredentials, StaticCredentials
+from hpo_sync.metrics import Metrics
+from hpo_sync.sim import DEFAULT_ACCESS_KEY_ID, DEFAULT_ACCESS_KEY_SECRET
+from hpo_sync.sim.server import SimOptions, Simulator
+from hpo_sync.store import Store
+from hpo_sync.sweeper import SweepProcess, SweepProcessError
+
+pytestmark = pytest.mark.timeout(90)
+
+WS = "100001"
+CREDENTIALS = StaticCredentials(CloudCredentials(DEFAULT_ACCESS_KEY_ID, DEFAULT_ACCESS_KEY_SECRET))
+
+
+@dataclasses.dataclass
+class Rig:
+    sim: Simulator
+    config: Config
+    store: Store
+    metrics: Metrics
+    sweeper: SweepProcess
+
+
+@pytest.fixture
+async def rig(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Rig]:
+    latency_ms = getattr(request, "param", 0)
+    options = SimOptions(experiments=240, workspaces=1, seed=3, speed=0, latency_ms=latency_ms)
+    async with Simulator(options) as sim:
+        path = tmp_path / "config.toml"
+        path.write_text(
+            # 5 a page, 2 in flight: a sweep's first batch is written (after 1 s) mid-listing
+            config_text(
+                sim_url=sim.base_url,
+                db=tmp_path / "mirror.db",
+                workspaces=[WS],
+                page_size=5,
+                upstream="retry_max_attempts = 10",
+            ),
+            encoding="utf-8",
+        )
+        config = load(path)
+        store = await asyncio.to_thread(Store.open, config.store.path)
+        metrics = Metrics()
+        sweeper = SweepProcess(config, store, metrics, credentials=CREDENTIALS)
+        try:
+            yield Rig(sim, config, store, metrics, sweeper)
+        finally:
+            await sweeper.close()
+            await asyncio.to_thread(store.close)
+
+
+async def _mid_sweep(rig: Rig) -> None:
+    """Until the sweep's run has committed some of its changes."""
+    sql = "SELECT id FROM sync_runs WHERE status = 'running' AND changes > 0"
+    await wait_db(rig.config.store.path, sql, timeout_s=20, poll_s=0.005)
+
+
+def _metric(metrics: Metrics, line_start: str) -> float:
+    for line in metrics.render().decode().splitlines():
+        if line.startswith(line_start + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_results_metrics_and_logs_come_back(rig: Rig) -> None:
+    with capture_logs() as logs:
+        result = await rig.sweeper.sweep(WS, "auto")
+        assert result.mode == "full" and result.status == "ok" and result.baseline
+        assert result.experiments_seen == 240 and result.api_calls == 48
+        again = await rig.sweeper.sweep(WS)
+        assert again.mode == "hot" and again.status == "ok" and again.changes == 0
+        assert again.api_calls >= 2
+    pid = rig.sweeper.pid
+    assert pid is not None and pid != os.getpid()
+    # the child's own events, re-emitted by this process (once each)
+    finished = [e for e in logs if e["event"] == "sync.finished"]
+    assert [(e["mode"], e["changes"]) for e in finished] == [("full", 477), ("hot", 0)]
+    assert [e["event"] for e in logs].count("sync.process_started") == 1
+    # the mirror is this process's to read: the child wrote it
+    truth = await sim_truth(rig.sim.base_url)
+    assert assert_mirror_matches_truth(rig.config.store.path, truth, [WS]) == 240
+    assert assert_history_consistent(rig.config.store.path) >= 240
+    # counted here, from the child's counts
+    requests = _metric(
+        rig.metrics, f'hpo_sync_upstream_requests_total{{code="OK",workspace="{WS}"}}'
+    )
+    assert requests == result.api_calls + again.api_calls
+    statuses = _metric(
+        rig.metrics,
+        f'hpo_sync_changes_total{{baseline="true",field="Status",workspace="{WS}"}}',
+    )
+    assert statuses == 240
+
+
+@pytest.mark.parametrize("rig", [60], indirect=True)  # 60 ms a page: a baseline takes ~1.5 s
+async def test_a_cancelled_sweep_closes_its_run_and_the_child_sweeps_again(rig: Rig) -> None:
+    task = asyncio.create_task(rig.sweeper.sweep(WS, "full"))
+    await _mid_sweep(rig)
+    pid = rig.sweeper.pid
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    run = rig.store.sync_runs(limit=1)[0]
+    assert run.status == "failed" and run.error == "cancelled (shutting down)"
+    assert rig.sweeper.pid == pid  # the child lives on
+    result = await rig.sweeper.sweep(WS)
+    assert result.status == "ok" and result.mode == "full" and result.baseline
+    assert rig.sweeper.pid == pid
+
+
+async def test_a_reload_reaches_the_child(rig: Rig) -> None:
+    await rig.sweeper.sweep(WS)  # the baseline
+    before = await rig.sweeper.sweep(WS, "hot")
+    # Some answers fail and are retried: "upstream.retry" is a debug event.
+    await sim_post(rig.sim.base_url, "/_sim/config", {"fault_rate": 0.3})
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
+    try:
+        rig.sweeper.config = rig.config  # the daemon's level goes with every config
+        info_logs = await _retried_hot_sweep_logs(rig)
+        # The reload: every status polled (none is terminal), and debug logging.
+        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+        rig.sweeper.config = dataclasses.replace(
+            rig.config, sync=dataclasses.replace(rig.config.sync, terminal_statuses=())
+        )
+        debug_logs = await _retried_hot_sweep_logs(rig)
+    finally:
+        structlog.reset_defaults()
+    assert not [e for e in info_logs if e["event"] == "upstream.retry"]
+    assert [e for e in debug_logs if e["event"] == "upstream.retry"]
+    await sim_post(rig.sim.base_url, "/_sim/config", {"fault_rate": 0.0})
+    after = await rig.sweeper.sweep(WS, "hot")
+    assert before.status == after.status == "ok"
+    # The frozen world is the same: one more listing per status that was terminal.
+    held = {r[0] for r in query(rig.config.store.path, "SELECT DISTINCT status FROM experiments")}
+    terminal = held & set(rig.config.sync.terminal_statuses)
+    assert terminal and after.api_calls >= before.api_calls + len(terminal)
+
+
+async def _retried_hot_sweep_logs(rig: Rig) -> list[MutableMapping[str, Any]]:
+    """The logs of hot sweeps until one had an answer retried (at most five sweeps)."""
+    with capture_logs() as logs:
+        for _ in range(5):
+            if (await rig.sweeper.sweep(WS, "hot")).retries:
+                return logs
+    raise AssertionError("five hot sweeps without a retry at a 30 % fault rate")
+
+
+@pytest.mark.parametrize("rig", [60], indirect=True)
+async def test_a_killed_child_fails_its_sweep_and_the_next_sweep_starts_another(
+    rig: Rig,
+) -> None:
+    task = asyncio.create_task(rig.sweeper.sweep(WS, "full"))
+    await _mid_sweep(rig)
+    first = rig.sweeper.pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    with pytest.raises(SweepProcessError, match=rf"pid {first}\) exited \(signal 9\)"):
+        await task
+    # its run was closed by the daemon's side, as a restart would
+    run = rig.store.sync_runs(limit=1)[0]
+    assert run.status == "failed" and "interrupted" in (run.error or "")
+    result = await rig.sweeper.sweep(WS)
+    assert result.status == "ok" and result.mode == "full"
+    assert rig.sweeper.pid not in (None, first)
+    truth = await sim_truth(rig.sim.base_url)
+    assert assert_mirror_matches_truth(rig.config.store.path, truth, [WS]) == 240
+    assert assert_history_consistent(rig.config.store.path) >= 240
