@@ -8,8 +8,12 @@ protocol so the client can be handed static credentials in tests and the demo.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+import structlog
 
 from .errors import CredentialsError
 
@@ -47,12 +51,21 @@ class DefaultChainCredentials:
 
     def __init__(self) -> None:
         self._client: Any = None
+        # One caller at a time: the library refreshes under a lock of its own that makes
+        # concurrent callers wait ~5 s each (blocking their thread) when a refresh fails, so
+        # a hot sweep's six concurrent listings took 30 s to report missing credentials.
+        self._lock = asyncio.Lock()
 
     async def get(self) -> CloudCredentials:
+        async with self._lock:
+            return await self._get()
+
+    async def _get(self) -> CloudCredentials:
         try:
             if self._client is None:
                 from alibabacloud_credentials.client import Client
 
+                _tame_library_logging()
                 self._client = Client()
             model = await self._client.get_credential_async()
         except Exception as exc:  # the chain raises its own CredentialException and more
@@ -66,6 +79,25 @@ class DefaultChainCredentials:
         return CloudCredentials(
             model.access_key_id, model.access_key_secret, model.security_token or None
         )
+
+
+#: The logger the credentials library logs to.
+LIBRARY_LOGGER = "credentials"
+
+
+def _tame_library_logging() -> None:
+    """The credentials library adds a stderr handler of its own to its ``credentials``
+    logger (one per provider module it imports) and logs each provider that fails while
+    the chain is being tried, with a traceback: on a machine that is not an ECS instance,
+    ~190 lines before our own one-line error, bypassing the configured log format. Its
+    records go through our handler (the root's) instead, and only at debug level: the
+    outcome of the chain is ours to report (:class:`CredentialsError`)."""
+    logger = logging.getLogger(LIBRARY_LOGGER)
+    for handler in list(logger.handlers):
+        if type(handler) is logging.StreamHandler:
+            logger.removeHandler(handler)
+    debug = structlog.get_logger().bind().get_effective_level() <= logging.DEBUG
+    logger.setLevel(logging.DEBUG if debug else logging.CRITICAL + 1)
 
 
 def _first_line(exc: BaseException) -> str:

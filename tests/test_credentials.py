@@ -1,0 +1,87 @@
+"""The default credentials chain's adapter: one caller at a time, and the credentials
+library's own logging routed through ours (no network: the chain's client is stood in for,
+or only its logger is used)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+from types import SimpleNamespace
+
+import pytest
+import structlog
+
+from hpo_sync import logs
+from hpo_sync.credentials import LIBRARY_LOGGER, DefaultChainCredentials, _tame_library_logging
+from hpo_sync.errors import CredentialsError
+
+
+class SlowChain:
+    """Stands in for ``alibabacloud_credentials.client.Client``: counts callers in flight."""
+
+    def __init__(self, fail: bool) -> None:
+        self.fail = fail
+        self.in_flight = 0
+        self.most = 0
+        self.calls = 0
+
+    async def get_credential_async(self) -> SimpleNamespace:
+        self.calls += 1
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        try:
+            await asyncio.sleep(0.02)
+            if self.fail:
+                raise RuntimeError("unable to load credentials from any of the providers")
+            return SimpleNamespace(access_key_id="AK", access_key_secret="SK", security_token=None)
+        finally:
+            self.in_flight -= 1
+
+
+@pytest.mark.parametrize("fail", [False, True])
+async def test_concurrent_callers_ask_the_chain_one_at_a_time(fail: bool) -> None:
+    creds = DefaultChainCredentials()
+    chain = SlowChain(fail)
+    creds._client = chain
+    results = await asyncio.gather(*(creds.get() for _ in range(6)), return_exceptions=True)
+    assert chain.calls == 6 and chain.most == 1
+    if fail:
+        assert all(isinstance(r, CredentialsError) for r in results)
+        assert "no Alibaba Cloud credentials found" in str(results[0])
+    else:
+        assert {(r.access_key_id, r.access_key_secret) for r in results} == {("AK", "SK")}  # type: ignore[union-attr]
+
+
+@pytest.fixture
+def library_logger() -> Iterator[logging.Logger]:
+    # Importing a provider module adds the library's own stderr handler to its logger.
+    import alibabacloud_credentials.provider.refreshable  # noqa: F401
+
+    logger = logging.getLogger(LIBRARY_LOGGER)
+    assert any(type(h) is logging.StreamHandler for h in logger.handlers)
+    root = logging.getLogger()
+    saved = (list(logger.handlers), logger.level, list(root.handlers), root.level)
+    yield logger
+    logger.handlers[:], level, root.handlers[:], root_level = saved
+    logger.setLevel(level)
+    root.setLevel(root_level)
+    structlog.reset_defaults()
+
+
+def test_the_library_logs_through_our_handler_and_only_at_debug(
+    library_logger: logging.Logger, capsys: pytest.CaptureFixture[str]
+) -> None:
+    logs.configure("info", "json")
+    _tame_library_logging()
+    assert not any(type(h) is logging.StreamHandler for h in library_logger.handlers)
+    library_logger.warning("Refresh credentials failed, cached value is None")
+    library_logger.error("Failed to get RAM session credentials", exc_info=ValueError("x"))
+    assert capsys.readouterr().err == ""
+
+    logs.configure("debug", "json")
+    _tame_library_logging()
+    library_logger.warning("Refresh credentials failed, cached value is None")
+    err = capsys.readouterr().err.strip().splitlines()
+    # once, as our JSON: not also through the library's own plain handler
+    assert len(err) == 1 and '"event": "Refresh credentials failed' in err[0]
