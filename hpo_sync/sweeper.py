@@ -13,9 +13,10 @@ which WAL mode is built for. ``[sync] sweep_process = false`` keeps sweeps in th
 Why not ``multiprocessing``/``concurrent.futures``: a sweep is a long-running coroutine with
 a conversation (cancel it on shutdown, config reloads, metrics and logs while it runs), not
 a function call; a pool's workers also outlive a parent killed with SIGKILL. The protocol
-here is small: length-prefixed pickles over the child's stdin and a private copy of its
-stdout (its fd 1 points at stderr, so a stray ``print`` cannot corrupt the stream). Both
-ends are this code; nothing else can write to those pipes.
+here is small: length-prefixed pickles over the child's stdin, and back over a pipe of its
+own (a descriptor the child inherits, named on its command line; not its stdout, so a
+stray ``print`` cannot corrupt the stream). Both ends are this code; nothing else can write
+to those pipes.
 
 What the child does exactly as the daemon would: the same :class:`~hpo_sync.sync.SyncEngine`
 on the same store file and config, and, inside each write transaction, the alert outbox
@@ -26,9 +27,11 @@ alerts still commit together. What it sends back: each sweep's
 
 Lifecycle: the child dies with the daemon (``PR_SET_PDEATHSIG`` on Linux, and EOF on stdin
 anywhere), so a daemon killed with SIGKILL leaves no writer behind: its transaction in flight
-rolls back, exactly as if the sweep had run in the daemon. A child that dies on its own fails
-the sweeps it was running (``sync.crashed`` in the log); the daemon closes their
-``sync_runs`` rows and starts a new child for the next sweep.
+rolls back, exactly as if the sweep had run in the daemon. SIGTERM (systemd stops the whole
+unit) makes it stop as when the daemon asks: sweeps cancelled, their runs closed; SIGINT (a
+Ctrl-C on the daemon's terminal) is left to the daemon. A child that stops or dies on its
+own fails the sweeps it was running (``sync.crashed`` in the log); the daemon closes their
+``sync_runs`` rows if the child could not, and starts a new child for the next sweep.
 """
 
 from __future__ import annotations
@@ -110,6 +113,7 @@ class SweepProcess:
         self._pending: dict[int, asyncio.Future[SweepResult | str | None]] = {}
         self._next_id = 0
         self._starting = asyncio.Lock()
+        self._accepting = False  # the child takes new sweeps (it said nothing of stopping)
         self._closed = False
 
     # -- what the daemon uses --
@@ -164,8 +168,8 @@ class SweepProcess:
                 self._pending.pop(req, None)
             if isinstance(result, str):  # the engine raised (a bug): the child logged it
                 raise SweepProcessError(f"the sweep failed in the sweep process: {result}")
-            if result is None:  # the child saw the sweep cancelled without being asked
-                raise asyncio.CancelledError
+            if result is None:  # cancelled there, not by us: the child was told to stop
+                raise SweepProcessError("the sweep process was stopped during the sweep")
             return result
 
     async def close(self) -> None:
@@ -198,14 +202,14 @@ class SweepProcess:
                 raise SweepProcessError("the sweep process is shutting down")
             watcher = self._reader
             if watcher is not None and not watcher.done():
-                if self._proc is not None and self._proc.returncode is None:
+                alive = self._proc is not None and self._proc.returncode is None
+                if alive and self._accepting:
                     return  # running
-                # It exited and the reader is closing its runs: let it finish first, or it
-                # would close the next child's run as interrupted.
+                # It is stopping, or exited and the reader is closing its runs: let it
+                # finish first, or the new child's run would be closed as interrupted.
                 with contextlib.suppress(Exception):
                     await asyncio.shield(watcher)
-            # The child's protocol channel is fd 3 of its own (pass_fds), not its stdout:
-            # see the module docstring.
+            # The child answers on a pipe of its own (pass_fds), not on its stdout.
             read_fd, write_fd = os.pipe()
             try:
                 proc = await asyncio.create_subprocess_exec(
@@ -230,6 +234,7 @@ class SweepProcess:
                 os.fdopen(read_fd, "rb", buffering=0),
             )
             self._proc = proc
+            self._accepting = True
             self._send(("init", self._config, self._credentials, os.getpid(), _log_level()))
             self._reader = asyncio.create_task(self._read(proc, reader), name="sweep-process")
             log.info("sync.process_started", pid=proc.pid)
@@ -270,6 +275,8 @@ class SweepProcess:
         elif kind == "changes":
             for ws, counts in message[1].items():
                 self._metrics.count_changes(ws, counts)
+        elif kind == "stopping":
+            self._accepting = False
         elif kind == "result":
             _, req, result = message
             future = self._pending.get(req)
@@ -449,6 +456,9 @@ async def child_main(channel: _Channel) -> int:
     await loop.connect_read_pipe(
         lambda: asyncio.StreamReaderProtocol(reader, loop=loop), sys.stdin.buffer
     )
+    # SIGTERM (systemd stopping the unit, or an operator): stop as when the daemon asks,
+    # cancelling what runs so that its runs are closed.
+    loop.add_signal_handler(signal.SIGTERM, reader.feed_eof)
     try:
         kind, config, credentials, parent_pid, level = await _read_frames(reader)
     except asyncio.IncompleteReadError:
@@ -507,6 +517,7 @@ async def child_main(channel: _Channel) -> int:
             elif message[0] == "stop":
                 break
     finally:
+        channel.send(("stopping",))  # before any result of a sweep it cancels
         for task in list(sweeps.values()):
             task.cancel()
         if sweeps:
@@ -521,11 +532,9 @@ async def child_main(channel: _Channel) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     channel = _Channel(int(args[0]))
-    # The daemon stops us through the protocol (or by dying); its terminal's Ctrl-C and a
-    # SIGTERM to the whole process group must not cut a transaction short before it asks.
+    # The daemon stops us through the protocol (or by dying): a Ctrl-C on its terminal
+    # reaches us too, and must not cut a transaction short before the daemon asks.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    os.dup2(2, 1)  # a stray print() goes to stderr, never into the protocol
     from .eventloop import run
 
     return run(child_main(channel))

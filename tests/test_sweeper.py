@@ -195,3 +195,25 @@ async def test_a_killed_child_fails_its_sweep_and_the_next_sweep_starts_another(
     truth = await sim_truth(rig.sim.base_url)
     assert assert_mirror_matches_truth(rig.config.store.path, truth, [WS]) == 240
     assert assert_history_consistent(rig.config.store.path) >= 240
+
+
+@pytest.mark.parametrize("rig", [60], indirect=True)
+async def test_a_sigterm_to_the_child_closes_its_run_and_the_next_sweep_starts_another(
+    rig: Rig,
+) -> None:
+    task = asyncio.create_task(rig.sweeper.sweep(WS, "full"))
+    await _mid_sweep(rig)
+    first = rig.sweeper.pid
+    assert first is not None
+    with capture_logs() as logs:
+        os.kill(first, signal.SIGTERM)
+        with pytest.raises(SweepProcessError, match="stopped during the sweep"):
+            await task
+        # the child closed its run itself (as a cancelled sweep), then exited cleanly
+        run = rig.store.sync_runs(limit=1)[0]
+        assert run.status == "failed" and run.error == "cancelled (shutting down)"
+        result = await rig.sweeper.sweep(WS)
+    assert result.status == "ok" and result.mode == "full"
+    assert rig.sweeper.pid not in (None, first)
+    died = [e for e in logs if e["event"] == "sync.process_died"]
+    assert [(e["exit"], e["sweeps_lost"]) for e in died] == [("status 0", 0)]
