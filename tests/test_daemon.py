@@ -234,6 +234,33 @@ async def test_sweep_process_killed_mid_sweep_then_the_next_sweep_catches_up(
         await wait_until(lambda: not process_alive(second), timeout_s=5, what="child exit")
 
 
+async def test_sigterm_to_daemon_and_sweep_process_at_once_closes_the_run(
+    tmp_path: Path, daemons: Daemons
+) -> None:
+    """What systemd does on stop (SIGTERM to every process of the unit) during a sweep."""
+    options = SimOptions(experiments=300, workspaces=1, seed=9, speed=0, latency_ms=60)
+    async with Simulator(options) as sim:
+        db = tmp_path / "mirror.db"
+        cfg = tmp_path / "config.toml"
+        cfg.write_text(
+            config_text(sim_url=sim.base_url, db=db, workspaces=["100001"], page_size=5),
+            encoding="utf-8",
+        )
+        d = await daemons.start(cfg)
+        child = (await d.wait_event("sync.process_started"))["pid"]
+        await wait_db(db, "SELECT id FROM sync_runs WHERE status = 'running'", timeout_s=15)
+        os.kill(child, signal.SIGTERM)
+        code, took = await d.stop(signal.SIGTERM)
+        assert code == 0 and took < 10
+        assert not process_alive(child)
+        runs = query(db, "SELECT status, error FROM sync_runs")
+        assert runs and all(r["status"] == "failed" for r in runs), [dict(r) for r in runs]
+        assert {r["error"] for r in runs} <= {
+            "cancelled (shutting down)",
+            "interrupted: hpo-sync stopped during the sweep",
+        }
+
+
 def process_alive(pid: int) -> bool:
     """Whether ``pid`` runs (a zombie waiting for its reaper counts as dead)."""
     try:
