@@ -456,9 +456,16 @@ async def child_main(channel: _Channel) -> int:
     await loop.connect_read_pipe(
         lambda: asyncio.StreamReaderProtocol(reader, loop=loop), sys.stdin.buffer
     )
-    # SIGTERM (systemd stopping the unit, or an operator): stop as when the daemon asks,
-    # cancelling what runs so that its runs are closed.
-    loop.add_signal_handler(signal.SIGTERM, reader.feed_eof)
+    asked_to_stop = False
+
+    def on_sigterm() -> None:
+        """systemd stopping the unit, or an operator: stop as when the daemon asks,
+        cancelling what runs so that its runs are closed."""
+        nonlocal asked_to_stop
+        asked_to_stop = True
+        reader.feed_eof()
+
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
     try:
         kind, config, credentials, parent_pid, level = await _read_frames(reader)
     except asyncio.IncompleteReadError:
@@ -503,7 +510,12 @@ async def child_main(channel: _Channel) -> int:
             try:
                 message = await _read_frames(reader)
             except asyncio.IncompleteReadError:
-                break  # the daemon closed our stdin (or died)
+                if not asked_to_stop:
+                    # The daemon died (it says "stop" before it closes our stdin): go as it
+                    # did, at once, and leave the transaction in flight to roll back, like
+                    # a SIGKILL. PR_SET_PDEATHSIG may be a moment behind the pipe's EOF.
+                    os._exit(70)
+                break
             if message[0] == "sweep":
                 _, req, workspace_id, mode = message
                 sweeps[req] = asyncio.create_task(run(req, workspace_id, mode))
@@ -515,6 +527,7 @@ async def child_main(channel: _Channel) -> int:
                 engine.config = message[1]
                 _configure_logging(channel, message[2])
             elif message[0] == "stop":
+                asked_to_stop = True
                 break
     finally:
         channel.send(("stopping",))  # before any result of a sweep it cancels

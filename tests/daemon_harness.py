@@ -287,9 +287,11 @@ def _rows_if_any(db: Path, sql: str, params: tuple[Any, ...]) -> list[sqlite3.Ro
 
 
 def now_run_time() -> str:
-    """Now, as ``sync_runs`` times are written (for ``started_at >= ?``)."""
-    t = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+    """For ``started_at >= ?``: the next whole second, as ``sync_runs`` times are written.
+
+    They have whole seconds: a run that started earlier within this second reads the same
+    as one that starts later in it, so only the next second is surely after now."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(time.time()) + 1))
 
 
 async def wait_full_ok_since(

@@ -11,6 +11,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from daemon_harness import (
@@ -48,12 +49,7 @@ async def test_ready_reload_second_instance_and_clean_stop(
     tmp_path: Path, daemons: Daemons
 ) -> None:
     async with Simulator(SimOptions(experiments=240, workspaces=3, seed=3, speed=0)) as sim:
-        db = tmp_path / "mirror.db"
-        cfg = tmp_path / "config.toml"
-        cfg.write_text(
-            config_text(sim_url=sim.base_url, db=db, workspaces=["100001", "100002"]),
-            encoding="utf-8",
-        )
+        db, cfg = write_config(tmp_path, sim.base_url, workspaces=["100001", "100002"])
         d = await daemons.start(cfg, watchdog_usec=1_000_000)
 
         ready = await d.wait_notify("READY", timeout_s=20)
@@ -128,12 +124,7 @@ async def test_sigkill_mid_sweep_then_restart_equals_the_truth(
     options = SimOptions(experiments=400, workspaces=2, seed=5, speed=0, latency_ms=25)
     workspaces = ["100001", "100002"]
     async with Simulator(options) as sim:
-        db = tmp_path / "mirror.db"
-        cfg = tmp_path / "config.toml"
-        cfg.write_text(
-            config_text(sim_url=sim.base_url, db=db, workspaces=workspaces, page_size=10),
-            encoding="utf-8",
-        )
+        db, cfg = write_config(tmp_path, sim.base_url, workspaces=workspaces, page_size=10)
         first = await daemons.start(cfg, name="first")
         await wait_full_ok_since(db, workspaces, "", timeout_s=30, daemon=first)
         child = (await first.wait_event("sync.process_started"))["pid"]
@@ -188,18 +179,13 @@ async def test_sweep_process_killed_mid_sweep_then_the_next_sweep_catches_up(
     options = SimOptions(experiments=300, workspaces=1, seed=9, speed=0, latency_ms=40)
     workspaces = ["100001"]
     async with Simulator(options) as sim:
-        db = tmp_path / "mirror.db"
-        cfg = tmp_path / "config.toml"
-        cfg.write_text(
-            config_text(
-                sim_url=sim.base_url,
-                db=db,
-                workspaces=workspaces,
-                page_size=10,
-                hot_interval_s=2,
-                full_interval_s=60,
-            ),
-            encoding="utf-8",
+        db, cfg = write_config(
+            tmp_path,
+            sim.base_url,
+            workspaces=workspaces,
+            page_size=10,
+            hot_interval_s=2,
+            full_interval_s=60,
         )
         d = await daemons.start(cfg)
         child = (await d.wait_event("sync.process_started"))["pid"]
@@ -240,12 +226,7 @@ async def test_sigterm_to_daemon_and_sweep_process_at_once_closes_the_run(
     """What systemd does on stop (SIGTERM to every process of the unit) during a sweep."""
     options = SimOptions(experiments=300, workspaces=1, seed=9, speed=0, latency_ms=60)
     async with Simulator(options) as sim:
-        db = tmp_path / "mirror.db"
-        cfg = tmp_path / "config.toml"
-        cfg.write_text(
-            config_text(sim_url=sim.base_url, db=db, workspaces=["100001"], page_size=5),
-            encoding="utf-8",
-        )
+        db, cfg = write_config(tmp_path, sim.base_url, workspaces=["100001"], page_size=5)
         d = await daemons.start(cfg)
         child = (await d.wait_event("sync.process_started"))["pid"]
         await wait_db(db, "SELECT id FROM sync_runs WHERE status = 'running'", timeout_s=15)
@@ -259,6 +240,13 @@ async def test_sigterm_to_daemon_and_sweep_process_at_once_closes_the_run(
             "cancelled (shutting down)",
             "interrupted: hpo-sync stopped during the sweep",
         }
+
+
+def write_config(tmp_path: Path, sim_url: str, **options: Any) -> tuple[Path, Path]:
+    """The mirror's path and a config file for it (``config_text`` with ``options``)."""
+    db, cfg = tmp_path / "mirror.db", tmp_path / "config.toml"
+    cfg.write_text(config_text(sim_url=sim_url, db=db, **options), encoding="utf-8")
+    return db, cfg
 
 
 def process_alive(pid: int) -> bool:
@@ -283,17 +271,12 @@ async def test_flaky_upstream_backs_off_records_failures_and_catches_up(
 ) -> None:
     workspaces = ["100001", "100002"]
     async with Simulator(SimOptions(experiments=300, workspaces=2, seed=7, speed=0)) as sim:
-        db = tmp_path / "mirror.db"
-        cfg = tmp_path / "config.toml"
-        cfg.write_text(
-            config_text(
-                sim_url=sim.base_url,
-                db=db,
-                workspaces=workspaces,
-                upstream="retry_max_attempts = 2",
-                retry_max_total_s=2,
-            ),
-            encoding="utf-8",
+        db, cfg = write_config(
+            tmp_path,
+            sim.base_url,
+            workspaces=workspaces,
+            upstream="retry_max_attempts = 2",
+            retry_max_total_s=2,
         )
         d = await daemons.start(cfg)
         await wait_full_ok_since(db, workspaces, "", timeout_s=30, daemon=d)

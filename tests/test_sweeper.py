@@ -176,44 +176,36 @@ async def _retried_hot_sweep_logs(rig: Rig) -> list[MutableMapping[str, Any]]:
 
 
 @pytest.mark.parametrize("rig", [60], indirect=True)
-async def test_a_killed_child_fails_its_sweep_and_the_next_sweep_starts_another(
-    rig: Rig,
-) -> None:
-    task = asyncio.create_task(rig.sweeper.sweep(WS, "full"))
-    await _mid_sweep(rig)
-    first = rig.sweeper.pid
-    assert first is not None
-    os.kill(first, signal.SIGKILL)
-    with pytest.raises(SweepProcessError, match=rf"pid {first}\) exited \(signal 9\)"):
-        await task
-    # its run was closed by the daemon's side, as a restart would
-    run = rig.store.sync_runs(limit=1)[0]
-    assert run.status == "failed" and "interrupted" in (run.error or "")
-    result = await rig.sweeper.sweep(WS)
-    assert result.status == "ok" and result.mode == "full"
-    assert rig.sweeper.pid not in (None, first)
-    truth = await sim_truth(rig.sim.base_url)
-    assert assert_mirror_matches_truth(rig.config.store.path, truth, [WS]) == 240
-    assert assert_history_consistent(rig.config.store.path) >= 240
-
-
-@pytest.mark.parametrize("rig", [60], indirect=True)
-async def test_a_sigterm_to_the_child_closes_its_run_and_the_next_sweep_starts_another(
-    rig: Rig,
+@pytest.mark.parametrize(
+    ("sig", "raised", "run_error", "exit", "lost"),
+    [
+        # killed: the daemon's side closes the run, as a restart would
+        (signal.SIGKILL, r"exited \(signal 9\)", "interrupted: hpo-sync stopped during the sweep",
+         "signal 9", 1),
+        # stopped (systemd stopping the unit): the child closes its run itself, exits cleanly
+        (signal.SIGTERM, "was stopped during the sweep", "cancelled (shutting down)",
+         "status 0", 0),
+    ],
+    ids=["sigkill", "sigterm"],
+)  # fmt: skip
+async def test_a_child_killed_or_stopped_mid_sweep_fails_that_sweep_and_the_next_starts_anew(
+    rig: Rig, sig: int, raised: str, run_error: str, exit: str, lost: int
 ) -> None:
     task = asyncio.create_task(rig.sweeper.sweep(WS, "full"))
     await _mid_sweep(rig)
     first = rig.sweeper.pid
     assert first is not None
     with capture_logs() as logs:
-        os.kill(first, signal.SIGTERM)
-        with pytest.raises(SweepProcessError, match="stopped during the sweep"):
+        os.kill(first, sig)
+        with pytest.raises(SweepProcessError, match=raised):
             await task
-        # the child closed its run itself (as a cancelled sweep), then exited cleanly
         run = rig.store.sync_runs(limit=1)[0]
-        assert run.status == "failed" and run.error == "cancelled (shutting down)"
+        assert (run.status, run.error) == ("failed", run_error)
         result = await rig.sweeper.sweep(WS)
     assert result.status == "ok" and result.mode == "full"
     assert rig.sweeper.pid not in (None, first)
     died = [e for e in logs if e["event"] == "sync.process_died"]
-    assert [(e["exit"], e["sweeps_lost"]) for e in died] == [("status 0", 0)]
+    assert [(e["pid"], e["exit"], e["sweeps_lost"]) for e in died] == [(first, exit, lost)]
+    truth = await sim_truth(rig.sim.base_url)
+    assert assert_mirror_matches_truth(rig.config.store.path, truth, [WS]) == 240
+    assert assert_history_consistent(rig.config.store.path) >= 240
