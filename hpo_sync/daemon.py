@@ -259,7 +259,10 @@ class DaemonService(Protocol):
 
     def on_changes(self, conn: sqlite3.Connection, rows: list[ChangeRow]) -> None:
         """Called inside the store transaction that wrote ``rows`` (in a worker thread):
-        write outbox rows with ``conn``; raising rolls the whole batch back."""
+        write outbox rows with ``conn``; raising rolls the whole batch back. Only while
+        sweeps run in the daemon's process (``[sync] sweep_process = false``): a sweep
+        process writes the alert outbox in its transactions itself
+        (:mod:`hpo_sync.sweeper`)."""
 
 
 ServiceFactory = Callable[[Runtime], "DaemonService | None"]
