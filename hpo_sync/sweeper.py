@@ -31,7 +31,9 @@ rolls back, exactly as if the sweep had run in the daemon. SIGTERM (systemd stop
 unit) makes it stop as when the daemon asks: sweeps cancelled, their runs closed; SIGINT (a
 Ctrl-C on the daemon's terminal) is left to the daemon. A child that stops or dies on its
 own fails the sweeps it was running (``sync.crashed`` in the log); the daemon closes their
-``sync_runs`` rows if the child could not, and starts a new child for the next sweep.
+``sync_runs`` rows if the child could not, and starts a new child for the next sweep. One
+that says nothing for ``HEARTBEAT_TIMEOUT_S`` while it has sweeps to run (it sends word
+every second) is taken for stuck, killed and treated the same way.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ import struct
 import sys
 import threading
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
@@ -66,8 +68,12 @@ log = structlog.get_logger(__name__)
 Mode = Literal["auto", "hot", "full"]
 
 _HEADER = struct.Struct("!I")
-#: How often the child sends the upstream requests it counted while a sweep runs.
+#: How often the child sends what it counted (upstream requests, change rows), or else word
+#: that its event loop is running.
 METRICS_FLUSH_S = 1.0
+#: A child that sends nothing for this long while it has sweeps to run is killed (and the
+#: next sweep starts a new one): its event loop is stuck.
+HEARTBEAT_TIMEOUT_S = 60.0
 #: How long a cancelled sweep may take to close its run before the daemon stops waiting.
 CANCEL_WAIT_S = 5.0
 #: How long :meth:`SweepProcess.close` waits for the child to exit before killing it.
@@ -100,8 +106,12 @@ class SweepProcess:
         *,
         credentials: CredentialsProvider | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S,
     ) -> None:
         self._config = config
+        self._heartbeat_timeout_s = heartbeat_timeout_s
+        self._last_heard = 0.0
+        self._killed_because: str | None = None
         self._store = store
         self._metrics = metrics
         self._credentials = credentials  # None: the child builds the default chain
@@ -235,6 +245,8 @@ class SweepProcess:
             )
             self._proc = proc
             self._accepting = True
+            self._last_heard = loop.time()
+            self._killed_because = None
             self._send(("init", self._config, self._credentials, os.getpid(), _log_level()))
             self._reader = asyncio.create_task(self._read(proc, reader), name="sweep-process")
             log.info("sync.process_started", pid=proc.pid)
@@ -251,10 +263,11 @@ class SweepProcess:
         try:
             while True:
                 try:
-                    header = await reader.readexactly(_HEADER.size)
+                    header = await self._heard(reader.readexactly(_HEADER.size), proc)
                     body = await reader.readexactly(_HEADER.unpack(header)[0])
                 except asyncio.IncompleteReadError:
                     break
+                self._last_heard = asyncio.get_running_loop().time()
                 try:
                     self._dispatch(pickle.loads(body))
                 except Exception as exc:  # one bad message must not lose the others
@@ -262,6 +275,26 @@ class SweepProcess:
         finally:
             code = await proc.wait()
             await self._after_exit(proc, code)
+
+    async def _heard(self, read: Awaitable[bytes], proc: asyncio.subprocess.Process) -> bytes:
+        """``read``, while watching that a child with sweeps to run keeps talking: one that
+        has said nothing for ``heartbeat_timeout_s`` is killed (see HEARTBEAT_TIMEOUT_S)."""
+        task = asyncio.ensure_future(read)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=self._heartbeat_timeout_s / 4)
+                if done:
+                    return task.result()
+                silent_s = asyncio.get_running_loop().time() - self._last_heard
+                if self._pending and silent_s > self._heartbeat_timeout_s:
+                    self._killed_because = f"no word from it for {silent_s:.0f} s"
+                    log.error("sync.process_unresponsive", pid=proc.pid, silent_s=round(silent_s))
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+                elif not self._pending:
+                    self._last_heard = asyncio.get_running_loop().time()
+        finally:
+            task.cancel()
 
     def _dispatch(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
@@ -301,9 +334,10 @@ class SweepProcess:
                 await asyncio.to_thread(
                     self._store.abandon_running_runs, format_time(self._clock())
                 )
+        why = f": killed, {self._killed_because}" if self._killed_because else ""
         for future in orphans:
             future.set_exception(
-                SweepProcessError(f"the sweep process (pid {proc.pid}) exited ({how})")
+                SweepProcessError(f"the sweep process (pid {proc.pid}) exited ({how}){why}")
             )
 
 
@@ -359,6 +393,8 @@ class _Counts:
             channel.send(("requests", dict(requests)))
         if changes:
             channel.send(("changes", {ws: dict(c) for ws, c in changes.items()}))
+        if not requests and not changes:
+            channel.send(("alive",))
 
 
 def _forwarder(channel: _Channel) -> Callable[[Any, str, Any], Any]:

@@ -209,3 +209,31 @@ async def test_a_child_killed_or_stopped_mid_sweep_fails_that_sweep_and_the_next
     truth = await sim_truth(rig.sim.base_url)
     assert assert_mirror_matches_truth(rig.config.store.path, truth, [WS]) == 240
     assert assert_history_consistent(rig.config.store.path) >= 240
+
+
+@pytest.mark.parametrize("rig", [60], indirect=True)
+async def test_a_child_that_stops_answering_is_killed_and_replaced(rig: Rig) -> None:
+    sweeper = SweepProcess(
+        rig.config, rig.store, rig.metrics, credentials=CREDENTIALS, heartbeat_timeout_s=1.5
+    )
+    try:
+        await sweeper.sweep(WS)  # the baseline; silence while idle is fine
+        await asyncio.sleep(2)
+        task = asyncio.create_task(sweeper.sweep(WS, "full"))
+        await wait_db(
+            rig.config.store.path,
+            "SELECT id FROM sync_runs WHERE status = 'running'",
+            timeout_s=10,
+            poll_s=0.005,
+        )
+        stuck = sweeper.pid
+        assert stuck is not None
+        os.kill(stuck, signal.SIGSTOP)  # alive, but says nothing any more
+        silent = r"killed, no word from it for \d+ s"
+        with capture_logs() as logs, pytest.raises(SweepProcessError, match=silent):
+            await asyncio.wait_for(task, 10)
+        assert [e["pid"] for e in logs if e["event"] == "sync.process_unresponsive"] == [stuck]
+        result = await sweeper.sweep(WS)
+        assert result.status == "ok" and sweeper.pid not in (None, stuck)
+    finally:
+        await sweeper.close()
