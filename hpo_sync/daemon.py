@@ -48,7 +48,7 @@ from .config import Config
 from .credentials import CredentialsProvider
 from .errors import ConfigError, HpoSyncError, StoreError
 from .metrics import Metrics
-from .normalise import parse_time
+from .normalise import format_time, parse_time
 from .notify import Notifier
 from .runtime import Runtime, SweepMode, WorkspaceHealth
 from .store import ChangeRow, Store, StoreLock, WorkspaceState, acquire_lock
@@ -426,7 +426,7 @@ class Daemon:
         stack.push_async_callback(asyncio.to_thread, store.close)
         self._store = store
         now = self._clock()
-        abandoned = await asyncio.to_thread(store.abandon_running_runs, _run_time(now))
+        abandoned = await asyncio.to_thread(store.abandon_running_runs, format_time(now))
         if abandoned:
             log.warning("daemon.interrupted_runs_closed", count=abandoned)
         for wcfg in cfg.workspaces:
@@ -830,12 +830,6 @@ class Daemon:
 def _retrieve(task: asyncio.Task[Any]) -> None:
     if not task.cancelled():
         task.exception()
-
-
-def _run_time(dt: datetime) -> str:
-    """A ``sync_runs`` time: ISO-8601 UTC with milliseconds."""
-    u = dt.astimezone(UTC)
-    return u.strftime("%Y-%m-%dT%H:%M:%S.") + f"{u.microsecond // 1000:03d}Z"
 
 
 def _annotate_run(store: Store, ws: str, run_id: int, note: str) -> None:
