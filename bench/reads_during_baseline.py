@@ -40,6 +40,7 @@ import time
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from _common import hpo_sync_command, machine, print_table, simulator
 from api_vs_datasette import Load, free_port, wrk
@@ -73,20 +74,11 @@ def get_json(url: str, token: str) -> object:
         return json.loads(resp.read())
 
 
-def sweeping(base: str, token: str) -> bool:
+def workspace(base: str, token: str) -> dict[str, Any]:
+    """The benchmark workspace's entry of ``GET /v1/workspaces``."""
     data = get_json(f"{base}/v1/workspaces", token)
     assert isinstance(data, dict)
-    return any(w.get("sweeping") for w in data["workspaces"])
-
-
-def baseline_done(base: str, token: str) -> str | None:
-    """The workspace's last full sync time once the baseline finished, else None."""
-    data = get_json(f"{base}/v1/workspaces", token)
-    assert isinstance(data, dict)
-    for w in data["workspaces"]:
-        if w["workspace_id"] == WORKSPACE and w.get("last_full_sync_at"):
-            return str(w["last_full_sync_at"])
-    return None
+    return next(w for w in data["workspaces"] if w["workspace_id"] == WORKSPACE)
 
 
 def one_run(
@@ -125,12 +117,12 @@ def one_run(
                     raise SystemExit("hpo-sync run did not start") from None
                 time.sleep(0.05)
         during = wrk(base, [path], headers, args.seconds, args)
-        if not sweeping(base, token):
+        if not workspace(base, token)["sweeping"]:
             raise SystemExit(
                 f"the baseline ended before wrk did ({args.seconds:g} s): use fewer --seconds "
                 "or more --experiments"
             )
-        while baseline_done(base, token) is None:
+        while not workspace(base, token)["last_full_sync_at"]:  # the baseline's end
             if proc.poll() is not None:
                 raise SystemExit("hpo-sync run exited during the baseline")
             time.sleep(0.1)

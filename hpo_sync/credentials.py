@@ -13,9 +13,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import structlog
-
 from .errors import CredentialsError
+from .logs import effective_level
 
 
 @dataclass(frozen=True)
@@ -96,7 +95,7 @@ def _tame_library_logging() -> None:
     for handler in list(logger.handlers):
         if type(handler) is logging.StreamHandler:
             logger.removeHandler(handler)
-    debug = structlog.get_logger().bind().get_effective_level() <= logging.DEBUG
+    debug = effective_level() <= logging.DEBUG
     logger.setLevel(logging.DEBUG if debug else logging.CRITICAL + 1)
 
 

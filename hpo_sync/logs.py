@@ -25,6 +25,12 @@ def redact_secrets(_logger: Any, _method: str, event: MutableMapping[str, Any]) 
     return event
 
 
+def effective_level() -> int:
+    """The level structlog filters at now (``--log-level`` or ``[logging] level``)."""
+    level: int = structlog.get_logger().bind().get_effective_level()
+    return level
+
+
 def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
     """Set up structlog and stdlib logging. ``fmt``: auto (console on a TTY), json, console."""
     stream = stream or sys.stderr

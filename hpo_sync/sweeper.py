@@ -48,13 +48,16 @@ import struct
 import sys
 import threading
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, BinaryIO, Literal
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import structlog
 
 from .errors import HpoSyncError
+from .logs import effective_level, redact_secrets, route_stdlib
+from .normalise import format_time
+from .runtime import SweepMode
 
 if TYPE_CHECKING:
     from .config import Config
@@ -65,7 +68,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-Mode = Literal["auto", "hot", "full"]
 
 _HEADER = struct.Struct("!I")
 #: How often the child sends what it counted (upstream requests, change rows), or else word
@@ -136,7 +138,7 @@ class SweepProcess:
     def config(self, config: Config) -> None:
         """A reload: the child's engine gets the new config too (before its next sweep)."""
         self._config = config
-        self._send(("config", config, _log_level()))
+        self._send(("config", config, effective_level()))
 
     def lock_for(self, workspace_id: str) -> asyncio.Lock:
         """One sweep of a workspace at a time, hot or full (the child's engine agrees)."""
@@ -152,7 +154,7 @@ class SweepProcess:
         """Start the child (sweeps also start it when it is not running)."""
         await self._ensure_running()
 
-    async def sweep(self, workspace_id: str, mode: Mode = "auto") -> SweepResult:
+    async def sweep(self, workspace_id: str, mode: SweepMode = "auto") -> SweepResult:
         """Run one sweep in the child; its result. Raises SweepProcessError if the child
         dies meanwhile. Cancelling it cancels the sweep in the child and waits (a few
         seconds at most) for the child to close the run, as an in-process sweep would."""
@@ -247,7 +249,7 @@ class SweepProcess:
             self._accepting = True
             self._last_heard = loop.time()
             self._killed_because = None
-            self._send(("init", self._config, self._credentials, os.getpid(), _log_level()))
+            self._send(("init", self._config, self._credentials, os.getpid(), effective_level()))
             self._reader = asyncio.create_task(self._read(proc, reader), name="sweep-process")
             log.info("sync.process_started", pid=proc.pid)
 
@@ -263,7 +265,7 @@ class SweepProcess:
         try:
             while True:
                 try:
-                    header = await self._heard(reader.readexactly(_HEADER.size), proc)
+                    header = await self._read_header(reader, proc)
                     body = await reader.readexactly(_HEADER.unpack(header)[0])
                 except asyncio.IncompleteReadError:
                     break
@@ -276,25 +278,29 @@ class SweepProcess:
             code = await proc.wait()
             await self._after_exit(proc, code)
 
-    async def _heard(self, read: Awaitable[bytes], proc: asyncio.subprocess.Process) -> bytes:
-        """``read``, while watching that a child with sweeps to run keeps talking: one that
-        has said nothing for ``heartbeat_timeout_s`` is killed (see HEARTBEAT_TIMEOUT_S)."""
-        task = asyncio.ensure_future(read)
-        try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=self._heartbeat_timeout_s / 4)
-                if done:
-                    return task.result()
-                silent_s = asyncio.get_running_loop().time() - self._last_heard
-                if self._pending and silent_s > self._heartbeat_timeout_s:
-                    self._killed_because = f"no word from it for {silent_s:.0f} s"
-                    log.error("sync.process_unresponsive", pid=proc.pid, silent_s=round(silent_s))
-                    with contextlib.suppress(ProcessLookupError):
-                        proc.kill()
-                elif not self._pending:
-                    self._last_heard = asyncio.get_running_loop().time()
-        finally:
-            task.cancel()
+    async def _read_header(
+        self, reader: asyncio.StreamReader, proc: asyncio.subprocess.Process
+    ) -> bytes:
+        """The next frame's header, while watching that a child with sweeps to run keeps
+        talking: one silent for ``heartbeat_timeout_s`` is killed (HEARTBEAT_TIMEOUT_S)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                # readexactly takes nothing from the buffer before it has it all: a timeout
+                # that cancels it loses nothing.
+                return await asyncio.wait_for(
+                    reader.readexactly(_HEADER.size), self._heartbeat_timeout_s / 4
+                )
+            except TimeoutError:
+                pass
+            silent_s = loop.time() - self._last_heard
+            if not self._pending:
+                self._last_heard = loop.time()  # silence while idle is fine
+            elif silent_s > self._heartbeat_timeout_s and self._killed_because is None:
+                self._killed_because = f"no word from it for {silent_s:.0f} s"
+                log.error("sync.process_unresponsive", pid=proc.pid, silent_s=round(silent_s))
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
 
     def _dispatch(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
@@ -328,8 +334,6 @@ class SweepProcess:
         if orphans:
             # Their sync_runs rows still say "running": close them as any restart would
             # (every sweep of this daemon ran in that child, so none is still running).
-            from .normalise import format_time
-
             with contextlib.suppress(HpoSyncError):
                 await asyncio.to_thread(
                     self._store.abandon_running_runs, format_time(self._clock())
@@ -438,17 +442,9 @@ class _StdlibForwarder(logging.Handler):
             self.handleError(record)
 
 
-def _log_level() -> int:
-    """The daemon's level now (``--log-level`` or ``[logging] level``), for the child."""
-    level: int = structlog.get_logger().bind().get_effective_level()
-    return level
-
-
 def _configure_logging(channel: _Channel, numeric: int) -> None:
     """Log events go to the daemon, which renders them (and redacts secrets) its own way;
     levels are filtered here too, so that debug events are not pickled for nothing."""
-    from .logs import redact_secrets, route_stdlib
-
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -523,7 +519,7 @@ async def child_main(channel: _Channel) -> int:
     engine = SyncEngine(config, client, store, on_changes=on_changes)
     sweeps: dict[int, asyncio.Task[None]] = {}
 
-    async def run(req: int, workspace_id: str, mode: Mode) -> None:
+    async def run(req: int, workspace_id: str, mode: SweepMode) -> None:
         outcome: SweepResult | str | None = None  # None: cancelled
         try:
             outcome = await engine.sweep(workspace_id, mode)
