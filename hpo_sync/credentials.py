@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .errors import CredentialsError
-from .logs import effective_level
+from .logs import CREDENTIALS_LOGGER
 
 
 @dataclass(frozen=True)
@@ -80,23 +80,17 @@ class DefaultChainCredentials:
         )
 
 
-#: The logger the credentials library logs to.
-LIBRARY_LOGGER = "credentials"
-
-
 def _tame_library_logging() -> None:
     """The credentials library adds a stderr handler of its own to its ``credentials``
     logger (one per provider module it imports) and logs each provider that fails while
     the chain is being tried, with a traceback: on a machine that is not an ECS instance,
     ~190 lines before our own one-line error, bypassing the configured log format. Its
-    records go through our handler (the root's) instead, and only at debug level: the
-    outcome of the chain is ours to report (:class:`CredentialsError`)."""
-    logger = logging.getLogger(LIBRARY_LOGGER)
+    records go through our handler (the root's) instead; :func:`hpo_sync.logs.route_stdlib`
+    lets them through at debug level only."""
+    logger = logging.getLogger(CREDENTIALS_LOGGER)
     for handler in list(logger.handlers):
         if type(handler) is logging.StreamHandler:
             logger.removeHandler(handler)
-    debug = effective_level() <= logging.DEBUG
-    logger.setLevel(logging.DEBUG if debug else logging.CRITICAL + 1)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -13,6 +13,9 @@ from typing import Any, TextIO
 
 import structlog
 
+#: The logger the credentials library (alibabacloud-credentials) logs to.
+CREDENTIALS_LOGGER = "credentials"
+
 _SECRET_KEYS = ("secret", "token", "password", "authorization", "signature")
 
 
@@ -76,3 +79,9 @@ def route_stdlib(handler: logging.Handler, level: int) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     # APScheduler: the daemon's scheduler, and the one the credentials chain starts.
     logging.getLogger("apscheduler").setLevel(max(level, logging.WARNING))
+    # The credentials library logs every provider that fails while the chain is tried, with
+    # a traceback; the chain's outcome is ours to report (CredentialsError), so its records
+    # show only at debug. Set here, so that a reload to or from debug applies to it too.
+    logging.getLogger(CREDENTIALS_LOGGER).setLevel(
+        logging.DEBUG if level <= logging.DEBUG else logging.CRITICAL + 1
+    )

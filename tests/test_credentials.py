@@ -13,7 +13,8 @@ import pytest
 import structlog
 
 from hpo_sync import logs
-from hpo_sync.credentials import LIBRARY_LOGGER, DefaultChainCredentials, _tame_library_logging
+from hpo_sync.logs import CREDENTIALS_LOGGER
+from hpo_sync.credentials import DefaultChainCredentials, _tame_library_logging
 from hpo_sync.errors import CredentialsError
 
 
@@ -58,7 +59,7 @@ def library_logger() -> Iterator[logging.Logger]:
     # Importing a provider module adds the library's own stderr handler to its logger.
     import alibabacloud_credentials.provider.refreshable  # noqa: F401
 
-    logger = logging.getLogger(LIBRARY_LOGGER)
+    logger = logging.getLogger(CREDENTIALS_LOGGER)
     assert any(type(h) is logging.StreamHandler for h in logger.handlers)
     root = logging.getLogger()
     saved = (list(logger.handlers), logger.level, list(root.handlers), root.level)
@@ -79,9 +80,13 @@ def test_the_library_logs_through_our_handler_and_only_at_debug(
     library_logger.error("Failed to get RAM session credentials", exc_info=ValueError("x"))
     assert capsys.readouterr().err == ""
 
+    # A reload to debug (logs.configure again, the chain already in use) lets them through.
     logs.configure("debug", "json")
-    _tame_library_logging()
     library_logger.warning("Refresh credentials failed, cached value is None")
     err = capsys.readouterr().err.strip().splitlines()
     # once, as our JSON: not also through the library's own plain handler
     assert len(err) == 1 and '"event": "Refresh credentials failed' in err[0]
+
+    logs.configure("info", "json")  # and a reload back to info silences them again
+    library_logger.warning("Refresh credentials failed, cached value is None")
+    assert capsys.readouterr().err == ""
