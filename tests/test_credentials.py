@@ -13,9 +13,9 @@ import pytest
 import structlog
 
 from hpo_sync import logs
-from hpo_sync.logs import CREDENTIALS_LOGGER
 from hpo_sync.credentials import DefaultChainCredentials, _tame_library_logging
 from hpo_sync.errors import CredentialsError
+from hpo_sync.logs import CREDENTIALS_LOGGER
 
 
 class SlowChain:
