@@ -118,6 +118,17 @@ async def test_alerts_test_prints_the_exact_answer(
     assert code == 2 and "no target named 'nope'" in out
 
 
+async def test_alerts_test_masks_a_url_echoed_in_the_answer(
+    config_path: Path, receivers: Receivers, capsys: pytest.CaptureFixture[str]
+) -> None:
+    receivers.fail(TOKEN, mode="echo", times=2)
+    for target in ("ding", "slack"):
+        code, out = await run_cli(["alerts", "test", target, "--config", str(config_path)], capsys)
+        assert code == 1 and "HTTP 404" in out and "no route for POST" in out, out
+        assert "***" in out
+        assert_no_secret(out)
+
+
 async def test_alerts_test_target_down(
     config_path: Path, receivers: Receivers, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hpo_sync.alerts.classify import Dead, Retry, Sent, classify
+from hpo_sync.alerts.classify import Dead, Retry, Sent, classify, redact, secret_parts
 from hpo_sync.alerts.render import LIMITS, AlertItem, render, render_notice, size_of
 from hpo_sync.alerts.rules import (
     ChangeEvent,
@@ -127,6 +127,19 @@ def test_classify(
     ttype: str, status: int, headers: dict[str, str], body: bytes, expected: type
 ) -> None:
     assert isinstance(classify(ttype, status, headers, body), expected)
+
+
+def test_secret_parts_mask_every_form_of_the_token() -> None:
+    url = "https://oapi.dingtalk.com/robot/send?access_token=ab%2Fcd1234567&x=1"
+    parts = secret_parts(url, "SECsigning", None)
+    for leaked in (url, "ab%2Fcd1234567", "ab/cd1234567", "SECsigning"):
+        assert redact(f"bad: {leaked}!", parts) == "bad: ***!"
+    slack = "https://hooks.slack.com/services/T0001/B0002/XXXXXXXXXXXXXXXXXXXXXXXX"
+    text = redact("POST /services/T0001/B0002/XXXXXXXXXXXXXXXXXXXXXXXX failed", secret_parts(slack))
+    assert "XXXXXXXX" not in text and "failed" in text and "/B0002/" in text
+    # the mask works before the snippet is cut, so no half-token survives at the edge
+    body = ("x" * 190 + "XXXXXXXXXXXXXXXXXXXXXXXX").encode()
+    assert "XXXX" not in classify("slack", 404, {}, body, secret_parts(slack)).reason  # type: ignore[union-attr]
 
 
 def test_classify_retry_after_and_reasons() -> None:

@@ -221,6 +221,28 @@ async def test_http_500_is_retried(receivers: Receivers, store: Store, db: Path)
     assert outbox(db)[0]["status"] == "sent"
 
 
+@pytest.mark.parametrize("kind", KINDS)
+async def test_an_answer_echoing_the_url_never_leaks_the_token(
+    kind: str, receivers: Receivers, store: Store, db: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An error page that quotes the request URL (as a misrouting proxy's does) is recorded
+    and logged with the URL's secret parts masked: not in the outbox, not in the log."""
+    worker = AlertWorker(store, make_config(db, receivers, (kind,)), rate_limits={})
+    world = World(store, worker, 1)
+    receivers.fail(token(kind), mode="echo", times=1)
+    world.fail(world.ids)
+    with capture_logs() as logs:
+        assert await worker.run_once(now=now() + timedelta(seconds=6)) == 0
+        await worker.close()
+    (row,) = outbox(db)
+    assert row["status"] == "dead" and row["last_error"].startswith("HTTP 404: 404 Not Found")
+    assert "***" in row["last_error"]
+    seen = row["last_error"] + repr(logs) + "".join(capsys.readouterr())
+    assert any(e["event"] == "alert.dead" for e in logs)
+    for secret in (token(kind), SECRETS.get(kind, token(kind))):
+        assert secret not in seen
+
+
 async def test_dingtalk_130101_retried_then_310000_dead(
     receivers: Receivers, store: Store, db: Path
 ) -> None:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 #: When a target says "too fast" without saying for how long.
 DEFAULT_RETRY_S = 60.0
@@ -53,6 +54,40 @@ _WECOM = {
 }
 
 
+#: Path segments and query values at least this long count as possibly secret: webhook URLs
+#: carry their token there (Slack, Discord, Feishu paths; DingTalk, WeCom queries), while
+#: shorter pieces are route words ("hook", "v2", "send") whose masking would only hide meaning.
+_SECRET_MIN = 8
+MASK = "***"
+
+
+def secret_parts(url: str, *secrets: str | None) -> tuple[str, ...]:
+    """The strings an answer from ``url`` must never carry into a log, the outbox or a page:
+    the URL, its long path segments and query values (raw and percent-decoded), and every
+    given secret. Longest first, so a part never survives inside a longer one half-masked."""
+    parts = {url, *(s for s in secrets if s)}
+    try:
+        split = urlsplit(url)
+    except ValueError:
+        split = None
+    if split is not None:
+        pieces = split.path.split("/") + [v for _, v in parse_qsl(split.query)]
+        pieces += split.query.split("&") + [split.netloc.rpartition("@")[0]]
+        for piece in pieces:
+            for form in (piece, unquote(piece), quote(unquote(piece), safe="")):
+                if len(form) >= _SECRET_MIN:
+                    parts.add(form)
+    return tuple(sorted(parts, key=len, reverse=True))
+
+
+def redact(text: str, parts: Iterable[str]) -> str:
+    """``text`` with every secret part replaced by ``***``."""
+    for part in parts:
+        if part and part in text:
+            text = text.replace(part, MASK)
+    return text
+
+
 def _snippet(body: bytes, limit: int = 200) -> str:
     return body[:limit].decode("utf-8", "replace").strip()
 
@@ -93,8 +128,21 @@ def _code_body(body: bytes, key: str, table: dict[int, tuple[bool, str]], msg_ke
     return Retry(reason, DEFAULT_RETRY_S) if retryable else Dead(reason)
 
 
-def classify(target_type: str, status: int, headers: Mapping[str, str], body: bytes) -> Outcome:
-    """Map a target's HTTP answer to an outcome (see the target table in DESIGN.md)."""
+def classify(
+    target_type: str,
+    status: int,
+    headers: Mapping[str, str],
+    body: bytes,
+    secrets: Iterable[str] = (),
+) -> Outcome:
+    """Map a target's HTTP answer to an outcome (see the target table in DESIGN.md).
+
+    Every reason quotes at most a snippet of the answer, with the ``secrets`` (see
+    :func:`secret_parts`) masked first: an error page that echoes the request URL would
+    otherwise carry the webhook's token into the log, the outbox and the UI."""
+    parts = tuple(secrets)
+    if parts:
+        body = redact(body.decode("utf-8", "replace"), parts).encode()
     if status == 429:
         after = _retry_after(headers)
         if after is None:

@@ -23,9 +23,9 @@ from hpo_sync.normalise import format_time
 from hpo_sync.store import Store
 
 from . import outbox
-from .classify import Sent, classify
+from .classify import Sent, classify, redact
 from .render import AlertItem, console_link, render
-from .service import send_message
+from .service import send_message, target_secrets
 
 Handler = Callable[[argparse.Namespace], int]
 Command = Callable[[str, str, Handler], argparse.ArgumentParser]
@@ -110,9 +110,10 @@ async def try_target(target: TargetConfig, cfg: Config, out: TextIO, now: dateti
             # The exception's text may name the URL: show only its kind.
             print(f"{target.name} ({target.type}): no answer ({type(exc).__name__})", file=out)
             return cli.EXIT_FAILED
-    outcome = classify(target.type, answer.status, answer.headers, answer.body)
+    secrets = target_secrets(target)
+    outcome = classify(target.type, answer.status, answer.headers, answer.body, secrets)
     print(f"{target.name} ({target.type}): HTTP {answer.status}", file=out)
-    body = answer.body.decode("utf-8", "replace")
+    body = redact(answer.body.decode("utf-8", "replace"), secrets)
     print(body if body else "(empty body)", file=out)
     verdict = (
         "sent"

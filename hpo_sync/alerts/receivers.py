@@ -8,7 +8,9 @@ with the real service's success and error bodies, checks DingTalk/Feishu signatu
 that the timestamp is within an hour) and keywords, enforces the real rate limits with the
 real errors, and records what it accepted. ``POST /_control/<token>`` with
 ``{"mode": "ok"|"fail", "errcode": N, "times": N}`` makes a token fail (HTTP 500, or the
-given error code) ``times`` times or until set back to ``ok``; ``GET /_received`` lists what
+given error code) ``times`` times or until set back to ``ok``; mode ``echo`` answers HTTP 404
+with a body that quotes the whole request URL, as a misrouting proxy's error page does (so
+tests can check a webhook's secret never leaks through an error reply); ``GET /_received`` lists what
 was accepted. To emulate a target that is down, :meth:`Receivers.stop` and
 :meth:`Receivers.start` again on the same port.
 """
@@ -101,8 +103,19 @@ class Receivers:
     def of(self, token: str) -> list[Received]:
         return [r for r in self.received if r.token == token]
 
+    @web.middleware
+    async def _echo(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        token = request.match_info.get("token") or request.query.get(
+            "access_token", request.query.get("key", "")
+        )
+        f = self._failures.get(token)
+        if f is not None and f.mode == "echo" and not request.path.startswith("/_"):
+            self._failure(token)  # counts down ``times``
+            return web.Response(status=404, text=f"404 Not Found: no route for POST {request.url}")
+        return await handler(request)
+
     async def start(self, port: int | None = None) -> str:
-        app = web.Application()
+        app = web.Application(middlewares=[self._echo])
         app.router.add_post("/slack/{token}", self._slack)
         app.router.add_post("/discord/{token}", self._discord)
         app.router.add_post("/dingtalk/robot/send", self._dingtalk)

@@ -25,7 +25,7 @@ from hpo_sync.normalise import parse_time
 from hpo_sync.store import ChangeRow, Store
 
 from . import outbox
-from .classify import Dead, Outcome, Retry, Sent, classify
+from .classify import Dead, Outcome, Retry, Sent, classify, secret_parts
 from .render import AlertItem, Message, console_link, render, render_notice
 from .rules import StallNotice, decode_counts, stall_notices
 from .signing import dingtalk_url, feishu_sign, webhook_headers
@@ -398,7 +398,9 @@ class AlertWorker:
             return Retry(f"connection failed ({type(exc).__name__})")
         except ValueError as exc:  # a URL yarl refuses; its message would quote the URL
             return Dead(f"cannot send to this URL ({type(exc).__name__})")
-        return classify(target.type, answer.status, answer.headers, answer.body)
+        return classify(
+            target.type, answer.status, answer.headers, answer.body, target_secrets(target)
+        )
 
     async def _record(
         self, target: str, ids: Sequence[int], outcome: Outcome, now: datetime, attempts: int
@@ -432,6 +434,11 @@ class AlertWorker:
         else:
             self.metrics.dead.labels(target).inc(len(ids))
             log.error("alert.dead", target=target, alerts=len(ids), reason=outcome.reason)
+
+
+def target_secrets(target: TargetConfig) -> tuple[str, ...]:
+    """What an answer from ``target`` must have masked before anyone sees it."""
+    return secret_parts(target.url.reveal(), target.secret.reveal() if target.secret else None)
 
 
 def build_service(runtime: Runtime) -> AlertWorker:
