@@ -237,7 +237,7 @@ class _ProgressBar:
         for ws, (d, t) in self.state.items():
             width = 20
             filled = int(width * d / t) if t else 0
-            parts.append(f"{ws} [{'#' * filled}{'.' * (width - filled)}] {d}/{t}")
+            parts.append(f"{ws} [{'#' * filled}{'.' * (width - filled)}] {d}/{t or '?'}")
         sys.stderr.write("\r\x1b[2K" + "  ".join(parts)[:200])
         sys.stderr.flush()
 

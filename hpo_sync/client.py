@@ -159,7 +159,8 @@ class ListQuery:
 
 @dataclass(frozen=True)
 class Page:
-    total_count: int
+    #: None when the answer has no readable TotalCount (or one below its own page's size).
+    total_count: int | None
     experiments: list[dict[str, Any]]
     request_id: str | None
 
@@ -177,6 +178,9 @@ class Listing:
     totals_seen: set[int] = field(default_factory=set)
     seen_ids: set[str] = field(default_factory=set)
     error: UpstreamError | None = None
+    #: Some page had no readable TotalCount: the listing was paged until an empty page, and
+    #: nothing can say its ids add up.
+    uncounted: bool = False
 
     @property
     def complete(self) -> bool:
@@ -187,7 +191,10 @@ class Listing:
     def consistent(self) -> bool:
         """Complete, every page reported the same TotalCount, and the ids add up to it."""
         return (
-            self.complete and len(self.totals_seen) <= 1 and len(self.seen_ids) == self.total_count
+            self.complete
+            and not self.uncounted
+            and len(self.totals_seen) <= 1
+            and len(self.seen_ids) == self.total_count
         )
 
 
@@ -381,10 +388,7 @@ class UpstreamClient:
             and ("Experiments" in data or "TotalCount" in data)
         ):
             experiments = data.get("Experiments") or []
-            try:
-                total = int(data.get("TotalCount") or 0)
-            except (TypeError, ValueError):
-                total = len(experiments)
+            total = _total_count(data.get("TotalCount"), len(experiments))
             self._observe("OK", workspace_id)
             return Page(total, experiments, request_id)
         hint: str | None
@@ -523,8 +527,11 @@ class UpstreamClient:
 
         async def take(page: Page) -> None:
             listing.pages_read += 1
-            listing.totals_seen.add(page.total_count)
-            listing.total_count = max(listing.total_count, page.total_count)
+            if page.total_count is None:
+                listing.uncounted = True
+            else:
+                listing.totals_seen.add(page.total_count)
+                listing.total_count = max(listing.total_count, page.total_count)
             fresh: list[dict[str, Any]] = []
             for raw in page.experiments:
                 exp_id = raw.get("ExperimentId") if isinstance(raw, dict) else None
@@ -543,6 +550,9 @@ class UpstreamClient:
                 await on_page(Page(page.total_count, fresh, page.request_id))
 
         first = await self.list_page(query, 1, size, tally=tally)
+        if first.total_count is None:
+            await self._page_until_empty(query, first, size, tally, listing, take, seen)
+            return listing
         got = len(first.experiments)
         if 0 < got < size and first.total_count > got:
             # No page-size maximum is documented: a server that silently caps PageSize
@@ -580,18 +590,87 @@ class UpstreamClient:
         listing.seen_ids = seen
         return listing
 
+    async def _page_until_empty(
+        self,
+        query: ListQuery,
+        first: Page,
+        size: int,
+        tally: Tally | None,
+        listing: Listing,
+        take: Callable[[Page], Awaitable[None]],
+        seen: set[str],
+    ) -> None:
+        """The listing when page 1 has no readable TotalCount: pages one after another until
+        one comes back empty (one call more than needed, but the only end that needs no
+        count, and it holds even when the server caps the page size). A page with nothing
+        new, or a listing past :data:`MAX_UNCOUNTED_PAGES`, ends it incomplete: a server
+        that repeats itself must not page forever."""
+        log.warning("upstream.total_count_missing", workspace=query.workspace_id)
+        page, number = first, 1
+        await take(first)
+        while page.experiments:
+            if number >= MAX_UNCOUNTED_PAGES:
+                listing.error = UpstreamError(
+                    f"no TotalCount and still not at the end after {number} pages",
+                    code="NoTotalCount",
+                    workspace_id=query.workspace_id,
+                )
+                break
+            number += 1
+            try:
+                page = await self.list_page(query, number, size, tally=tally)
+            except FatalUpstreamError:
+                raise
+            except UpstreamError as exc:
+                listing.error = exc
+                break
+            before = len(seen)
+            await take(page)
+            if page.experiments and len(seen) == before:
+                listing.error = UpstreamError(
+                    f"page {number} repeats earlier pages and there is no TotalCount",
+                    code="NoTotalCount",
+                    workspace_id=query.workspace_id,
+                )
+                break
+        listing.pages_expected = number
+        listing.total_count = len(seen)
+        listing.seen_ids = seen
+
     async def iter_pages(
         self, query: ListQuery, *, page_size: int | None = None, tally: Tally | None = None
     ) -> AsyncIterator[Page]:
-        """Pages one after another (for feeds read until a condition holds)."""
+        """Pages one after another (for feeds read until a condition holds); without a
+        TotalCount, until an empty page."""
         size = page_size or self.config.page_size
         number = 1
         while True:
             page = await self.list_page(query, number, size, tally=tally)
             yield page
-            if number * size >= page.total_count or not page.experiments:
+            if not page.experiments or (
+                page.total_count is not None and number * size >= page.total_count
+            ):
                 return
             number += 1
+
+
+#: Without a TotalCount a listing pages until an empty page; past this many it stops,
+#: incomplete (10,000 pages of 100 is a million experiments, far beyond any workspace).
+MAX_UNCOUNTED_PAGES = 10_000
+
+
+def _total_count(value: Any, on_page: int) -> int | None:
+    """TotalCount as a number (it drifts between number and string), or None when it is
+    missing, unreadable or smaller than the page it came with: then nothing can plan the
+    pages from it, and a listing that trusted it would stop after page 1 (and a full sweep
+    would then mark everything it did not see deleted)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        total = int(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return total if total >= on_page else None
 
 
 _DIGIT_RUNS = bytes.maketrans(b"0123456789", b"0000000000")

@@ -362,7 +362,8 @@ class SyncEngine:
 
         def expect(page: Page) -> None:
             size = self.config.upstream.page_size
-            listing_pages_expected[0] = max(1, -(-page.total_count // size))
+            if page.total_count is not None:  # without one, progress has no end to show
+                listing_pages_expected[0] = max(1, -(-page.total_count // size))
 
         async def on_page_first(page: Page) -> None:
             if not listing_pages_expected[0]:

@@ -119,6 +119,8 @@ class Capture:
     fatal_pages: set[int] = field(default_factory=set)
     max_page_size: int = 1000
     check_nonces: bool = True
+    total_count: Any = "count"  # "count": the real one; "absent": no key; else this value
+    ignore_page_number: bool = False
     _nonces: set[str] = field(default_factory=set)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -138,8 +140,14 @@ class Capture:
             return await api_error(500, "InternalError")(request)
         if number in self.fatal_pages:
             return await api_error(403, "Forbidden.RAM")(request)
+        if self.ignore_page_number:
+            number = 1
         page = self.experiments[(number - 1) * size : number * size]
-        body = {"RequestId": f"OK-{len(self.seen)}", "TotalCount": len(self.experiments)}
+        body: dict[str, Any] = {"RequestId": f"OK-{len(self.seen)}"}
+        if self.total_count == "count":
+            body["TotalCount"] = len(self.experiments)
+        elif self.total_count != "absent":
+            body["TotalCount"] = self.total_count
         return web.json_response({**body, "Experiments": page})
 
 
@@ -542,6 +550,40 @@ async def test_a_silently_capped_page_size_still_lists_everything(capture: Captu
         listing = await client.list_all(ListQuery(), page_size=100)
     assert listing.complete and listing.consistent
     assert listing.pages_expected == 7 and len(listing.seen_ids) == 250
+
+
+@pytest.mark.parametrize("total", ["absent", None, "many", -1, 3, True])
+async def test_without_a_readable_total_count_pages_until_empty(
+    capture: Capture, total: Any
+) -> None:
+    """No TotalCount, an unreadable one or one below the page's own size: the listing pages
+    until an empty page, is complete, but never counts as consistent."""
+    capture.experiments = [{"ExperimentId": f"e{i:03d}"} for i in range(250)]
+    capture.total_count = total
+    async with make_client(capture.base_url) as client:
+        listing = await client.list_all(ListQuery(), page_size=100)
+        pages = [p async for p in client.iter_pages(ListQuery(), page_size=100)]
+    assert listing.complete and not listing.consistent and listing.uncounted
+    assert len(listing.seen_ids) == 250 and listing.pages_read == 4
+    assert [len(p.experiments) for p in pages] == [100, 100, 50, 0]
+    # a capped page size is followed too: the server pages by its own size
+    capture.max_page_size = 40
+    async with make_client(capture.base_url) as client:
+        listing = await client.list_all(ListQuery(), page_size=100)
+    assert listing.complete and len(listing.seen_ids) == 250 and listing.pages_read == 8
+
+
+async def test_an_uncounted_listing_that_repeats_itself_ends_incomplete(
+    capture: Capture,
+) -> None:
+    capture.experiments = [{"ExperimentId": f"e{i:03d}"} for i in range(10)]
+    capture.total_count = "absent"
+    capture.ignore_page_number = True
+    async with make_client(capture.base_url) as client:
+        listing = await client.list_all(ListQuery(workspace_id="w1"), page_size=5)
+    assert not listing.complete and listing.error is not None
+    assert listing.error.code == "NoTotalCount" and "repeats" in str(listing.error)
+    assert len(listing.seen_ids) == 5 and listing.pages_read == 2
 
 
 async def test_a_fatal_page_fails_the_whole_listing(capture: Capture) -> None:

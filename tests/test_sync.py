@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from hpo_sync.client import UpstreamClient
 from hpo_sync.config import Config, StoreConfig, UpstreamConfig, WorkspaceConfig
@@ -286,6 +287,32 @@ async def test_a_row_that_shifts_between_pages_is_not_taken_for_deleted(tmp_path
         assert result.marked_deleted == 1
         assert mirror_rows(rig.store, ws)[victim]["deleted"] == 1
         assert_mirror_equals_truth(rig.store, rig.sim, ws)
+
+
+async def test_a_listing_without_total_count_still_reads_every_page(tmp_path: Path) -> None:
+    """An answer whose TotalCount is null cannot plan the pages: the sweep pages until an
+    empty page rather than taking page 1 for the whole workspace (and calling it done)."""
+    options = SimOptions(experiments=320, workspaces=1, seed=8, restart_per_min=0.0)
+    async for rig in make_rig(tmp_path, options, page_size=100):
+        ws = rig.sim.world.workspace_ids[0]
+        world, original = rig.sim.world, rig.sim.world.list
+
+        def uncounted(params: Any, original: Any = original) -> Any:
+            return (None, original(params)[1])
+
+        world.list = uncounted  # type: ignore[method-assign]
+        with capture_logs() as logs:
+            result = await rig.engine.sweep(ws)
+        assert result.status == "ok" and result.experiments_seen == 320
+        assert result.api_calls == 5  # four pages with experiments and the empty one
+        assert any(e["event"] == "upstream.total_count_missing" for e in logs)
+        assert_mirror_equals_truth(rig.store, rig.sim, ws)
+        victim = next(iter(truth(rig.sim, ws)))
+        world.mutate(victim, delete=True)
+        result = await rig.engine.sweep(ws, "full")
+        assert result.status == "ok" and result.marked_deleted == 1
+        assert_mirror_equals_truth(rig.store, rig.sim, ws)
+        world.list = original  # type: ignore[method-assign]
 
 
 async def test_a_fatal_error_fails_one_workspace_and_the_others_sync(tmp_path: Path) -> None:
