@@ -493,7 +493,9 @@ class SyncEngine:
         non_terminal = await asyncio.to_thread(
             self.store.non_terminal_experiments, ws, self.config.sync.terminal_statuses
         )
-        statuses = sorted({str(row.get("status")) for row in non_terminal.values()})
+        # A row without a status has no filter to find it by (sending one would ask for
+        # Status "None"): the "new" listing or a look-up by create time finds it instead.
+        statuses = sorted({str(s) for row in non_terminal.values() if (s := row.get("status"))})
         seen: set[str] = set()
         overlap = timedelta(seconds=self.config.sync.create_time_overlap_s)
         watermark = parse_time(state.create_watermark)

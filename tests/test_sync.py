@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -313,6 +314,38 @@ async def test_a_listing_without_total_count_still_reads_every_page(tmp_path: Pa
         assert result.status == "ok" and result.marked_deleted == 1
         assert_mirror_equals_truth(rig.store, rig.sim, ws)
         world.list = original  # type: ignore[method-assign]
+
+
+async def test_a_row_without_status_is_looked_up_never_queried_as_status_none(
+    tmp_path: Path,
+) -> None:
+    options = SimOptions(experiments=300, workspaces=1, seed=9, restart_per_min=0.0)
+    async for rig in make_rig(tmp_path, options):
+        ws = rig.sim.world.workspace_ids[0]
+        assert (await rig.engine.sweep(ws)).status == "ok"
+        victim = next(e for e in rig.sim.world.truth(ws) if e["Status"] == "RUNNING")
+        conn = sqlite3.connect(rig.config.store.path)
+        with conn:
+            conn.execute(
+                "UPDATE experiments SET status = NULL WHERE experiment_id = ?",
+                (victim["ExperimentId"],),
+            )
+        conn.close()
+        world, original = rig.sim.world, rig.sim.world.list
+        asked: list[dict[str, str]] = []
+
+        def record(params: Any, original: Any = original) -> Any:
+            asked.append(dict(params))
+            return original(params)
+
+        world.list = record  # type: ignore[method-assign]
+        result = await rig.engine.sweep(ws, "hot")
+        world.list = original  # type: ignore[method-assign]
+        assert result.status == "ok"
+        statuses = {p.get("Status") for p in asked} - {None}
+        assert "RUNNING" in statuses and "None" not in statuses and "" not in statuses
+        row = mirror_rows(rig.store, ws)[victim["ExperimentId"]]
+        assert row["status"] == "RUNNING" and row["deleted"] == 0
 
 
 async def test_a_fatal_error_fails_one_workspace_and_the_others_sync(tmp_path: Path) -> None:
