@@ -1,7 +1,8 @@
 """The ``hpo-sync`` command line.
 
 Exit status: 0 success, 1 a workspace (or the command's work) failed, 2 a config or usage
-error — always one clear message, never a traceback.
+error — always one clear message, never a traceback; ``sync`` adds 3 (some listing was
+incomplete) and 143 (stopped by SIGTERM).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,6 +26,12 @@ from .errors import ConfigError, HpoSyncError
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+#: ``sync``: every workspace synced, but some listing was incomplete (deletions skipped;
+#: the next sync finishes the job). rsync's "partial transfer" has its own code for the same
+#: reason: a script should be able to tell "not all" from "nothing" and from "all".
+EXIT_PARTIAL = 3
+#: Stopped by a signal: 128 + its number, as a shell reports it.
+EXIT_SIGTERM = 128 + signal.SIGTERM
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -187,13 +195,21 @@ def cmd_sync(args: argparse.Namespace) -> int:
     if unknown:
         configured = ", ".join(cfg.workspace_ids())
         raise UsageError(f"workspace {unknown[0]!r} is not configured (configured: {configured})")
-    results = asyncio.run(_sync_once(cfg, wanted, full=args.full))
+    try:
+        results = asyncio.run(_sync_once(cfg, wanted, full=args.full))
+    except asyncio.CancelledError:  # SIGTERM: the runs are closed as interrupted
+        print("hpo-sync: sync stopped by SIGTERM", file=sys.stderr)
+        return EXIT_SIGTERM
     for result in results:
         print(result.summary())
-    return EXIT_FAILED if any(r.status == "failed" for r in results) else EXIT_OK
+    if any(r.status == "failed" for r in results):
+        return EXIT_FAILED
+    return EXIT_PARTIAL if any(r.status == "partial" for r in results) else EXIT_OK
 
 
 async def _sync_once(cfg: config_mod.Config, workspaces: list[str], *, full: bool) -> list[Any]:
+    from datetime import UTC, datetime
+
     from .client import UpstreamClient
     from .credentials import DefaultChainCredentials
     from .normalise import format_time
@@ -206,9 +222,13 @@ async def _sync_once(cfg: config_mod.Config, workspaces: list[str], *, full: boo
     # sweeps, and only the lock holder may close runs a killed process left "running".
     lock = acquire_lock(cfg.store.path)
     store = await asyncio.to_thread(Store.open, cfg.store.path)
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    assert main is not None
+    # SIGTERM stops the sweeps as Ctrl-C does (asyncio.run cancels on SIGINT): a batch being
+    # written commits or rolls back whole, and the runs are closed below, not left "running".
+    loop.add_signal_handler(signal.SIGTERM, main.cancel)
     try:
-        from datetime import UTC, datetime
-
         await asyncio.to_thread(store.abandon_running_runs, format_time(datetime.now(UTC)))
         async with UpstreamClient(cfg.upstream, DefaultChainCredentials()) as client:
             engine = SyncEngine(
@@ -217,7 +237,12 @@ async def _sync_once(cfg: config_mod.Config, workspaces: list[str], *, full: boo
             results = await asyncio.gather(
                 *(engine.sweep(ws, "full" if full else "auto") for ws in workspaces)
             )
+    except asyncio.CancelledError:
+        # We hold the lock, so every run still "running" is one of ours.
+        await asyncio.to_thread(store.abandon_running_runs, format_time(datetime.now(UTC)))
+        raise
     finally:
+        loop.remove_signal_handler(signal.SIGTERM)
         if bar is not None:
             bar.close()
         await asyncio.to_thread(store.close)

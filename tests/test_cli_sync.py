@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -165,3 +166,64 @@ async def test_sigkill_mid_sweep_then_resume_loses_and_doubles_nothing(tmp_path:
             assert old != new
             last[exp_id] = new
         assert runs == ["failed", "ok", "ok"]  # the killed run was closed, not left running
+
+
+async def test_an_incomplete_listing_exits_3(tmp_path: Path) -> None:
+    """Every workspace synced, one page never came: exit 3, 'partial' in the summary."""
+    async with Simulator(SimOptions(experiments=300, workspaces=1, seed=5)) as sim:
+        ws = sim.world.workspace_ids[0]
+        cfg = write_config(tmp_path / "c.toml", sim.base_url, [ws], page_size=50)
+        cfg.write_text(
+            cfg.read_text().replace("max_qps = 200\n", "max_qps = 200\nretry_max_attempts = 1\n")
+        )
+        original = sim.world.list
+
+        def page_3_fails(params: Any) -> Any:
+            if params.get("PageNumber") == "3":
+                raise RuntimeError("page 3 is unavailable")
+            return original(params)
+
+        sim.world.list = page_3_fails  # type: ignore[method-assign]
+        code, out, err = await run_cli("--config", str(cfg), "sync")
+        assert code == 3, err
+        assert f"{ws}: full partial" in out and "deletions skipped" in out
+        with sqlite3.connect(tmp_path / "mirror.db") as conn:
+            assert conn.execute("SELECT status FROM sync_runs").fetchall() == [("partial",)]
+
+
+async def test_sigterm_mid_sweep_closes_the_run_and_exits_143(tmp_path: Path) -> None:
+    options = SimOptions(experiments=4000, workspaces=1, seed=8, latency_ms=25)
+    async with Simulator(options) as sim:
+        ws = sim.world.workspace_ids[0]
+        cfg = write_config(tmp_path / "c.toml", sim.base_url, [ws], page_size=20, max_concurrency=2)
+        db = tmp_path / "mirror.db"
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "hpo_sync.cli", "--config", str(cfg), "sync", env=ENV,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60
+            seen = 0
+            while seen < 200 and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+                if db.exists():
+                    try:
+                        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+                            seen = conn.execute("SELECT count(*) FROM experiments").fetchone()[0]
+                    except sqlite3.OperationalError:
+                        continue
+            assert proc.returncode is None, "the sync finished before it could be stopped"
+            proc.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(30):
+                _, err = await proc.communicate()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        assert proc.returncode == 143, err.decode()
+        assert "stopped by SIGTERM" in err.decode() and "Traceback" not in err.decode()
+        with sqlite3.connect(db) as conn:
+            assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+            runs = conn.execute("SELECT status, finished_at, error FROM sync_runs").fetchall()
+        ((status, finished_at, error),) = runs
+        assert status == "failed" and finished_at and "cancelled" in error

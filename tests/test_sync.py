@@ -334,7 +334,7 @@ async def test_a_row_without_status_is_looked_up_never_queried_as_status_none(
         world, original = rig.sim.world, rig.sim.world.list
         asked: list[dict[str, str]] = []
 
-        def record(params: Any, original: Any = original) -> Any:
+        def record(params: Any, original: Any = original, asked: Any = asked) -> Any:
             asked.append(dict(params))
             return original(params)
 

@@ -72,7 +72,7 @@ def secret_parts(url: str, *secrets: str | None) -> tuple[str, ...]:
         split = None
     if split is not None:
         pieces = split.path.split("/") + [v for _, v in parse_qsl(split.query)]
-        pieces += split.query.split("&") + [split.netloc.rpartition("@")[0]]
+        pieces += [*split.query.split("&"), split.netloc.rpartition("@")[0]]
         for piece in pieces:
             for form in (piece, unquote(piece), quote(unquote(piece), safe="")):
                 if len(form) >= _SECRET_MIN:

@@ -10,8 +10,8 @@ real errors, and records what it accepted. ``POST /_control/<token>`` with
 ``{"mode": "ok"|"fail", "errcode": N, "times": N}`` makes a token fail (HTTP 500, or the
 given error code) ``times`` times or until set back to ``ok``; mode ``echo`` answers HTTP 404
 with a body that quotes the whole request URL, as a misrouting proxy's error page does (so
-tests can check a webhook's secret never leaks through an error reply); ``GET /_received`` lists what
-was accepted. To emulate a target that is down, :meth:`Receivers.stop` and
+tests can check a webhook's secret never leaks through an error reply); ``GET /_received``
+lists what was accepted. To emulate a target that is down, :meth:`Receivers.stop` and
 :meth:`Receivers.start` again on the same port.
 """
 
