@@ -21,7 +21,7 @@ import hmac
 import json
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,7 +104,9 @@ class Receivers:
         return [r for r in self.received if r.token == token]
 
     @web.middleware
-    async def _echo(self, request: web.Request, handler: Any) -> web.StreamResponse:
+    async def _echo(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
         token = request.match_info.get("token") or request.query.get(
             "access_token", request.query.get("key", "")
         )
