@@ -49,6 +49,8 @@ VERSION = "2022-08-28"
 
 log = structlog.get_logger(__name__)
 
+#: The shortest timeout an attempt gets when little of a page's time budget is left.
+MIN_ATTEMPT_S = 1.0
 BACKOFF_INITIAL_S = 0.2
 BACKOFF_MAX_S = 10.0
 BACKOFF_JITTER_S = 0.5
@@ -281,7 +283,11 @@ class UpstreamClient:
         return URL(f"{target}?{query}" if query else target, encoded=True)
 
     async def _attempt(
-        self, params: Mapping[str, str], workspace_id: str | None, tally: Tally | None
+        self,
+        params: Mapping[str, str],
+        workspace_id: str | None,
+        tally: Tally | None,
+        timeout_s: float | None = None,
     ) -> Page:
         """One signed attempt. Raises Retryable/Throttled/FatalUpstreamError."""
         creds = await self._credentials.get()
@@ -316,7 +322,7 @@ class UpstreamClient:
             async with session.get(
                 self._url(query),
                 headers=headers,
-                timeout=aiohttp.ClientTimeout(total=self.config.timeout_s),
+                timeout=aiohttp.ClientTimeout(total=timeout_s or self.config.timeout_s),
                 allow_redirects=False,
             ) as resp:
                 body = await resp.read()
@@ -461,7 +467,11 @@ class UpstreamClient:
                     async with self._concurrency:
                         await self._limiter.acquire()
                         try:
-                            page = await self._attempt(params, workspace_id, tally)
+                            # An attempt may not run past the page's time budget either
+                            # (a slow answer would): its timeout is what is left of it.
+                            left_s = self.config.retry_max_total_s - (time.monotonic() - started)
+                            timeout_s = min(self.config.timeout_s, max(left_s, MIN_ATTEMPT_S))
+                            page = await self._attempt(params, workspace_id, tally, timeout_s)
                         except ThrottledError as exc:
                             throttled += 1
                             self.stats.throttled += 1

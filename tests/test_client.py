@@ -512,6 +512,21 @@ async def test_exhausting_attempts_raises(capture: Capture) -> None:
     assert "gave up after 3 attempts" in str(err)
 
 
+async def test_a_slow_last_attempt_is_cut_to_the_time_budget(capture: Capture) -> None:
+    """retry_max_total_s bounds the attempts too: one started near the end of the budget
+    times out with it, not a whole timeout_s later."""
+    capture.script.extend([api_error(500, "InternalError"), sleep_then(30, ok_listing())])
+    async with make_client(
+        capture.base_url, timeout_s=20.0, retry_max_total_s=2.0, retry_max_attempts=5
+    ) as client:
+        started = time.monotonic()
+        with pytest.raises(RetriesExhaustedError):
+            await client.list_page(ListQuery(), 1)
+        spent_s = time.monotonic() - started
+    assert spent_s < 10, spent_s  # 20 s and more without the cut
+    assert client.stats.api_calls == 2
+
+
 async def test_endless_throttling_is_bounded(capture: Capture) -> None:
     throttle = api_error(400, "Throttling.User", headers={"x-acs-retry-after": "10"})
     capture.script.extend([throttle] * 100)
