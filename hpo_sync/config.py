@@ -499,6 +499,7 @@ class _Parser:
             raise self.fail(full, f"cannot read secret file {path}: {reason}") from None
         if not file_value:
             raise self.fail(full, f"secret file {path} is empty")
+        _warn_if_exposed(path, full)
         return Secret(file_value, f"file:{path}"), full
 
     # --- sections ------------------------------------------------------------------------
@@ -815,6 +816,24 @@ def _choice(choices: tuple[str, ...], *, fold: bool = False) -> Callable[[Any], 
 
 def _non_empty(v: Any) -> str | None:
     return None if str(v).strip() else "must not be empty"
+
+
+def _warn_if_exposed(path: Path, key: str) -> None:
+    """Warn (as ssh refuses) when a secret file is readable or writable by group or others.
+    A warning, not an error: a group-readable file may be the deliberate way a deployment
+    shares it, and refusing would stop the daemon over a mode it can do nothing about."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return
+    if mode & 0o077:
+        log.warning(
+            "config.secret_file_exposed",
+            key=key,
+            path=str(path),
+            mode=oct(mode & 0o777),
+            hint=f"chmod 600 {path} (or hand it over with systemd's LoadCredential=)",
+        )
 
 
 def _check_url(v: Any) -> str | None:

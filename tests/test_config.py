@@ -284,6 +284,22 @@ url_file = "hook"
     assert cfg.alerts.targets[0].url.reveal() == "https://example.com/hook?key=filekey"
 
 
+def test_a_secret_file_others_can_read_is_warned_about(tmp_path: Path) -> None:
+    token = tmp_path / "api-token"
+    token.write_text("file-token-value\n", encoding="utf-8")
+    text = f'{MINIMAL}[[api.tokens]]\nname = "t"\ntoken_file = "{token}"\n'
+    token.chmod(0o600)
+    with capture_logs() as logs:
+        loads(text, env={})
+    assert not [e for e in logs if e["event"] == "config.secret_file_exposed"]
+    token.chmod(0o644)
+    with capture_logs() as logs:
+        loads(text, env={})
+    (warning,) = [e for e in logs if e["event"] == "config.secret_file_exposed"]
+    assert warning["key"] == "api.tokens[0].token_file" and warning["mode"] == "0o644"
+    assert warning["log_level"] == "warning" and "file-token-value" not in repr(logs)
+
+
 # --- errors: each names the key and the line ----------------------------------------------
 
 
