@@ -93,6 +93,29 @@ async def test_sync_usage_and_config_errors_exit_2(sim: Simulator, tmp_path: Pat
     assert "Traceback" not in err
 
 
+async def sync_until_rows(
+    cfg: Path, db: Path, rows: int, output: int = asyncio.subprocess.DEVNULL
+) -> asyncio.subprocess.Process:
+    """``hpo-sync sync`` as a process, returned once the mirror holds ``rows`` experiments
+    (and the sync is still running)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "hpo_sync.cli", "--config", str(cfg), "sync", env=ENV,
+        stdout=output, stderr=output,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    seen = 0
+    while seen < rows and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        try:  # (no file yet, or no table yet: OperationalError)
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+                seen = conn.execute("SELECT count(*) FROM experiments").fetchone()[0]
+        except sqlite3.OperationalError:
+            continue
+    if proc.returncode is not None:
+        raise AssertionError("the sync finished before it could be stopped")
+    return proc
+
+
 @pytest.mark.slow
 async def test_sigkill_mid_sweep_then_resume_loses_and_doubles_nothing(tmp_path: Path) -> None:
     options = SimOptions(experiments=6000, workspaces=1, seed=8, latency_ms=25)
@@ -100,22 +123,8 @@ async def test_sigkill_mid_sweep_then_resume_loses_and_doubles_nothing(tmp_path:
         ws = sim.world.workspace_ids[0]
         cfg = write_config(tmp_path / "c.toml", sim.base_url, [ws], page_size=20, max_concurrency=2)
         db = tmp_path / "mirror.db"
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "hpo_sync.cli", "--config", str(cfg), "sync", env=ENV,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-        )  # fmt: skip
+        proc = await sync_until_rows(cfg, db, 1500)
         try:
-            deadline = time.monotonic() + 60
-            seen = 0
-            while seen < 1500 and time.monotonic() < deadline:
-                await asyncio.sleep(0.1)
-                if db.exists():
-                    try:
-                        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-                            seen = conn.execute("SELECT count(*) FROM experiments").fetchone()[0]
-                    except sqlite3.OperationalError:
-                        continue
-            assert proc.returncode is None, "the sync finished before it could be killed"
             proc.send_signal(signal.SIGKILL)
             await proc.wait()
         finally:
@@ -197,22 +206,8 @@ async def test_sigterm_mid_sweep_closes_the_run_and_exits_143(tmp_path: Path) ->
         ws = sim.world.workspace_ids[0]
         cfg = write_config(tmp_path / "c.toml", sim.base_url, [ws], page_size=20, max_concurrency=2)
         db = tmp_path / "mirror.db"
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "hpo_sync.cli", "--config", str(cfg), "sync", env=ENV,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
+        proc = await sync_until_rows(cfg, db, 200, output=asyncio.subprocess.PIPE)
         try:
-            deadline = time.monotonic() + 60
-            seen = 0
-            while seen < 200 and time.monotonic() < deadline:
-                await asyncio.sleep(0.1)
-                if db.exists():
-                    try:
-                        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-                            seen = conn.execute("SELECT count(*) FROM experiments").fetchone()[0]
-                    except sqlite3.OperationalError:
-                        continue
-            assert proc.returncode is None, "the sync finished before it could be stopped"
             proc.send_signal(signal.SIGTERM)
             async with asyncio.timeout(30):
                 _, err = await proc.communicate()
