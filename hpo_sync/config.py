@@ -13,12 +13,14 @@ import hmac
 import ipaddress
 import os
 import re
+import string
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, timedelta, timezone
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import structlog
@@ -837,9 +839,26 @@ def _warn_if_exposed(path: Path, key: str) -> None:
 
 
 def _check_url(v: Any) -> str | None:
-    if v == "" or re.match(r"^https?://[^\s/?#@]+/?$", v):
+    if v == "":
         return None
-    return "expected a base URL with no path, such as http://127.0.0.1:8780"
+    problem = "expected a base URL with no path, such as http://127.0.0.1:8780"
+    if not re.match(r"^https?://[^\s/?#@]+/?$", v):
+        return problem
+    # The client builds every request from this URL: a host or port it cannot read would
+    # otherwise only fail at the first sync.
+    try:
+        parts = urlsplit(v)
+    except ValueError:  # an unclosed or invalid [IPv6] host
+        return f"{problem} (a host in brackets must be an IPv6 address, closed: http://[::1]:8780)"
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        return f"{problem} (the port must be a number from 1 to 65535)"
+    if not parts.hostname:
+        return f"{problem} (the host is missing)"
+    return None
 
 
 def _check_region(v: Any) -> str | None:
@@ -887,11 +906,21 @@ def _check_quiet_hours(v: Any) -> str | None:
 def _check_console_url(v: Any) -> str | None:
     if not re.match(r"^https?://", v):
         return "expected an http:// or https:// URL template"
+    fields = ", ".join("{" + f + "}" for f in CONSOLE_URL_FIELDS)
+    allowed = f"(the template may use {fields}; {{{{ and }}}} for literal braces)"
     try:
-        v.format(**dict.fromkeys(CONSOLE_URL_FIELDS, "x"))
-    except (KeyError, IndexError, ValueError) as exc:
-        fields = ", ".join("{" + f + "}" for f in CONSOLE_URL_FIELDS)
-        return f"bad placeholder {exc} (the template may use {fields})"
+        parsed = list(string.Formatter().parse(v))
+    except ValueError as exc:
+        return f"bad placeholder: {exc} {allowed}"
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if name not in CONSOLE_URL_FIELDS:
+            return f"bad placeholder {{{name}}} {allowed}"
+        if spec or conversion:
+            # A format spec has no use in a URL, and a huge width ({region:999999999999})
+            # would build a string that exhausts memory.
+            return f"bad placeholder {{{name}}}: write it bare, without a format spec or conversion"
     return None
 
 

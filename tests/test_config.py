@@ -425,6 +425,11 @@ def test_out_of_range(setting: str, key: str) -> None:
         ('[upstream]\nregion = "Hangzhou"', "upstream.region", "not a region id"),
         ('[upstream]\nendpoint = "localhost:8780"', "upstream.endpoint", "base URL"),
         ('[upstream]\nendpoint = "http://h/path"', "upstream.endpoint", "no path"),
+        ('[upstream]\nendpoint = "http://h:99999"', "upstream.endpoint", "from 1 to 65535"),
+        ('[upstream]\nendpoint = "http://h:abc"', "upstream.endpoint", "from 1 to 65535"),
+        ('[upstream]\nendpoint = "http://h:0"', "upstream.endpoint", "from 1 to 65535"),
+        ('[upstream]\nendpoint = "http://[::1"', "upstream.endpoint", "IPv6"),
+        ('[upstream]\nendpoint = "http://[zz]:80"', "upstream.endpoint", "IPv6"),
         ('[upstream]\nsort_by = ""', "upstream.sort_by", "not a field name"),
         (
             '[upstream]\ncreate_time_zone = "Mars/Olympus"',
@@ -444,6 +449,13 @@ def test_out_of_range(setting: str, key: str) -> None:
         ('[alerts]\nconsole_url = "https://x/{workspace_id}"', "alerts.console_url", "placeholder"),
         ('[alerts]\nconsole_url = "https://x/{"', "alerts.console_url", "placeholder"),
         ('[alerts]\nconsole_url = "pai.console.aliyun.com"', "alerts.console_url", "URL"),
+        (
+            '[alerts]\nconsole_url = "https://x/{region:999999999999}"',
+            "alerts.console_url",
+            "without a format spec",
+        ),
+        ('[alerts]\nconsole_url = "https://x/{region!r}"', "alerts.console_url", "bare"),
+        ('[alerts]\nconsole_url = "https://x/{region.upper}"', "alerts.console_url", "{region."),
     ],
 )
 def test_bad_values(setting: str, key: str, fragment: str) -> None:
@@ -486,6 +498,18 @@ def test_bad_listen_address(listen: str) -> None:
 )
 def test_good_listen_address(listen: str, host_port: tuple[str, int]) -> None:
     assert loads(f'[api]\nlisten = "{listen}"\n{MINIMAL}', env={}).api.host_port == host_port
+
+
+@pytest.mark.parametrize("endpoint", ["http://127.0.0.1:8780", "http://[::1]:65535/", "https://h"])
+def test_good_endpoints(endpoint: str) -> None:
+    cfg = loads(f'[upstream]\nendpoint = "{endpoint}"\n{MINIMAL}', env={})
+    assert cfg.upstream.base_url == endpoint.rstrip("/")
+
+
+def test_console_url_with_literal_braces() -> None:
+    template = "https://x/{{raw}}/{region}/{workspace}/{experiment_id}"
+    cfg = loads(f'[alerts]\nconsole_url = "{template}"\n{MINIMAL}', env={})
+    assert cfg.alerts.console_url == template
 
 
 def test_full_sweeps_not_more_often_than_hot_ones() -> None:
