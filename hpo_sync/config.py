@@ -280,8 +280,16 @@ def load(path: Path | str, env: Mapping[str, str] | None = None) -> Config:
 
 def loads(text: str, *, source: Path | None = None, env: Mapping[str, str] | None = None) -> Config:
     """Validate config text (``source`` anchors relative paths; default: the cwd)."""
+    # Editors on Windows save UTF-8 with a byte order mark; TOML itself does not allow one.
+    text = text.removeprefix("\ufeff")
     try:
         data = tomllib.loads(text)
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables recursively.
+        where = f"config file {source}: " if source else ""
+        raise ConfigError(
+            f"{where}TOML syntax error: arrays or inline tables nested too deeply"
+        ) from None
     except tomllib.TOMLDecodeError as exc:
         message = str(exc)
         m = re.search(r"\s*\(at line (\d+), column (\d+)\)", message)
@@ -456,6 +464,8 @@ class _Parser:
         return os.path.expanduser(re.sub(r"\$(?:\{(\w+)\}|(\w+))", sub, value))
 
     def path(self, value: str, key: str) -> Path:
+        if "\0" in value:
+            raise self.fail(key, "a path cannot contain a NUL character (\\u0000)")
         path = Path(self.expand(value, key))
         return path if path.is_absolute() else self.base_dir / path
 

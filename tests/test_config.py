@@ -456,6 +456,7 @@ def test_out_of_range(setting: str, key: str) -> None:
         ),
         ('[alerts]\nconsole_url = "https://x/{region!r}"', "alerts.console_url", "bare"),
         ('[alerts]\nconsole_url = "https://x/{region.upper}"', "alerts.console_url", "{region."),
+        ('[store]\npath = "/tmp/a\\u0000b.db"', "store.path", "NUL"),
     ],
 )
 def test_bad_values(setting: str, key: str, fragment: str) -> None:
@@ -510,6 +511,35 @@ def test_console_url_with_literal_braces() -> None:
     template = "https://x/{{raw}}/{region}/{workspace}/{experiment_id}"
     cfg = loads(f'[alerts]\nconsole_url = "{template}"\n{MINIMAL}', env={})
     assert cfg.alerts.console_url == template
+
+
+def test_a_secret_file_path_with_nul_is_named() -> None:
+    text = f'{MINIMAL}[[api.tokens]]\nname = "t"\ntoken_file = "/run/a\\u0000b"\n'
+    assert error(text).startswith("api.tokens[0].token_file (line 5): ")
+    assert "NUL" in error(text)
+
+
+def test_deeply_nested_values_are_a_syntax_error(tmp_path: Path) -> None:
+    depth = 50_000
+    text = f"a = {'[' * depth}{']' * depth}\n{MINIMAL}"
+    assert "nested too deeply" in error(text)
+    path = tmp_path / "deep.toml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"deep\.toml.*nested too deeply"):
+        load(path)
+    inline = f"a = {'{b = ' * depth}1{'}' * depth}\n{MINIMAL}"
+    assert "nested too deeply" in error(inline)
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + f'[upstream]\nregion = "cn-beijing"\n{MINIMAL}'.encode())
+    cfg = load(path, env={})
+    assert cfg.upstream.region == "cn-beijing"
+    # line numbers still count from the first line
+    path.write_bytes(b"\xef\xbb\xbf" + f"[upstream]\npage_size = 0\n{MINIMAL}".encode())
+    with pytest.raises(ConfigError, match=r"^upstream\.page_size \(line 2\)"):
+        load(path, env={})
 
 
 def test_full_sweeps_not_more_often_than_hot_ones() -> None:
