@@ -44,6 +44,10 @@ EXPORT_KINDS = ("experiments", "changes", "sync_runs")
 
 _RELATIVE_RE = re.compile(r"^(\d+)\s*([smhdw])$", re.ASCII)
 _UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+#: The longest age ``--since`` takes (about 100 years): older times are given as a date.
+MAX_AGE_DAYS = 36_525
+#: The largest ``--limit``: beyond any mirror's size, and within SQLite's integers.
+MAX_LIMIT = 1_000_000_000
 
 
 class NoSuchExperimentError(HpoSyncError):
@@ -80,7 +84,15 @@ def parse_time_arg(text: str, *, relative: bool = False) -> TimeArg:
     value = text.strip()
     m = _RELATIVE_RE.match(value)
     if relative and m:
-        return TimeArg(ago=timedelta(seconds=int(m.group(1)) * _UNITS_S[m.group(2)]))
+        digits, unit = m.group(1).lstrip("0") or "0", m.group(2)
+        # Checked before converting: a datetime cannot reach before year 1 (and an int of
+        # thousands of digits cannot even be read).
+        if len(digits) > 15 or int(digits) * _UNITS_S[unit] > MAX_AGE_DAYS * 86400:
+            raise ValueError(
+                f"the age {text!r} reaches back too far: at most {MAX_AGE_DAYS}d "
+                "(about 100 years); give a date for an earlier time, e.g. 1970-01-01"
+            )
+        return TimeArg(ago=timedelta(seconds=int(digits) * _UNITS_S[unit]))
     forms = "YYYY-MM-DD or YYYY-MM-DDTHH:MM[:SS][Z|±HH:MM] (UTC unless a zone is given)"
     if relative:
         forms += ", or an age such as 12h, 7d, 2w"
@@ -110,13 +122,19 @@ def _arg_type(parse: Callable[[str], Any], name: str) -> Callable[[str], Any]:
     return convert
 
 
-def _non_negative(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise ValueError(f"expected a whole number, got {text!r}") from None
+def parse_limit(text: str) -> int:
+    """A ``--limit``: a whole number from 0 (no limit) to :data:`MAX_LIMIT`."""
+    value = text.strip()
+    if not re.fullmatch(r"[+-]?\d+", value, re.ASCII):
+        raise ValueError(f"expected a whole number, got {text!r}")
+    if len(value.lstrip("+-").lstrip("0")) > len(str(MAX_LIMIT)):
+        n = MAX_LIMIT + 1 if not value.startswith("-") else -1  # too many digits to read
+    else:
+        n = int(value)
     if n < 0:
-        raise ValueError(f"must be 0 (no limit) or more, got {n}")
+        raise ValueError(f"must be 0 (no limit) or more, got {text.strip()}")
+    if n > MAX_LIMIT:
+        raise ValueError(f"must be at most {MAX_LIMIT:,}, got {text.strip()}; 0 means no limit")
     return n
 
 
@@ -134,7 +152,7 @@ def _field_name(text: str) -> str:
 _time_type = _arg_type(parse_time_arg, "time")
 _since_type = _arg_type(lambda t: parse_time_arg(t, relative=True), "since")
 _tag_type = _arg_type(parse_tag, "tag")
-_limit_type = _arg_type(_non_negative, "limit")
+limit_type = _arg_type(parse_limit, "limit")
 _output_type = _arg_type(_output_path, "output")
 
 
@@ -225,7 +243,7 @@ def register_cli(sub: Any, command: Command) -> None:
     _allow_dash_values(p, [s for s in SORTS if s.startswith("-")])
     p.add_argument(
         "--limit",
-        type=_limit_type,
+        type=limit_type,
         default=DEFAULT_LIMIT,
         metavar="N",
         help=f"at most N rows (default {DEFAULT_LIMIT}; 0: all, streamed)",
@@ -262,7 +280,7 @@ def register_cli(sub: Any, command: Command) -> None:
     )
     p.add_argument(
         "--limit",
-        type=_limit_type,
+        type=limit_type,
         default=DEFAULT_LIMIT,
         metavar="N",
         help=f"the latest N changes (default {DEFAULT_LIMIT}; 0: all, streamed)",

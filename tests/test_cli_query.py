@@ -578,6 +578,13 @@ def test_stats_table(run: Run) -> None:
         (["ls", "--sort", "size"], "argument --sort: invalid choice: 'size'"),
         (["ls", "--limit", "-1"], "argument --limit: must be 0 (no limit) or more"),
         (["ls", "--limit", "ten"], "argument --limit: expected a whole number"),
+        (["ls", "--limit", str(10**30)], "argument --limit: must be at most 1,000,000,000"),
+        (["history", "--limit", str(10**30)], "argument --limit: must be at most"),
+        (["history", "--limit", "1" * 5000], "argument --limit: must be at most"),
+        (["history", "--since", "800000d"], "argument --since: the age '800000d' reaches back"),
+        (["history", "--since", "9" * 5000 + "d"], "reaches back too far"),
+        (["stats", "--since", "800000d"], "argument --since: the age '800000d' reaches back"),
+        (["stats", "--since", "99999999999999999999w"], "give a date for an earlier time"),
         (["ls", "--format", "xml"], "argument --format: invalid choice: 'xml'"),
         (["history", "--since", "7"], "cannot read '7' as a time"),
         (["history", "--since", "7y"], "or an age such as 12h, 7d, 2w"),
@@ -763,6 +770,37 @@ def test_parse_time_arg() -> None:
     for bad in ("7d", "", "0", "2024-02-30", "soon"):
         with pytest.raises(ValueError, match="cannot read"):
             parse(bad)
+    # the longest age, and its limit in every unit
+    assert parse("36525d", relative=True).resolve(now) == "1924-03-10T12:30:00Z"
+    for too_far in ("36526d", "5218w", "876601h", f"{36525 * 1440 + 1}m", "9" * 20 + "s"):
+        with pytest.raises(ValueError, match="reaches back too far"):
+            parse(too_far, relative=True)
+
+
+def test_parse_limit() -> None:
+    assert cli_query.parse_limit("0") == 0
+    assert cli_query.parse_limit(" 50 ") == 50
+    assert cli_query.parse_limit("+7") == 7
+    assert cli_query.parse_limit(str(cli_query.MAX_LIMIT)) == cli_query.MAX_LIMIT
+    for bad, message in (
+        (str(cli_query.MAX_LIMIT + 1), "at most"),
+        ("0" * 30 + "5", None),
+        ("-1", "0 (no limit) or more"),
+        ("-" + "9" * 40, "0 (no limit) or more"),
+        ("1.5", "whole number"),
+        ("٥", "whole number"),
+    ):
+        if message is None:
+            assert cli_query.parse_limit(bad) == 5
+            continue
+        with pytest.raises(ValueError, match=re.escape(message)):
+            cli_query.parse_limit(bad)
+
+
+def test_the_oldest_since_reads_the_whole_history(run: Run, db: Path) -> None:
+    everything = run.json("history", "--limit", "0")
+    assert run.json("history", "--limit", "0", "--since", "36525d") == everything
+    assert run.json("stats", "--since", "36525d")["Workspaces"]
 
 
 def test_parse_tag() -> None:
