@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
@@ -176,7 +177,7 @@ async def test_alerts_list_and_retry(
     code, out = await run_cli(
         ["alerts", "list", "--pending", "--format", "json", "--config", str(config_path)], capsys
     )
-    assert out.strip() == ""
+    assert out == "[]\n"
 
     conn = sqlite3.connect(cfg.store.path)
     (dead_id,) = conn.execute("SELECT id FROM alert_outbox WHERE status = 'dead'").fetchone()
@@ -193,3 +194,47 @@ async def test_alerts_list_and_retry(
     assert f"{dead_id:>6}  pending" in out
     code, out = await run_cli(["alerts", "retry", "--config", str(config_path)], capsys)
     assert code == 2
+
+
+async def test_alerts_list_formats_and_limits_match_the_query_commands(
+    config_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = load(config_path)
+    store = Store.open(cfg.store.path)
+    worker = AlertWorker(store, cfg, rate_limits={})
+    t = datetime.now(UTC) - timedelta(seconds=30)
+    statuses = ("RUNNING", "FAILED", "RUNNING", "FAILED", "RUNNING", "FAILED")
+    for i, status in enumerate(statuses):
+        e = normalise(
+            {"ExperimentId": "e1", "WorkspaceId": "ws1", "Name": "bert", "Status": status}
+        )
+        assert e is not None
+        at = format_time(t + timedelta(seconds=i))
+        run = store.begin_run("ws1", "hot", at)
+        store.apply(
+            "ws1", [e], observed_at=at, run_id=run, baseline=i == 0, on_changes=worker.on_changes
+        )
+    await worker.close()  # nothing sent: every delivery stays pending
+    store.close()
+    base = ["alerts", "list", "--config", str(config_path)]
+    # the rule's two targets ("ding", "bad") for each of the 3 changes to FAILED
+    code, out = await run_cli([*base, "--format", "json"], capsys)
+    rows = json.loads(out)  # one JSON array, as `ls` and `history` write
+    assert code == 0 and len(rows) == 6 and {r["status"] for r in rows} == {"pending"}
+    assert [r["id"] for r in rows] == sorted((r["id"] for r in rows), reverse=True)
+    code, out = await run_cli([*base, "--format", "jsonl"], capsys)
+    assert [json.loads(line) for line in out.splitlines()] == rows
+    code, out = await run_cli([*base, "--format", "json", "--limit", "0"], capsys)
+    assert json.loads(out) == rows  # 0: all, as in `ls --limit 0`
+    code, out = await run_cli([*base, "--format", "json", "--limit", "3"], capsys)
+    assert json.loads(out) == rows[:3]
+    for bad, message in (
+        ("-1", "must be 0 (no limit) or more"),
+        (str(10**30), "must be at most"),
+        ("many", "expected a whole number"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            cli.main([*base, "--limit", bad])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and f"argument --limit: {message}" in err, err
+        assert "Traceback" not in err

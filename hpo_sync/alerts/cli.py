@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -17,9 +16,11 @@ import aiohttp
 
 from hpo_sync import cli
 from hpo_sync.cli import UsageError
+from hpo_sync.cli_query import limit_type
 from hpo_sync.config import Config, TargetConfig
 from hpo_sync.errors import StoreError
 from hpo_sync.normalise import format_time
+from hpo_sync.render import json_array_chunks, json_line
 from hpo_sync.store import Store
 
 from . import outbox
@@ -55,8 +56,19 @@ def register_cli(sub: Any, command: Command) -> None:
     which = ls.add_mutually_exclusive_group()
     which.add_argument("--pending", action="store_true", help="only pending deliveries")
     which.add_argument("--dead", action="store_true", help="only dead-lettered deliveries")
-    ls.add_argument("--limit", type=int, default=50, help="at most this many rows (default 50)")
-    ls.add_argument("--format", choices=("table", "json"), default="table")
+    ls.add_argument(
+        "--limit",
+        type=limit_type,
+        default=50,
+        metavar="N",
+        help="at most N rows (default 50; 0: all)",
+    )
+    ls.add_argument(
+        "--format",
+        choices=("table", "json", "jsonl"),
+        default="table",
+        help="table (default), json (one array) or jsonl (one object per line)",
+    )
     ls.set_defaults(handler=cmd_list)
 
     r = actions.add_parser(
@@ -165,8 +177,10 @@ _LIST_KEYS = (
 
 
 def list_rows(store: Store, status: str | None, limit: int) -> list[dict[str, Any]]:
+    """The newest ``limit`` deliveries (0: all), of one status or all."""
     where = "WHERE o.status = ?" if status else ""
-    params: tuple[Any, ...] = (status, limit) if status else (limit,)
+    sql_limit = limit if limit > 0 else -1  # SQLite: a negative LIMIT is no limit
+    params: tuple[Any, ...] = (status, sql_limit) if status else (sql_limit,)
     with store.reader() as conn:
         return [
             dict(zip(_LIST_KEYS, r, strict=True))
@@ -175,9 +189,11 @@ def list_rows(store: Store, status: str | None, limit: int) -> list[dict[str, An
 
 
 def print_rows(rows: Sequence[dict[str, Any]], fmt: str, out: TextIO) -> None:
-    if fmt == "json":
-        for row in rows:
-            print(json.dumps(row, ensure_ascii=False), file=out)
+    if fmt == "json":  # one array, as `hpo-sync ls` and `history` write
+        out.write("".join(json_array_chunks(rows)))
+        return
+    if fmt == "jsonl":
+        out.write("".join(json_line(row) for row in rows))
         return
     print(
         f"{'ID':>6}  {'STATUS':7}  {'TARGET':16}  {'TRIES':>5}  {'EXPERIMENT':28}  CHANGE / ERROR",
