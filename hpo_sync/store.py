@@ -1368,16 +1368,17 @@ class Store:
             for row in rows:
                 yield _export_row(kind, row, decode)
             return
+        # Mapped as a whole: a damaged page shows up only when the read reaches it.
         with _mapped(self.path, f"exporting {kind}"):
             conn = self._connect_reader()
-        try:
-            conn.execute("BEGIN")
-            cur = conn.execute(sql, params)
-            while batch := cur.fetchmany(batch_size):
-                for row in batch:
-                    yield _export_row(kind, row, decode)
-        finally:
-            conn.close()
+            try:
+                conn.execute("BEGIN")
+                cur = conn.execute(sql, params)
+                while batch := cur.fetchmany(batch_size):
+                    for row in batch:
+                        yield _export_row(kind, row, decode)
+            finally:
+                conn.close()
 
 
 def _export_row(kind: str, row: sqlite3.Row, decode: bool) -> dict[str, Any]:

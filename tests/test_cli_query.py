@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -618,6 +619,40 @@ def test_a_file_that_is_not_a_mirror_exits_1(run: Run, tmp_path: Path) -> None:
     code, out, err = run("ls", db=bogus)
     assert (code, out) == (1, "")
     assert err.startswith("hpo-sync: ") and "Traceback" not in err
+
+
+def damaged_copy(db: Path, dest: Path) -> Path:
+    """A copy of the mirror whose schema reads fine but whose table pages are garbage."""
+    conn = sqlite3.connect(db)
+    conn.execute("VACUUM INTO ?", (str(dest),))
+    first = min(
+        root
+        for (root,) in conn.execute(
+            "SELECT rootpage FROM sqlite_master WHERE name IN ('experiments', 'changes')"
+        )
+    )
+    (page_size,) = conn.execute("PRAGMA page_size").fetchone()
+    conn.close()
+    data = bytearray(dest.read_bytes())
+    start = (first - 1) * page_size
+    data[start:] = bytes((i * 7) % 251 for i in range(len(data) - start))
+    dest.write_bytes(bytes(data))
+    return dest
+
+
+@pytest.mark.parametrize("kind", ["experiments", "changes"])
+def test_export_of_a_damaged_mirror_exits_1_without_a_traceback(
+    run: Run, db: Path, tmp_path: Path, kind: str
+) -> None:
+    bad = damaged_copy(db, tmp_path / "damaged.db")
+    code, _, err = run("export", "--kind", kind, db=bad)
+    assert code == 1
+    assert err.startswith(f"hpo-sync: exporting {kind} failed on {bad}: ")
+    assert "restore it from a backup" in err and "Traceback" not in err
+    dest = tmp_path / "out.jsonl"
+    code, _, err = run("export", "--kind", kind, "--output", str(dest), db=bad)
+    assert code == 1 and "restore it from a backup" in err
+    assert not [p.name for p in tmp_path.iterdir() if "out" in p.name]  # nor a partial one
 
 
 def test_without_db_the_config_store_path_is_used(
