@@ -14,6 +14,7 @@ arguments (a bad date, ``--tag`` without ``=``, an unknown sort …) or a bad co
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import re
 import shutil
@@ -27,6 +28,7 @@ from typing import IO, Any, Literal, TextIO
 
 from . import cli
 from . import render as r
+from .config import EXPERIMENT_STATUSES
 from .errors import ConfigError, HpoSyncError, StoreError
 from .normalise import format_time, parse_time
 from .store import ChangeRow, ExperimentFilter, PageKey, SortOrder, Store, WorkspaceStats
@@ -382,6 +384,24 @@ def _warn_unknown_workspaces(store: Store, wanted: Iterable[str | None]) -> None
             _note(f"workspace {ws!r} is not in the mirror (it has: {listed})")
 
 
+def _warn_unknown_statuses(store: Store, wanted: Iterable[str]) -> None:
+    """A ``--status`` that PAI does not use and the mirror does not hold matches nothing:
+    most likely a typo, so say so (the listing still runs: PAI may add statuses)."""
+    unknown = [s for s in wanted if s.strip().upper() not in EXPERIMENT_STATUSES]
+    if not unknown:
+        return
+    held = {s for s in store.counts_by_status(include_deleted=True) if s}
+    for status in unknown:
+        if status.strip().upper() in held:
+            continue
+        close = difflib.get_close_matches(status.strip().upper(), EXPERIMENT_STATUSES, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        _note(
+            f"status {status!r} is not one PAI uses and no experiment in the mirror has it "
+            f"({hint}known: {', '.join(EXPERIMENT_STATUSES)})"
+        )
+
+
 def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
     batch: list[Any] = []
     for item in items:
@@ -511,6 +531,7 @@ def filters_from_args(args: argparse.Namespace) -> ExperimentFilter:
 def _ls(args: argparse.Namespace, store: Store, out: TextIO) -> int:
     filters = filters_from_args(args)
     _warn_unknown_workspaces(store, filters.workspaces)
+    _warn_unknown_statuses(store, filters.statuses)
     walk = ExperimentWalk(store, filters, args.sort, args.limit)
     if args.format == "table":
         n = _write_table(out, LS_COLUMNS, (ls_cells(row) for row in walk), _table_width(out))

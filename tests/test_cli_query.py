@@ -328,6 +328,24 @@ def test_ls_unknown_workspace_warns(run: Run) -> None:
     assert "workspace 'ws-typo' is not in the mirror" in err and "ws-a" in err
 
 
+def test_ls_unknown_status_warns(run: Run, db: Path, tmp_path: Path) -> None:
+    code, out, err = run("ls", "--status", "FAILD", "--format", "json")
+    assert (code, json.loads(out)) == (0, [])
+    assert "status 'FAILD' is not one PAI uses" in err and "did you mean FAILED?" in err
+    assert "RUNNING" in err  # the known statuses are listed
+    code, _, err = run("ls", "--status", "failed", "--status", "running", "--format", "json")
+    assert code == 0 and err == ""  # known statuses, any case: no note
+    # a status PAI may add later is no typo once the mirror holds it
+    newer = tmp_path / "newer.db"
+    store = Store.open(newer)
+    sweep(
+        store, "ws-n", T0, [raw("hpo-n1", "ws-n", "n", "PAUSED", T0)], baseline=True, complete=True
+    )
+    store.close()
+    code, out, err = run("ls", "--status", "paused", "--format", "json", db=newer)
+    assert code == 0 and err == "" and [e["Status"] for e in json.loads(out)] == ["PAUSED"]
+
+
 def test_ls_limit_zero_streams_every_row_in_keyset_pages(
     run: Run, monkeypatch: pytest.MonkeyPatch
 ) -> None:
