@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import signal
 import socket
@@ -119,6 +120,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise UsageError("--speed must be >= 0 and --fault-rate within [0, 1]")
     if args.hot_interval < 1 or args.full_interval < max(10, args.hot_interval):
         raise UsageError("--hot-interval must be >= 1 and --full-interval >= 10 and >= it")
+    if not 0 <= args.api_port <= 65535:
+        raise UsageError(f"--api-port must be from 0 (any free port) to 65535, got {args.api_port}")
+    if args.data_dir:
+        _check_data_dir(Path(args.data_dir), UsageError)
     options = DemoOptions(
         data_dir=Path(args.data_dir) if args.data_dir else None,
         duration_s=args.duration,
@@ -135,6 +140,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .eventloop import run
 
     return run(run_demo(options))
+
+
+def _check_data_dir(path: Path, error: Callable[[str], Exception]) -> None:
+    """``--data-dir`` must be a directory, or a path where one can be made."""
+    if "\0" in str(path):
+        raise error("--data-dir cannot contain a NUL character")
+    if path.exists() and not path.is_dir():
+        raise error(f"--data-dir {path} is a file, not a directory; name a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise error(f"--data-dir {path}: cannot create it: {exc.strerror or exc}") from None
 
 
 def config_text(
@@ -236,11 +253,31 @@ def _discover_extras() -> list[Callable[[Path], Any]]:
 
 
 class _Out:
-    def __init__(self, stream: TextIO) -> None:
+    """Prints lines to the terminal. When its reader goes away (``hpo-sync demo | head``),
+    calls ``on_closed`` once (the demo stops, cleaning up) and prints nothing more."""
+
+    def __init__(self, stream: TextIO, on_closed: Callable[[], None] | None = None) -> None:
         self.stream = stream
+        self.on_closed = on_closed
+        self.closed = False
 
     def __call__(self, text: str = "") -> None:
-        print(text, file=self.stream, flush=True)
+        if self.closed:
+            return
+        try:
+            print(text, file=self.stream, flush=True)
+        except BrokenPipeError:
+            self.closed = True
+            # Python flushes stdout again at exit, and would complain about the pipe then;
+            # whatever else prints (the alert receivers) goes nowhere too.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                with contextlib.suppress(OSError, ValueError, AttributeError):
+                    os.dup2(devnull, self.stream.fileno())
+            finally:
+                os.close(devnull)
+            if self.on_closed is not None:
+                self.on_closed()
 
 
 async def run_demo(options: DemoOptions, out: TextIO | None = None) -> int:
@@ -249,7 +286,8 @@ async def run_demo(options: DemoOptions, out: TextIO | None = None) -> int:
     from .sim import DEFAULT_ACCESS_KEY_ID, DEFAULT_ACCESS_KEY_SECRET
     from .sim.server import SimOptions, Simulator
 
-    say = _Out(out or sys.stdout)
+    stop = asyncio.Event()
+    say = _Out(out or sys.stdout, on_closed=stop.set)
     temporary = options.data_dir is None
     data_dir = (
         Path(tempfile.mkdtemp(prefix="hpo-sync-demo-"))
@@ -259,7 +297,6 @@ async def run_demo(options: DemoOptions, out: TextIO | None = None) -> int:
     data_dir.mkdir(parents=True, exist_ok=True)
     db_path = (data_dir / "mirror.db").resolve()
     log_path = data_dir / "daemon.log"
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)

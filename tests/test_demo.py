@@ -136,3 +136,60 @@ async def test_demo_stops_on_sigint_and_cleans_up_its_temp_dir() -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--api-port", "99999"], "--api-port must be from 0 (any free port) to 65535"),
+        (["--api-port", "-1"], "--api-port must be from 0"),
+        (["--data-dir", "{file}"], "is a file, not a directory"),
+        (["--data-dir", "{file}/sub"], "cannot create it: Not a directory"),
+    ],
+)
+def test_bad_demo_arguments_exit_2_with_one_message(
+    tmp_path: Path, argv: list[str], message: str
+) -> None:
+    file = tmp_path / "a-file"
+    file.write_text("not a directory\n")
+    proc = subprocess.run(
+        cli("demo", *(a.format(file=file) for a in argv)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=daemon_env(TMPDIR=str(tmp_path)),
+        cwd=ROOT,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+    assert not list(tmp_path.glob("hpo-sync-demo-*"))  # nothing started, nothing left
+
+
+@pytest.mark.slow
+def test_demo_ends_quietly_and_cleans_up_when_its_reader_goes_away(tmp_path: Path) -> None:
+    # `hpo-sync demo | head -3`; --duration only bounds a demo that would not notice
+    proc = subprocess.Popen(
+        [*cli("demo", "--duration", "120"), *FAST],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=daemon_env(TMPDIR=str(tmp_path)),
+        cwd=ROOT,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        with proc.stderr:
+            first = proc.stdout.readline().decode()
+            proc.stdout.readline()
+            proc.stdout.readline()
+            proc.stdout.close()
+            assert proc.wait(timeout=100) == 0
+            err = proc.stderr.read().decode()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            proc.wait()
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+    data_dir = Path(first.rsplit("data in ", 1)[1].strip())
+    assert data_dir.parent == tmp_path
+    assert gone(data_dir)
