@@ -10,8 +10,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import json
+import os
 import signal
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -281,7 +284,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(f"simulate: {exc}") from None
 
+    listening = False
+
     def ready(url: str) -> None:
+        nonlocal listening
+        listening = True
         ak, secret = next(iter(options.credentials.items()))
         print(f"simulator listening on {url}", flush=True)
         print(
@@ -291,9 +298,27 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         )
         print(f"  ground truth: {url}/_sim/truth   stats: {url}/_sim/stats", flush=True)
 
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(sim_server.serve_forever(options, on_ready=ready))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(sim_server.serve_forever(options, on_ready=ready))
+    except OSError as exc:
+        if listening:
+            raise
+        raise _listen_error(options.host, options.port, exc) from None
     return EXIT_OK
+
+
+def _listen_error(host: str, port: int, exc: OSError) -> HpoSyncError:
+    """What binding ``host:port`` failing means: a host that is no address of this machine
+    is a usage error (exit 2); a port that is taken or not allowed is not (exit 1)."""
+    reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else str(exc)
+    if isinstance(exc, socket.gaierror):
+        return UsageError(f"simulate: --host {host!r} is not an address or a known host name")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return UsageError(f"simulate: --host {host!r} is not an address of this machine")
+    shown = f"[{host}]" if ":" in host else host
+    hint = "; is another process using the port?" if exc.errno == errno.EADDRINUSE else ""
+    return HpoSyncError(f"simulate: cannot listen on {shown}:{port}: {reason}{hint}")
 
 
 def default_db_path(args: argparse.Namespace) -> Path:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import sqlite3
 import sys
 import time
@@ -91,6 +92,59 @@ async def test_sync_usage_and_config_errors_exit_2(sim: Simulator, tmp_path: Pat
     code, _, err = await run_cli("sync", "--config", str(broken))
     assert code == 2 and "sync.hot_interval_s" in err and "line" in err
     assert "Traceback" not in err
+    for endpoint in ("http://127.0.0.1:99999", "http://127.0.0.1:abc", "http://[::1"):
+        bad = write_config(tmp_path / "bad.toml", endpoint, ["100001"])
+        code, _, err = await run_cli("sync", "--config", str(bad))
+        assert code == 2 and "upstream.endpoint (line 2)" in err, err
+        assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--port", "99999"], "simulate: --port must be from 0 (any free port) to 65535"),
+        (["--port", "-1"], "simulate: --port must be from 0"),
+        (["--host", "bad host"], "simulate: --host 'bad host' is not an address or a known"),
+        (["--host", "192.0.2.1"], "simulate: --host '192.0.2.1' is not an address of this"),
+    ],
+)
+async def test_simulate_cannot_listen_there_exit_2(argv: list[str], message: str) -> None:
+    code, out, err = await run_cli("simulate", *argv)
+    assert code == 2 and out == ""
+    assert err.startswith("hpo-sync: simulate: ") and message in err, err
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+
+
+async def test_simulate_on_a_port_in_use_exits_1() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, out, err = await run_cli("simulate", "--port", str(port))
+    assert code == 1 and out == ""
+    assert err == (
+        f"hpo-sync: simulate: cannot listen on 127.0.0.1:{port}: Address already in use; "
+        "is another process using the port?\n"
+    )
+
+
+async def test_simulate_listens_until_interrupted() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "hpo_sync.cli", "simulate", "--experiments", "10", env=ENV,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(60):
+            first = (await proc.stdout.readline()).decode()
+            assert first.startswith("simulator listening on http://127.0.0.1:"), first
+            proc.send_signal(signal.SIGINT)
+            _, err = await proc.communicate()
+        assert proc.returncode == 0, err.decode()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
 
 
 async def sync_until_rows(

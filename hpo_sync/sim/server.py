@@ -920,6 +920,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def options_from_args(ns: argparse.Namespace) -> SimOptions:
     """SimOptions from the flags of :func:`add_arguments`; raises ValueError."""
+    if not 0 <= ns.port <= 65535:
+        raise ValueError(f"--port must be from 0 (any free port) to 65535, got {ns.port}")
     return SimOptions(
         host=ns.host,
         port=ns.port,
