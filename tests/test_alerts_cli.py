@@ -194,6 +194,11 @@ async def test_alerts_list_and_retry(
     assert f"{dead_id:>6}  pending" in out
     code, out = await run_cli(["alerts", "retry", "--config", str(config_path)], capsys)
     assert code == 2
+    for bad in (str(10**30), "0", "-3", "x"):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["alerts", "retry", bad, "--config", str(config_path)])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and f"{bad!r} is not an alert id" in err, err
 
 
 async def test_alerts_list_formats_and_limits_match_the_query_commands(

@@ -78,9 +78,19 @@ def register_cli(sub: Any, command: Command) -> None:
     )
     cli._common(r, top=False)
     r.add_argument("--db", metavar="PATH", help="the mirror (default: the config's [store] path)")
-    r.add_argument("ids", metavar="ID", type=int, nargs="*", help="alert_outbox ids")
+    r.add_argument("ids", metavar="ID", type=_outbox_id, nargs="*", help="alert_outbox ids")
     r.add_argument("--all-dead", action="store_true", help="every dead-lettered delivery")
     r.set_defaults(handler=cmd_retry)
+
+
+def _outbox_id(text: str) -> int:
+    """An ``alert_outbox`` id: a positive whole number SQLite can hold."""
+    value = text.strip()
+    if not (value.isascii() and value.isdigit()) or len(value) > 19 or not 0 < int(value) < 2**63:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an alert id (see `hpo-sync alerts list`)"
+        )
+    return int(value)
 
 
 def _need_action(args: argparse.Namespace) -> int:  # pragma: no cover - argparse requires one
