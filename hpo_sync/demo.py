@@ -236,6 +236,18 @@ def _trials(value: str | None) -> str:
     return " ".join(f"{k.lower()} {v}" for k, v in sorted(counts.items()))
 
 
+def command_name(argv0: str | None = None, path: str | None = None) -> str:
+    """How to run hpo-sync from another terminal: ``hpo-sync`` when that name on the PATH is
+    this very program, else its full path (the README's ``.venv/bin/hpo-sync`` is not on the
+    PATH of a shell that has not activated the venv), else ``python -m hpo_sync.cli``."""
+    argv0 = sys.argv[0] if argv0 is None else argv0
+    if Path(argv0).name == "hpo-sync":
+        mine = Path(argv0).resolve()
+        found = shutil.which("hpo-sync", path=path)
+        return "hpo-sync" if found and Path(found).resolve() == mine else str(mine)
+    return f"{sys.executable} -m hpo_sync.cli"
+
+
 def _available_commands() -> set[str]:
     from . import cli
 
@@ -383,7 +395,7 @@ def _banner(
     extras: list[DemoExtra],
 ) -> None:
     api = daemon.api_url
-    cfg = f"--config {config_path}"
+    cfg = f"{command_name()} --config {config_path}"
     commands = _available_commands()
     say(f"hpo-sync demo — everything on loopback, data in {data_dir}")
     say(
@@ -406,17 +418,17 @@ def _banner(
     say(f"  curl -s '{api}/v1/experiments?status=RUNNING&limit=5'")
     say(f"  curl -s '{api}/v1/changes?wait=30'")
     if "ls" in commands:
-        say(f"  hpo-sync {cfg} ls --status RUNNING")
+        say(f"  {cfg} ls --status RUNNING")
     if "history" in commands:
-        say(f"  hpo-sync {cfg} history --no-baseline --field Status --limit 20")
+        say(f"  {cfg} history --no-baseline --field Status --limit 20")
     if "stats" in commands:
-        say(f"  hpo-sync {cfg} stats --since 1h")
+        say(f"  {cfg} stats --since 1h")
     say(f'  sqlite3 {db_path} "SELECT status, count(*) FROM experiments GROUP BY status"')
     say(
         f'  sqlite3 {db_path} "SELECT observed_at, experiment_id, old_value, new_value '
         "FROM changes WHERE field = 'Status' AND baseline = 0 ORDER BY id DESC LIMIT 10\""
     )
-    say(f"  hpo-sync {cfg} backup {data_dir / 'copy.db'}")
+    say(f"  {cfg} backup {data_dir / 'copy.db'}")
     say()
     say("Ctrl-C stops everything. Changes, as the mirror records them:")
 

@@ -4,6 +4,7 @@ changes scroll by; ``--duration`` and SIGINT both stop it cleanly."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 from daemon_harness import ROOT, cli, daemon_env, query
 
-from hpo_sync.demo import config_text, format_change
+from hpo_sync.demo import command_name, config_text, format_change
 from hpo_sync.store import ChangeRow
 
 pytestmark = pytest.mark.timeout(120)
@@ -193,3 +194,24 @@ def test_demo_ends_quietly_and_cleans_up_when_its_reader_goes_away(tmp_path: Pat
     data_dir = Path(first.rsplit("data in ", 1)[1].strip())
     assert data_dir.parent == tmp_path
     assert gone(data_dir)
+
+
+def test_the_banner_names_a_command_that_runs_from_another_shell(tmp_path: Path) -> None:
+    venv_bin = tmp_path / "venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    script = venv_bin / "hpo-sync"
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    # not on the PATH (a venv not activated): the full path
+    assert command_name(str(script), path=str(tmp_path)) == str(script.resolve())
+    # on the PATH, and the same program: the bare name
+    assert command_name(str(script), path=str(venv_bin)) == "hpo-sync"
+    # another hpo-sync first on the PATH: still ours, by its full path
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "hpo-sync").write_text("#!/bin/sh\n")
+    (other / "hpo-sync").chmod(0o755)
+    path = f"{other}{os.pathsep}{venv_bin}"
+    assert command_name(str(script), path=path) == str(script.resolve())
+    # run as a module
+    assert command_name("/x/hpo_sync/cli.py").endswith(" -m hpo_sync.cli")
