@@ -75,6 +75,8 @@ def parse_time(value: Any, *, naive_tz: tzinfo = UTC) -> datetime | None:
         else:
             sign = 1 if zone[0] == "+" else -1
             digits = zone[1:].replace(":", "")
+            if int(digits[2:] or 0) >= 60:  # +08:99 is no offset (not +09:39)
+                return None
             offset = timedelta(hours=int(digits[:2]), minutes=int(digits[2:] or 0))
             zone_info = timezone(sign * offset)  # ValueError beyond ±24 h
     except ValueError:
