@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import hmac
 import ipaddress
+import json
 import os
 import re
 import string
@@ -617,7 +618,12 @@ class _Parser:
         for i, w in enumerate(raw):
             k = f"workspaces[{i}]"
             if not isinstance(w, dict):
-                raise self.fail(k, f"expected a table, got {_type_name(w)}")
+                example = f"id = {json.dumps(str(w))}" if isinstance(w, int | str) else "id = …"
+                raise self.fail(
+                    k,
+                    f"expected a table, got {_type_name(w)}: write each workspace as a "
+                    f"[[workspaces]] table with {example}",
+                )
             self.table(w, k, "workspaces[]")
             if "id" not in w:
                 raise self.fail(k, "missing id")
@@ -627,6 +633,12 @@ class _Parser:
             if not isinstance(wid, str) or not wid.strip():
                 raise self.fail(f"{k}.id", "expected a non-empty string")
             wid = wid.strip()
+            if not _WORKSPACE_ID_RE.fullmatch(wid):
+                raise self.fail(
+                    f"{k}.id",
+                    f"{wid[:40]!r} cannot be a workspace id: no spaces or control characters, "
+                    "at most 128 characters (PAI's are numbers such as \"100001\")",
+                )
             if wid in seen:
                 raise self.fail(f"{k}.id", f"workspace {wid!r} is listed twice")
             seen.add(wid)
@@ -828,6 +840,11 @@ def _choice(choices: tuple[str, ...], *, fold: bool = False) -> Callable[[Any], 
 
 def _non_empty(v: Any) -> str | None:
     return None if str(v).strip() else "must not be empty"
+
+
+#: What a workspace id may look like: PAI's are decimal numbers; anything printable without
+#: spaces is let through (it goes upstream as a query parameter and is refused there).
+_WORKSPACE_ID_RE = re.compile(r"[^\s\x00-\x1f\x7f]{1,128}")
 
 
 def _warn_if_exposed(path: Path, key: str) -> None:

@@ -553,6 +553,17 @@ def test_no_workspaces() -> None:
     assert error("[[workspaces]]\nlabel = 'x'\n").startswith("workspaces[0] (line 1): missing id")
 
 
+def test_workspace_shapes_and_ids() -> None:
+    message = error("workspaces = [100001]\n")
+    assert message.startswith("workspaces[0] (line 1): expected a table, got an integer")
+    assert 'with id = "100001"' in message
+    for bad in ("../x y", "a\\tb", "x" * 129):
+        message = error(f'[[workspaces]]\nid = "{bad}"\n')
+        assert message.startswith("workspaces[0].id (line 2): "), message
+        assert "cannot be a workspace id" in message
+    assert loads('[[workspaces]]\nid = "ws-1.a_b"\n', env={}).workspace_ids() == ("ws-1.a_b",)
+
+
 def test_duplicate_workspace() -> None:
     text = "[[workspaces]]\nid = 'a'\n\n[[workspaces]]\nid = 'b'\n\n[[workspaces]]\nid = 'a'\n"
     assert error(text).startswith("workspaces[2].id (line 8): workspace 'a' is listed twice")
