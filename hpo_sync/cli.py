@@ -162,9 +162,9 @@ def setup_logging(args: argparse.Namespace, cfg: config_mod.Config | None = None
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(_own_command(argv))
-    args = parser.parse_args(argv)
-    handler: Handler = args.handler
     try:
+        args = parser.parse_args(argv)  # (--help writes to stdout too)
+        handler: Handler = args.handler
         return handler(args)
     except ConfigError as exc:
         print(f"hpo-sync: config error: {exc}", file=sys.stderr)
@@ -177,6 +177,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (``hpo-sync ls | head``): it has what it wanted, so stop
+        # quietly, and keep Python's final flush of stdout from complaining again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_OK
 
 
 # ---------------------------------------------------------------------------------------------

@@ -346,12 +346,7 @@ def _handler(run: Callable[[argparse.Namespace, Store, TextIO], int]) -> Handler
         cli.setup_logging(args)
         out = sys.stdout
         try:
-            return run(args, store, out)
-        except BrokenPipeError:
-            # Python would complain again when it flushes stdout at exit.
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, out.fileno())
-            return cli.EXIT_OK
+            return run(args, store, out)  # (a closed pipe ends it in cli.main, quietly)
         finally:
             store.close()
 

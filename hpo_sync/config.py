@@ -637,7 +637,7 @@ class _Parser:
                 raise self.fail(
                     f"{k}.id",
                     f"{wid[:40]!r} cannot be a workspace id: no spaces or control characters, "
-                    "at most 128 characters (PAI's are numbers such as \"100001\")",
+                    'at most 128 characters (PAI\'s are numbers such as "100001")',
                 )
             if wid in seen:
                 raise self.fail(f"{k}.id", f"workspace {wid!r} is listed twice")

@@ -715,16 +715,32 @@ def test_exit_codes_of_a_real_process(db: Path, tmp_path: Path) -> None:
     assert proc.returncode == 1 and "run `hpo-sync sync` first" in proc.stderr
 
 
-def test_a_closed_pipe_ends_the_listing_quietly(db: Path) -> None:
+@pytest.mark.parametrize(
+    ("command", "read"),
+    [
+        (("export", "--kind", "changes"), 100),  # like `| head -c 100`
+        (("ls", "--help"), 0),  # gone before the first line
+        (("check-config",), 0),
+    ],
+)
+def test_a_closed_pipe_ends_the_command_quietly(
+    db: Path, tmp_path: Path, command: tuple[str, ...], read: int
+) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    config = tmp_path / "c.toml"
+    config.write_text(f'[store]\npath = "{db}"\n[[workspaces]]\nid = "1"\n')
+    args = [*command, "--config", str(config)]
+    if command[0] == "export":
+        args = [*command, "--db", str(db)]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "hpo_sync.cli", "export", "--kind", "changes", "--db", str(db)],
+        [sys.executable, "-m", "hpo_sync.cli", *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
     )  # fmt: skip
     assert proc.stdout is not None and proc.stderr is not None
     with proc, proc.stderr:
-        proc.stdout.read(100)
-        proc.stdout.close()  # like `| head -c 100`
+        if read:
+            proc.stdout.read(read)
+        proc.stdout.close()
         err = proc.stderr.read().decode()
         assert proc.wait(timeout=60) == 0, err
     assert "Traceback" not in err and "BrokenPipe" not in err
