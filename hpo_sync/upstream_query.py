@@ -109,11 +109,48 @@ def _parse_create_time(name: str, value: str, tz: tzinfo) -> int:
     return int(dt.timestamp())
 
 
+#: How deeply ``Tag`` JSON may nest: a valid one is an array of objects of strings (2), and
+#: a deeper one is refused before it is decoded (the decoder recurses once per level).
+MAX_TAG_DEPTH: Final = 8
+_JSON_STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*"?', re.DOTALL)
+_JSON_BRACKETS_RE = re.compile(r"[\[\]{}]")
+
+
+def _shown(value: str, limit: int = 60) -> str:
+    """A value quoted for a message: its start only (a parameter can be kilobytes long)."""
+    return repr(value[:limit]) + ("…" if len(value) > limit else "")
+
+
+def _depth(text: str) -> int:
+    """How deeply ``text`` nests JSON arrays and objects (brackets inside strings aside)."""
+    depth = deepest = 0
+    for bracket in _JSON_BRACKETS_RE.findall(_JSON_STRING_RE.sub("", text)):
+        depth += 1 if bracket in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def _is_unicode_text(value: object) -> bool:
+    """Can ``value`` be stored and sent as UTF-8? JSON's ``\\ud800`` decodes to a lone
+    surrogate, which no UTF-8 text (and no SQLite text) can hold."""
+    if not isinstance(value, str):
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _parse_tags(value: str) -> tuple[tuple[str, str | None], ...]:
+    if _depth(value) > MAX_TAG_DEPTH:
+        raise InvalidInputError(
+            f"Invalid 'Tag': JSON nested more than {MAX_TAG_DEPTH} levels deep: {_shown(value)}."
+        )
     try:
         data = json.loads(value)
-    except ValueError:
-        raise InvalidInputError(f"Invalid 'Tag': not valid JSON: {value!r}.") from None
+    except (ValueError, RecursionError):
+        raise InvalidInputError(f"Invalid 'Tag': not valid JSON: {_shown(value)}.") from None
     if not isinstance(data, list):
         raise InvalidInputError("Invalid 'Tag': expected a JSON array of {Key, Value}.")
     if len(data) > MAX_TAGS:
@@ -127,7 +164,12 @@ def _parse_tags(value: str) -> tuple[tuple[str, str | None], ...]:
         if not isinstance(key, str) or not key:
             raise InvalidInputError("Invalid 'Tag': every tag needs a non-empty string Key.")
         if val is not None and not isinstance(val, str):
-            raise InvalidInputError(f"Invalid 'Tag': the Value of {key!r} must be a string.")
+            raise InvalidInputError(f"Invalid 'Tag': the Value of {_shown(key)} must be a string.")
+        if not (_is_unicode_text(key) and _is_unicode_text(val)):
+            raise InvalidInputError(
+                "Invalid 'Tag': a Key or Value is not Unicode text (a lone surrogate escape "
+                "such as \\ud800)."
+            )
         out.append((key, val))
     return tuple(sorted(set(out), key=lambda kv: (kv[0], kv[1] or "")))
 

@@ -14,11 +14,13 @@ import aiohttp
 import pytest
 from aiohttp import web
 from simfixtures import list_ok
-from test_api_rig import START, TOKENS, WS1, WS2, ApiRig, api_rig, synced
+from test_api_rig import START, TOKENS, WS1, WS2, ApiRig, api_rig, golden_mirror, rig, synced
 
 from hpo_sync.normalise import normalise
 from hpo_sync.sim import DEFAULT_ACCESS_KEY_ID, DEFAULT_ACCESS_KEY_SECRET
 from hpo_sync.sim.server import SimOptions, Simulator
+
+__all__ = ["golden_mirror", "rig"]  # fixtures, imported for pytest
 
 COMPAT = "/api/automl/v1/hpo/experiments"
 
@@ -209,3 +211,23 @@ async def test_tag_filters_and_tags_match_the_simulator(
             ]
         freshness = resp.headers["X-Last-Sync"]
         assert freshness != "never" and resp.headers["x-acs-request-id"] == got["RequestId"]
+
+
+@pytest.mark.parametrize(
+    "tag",
+    [
+        '[{"Key":"\\ud800"}]',  # JSON escapes of lone surrogates: no UTF-8 text carries them
+        '[{"Key":"team","Value":"nlp\\udfff"}]',
+        "[" * 2500,  # deeper than any JSON decoder recurses
+        "[" * 1250 + "]" * 1250,
+        '[{"Key":' * 300,
+    ],
+)
+async def test_a_tag_no_decoder_or_utf8_can_carry_is_a_400_in_the_upstream_shape(
+    rig: ApiRig, tag: str
+) -> None:
+    reply = await rig.get(COMPAT, {"Tag": tag})
+    assert reply.status == 400, reply.text[:300]
+    assert set(reply.body) == {"RequestId", "Code", "Message"}
+    assert reply.body["Code"] == "INVALID_INPUT_PARAMS" and "Tag" in reply.body["Message"]
+    assert len(reply.body["Message"]) < 300  # the value is quoted, not echoed whole

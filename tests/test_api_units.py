@@ -19,7 +19,7 @@ from hpo_sync.api.errors import BadParameterError
 from hpo_sync.api.openapi import EXPERIMENTS_PARAMS, parse_params
 from hpo_sync.api.read import filter_identity, freshness
 from hpo_sync.store import ExperimentFilter, WorkspaceState
-from hpo_sync.upstream_query import parse_query
+from hpo_sync.upstream_query import InvalidInputError, parse_query
 
 keys = st.tuples(st.one_of(st.none(), st.text(max_size=40)), st.text(min_size=1, max_size=40))
 
@@ -223,3 +223,32 @@ def test_the_compatible_route_filters_like_upstream() -> None:
     assert ids({"SortBy": "GmtModifiedTime"}) == ["e3", "e1", "e2"]
     assert ids({"SortBy": "workspace_id", "Order": "DESC"}) == ["e3", "e2", "e1"]
     assert ids({}, ("2",)) == ["e3"]
+
+
+@pytest.mark.parametrize(
+    "tag",
+    [
+        '[{"Key":"\\ud800"}]',
+        '[{"Key":"k","Value":"\\udc00"}]',
+        '[{"key":"\\ud83d"}]',
+        "[" * 100_000 + "]" * 100_000,
+        '[{"Key":' * 50_000,
+        '[{"Key":"k","Value":{"x":[[[[1]]]]}}]',
+    ],
+)
+def test_an_upstream_tag_too_deep_or_not_unicode_is_invalid_input(tag: str) -> None:
+    with pytest.raises(InvalidInputError, match="Tag") as info:
+        parse_query({"Tag": tag})
+    assert len(str(info.value)) < 300
+
+
+@given(st.text(max_size=60) | st.builds(json.dumps, st.recursive(st.text(), st.lists)))
+def test_any_upstream_tag_parses_into_utf8_text_or_is_invalid_input(tag: str) -> None:
+    try:
+        q = parse_query({"Tag": tag})
+    except InvalidInputError:
+        return
+    for key, value in q.tags:
+        key.encode("utf-8")
+        if value is not None:
+            value.encode("utf-8")

@@ -162,9 +162,17 @@ async def test_paging_is_stable_and_complete(
 
 
 async def test_invalid_input(sim: Simulator, session: aiohttp.ClientSession) -> None:
-    for query in ({"PageNumber": "0"}, {"PageSize": "x"}, {"Tag": "[{"}, {"Order": "sideways"}):
+    for query in (
+        {"PageNumber": "0"},
+        {"PageSize": "x"},
+        {"Tag": "[{"},
+        {"Order": "sideways"},
+        # JSON that decodes to text no UTF-8 can carry, and JSON too deep to decode
+        {"Tag": '[{"Key":"\\ud800"}]'},
+        {"Tag": "[" * 2500},
+    ):
         reply = await signed_get(session, sim.base_url, query)
-        assert reply.status == 400
+        assert reply.status == 400, (reply.status, reply.text[:200])
         body = reply.json()
         assert set(body) == ERROR_KEYS
         assert body["Code"] == "INVALID_INPUT_PARAMS"
