@@ -514,6 +514,12 @@ async def test_sync_now_queues_a_sweep_for_admins(rig: ApiRig) -> None:
         ("/v1/experiments", {"stauts": "RUNNING"}, "stauts"),
         ("/v1/experiments", [("limit", "5"), ("limit", "6")], "limit"),
         ("/v1/experiments", {"name": "x" * 201}, "name"),
+        # SQLite's LIKE stops at a NUL: "bert\0zzz" would match every name containing "bert"
+        ("/v1/experiments", {"name": "bert\x00zzz"}, "name"),
+        ("/v1/experiments", {"name": "bert\x1b[0m"}, "name"),
+        ("/v1/experiments", {"name": "bert\x7f"}, "name"),
+        ("/v1/experiments", {"creator": "u\x00"}, "creator"),
+        ("/v1/experiments", {"tag": "team:nlp\x00"}, "tag"),
         ("/v1/experiments", {"workspace": "a b"}, "workspace"),
         ("/v1/experiments", [("status", "RUNNING")] * 11, "status"),
         ("/v1/changes", {"after": "-5"}, "after"),

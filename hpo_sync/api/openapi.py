@@ -51,7 +51,11 @@ TIME_PATTERN = (
     r"^[0-9]{4}-[0-9]{2}-[0-9]{2}"
     r"([T ][0-9]{2}:[0-9]{2}(:[0-9]{2}([.][0-9]{1,9})?)?(Z|[+-][0-9]{2}:?[0-9]{2})?)?$"
 )
-TAG_PATTERN = r"^[^:]+(:[\s\S]*)?$"
+#: Control characters (C0, DEL, C1): no name, creator or tag holds one, and SQLite's LIKE
+#: reads its pattern only up to a NUL, so a filter holding one is refused.
+CONTROL_CHARS = r"\u0000-\u001F\u007F-\u009F"
+TEXT_PATTERN = rf"^[^{CONTROL_CHARS}]*$"
+TAG_PATTERN = rf"^[^:{CONTROL_CHARS}]+(:[^{CONTROL_CHARS}]*)?$"
 ID_PATTERN = r"^[A-Za-z0-9_.:-]+$"
 
 
@@ -86,7 +90,11 @@ class Param:
             item = {"type": "string", "enum": list(self.enum)}
         else:
             item = {"type": "string", "minLength": 1, "maxLength": self.max_length}
-            pattern = self.pattern or {"time": TIME_PATTERN, "tag": TAG_PATTERN}.get(self.kind)
+            pattern = self.pattern or {
+                "time": TIME_PATTERN,
+                "tag": TAG_PATTERN,
+                "string": TEXT_PATTERN,
+            }.get(self.kind)
             if pattern:
                 item["pattern"] = pattern
         if self.default is not None and not self.repeatable:
@@ -137,6 +145,10 @@ class Param:
             return value
         if len(value) > self.max_length:
             raise BadParameterError(self.name, f"longer than {self.max_length} characters")
+        if (control := _regex(f"[{CONTROL_CHARS}]").search(value)) is not None:
+            raise BadParameterError(
+                self.name, f"must not hold control characters, got {control.group()!r}"
+            )
         if self.kind == "time":
             dt = parse_time(value) if _regex(TIME_PATTERN).fullmatch(value) else None
             if dt is None:
