@@ -217,6 +217,46 @@ async def test_every_filter_matches_a_python_reading_of_the_mirror(rig: ApiRig) 
         assert counted["count"] == {"total": len(want), "by_status": dict(by_status)}, name
 
 
+async def test_fractions_of_a_second_keep_every_time_bound_exact(rig: ApiRig) -> None:
+    """Stored times are whole seconds; a bound with a fraction must still mean exactly what
+    it says (before: strictly before; after: at or after), in any zone."""
+    live = [r for r in decoded(rig.store) if not r["deleted"]]
+    # A created time that some experiment has, in the middle (one a second earlier too, if any).
+    created = sorted({datetime.fromisoformat(r["gmt_create_time"]) for r in live})
+    pivot_dt = next(
+        (t for t in created[len(created) // 4 :] if t - timedelta(seconds=1) in created),
+        created[len(created) // 2],
+    )
+    modified = sorted(r["gmt_modified_time"] for r in live)[-40]
+    modified_dt = datetime.fromisoformat(modified)
+    plus8 = timezone(timedelta(hours=8))
+
+    def at(r: Row, column: str) -> datetime:
+        return datetime.fromisoformat(r[column])
+
+    for delta in (-1.5, -0.5, -0.000001, 0.25, 0.999999999, 1.5):
+        bound = pivot_dt + timedelta(seconds=delta)
+        for shown in (
+            bound.isoformat(timespec="microseconds").replace("+00:00", "Z"),
+            bound.astimezone(plus8).isoformat(timespec="milliseconds"),
+        ):
+            if delta == 0.999999999:
+                shown = shown.replace(".999", ".999999999").replace(".000000", "")
+            before = {r["experiment_id"] for r in live if at(r, "gmt_create_time") < bound}
+            after = {r["experiment_id"] for r in live if at(r, "gmt_create_time") >= bound}
+            for param, want in (("created_before", before), ("created_after", after)):
+                got = await walk(rig, [(param, shown)], limit=500)
+                assert {e["experiment_id"] for e in got} == want, (param, shown)
+        m_bound = modified_dt + timedelta(seconds=delta)
+        m_shown = m_bound.isoformat(timespec="microseconds").replace("+00:00", "Z")
+        m_want = {r["experiment_id"] for r in live if at(r, "gmt_modified_time") >= m_bound}
+        got = await walk(rig, [("modified_after", m_shown)], limit=500)
+        assert {e["experiment_id"] for e in got} == m_want, m_shown
+    # The last second there is: rounding up would leave the calendar.
+    reply = await rig.get("/v1/experiments", {"created_before": "9999-12-31T23:59:59.5Z"})
+    assert reply.status == 400 and reply.body["error"]["param"] == "created_before"
+
+
 @pytest.mark.parametrize("sort", list(SORT_KEYS))
 async def test_every_sort_orders_by_its_key_then_id(rig: ApiRig, sort: str) -> None:
     rows = decoded(rig.store)

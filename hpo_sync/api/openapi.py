@@ -13,6 +13,7 @@ import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Literal
 
 from multidict import MultiMapping
@@ -157,6 +158,16 @@ class Param:
                     f"expected an ISO-8601 date or time (2026-11-01, 2026-11-01T08:30:00Z, "
                     f"2026-11-01T16:30:00+08:00; UTC when no zone is given), got {value!r}",
                 )
+            # Stored times are whole seconds, so a bound with a fraction of a second rounds up:
+            # "< 10:00:00.5" is "< 10:00:01" and ">= 10:00:00.5" is ">= 10:00:01" for them.
+            fraction = _regex(r"[.]([0-9]+)").search(value)
+            if fraction is not None and fraction.group(1).strip("0"):
+                try:
+                    dt += timedelta(seconds=1)
+                except OverflowError:
+                    raise BadParameterError(
+                        self.name, f"{value!r} rounds up past the last representable time"
+                    ) from None
             return format_time(dt)
         if self.kind == "tag":
             key, sep, tag_value = value.partition(":")
@@ -215,6 +226,11 @@ _WORKSPACE = Param(
     pattern=ID_PATTERN,
 )
 
+_FRACTIONS = (
+    "A fraction of a second rounds up to the next whole second (stored times are whole "
+    "seconds, so the bound keeps its exact meaning)."
+)
+
 EXPERIMENTS_PARAMS: tuple[Param, ...] = (
     _WORKSPACE,
     Param(
@@ -234,9 +250,24 @@ EXPERIMENTS_PARAMS: tuple[Param, ...] = (
         repeatable=True,
         max_length=400,
     ),
-    Param("created_after", "time", "Created at or after this time.", max_length=40),
-    Param("created_before", "time", "Created strictly before this time.", max_length=40),
-    Param("modified_after", "time", "Modified at or after this time.", max_length=40),
+    Param(
+        "created_after",
+        "time",
+        f"Created at or after this time. {_FRACTIONS}",
+        max_length=40,
+    ),
+    Param(
+        "created_before",
+        "time",
+        f"Created strictly before this time. {_FRACTIONS}",
+        max_length=40,
+    ),
+    Param(
+        "modified_after",
+        "time",
+        f"Modified at or after this time. {_FRACTIONS}",
+        max_length=40,
+    ),
     Param(
         "include_deleted",
         "boolean",
