@@ -173,7 +173,45 @@ async def test_a_limited_long_poll_is_not_woken_with_another_workspaces_changes(
     await asyncio.to_thread(_apply_change, rig.store, WS2, _some_id(rig.store, WS2), "FAILED", 9)
     body = await poll
     assert body["changes"] == []
-    assert body["next_after"] > newest  # past the change it may not see
+    # The cursor stays where this token's own changes end: another workspace's activity
+    # does not show through it.
+    assert body["next_after"] == newest
+
+
+def _newest_change(store: Any, workspaces: tuple[str, ...] = ()) -> int:
+    where = f" WHERE workspace_id IN ({','.join('?' * len(workspaces))})" if workspaces else ""
+    with store.reader() as conn:
+        return int(conn.execute(f"SELECT max(id) FROM changes{where}", workspaces).fetchone()[0])
+
+
+async def test_a_limited_feeds_cursor_reveals_nothing_of_other_workspaces(rig: ApiRig) -> None:
+    from test_api_read import _apply_change, _some_id
+
+    own, everyone = _newest_change(rig.store, (WS1, WS2)), _newest_change(rig.store)
+    assert own < everyone  # WS3 wrote last: the unscoped newest id is another tenant's
+    for params in (
+        {"after": str(own)},
+        {"after": "0", "field": "Deleted", "workspace": WS1},
+        {"after": str(own - 1), "field": "Status"},
+        {"after": str(own), "wait": "1"},
+    ):
+        body = await rig.ok("/v1/changes", params, token="ws12")
+        visible = {c["id"] for c in body["changes"]}
+        assert body["next_after"] in visible | {int(params["after"]), own}, params
+        assert body["next_after"] <= own, params
+    # Another workspace writes, then one of its own: the cursor never skips nor repeats.
+    await asyncio.to_thread(_apply_change, rig.store, WS3, _some_id(rig.store, WS3), "FAILED", 21)
+    quiet = await rig.ok("/v1/changes", {"after": str(own)}, token="ws12")
+    assert quiet["changes"] == [] and quiet["next_after"] == own
+    ws2_id = _some_id(rig.store, WS2)
+    await asyncio.to_thread(_apply_change, rig.store, WS2, ws2_id, "FAILED", 22)
+    body = await rig.ok("/v1/changes", {"after": str(quiet["next_after"])}, token="ws12")
+    assert [c["experiment_id"] for c in body["changes"] if c["field"] == "Status"] == [ws2_id]
+    again = await rig.ok("/v1/changes", {"after": str(body["next_after"])}, token="ws12")
+    assert again["changes"] == [] and again["next_after"] == body["next_after"]
+    # A token that sees everything still skips ahead past what it filtered out.
+    spaces = await rig.ok("/v1/changes", {"after": str(own), "workspace": WS1}, token="all")
+    assert spaces["changes"] == [] and spaces["next_after"] == _newest_change(rig.store)
 
 
 async def test_revoked_tokens_stop_working_at_once(rig: ApiRig) -> None:

@@ -463,6 +463,22 @@ async def test_the_feed_long_poll_answers_when_a_change_commits(ui: ApiRig) -> N
     assert body["next_after"] > after and "USER_CANCELED" in body["html"]
 
 
+async def test_the_feeds_cursor_shows_nothing_of_other_workspaces(ui: ApiRig) -> None:
+    with sqlite3.connect(ui.store.path) as conn:
+        own = conn.execute("SELECT max(id) FROM changes WHERE workspace_id = ?", (WS1,))
+        newest_own = int(own.fetchone()[0])
+        assert conn.execute("SELECT max(id) FROM changes").fetchone()[0] > newest_own
+    await sign_in(ui, "ws1")
+    status, text, _ = await page(ui, "/ui/changes")
+    assert status == 200
+    assert re.search(r'data-after="(\d+)"', text).group(1) == str(newest_own)  # type: ignore[union-attr]
+    for params in ({"after": str(newest_own)}, {"after": str(newest_own), "wait": "1"}):
+        async with ui.client.get("/ui/changes/poll", params=params) as resp:
+            body = await resp.json()
+        assert resp.status == 200 and body["count"] == 0
+        assert body["next_after"] == newest_own
+
+
 # --- pure parts ------------------------------------------------------------------------------
 
 

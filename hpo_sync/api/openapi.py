@@ -608,8 +608,11 @@ def _schemas() -> dict[str, Any]:
                 "changes": {"type": "array", "items": _ref("Change")},
                 "next_after": {
                     "type": "integer",
-                    "description": "pass as after for the next page (the last id served, or "
-                    "the after given when there was nothing new)",
+                    "description": "pass as after for the next page: the last id served. "
+                    "With nothing served: on /v1/changes the newest change id among the "
+                    "workspaces this token may see (or the after given, when larger), on an "
+                    "experiment's history the after given. Never the id of a change in a "
+                    "workspace the token may not see.",
                 },
                 "has_more": {"type": "boolean"},
                 "freshness": _ref("Freshness"),

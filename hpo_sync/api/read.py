@@ -79,6 +79,7 @@ __all__ = [
     "ReadApi",
     "ReadRuntime",
     "freshness",
+    "max_change_id",
     "setup_read_api",
 ]
 
@@ -443,10 +444,7 @@ class ReadApi:
             ) from None
 
     async def _max_change_id(self) -> int:
-        def work(conn: sqlite3.Connection) -> int:
-            return int(conn.execute("SELECT coalesce(max(id), 0) FROM changes").fetchone()[0])
-
-        return await self.read(work)
+        return await self.read(max_change_id)
 
     def document(self) -> bytes:
         if self._document is None:
@@ -755,6 +753,19 @@ _CHANGE_SELECT = (
 )
 
 
+def max_change_id(conn: sqlite3.Connection, workspaces: Sequence[str] = ()) -> int:
+    """The newest change id (0: none) of ``workspaces``, or of all when empty: one index
+    look-up per workspace (``changes_workspace``)."""
+    if not workspaces:
+        return int(conn.execute("SELECT coalesce(max(id), 0) FROM changes").fetchone()[0])
+    rows = ",".join(["(?)"] * len(workspaces))
+    sql = (
+        "SELECT coalesce(max((SELECT max(id) FROM changes WHERE workspace_id = w.column1)), 0)"
+        f" FROM (VALUES {rows}) AS w"
+    )
+    return int(conn.execute(sql, list(workspaces)).fetchone()[0])
+
+
 def select_changes(
     conn: sqlite3.Connection,
     *,
@@ -1046,30 +1057,35 @@ async def list_changes(request: web.Request) -> web.Response:
     principal = request[PRINCIPAL]
     q = parse_params(CHANGES_PARAMS, request.query)
     scope = principal.scope(q["workspace"])
+    visible = principal.scope([])
     after: int = q["after"]
     limit: int = q["limit"]
     store = api.store
 
-    def work(conn: sqlite3.Connection) -> tuple[list[sqlite3.Row], int, list[WorkspaceState]]:
+    def work(
+        conn: sqlite3.Connection,
+    ) -> tuple[list[sqlite3.Row], int, int, list[WorkspaceState]]:
         rows = select_changes(
             conn, after=after, limit=limit + 1, workspaces=scope, field_name=q["field"]
         )
-        max_id = int(conn.execute("SELECT coalesce(max(id), 0) FROM changes").fetchone()[0])
-        return rows, max_id, store.workspaces()
+        # The newest id of all (what the watcher compares with: it watches every workspace)
+        # and of those this caller may see (its cursor: no other workspace's activity).
+        max_id = max_change_id(conn)
+        return rows, max_id, max_change_id(conn, visible) if visible else max_id, store.workspaces()
 
-    rows, max_id, states = await api.read(work)
+    rows, max_id, seen_id, states = await api.read(work)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + q["wait"]
     while not rows and (remaining := deadline - loop.time()) > 0:
         newer = await api.watcher.wait_beyond(max(max_id, after), remaining)
         if newer is None:
             break
-        rows, max_id, states = await api.read(work)
+        rows, max_id, seen_id, states = await api.read(work)
     has_more = len(rows) > limit
     rows = rows[:limit]
-    # With no rows: nothing matched up to max_id in this snapshot, and ids are assigned in
+    # With no rows: nothing matched up to seen_id in this snapshot, and ids are assigned in
     # commit order (one writer), so the next poll may start there.
-    next_after = rows[-1][0] if rows else max(after, max_id)
+    next_after = rows[-1][0] if rows else max(after, seen_id)
     fresh = freshness(states, scope, api.runtime.clock())
     body = {
         "changes": [change_json(r) for r in rows],

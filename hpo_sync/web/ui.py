@@ -45,6 +45,7 @@ from ..api.read import (
     change_value,
     count_by_status,
     freshness,
+    max_change_id,
     select_changes,
     select_experiment,
     select_experiments,
@@ -662,12 +663,14 @@ async def changes_page(request: web.Request) -> web.StreamResponse:
     store = api.store
     config = api.runtime.config
 
+    visible = principal.scope([])
+
     def work(conn: sqlite3.Connection) -> tuple[list[sqlite3.Row], int, list[WorkspaceState]]:
         rows = queries.latest_changes(
             conn, scope, limit=min(q["limit"], queries.PAGE_ROWS), field_name=q["field"]
         )
-        max_id = int(conn.execute("SELECT coalesce(max(id), 0) FROM changes").fetchone()[0])
-        return rows, max_id, store.workspaces()
+        # The feed starts after the newest change this caller may see (not another's).
+        return rows, max_change_id(conn, visible), store.workspaces()
 
     rows, max_id, states = await api.read(work)
     poll_query = MultiDict((k, v) for k, v in query.items() if k in ("workspace", "field"))
@@ -699,21 +702,24 @@ async def changes_poll(request: web.Request) -> web.StreamResponse:
     limit = min(q["limit"], queries.PAGE_ROWS)
     wait_s = min(q["wait"], FEED_WAIT_S)
 
-    def work(conn: sqlite3.Connection) -> tuple[list[sqlite3.Row], int]:
+    visible = principal.scope([])
+
+    def work(conn: sqlite3.Connection) -> tuple[list[sqlite3.Row], int, int]:
         rows = select_changes(
             conn, after=after, limit=limit, workspaces=scope, field_name=q["field"]
         )
-        max_id = int(conn.execute("SELECT coalesce(max(id), 0) FROM changes").fetchone()[0])
-        return rows, max_id
+        # As the API's feed: the watcher's id (every workspace) and the caller's own newest.
+        max_id = max_change_id(conn)
+        return rows, max_id, max_change_id(conn, visible) if visible else max_id
 
-    rows, max_id = await api.read(work)
+    rows, max_id, seen_id = await api.read(work)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_s
     while not rows and (remaining := deadline - loop.time()) > 0:
         if await api.watcher.wait_beyond(max(max_id, after), remaining) is None:
             break
-        rows, max_id = await api.read(work)
-    next_after = rows[-1][0] if rows else max(after, max_id)
+        rows, max_id, seen_id = await api.read(work)
+    next_after = rows[-1][0] if rows else max(after, seen_id)
     newest_first = [change_json(r) for r in reversed(rows)]
     html = ui.templates.get_template("_change_rows.html").render(changes=newest_first, fresh=True)
     return web.json_response(
