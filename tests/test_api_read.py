@@ -21,12 +21,14 @@ from typing import Any
 import pytest
 from test_api_rig import (
     START,
+    TOKENS,
     WS1,
     WS2,
     WS3,
     ApiRig,
     api_rig,
     golden_mirror,
+    make_config,
     mirror_rows,
     new_experiment,
     rig,
@@ -34,6 +36,7 @@ from test_api_rig import (
 
 from hpo_sync.api.cursor import Cursor
 from hpo_sync.api.openapi import build_document
+from hpo_sync.api.read import MAX_LONG_POLLS_PER_TOKEN
 from hpo_sync.normalise import format_time
 from hpo_sync.store import Store
 
@@ -492,6 +495,100 @@ async def test_long_poll_uses_the_daemons_notifier_when_it_offers_one(
         body = await poll
         assert time.monotonic() - started < 2
         assert {c["experiment_id"] for c in body["changes"]} == {other}
+
+
+def _gauge(metrics_text: str, name: str) -> float:
+    for line in metrics_text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} is not in /metrics")
+
+
+async def test_a_long_poll_whose_client_went_away_frees_its_place(
+    golden_mirror: Path, tmp_path: Path
+) -> None:
+    """Served as ``hpo-sync serve`` and the daemon serve (aiohttp does not cancel a handler
+    when its client disconnects there): clients that open long polls and go away must not
+    keep holding places, or the next long polls answer at once instead of waiting."""
+    import shutil
+
+    import aiohttp
+
+    from hpo_sync.api.serve import serve
+
+    db = tmp_path / "mirror.db"
+    shutil.copy(golden_mirror, db)
+    ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    stop = asyncio.Event()
+    server = asyncio.create_task(serve(make_config(db), on_ready=ready.set_result, stop=stop))
+    url = await ready
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    store = Store.open(db)
+    newest = store.history(newest_first=True, limit=1)[0].id
+    per_token = MAX_LONG_POLLS_PER_TOKEN
+
+    def auth(token: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {TOKENS[token][0]}"}
+
+    async with aiohttp.ClientSession() as session:
+
+        async def waiting() -> float:
+            async with session.get(url + "/metrics", headers=auth("all")) as resp:
+                return _gauge(await resp.text(), "hpo_sync_api_long_polls_waiting")
+
+        async def until_waiting(n: int) -> None:
+            for _ in range(400):  # a generous bound: each look takes a few ms
+                if await waiting() == n:
+                    return
+                await asyncio.sleep(0.05)
+            raise AssertionError(f"never {n} waiting, still {await waiting()}")
+
+        def poll(token: str) -> asyncio.Task[Any]:
+            async def get() -> Any:
+                params = {"after": str(newest), "wait": "60"}
+                async with session.get(
+                    url + "/v1/changes", params=params, headers=auth(token)
+                ) as r:
+                    assert r.status == 200
+                    return await r.json()
+
+            return asyncio.create_task(get())
+
+        # As many long polls as one token may hold, from clients that then go away.
+        gone = []
+        for _ in range(per_token):
+            _reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(
+                f"GET /v1/changes?after={newest}&wait=60 HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                f"Authorization: Bearer {TOKENS['ws1'][0]}\r\n\r\n".encode()
+            )
+            await writer.drain()
+            gone.append(writer)
+        await until_waiting(per_token)
+        # The token holds all its places: one more of its polls answers at once (the others
+        # still wait: had it waited its 60 s, theirs would have ended too)...
+        over = await poll("ws1")
+        assert over["changes"] == [] and await waiting() == per_token
+        for writer in gone:
+            writer.close()
+            await writer.wait_closed()
+        await until_waiting(0)
+        # ...and once they are gone, its next long poll waits for the change that ends it.
+        ws1_poll = poll("ws1")
+        await until_waiting(1)
+        exp_id = _some_id(store, WS1)
+        await asyncio.to_thread(_apply_change, store, WS1, exp_id, "FAILED", 31)
+        body = await ws1_poll
+        assert [c["experiment_id"] for c in body["changes"] if c["field"] == "Status"] == [exp_id]
+        await until_waiting(0)
+        metrics = await (await session.get(url + "/metrics", headers=auth("all"))).text()
+    store.close()
+    stop.set()
+    assert await server == 0
+    # The polls whose clients left are counted as such (499), not as answered.
+    assert _sample(metrics, "hpo_sync_api_requests_total", route="/v1/changes", status="499") == (
+        per_token
+    )
 
 
 # --- workspaces and sync requests ------------------------------------------------------------

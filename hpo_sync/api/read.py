@@ -78,7 +78,9 @@ __all__ = [
     "ChangeWatcher",
     "ReadApi",
     "ReadRuntime",
+    "client_gone",
     "freshness",
+    "long_poll_caller",
     "max_change_id",
     "setup_read_api",
 ]
@@ -106,6 +108,13 @@ NOTIFIED_POLL_INTERVAL_S = 5.0
 NOTIFIED_LOOKS = 10
 NOTIFIED_LOOK_INTERVAL_S = 0.1
 MAX_LONG_POLLS = 256
+#: Long polls one token may hold at once (the rest of its polls answer at once), so that one
+#: caller cannot take every place.
+MAX_LONG_POLLS_PER_TOKEN = 32
+#: How often a waiting long poll looks whether its client is still connected (aiohttp cancels
+#: a handler whose client left only with ``handler_cancellation``, which the daemon and
+#: ``serve`` leave off).
+CLIENT_CHECK_INTERVAL_S = 1.0
 MAX_ID_LEN = 256
 MAX_CACHED_SERIES = 512
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -227,15 +236,20 @@ class ChangeWatcher:
         *,
         poll_interval_s: float = LONG_POLL_INTERVAL_S,
         max_waiters: int = MAX_LONG_POLLS,
+        max_waiters_per_caller: int = MAX_LONG_POLLS_PER_TOKEN,
+        client_check_interval_s: float = CLIENT_CHECK_INTERVAL_S,
         on_waiters: Callable[[int], None] | None = None,
     ) -> None:
         self._read_max_id = read_max_id
         self._notifier = notifier
         self._poll_interval_s = poll_interval_s
         self._max_waiters = max_waiters
+        self._max_per_caller = max_waiters_per_caller
+        self._client_check_interval_s = client_check_interval_s
         self._on_waiters = on_waiters
         self._latest = 0
         self._waiters = 0
+        self._by_caller: dict[str, int] = {}
         self._cond: asyncio.Condition | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -243,25 +257,50 @@ class ChangeWatcher:
     def waiters(self) -> int:
         return self._waiters
 
-    async def wait_beyond(self, known_max_id: int, timeout_s: float) -> int | None:
+    async def wait_beyond(
+        self,
+        known_max_id: int,
+        timeout_s: float,
+        *,
+        caller: str | None = None,
+        gone: Callable[[], bool] | None = None,
+    ) -> int | None:
         """Wait until some change has an id above ``known_max_id``; its max id, or None on
-        timeout (or at once when too many requests already wait)."""
+        timeout, as soon as ``gone()`` says the client went away (looked at every
+        :data:`CLIENT_CHECK_INTERVAL_S`), or at once when too many requests already wait
+        (in all, or of this ``caller``)."""
         if timeout_s <= 0 or self._waiters >= self._max_waiters:
+            return None
+        if caller is not None and self._by_caller.get(caller, 0) >= self._max_per_caller:
             return None
         if self._cond is None:
             self._cond = asyncio.Condition()
         cond = self._cond
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
         self._set_waiters(self._waiters + 1)
+        if caller is not None:
+            self._by_caller[caller] = self._by_caller.get(caller, 0) + 1
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._poll(), name="api-change-watcher")
         try:
-            async with asyncio.timeout(timeout_s), cond:
-                await cond.wait_for(lambda: self._latest > known_max_id)
-            return self._latest
-        except TimeoutError:
-            return None
+            async with cond:
+                while self._latest <= known_max_id:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0 or (gone is not None and gone()):
+                        return None
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(min(remaining, self._client_check_interval_s)):
+                            await cond.wait()
+                return self._latest
         finally:
             self._set_waiters(self._waiters - 1)
+            if caller is not None:
+                left = self._by_caller[caller] - 1
+                if left:
+                    self._by_caller[caller] = left
+                else:
+                    del self._by_caller[caller]
 
     def _set_waiters(self, n: int) -> None:
         self._waiters = n
@@ -525,7 +564,8 @@ async def metrics_middleware(
     status = 500
     try:
         response = await handler(request)
-        status = response.status
+        # A long poll whose client left still returns its (undeliverable) answer.
+        status = response.status if not client_gone(request) else 499
         return response
     except web.HTTPException as exc:
         status = exc.status
@@ -1077,7 +1117,12 @@ async def list_changes(request: web.Request) -> web.Response:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + q["wait"]
     while not rows and (remaining := deadline - loop.time()) > 0:
-        newer = await api.watcher.wait_beyond(max(max_id, after), remaining)
+        newer = await api.watcher.wait_beyond(
+            max(max_id, after),
+            remaining,
+            caller=long_poll_caller(principal),
+            gone=functools.partial(client_gone, request),
+        )
         if newer is None:
             break
         rows, max_id, seen_id, states = await api.read(work)
@@ -1093,6 +1138,18 @@ async def list_changes(request: web.Request) -> web.Response:
         "has_more": has_more,
     }
     return _json_response(body, fresh)
+
+
+def client_gone(request: web.BaseRequest) -> bool:
+    """Has the client of ``request`` closed its connection?"""
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+def long_poll_caller(principal: Principal) -> str | None:
+    """Whose long polls count together against :data:`MAX_LONG_POLLS_PER_TOKEN`: a token's
+    (None in the open loopback mode, where every caller is the same anonymous one)."""
+    return principal.name if principal.by_token else None
 
 
 async def list_workspaces(request: web.Request) -> web.Response:

@@ -10,6 +10,7 @@ snapshot per page, the same time budget) with the API's own parameter tables and
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import sqlite3
 import time
@@ -43,8 +44,10 @@ from ..api.read import (
     ReadRuntime,
     change_json,
     change_value,
+    client_gone,
     count_by_status,
     freshness,
+    long_poll_caller,
     max_change_id,
     select_changes,
     select_experiment,
@@ -716,7 +719,13 @@ async def changes_poll(request: web.Request) -> web.StreamResponse:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_s
     while not rows and (remaining := deadline - loop.time()) > 0:
-        if await api.watcher.wait_beyond(max(max_id, after), remaining) is None:
+        newer = await api.watcher.wait_beyond(
+            max(max_id, after),
+            remaining,
+            caller=long_poll_caller(principal),
+            gone=functools.partial(client_gone, request),
+        )
+        if newer is None:
             break
         rows, max_id, seen_id = await api.read(work)
     next_after = rows[-1][0] if rows else max(after, seen_id)
