@@ -39,6 +39,10 @@ ParamKind = Literal["string", "integer", "boolean", "enum", "time", "tag"]
 
 #: Values of every parameter of one request, all names together.
 MAX_QUERY_VALUES = 64
+#: A query string longer than this is refused (400) before any route reads it.
+MAX_QUERY_STRING = 4096
+#: No route reads a request body; anything bigger than this is refused (413).
+MAX_BODY_BYTES = 1024
 MAX_SQLITE_INT = 2**63 - 1
 SORTS = ("-created", "created", "-modified", "modified", "name", "-name")
 CHANGE_FIELDS = ("Status", "TrialStatus", "Deleted")
@@ -710,16 +714,48 @@ def _json(schema: str, description: str, *, fresh: bool = False) -> dict[str, An
 
 def _errors(*statuses: int, upstream: bool = False) -> dict[str, Any]:
     text = {
-        400: "a bad parameter (named in the body)",
+        400: "a bad parameter (named in the body), or a query string over "
+        f"{MAX_QUERY_STRING} characters",
         401: "no valid bearer token",
         403: "the token may not do this",
         404: "no such experiment, or not one this token may see",
-        405: "method not allowed",
-        413: "request body too large",
+        405: "this path does not take the method used (Allow lists those it takes)",
+        413: f"a request body (none is read: over {MAX_BODY_BYTES} bytes, or of unknown "
+        "length, it is refused)",
         503: "the mirror cannot answer now (unreadable, or the query ran too long)",
     }
     schema = "UpstreamError" if upstream else "Error"
-    return {str(s): _json(schema, text[s]) for s in statuses}
+    out = {str(s): _json(schema, text[s]) for s in statuses}
+    if "405" in out:
+        out["405"]["headers"] = {
+            "Allow": {"description": "the methods this path takes", "schema": {"type": "string"}}
+        }
+    return out
+
+
+#: What every route may answer, whatever it does: the request guard's 400 (query string too
+#: long) and 413 (a body), and the router's 405 (another method on the same path).
+_EVERY_ROUTE = (400, 405, 413)
+
+
+def _with_every_route_error(op: dict[str, Any], *, upstream: bool) -> dict[str, Any]:
+    responses = op["responses"]
+    for status, response in _errors(*_EVERY_ROUTE, upstream=upstream).items():
+        responses.setdefault(status, response)
+    op["responses"] = dict(sorted(responses.items()))
+    return op
+
+
+def _head_of(get: dict[str, Any]) -> dict[str, Any]:
+    """aiohttp answers HEAD on every GET route: the same statuses and headers, no body."""
+    head = {k: v for k, v in get.items() if k not in ("responses", "operationId", "summary")}
+    head["summary"] = f"{get['summary']} (HEAD: the headers only)"
+    head["operationId"] = f"{get['operationId']}Head"
+    head["responses"] = {
+        status: {k: v for k, v in response.items() if k != "content"}
+        for status, response in get["responses"].items()
+    }
+    return head
 
 
 def _params(params: Sequence[Param]) -> list[dict[str, Any]]:
@@ -881,6 +917,11 @@ def build_document(version: str = __version__) -> dict[str, Any]:
             }
         },
     }
+    for path, ops in paths.items():
+        for op in ops.values():
+            _with_every_route_error(op, upstream=path.startswith("/api/automl/"))
+        if "get" in ops:
+            ops["head"] = _head_of(ops["get"])
     return {
         "openapi": "3.0.3",
         "info": {
@@ -891,7 +932,10 @@ def build_document(version: str = __version__) -> dict[str, Any]:
             "`X-Last-Sync` / `X-Data-Age` headers). Errors: "
             '`{"error": {"code", "message", "param"}}`. Without [[api.tokens]] the API is '
             "open on loopback only; with tokens, every route but /healthz, /readyz and "
-            "/openapi.json needs one.",
+            "/openapi.json needs one. Every route answers HEAD as GET (without a body), 405 "
+            f"to another method, 413 to a request body and 400 to a query string over "
+            f"{MAX_QUERY_STRING} characters. A request line over 8 KiB, or a malformed "
+            "request, is refused by the HTTP parser with a 400 before any route sees it.",
         },
         "paths": paths,
         "components": {

@@ -64,6 +64,8 @@ from .openapi import (
     EXPERIMENT_CHANGES_PARAMS,
     EXPERIMENT_PARAMS,
     EXPERIMENTS_PARAMS,
+    MAX_BODY_BYTES,
+    MAX_QUERY_STRING,
     SYNC_PARAMS,
     WORKSPACES_PARAMS,
     build_document,
@@ -91,9 +93,6 @@ T = TypeVar("T")
 
 COMPAT_PATH = "/api/automl/v1/hpo/experiments"
 COMPAT_PREFIX = "/api/automl/"
-#: No route reads a request body; anything bigger than this is refused (413).
-MAX_BODY_BYTES = 1024
-MAX_QUERY_STRING = 4096
 DEFAULT_QUERY_TIMEOUT_S = 5.0
 DEFAULT_READ_THREADS = 2
 #: How many SQLite VM instructions run between two checks of a read's time budget. Each check

@@ -30,7 +30,8 @@ from ..metrics import Metrics
 from ..notify import Notifier
 from ..store import Store
 from . import add_health_routes
-from .read import MAX_BODY_BYTES, setup_read_api
+from .openapi import MAX_BODY_BYTES
+from .read import setup_read_api
 
 __all__ = ["ServeRuntime", "build_serve_app", "cmd_serve", "register_cli"]
 
