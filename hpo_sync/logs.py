@@ -70,6 +70,25 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
     route_stdlib(handler, numeric)
 
 
+class ClientGarbageFilter(logging.Filter):
+    """aiohttp's server logs a request its HTTP parser refuses (a malformed request line or
+    header, a line over 8 KiB, TLS or random bytes on the port) at error level with a
+    traceback, although the client is at fault and gets its 400. Such records become one
+    info line with the reason; the server's own errors stay as they are."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError) and record.levelno > logging.INFO:
+            record.msg = "refused a malformed HTTP request: %s (%s)"
+            record.args = (type(exc).__name__, str(exc).replace("\n", " ")[:200])
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info = record.exc_text = None
+            return logging.getLogger(record.name).isEnabledFor(logging.INFO)
+        return True
+
+
 def route_stdlib(handler: logging.Handler, level: int) -> None:
     """Send stdlib logging (libraries) to ``handler`` at ``level``, minus their chatter."""
     root = logging.getLogger()
@@ -77,6 +96,10 @@ def route_stdlib(handler: logging.Handler, level: int) -> None:
     root.setLevel(max(level, logging.INFO) if level < logging.INFO else level)
     # aiohttp's access log is noisy at info; the API logs its own request events.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # Requests the HTTP parser refuses are the client's fault: info, not error.
+    server = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, ClientGarbageFilter) for f in server.filters):
+        server.addFilter(ClientGarbageFilter())
     # APScheduler: the daemon's scheduler, and the one the credentials chain starts.
     logging.getLogger("apscheduler").setLevel(max(level, logging.WARNING))
     # The credentials library logs every provider that fails while the chain is tried, with

@@ -689,6 +689,59 @@ async def test_unknown_routes_methods_and_big_bodies_get_json_errors(rig: ApiRig
     assert long_query.status == 400
 
 
+@pytest.fixture
+def json_logs() -> Any:
+    """The service's logging (``logs.configure``, JSON) into a buffer, restored after."""
+    import io
+    import logging
+
+    import structlog
+
+    from hpo_sync import logs
+
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    buffer = io.StringIO()
+
+    def configure(level: str) -> io.StringIO:
+        buffer.seek(0)
+        buffer.truncate()
+        logs.configure(level, "json", stream=buffer)
+        return buffer
+
+    yield configure
+    root.handlers[:], level = saved
+    root.setLevel(level)
+    structlog.reset_defaults()
+
+
+async def test_requests_the_http_parser_refuses_are_no_server_errors_in_the_log(
+    rig: ApiRig, json_logs: Any
+) -> None:
+    garbage = (
+        b"GET /v1/experiments?" + b"x" * 9000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 not HTTP at all\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHo st: x\r\n\r\n",
+    )
+    for level, shown in (("info", True), ("warning", False)):
+        buffer = json_logs(level)
+        for request in garbage:
+            reader, writer = await asyncio.open_connection(rig.server.host, rig.server.port)
+            writer.write(request)
+            await writer.drain()
+            answer = await reader.read()  # the server answers, then closes
+            writer.close()
+            await writer.wait_closed()
+            assert re.match(rb"HTTP/1\.[01] 400 ", answer), answer[:80]
+        records = [json.loads(line) for line in buffer.getvalue().splitlines()]
+        assert not [r for r in records if r["level"] in ("error", "critical")], records
+        assert not [r for r in records if "exception" in r or "Traceback" in str(r)], records
+        refused = [r for r in records if "malformed HTTP request" in r["event"]]
+        # (aiohttp logs bytes that are not HTTP at all, TLS say, at debug already)
+        assert bool(refused) == shown, records
+        assert all(r["level"] == "info" for r in refused)
+
+
 async def test_a_query_over_its_time_budget_is_stopped_with_a_503(
     golden_mirror: Path, tmp_path: Path
 ) -> None:
