@@ -6,18 +6,20 @@ time budget, metrics, and reads that never wait for a sync."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from test_api_rig import (
     START,
@@ -504,24 +506,77 @@ def _gauge(metrics_text: str, name: str) -> float:
     raise AssertionError(f"{name} is not in /metrics")
 
 
-async def test_a_long_poll_whose_client_went_away_frees_its_place(
-    golden_mirror: Path, tmp_path: Path
-) -> None:
-    """Served as ``hpo-sync serve`` and the daemon serve (aiohttp does not cancel a handler
-    when its client disconnects there): clients that open long polls and go away must not
-    keep holding places, or the next long polls answer at once instead of waiting."""
+@contextlib.asynccontextmanager
+async def served(golden: Path, tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
+    """``hpo-sync serve`` in this process over a copy of the mirror: ``(its URL, the copy)``.
+    It runs aiohttp as the daemon does: a handler whose client disconnects is not cancelled."""
     import shutil
-
-    import aiohttp
 
     from hpo_sync.api.serve import serve
 
     db = tmp_path / "mirror.db"
-    shutil.copy(golden_mirror, db)
+    shutil.copy(golden, db)
     ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
     stop = asyncio.Event()
     server = asyncio.create_task(serve(make_config(db), on_ready=ready.set_result, stop=stop))
-    url = await ready
+    try:
+        yield await ready, db
+    finally:
+        stop.set()
+        assert await server == 0
+
+
+async def _waiting(session: Any, url: str) -> float:
+    headers = {"Authorization": f"Bearer {TOKENS['all'][0]}"}
+    async with session.get(url + "/metrics", headers=headers) as resp:
+        return _gauge(await resp.text(), "hpo_sync_api_long_polls_waiting")
+
+
+async def _until_waiting(session: Any, url: str, n: int) -> None:
+    for _ in range(400):  # a generous bound: each look takes a few ms
+        if await _waiting(session, url) == n:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"never {n} waiting, still {await _waiting(session, url)}")
+
+
+async def test_a_long_poll_whose_client_went_away_frees_its_place(
+    golden_mirror: Path, tmp_path: Path
+) -> None:
+    """Clients that open long polls and go away must not keep holding places, or the next
+    long polls answer at once instead of waiting."""
+    async with served(golden_mirror, tmp_path) as (url, db):
+        await _long_polls_of_clients_gone(url, db)
+
+
+async def test_a_feed_poll_of_the_web_ui_whose_client_went_away_frees_its_place(
+    golden_mirror: Path, tmp_path: Path
+) -> None:
+    from hpo_sync.web.ui import COOKIE
+
+    async with served(golden_mirror, tmp_path) as (url, _db), aiohttp.ClientSession() as session:
+        async with session.post(
+            url + "/ui/login",
+            data={"token": TOKENS["ws1"][0], "next": "/ui/"},
+            headers={"Origin": url},
+            allow_redirects=False,
+        ) as resp:
+            assert resp.status == 303
+            cookie = resp.cookies[COOKIE].value
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        _reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            f"GET /ui/changes/poll?after={2**40}&wait=25 HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            f"Cookie: {COOKIE}={cookie}\r\n\r\n".encode()
+        )
+        await writer.drain()
+        await _until_waiting(session, url, 1)
+        writer.close()
+        await writer.wait_closed()
+        await _until_waiting(session, url, 0)
+
+
+async def _long_polls_of_clients_gone(url: str, db: Path) -> None:
     host, port = url.removeprefix("http://").rsplit(":", 1)
     store = Store.open(db)
     newest = store.history(newest_first=True, limit=1)[0].id
@@ -533,15 +588,10 @@ async def test_a_long_poll_whose_client_went_away_frees_its_place(
     async with aiohttp.ClientSession() as session:
 
         async def waiting() -> float:
-            async with session.get(url + "/metrics", headers=auth("all")) as resp:
-                return _gauge(await resp.text(), "hpo_sync_api_long_polls_waiting")
+            return await _waiting(session, url)
 
         async def until_waiting(n: int) -> None:
-            for _ in range(400):  # a generous bound: each look takes a few ms
-                if await waiting() == n:
-                    return
-                await asyncio.sleep(0.05)
-            raise AssertionError(f"never {n} waiting, still {await waiting()}")
+            await _until_waiting(session, url, n)
 
         def poll(token: str) -> asyncio.Task[Any]:
             async def get() -> Any:
@@ -583,8 +633,6 @@ async def test_a_long_poll_whose_client_went_away_frees_its_place(
         await until_waiting(0)
         metrics = await (await session.get(url + "/metrics", headers=auth("all"))).text()
     store.close()
-    stop.set()
-    assert await server == 0
     # The polls whose clients left are counted as such (499), not as answered.
     assert _sample(metrics, "hpo_sync_api_requests_total", route="/v1/changes", status="499") == (
         per_token
