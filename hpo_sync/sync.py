@@ -57,7 +57,7 @@ from typing import Any, Literal
 
 import structlog
 
-from .client import ListQuery, Page, Tally, UpstreamClient
+from .client import Listing, ListQuery, Page, Tally, UpstreamClient
 from .config import Config
 from .errors import FatalUpstreamError, HpoSyncError, UpstreamError
 from .normalise import Experiment, format_time, normalise_all, parse_time
@@ -345,13 +345,6 @@ class SyncEngine:
     async def _full(self, result: SweepResult, tally: Tally) -> None:
         ws = result.workspace_id
         seen: set[str] = set()
-        batches = _Batches(self, result, seen)
-
-        async def on_page(page: Page) -> None:
-            await batches.add(page.experiments)
-            if self.progress is not None:
-                self.progress(ws, tally.pages, listing_pages_expected[0])
-
         listing_pages_expected = [0]
         query = ListQuery(
             workspace_id=ws,
@@ -365,38 +358,77 @@ class SyncEngine:
             if page.total_count is not None:  # without one, progress has no end to show
                 listing_pages_expected[0] = max(1, -(-page.total_count // size))
 
-        async def on_page_first(page: Page) -> None:
-            if not listing_pages_expected[0]:
-                expect(page)
-            await on_page(page)
+        async def read() -> Listing:
+            """One listing of the whole workspace, applied batch by batch as it arrives
+            (what an earlier pass of this sweep applied is not applied again)."""
+            batches = _Batches(self, result, seen)
 
-        try:
-            listing = await self.client.list_all(
-                query, on_page=on_page_first, tally=tally, keep=False
-            )
-        except asyncio.CancelledError:
-            await batches.close(apply_rest=False)  # shutting down: finish only what runs
-            raise
-        except BaseException:
+            async def on_page(page: Page) -> None:
+                if not listing_pages_expected[0]:
+                    expect(page)
+                await batches.add(page.experiments)
+                if self.progress is not None:
+                    self.progress(ws, tally.pages, listing_pages_expected[0])
+
             try:
-                await batches.close(apply_rest=True)  # what arrived before the error is valid
-            except HpoSyncError as exc:  # the listing's error is the one to report
-                log.warning("sync.apply_failed", workspace=ws, error=str(exc))
-            raise
-        await batches.close(apply_rest=True)
+                listing = await self.client.list_all(
+                    query, on_page=on_page, tally=tally, keep=False
+                )
+            except asyncio.CancelledError:
+                await batches.close(apply_rest=False)  # shutting down: finish only what runs
+                raise
+            except BaseException:
+                try:
+                    await batches.close(apply_rest=True)  # what arrived before it is valid
+                except HpoSyncError as exc:  # the listing's error is the one to report
+                    log.warning("sync.apply_failed", workspace=ws, error=str(exc))
+                raise
+            await batches.close(apply_rest=True)
+            return listing
+
+        listing = await read()
         if not listing.complete:
             result.status = "partial"
             result.error = f"listing incomplete, deletions skipped: {listing.error}"
             result.error_code = listing.error.code if listing.error else None
             return
+        seen_ids, counts_add_up = listing.seen_ids, listing.consistent
+        if result.baseline and not counts_add_up and not listing.uncounted:
+            # Ids that do not add up to TotalCount: rows moved while the pages were read (a
+            # deletion shifts every later row one place up, so one is never returned), or
+            # upstream orders equal sort keys differently from one page to the next. Later
+            # full sweeps look up what the mirror holds and a listing skipped; the baseline
+            # has nothing to look up, so it reads the workspace once more.
+            log.info(
+                "sync.listing_reread",
+                workspace=ws,
+                distinct=len(listing.seen_ids),
+                total_counts=sorted(listing.totals_seen),
+            )
+            again = await read()
+            if not again.complete:
+                result.status = "partial"
+                result.error = f"listing incomplete, deletions skipped: {again.error}"
+                result.error_code = again.error.code if again.error else None
+                return
+            seen_ids = listing.seen_ids | again.seen_ids
+            counts_add_up = again.consistent or (
+                len(again.totals_seen) == 1 and len(seen_ids) >= again.total_count
+            )
+            if not counts_add_up:
+                result.status = "partial"
+                result.error = (
+                    f"the listing did not add up twice ({len(again.seen_ids)} experiments "
+                    f"against a TotalCount of {again.total_count}): some may be missing, so "
+                    "this is no baseline; the next sync reads the workspace whole again"
+                )
+                return
         # Only the absentees are read whole: the rest of the workspace may be 100,000 rows.
-        absentees = await asyncio.to_thread(
-            self.store.active_experiments, ws, exclude=listing.seen_ids
-        )
+        absentees = await asyncio.to_thread(self.store.active_experiments, ws, exclude=seen_ids)
         if not absentees:
             return
         if len(absentees) > MAX_LOOKUPS:
-            if listing.consistent:
+            if counts_add_up:
                 await self._mark_deleted(result, absentees)
             else:
                 result.status = "partial"

@@ -348,6 +348,59 @@ async def test_a_row_without_status_is_looked_up_never_queried_as_status_none(
         assert row["status"] == "RUNNING" and row["deleted"] == 0
 
 
+async def test_a_baseline_whose_listing_lost_a_row_reads_the_workspace_again(
+    tmp_path: Path,
+) -> None:
+    """A deletion while the baseline is paged shifts the rows after it: the first row of the
+    next page is never returned, and the mirror has nothing to look up. The ids then fall
+    short of TotalCount, so the baseline reads the workspace once more."""
+    options = SimOptions(experiments=350, workspaces=1, seed=4, drift=False, restart_per_min=0.0)
+    async for rig in make_rig(tmp_path, options, page_size=100, max_concurrency=1):
+        ws = rig.sim.world.workspace_ids[0]
+        world, original = rig.sim.world, rig.sim.world.list
+        ordered = [e["ExperimentId"] for e in world.truth(ws)]  # create time ascending
+        victim, skipped = ordered[0], ordered[100]
+
+        def list_and_delete(
+            params: Any, original: Any = original, world: Any = world, victim: str = victim
+        ) -> Any:
+            if params.get("PageNumber") == "2" and world.get(victim) is not None:
+                world.mutate(victim, delete=True)
+            return original(params)
+
+        world.list = list_and_delete  # type: ignore[method-assign]
+        with capture_logs() as logs:
+            result = await rig.engine.sweep(ws)
+        world.list = original  # type: ignore[method-assign]
+        assert result.status == "ok" and result.baseline, result.error
+        assert any(e["event"] == "sync.listing_reread" for e in logs)
+        assert result.api_calls == 8  # two passes of four pages
+        rows = mirror_rows(rig.store, ws)
+        assert skipped in rows and rows[skipped]["deleted"] == 0
+        assert rig.store.workspace_state(ws).baseline_at  # type: ignore[union-attr]
+
+
+async def test_a_baseline_that_never_adds_up_is_partial_and_no_baseline(tmp_path: Path) -> None:
+    options = SimOptions(experiments=250, workspaces=1, seed=4, drift=False, restart_per_min=0.0)
+    async for rig in make_rig(tmp_path, options, page_size=100):
+        ws = rig.sim.world.workspace_ids[0]
+        world, original = rig.sim.world, rig.sim.world.list
+
+        def drops_a_row(params: Any, original: Any = original) -> Any:
+            total, page = original(params)
+            return total, page[1:] if params.get("PageNumber") == "2" else page
+
+        world.list = drops_a_row  # type: ignore[method-assign]
+        result = await rig.engine.sweep(ws)
+        assert result.status == "partial" and "did not add up twice" in (result.error or "")
+        assert result.experiments_seen == 249
+        assert not rig.store.workspace_state(ws).baseline_at  # type: ignore[union-attr]
+        world.list = original  # type: ignore[method-assign]
+        result = await rig.engine.sweep(ws)  # still no baseline: full again
+        assert result.mode == "full" and result.status == "ok" and result.baseline
+        assert_mirror_equals_truth(rig.store, rig.sim, ws)
+
+
 async def test_a_fatal_error_fails_one_workspace_and_the_others_sync(tmp_path: Path) -> None:
     options = SimOptions(experiments=300, workspaces=2, seed=1, forbidden_workspaces=("100002",))
     async for rig in make_rig(tmp_path, options):
