@@ -210,6 +210,28 @@ def normalise_tags(value: Any) -> list[dict[str, str]]:
     return out
 
 
+#: Upstream field -> the column it fills, for the fields whose absence from an answer keeps
+#: the stored value (:attr:`Experiment.absent`). Not Deleted (left out for every live
+#: experiment), WorkspaceId (the workspace queried) or ExperimentId (the key).
+_REPORTED_FIELDS = {
+    "Name": "name",
+    "Creator": "creator",
+    "Status": "status",
+    "JobType": "job_type",
+    "Accessibility": "accessibility",
+    "Description": "description",
+    "TrialCount": "trial_count",
+    "TrialStatus": "trial_status",
+    "Tags": "tags",
+    "SearchSpace": "search_space",
+    "ConfigIni": "config_ini",
+    "ConfigYml": "config_yml",
+    "GmtCreateTime": "gmt_create_time",
+    "GmtModifiedTime": "gmt_modified_time",
+}
+_NONE_ABSENT: frozenset[str] = frozenset()
+
+
 @dataclass(frozen=True)
 class Experiment:
     """One experiment, normalised. Field names are the mirror's column names."""
@@ -232,6 +254,9 @@ class Experiment:
     gmt_modified_time: str | None
     deleted: bool
     raw: dict[str, Any] = field(compare=False, repr=False)
+    #: The columns whose upstream field the answer left out (not: sent as null). The store
+    #: keeps their stored values: not reported is not "became empty".
+    absent: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
 
 def normalise(raw: Mapping[str, Any], *, naive_tz: tzinfo = UTC) -> Experiment | None:
@@ -276,6 +301,12 @@ def normalise(raw: Mapping[str, Any], *, naive_tz: tzinfo = UTC) -> Experiment |
         gmt_modified_time=iso_time(get("GmtModifiedTime"), naive_tz=naive_tz),
         deleted=deleted if type(deleted) is bool else _bool(deleted),
         raw=dict(raw),
+        # One C-level subset test in the usual case of an answer with every field.
+        absent=(
+            _NONE_ABSENT
+            if raw.keys() >= _REPORTED_FIELDS.keys()
+            else frozenset(c for k, c in _REPORTED_FIELDS.items() if k not in raw)
+        ),
     )
 
 

@@ -857,6 +857,15 @@ class Store:
                             if last_seen < observed_at:
                                 touches.append((observed_at, exp_id))
                             continue
+                        if exp.absent:
+                            # Not reported is not "became empty": an answer that leaves a
+                            # field out (TrialStatus, say) would otherwise write a change to
+                            # {} and one back when the field returns, and fire alerts.
+                            merged = list(content)
+                            for column in exp.absent:
+                                i = _CONTENT_INDEX[column]
+                                merged[i] = old_values[i]
+                            content = tuple(merged)
                         updated += 1
                         old = dict(zip(CONTENT_COLUMNS, old_values, strict=True))
                         changed = tuple(

@@ -220,6 +220,34 @@ def test_other_column_change_updates_row_without_change_rows(store: Store) -> No
     assert (row["description"], row["last_changed_at"]) == ("notes", T1)
 
 
+def test_a_field_left_out_keeps_its_stored_value(store: Store) -> None:
+    """An answer without TrialStatus (or Status, Tags, …) reports nothing about them: no change
+    to {} and back, no alert; a field sent as null is a value like any other."""
+    apply(store, [exp("a", TrialStatus={"FAILED": 1, "RUNNING": 2}, Description="d")], T0)
+    partial = exp("a")
+    for key in ("TrialStatus", "Status", "Tags", "Description", "Creator"):
+        partial.raw.pop(key, None)
+    partial = normalise(partial.raw)
+    assert partial is not None
+    assert partial.absent == {"trial_status", "status", "tags", "description", "creator",
+                              "search_space", "config_ini", "config_yml"}  # fmt: skip
+    result = apply(store, [partial], T1)
+    assert (result.updated, result.changes) == (1, 0)
+    row = store.get_experiment("a")
+    assert row is not None
+    assert row["trial_status"] == {"FAILED": 1, "RUNNING": 2} and row["status"] == "RUNNING"
+    assert (row["tags"], row["description"], row["creator"]) == (
+        [{"Key": "team", "Value": "ml"}], "d", "alice",
+    )  # fmt: skip
+    assert "TrialStatus" not in row["raw"] and row["last_changed_at"] == T0
+    # back with every field: nothing happened in between, nothing is recorded
+    result = apply(store, [exp("a", TrialStatus={"FAILED": 1, "RUNNING": 2}, Description="d")], T2)
+    assert result.changes == 0
+    # sent as null: reported as empty
+    result = apply(store, [exp("a", TrialStatus=None, Description="d")], T3)
+    assert fields(result.change_rows) == [("a", "TrialStatus", '{"FAILED":1,"RUNNING":2}', "{}")]
+
+
 def test_raw_only_drift_keeps_last_changed_at(store: Store) -> None:
     apply(store, [exp("a")], T0)
     result = apply(store, [exp("a", TrialCount="4", NewUpstreamField=1)], T1)
