@@ -587,16 +587,25 @@ class UpstreamClient:
                     return
                 await take(page)
 
-        if listing.pages_expected > 1:
+        first_page, rounds = 2, 0
+        while listing.pages_expected >= first_page:
             # TaskGroup cancels the other pages as soon as one fails fatally.
             try:
                 async with asyncio.TaskGroup() as group:
-                    for number in range(2, listing.pages_expected + 1):
+                    for number in range(first_page, listing.pages_expected + 1):
                         group.create_task(fetch(number))
             except BaseExceptionGroup as group_error:
                 errors: list[BaseException] = list(group_error.exceptions)
                 fatal = [e for e in errors if isinstance(e, FatalUpstreamError)]
                 raise (fatal or errors)[0] from None
+            # Experiments created while the pages were read: sorted by create time
+            # ascending they are past the last page planned, and later pages count them.
+            # Read those pages too (a few rounds at most: a workspace may grow forever).
+            grown = max(1, math.ceil(listing.total_count / size))
+            rounds += 1
+            if listing.error is not None or grown <= listing.pages_expected or rounds > 3:
+                break
+            first_page, listing.pages_expected = listing.pages_expected + 1, grown
         listing.seen_ids = seen
         return listing
 

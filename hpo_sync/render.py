@@ -88,7 +88,8 @@ NO_STATUS = "(none)"
 NONE_CELL = "-"
 GAP = "  "
 
-_EXPERIMENT_ATTRS = tuple(f.name for f in fields(Experiment))
+# (``absent`` describes an upstream answer, not a row)
+_EXPERIMENT_ATTRS = tuple(f.name for f in fields(Experiment) if f.name != "absent")
 
 
 # --- records for scripts --------------------------------------------------------------------

@@ -851,12 +851,6 @@ class Store:
                             stale += 1
                             continue
                         old_values = stored[1 : _N_CONTENT + 1]
-                        # One tuple comparison settles the common case of a full sweep.
-                        if old_values == content:
-                            unchanged += 1
-                            if last_seen < observed_at:
-                                touches.append((observed_at, exp_id))
-                            continue
                         if exp.absent:
                             # Not reported is not "became empty": an answer that leaves a
                             # field out (TrialStatus, say) would otherwise write a change to
@@ -866,6 +860,12 @@ class Store:
                                 i = _CONTENT_INDEX[column]
                                 merged[i] = old_values[i]
                             content = tuple(merged)
+                        # One tuple comparison settles the common case of a full sweep.
+                        if old_values == content:
+                            unchanged += 1
+                            if last_seen < observed_at:
+                                touches.append((observed_at, exp_id))
+                            continue
                         updated += 1
                         old = dict(zip(CONTENT_COLUMNS, old_values, strict=True))
                         changed = tuple(

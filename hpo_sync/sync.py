@@ -316,8 +316,14 @@ class SyncEngine:
     ) -> None:
         for exp in fresh:
             old = previous.get(exp.experiment_id)
-            if old is None or (
-                old.get("status") == exp.status and old.get("trial_status") == exp.trial_status
+            absent = exp.absent  # a field left out is no change (the store keeps it)
+            if (
+                old is None
+                or "gmt_modified_time" in absent
+                or (
+                    ("status" in absent or old.get("status") == exp.status)
+                    and ("trial_status" in absent or old.get("trial_status") == exp.trial_status)
+                )
             ):
                 continue
             bumped = (exp.gmt_modified_time or "") > (old.get("gmt_modified_time") or "")
@@ -392,7 +398,7 @@ class SyncEngine:
             result.error = f"listing incomplete, deletions skipped: {listing.error}"
             result.error_code = listing.error.code if listing.error else None
             return
-        seen_ids, counts_add_up = listing.seen_ids, listing.consistent
+        seen_ids, counts_add_up = listing.seen_ids, _adds_up(listing)
         if result.baseline and not counts_add_up and not listing.uncounted:
             # Ids that do not add up to TotalCount: rows moved while the pages were read (a
             # deletion shifts every later row one place up, so one is never returned), or
@@ -412,15 +418,14 @@ class SyncEngine:
                 result.error_code = again.error.code if again.error else None
                 return
             seen_ids = listing.seen_ids | again.seen_ids
-            counts_add_up = again.consistent or (
-                len(again.totals_seen) == 1 and len(seen_ids) >= again.total_count
-            )
+            counts_add_up = _adds_up(again, seen_ids)
             if not counts_add_up:
                 result.status = "partial"
                 result.error = (
-                    f"the listing did not add up twice ({len(again.seen_ids)} experiments "
-                    f"against a TotalCount of {again.total_count}): some may be missing, so "
-                    "this is no baseline; the next sync reads the workspace whole again"
+                    f"the listing did not add up twice ({len(seen_ids)} experiments in both "
+                    f"readings against a TotalCount of {max(again.totals_seen)}): some may be "
+                    "missing, so this is no baseline; the next sync reads the workspace whole "
+                    "again"
                 )
                 return
         # Only the absentees are read whole: the rest of the workspace may be 100,000 rows.
@@ -742,6 +747,17 @@ class _Batches:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+def _adds_up(listing: Listing, seen_ids: Collection[str] | None = None) -> bool:
+    """Whether a complete listing saw (with ``seen_ids``: together with earlier readings) as
+    many experiments as any of its pages counted. Counts that grew while it was paged are
+    fine: sorted by create time ascending, a new experiment lands at the end and pushes no
+    row off a page; only one that went away can (one fewer counted, one row never
+    returned), which this catches. Without a count, nothing adds up."""
+    if listing.uncounted or not listing.totals_seen:
+        return listing.consistent
+    return len(listing.seen_ids if seen_ids is None else seen_ids) >= max(listing.totals_seen)
 
 
 _gc_sweeps = 0

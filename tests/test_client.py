@@ -567,6 +567,25 @@ async def test_a_silently_capped_page_size_still_lists_everything(capture: Captu
     assert listing.pages_expected == 7 and len(listing.seen_ids) == 250
 
 
+async def test_experiments_created_while_paging_are_read_from_the_pages_they_add(
+    capture: Capture,
+) -> None:
+    """Sorted by create time ascending, experiments created during a listing land past the
+    pages planned from page 1; the later pages count them, and those pages are read too."""
+    capture.experiments = [{"ExperimentId": f"e{i:03d}"} for i in range(300)]
+
+    async def page_one_then_grow(request: web.Request) -> web.StreamResponse:
+        answer = await capture.listing(request)
+        capture.experiments += [{"ExperimentId": f"n{i:03d}"} for i in range(50)]
+        return answer
+
+    capture.script.append(page_one_then_grow)
+    async with make_client(capture.base_url) as client:
+        listing = await client.list_all(ListQuery(), page_size=100)
+    assert listing.complete and listing.consistent is False  # two counts: 300, then 350
+    assert (listing.pages_expected, listing.pages_read, len(listing.seen_ids)) == (4, 4, 350)
+
+
 @pytest.mark.parametrize("total", ["absent", None, "many", -1, 3, True])
 async def test_without_a_readable_total_count_pages_until_empty(
     capture: Capture, total: Any

@@ -243,6 +243,11 @@ def test_a_field_left_out_keeps_its_stored_value(store: Store) -> None:
     # back with every field: nothing happened in between, nothing is recorded
     result = apply(store, [exp("a", TrialStatus={"FAILED": 1, "RUNNING": 2}, Description="d")], T2)
     assert result.changes == 0
+    # the same partial answer twice: nothing to write either time
+    result = apply(store, [partial], "2024-03-01T00:02:10Z")
+    assert (result.updated, result.unchanged, result.changes) == (1, 0, 0)  # raw differs
+    result = apply(store, [partial], "2024-03-01T00:02:20Z")
+    assert (result.updated, result.unchanged, result.changes) == (0, 1, 0)
     # sent as null: reported as empty
     result = apply(store, [exp("a", TrialStatus=None, Description="d")], T3)
     assert fields(result.change_rows) == [("a", "TrialStatus", '{"FAILED":1,"RUNNING":2}', "{}")]

@@ -380,6 +380,38 @@ async def test_a_baseline_whose_listing_lost_a_row_reads_the_workspace_again(
         assert rig.store.workspace_state(ws).baseline_at  # type: ignore[union-attr]
 
 
+async def test_a_baseline_during_which_experiments_are_created_needs_no_second_reading(
+    tmp_path: Path,
+) -> None:
+    """New experiments land at the end of a create-time-ascending listing: the counts grow
+    while it is paged, but every experiment counted is read, so the baseline stands."""
+    options = SimOptions(
+        experiments=350, workspaces=1, seed=4, drift=False, restart_per_min=0.0,
+        create_per_min=600.0, delete_per_min=0.0,
+    )  # fmt: skip
+    async for rig in make_rig(tmp_path, options, page_size=100, max_concurrency=1):
+        ws = rig.sim.world.workspace_ids[0]
+        world, original = rig.sim.world, rig.sim.world.list
+        advanced: list[int] = []
+
+        def list_and_create(
+            params: Any, original: Any = original, world: Any = world, advanced: Any = advanced
+        ) -> Any:
+            if params.get("PageNumber") == "2" and not advanced:
+                advanced.append(len(world.advance(6)))
+            return original(params)
+
+        world.list = list_and_create  # type: ignore[method-assign]
+        with capture_logs() as logs:
+            result = await rig.engine.sweep(ws)
+        world.list = original  # type: ignore[method-assign]
+        assert advanced and advanced[0] > 0
+        assert result.status == "ok" and result.baseline, result.error
+        assert not any(e["event"] == "sync.listing_reread" for e in logs)
+        assert rig.store.workspace_state(ws).baseline_at  # type: ignore[union-attr]
+        assert_mirror_equals_truth(rig.store, rig.sim, ws)
+
+
 async def test_a_baseline_that_never_adds_up_is_partial_and_no_baseline(tmp_path: Path) -> None:
     options = SimOptions(experiments=250, workspaces=1, seed=4, drift=False, restart_per_min=0.0)
     async for rig in make_rig(tmp_path, options, page_size=100):
@@ -487,3 +519,21 @@ async def test_a_hot_sweep_whose_listings_all_fail_is_recorded_not_raised(tmp_pa
         assert rig.store.sync_runs(ws)[0].status == "failed"
         rig.sim.configure(fault_rate=0.0)
         assert (await rig.engine.sweep(ws, "hot")).status == "ok"
+
+
+def test_a_field_left_out_teaches_nothing_about_modified_time_bumps(tmp_path: Path) -> None:
+    """The hot sweep learns whether upstream bumps GmtModifiedTime from real changes; an
+    answer that leaves TrialStatus out is no change (the store keeps the stored value)."""
+    config = Config(store=StoreConfig(tmp_path / "m.db"), workspaces=(WorkspaceConfig("w"),))
+    engine = SyncEngine(config, None, None)  # type: ignore[arg-type]
+    raw = {"ExperimentId": "e1", "Status": "RUNNING", "GmtModifiedTime": "2024-01-01T00:00:00Z"}
+    left_out = normalise(raw)
+    assert left_out is not None and "trial_status" in left_out.absent
+    previous = {"e1": {"status": "RUNNING", "trial_status": {"RUNNING": 2},
+                       "gmt_modified_time": "2024-01-01T00:00:00Z"}}  # fmt: skip
+    engine._learn_bumping("w", [left_out], previous)
+    assert "w" not in engine._bumps
+    changed = normalise({**raw, "TrialStatus": {"FAILED": 2}})
+    assert changed is not None
+    engine._learn_bumping("w", [changed], previous)
+    assert engine._bumps["w"] is False  # a real change without a bump
