@@ -165,6 +165,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)  # (--help writes to stdout too)
         handler: Handler = args.handler
+        # Until a command sets logging up from its config, events (the config's own
+        # warnings among them) go to stderr, redacted: never into a command's output.
+        setup_logging(args)
         return handler(args)
     except ConfigError as exc:
         print(f"hpo-sync: config error: {exc}", file=sys.stderr)

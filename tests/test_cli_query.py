@@ -715,6 +715,21 @@ def test_exit_codes_of_a_real_process(db: Path, tmp_path: Path) -> None:
     assert proc.returncode == 1 and "run `hpo-sync sync` first" in proc.stderr
 
 
+def test_config_warnings_never_reach_a_commands_output(db: Path, tmp_path: Path) -> None:
+    token = tmp_path / "api-token"
+    token.write_text("a-token-value\n")
+    token.chmod(0o644)  # warned about while the config loads
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'[store]\npath = "{db}"\n[[workspaces]]\nid = "ws1"\n'
+        f'[[api.tokens]]\nname = "t"\ntoken_file = "{token}"\n'
+    )
+    proc = hpo_sync("--config", str(config), "ls", "--format", "json", "--limit", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout)) == 2
+    assert "config.secret_file_exposed" in proc.stderr and "a-token-value" not in proc.stderr
+
+
 @pytest.mark.parametrize(
     ("command", "read"),
     [
