@@ -440,9 +440,14 @@ class UpstreamClient:
         throttled = 0  # attempts of this page answered with Throttling*
         max_attempts = self.config.retry_max_attempts
 
+        # The time budget runs from the first attempt, not from the call: waiting for a
+        # slot (the client's concurrency, the rate limiter) before it is not retrying.
+        first_attempt_at: float | None = None
+
         def stop(state: tenacity.RetryCallState) -> bool:
             # stop before a wait that would end past the time budget, not after it
-            spent_s = (state.seconds_since_start or 0.0) + state.upcoming_sleep
+            since_first = time.monotonic() - first_attempt_at if first_attempt_at else 0.0
+            spent_s = since_first + state.upcoming_sleep
             return (
                 state.attempt_number - throttled >= max_attempts
                 or state.attempt_number >= max_attempts * THROTTLED_ATTEMPTS_FACTOR
@@ -467,9 +472,12 @@ class UpstreamClient:
                     async with self._concurrency:
                         await self._limiter.acquire()
                         try:
+                            now = time.monotonic()
+                            if first_attempt_at is None:
+                                first_attempt_at = now
                             # An attempt may not run past the page's time budget either
                             # (a slow answer would): its timeout is what is left of it.
-                            left_s = self.config.retry_max_total_s - (time.monotonic() - started)
+                            left_s = self.config.retry_max_total_s - (now - first_attempt_at)
                             timeout_s = min(self.config.timeout_s, max(left_s, MIN_ATTEMPT_S))
                             page = await self._attempt(params, workspace_id, tally, timeout_s)
                         except ThrottledError as exc:
