@@ -137,6 +137,13 @@ def test_secret_parts_mask_every_form_of_the_token() -> None:
     slack = "https://hooks.slack.com/services/T0001/B0002/XXXXXXXXXXXXXXXXXXXXXXXX"
     text = redact("POST /services/T0001/B0002/XXXXXXXXXXXXXXXXXXXXXXXX failed", secret_parts(slack))
     assert "XXXXXXXX" not in text and "failed" in text and "/B0002/" in text
+    # a value as sent ('+' for a space) is masked as well as decoded
+    plus = secret_parts("https://x.example/send?key=abc+defghij")
+    assert redact("key abc+defghij and abc defghij", plus) == "key *** and ***"
+    # the answer is judged as it came: a secret that happens to be in a success body
+    # changes nothing
+    ok = b'{"errcode":0,"errmsg":"ok"}'
+    assert classify("dingtalk", 200, {}, ok, secret_parts(url, "errcode")) == Sent()
     # the mask works before the snippet is cut, so no half-token survives at the edge
     body = ("x" * 190 + "XXXXXXXXXXXXXXXXXXXXXXXX").encode()
     assert "XXXX" not in classify("slack", 404, {}, body, secret_parts(slack)).reason  # type: ignore[union-attr]

@@ -72,7 +72,8 @@ def secret_parts(url: str, *secrets: str | None) -> tuple[str, ...]:
         split = None
     if split is not None:
         pieces = split.path.split("/") + [v for _, v in parse_qsl(split.query)]
-        pieces += [*split.query.split("&"), split.netloc.rpartition("@")[0]]
+        pairs = split.query.split("&")
+        pieces += [*pairs, *(p.partition("=")[2] for p in pairs), split.netloc.rpartition("@")[0]]
         for piece in pieces:
             for form in (piece, unquote(piece), quote(unquote(piece), safe="")):
                 if len(form) >= _SECRET_MIN:
@@ -109,17 +110,19 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
     return None
 
 
-def _code_body(body: bytes, key: str, table: dict[int, tuple[bool, str]], msg_key: str) -> Outcome:
+def _code_body(
+    body: bytes, shown: bytes, key: str, table: dict[int, tuple[bool, str]], msg_key: str
+) -> Outcome:
     data = _json(body)
     if not isinstance(data, dict) or key not in data:
         # Feishu answers some successes as {"StatusCode":0,...}
         if isinstance(data, dict) and data.get("StatusCode") == 0:
             return Sent()
-        return Retry(f"unexpected answer: {_snippet(body)}")
+        return Retry(f"unexpected answer: {_snippet(shown)}")
     try:
         code = int(data[key])
     except (TypeError, ValueError):
-        return Retry(f"unexpected answer: {_snippet(body)}")
+        return Retry(f"unexpected answer: {_snippet(shown)}")
     if code == 0:
         return Sent()
     msg = str(data.get(msg_key, ""))
@@ -137,31 +140,44 @@ def classify(
 ) -> Outcome:
     """Map a target's HTTP answer to an outcome (see the target table in DESIGN.md).
 
-    Every reason quotes at most a snippet of the answer, with the ``secrets`` (see
-    :func:`secret_parts`) masked first: an error page that echoes the request URL would
-    otherwise carry the webhook's token into the log, the outbox and the UI."""
+    The answer is judged as it came; the reason quotes at most a snippet of it, with the
+    ``secrets`` (see :func:`secret_parts`) masked before it is cut: an error page that
+    echoes the request URL would otherwise carry the webhook's token into the log, the
+    outbox and the UI."""
     parts = tuple(secrets)
-    if parts:
-        body = redact(body.decode("utf-8", "replace"), parts).encode()
+    shown = redact(body.decode("utf-8", "replace"), parts).encode() if parts else body
+    outcome = _classify(target_type, status, headers, body, shown)
+    if parts and isinstance(outcome, Retry | Dead):
+        # (a reason may also quote a message field of the answer)
+        reason = redact(outcome.reason, parts)
+        if isinstance(outcome, Retry):
+            return Retry(reason, outcome.after_s)
+        return Dead(reason)
+    return outcome
+
+
+def _classify(
+    target_type: str, status: int, headers: Mapping[str, str], body: bytes, shown: bytes
+) -> Outcome:
     if status == 429:
         after = _retry_after(headers)
         if after is None:
             data = _json(body)
             if isinstance(data, dict) and isinstance(data.get("retry_after"), int | float):
                 after = float(data["retry_after"])
-        return Retry(f"HTTP 429: {_snippet(body) or 'rate limited'}", after)
+        return Retry(f"HTTP 429: {_snippet(shown) or 'rate limited'}", after)
     if status >= 500:
-        return Retry(f"HTTP {status}: {_snippet(body)}", _retry_after(headers))
+        return Retry(f"HTTP {status}: {_snippet(shown)}", _retry_after(headers))
     if target_type == "dingtalk" and status == 200:
-        return _code_body(body, "errcode", _DINGTALK, "errmsg")
+        return _code_body(body, shown, "errcode", _DINGTALK, "errmsg")
     if target_type in ("feishu", "lark") and status == 200:
-        return _code_body(body, "code", _FEISHU, "msg")
+        return _code_body(body, shown, "code", _FEISHU, "msg")
     if target_type == "wecom" and status == 200:
-        return _code_body(body, "errcode", _WECOM, "errmsg")
+        return _code_body(body, shown, "errcode", _WECOM, "errmsg")
     if target_type == "slack":
         if status == 200:
-            return Sent() if body.strip() in (b"ok", b"") else Dead(f"HTTP 200: {_snippet(body)}")
-        return Dead(f"HTTP {status}: {_snippet(body)}")
+            return Sent() if body.strip() in (b"ok", b"") else Dead(f"HTTP 200: {_snippet(shown)}")
+        return Dead(f"HTTP {status}: {_snippet(shown)}")
     if target_type == "discord" and status in (200, 204):
         return Sent()
     if target_type == "teams" and status in (200, 202):
@@ -169,5 +185,5 @@ def classify(
     if target_type == "webhook" and 200 <= status < 300:
         return Sent()
     if status == 408:
-        return Retry(f"HTTP {status}: {_snippet(body)}", _retry_after(headers))
-    return Dead(f"HTTP {status}: {_snippet(body)}")
+        return Retry(f"HTTP {status}: {_snippet(shown)}", _retry_after(headers))
+    return Dead(f"HTTP {status}: {_snippet(shown)}")
