@@ -182,11 +182,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         # The reader went away (``hpo-sync ls | head``): it has what it wanted, so stop
-        # quietly, and keep Python's final flush of stdout from complaining again.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+        # quietly.
+        _quiet_stdout()
         return EXIT_OK
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's final flush does not complain about a
+    pipe whose reader went away."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,11 +219,16 @@ def cmd_sync(args: argparse.Namespace) -> int:
     except asyncio.CancelledError:  # SIGTERM: the runs are closed as interrupted
         print("hpo-sync: sync stopped by SIGTERM", file=sys.stderr)
         return EXIT_SIGTERM
-    for result in results:
-        print(result.summary())
     if any(r.status == "failed" for r in results):
-        return EXIT_FAILED
-    return EXIT_PARTIAL if any(r.status == "partial" for r in results) else EXIT_OK
+        code = EXIT_FAILED
+    else:
+        code = EXIT_PARTIAL if any(r.status == "partial" for r in results) else EXIT_OK
+    try:
+        for result in results:
+            print(result.summary(), flush=True)
+    except BrokenPipeError:  # the reader left; the outcome stands
+        _quiet_stdout()
+    return code
 
 
 async def _sync_once(cfg: config_mod.Config, workspaces: list[str], *, full: bool) -> list[Any]:

@@ -83,6 +83,23 @@ async def test_sync_exit_codes_and_summaries(sim: Simulator, tmp_path: Path) -> 
     assert code == 0 and "100001: full ok" in out and "0 changes" in out
 
 
+async def test_a_closed_pipe_keeps_the_exit_status_of_sync(sim: Simulator, tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "c.toml", sim.base_url, ["100001", "100002"])
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody will read the summaries
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "hpo_sync.cli", "sync", "--config", str(cfg), env=ENV,
+            stdout=write_end, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    async with asyncio.timeout(120):
+        _, err = await proc.communicate()
+    assert proc.returncode == 1, err.decode()  # 100002 is forbidden: failed, pipe or not
+    assert "Traceback" not in err.decode()
+
+
 async def test_sync_usage_and_config_errors_exit_2(sim: Simulator, tmp_path: Path) -> None:
     cfg = write_config(tmp_path / "c.toml", sim.base_url, ["100001"])
     code, _, err = await run_cli("sync", "--config", str(cfg), "--workspace", "nope")
