@@ -30,7 +30,7 @@ from . import cli
 from . import render as r
 from .config import EXPERIMENT_STATUSES
 from .errors import ConfigError, HpoSyncError, StoreError
-from .normalise import format_time, parse_time
+from .normalise import format_time, parse_time, round_up_fraction
 from .store import ChangeRow, ExperimentFilter, PageKey, SortOrder, Store, WorkspaceStats
 
 Handler = Callable[[argparse.Namespace], int]
@@ -102,6 +102,10 @@ def parse_time_arg(text: str, *, relative: bool = False) -> TimeArg:
     dt = None if value.isdigit() else parse_time(value)
     if dt is None:
         raise ValueError(f"cannot read {text!r} as a time: use {forms}")
+    try:
+        dt = round_up_fraction(dt, value)  # as the API does: stored times are whole seconds
+    except OverflowError:
+        raise ValueError(f"{text!r} rounds up past the last representable time") from None
     return TimeArg(at=format_time(dt))
 
 

@@ -84,6 +84,20 @@ def parse_time(value: Any, *, naive_tz: tzinfo = UTC) -> datetime | None:
     return _to_utc(dt.replace(tzinfo=zone_info))
 
 
+_FRACTION_RE = re.compile(r"\d{2}:\d{2}:\d{2}[.,](\d+)", re.ASCII)
+
+
+def round_up_fraction(dt: datetime, text: str) -> datetime:
+    """``dt`` read from ``text`` by :func:`parse_time` (which drops a fraction of a second),
+    as a filter bound against stored whole seconds: a non-zero fraction rounds up, so that
+    ``< 10:00:00.5`` means ``< 10:00:01`` and ``>= 10:00:00.5`` means ``>= 10:00:01`` for
+    them. Raises OverflowError past the last representable time."""
+    fraction = _FRACTION_RE.search(text)
+    if fraction is not None and fraction.group(1).strip("0"):
+        return dt + timedelta(seconds=1)
+    return dt
+
+
 def _to_utc(dt: datetime) -> datetime | None:
     try:
         return dt.astimezone(UTC).replace(microsecond=0)

@@ -851,6 +851,11 @@ def test_parse_time_arg() -> None:
     assert parse("7d", relative=True).resolve(now) == "2024-03-03T12:30:00Z"
     assert parse("90m", relative=True).resolve(now) == "2024-03-10T11:00:00Z"
     assert parse("2w", relative=True).resolve(now) == "2024-02-25T12:30:00Z"
+    # a fraction of a second rounds up, as in the API: stored times are whole seconds
+    assert parse("2024-03-01T08:30:00.5Z").resolve(now) == "2024-03-01T08:30:01Z"
+    assert parse("2024-03-01T08:30:00,000Z").resolve(now) == "2024-03-01T08:30:00Z"
+    with pytest.raises(ValueError, match="rounds up past"):
+        parse("9999-12-31T23:59:59.5Z")
     for bad in ("7d", "", "0", "2024-02-30", "soon"):
         with pytest.raises(ValueError, match="cannot read"):
             parse(bad)

@@ -13,14 +13,13 @@ import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any, Literal
 
 from multidict import MultiMapping
 
 from .. import __version__
 from ..config import EXPERIMENT_STATUSES
-from ..normalise import format_time, parse_time
+from ..normalise import format_time, parse_time, round_up_fraction
 from .errors import BadParameterError
 
 __all__ = [
@@ -162,16 +161,12 @@ class Param:
                     f"expected an ISO-8601 date or time (2026-11-01, 2026-11-01T08:30:00Z, "
                     f"2026-11-01T16:30:00+08:00; UTC when no zone is given), got {value!r}",
                 )
-            # Stored times are whole seconds, so a bound with a fraction of a second rounds up:
-            # "< 10:00:00.5" is "< 10:00:01" and ">= 10:00:00.5" is ">= 10:00:01" for them.
-            fraction = _regex(r"[.]([0-9]+)").search(value)
-            if fraction is not None and fraction.group(1).strip("0"):
-                try:
-                    dt += timedelta(seconds=1)
-                except OverflowError:
-                    raise BadParameterError(
-                        self.name, f"{value!r} rounds up past the last representable time"
-                    ) from None
+            try:
+                dt = round_up_fraction(dt, value)  # (stored times are whole seconds)
+            except OverflowError:
+                raise BadParameterError(
+                    self.name, f"{value!r} rounds up past the last representable time"
+                ) from None
             return format_time(dt)
         if self.kind == "tag":
             key, sep, tag_value = value.partition(":")
