@@ -80,6 +80,9 @@ class TimeArg:
         return format_time(now - self.ago)
 
 
+_MINUTE_FRACTION_RE = re.compile(r"[Tt ]\d{2}:\d{2}[.,]")
+
+
 def parse_time_arg(text: str, *, relative: bool = False) -> TimeArg:
     """Parse an ISO date or datetime (UTC unless it names a zone), or with ``relative`` an age
     such as ``90m``, ``12h``, ``7d``, ``2w``. Raises ValueError with a message for people."""
@@ -98,8 +101,10 @@ def parse_time_arg(text: str, *, relative: bool = False) -> TimeArg:
     forms = "YYYY-MM-DD or YYYY-MM-DDTHH:MM[:SS][Z|±HH:MM] (UTC unless a zone is given)"
     if relative:
         forms += ", or an age such as 12h, 7d, 2w"
-    # parse_time also reads bare numbers as epoch seconds: far more likely a typo here.
-    dt = None if value.isdigit() else parse_time(value)
+    # parse_time also reads bare numbers as epoch seconds (far more likely a typo here), and
+    # a fraction after the minutes (08:30.5), which no bound could round the API's way.
+    unreadable = value.isdigit() or _MINUTE_FRACTION_RE.search(value) is not None
+    dt = None if unreadable else parse_time(value)
     if dt is None:
         raise ValueError(f"cannot read {text!r} as a time: use {forms}")
     try:

@@ -608,8 +608,9 @@ class UpstreamClient:
                 raise (fatal or errors)[0] from None
             # Experiments created while the pages were read: sorted by create time
             # ascending they are past the last page planned, and later pages count them.
-            # Read those pages too (a few rounds at most: a workspace may grow forever).
-            grown = max(1, math.ceil(listing.total_count / size))
+            # Read those pages too: a few rounds at most (a workspace may grow forever), each
+            # at most doubling the pages (one page's absurd TotalCount must not plan 10^7).
+            grown = min(max(1, math.ceil(listing.total_count / size)), 2 * listing.pages_expected)
             rounds += 1
             if listing.error is not None or grown <= listing.pages_expected or rounds > 3:
                 break

@@ -398,7 +398,7 @@ class SyncEngine:
             result.error = f"listing incomplete, deletions skipped: {listing.error}"
             result.error_code = listing.error.code if listing.error else None
             return
-        seen_ids, counts_add_up = listing.seen_ids, _adds_up(listing)
+        seen_ids, counts_add_up = listing.seen_ids, listing.consistent
         if result.baseline and not counts_add_up and not listing.uncounted:
             # Ids that do not add up to TotalCount: rows moved while the pages were read (a
             # deletion shifts every later row one place up, so one is never returned), or
@@ -418,8 +418,7 @@ class SyncEngine:
                 result.error_code = again.error.code if again.error else None
                 return
             seen_ids = listing.seen_ids | again.seen_ids
-            counts_add_up = _adds_up(again, seen_ids)
-            if not counts_add_up:
+            if not _baseline_holds(listing, again, seen_ids):
                 result.status = "partial"
                 result.error = (
                     f"the listing did not add up twice ({len(seen_ids)} experiments in both "
@@ -428,6 +427,13 @@ class SyncEngine:
                     "again"
                 )
                 return
+            if not again.consistent and again.seen_ids == listing.seen_ids:
+                result.notes.append(
+                    f"TotalCount {again.total_count} but {len(seen_ids)} experiments, the same "
+                    "ones twice: taken as upstream's count being off"
+                )
+            # Mass deletions still need a listing that adds up on its own (below).
+            counts_add_up = again.consistent
         # Only the absentees are read whole: the rest of the workspace may be 100,000 rows.
         absentees = await asyncio.to_thread(self.store.active_experiments, ws, exclude=seen_ids)
         if not absentees:
@@ -749,15 +755,20 @@ class _Batches:
             self._timer = None
 
 
-def _adds_up(listing: Listing, seen_ids: Collection[str] | None = None) -> bool:
-    """Whether a complete listing saw (with ``seen_ids``: together with earlier readings) as
-    many experiments as any of its pages counted. Counts that grew while it was paged are
-    fine: sorted by create time ascending, a new experiment lands at the end and pushes no
-    row off a page; only one that went away can (one fewer counted, one row never
-    returned), which this catches. Without a count, nothing adds up."""
-    if listing.uncounted or not listing.totals_seen:
-        return listing.consistent
-    return len(listing.seen_ids if seen_ids is None else seen_ids) >= max(listing.totals_seen)
+def _baseline_holds(first: Listing, again: Listing, seen_ids: Collection[str]) -> bool:
+    """Whether a baseline read twice (the first reading did not add up) has every experiment:
+    the second reading adds up on its own; or its count held still and both readings
+    together saw that many; or both readings saw exactly the same experiments under the
+    same count (a stable listing: upstream's count is off, e.g. it counts a record without
+    an ExperimentId). Counts that grew while a reading was paged prove nothing: a creation
+    past the last page can make up for a row a deletion pushed off one."""
+    if again.consistent:
+        return True
+    if len(again.totals_seen) != 1:
+        return False
+    return len(seen_ids) >= again.total_count or (
+        first.totals_seen == again.totals_seen and first.seen_ids == again.seen_ids
+    )
 
 
 _gc_sweeps = 0

@@ -856,7 +856,7 @@ def test_parse_time_arg() -> None:
     assert parse("2024-03-01T08:30:00,000Z").resolve(now) == "2024-03-01T08:30:00Z"
     with pytest.raises(ValueError, match="rounds up past"):
         parse("9999-12-31T23:59:59.5Z")
-    for bad in ("7d", "", "0", "2024-02-30", "soon"):
+    for bad in ("7d", "", "0", "2024-02-30", "soon", "2024-03-01T08:30.5Z"):
         with pytest.raises(ValueError, match="cannot read"):
             parse(bad)
     # the longest age, and its limit in every unit

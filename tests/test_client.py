@@ -527,6 +527,22 @@ async def test_a_slow_last_attempt_is_cut_to_the_time_budget(capture: Capture) -
     assert client.stats.api_calls == 2
 
 
+async def test_the_time_budget_runs_from_the_first_attempt_not_the_wait_for_a_slot(
+    capture: Capture,
+) -> None:
+    """A page that waited longer than its whole retry budget for the client's only slot
+    still gets its retries: waiting its turn is not retrying."""
+    capture.script.extend([sleep_then(2.8, ok_listing()), api_error(500, "InternalError")])
+    async with make_client(
+        capture.base_url, max_concurrency=1, timeout_s=5.0, retry_max_total_s=3.0
+    ) as client:
+        first = asyncio.create_task(client.list_page(ListQuery(), 1))
+        await asyncio.sleep(0.2)  # it holds the slot for 2.8 s; a retry waits 0.2 s or more
+        page = await client.list_page(ListQuery(), 1)  # waits, fails once, then succeeds
+        await first
+    assert page.experiments and client.stats.api_calls == 3 and client.stats.retries == 1
+
+
 async def test_endless_throttling_is_bounded(capture: Capture) -> None:
     throttle = api_error(400, "Throttling.User", headers={"x-acs-retry-after": "10"})
     capture.script.extend([throttle] * 100)

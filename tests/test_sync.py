@@ -380,11 +380,12 @@ async def test_a_baseline_whose_listing_lost_a_row_reads_the_workspace_again(
         assert rig.store.workspace_state(ws).baseline_at  # type: ignore[union-attr]
 
 
-async def test_a_baseline_during_which_experiments_are_created_needs_no_second_reading(
+async def test_a_baseline_during_which_experiments_are_created_reads_them_all(
     tmp_path: Path,
 ) -> None:
-    """New experiments land at the end of a create-time-ascending listing: the counts grow
-    while it is paged, but every experiment counted is read, so the baseline stands."""
+    """New experiments land past the pages planned from page 1: the pages the later counts
+    add are read too. Counts that changed prove nothing on their own (a creation can make up
+    for a row a deletion pushed off a page), so the baseline reads once more, and holds."""
     options = SimOptions(
         experiments=350, workspaces=1, seed=4, drift=False, restart_per_min=0.0,
         create_per_min=600.0, delete_per_min=0.0,
@@ -407,7 +408,7 @@ async def test_a_baseline_during_which_experiments_are_created_needs_no_second_r
         world.list = original  # type: ignore[method-assign]
         assert advanced and advanced[0] > 0
         assert result.status == "ok" and result.baseline, result.error
-        assert not any(e["event"] == "sync.listing_reread" for e in logs)
+        assert any(e["event"] == "sync.listing_reread" for e in logs)
         assert rig.store.workspace_state(ws).baseline_at  # type: ignore[union-attr]
         assert_mirror_equals_truth(rig.store, rig.sim, ws)
 
@@ -418,19 +419,95 @@ async def test_a_baseline_that_never_adds_up_is_partial_and_no_baseline(tmp_path
         ws = rig.sim.world.workspace_ids[0]
         world, original = rig.sim.world, rig.sim.world.list
 
-        def drops_a_row(params: Any, original: Any = original) -> Any:
-            total, page = original(params)
-            return total, page[1:] if params.get("PageNumber") == "2" else page
+        readings: list[int] = []
 
-        world.list = drops_a_row  # type: ignore[method-assign]
+        def drops_rows(params: Any, original: Any = original, readings: Any = readings) -> Any:
+            """Page 2 leaves out two rows, one of them another each reading: one row is
+            never returned, and the readings differ, so nothing says upstream's count is
+            off."""
+            total, page = original(params)
+            if params.get("PageNumber") == "1":
+                readings.append(1)
+            if params.get("PageNumber") == "2":
+                page = [r for i, r in enumerate(page) if i not in (0, len(readings))]
+            return total, page
+
+        world.list = drops_rows  # type: ignore[method-assign]
         result = await rig.engine.sweep(ws)
         assert result.status == "partial" and "did not add up twice" in (result.error or "")
-        assert result.experiments_seen == 249
+        assert result.experiments_seen == 249  # 248 the first time, and one more
         assert not rig.store.workspace_state(ws).baseline_at  # type: ignore[union-attr]
         world.list = original  # type: ignore[method-assign]
         result = await rig.engine.sweep(ws)  # still no baseline: full again
         assert result.mode == "full" and result.status == "ok" and result.baseline
         assert_mirror_equals_truth(rig.store, rig.sim, ws)
+
+
+async def test_a_baseline_that_reads_the_same_short_listing_twice_holds(tmp_path: Path) -> None:
+    """Upstream counts a record it never returns (one without an ExperimentId, say): both
+    readings see the same experiments under the same count. That is a stable listing with
+    an off count, not rows moving: the baseline holds, with a note."""
+    options = SimOptions(experiments=250, workspaces=1, seed=4, drift=False, restart_per_min=0.0)
+    async for rig in make_rig(tmp_path, options, page_size=100):
+        ws = rig.sim.world.workspace_ids[0]
+        world, original = rig.sim.world, rig.sim.world.list
+
+        def one_without_id(params: Any, original: Any = original) -> Any:
+            total, page = original(params)
+            if params.get("PageNumber") == "2":
+                page = [{k: v for k, v in page[0].items() if k != "ExperimentId"}, *page[1:]]
+            return total, page
+
+        world.list = one_without_id  # type: ignore[method-assign]
+        result = await rig.engine.sweep(ws)
+        world.list = original  # type: ignore[method-assign]
+        assert result.status == "ok" and result.api_calls == 6, result.error
+        assert any("upstream's count being off" in n for n in result.notes)
+        assert rig.store.workspace_state(ws).baseline_at  # type: ignore[union-attr]
+
+
+async def test_a_full_sweep_whose_counts_did_not_add_up_never_deletes_unchecked(
+    tmp_path: Path,
+) -> None:
+    """Deletions and creations while the pages are read can make the ids reach the count
+    while live rows were pushed off pages already read: past the look-up cap, a listing
+    whose counts changed deletes nothing."""
+    options = SimOptions(
+        experiments=1000, workspaces=1, seed=4, drift=False, restart_per_min=0.0,
+        create_per_min=0.0, delete_per_min=0.0,
+    )  # fmt: skip
+    async for rig in make_rig(tmp_path, options, page_size=100, max_concurrency=1):
+        ws = rig.sim.world.workspace_ids[0]
+        assert (await rig.engine.sweep(ws)).status == "ok"
+        world, original = rig.sim.world, rig.sim.world.list
+        ordered = [e["ExperimentId"] for e in world.truth(ws)]
+        done: list[int] = []
+
+        def churn(
+            params: Any,
+            original: Any = original,
+            done: Any = done,
+            world: Any = world,
+            ordered: Any = ordered,
+            ws: str = ws,
+        ) -> Any:
+            if params.get("PageNumber") == "5" and not done:
+                done.append(1)
+                for exp_id in ordered[:250]:  # already read: every later row moves up 250
+                    world.mutate(exp_id, delete=True)
+                for _ in range(260):
+                    world.mutate(create={"WorkspaceId": ws, "Status": "RUNNING"})
+            return original(params)
+
+        world.list = churn  # type: ignore[method-assign]
+        result = await rig.engine.sweep(ws, "full")
+        world.list = original  # type: ignore[method-assign]
+        assert done
+        rows = mirror_rows(rig.store, ws)
+        live = {e["ExperimentId"] for e in world.truth(ws)}
+        wrongly = [i for i in live if i in rows and rows[i]["deleted"]]
+        assert not wrongly, f"{len(wrongly)} live experiments marked deleted"
+        assert result.status == "partial"
 
 
 async def test_a_fatal_error_fails_one_workspace_and_the_others_sync(tmp_path: Path) -> None:
