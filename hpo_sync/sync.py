@@ -394,9 +394,7 @@ class SyncEngine:
 
         listing = await read()
         if not listing.complete:
-            result.status = "partial"
-            result.error = f"listing incomplete, deletions skipped: {listing.error}"
-            result.error_code = listing.error.code if listing.error else None
+            _incomplete(result, listing)
             return
         seen_ids, counts_add_up = listing.seen_ids, listing.consistent
         if result.baseline and not counts_add_up and not listing.uncounted:
@@ -413,9 +411,7 @@ class SyncEngine:
             )
             again = await read()
             if not again.complete:
-                result.status = "partial"
-                result.error = f"listing incomplete, deletions skipped: {again.error}"
-                result.error_code = again.error.code if again.error else None
+                _incomplete(result, again)
                 return
             seen_ids = listing.seen_ids | again.seen_ids
             if not _baseline_holds(listing, again, seen_ids):
@@ -753,6 +749,13 @@ class _Batches:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+def _incomplete(result: SweepResult, listing: Listing) -> None:
+    """A full sweep's listing that missed pages: partial, and nothing is marked deleted."""
+    result.status = "partial"
+    result.error = f"listing incomplete, deletions skipped: {listing.error}"
+    result.error_code = listing.error.code if listing.error else None
 
 
 def _baseline_holds(first: Listing, again: Listing, seen_ids: Collection[str]) -> bool:

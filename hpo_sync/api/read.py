@@ -82,9 +82,9 @@ __all__ = [
     "ReadRuntime",
     "client_gone",
     "freshness",
-    "long_poll_caller",
     "max_change_id",
     "setup_read_api",
+    "wait_for_change",
 ]
 
 log = structlog.get_logger(__name__)
@@ -1116,13 +1116,7 @@ async def list_changes(request: web.Request) -> web.Response:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + q["wait"]
     while not rows and (remaining := deadline - loop.time()) > 0:
-        newer = await api.watcher.wait_beyond(
-            max(max_id, after),
-            remaining,
-            caller=long_poll_caller(principal),
-            gone=functools.partial(client_gone, request),
-        )
-        if newer is None:
+        if not await wait_for_change(request, max(max_id, after), remaining):
             break
         rows, max_id, seen_id, states = await api.read(work)
     has_more = len(rows) > limit
@@ -1149,6 +1143,19 @@ def long_poll_caller(principal: Principal) -> str | None:
     """Whose long polls count together against :data:`MAX_LONG_POLLS_PER_TOKEN`: a token's
     (None in the open loopback mode, where every caller is the same anonymous one)."""
     return principal.name if principal.by_token else None
+
+
+async def wait_for_change(request: web.Request, beyond: int, timeout_s: float) -> bool:
+    """One wait of a long poll (the change feed's, and the UI's feed poll): True once some
+    change has an id above ``beyond``; False on timeout, when the client went away, or when
+    too many polls (of this token, or in all) already wait."""
+    newer = await request.app[READ_API].watcher.wait_beyond(
+        beyond,
+        timeout_s,
+        caller=long_poll_caller(request[PRINCIPAL]),
+        gone=functools.partial(client_gone, request),
+    )
+    return newer is not None
 
 
 async def list_workspaces(request: web.Request) -> web.Response:

@@ -10,7 +10,6 @@ snapshot per page, the same time budget) with the API's own parameter tables and
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import sqlite3
 import time
@@ -44,14 +43,13 @@ from ..api.read import (
     ReadRuntime,
     change_json,
     change_value,
-    client_gone,
     count_by_status,
     freshness,
-    long_poll_caller,
     max_change_id,
     select_changes,
     select_experiment,
     select_experiments,
+    wait_for_change,
 )
 from ..config import EXPERIMENT_STATUSES
 from ..store import WorkspaceState
@@ -719,13 +717,7 @@ async def changes_poll(request: web.Request) -> web.StreamResponse:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_s
     while not rows and (remaining := deadline - loop.time()) > 0:
-        newer = await api.watcher.wait_beyond(
-            max(max_id, after),
-            remaining,
-            caller=long_poll_caller(principal),
-            gone=functools.partial(client_gone, request),
-        )
-        if newer is None:
+        if not await wait_for_change(request, max(max_id, after), remaining):
             break
         rows, max_id, seen_id = await api.read(work)
     next_after = rows[-1][0] if rows else max(after, seen_id)
