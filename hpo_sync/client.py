@@ -21,7 +21,7 @@ import math
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
 from typing import Any
@@ -580,28 +580,42 @@ class UpstreamClient:
         listing.pages_expected = max(1, math.ceil(first.total_count / size))
         await take(first)
 
-        # Bounds the pages fetched but not yet handed to on_page, so a slow consumer
-        # cannot make pages pile up in memory.
-        pipeline = asyncio.Semaphore(self.config.max_concurrency * 2)
+        # A few workers share the page numbers: they bound the pages fetched but not yet
+        # handed to on_page (a slow consumer cannot make pages pile up in memory), and a
+        # count of a billion plans no billion tasks. The client's own concurrency limit
+        # still decides how many requests are in flight.
+        workers = self.config.max_concurrency * 2
+        empty_at: list[int] = []
 
-        async def fetch(number: int) -> None:
-            async with pipeline:
+        async def fetch(numbers: Iterator[int]) -> None:
+            for number in numbers:
+                if empty_at and number > empty_at[0]:
+                    return  # past an empty page: the count promised pages that are not there
                 try:
                     page = await self.list_page(query, number, size, tally=tally)
                 except FatalUpstreamError:
                     raise
                 except UpstreamError as exc:
                     listing.error = listing.error or exc
-                    return
+                    continue
+                if not page.experiments and number < listing.pages_expected:
+                    empty_at[:] = [min([number, *empty_at])]
+                    listing.error = listing.error or UpstreamError(
+                        f"page {number} came back empty before the last page its count "
+                        f"planned ({listing.pages_expected})",
+                        code="ShortListing",
+                        workspace_id=query.workspace_id,
+                    )
                 await take(page)
 
         first_page, rounds = 2, 0
         while listing.pages_expected >= first_page:
+            numbers = iter(range(first_page, listing.pages_expected + 1))
             # TaskGroup cancels the other pages as soon as one fails fatally.
             try:
                 async with asyncio.TaskGroup() as group:
-                    for number in range(first_page, listing.pages_expected + 1):
-                        group.create_task(fetch(number))
+                    for _ in range(min(workers, listing.pages_expected - first_page + 1)):
+                        group.create_task(fetch(numbers))
             except BaseExceptionGroup as group_error:
                 errors: list[BaseException] = list(group_error.exceptions)
                 fatal = [e for e in errors if isinstance(e, FatalUpstreamError)]

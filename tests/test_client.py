@@ -602,6 +602,18 @@ async def test_experiments_created_while_paging_are_read_from_the_pages_they_add
     assert (listing.pages_expected, listing.pages_read, len(listing.seen_ids)) == (4, 4, 350)
 
 
+async def test_a_count_of_a_billion_plans_no_billion_requests(capture: Capture) -> None:
+    """Page 1 counts 10^9 experiments; there are 250. A few workers share the page
+    numbers, and the first empty page ends the listing (incomplete: the count promised more)."""
+    capture.experiments = [{"ExperimentId": f"e{i:03d}"} for i in range(250)]
+    capture.total_count = 10**9
+    async with make_client(capture.base_url, max_concurrency=2) as client:
+        listing = await client.list_all(ListQuery(workspace_id="w1"), page_size=100)
+    assert len(listing.seen_ids) == 250 and not listing.complete
+    assert listing.error is not None and listing.error.code == "ShortListing"
+    assert client.stats.api_calls < 20  # pages 1-3, then a few empty ones in flight
+
+
 @pytest.mark.parametrize("total", ["absent", None, "many", -1, 3, True])
 async def test_without_a_readable_total_count_pages_until_empty(
     capture: Capture, total: Any
