@@ -1,8 +1,8 @@
 """The ``hpo-sync`` command line.
 
 Exit status: 0 success, 1 a workspace (or the command's work) failed, 2 a config or usage
-error — always one clear message, never a traceback; ``sync`` adds 3 (some listing was
-incomplete) and 143 (stopped by SIGTERM).
+error — always one clear message, never a traceback; ``sync`` adds 3 (some sweep was
+partial) and 143 (stopped by SIGTERM).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
@@ -29,9 +29,10 @@ from .errors import ConfigError, HpoSyncError
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-#: ``sync``: every workspace synced, but some listing was incomplete (deletions skipped;
-#: the next sync finishes the job). rsync's "partial transfer" has its own code for the same
-#: reason: a script should be able to tell "not all" from "nothing" and from "all".
+#: ``sync``: no workspace failed, but some sweep was partial (a listing incomplete, look-ups
+#: capped, a baseline that did not add up; the next sync finishes the job). rsync's "partial
+#: transfer" has its own code for the same reason: a script should be able to tell "not all"
+#: from "nothing" and from "all".
 EXIT_PARTIAL = 3
 #: Stopped by a signal: 128 + its number, as a shell reports it.
 EXIT_SIGTERM = 128 + signal.SIGTERM
@@ -188,11 +189,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _quiet_stdout() -> None:
-    """Point stdout at /dev/null, so that Python's final flush does not complain about a
-    pipe whose reader went away."""
+    quiet_stream(sys.stdout)
+
+
+def quiet_stream(stream: TextIO) -> None:
+    """Point ``stream`` (stdout) at /dev/null, so that Python's final flush, and whatever
+    else still prints, does not complain about a pipe whose reader went away. A stream
+    without a file descriptor (a test's) is left as it is."""
     devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
+    try:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(devnull, stream.fileno())
+    finally:
+        os.close(devnull)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,7 +225,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
         raise UsageError(f"workspace {unknown[0]!r} is not configured (configured: {configured})")
     try:
         results = asyncio.run(_sync_once(cfg, wanted, full=args.full))
-    except asyncio.CancelledError:  # SIGTERM: the runs are closed as interrupted
+    except asyncio.CancelledError:  # SIGTERM: the sweeps closed their runs as cancelled
         print("hpo-sync: sync stopped by SIGTERM", file=sys.stderr)
         return EXIT_SIGTERM
     if any(r.status == "failed" for r in results):
@@ -262,7 +271,8 @@ async def _sync_once(cfg: config_mod.Config, workspaces: list[str], *, full: boo
                 *(engine.sweep(ws, "full" if full else "auto") for ws in workspaces)
             )
     except asyncio.CancelledError:
-        # We hold the lock, so every run still "running" is one of ours.
+        # Each sweep closes its run when cancelled; this catches one cancelled before its
+        # first await. We hold the lock, so every run still "running" is one of ours.
         await asyncio.to_thread(store.abandon_running_runs, format_time(datetime.now(UTC)))
         raise
     finally:

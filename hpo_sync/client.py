@@ -287,9 +287,10 @@ class UpstreamClient:
         params: Mapping[str, str],
         workspace_id: str | None,
         tally: Tally | None,
-        timeout_s: float | None = None,
+        timeout_s: float,
     ) -> Page:
-        """One signed attempt. Raises Retryable/Throttled/FatalUpstreamError."""
+        """One signed attempt, given ``timeout_s`` in all. Raises
+        Retryable/Throttled/FatalUpstreamError."""
         creds = await self._credentials.get()
         query = signing.canonical_query(params)
         headers = {
@@ -322,7 +323,7 @@ class UpstreamClient:
             async with session.get(
                 self._url(query),
                 headers=headers,
-                timeout=aiohttp.ClientTimeout(total=timeout_s or self.config.timeout_s),
+                timeout=aiohttp.ClientTimeout(total=timeout_s),
                 allow_redirects=False,
             ) as resp:
                 body = await resp.read()
@@ -585,11 +586,12 @@ class UpstreamClient:
         # count of a billion plans no billion tasks. The client's own concurrency limit
         # still decides how many requests are in flight.
         workers = self.config.max_concurrency * 2
-        empty_at: list[int] = []
+        first_empty = math.inf  # the first page that came back empty too early
 
         async def fetch(numbers: Iterator[int]) -> None:
+            nonlocal first_empty
             for number in numbers:
-                if empty_at and number > empty_at[0]:
+                if number > first_empty:
                     return  # past an empty page: the count promised pages that are not there
                 try:
                     page = await self.list_page(query, number, size, tally=tally)
@@ -599,7 +601,7 @@ class UpstreamClient:
                     listing.error = listing.error or exc
                     continue
                 if not page.experiments and number < listing.pages_expected:
-                    empty_at[:] = [min([number, *empty_at])]
+                    first_empty = min(first_empty, number)
                     listing.error = listing.error or UpstreamError(
                         f"page {number} came back empty before the last page its count "
                         f"planned ({listing.pages_expected})",

@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import shutil
 import signal
 import socket
@@ -123,7 +122,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not 0 <= args.api_port <= 65535:
         raise UsageError(f"--api-port must be from 0 (any free port) to 65535, got {args.api_port}")
     if args.data_dir:
-        _check_data_dir(Path(args.data_dir), UsageError)
+        _check_data_dir(Path(args.data_dir))
     options = DemoOptions(
         data_dir=Path(args.data_dir) if args.data_dir else None,
         duration_s=args.duration,
@@ -142,16 +141,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run(run_demo(options))
 
 
-def _check_data_dir(path: Path, error: Callable[[str], Exception]) -> None:
+def _check_data_dir(path: Path) -> None:
     """``--data-dir`` must be a directory, or a path where one can be made."""
+    from .cli import UsageError
+
     if "\0" in str(path):
-        raise error("--data-dir cannot contain a NUL character")
+        raise UsageError("--data-dir cannot contain a NUL character")
     if path.exists() and not path.is_dir():
-        raise error(f"--data-dir {path} is a file, not a directory; name a directory")
+        raise UsageError(f"--data-dir {path} is a file, not a directory; name a directory")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise error(f"--data-dir {path}: cannot create it: {exc.strerror or exc}") from None
+        raise UsageError(f"--data-dir {path}: cannot create it: {exc.strerror or exc}") from None
 
 
 def config_text(
@@ -279,15 +280,10 @@ class _Out:
         try:
             print(text, file=self.stream, flush=True)
         except BrokenPipeError:
+            from .cli import quiet_stream
+
             self.closed = True
-            # Python flushes stdout again at exit, and would complain about the pipe then;
-            # whatever else prints (the alert receivers) goes nowhere too.
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            try:
-                with contextlib.suppress(OSError, ValueError, AttributeError):
-                    os.dup2(devnull, self.stream.fileno())
-            finally:
-                os.close(devnull)
+            quiet_stream(self.stream)  # what else prints (the alert receivers) too
             if self.on_closed is not None:
                 self.on_closed()
 

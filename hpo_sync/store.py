@@ -773,6 +773,8 @@ class Store:
         transaction, appending a change row per tracked-field change.
 
         - Identical content writes nothing but a forward move of ``last_seen_at``.
+        - A column in an experiment's ``absent`` (its field left out of the upstream answer)
+          keeps its stored value: not reported is not "became empty".
         - An experiment whose stored row holds a newer observation than ``observed_at`` is
           skipped as stale, so replaying old batches never rolls the mirror back.
         - ``complete``: the batch (plus ``seen_ids_for_deletion``, for sweeps that apply page

@@ -139,14 +139,11 @@ async def test_alerts_test_target_down(
     assert_no_secret(out)
 
 
-async def test_alerts_list_and_retry(
-    config_path: Path, receivers: Receivers, capsys: pytest.CaptureFixture[str]
-) -> None:
-    cfg = load(config_path)
-    store = Store.open(cfg.store.path)
-    worker = AlertWorker(store, cfg, rate_limits={})
+def record_statuses(store: Store, worker: AlertWorker, statuses: tuple[str, ...]) -> None:
+    """Experiment e1 seen with each status in turn, a second apart (the first sighting is the
+    baseline), with the worker's outbox hook in every write."""
     t = datetime.now(UTC) - timedelta(seconds=30)
-    for i, status in enumerate(("RUNNING", "FAILED")):
+    for i, status in enumerate(statuses):
         e = normalise(
             {"ExperimentId": "e1", "WorkspaceId": "ws1", "Name": "bert", "Status": status}
         )
@@ -154,13 +151,17 @@ async def test_alerts_list_and_retry(
         at = format_time(t + timedelta(seconds=i))
         run = store.begin_run("ws1", "hot", at)
         store.apply(
-            "ws1",
-            [e],
-            observed_at=at,
-            run_id=run,
-            baseline=i == 0,
-            on_changes=worker.on_changes,
+            "ws1", [e], observed_at=at, run_id=run, baseline=i == 0, on_changes=worker.on_changes
         )
+
+
+async def test_alerts_list_and_retry(
+    config_path: Path, receivers: Receivers, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = load(config_path)
+    store = Store.open(cfg.store.path)
+    worker = AlertWorker(store, cfg, rate_limits={})
+    record_statuses(store, worker, ("RUNNING", "FAILED"))
     with capture_logs() as logs:
         await worker.run_once()
         await worker.close()
@@ -207,18 +208,7 @@ async def test_alerts_list_formats_and_limits_match_the_query_commands(
     cfg = load(config_path)
     store = Store.open(cfg.store.path)
     worker = AlertWorker(store, cfg, rate_limits={})
-    t = datetime.now(UTC) - timedelta(seconds=30)
-    statuses = ("RUNNING", "FAILED", "RUNNING", "FAILED", "RUNNING", "FAILED")
-    for i, status in enumerate(statuses):
-        e = normalise(
-            {"ExperimentId": "e1", "WorkspaceId": "ws1", "Name": "bert", "Status": status}
-        )
-        assert e is not None
-        at = format_time(t + timedelta(seconds=i))
-        run = store.begin_run("ws1", "hot", at)
-        store.apply(
-            "ws1", [e], observed_at=at, run_id=run, baseline=i == 0, on_changes=worker.on_changes
-        )
+    record_statuses(store, worker, ("RUNNING", "FAILED") * 3)
     await worker.close()  # nothing sent: every delivery stays pending
     store.close()
     base = ["alerts", "list", "--config", str(config_path)]
