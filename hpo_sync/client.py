@@ -21,7 +21,7 @@ import math
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
 from typing import Any
@@ -570,9 +570,24 @@ class UpstreamClient:
 
         first = await self.list_page(query, 1, size, tally=tally)
         if first.total_count is None:
-            await self._page_until_empty(query, first, size, tally, listing, take, seen)
+            log.warning("upstream.total_count_missing", workspace=query.workspace_id)
+            await self._page_until_empty(query, [first], size, tally, listing, take, seen)
             return listing
         got = len(first.experiments)
+        if got == size and first.total_count == got:
+            # A full page whose count is its own size: the workspace holds exactly one page,
+            # or the server counts the page rather than the listing (then trusting it would
+            # read page 1 only, and a full sweep would call the rest deleted). Page 2 tells
+            # which, for one call more in this one case.
+            second = await self.list_page(query, 2, size, tally=tally)
+            if second.experiments:
+                log.warning(
+                    "upstream.total_count_per_page", workspace=query.workspace_id, count=got
+                )
+                await self._page_until_empty(
+                    query, [first, second], size, tally, listing, take, seen
+                )
+                return listing
         if 0 < got < size and first.total_count > got:
             # No page-size maximum is documented: a server that silently caps PageSize
             # still pages by its own size, so plan the page count with that.
@@ -637,42 +652,46 @@ class UpstreamClient:
     async def _page_until_empty(
         self,
         query: ListQuery,
-        first: Page,
+        read: Sequence[Page],
         size: int,
         tally: Tally | None,
         listing: Listing,
         take: Callable[[Page], Awaitable[None]],
         seen: set[str],
     ) -> None:
-        """The listing when page 1 has no readable TotalCount: pages one after another until
-        one comes back empty (one call more than needed, but the only end that needs no
-        count, and it holds even when the server caps the page size). A page with nothing
-        new, or a listing past :data:`MAX_UNCOUNTED_PAGES`, ends it incomplete: a server
-        that repeats itself must not page forever."""
-        log.warning("upstream.total_count_missing", workspace=query.workspace_id)
-        page, number = first, 1
-        await take(first)
-        while page.experiments:
-            if number >= MAX_UNCOUNTED_PAGES:
-                listing.error = UpstreamError(
-                    f"no TotalCount and still not at the end after {number} pages",
-                    code="NoTotalCount",
-                    workspace_id=query.workspace_id,
-                )
-                break
+        """The listing when TotalCount cannot plan the pages (none is readable, or it counts
+        a page rather than the listing), given the pages ``read`` so far, from page 1: pages
+        one after another until one comes back empty (one call more than needed, but the
+        only end that needs no count, and it holds even when the server caps the page size).
+        A page with nothing new, or a listing past :data:`MAX_UNCOUNTED_PAGES`, ends it
+        incomplete: a server that repeats itself must not page forever."""
+        listing.uncounted = True
+        pending = iter(read)
+        page, number = None, 0
+        while page is None or page.experiments:
             number += 1
-            try:
-                page = await self.list_page(query, number, size, tally=tally)
-            except FatalUpstreamError:
-                raise
-            except UpstreamError as exc:
-                listing.error = exc
-                break
+            page = next(pending, None)
+            if page is None:
+                if number > MAX_UNCOUNTED_PAGES:
+                    number -= 1
+                    listing.error = UpstreamError(
+                        f"no usable TotalCount and still not at the end after {number} pages",
+                        code="NoTotalCount",
+                        workspace_id=query.workspace_id,
+                    )
+                    break
+                try:
+                    page = await self.list_page(query, number, size, tally=tally)
+                except FatalUpstreamError:
+                    raise
+                except UpstreamError as exc:
+                    listing.error = exc
+                    break
             before = len(seen)
             await take(page)
-            if page.experiments and len(seen) == before:
+            if number > 1 and page.experiments and len(seen) == before:
                 listing.error = UpstreamError(
-                    f"page {number} repeats earlier pages and there is no TotalCount",
+                    f"page {number} repeats earlier pages and there is no usable TotalCount",
                     code="NoTotalCount",
                     workspace_id=query.workspace_id,
                 )
@@ -685,15 +704,18 @@ class UpstreamClient:
         self, query: ListQuery, *, page_size: int | None = None, tally: Tally | None = None
     ) -> AsyncIterator[Page]:
         """Pages one after another (for feeds read until a condition holds); without a
-        TotalCount, until an empty page."""
+        usable TotalCount, until an empty page. A full page 1 that counts just itself may be
+        a count of the page, not the listing (see :meth:`list_all`): then counts are not
+        trusted and page 2 tells."""
         size = page_size or self.config.page_size
-        number = 1
+        number, counted = 1, True
         while True:
             page = await self.list_page(query, number, size, tally=tally)
             yield page
-            if not page.experiments or (
-                page.total_count is not None and number * size >= page.total_count
-            ):
+            count, got = page.total_count, len(page.experiments)
+            if number == 1 and count == got == size:
+                counted = False
+            if not got or (counted and count is not None and number * size >= count):
                 return
             number += 1
 

@@ -119,7 +119,8 @@ class Capture:
     fatal_pages: set[int] = field(default_factory=set)
     max_page_size: int = 1000
     check_nonces: bool = True
-    total_count: Any = "count"  # "count": the real one; "absent": no key; else this value
+    # "count": the real one; "page": the page's own size; "absent": no key; else this value
+    total_count: Any = "count"
     ignore_page_number: bool = False
     _nonces: set[str] = field(default_factory=set)
 
@@ -146,6 +147,8 @@ class Capture:
         body: dict[str, Any] = {"RequestId": f"OK-{len(self.seen)}"}
         if self.total_count == "count":
             body["TotalCount"] = len(self.experiments)
+        elif self.total_count == "page":  # a server that counts the page, not the listing
+            body["TotalCount"] = len(page)
         elif self.total_count != "absent":
             body["TotalCount"] = self.total_count
         return web.json_response({**body, "Experiments": page})
@@ -633,6 +636,29 @@ async def test_without_a_readable_total_count_pages_until_empty(
     async with make_client(capture.base_url) as client:
         listing = await client.list_all(ListQuery(), page_size=100)
     assert listing.complete and len(listing.seen_ids) == 250 and listing.pages_read == 8
+
+
+async def test_a_count_of_the_page_not_the_listing_is_not_trusted(capture: Capture) -> None:
+    """TotalCount equal to a full page's own size: page 2 tells whether it counts the listing.
+    A server that counts each page gets paged until an empty page, as one with no count;
+    one that really holds one page costs one call more and stays consistent."""
+    capture.experiments = [{"ExperimentId": f"e{i:03d}"} for i in range(250)]
+    capture.total_count = "page"
+    async with make_client(capture.base_url) as client:
+        listing = await client.list_all(ListQuery(workspace_id="w1"), page_size=100)
+        pages = [p async for p in client.iter_pages(ListQuery(), page_size=100)]
+    assert len(listing.seen_ids) == 250 and listing.pages_read == 4  # 100, 100, 50, empty
+    assert listing.complete and listing.uncounted and not listing.consistent
+    assert [len(p.experiments) for p in pages] == [100, 100, 50, 0]
+
+    capture.experiments = capture.experiments[:100]  # exactly one page, really
+    capture.total_count = "count"
+    async with make_client(capture.base_url) as client:
+        listing = await client.list_all(ListQuery(workspace_id="w1"), page_size=100)
+        assert client.stats.api_calls == 2
+        pages = [p async for p in client.iter_pages(ListQuery(), page_size=100)]
+    assert listing.complete and listing.consistent and len(listing.seen_ids) == 100
+    assert [len(p.experiments) for p in pages] == [100, 0]
 
 
 async def test_an_uncounted_listing_that_repeats_itself_ends_incomplete(

@@ -290,23 +290,31 @@ async def test_a_row_that_shifts_between_pages_is_not_taken_for_deleted(tmp_path
         assert_mirror_equals_truth(rig.store, rig.sim, ws)
 
 
-async def test_a_listing_without_total_count_still_reads_every_page(tmp_path: Path) -> None:
-    """An answer whose TotalCount is null cannot plan the pages: the sweep pages until an
-    empty page rather than taking page 1 for the whole workspace (and calling it done)."""
+@pytest.mark.parametrize(
+    ("count", "event"),
+    [("null", "upstream.total_count_missing"), ("page", "upstream.total_count_per_page")],
+)
+async def test_a_listing_without_total_count_still_reads_every_page(
+    tmp_path: Path, count: str, event: str
+) -> None:
+    """An answer whose TotalCount is null, or counts the page rather than the workspace,
+    cannot plan the pages: the sweep pages until an empty page rather than taking page 1
+    for the whole workspace (and calling it done, or the rest deleted)."""
     options = SimOptions(experiments=320, workspaces=1, seed=8, restart_per_min=0.0)
     async for rig in make_rig(tmp_path, options, page_size=100):
         ws = rig.sim.world.workspace_ids[0]
         world, original = rig.sim.world, rig.sim.world.list
 
         def uncounted(params: Any, original: Any = original) -> Any:
-            return (None, original(params)[1])
+            page = original(params)[1]
+            return (None if count == "null" else len(page), page)
 
         world.list = uncounted  # type: ignore[method-assign]
         with capture_logs() as logs:
             result = await rig.engine.sweep(ws)
         assert result.status == "ok" and result.experiments_seen == 320
         assert result.api_calls == 5  # four pages with experiments and the empty one
-        assert any(e["event"] == "upstream.total_count_missing" for e in logs)
+        assert any(e["event"] == event for e in logs)
         assert_mirror_equals_truth(rig.store, rig.sim, ws)
         victim = next(iter(truth(rig.sim, ws)))
         world.mutate(victim, delete=True)
