@@ -19,6 +19,7 @@ from test_api_rig import START, TOKENS, WS1, WS2, ApiRig, api_rig, golden_mirror
 from hpo_sync.normalise import normalise
 from hpo_sync.sim import DEFAULT_ACCESS_KEY_ID, DEFAULT_ACCESS_KEY_SECRET
 from hpo_sync.sim.server import SimOptions, Simulator
+from hpo_sync.store import Store
 
 __all__ = ["golden_mirror", "rig"]  # fixtures, imported for pytest
 
@@ -150,6 +151,38 @@ async def test_the_official_sdk_gets_what_the_simulator_returns(
     # What the SDK sent: its bearer token in x-acs-bearer-token, no signature.
     assert seen and all(h.get("x-acs-bearer-token") == TOKENS["all"][0] for h in seen)
     assert all(h.get("x-acs-signature-type") == "BEARERTOKEN" for h in seen)
+
+
+async def test_fields_upstream_added_later_pass_through(tmp_path: Path) -> None:
+    """A field hpo-sync does not know is in ``raw``: the compatible route passes it on as
+    upstream sent it; config texts only with IncludeConfigData, as upstream."""
+    db = tmp_path / "mirror.db"
+    store = Store.open(db)
+    try:
+        exp = normalise(
+            {
+                "ExperimentId": "exp-new-field",
+                "WorkspaceId": WS1,
+                "Status": "RUNNING",
+                "TrialStatus": {"RUNNING": 1},
+                "ConfigYml": "a: 1",
+                "Priority": {"Level": 3, "Labels": ["x"]},
+            }
+        )
+        assert exp is not None
+        store.ensure_workspace(WS1)
+        run = store.begin_run(WS1, "full", "2025-06-01T08:00:00Z")
+        store.apply(WS1, [exp], observed_at="2025-06-01T08:00:01Z", run_id=run, baseline=True)
+        async with api_rig(db, store=store) as r:
+            plain = await r.ok(COMPAT, {"WorkspaceId": WS1})
+            full = await r.ok(COMPAT, {"WorkspaceId": WS1, "IncludeConfigData": "True"})
+    finally:
+        store.close()
+    (got,) = plain["Experiments"]
+    assert got["Priority"] == {"Level": 3, "Labels": ["x"]} and got["Status"] == "RUNNING"
+    assert "ConfigYml" not in got
+    (got,) = full["Experiments"]
+    assert got["Priority"] == {"Level": 3, "Labels": ["x"]} and got["ConfigYml"] == "a: 1"
 
 
 async def test_errors_come_in_the_upstream_shape_the_sdk_understands(

@@ -8,7 +8,8 @@ ignored, an empty value counts as absent, ``SortBy`` in both vocabularies, ``Ord
 ``IncludeConfigData`` and ``Status`` in any case, ``Tag`` as one JSON parameter, times in the
 upstream time zone ``[upstream] create_time_zone``), the same sort (ties broken by
 ``ExperimentId`` in the same direction), the response shape ``{RequestId, TotalCount,
-Experiments}`` with the upstream field names, and errors as ``{RequestId, Code, Message}``.
+Experiments}`` with the upstream field names (fields upstream added that hpo-sync does not
+know yet passed through from ``raw``), and errors as ``{RequestId, Code, Message}``.
 Paging is by page number, hence ``LIMIT``/``OFFSET``: that is the upstream's contract (the
 ``/v1`` routes use keyset cursors). Experiments marked deleted are left out, as upstream
 leaves them out of its listings. A token limited to some workspaces sees only those: with
@@ -24,7 +25,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ..normalise import format_time, to_upstream
+from ..normalise import Experiment, format_time, to_upstream
 from ..schema import EXPERIMENT_COLUMNS, row_to_experiment
 from ..store import WorkspaceState, tag_condition
 from ..upstream_query import (
@@ -95,6 +96,21 @@ def compat_sql(q: Query, workspaces: Sequence[str]) -> tuple[str, list[Any], str
     return " AND ".join(where), params, order
 
 
+#: Upstream fields the listing carries only with ``IncludeConfigData=True``.
+_CONFIG_FIELDS = frozenset({"SearchSpace", "ConfigIni", "ConfigYml"})
+
+
+def _upstream(exp: Experiment, include_config: bool) -> dict[str, Any]:
+    """The experiment as upstream lists it: the fields hpo-sync knows, with normalised
+    types, then any field upstream added that it does not know yet, as upstream last sent it
+    (from ``raw``), so that a tool reading such a field works against the cache too."""
+    out = to_upstream(exp, include_config=include_config)
+    for key, value in exp.raw.items():
+        if key not in out and key not in _CONFIG_FIELDS:
+            out[key] = value
+    return out
+
+
 def _lower(value: object) -> str | None:
     return value.lower() if isinstance(value, str) else None
 
@@ -140,9 +156,7 @@ async def list_hpo_experiments(request: web.Request) -> web.Response:
         return total, rows, store.workspaces()
 
     total, rows, states = await api.read(work)
-    experiments = [
-        to_upstream(row_to_experiment(dict(r)), include_config=q.include_config) for r in rows
-    ]
+    experiments = [_upstream(row_to_experiment(dict(r)), q.include_config) for r in rows]
     fresh = freshness(states, scope, api.runtime.clock())
     return web.json_response(
         {"RequestId": request_id, "TotalCount": total, "Experiments": experiments},

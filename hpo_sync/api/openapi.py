@@ -524,6 +524,10 @@ def _schemas() -> dict[str, Any]:
         },
         required=["ExperimentId", "Status", "TrialStatus"],
     )
+    upstream_experiment["description"] = (
+        "PAI's field names. A field upstream added that this hpo-sync does not know yet is"
+        " passed through as upstream last sent it."
+    )
     return {
         "Error": _obj(
             {
