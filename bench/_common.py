@@ -115,7 +115,8 @@ def sim_control(base_url: str, path: str, payload: Mapping[str, Any] | None = No
 
 @dataclass(frozen=True)
 class ChildRun:
-    """A finished child process: exit status, output, wall time and its own peak RSS."""
+    """A finished child process: exit status, output, wall time, its own peak RSS and the
+    CPU time (user + system, all its threads) it used."""
 
     argv: tuple[str, ...]
     returncode: int
@@ -123,6 +124,7 @@ class ChildRun:
     stderr: str
     wall_s: float
     peak_rss_mb: float
+    cpu_s: float = 0.0
 
 
 def run_child(
@@ -158,7 +160,20 @@ def run_child(
             err.read().decode(errors="replace"),
             wall_s,
             usage.ru_maxrss * scale / 2**20,
+            usage.ru_utime + usage.ru_stime,
         )
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """CPU time (user + system) a running process has used so far (Linux ``/proc``), or
+    None where that cannot be read: for charging another process, such as the simulator,
+    with its share of a run."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # ---------------------------------------------------------------------- memory
