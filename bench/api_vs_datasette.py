@@ -29,7 +29,10 @@ non-2xx answer or socket error under load fails it too.
 
 ``--during-sweep`` adds a measurement of the read API's list latency on a copy of the mirror
 while another process writes a full sweep of every experiment into it (the store's write
-path, one transaction per ``--sweep-batch`` rows, as the daemon's sweeps batch them).
+path, one transaction per ``--sweep-batch`` rows, as the daemon's sweeps batch them): once
+as fast as the API answers (32 connections saturate it, so any CPU the sweep takes shows as
+latency), once paced at ``--paced-rps`` (default 400 req/s, well below saturation: what is
+left is whether a read ever waits for the writer).
 
     .venv/bin/python bench/api_vs_datasette.py                  # builds the mirror once
     .venv/bin/python bench/api_vs_datasette.py --connections 64 --seconds 20 --during-sweep
@@ -411,6 +414,7 @@ function request()
   n = n + 1
   return wrk.format("GET", paths[((n + offset) %% #paths) + 1], headers)
 end
+%(delay)s
 function done(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
@@ -447,11 +451,18 @@ def wrk(
     headers: dict[str, str],
     seconds: float,
     args: argparse.Namespace,
+    *,
+    rate: float | None = None,
 ) -> Load:
-    """One wrk run over ``paths`` (cycled), its summary."""
+    """One wrk run over ``paths`` (cycled), its summary. With ``rate``, paced: each
+    connection waits ``connections / rate`` seconds after an answer before its next request
+    (wrk's ``delay()``), so that the load offered is about ``rate`` requests/s rather than
+    as many as the server can take; latency is still measured per request."""
+    pause_ms = args.connections * 1000.0 / rate if rate else None
     script = WRK_SCRIPT % {
         "paths": ", ".join(_lua_string(p) for p in paths),
         "headers": ", ".join(f"[{_lua_string(k)}] = {_lua_string(v)}" for k, v in headers.items()),
+        "delay": f"function delay() return {pause_ms:.0f} end" if pause_ms else "",
     }
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(script)
@@ -537,9 +548,16 @@ def measure(
 
 
 def measure_during_sweep(
-    api: Server, db: Path, workdir: Path, ws: str, args: argparse.Namespace
+    api: Server,
+    db: Path,
+    workdir: Path,
+    ws: str,
+    args: argparse.Namespace,
+    *,
+    rate: float | None = None,
 ) -> tuple[Load, Load, str]:
-    """The read API's list on a copy of the mirror: quiet, then while a full sweep writes."""
+    """The read API's list on a copy of the mirror: quiet, then while a full sweep writes;
+    as fast as it answers, or paced at ``rate`` requests/s."""
     copy = workdir / "sweep.db"
     shutil.copy(db, copy)
     here = Path(__file__).resolve()
@@ -558,7 +576,7 @@ def measure_during_sweep(
         wait_ready(base + swept.list_path(ws), swept.headers, proc)
         paths = [swept.list_path(ws)]
         wrk(base, paths, swept.headers, args.warmup_s, args)
-        quiet = wrk(base, paths, swept.headers, args.seconds, args)
+        quiet = wrk(base, paths, swept.headers, args.seconds, args, rate=rate)
         writer = subprocess.Popen(
             [
                 sys.executable,
@@ -580,7 +598,7 @@ def measure_during_sweep(
         if writer.stdout.readline().strip() != "writing":
             raise SystemExit("the sweep writer failed before writing")
         began = time.monotonic()
-        busy = wrk(base, paths, swept.headers, args.seconds, args)
+        busy = wrk(base, paths, swept.headers, args.seconds, args, rate=rate)
         measured_s = time.monotonic() - began
         report = writer.stdout.readline().split()
         writer.wait()
@@ -633,11 +651,14 @@ def run(args: argparse.Namespace) -> int:
         for server in all_servers:
             print(f"measuring {server.name} …", file=sys.stderr)
             results[server.name] = measure(server, ws, expected, ids, args)
-        sweep = None
+        sweeps: list[tuple[float | None, tuple[Load, Load, str]]] = []
         if args.during_sweep:
             print("measuring the read API during a full sweep …", file=sys.stderr)
             api_server = next(s for s in all_servers if s.name == API)
-            sweep = measure_during_sweep(api_server, db, workdir, ws, args)
+            for rate in (None, *([args.paced_rps] if args.paced_rps else [])):
+                sweeps.append(
+                    (rate, measure_during_sweep(api_server, db, workdir, ws, args, rate=rate))
+                )
     floor = results[FLOOR]
     ds = results.get(DATASETTE)
     rows: list[Sequence[object]] = []
@@ -704,12 +725,12 @@ def run(args: argparse.Namespace) -> int:
             "targets: "
             + "; ".join(f"{name}: {got} {'PASS' if ok else 'MISS'}" for name, ok, got in checks)
         )
-    if sweep is not None:
-        quiet, busy, note = sweep
+    for rate, (quiet, busy, note) in sweeps:
+        load = f"paced at {rate:g} req/s" if rate else "as fast as it answers"
         print(
-            f"\nread API list during a full sweep: {busy.rps:,.0f} req/s, p50 {busy.p50_ms:.1f} "
-            f"ms, p99 {busy.p99_ms:.1f} ms, max {busy.max_ms:.0f} ms (quiet: {quiet.rps:,.0f} "
-            f"req/s, p50 {quiet.p50_ms:.1f} ms, p99 {quiet.p99_ms:.1f} ms, max "
+            f"\nread API list during a full sweep, {load}: {busy.rps:,.0f} req/s, p50 "
+            f"{busy.p50_ms:.1f} ms, p99 {busy.p99_ms:.1f} ms, max {busy.max_ms:.0f} ms (quiet: "
+            f"{quiet.rps:,.0f} req/s, p50 {quiet.p50_ms:.1f} ms, p99 {quiet.p99_ms:.1f} ms, max "
             f"{quiet.max_ms:.0f} ms); {note}"
         )
     print(f"load average after: {load_average()}")
@@ -729,6 +750,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-datasette", action="store_true")
     parser.add_argument("--during-sweep", action="store_true")
     parser.add_argument("--sweep-batch", type=int, default=2000)
+    parser.add_argument(
+        "--paced-rps",
+        type=float,
+        default=400.0,
+        help="with --during-sweep, measure once more at this offered load (0: skip)",
+    )
     parser.add_argument("--floor-server", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--sweep-writer", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)

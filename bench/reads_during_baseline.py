@@ -22,6 +22,7 @@ column, not columns.
 
     .venv/bin/python bench/reads_during_baseline.py                 # ~2 minutes on 2 CPUs
     .venv/bin/python bench/reads_during_baseline.py --repeat 3 --seconds 6
+    .venv/bin/python bench/reads_during_baseline.py --paced-rps 400   # below saturation
 
 Needs ``wrk`` on the PATH.
 """
@@ -116,7 +117,7 @@ def one_run(
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise SystemExit("hpo-sync run did not start") from None
                 time.sleep(0.05)
-        during = wrk(base, [path], headers, args.seconds, args)
+        during = wrk(base, [path], headers, args.seconds, args, rate=args.paced_rps)
         if not workspace(base, token)["sweeping"]:
             raise SystemExit(
                 f"the baseline ended before wrk did ({args.seconds:g} s): use fewer --seconds "
@@ -127,7 +128,7 @@ def one_run(
                 raise SystemExit("hpo-sync run exited during the baseline")
             time.sleep(0.1)
         swept_s = time.monotonic() - began
-        after = wrk(base, [path], headers, args.seconds, args)
+        after = wrk(base, [path], headers, args.seconds, args, rate=args.paced_rps)
         for label, load in (("during", during), ("after", after)):
             if load.errors:
                 raise SystemExit(f"{label}: {load.errors} requests failed")
@@ -149,11 +150,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=2, help="runs per variant (median shown)")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--wrk-threads", type=int, default=2)
+    parser.add_argument(
+        "--paced-rps",
+        type=float,
+        help="offer about this many requests/s (wrk pauses between requests) rather than "
+        "as many as the API answers",
+    )
     args = parser.parse_args(argv)
     print(machine())
     print(
         f"\n## `hpo-sync run` list reads during its own baseline: {args.experiments:,} "
-        f"experiments, {args.latency_ms:g} ms latency, wrk -c{args.connections}, "
+        f"experiments, {args.latency_ms:g} ms latency, wrk -c{args.connections}"
+        f"{f' paced at {args.paced_rps:g} req/s' if args.paced_rps else ''}, "
         f"{args.seconds:g} s per measurement, median of {args.repeat}"
     )
     sim_args = [
