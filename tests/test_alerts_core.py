@@ -361,6 +361,29 @@ def test_render_respects_limits_and_loses_nothing(ttype: str) -> None:
     assert "… and " in json.dumps(messages[-1].payload, ensure_ascii=False)
 
 
+@pytest.mark.parametrize(
+    "ttype", ["slack", "discord", "dingtalk", "feishu", "lark", "wecom", "teams"]
+)
+@pytest.mark.parametrize(
+    "name",
+    ["实验" * 3000, '"' * 20_000, "\x01" * 20_000, "x" * 60_000],
+    ids=["cjk", "quotes", "control", "ascii"],
+)
+def test_render_cuts_one_oversized_alert_to_the_limit_as_the_target_counts(
+    ttype: str, name: str
+) -> None:
+    """A single alert too big for one message is cut to fit the target's limit in the unit
+    the target counts (UTF-8 bytes, JSON-escaped bytes), not to a number of characters: a
+    CJK name cut to 2,000 characters is still 6,000 bytes, past WeCom's 4,096."""
+    (message,) = render(ttype, [_item(1, name=name)], keyword="kw")
+    limit, _ = LIMITS[ttype]
+    assert size_of(ttype, message.payload) <= limit
+    assert message.outbox_ids == (1,)
+    assert any("kw" in text for text in _strings(message.payload))
+    if not any(name in text for text in _strings(message.payload)):  # cut to fit, not to nothing
+        assert size_of(ttype, message.payload) > limit // 4
+
+
 def test_render_splits_before_truncating() -> None:
     items = [_item(i) for i in range(1, 21)]
     messages = render("discord", items)

@@ -4,6 +4,7 @@ and the emulated chat targets on a loopback port."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
@@ -433,3 +434,22 @@ async def test_discord_429_is_retried_after_its_retry_after(
     await asyncio.sleep(2.1)
     assert await worker.run_once(now=t + timedelta(seconds=2)) == 1
     await worker.close()
+
+
+async def test_one_oversized_alert_is_cut_to_fit_and_accepted(
+    receivers: Receivers, store: Store, db: Path
+) -> None:
+    """An experiment whose name alone overflows a message (CJK text: 3 bytes a character)
+    is cut to what the target accepts, not sent over its byte limit and dead-lettered as
+    "too long" (WeCom 40058, DingTalk 460101)."""
+    kinds = ("wecom", "dingtalk", "feishu")
+    worker = AlertWorker(store, make_config(db, receivers, kinds), rate_limits={})
+    world = World(store, worker, 1)
+    big = exp("e0000", "FAILED", {"FAILED": 2})
+    big = dataclasses.replace(big, name="超参数搜索" * 1500)
+    world._apply([big])
+    sent = await worker.run_once(now=now() + timedelta(seconds=6))
+    await worker.close()
+    assert [(r["target"], r["status"]) for r in outbox(db)] == [(f"t-{k}", "sent") for k in kinds]
+    assert sent == len(kinds)
+    assert receivers.rejected == []

@@ -24,6 +24,10 @@ LIMITS: dict[str, tuple[int, str]] = {
     "teams": (28_000, "json"),
     "webhook": (1_000_000, "json"),
 }
+#: Bytes a target's request adds to the rendered payload after rendering: Feishu/Lark's
+#: signature fields (``"timestamp":"…","sign":"<44 base64>"``, about 80 bytes) go into the
+#: body that its 20 KB limit counts.
+SIGNING_ROOM: dict[str, int] = {"feishu": 96, "lark": 96}
 MAX_MESSAGES = 3
 TITLE = "hpo-sync alerts"
 
@@ -199,6 +203,25 @@ def _line(target_type: str, item: AlertItem) -> str:
     return _md_line(item, _md_link)
 
 
+def _cut_to_fit(target_type: str, line: str, head: str, limit: int) -> str:
+    """The longest prefix of ``line`` (plus "…") whose message fits ``limit`` as the target
+    counts it: in UTF-8 bytes or JSON-escaped bytes where it counts those, so a line of CJK
+    text or of characters JSON escapes is cut short enough too, not merely to a character
+    count."""
+
+    def fits(n: int) -> bool:
+        return size_of(target_type, _payload(target_type, [line[:n] + "…"], head)) <= limit
+
+    lo, hi = 0, len(line)  # fits(lo) is assumed: the heading alone fits every limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return line[:lo] + "…"
+
+
 def _more(n: int) -> str:
     return f"… and {n} more"
 
@@ -221,7 +244,7 @@ def render(
             )
         ]
     limit, _ = LIMITS[target_type]
-    limit -= 64  # headroom for the "… and N more" line
+    limit -= 64 + SIGNING_ROOM.get(target_type, 0)  # the "… and N more" line, the signature
     total = len(items)
     head = _heading(total, keyword)
     messages: list[Message] = []
@@ -234,10 +257,8 @@ def render(
             line = _line(target_type, items[i])
             candidate = [*lines, line]
             if size_of(target_type, _payload(target_type, candidate, head)) > limit:
-                if not lines:  # one item alone is too big: cut its line
-                    budget = max(80, limit // 2)
-                    candidate = [line[:budget] + "…"]
-                    lines, ids = candidate, [items[i].outbox_id]
+                if not lines:  # one item alone is too big: cut its line to fit
+                    lines, ids = [_cut_to_fit(target_type, line, head, limit)], [items[i].outbox_id]
                     i += 1
                 break
             lines, ids = candidate, [*ids, items[i].outbox_id]
