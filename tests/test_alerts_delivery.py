@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from structlog.testing import capture_logs
 
 from hpo_sync.alerts.receivers import Receivers
@@ -453,3 +454,55 @@ async def test_one_oversized_alert_is_cut_to_fit_and_accepted(
     assert [(r["target"], r["status"]) for r in outbox(db)] == [(f"t-{k}", "sent") for k in kinds]
     assert sent == len(kinds)
     assert receivers.rejected == []
+
+
+@pytest.mark.parametrize(
+    ("kind", "status", "headers", "body"),
+    [
+        ("webhook", 429, {"Retry-After": "inf"}, "slow down"),
+        ("webhook", 503, {"Retry-After": "1e300"}, "maintenance"),
+        ("discord", 429, {}, json.dumps({"message": "rate limited", "retry_after": 1e300})),
+    ],
+    ids=["inf", "huge", "discord-json"],
+)
+async def test_an_absurd_retry_after_waits_a_bounded_time(
+    kind: str, status: int, headers: dict[str, str], body: str, store: Store, db: Path
+) -> None:
+    """A target asking to wait "inf" or 1e300 seconds is retried after a bounded wait. Such a
+    value used to overflow the retry time: the round failed before recording the attempt, so
+    the worker posted the message again every second, forever."""
+    hits: list[str] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        hits.append(request.path)
+        return web.Response(status=status, text=body, headers=headers)
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", answer)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        target = TargetConfig("t", kind, Secret(f"http://127.0.0.1:{port}/hook/S3CRET-path", "t"))
+        cfg = Config(
+            store=StoreConfig(db),
+            alerts=AlertsConfig(
+                group_wait_s=0, targets=(target,), rules=(RuleConfig("r", ("t",)),)
+            ),
+        )
+        worker = AlertWorker(store, cfg, rate_limits={})
+        world = World(store, worker, 1)
+        world.fail(world.ids)
+        t = now()
+        await worker.run_once(now=t)
+        await worker.run_once(now=t + timedelta(seconds=1))
+        await worker.close()
+    finally:
+        await runner.cleanup()
+    assert len(hits) == 1  # not again a second later
+    (row,) = outbox(db)
+    assert row["status"] == "pending" and row["attempts"] == 1
+    wait = datetime.fromisoformat(row["next_attempt_at"]) - t
+    assert timedelta(seconds=1) < wait <= timedelta(hours=1)

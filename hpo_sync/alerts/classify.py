@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -100,13 +101,22 @@ def _json(body: bytes) -> Any:
         return None
 
 
+def _seconds(value: object) -> float | None:
+    """A wait a target asked for, in seconds: a finite number, at least 0; else None (use
+    the backoff). "inf", "nan" or 1e300 would overflow the retry time."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
 def _retry_after(headers: Mapping[str, str]) -> float | None:
     for name, value in headers.items():
         if name.lower() == "retry-after":
-            try:
-                return max(0.0, float(value))
-            except ValueError:
-                return None
+            return _seconds(value)
     return None
 
 
@@ -164,7 +174,7 @@ def _classify(
         if after is None:
             data = _json(body)
             if isinstance(data, dict) and isinstance(data.get("retry_after"), int | float):
-                after = float(data["retry_after"])
+                after = _seconds(data["retry_after"])
         return Retry(f"HTTP 429: {_snippet(shown) or 'rate limited'}", after)
     if status >= 500:
         return Retry(f"HTTP {status}: {_snippet(shown)}", _retry_after(headers))

@@ -49,6 +49,8 @@ RATE_LIMITS: dict[str, tuple[tuple[int, float], ...]] = {
 }
 BACKOFF_BASE_S = 5.0
 BACKOFF_MAX_S = 600.0
+#: The longest wait a target's ``Retry-After`` (or Discord's ``retry_after``) is honoured for.
+RETRY_AFTER_MAX_S = 3600.0
 POLL_S = 1.0
 REQUEST_TIMEOUT_S = 10.0
 
@@ -416,7 +418,11 @@ class AlertWorker:
 
         delay = 0.0
         if isinstance(outcome, Retry):
-            delay = outcome.after_s if outcome.after_s is not None else backoff_s(attempts)
+            delay = (
+                min(outcome.after_s, RETRY_AFTER_MAX_S)
+                if outcome.after_s is not None
+                else backoff_s(attempts)
+            )
         await asyncio.to_thread(write)
         if isinstance(outcome, Sent):
             self.metrics.sent.labels(target).inc(len(ids))
