@@ -506,3 +506,51 @@ async def test_an_absurd_retry_after_waits_a_bounded_time(
     assert row["status"] == "pending" and row["attempts"] == 1
     wait = datetime.fromisoformat(row["next_attempt_at"]) - t
     assert timedelta(seconds=1) < wait <= timedelta(hours=1)
+
+
+@pytest.mark.parametrize("kind", ["webhook", "slack", "teams"])
+@pytest.mark.parametrize("status", [301, 302, 307])
+async def test_a_redirecting_webhook_is_not_taken_for_delivered(
+    kind: str, status: int, store: Store, db: Path
+) -> None:
+    """A webhook URL that redirects (an http:// URL moved to https://, a retired hook) is
+    dead-lettered with the reason, not followed: aiohttp turns a redirected POST into a GET
+    whose "200 ok" said the message was delivered when nobody received it."""
+    got: list[str] = []
+
+    async def moved(request: web.Request) -> web.Response:
+        got.append(f"POST {request.path}")
+        return web.Response(status=status, headers={"Location": "/landing?token=S3CRET-token"})
+
+    async def landing(request: web.Request) -> web.Response:
+        got.append(f"{request.method} {request.path}")
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/hook/{tail:.*}", moved)
+    app.router.add_route("*", "/landing", landing)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        url = f"http://127.0.0.1:{port}/hook/S3CRET-path"
+        target = TargetConfig("t", kind, Secret(url, "t"))
+        cfg = Config(
+            store=StoreConfig(db),
+            alerts=AlertsConfig(
+                group_wait_s=0, targets=(target,), rules=(RuleConfig("r", ("t",)),)
+            ),
+        )
+        worker = AlertWorker(store, cfg, rate_limits={})
+        world = World(store, worker, 1)
+        world.fail(world.ids)
+        assert await worker.run_once(now=now()) == 0
+        await worker.close()
+    finally:
+        await runner.cleanup()
+    assert got == ["POST /hook/S3CRET-path"]
+    (row,) = outbox(db)
+    assert row["status"] == "dead" and row["last_error"].startswith(f"HTTP {status}")
+    assert "S3CRET" not in row["last_error"]

@@ -178,6 +178,10 @@ def _classify(
         return Retry(f"HTTP 429: {_snippet(shown) or 'rate limited'}", after)
     if status >= 500:
         return Retry(f"HTTP {status}: {_snippet(shown)}", _retry_after(headers))
+    if 300 <= status < 400:
+        # Redirects are not followed (a POST would arrive as a GET); where to is not quoted:
+        # the Location may carry the token.
+        return Dead(f"HTTP {status}: the webhook URL redirects; configure the URL it leads to")
     if target_type == "dingtalk" and status == 200:
         return _code_body(body, shown, "errcode", _DINGTALK, "errmsg")
     if target_type in ("feishu", "lark") and status == 200:

@@ -131,8 +131,14 @@ async def send_message(
     if target.type == "webhook" and secret:
         headers.update(webhook_headers(secret, msg_id, int(now.timestamp()), body))
     timeout = aiohttp.ClientTimeout(total=timeout_s)
+    # Never follow a redirect: aiohttp would turn the POST into a GET (301/302/303), whose
+    # answer says nothing of the message, and would carry the request to another address.
     async with session.post(
-        URL(url, encoded=True), data=body, headers=headers, timeout=timeout
+        URL(url, encoded=True),
+        data=body,
+        headers=headers,
+        timeout=timeout,
+        allow_redirects=False,
     ) as resp:
         return Answer(resp.status, dict(resp.headers), await resp.read())
 
