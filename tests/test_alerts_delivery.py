@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 from hpo_sync.alerts.receivers import Receivers
@@ -334,19 +335,37 @@ async def test_restart_resumes_pending_and_does_not_resend(receivers: Receivers,
 
 
 async def test_old_alerts_expire(receivers: Receivers, store: Store, db: Path) -> None:
+    registry = CollectorRegistry()
     worker = AlertWorker(
-        store, make_config(db, receivers, ("slack",), max_age_s=60), rate_limits={}
+        store,
+        make_config(db, receivers, ("slack",), max_age_s=60),
+        rate_limits={},
+        registry=registry,
     )
     world = World(store, worker, 1)
     receivers.fail(token("slack"))
     world.fail(world.ids)
     await worker.run_once(now=now() + timedelta(seconds=6))
     receivers.fail(token("slack"), "ok")
-    await worker.run_once(now=now() + timedelta(seconds=3600))
+    with capture_logs() as logs:
+        await worker.run_once(now=now() + timedelta(seconds=3600))
     await worker.close()
     (row,) = outbox(db)
     assert row["status"] == "dead" and row["last_error"] == "expired"
     assert receivers.received == []
+    # An expired alert is a dead letter like any other: counted per target, logged by name.
+    dead = registry.get_sample_value("hpo_sync_alerts_dead_total", {"target": "t-slack"})
+    assert dead == 1
+    assert [e for e in logs if e["event"] == "alert.dead"] == [
+        {
+            "event": "alert.dead",
+            "log_level": "error",
+            "target": "t-slack",
+            "alerts": 1,
+            "reason": "expired",
+        }
+    ]
+    assert registry.get_sample_value("hpo_sync_alerts_pending") == 0
 
 
 async def test_quiet_hours_delay_delivery(receivers: Receivers, store: Store, db: Path) -> None:

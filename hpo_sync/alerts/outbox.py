@@ -153,15 +153,21 @@ def has_expired(conn: sqlite3.Connection, now: datetime, max_age_s: float) -> bo
     )
 
 
-def expire(conn: sqlite3.Connection, now: datetime, max_age_s: float) -> int:
-    """Dead-letter pending rows created more than ``max_age_s`` ago, reason "expired"."""
+def expire(conn: sqlite3.Connection, now: datetime, max_age_s: float) -> dict[str, int]:
+    """Dead-letter pending rows created more than ``max_age_s`` ago, reason "expired";
+    returns how many per target (call inside a write transaction, so the two agree)."""
     cutoff = expiry_cutoff(now, max_age_s)
-    cur = conn.execute(
-        "UPDATE alert_outbox SET status = 'dead', last_error = 'expired'"
-        " WHERE status = 'pending' AND created_at < ?",
-        (cutoff,),
+    where = "WHERE status = 'pending' AND created_at < ?"
+    per_target = {
+        str(target): int(n)
+        for target, n in conn.execute(
+            f"SELECT target, count(*) FROM alert_outbox {where} GROUP BY target", (cutoff,)
+        )
+    }
+    conn.execute(
+        f"UPDATE alert_outbox SET status = 'dead', last_error = 'expired' {where}", (cutoff,)
     )
-    return cur.rowcount
+    return per_target
 
 
 def counts(conn: sqlite3.Connection) -> dict[str, int]:

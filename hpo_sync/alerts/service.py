@@ -334,12 +334,13 @@ class AlertWorker:
     def _due(self, now: datetime, max_age_s: float) -> tuple[list[outbox.DueRow], int]:
         with self.store.reader() as conn:
             stale = outbox.has_expired(conn, now, max_age_s)
-        expired = 0
+        expired: dict[str, int] = {}
         if stale:
             with _write(self.store, "expire old alerts") as conn:
                 expired = outbox.expire(conn, now, max_age_s)
-        if expired:
-            log.error("alert.dead", target="*", alerts=expired, reason="expired")
+        for target, n in sorted(expired.items()):  # dead letters, counted as every other
+            self.metrics.dead.labels(target).inc(n)
+            log.error("alert.dead", target=target, alerts=n, reason="expired")
         with self.store.reader() as conn:
             return outbox.due_rows(conn, now), outbox.counts(conn)[outbox.PENDING]
 
