@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 from hpo_sync.alerts.receivers import Receivers
-from hpo_sync.alerts.service import AlertWorker
+from hpo_sync.alerts.service import RATE_LIMITS, AlertWorker
 from hpo_sync.alerts.signing import dingtalk_sign
 from hpo_sync.config import (
     AlertsConfig,
@@ -573,3 +573,40 @@ async def test_a_redirecting_webhook_is_not_taken_for_delivered(
     (row,) = outbox(db)
     assert row["status"] == "dead" and row["last_error"].startswith(f"HTTP {status}")
     assert "S3CRET" not in row["last_error"]
+
+
+async def test_a_target_waiting_on_its_rate_limit_holds_no_other_target_up(
+    receivers: Receivers, store: Store, db: Path
+) -> None:
+    """The worker's loop: DingTalk waits out its rate limit (here one message a minute)
+    while Slack keeps delivering every new alert; the waiting rows stay pending and are
+    not lost when the worker stops."""
+    cfg = make_config(db, receivers, ("dingtalk", "slack"))
+    cfg = dataclasses.replace(cfg, alerts=dataclasses.replace(cfg.alerts, group_wait_s=0))
+    limits = {**RATE_LIMITS, "dingtalk": ((1, 60.0),)}
+    worker = AlertWorker(store, cfg, rate_limits=limits, poll_s=0.05)
+    world = World(store, worker, 3)
+    slack, ding = token("slack"), token("dingtalk")
+
+    async def until(done: Any, timeout_s: float = 10.0) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while not done():
+            assert asyncio.get_running_loop().time() < deadline, "not delivered in time"
+            await asyncio.sleep(0.02)
+
+    await worker.start()
+    try:
+        world.fail(["e0000"])
+        await until(lambda: len(receivers.of(slack)) == len(receivers.of(ding)) == 1)
+        world.fail(["e0001"])  # DingTalk now waits ~a minute for its next message
+        await until(lambda: len(receivers.of(slack)) == 2)
+        world.fail(["e0002"])
+        await until(lambda: len(receivers.of(slack)) == 3)
+        assert len(receivers.of(ding)) == 1
+    finally:
+        await worker.stop()
+    rows = outbox(db)
+    assert {r["status"] for r in rows if r["target"] == "t-slack"} == {"sent"}
+    waiting = [r for r in rows if r["target"] == "t-dingtalk" and r["status"] == "pending"]
+    assert len(waiting) == 2 and {r["attempts"] for r in waiting} == {0}
+    assert receivers.rejected == []

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -192,6 +193,8 @@ class AlertWorker:
         #: per target, the workspaces it was told are stalled (in memory: after a restart a
         #: stall still going on is announced again)
         self._stalled: dict[str, set[str]] = {}
+        #: per target, the delivery running for it (see :meth:`run_once`)
+        self._busy: dict[str, asyncio.Task[int]] = {}
 
     # --- the daemon's seam ---------------------------------------------------------------
 
@@ -208,6 +211,10 @@ class AlertWorker:
             with suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        busy = list(self._busy.values())
+        for task in busy:  # what they had not recorded stays pending for the next start
+            task.cancel()
+        await asyncio.gather(*busy, return_exceptions=True)
         await self.close()
 
     async def reload(self, config: Config) -> None:
@@ -224,7 +231,7 @@ class AlertWorker:
     async def _loop(self) -> None:
         while True:
             try:
-                await self.run_once()
+                await self.run_once(wait=False)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # keep delivering whatever one round's trouble was
@@ -246,9 +253,17 @@ class AlertWorker:
             self._session = aiohttp.ClientSession()
         return self._session
 
-    async def run_once(self, *, now: datetime | None = None, flush: bool = False) -> int:
+    async def run_once(
+        self, *, now: datetime | None = None, flush: bool = False, wait: bool = True
+    ) -> int:
         """One round: expire, read due rows, deliver every target whose group is ready
-        (oldest row older than ``group_wait_s``, or ``flush``). Returns messages sent."""
+        (oldest row older than ``group_wait_s``, or ``flush``). Returns messages sent.
+
+        Each target's delivery is a task of its own, and a target still delivering from an
+        earlier round is left to finish (its new rows wait for the round after): a target
+        that waits out its rate limit (DingTalk: ~a minute) or a slow answer never holds
+        the others up. ``wait=False`` (the worker's loop) starts the deliveries and returns
+        0 without waiting for them."""
         now = now or self.clock()
         cfg = self.config.alerts
         rows, pending = await asyncio.to_thread(self._due, now, cfg.max_age_s)
@@ -268,14 +283,33 @@ class AlertWorker:
                     0,
                 )
                 continue
-            wait = timedelta(seconds=cfg.group_wait_s)
+            group_wait = timedelta(seconds=cfg.group_wait_s)
             if flush or any(
-                r.attempts > 0 or (parse_time(r.created_at) or now) + wait <= now for r in group
+                r.attempts > 0 or (parse_time(r.created_at) or now) + group_wait <= now
+                for r in group
             ):
                 ready.append((target, group))
-        results = await asyncio.gather(*(self._deliver(t, g, now) for t, g in ready))
+        started = []
+        for target, group in ready:
+            if target.name in self._busy:
+                continue
+            task = asyncio.create_task(
+                self._deliver(target, group, now), name=f"alerts.deliver.{target.name}"
+            )
+            self._busy[target.name] = task
+            task.add_done_callback(partial(self._delivered, target.name))
+            started.append(task)
         await self.check_stalls(now)
-        return sum(results)
+        if not wait:
+            return 0
+        return sum(await asyncio.gather(*started))
+
+    def _delivered(self, name: str, task: asyncio.Task[int]) -> None:
+        if self._busy.get(name) is task:
+            del self._busy[name]
+        if not task.cancelled() and task.exception() is not None:
+            # What it had not recorded stays due: the next round tries again.
+            log.error("alert.worker_failed", target=name, error=repr(task.exception()))
 
     async def check_stalls(self, now: datetime) -> None:
         """Tell every target when a configured workspace has not synced successfully for
