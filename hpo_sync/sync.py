@@ -148,6 +148,8 @@ class SyncEngine:
         # Per workspace: whether upstream was seen to bump GmtModifiedTime when an experiment
         # changes (None: not known yet). Without bumping, the modified feed is a wasted call.
         self._bumps: dict[str, bool] = {}
+        # Workspaces whose upstream refused the modified feed's query (its SortBy).
+        self._feed_refused: set[str] = set()
 
     def lock_for(self, workspace_id: str) -> asyncio.Lock:
         """One sweep of a workspace at a time, hot or full."""
@@ -576,7 +578,7 @@ class SyncEngine:
                         ),
                     )
                 )
-            if self._bumps.get(ws) is not False:
+            if self._bumps.get(ws) is not False and ws not in self._feed_refused:
                 group.create_task(self._modified_feed(result, tally, state, on_page))
         incomplete = [label for label, listing in listings.items() if not listing.complete]
         if incomplete:
@@ -612,7 +614,8 @@ class SyncEngine:
         """Recently modified experiments, newest first, until the previous hot sweep.
 
         Best effort: upstream does not document that every change bumps GmtModifiedTime, so a
-        failure here is logged and does not make the sweep partial.
+        failure here is logged and does not make the sweep partial; nor does an upstream
+        that refuses its SortBy (``INVALID_INPUT_PARAMS``): the feed is then dropped.
         """
         last = parse_time(state.last_hot_ok_at or state.last_full_ok_at)
         if last is None:
@@ -633,8 +636,19 @@ class SyncEngine:
                 oldest = min((t for t in times if t), default=None)
                 if oldest is None or oldest < horizon or pages >= MODIFIED_FEED_MAX_PAGES:
                     return
-        except FatalUpstreamError:
-            raise
+        except FatalUpstreamError as exc:
+            if not _rejects_parameter(exc):
+                raise  # credentials, access: every other listing fails the same way
+            # Only this feed sorts by modified time, a SortBy value documented nowhere for
+            # certain (GmtModifiedTime / update_time): an upstream that refuses it costs the
+            # feed, not the sweep. Not asked again by this process.
+            self._feed_refused.add(result.workspace_id)
+            log.warning(
+                "sync.modified_feed_refused",
+                workspace=result.workspace_id,
+                sort_by=self.config.upstream.sort_by_modified,
+                error=str(exc),
+            )
         except UpstreamError as exc:
             log.info("sync.modified_feed_skipped", workspace=result.workspace_id, error=str(exc))
 
@@ -830,6 +844,12 @@ def plan_windows(
     if start is not None:
         windows.append((start, end))  # type: ignore[arg-type]
     return windows
+
+
+def _rejects_parameter(exc: FatalUpstreamError) -> bool:
+    """Whether upstream refused the request's parameters (not its credentials or access)."""
+    code = exc.code or ""
+    return code == "INVALID_INPUT_PARAMS" or code.startswith("InvalidParameter")
 
 
 def _first_hpo_error(group: BaseExceptionGroup[BaseException]) -> HpoSyncError | None:

@@ -622,3 +622,42 @@ def test_a_field_left_out_teaches_nothing_about_modified_time_bumps(tmp_path: Pa
     assert changed is not None
     engine._learn_bumping("w", [changed], previous)
     assert engine._bumps["w"] is False  # a real change without a bump
+
+
+async def test_an_upstream_that_refuses_the_modified_sort_still_gets_hot_sweeps(
+    tmp_path: Path,
+) -> None:
+    """The modified feed's SortBy (GmtModifiedTime, or update_time) is documented nowhere
+    for certain: an upstream that answers it INVALID_INPUT_PARAMS while accepting the
+    create-time sort must cost the feed, not every hot sweep."""
+    from hpo_sync.upstream_query import InvalidInputError
+
+    options = SimOptions(experiments=300, workspaces=1, seed=6, restart_per_min=0.0)
+    async for rig in make_rig(tmp_path, options):
+        ws = rig.sim.world.workspace_ids[0]
+        world = rig.sim.world
+        original = world.list
+        sorts: list[str | None] = []
+
+        def strict_sort(params: Any, original: Any = original, sorts: Any = sorts) -> Any:
+            sorts.append(params.get("SortBy"))
+            if params.get("SortBy") == "GmtModifiedTime":
+                raise InvalidInputError("SortBy GmtModifiedTime is not supported")
+            return original(params)
+
+        world.list = strict_sort  # type: ignore[method-assign]
+        assert (await rig.engine.sweep(ws)).status == "ok"
+        world.advance(60)
+        with capture_logs() as logs:
+            result = await rig.engine.sweep(ws, "hot")
+        assert result.status == "ok", result.error
+        assert [e for e in logs if e["event"] == "sync.modified_feed_refused"]
+        rows = mirror_rows(rig.store, ws)
+        for exp_id, exp in truth(rig.sim, ws).items():
+            if exp_id in rows and rows[exp_id]["status"] not in TERMINAL:
+                assert rows[exp_id]["status"] == exp.status, exp_id
+        refused = sorts.count("GmtModifiedTime")
+        assert refused == 1
+        assert (await rig.engine.sweep(ws, "hot")).status == "ok"
+        assert sorts.count("GmtModifiedTime") == refused  # not asked again
+        world.list = original  # type: ignore[method-assign]
