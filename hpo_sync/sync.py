@@ -9,8 +9,10 @@ so an interrupted sweep leaves whole batches behind and the next one completes t
 Experiments the mirror holds that the listing did not return are *absentees*; they are
 looked up (see below) before any is marked deleted, because paging by page number over a
 list that changes underneath can skip a row even when the counts add up (one deletion and
-one creation during the sweep). Only when there are too many absentees to look up does a
-complete, consistent listing decide alone; anything less is ``partial`` and deletes nothing.
+one creation during the sweep). Only when there are too many absentees to look up do
+complete, consistent listings decide alone: two of them, read one after the other, must
+both miss an experiment (one glitching answer must not delete a workspace); anything less
+is ``partial`` and deletes nothing.
 
 Hot sweep (every ``hot_interval_s``): asks only for what can have changed recently —
 
@@ -438,7 +440,20 @@ class SyncEngine:
             return
         if len(absentees) > MAX_LOOKUPS:
             if counts_add_up:
-                await self._mark_deleted(result, absentees)
+                # Too many to look up, so one answer would decide alone; one glitch (an
+                # empty or short listing that still adds up, e.g. TotalCount 0) would mark
+                # the whole workspace deleted and alert on every row. A second reading
+                # must miss them too.
+                log.info("sync.mass_deletion_reread", workspace=ws, missing=len(absentees))
+                again = await read()
+                if not again.complete or not again.consistent:
+                    result.status = "partial"
+                    result.error = (
+                        f"{len(absentees)} experiments missing from a listing, and reading "
+                        "it again did not add up; deletions left to the next full sweep"
+                    )
+                    return
+                await self._mark_deleted(result, [i for i in absentees if i not in again.seen_ids])
             else:
                 result.status = "partial"
                 result.error = (

@@ -661,3 +661,37 @@ async def test_an_upstream_that_refuses_the_modified_sort_still_gets_hot_sweeps(
         assert (await rig.engine.sweep(ws, "hot")).status == "ok"
         assert sorts.count("GmtModifiedTime") == refused  # not asked again
         world.list = original  # type: ignore[method-assign]
+
+
+async def test_one_empty_answer_does_not_delete_a_workspace(tmp_path: Path) -> None:
+    """A listing that adds up but misses more experiments than are worth looking up (here:
+    one glitching answer, TotalCount 0 and no experiments) must be confirmed by a second
+    reading before they are marked deleted; a real mass deletion still is."""
+    options = SimOptions(
+        experiments=400, workspaces=1, seed=3, drift=False, restart_per_min=0.0,
+        create_per_min=0.0, delete_per_min=0.0,
+    )  # fmt: skip
+    async for rig in make_rig(tmp_path, options):
+        ws = rig.sim.world.workspace_ids[0]
+        assert (await rig.engine.sweep(ws)).status == "ok"
+        world, original = rig.sim.world, rig.sim.world.list
+        glitches: list[int] = []
+
+        def empty_once(params: Any, original: Any = original, glitches: Any = glitches) -> Any:
+            if not glitches:
+                glitches.append(1)
+                return 0, []
+            return original(params)
+
+        world.list = empty_once  # type: ignore[method-assign]
+        result = await rig.engine.sweep(ws, "full")
+        world.list = original  # type: ignore[method-assign]
+        assert glitches
+        assert result.status == "ok" and result.marked_deleted == 0, result.error
+        assert not any(r["deleted"] for r in mirror_rows(rig.store, ws).values())
+        assert not [c for c in rig.store.history(workspace=ws) if c.field == "Deleted"]
+        for exp_id in list(truth(rig.sim, ws))[:300]:
+            world.mutate(exp_id, delete=True)
+        result = await rig.engine.sweep(ws, "full")
+        assert result.status == "ok" and result.marked_deleted == 300
+        assert_mirror_equals_truth(rig.store, rig.sim, ws)
