@@ -204,9 +204,10 @@ def parse_query(
             )
     descending = True
     if (raw := get("Order")) is not None:
-        if raw.upper() not in ("ASC", "DESC"):
+        order = raw.strip().upper()  # blanks around it trimmed, as for every other value
+        if order not in ("ASC", "DESC"):
             raise InvalidInputError(f"Invalid 'Order': {raw!r}, expected ASC or DESC.")
-        descending = raw.upper() == "DESC"
+        descending = order == "DESC"
     sort_field = "create"
     if (raw := get("SortBy")) is not None:
         try:

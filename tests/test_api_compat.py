@@ -264,3 +264,17 @@ async def test_a_tag_no_decoder_or_utf8_can_carry_is_a_400_in_the_upstream_shape
     assert set(reply.body) == {"RequestId", "Code", "Message"}
     assert reply.body["Code"] == "INVALID_INPUT_PARAMS" and "Tag" in reply.body["Message"]
     assert len(reply.body["Message"]) < 300  # the value is quoted, not echoed whole
+
+
+@pytest.mark.parametrize("order", [" asc", "asc ", " ASC ", "\tdesc"])
+async def test_order_with_surrounding_blanks_is_read_as_the_document_says(
+    rig: ApiRig, order: str
+) -> None:
+    """/openapi.json allows blanks around Order (upstream trims values, as it does for
+    SortBy, PageSize and the rest); the route must accept what the document accepts."""
+    want = await rig.ok(COMPAT, {"Order": order.strip(), "PageSize": "30"})
+    got = await rig.ok(COMPAT, {"Order": order, "PageSize": "30"})
+    assert [e["ExperimentId"] for e in got["Experiments"]] == [
+        e["ExperimentId"] for e in want["Experiments"]
+    ]
+    assert got["TotalCount"] == want["TotalCount"] > 0
