@@ -823,7 +823,8 @@ def _stats(args: argparse.Namespace, store: Store, out: TextIO) -> int:
         record = {"Since": since, "Workspaces": [stats_record(s) for s in stats]}
         out.write(r.json_document(record))
     elif not stats:
-        _note("the mirror has no workspaces yet")
+        if args.workspace is None:  # (an unknown --workspace was named above)
+            _note("the mirror has no workspaces yet")
     else:
         out.write("".join(line + "\n" for line in stats_lines(stats, since, _table_width(out))))
     out.flush()

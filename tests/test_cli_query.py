@@ -572,6 +572,14 @@ def test_stats_default_window_is_the_last_7_days(run: Run, monkeypatch: pytest.M
     assert [w["Ended"] for w in run.json("stats")["Workspaces"]] == [0, 0, 0]
 
 
+def test_stats_of_an_unknown_workspace_names_it_and_not_an_empty_mirror(run: Run) -> None:
+    code, out, err = run("stats", "--workspace", "ws-typo")
+    assert (code, out) == (0, "")
+    assert "workspace 'ws-typo' is not in the mirror (it has: ws-a, ws-b, ws-bulk)" in err
+    assert "no workspaces yet" not in err  # the mirror has three
+    assert run.json("stats", "--workspace", "ws-typo")["Workspaces"] == []
+
+
 def test_stats_table(run: Run) -> None:
     out = run.ok("stats", "--since", "2024-03-01")
     lines = out.splitlines()
