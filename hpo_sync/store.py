@@ -473,6 +473,13 @@ class Store:
         gives a private in-memory mirror (tests only; readers share the writer connection).
         """
         where = str(path)
+        if where != ":memory:" and Path(where).is_dir():
+            # SQLite would say "disk I/O error" (read-only) or "unable to open": neither
+            # says what is wrong.
+            raise StoreError(
+                f"{where} is a directory, not a mirror file: name the database file itself "
+                f"(e.g. {Path(where) / 'mirror.db'})"
+            )
         if readonly:
             if where == ":memory:" or not Path(where).exists():
                 raise StoreError(f"no mirror at {where}; run a sync first to create it")

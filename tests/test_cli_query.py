@@ -639,6 +639,15 @@ def test_missing_mirror_exits_1(run: Run, tmp_path: Path) -> None:
     assert not missing.exists()  # read-only: nothing is created
 
 
+def test_a_directory_given_as_the_mirror_is_named_as_such(run: Run, tmp_path: Path) -> None:
+    """Not 'an I/O error occurred; check the disk': nothing is wrong with the disk."""
+    for argv in (["ls"], ["show", "x"], ["history"], ["export"], ["stats"]):
+        code, out, err = run(*argv, db=tmp_path)
+        assert (code, out) == (1, "")
+        assert f"{tmp_path} is a directory, not a mirror file" in err
+        assert "check the disk" not in err and "Traceback" not in err
+
+
 def test_a_file_that_is_not_a_mirror_exits_1(run: Run, tmp_path: Path) -> None:
     bogus = tmp_path / "notes.txt"
     bogus.write_text("hello\n" * 100)
