@@ -522,7 +522,7 @@ def ls_cells(row: Mapping[str, Any]) -> list[str]:
 def filters_from_args(args: argparse.Namespace) -> ExperimentFilter:
     return ExperimentFilter(
         workspaces=tuple(args.workspace),
-        statuses=tuple(args.status),
+        statuses=tuple(s.strip() for s in args.status),  # as _warn_unknown_statuses reads them
         name=args.name,
         creator=args.creator,
         tags=tuple(args.tag),

@@ -346,6 +346,16 @@ def test_ls_unknown_status_warns(run: Run, db: Path, tmp_path: Path) -> None:
     assert code == 0 and err == "" and [e["Status"] for e in json.loads(out)] == ["PAUSED"]
 
 
+def test_ls_status_with_blanks_around_it_matches_like_the_note_assumes(run: Run) -> None:
+    """The typo note reads ' failed ' as FAILED (and so says nothing); the filter must too,
+    or the listing is silently empty."""
+    want = run.ids("--status", "FAILED", "--include-deleted")
+    assert want
+    code, out, err = run("ls", "--status", " failed ", "--include-deleted", "--format", "json")
+    assert code == 0 and err == ""
+    assert [e["ExperimentId"] for e in json.loads(out)] == want
+
+
 def test_ls_limit_zero_streams_every_row_in_keyset_pages(
     run: Run, monkeypatch: pytest.MonkeyPatch
 ) -> None:
