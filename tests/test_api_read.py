@@ -914,6 +914,33 @@ async def test_metrics_count_requests_by_route_and_status_and_time_them(rig: Api
     assert "hpo_sync_sweeps" in after  # the daemon's own registry, shared
 
 
+async def test_a_wrong_method_on_a_known_route_is_counted_under_that_route(rig: ApiRig) -> None:
+    """The README: the route label is the path template, 'unmatched' only for unknown
+    paths. A 405 comes from a known path, so it is counted there (and an operator can see
+    which route gets the POSTs)."""
+    before = (await rig.get("/metrics")).text
+    assert (await rig.request("POST", "/v1/experiments")).status == 405
+    assert (await rig.request("DELETE", "/v1/experiments/some-id")).status == 405
+    assert (await rig.request("GET", "/v1/sync")).status == 405
+    assert (await rig.request("POST", "/v1/nope")).status in (404, 405)
+    after = (await rig.get("/metrics")).text
+    name = "hpo_sync_api_requests_total"
+
+    def delta(**labels: str) -> float:
+        return _sample(after, name, **labels) - _sample(before, name, **labels)
+
+    def count(text: str, route: str, method: str) -> float:  # a route may hold braces
+        series = f'{name}{{method="{method}",route="{route}",status="405"}} '
+        found = [ln for ln in text.splitlines() if ln.startswith(series)]
+        return float(found[0].rsplit(" ", 1)[1]) if found else 0.0
+
+    assert delta(route="/v1/experiments", method="POST", status="405") == 1
+    id_route = "/v1/experiments/{id}"
+    assert count(after, id_route, "DELETE") - count(before, id_route, "DELETE") == 1
+    assert delta(route="/v1/sync", method="GET", status="405") == 1
+    assert delta(route="unmatched", method="POST") == 1
+
+
 async def test_the_openapi_document_describes_every_route_and_parameter(rig: ApiRig) -> None:
     doc = await rig.ok("/openapi.json", token=None)
     assert doc == json.loads(json.dumps(build_document()))

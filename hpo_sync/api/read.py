@@ -553,13 +553,28 @@ def _route_of(request: web.Request) -> str | None:
     return resource.canonical if resource is not None else None
 
 
+async def _metrics_route(request: web.Request) -> str:
+    """The route label of a request: its path template, also when the method is wrong (a
+    405 comes from a known path); ``unmatched`` only for a path no route has."""
+    route = _route_of(request)
+    if route is not None:
+        return route
+    exc = request.match_info.http_exception
+    if exc is not None and exc.status == 405:
+        for resource in request.app.router.resources():
+            _, allowed = await resource.resolve(request)
+            if allowed:  # the path is this resource's; the method is not
+                return resource.canonical
+    return "unmatched"
+
+
 @web.middleware
 async def metrics_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
     api = request.app[READ_API]
     started = time.perf_counter()
-    route = _route_of(request) or "unmatched"
+    route = await _metrics_route(request)
     status = 500
     try:
         response = await handler(request)
