@@ -664,11 +664,17 @@ class UpstreamClient:
         one after another until one comes back empty (one call more than needed, but the
         only end that needs no count, and it holds even when the server caps the page size).
         A page with nothing new, or a listing past :data:`MAX_UNCOUNTED_PAGES`, ends it
-        incomplete: a server that repeats itself must not page forever."""
+        incomplete: a server that repeats itself must not page forever. One exception: the
+        last page again, short (an earlier page was longer), is how some servers answer a
+        page number past the end; it ends the listing as an empty page would."""
         listing.uncounted = True
         pending = iter(read)
-        page, number = None, 0
+        page: Page | None = None
+        number, longest = 0, 0
         while page is None or page.experiments:
+            previous = page
+            if previous is not None:
+                longest = max(longest, len(previous.experiments))
             number += 1
             page = next(pending, None)
             if page is None:
@@ -690,6 +696,9 @@ class UpstreamClient:
             before = len(seen)
             await take(page)
             if number > 1 and page.experiments and len(seen) == before:
+                assert previous is not None
+                if len(page.experiments) < longest and _ids(page) == _ids(previous):
+                    break  # the short last page again: past the end
                 listing.error = UpstreamError(
                     f"page {number} repeats earlier pages and there is no usable TotalCount",
                     code="NoTotalCount",
@@ -718,6 +727,10 @@ class UpstreamClient:
             if not got or (counted and count is not None and number * size >= count):
                 return
             number += 1
+
+
+def _ids(page: Page) -> list[Any]:
+    return [raw.get("ExperimentId") for raw in page.experiments if isinstance(raw, dict)]
 
 
 #: Without a TotalCount a listing pages until an empty page; past this many it stops,

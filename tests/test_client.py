@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -122,6 +123,7 @@ class Capture:
     # "count": the real one; "page": the page's own size; "absent": no key; else this value
     total_count: Any = "count"
     ignore_page_number: bool = False
+    repeat_last_page: bool = False  # a page number past the end gets the last page again
     _nonces: set[str] = field(default_factory=set)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -143,6 +145,8 @@ class Capture:
             return await api_error(403, "Forbidden.RAM")(request)
         if self.ignore_page_number:
             number = 1
+        if self.repeat_last_page and self.experiments:
+            number = min(number, math.ceil(len(self.experiments) / size))
         page = self.experiments[(number - 1) * size : number * size]
         body: dict[str, Any] = {"RequestId": f"OK-{len(self.seen)}"}
         if self.total_count == "count":
@@ -672,6 +676,26 @@ async def test_an_uncounted_listing_that_repeats_itself_ends_incomplete(
     assert not listing.complete and listing.error is not None
     assert listing.error.code == "NoTotalCount" and "repeats" in str(listing.error)
     assert len(listing.seen_ids) == 5 and listing.pages_read == 2
+
+
+async def test_an_uncounted_listing_ends_where_the_short_last_page_comes_again(
+    capture: Capture,
+) -> None:
+    """No TotalCount, and a page number past the end answered with the last page again:
+    that repeat of the short last page ends the listing, complete, as an empty page would."""
+    capture.experiments = [{"ExperimentId": f"e{i:03d}"} for i in range(250)]
+    capture.total_count = "absent"
+    capture.repeat_last_page = True
+    async with make_client(capture.base_url) as client:
+        listing = await client.list_all(ListQuery(workspace_id="w1"), page_size=100)
+    assert listing.complete and listing.error is None and not listing.consistent
+    assert len(listing.seen_ids) == 250 and listing.pages_read == 4
+    # a full last page that comes again proves nothing: the server may ignore PageNumber
+    capture.experiments = capture.experiments[:200]
+    async with make_client(capture.base_url) as client:
+        listing = await client.list_all(ListQuery(workspace_id="w1"), page_size=100)
+    assert not listing.complete and listing.error is not None
+    assert listing.error.code == "NoTotalCount"
 
 
 async def test_a_fatal_page_fails_the_whole_listing(capture: Capture) -> None:
