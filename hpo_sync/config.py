@@ -710,6 +710,10 @@ class _Parser:
                 raise self.fail(
                     url_key, "the webhook URL must start with http:// or https:// and a host"
                 )
+            if re.search(r"\s", url.reveal()):
+                raise self.fail(
+                    url_key, "the webhook URL holds a blank or a line break; percent-encode it"
+                )
             secret = self.secret(t, tk, "secret", required=False, literal_ok=False)
             targets.append(
                 TargetConfig(
@@ -721,6 +725,7 @@ class _Parser:
                 )
             )
         target_names = {t.name for t in targets}
+        max_age_s = self.number(d, k, "max_age_s", dflt.max_age_s, 60, 30 * 86400)
         rules: list[RuleConfig] = []
         raw_rules = d.get("rules", [])
         if not isinstance(raw_rules, list):
@@ -770,9 +775,19 @@ class _Parser:
                     quiet_hours=self.get(r, rk, "quiet_hours", str, None, _check_quiet_hours),
                 )
             )
+            quiet_s = _quiet_window_s(rules[-1].quiet_hours)
+            if quiet_s >= max_age_s:
+                # Expiry counts from when the alert was raised: one raised as the window
+                # opens would expire before it closes, never tried once.
+                raise self.fail(
+                    f"{rk}.quiet_hours",
+                    f"a quiet window of {quiet_s / 3600:g} h is not shorter than "
+                    f"alerts.max_age_s ({max_age_s:g} s): alerts raised as it begins would "
+                    "expire unsent; shorten the window or raise max_age_s",
+                )
         return AlertsConfig(
             group_wait_s=self.number(d, k, "group_wait_s", dflt.group_wait_s, 0, 3600),
-            max_age_s=self.number(d, k, "max_age_s", dflt.max_age_s, 60, 30 * 86400),
+            max_age_s=max_age_s,
             stalled_after_s=self.number(
                 d, k, "stalled_after_s", dflt.stalled_after_s, 10, 30 * 86400
             ),
@@ -928,6 +943,14 @@ def _check_quiet_hours(v: Any) -> str | None:
     if re.match(r"^([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d$", v):
         return None
     return "expected HH:MM-HH:MM (UTC), e.g. 22:00-07:00"
+
+
+def _quiet_window_s(spec: str | None) -> int:
+    """How long a ``quiet_hours`` window lasts, in seconds (0 for none or an empty one)."""
+    if not spec:
+        return 0
+    start, end = ((int(t[:2]) * 60 + int(t[3:])) for t in spec.split("-"))
+    return (end - start) % 1440 * 60
 
 
 def _check_console_url(v: Any) -> str | None:

@@ -796,6 +796,26 @@ def test_bad_rules(body: str, expected: str) -> None:
     assert error(f"{RULES}{body}\n", env=ENV_U).startswith(expected)
 
 
+def test_a_quiet_window_not_shorter_than_max_age_is_refused() -> None:
+    """Alerts raised as the window opens would expire before it closes, never tried once."""
+    text = (
+        f'{MINIMAL}\n[alerts]\nmax_age_s = 3600\n\n[[alerts.targets]]\nname = "slack"\n'
+        'type = "slack"\nurl_env = "U"\n\n[[alerts.rules]]\nname = "r"\n'
+        'targets = ["slack"]\nquiet_hours = "{}"\n'
+    )
+    message = error(text.format("22:00-06:00"), env=ENV_U)
+    assert message.startswith("alerts.rules[0].quiet_hours (line ")
+    assert "8 h is not shorter than alerts.max_age_s (3600 s)" in message
+    assert loads(text.format("22:00-22:30"), env=ENV_U).alerts.rules[0].quiet_hours
+    assert loads(text.format("07:00-07:00"), env=ENV_U).alerts.max_age_s == 3600  # empty
+
+
+def test_a_target_url_with_a_blank_is_refused_without_quoting_it() -> None:
+    message = error(f'{TARGET}url_env = "U"\n', env={"U": "https://h.example/sl TOPSECRET"})
+    assert message.startswith("alerts.targets[0].url_env (line 7): the webhook URL holds a blank")
+    assert "TOPSECRET" not in message
+
+
 def test_rule_tags_as_a_table_point_at_their_own_line() -> None:
     text = f'{RULES}targets = ["slack"]\n\n[alerts.rules.tags]\nteam = "nlp"\nstage = 3\n'
     assert error(text, env=ENV_U).startswith("alerts.rules[0].tags.stage (line 15): tag values")
