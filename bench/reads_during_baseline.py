@@ -188,6 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "d_p50": [r[0].p50_ms for r in runs],
             "d_p99": [r[0].p99_ms for r in runs],
             "a_rps": [r[1].rps for r in runs],
+            "a_p50": [r[1].p50_ms for r in runs],
             "a_p99": [r[1].p99_ms for r in runs],
             "swept": [r[2] for r in runs],
         }[pick]
@@ -200,6 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{med(name, 'd_p50'):.1f}",
             f"{med(name, 'd_p99'):.1f}",
             f"{med(name, 'a_rps'):,.0f}",
+            f"{med(name, 'a_p50'):.1f}",
             f"{med(name, 'a_p99'):.1f}",
             f"{med(name, 'swept'):.1f}",
         ]
@@ -213,6 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "during p50 ms",
             "during p99 ms",
             "after req/s",
+            "after p50 ms",
             "after p99 ms",
             "start to baseline done, s",
         ],
