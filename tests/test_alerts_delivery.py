@@ -144,6 +144,25 @@ def outbox(db: Path) -> list[dict[str, Any]]:
         conn.close()
 
 
+async def serve(app: web.Application) -> tuple[web.AppRunner, int]:
+    """``app`` on a free loopback port: its runner (to clean up) and the port."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, runner.addresses[0][1]
+
+
+def one_target_worker(store: Store, db: Path, kind: str, url: str) -> AlertWorker:
+    """A worker with one target of ``kind`` at ``url``, one rule for every change, no
+    grouping wait and no rate limit."""
+    target = TargetConfig("t", kind, Secret(url, "t"))
+    cfg = Config(
+        store=StoreConfig(db),
+        alerts=AlertsConfig(group_wait_s=0, targets=(target,), rules=(RuleConfig("r", ("t",)),)),
+    )
+    return AlertWorker(store, cfg, rate_limits={})
+
+
 async def test_every_target_gets_one_signed_digest(
     receivers: Receivers, store: Store, db: Path
 ) -> None:
@@ -498,20 +517,9 @@ async def test_an_absurd_retry_after_waits_a_bounded_time(
 
     app = web.Application()
     app.router.add_post("/{tail:.*}", answer)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    runner, port = await serve(app)
     try:
-        target = TargetConfig("t", kind, Secret(f"http://127.0.0.1:{port}/hook/S3CRET-path", "t"))
-        cfg = Config(
-            store=StoreConfig(db),
-            alerts=AlertsConfig(
-                group_wait_s=0, targets=(target,), rules=(RuleConfig("r", ("t",)),)
-            ),
-        )
-        worker = AlertWorker(store, cfg, rate_limits={})
+        worker = one_target_worker(store, db, kind, f"http://127.0.0.1:{port}/hook/S3CRET-path")
         world = World(store, worker, 1)
         world.fail(world.ids)
         t = now()
@@ -548,21 +556,9 @@ async def test_a_redirecting_webhook_is_not_taken_for_delivered(
     app = web.Application()
     app.router.add_post("/hook/{tail:.*}", moved)
     app.router.add_route("*", "/landing", landing)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    runner, port = await serve(app)
     try:
-        url = f"http://127.0.0.1:{port}/hook/S3CRET-path"
-        target = TargetConfig("t", kind, Secret(url, "t"))
-        cfg = Config(
-            store=StoreConfig(db),
-            alerts=AlertsConfig(
-                group_wait_s=0, targets=(target,), rules=(RuleConfig("r", ("t",)),)
-            ),
-        )
-        worker = AlertWorker(store, cfg, rate_limits={})
+        worker = one_target_worker(store, db, kind, f"http://127.0.0.1:{port}/hook/S3CRET-path")
         world = World(store, worker, 1)
         world.fail(world.ids)
         assert await worker.run_once(now=now()) == 0
