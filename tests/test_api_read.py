@@ -712,6 +712,11 @@ async def test_sync_now_queues_a_sweep_for_admins(rig: ApiRig) -> None:
         ("/v1/changes", {"wait": "61"}, "wait"),
         ("/v1/changes", {"field": "Name"}, "field"),
         ("/v1/workspaces", {"x": "1"}, "x"),
+        # the routes outside /v1 take no parameter either, and say so the same way
+        ("/healthz", {"probe": "1"}, "probe"),
+        ("/readyz", {"verbose": "1"}, "verbose"),
+        ("/metrics", {"name[]": "hpo_sync_up"}, "name[]"),
+        ("/openapi.json", {"version": "3"}, "version"),
         ("/v1/experiments/abc", {"include_config": "1"}, "include_config"),
     ],
 )

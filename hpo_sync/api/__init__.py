@@ -22,6 +22,7 @@ from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..normalise import format_time, parse_time
 from ..runtime import Runtime, WorkspaceHealth
 from ..store import Store, WorkspaceState
+from .openapi import parse_params
 
 RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime", Runtime)
 
@@ -79,7 +80,9 @@ def add_health_routes(app: web.Application, runtime: HostRuntime | None = None) 
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """Liveness: the process answers. Always 200."""
+    """Liveness: the process answers: 200 (400 for a query parameter, as on every route:
+    none is taken here)."""
+    parse_params((), request.query)
     runtime = request.app[HOST]
     now = runtime.clock()
     return web.json_response(
@@ -96,7 +99,8 @@ async def readyz(request: web.Request) -> web.Response:
     """Readiness: 200 when the mirror is open and every configured workspace (every
     workspace of the mirror, for ``serve`` without a config) has synced successfully at
     least once (ever: a restarted daemon serves its mirror at once), else 503. The body
-    tells each workspace's data age and failure state."""
+    tells each workspace's data age and failure state. It takes no query parameter."""
+    parse_params((), request.query)
     runtime = request.app[HOST]
     try:
         states = await asyncio.to_thread(runtime.store.workspaces)
@@ -111,7 +115,9 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus text exposition of the daemon's registry."""
+    """Prometheus text exposition of the daemon's registry (no query parameter: the whole
+    registry, always)."""
+    parse_params((), request.query)
     runtime = request.app[HOST]
     payload = await asyncio.to_thread(runtime.metrics.render)
     return web.Response(body=payload, headers={"Content-Type": METRICS_CONTENT_TYPE})

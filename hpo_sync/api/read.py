@@ -953,6 +953,7 @@ def count_by_status(conn: sqlite3.Connection, f: ExperimentFilter) -> dict[str, 
 
 
 async def openapi_document(request: web.Request) -> web.Response:
+    parse_params((), request.query)
     body = request.app[READ_API].document()
     return web.Response(body=body, content_type="application/json")
 
