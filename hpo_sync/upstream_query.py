@@ -230,10 +230,14 @@ def parse_query(
     name = get("Name")
     status = get("Status")
     accessibility = get("Accessibility")
+    # Exact-match filters: blanks around an id are trimmed, as for every other value, and
+    # an id of blanks alone counts as absent, as an empty one does.
+    workspace_id = (get("WorkspaceId") or "").strip() or None
+    creator = (get("Creator") or "").strip() or None
     return Query(
-        workspace_id=get("WorkspaceId"),
+        workspace_id=workspace_id,
         name=name.lower() if name is not None else None,
-        creator=get("Creator"),
+        creator=creator,
         status=status.strip().upper() if status is not None else None,
         accessibility=accessibility.strip().upper() if accessibility is not None else None,
         min_create_ts=min_ts,

@@ -223,6 +223,11 @@ def test_the_compatible_route_filters_like_upstream() -> None:
     assert ids({"SortBy": "GmtModifiedTime"}) == ["e3", "e1", "e2"]
     assert ids({"SortBy": "workspace_id", "Order": "DESC"}) == ["e3", "e2", "e1"]
     assert ids({}, ("2",)) == ["e3"]
+    # Exact-match ids are trimmed, and an id of blanks alone filters nothing, as an empty one.
+    assert ids({"Creator": " u1 ", "Status": "RUNNING"}) == ["e3", "e1"]
+    assert ids({"WorkspaceId": " \t"}) == ids({"WorkspaceId": ""}) == ["e3", "e2", "e1"]
+    assert parse_query({"WorkspaceId": " 123 "}).workspace_id == "123"
+    assert parse_query({"Creator": "   "}).creator is None
 
 
 @pytest.mark.parametrize(
