@@ -55,7 +55,7 @@ import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import structlog
 
@@ -69,6 +69,7 @@ from .store import ChangeHook, Store, WorkspaceState
 log = structlog.get_logger(__name__)
 
 Mode = Literal["full", "hot"]
+_T = TypeVar("_T")
 
 # Beyond this many absentees, looking each one up costs more than it is worth: a complete,
 # consistent listing decides alone (and an inconsistent one deletes nothing).
@@ -170,7 +171,19 @@ class SyncEngine:
             chosen: Mode = "hot" if mode != "full" and has_baseline else "full"
             started = time.monotonic()
             started_at = self._now()
-            run_id = await asyncio.to_thread(self.store.begin_run, workspace_id, chosen, started_at)
+            begin = asyncio.ensure_future(
+                asyncio.to_thread(self.store.begin_run, workspace_id, chosen, started_at)
+            )
+            try:
+                run_id = await _to_the_end(begin)
+            except asyncio.CancelledError:
+                # Cancelled while its row was being written: close that row as cancelled too.
+                result = SweepResult(
+                    workspace_id, chosen, begin.result(), baseline=not has_baseline
+                )
+                result.status, result.error = "failed", "cancelled (shutting down)"
+                await self._finish(result, Tally(), started)
+                raise
             result = SweepResult(workspace_id, chosen, run_id, baseline=not has_baseline)
             tally = Tally()
             try:
@@ -201,6 +214,14 @@ class SyncEngine:
             return result
 
     async def _finish(self, result: SweepResult, tally: Tally, started: float) -> None:
+        """Close the sweep's run (and record its outcome) even if cancelled meanwhile, and
+        raise CancelledError afterwards if it was. A stop can come twice (systemd signals the
+        daemon and the sweep process at once: the daemon's "cancel" and the child's own
+        SIGTERM each cancel the sweep): a second cancellation must not cut these writes
+        short, or the run would read "running" until the next start of the daemon."""
+        await _to_the_end(asyncio.ensure_future(self._record(result, tally, started)))
+
+    async def _record(self, result: SweepResult, tally: Tally, started: float) -> None:
         result.api_calls, result.pages = tally.api_calls, tally.pages
         result.retries, result.throttled = tally.retries, tally.throttled
         result.duration_s = time.monotonic() - started
@@ -865,6 +886,23 @@ def _rejects_parameter(exc: FatalUpstreamError) -> bool:
     """Whether upstream refused the request's parameters (not its credentials or access)."""
     code = exc.code or ""
     return code == "INVALID_INPUT_PARAMS" or code.startswith("InvalidParameter")
+
+
+async def _to_the_end(future: asyncio.Future[_T]) -> _T:
+    """``future``'s result, waited for even if the caller is cancelled meanwhile; then
+    CancelledError if it was. For the store writes that open and close a sweep's run: the
+    writer thread goes on whatever happens to its awaiter, so the run's row must be known,
+    and closed, whenever the sweep is cancelled."""
+    cancelled = False
+    while not future.done():
+        try:
+            await asyncio.shield(future)
+        except asyncio.CancelledError:
+            cancelled = True
+    result = future.result()
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
 
 
 def _first_hpo_error(group: BaseExceptionGroup[BaseException]) -> HpoSyncError | None:

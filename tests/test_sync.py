@@ -3,9 +3,11 @@ history must hold exactly the transitions that happened between observations."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import random
 import sqlite3
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -604,6 +606,82 @@ async def test_a_hot_sweep_whose_listings_all_fail_is_recorded_not_raised(tmp_pa
         assert rig.store.sync_runs(ws)[0].status == "failed"
         rig.sim.configure(fault_rate=0.0)
         assert (await rig.engine.sweep(ws, "hot")).status == "ok"
+
+
+def _held(call: Any, entered: threading.Event, go: threading.Event) -> Any:
+    """``call``, made to wait for ``go`` (from its worker thread) after setting ``entered``."""
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        assert go.wait(30), "never let go"
+        return call(*args, **kwargs)
+
+    return held
+
+
+def _signalling(call: Any, returned: threading.Event) -> Any:
+    """``call``, setting ``returned`` once it has returned (in its worker thread)."""
+
+    def signalling(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return call(*args, **kwargs)
+        finally:
+            returned.set()
+
+    return signalling
+
+
+async def test_a_sweep_cancelled_while_its_run_is_being_recorded_closes_that_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop that lands while the ``sync_runs`` row is being written (the writer thread
+    goes on regardless) must not leave that row ``running`` until the next start."""
+    options = SimOptions(experiments=20, workspaces=1, seed=6)
+    async for rig in make_rig(tmp_path, options):
+        ws = rig.sim.world.workspace_ids[0]
+        writing, go = threading.Event(), threading.Event()
+        monkeypatch.setattr(rig.store, "begin_run", _held(rig.store.begin_run, writing, go))
+        task = asyncio.create_task(rig.engine.sweep(ws, "full"))
+        try:
+            assert await asyncio.to_thread(writing.wait, 30)
+            task.cancel()
+        finally:
+            go.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        [run] = rig.store.sync_runs(ws)
+        assert (run.status, run.error) == ("failed", "cancelled (shutting down)")
+
+
+async def test_a_sweep_cancelled_twice_still_closes_its_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second of two stops (the daemon's and the sweep process's own SIGTERM) lands
+    while the first one's closing of the run is being written: it waits for those writes."""
+    # Every answer takes 0.2 s: the sweep is still listing when it is first cancelled.
+    options = SimOptions(experiments=20, workspaces=1, seed=6, latency_ms=200)
+    async for rig in make_rig(tmp_path, options):
+        ws = rig.sim.world.workspace_ids[0]
+        begun, closing, go = threading.Event(), threading.Event(), threading.Event()
+        monkeypatch.setattr(rig.store, "begin_run", _signalling(rig.store.begin_run, begun))
+        monkeypatch.setattr(rig.store, "finish_run", _held(rig.store.finish_run, closing, go))
+        task = asyncio.create_task(rig.engine.sweep(ws, "full"))
+        try:
+            assert await asyncio.to_thread(begun.wait, 30)
+            task.cancel()
+            assert await asyncio.to_thread(closing.wait, 30)
+            task.cancel()
+            # Not given up on: the sweep is still waiting for its closing writes.
+            done, _ = await asyncio.wait([task], timeout=0.5)
+            assert not done
+        finally:
+            go.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        [run] = rig.store.sync_runs(ws)
+        assert (run.status, run.error) == ("failed", "cancelled (shutting down)")
+        state = rig.store.workspace_state(ws)
+        assert state is not None and state.last_error == "cancelled (shutting down)"
 
 
 def test_a_field_left_out_teaches_nothing_about_modified_time_bumps(tmp_path: Path) -> None:
