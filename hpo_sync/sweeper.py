@@ -33,7 +33,9 @@ Ctrl-C on the daemon's terminal) is left to the daemon. A child that stops or di
 own fails the sweeps it was running (``sync.crashed`` in the log); the daemon closes their
 ``sync_runs`` rows if the child could not, and starts a new child for the next sweep. One
 that says nothing for ``HEARTBEAT_TIMEOUT_S`` while it has sweeps to run (it sends word
-every second) is taken for stuck, killed and treated the same way.
+every second from the moment its event loop runs) is taken for stuck, killed and treated
+the same way. Until its first word a child is still starting (an interpreter, imports:
+seconds on a loaded machine), and has ``STARTUP_TIMEOUT_S`` for that instead.
 """
 
 from __future__ import annotations
@@ -76,6 +78,9 @@ METRICS_FLUSH_S = 1.0
 #: A child that sends nothing for this long while it has sweeps to run is killed (and the
 #: next sweep starts a new one): its event loop is stuck.
 HEARTBEAT_TIMEOUT_S = 60.0
+#: How long a new child may take to say its first word (it is starting: a Python interpreter
+#: and its imports) before it is killed the same way.
+STARTUP_TIMEOUT_S = 60.0
 #: How long a cancelled sweep may take to close its run before the daemon stops waiting.
 CANCEL_WAIT_S = 5.0
 #: How long :meth:`SweepProcess.close` waits for the child to exit before killing it.
@@ -109,10 +114,13 @@ class SweepProcess:
         credentials: CredentialsProvider | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S,
+        startup_timeout_s: float = STARTUP_TIMEOUT_S,
     ) -> None:
         self._config = config
         self._heartbeat_timeout_s = heartbeat_timeout_s
+        self._startup_timeout_s = startup_timeout_s
         self._last_heard = 0.0
+        self._heard_from = False  # the running child said something: it is past starting
         self._killed_because: str | None = None
         self._store = store
         self._metrics = metrics
@@ -248,6 +256,7 @@ class SweepProcess:
             self._proc = proc
             self._accepting = True
             self._last_heard = loop.time()
+            self._heard_from = False
             self._killed_because = None
             self._send(("init", self._config, self._credentials, os.getpid(), effective_level()))
             self._reader = asyncio.create_task(self._read(proc, reader), name="sweep-process")
@@ -270,6 +279,7 @@ class SweepProcess:
                 except asyncio.IncompleteReadError:
                     break
                 self._last_heard = asyncio.get_running_loop().time()
+                self._heard_from = True
                 try:
                     self._dispatch(pickle.loads(body))
                 except Exception as exc:  # one bad message must not lose the others
@@ -282,7 +292,8 @@ class SweepProcess:
         self, reader: asyncio.StreamReader, proc: asyncio.subprocess.Process
     ) -> bytes:
         """The next frame's header, while watching that a child with sweeps to run keeps
-        talking: one silent for ``heartbeat_timeout_s`` is killed (HEARTBEAT_TIMEOUT_S)."""
+        talking: one silent for ``heartbeat_timeout_s`` is killed (HEARTBEAT_TIMEOUT_S), or
+        for ``startup_timeout_s`` before its first word (STARTUP_TIMEOUT_S)."""
         loop = asyncio.get_running_loop()
         while True:
             try:
@@ -294,10 +305,14 @@ class SweepProcess:
             except TimeoutError:
                 pass
             silent_s = loop.time() - self._last_heard
+            # A child that has not said a word yet is still starting, not stuck.
+            limit = self._heartbeat_timeout_s if self._heard_from else self._startup_timeout_s
             if not self._pending:
                 self._last_heard = loop.time()  # silence while idle is fine
-            elif silent_s > self._heartbeat_timeout_s and self._killed_because is None:
+            elif silent_s > limit and self._killed_because is None:
                 self._killed_because = f"no word from it for {silent_s:.0f} s"
+                if not self._heard_from:
+                    self._killed_because += " since it started"
                 log.error("sync.process_unresponsive", pid=proc.pid, silent_s=round(silent_s))
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
@@ -506,6 +521,15 @@ async def child_main(channel: _Channel) -> int:
     _die_with_parent(parent_pid)
     _configure_logging(channel, level)
     counts = _Counts()
+
+    async def flush_counts() -> None:
+        while True:
+            counts.flush(channel)
+            await asyncio.sleep(METRICS_FLUSH_S)
+
+    # Word at once (the daemon holds us to its heartbeat from our first word on), and every
+    # second from now on, opening the mirror included.
+    flusher = asyncio.create_task(flush_counts())
     store = await asyncio.to_thread(Store.open, config.store.path)
     client = UpstreamClient(
         config.upstream, credentials or DefaultChainCredentials(), observer=counts.request
@@ -531,12 +555,6 @@ async def child_main(channel: _Channel) -> int:
             channel.send(("result", req, outcome))
             sweeps.pop(req, None)
 
-    async def flush_counts() -> None:
-        while True:
-            await asyncio.sleep(METRICS_FLUSH_S)
-            counts.flush(channel)
-
-    flusher = asyncio.create_task(flush_counts())
     try:
         while True:
             try:

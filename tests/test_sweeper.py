@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 import signal
+import sys
 from collections.abc import AsyncIterator, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -211,6 +212,12 @@ async def test_a_child_killed_or_stopped_mid_sweep_fails_that_sweep_and_the_next
     assert assert_history_consistent(rig.config.store.path) >= 240
 
 
+#: Three times the child's word every second (METRICS_FLUSH_S): a running child keeps well
+#: inside it on a loaded machine too. Its start-up (seconds there) is not counted against
+#: it: a child has STARTUP_TIMEOUT_S for its first word.
+SHORT_HEARTBEAT_S = 3.0
+
+
 @pytest.mark.parametrize("rig", [60], indirect=True)
 async def test_a_child_that_stops_answering_is_killed_and_replaced(rig: Rig) -> None:
     sweeper = SweepProcess(
@@ -235,5 +242,33 @@ async def test_a_child_that_stops_answering_is_killed_and_replaced(rig: Rig) -> 
         assert [e["pid"] for e in logs if e["event"] == "sync.process_unresponsive"] == [stuck]
         result = await sweeper.sweep(WS)
         assert result.status == "ok" and sweeper.pid not in (None, stuck)
+    finally:
+        await sweeper.close()
+
+
+async def test_a_child_slower_to_start_than_its_heartbeat_is_not_taken_for_stuck(
+    rig: Rig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Start-up (an interpreter and its imports: seconds on a loaded machine) is not
+    silence: the heartbeat counts from the child's first word."""
+    slow_python = tmp_path / "slow-python"
+    slow_python.write_text(
+        f'#!/bin/sh\nsleep {SHORT_HEARTBEAT_S + 1}\nexec "{sys.executable}" "$@"\n',
+        encoding="utf-8",
+    )
+    slow_python.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(slow_python))
+    sweeper = SweepProcess(
+        rig.config,
+        rig.store,
+        rig.metrics,
+        credentials=CREDENTIALS,
+        heartbeat_timeout_s=SHORT_HEARTBEAT_S,
+    )
+    try:
+        with capture_logs() as logs:
+            result = await sweeper.sweep(WS)
+        assert result.status == "ok" and result.baseline
+        assert not [e for e in logs if e["event"] == "sync.process_unresponsive"]
     finally:
         await sweeper.close()
