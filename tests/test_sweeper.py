@@ -221,16 +221,20 @@ SHORT_HEARTBEAT_S = 3.0
 @pytest.mark.parametrize("rig", [60], indirect=True)
 async def test_a_child_that_stops_answering_is_killed_and_replaced(rig: Rig) -> None:
     sweeper = SweepProcess(
-        rig.config, rig.store, rig.metrics, credentials=CREDENTIALS, heartbeat_timeout_s=1.5
+        rig.config,
+        rig.store,
+        rig.metrics,
+        credentials=CREDENTIALS,
+        heartbeat_timeout_s=SHORT_HEARTBEAT_S,
     )
     try:
         await sweeper.sweep(WS)  # the baseline; silence while idle is fine
-        await asyncio.sleep(2)
+        await asyncio.sleep(SHORT_HEARTBEAT_S + 0.5)
         task = asyncio.create_task(sweeper.sweep(WS, "full"))
         await wait_db(
             rig.config.store.path,
             "SELECT id FROM sync_runs WHERE status = 'running'",
-            timeout_s=10,
+            timeout_s=60,
             poll_s=0.005,
         )
         stuck = sweeper.pid
@@ -238,7 +242,7 @@ async def test_a_child_that_stops_answering_is_killed_and_replaced(rig: Rig) -> 
         os.kill(stuck, signal.SIGSTOP)  # alive, but says nothing any more
         silent = r"killed, no word from it for \d+ s"
         with capture_logs() as logs, pytest.raises(SweepProcessError, match=silent):
-            await asyncio.wait_for(task, 10)
+            await asyncio.wait_for(task, 60)
         assert [e["pid"] for e in logs if e["event"] == "sync.process_unresponsive"] == [stuck]
         result = await sweeper.sweep(WS)
         assert result.status == "ok" and sweeper.pid not in (None, stuck)
