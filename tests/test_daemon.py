@@ -228,8 +228,11 @@ async def test_sigterm_to_daemon_and_sweep_process_at_once_closes_the_run(
     async with Simulator(options) as sim:
         db, cfg = write_config(tmp_path, sim.base_url, workspaces=["100001"], page_size=5)
         d = await daemons.start(cfg)
-        child = (await d.wait_event("sync.process_started"))["pid"]
-        await wait_db(db, "SELECT id FROM sync_runs WHERE status = 'running'", timeout_s=15)
+        # Deadlines that only bound a hang: two Python start-ups take seconds when loaded.
+        child = (await d.wait_event("sync.process_started", timeout_s=60))["pid"]
+        await wait_db(
+            db, "SELECT id FROM sync_runs WHERE status = 'running'", timeout_s=60, daemon=d
+        )
         os.kill(child, signal.SIGTERM)
         code, took = await d.stop(signal.SIGTERM)
         assert code == 0 and took < 10
