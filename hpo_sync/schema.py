@@ -442,6 +442,20 @@ def _m4_api_json(conn: sqlite3.Connection) -> None:
         raise StoreError(f"rebuilding experiments broke {len(broken)} foreign keys: {broken[:3]}")
 
 
+def _m5_alert_message_id(conn: sqlite3.Connection) -> None:
+    """Version 5: ``alert_outbox.message_id``, the message a row was first sent in (NULL until
+    the worker forms it). A retry sends the same rows again under the same id, so a receiver
+    that deduplicates by ``webhook-id`` can tell a redelivery; the index finds a message's
+    rows and keeps new ids unique. Rows of an older file start without one."""
+    _run(
+        conn,
+        [
+            "ALTER TABLE alert_outbox ADD COLUMN message_id TEXT",
+            "CREATE INDEX alert_outbox_message ON alert_outbox (message_id)",
+        ],
+    )
+
+
 #: Forward migrations, in order; migration ``i`` (0-based) takes the file to version ``i + 1``.
 #: Append only. Never edit or reorder a released migration.
 MIGRATIONS: tuple[Migration, ...] = (
@@ -449,6 +463,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     _m2_alert_outbox,
     _m3_deleted_index,
     _m4_api_json,
+    _m5_alert_message_id,
 )
 
 #: Migrations that copy a whole table: the old copy's pages are left free inside the file

@@ -105,7 +105,7 @@ SPEC_COLUMNS = {
     ],
     "alert_outbox": [
         "id", "change_id", "target", "rule", "status", "attempts", "next_attempt_at",
-        "created_at", "sent_at", "last_error",
+        "created_at", "sent_at", "last_error", "message_id",
     ],
 }  # fmt: skip
 
@@ -513,6 +513,62 @@ def test_an_older_mirror_is_upgraded_in_place(db_path: Path) -> None:
                 " VALUES ('nobody', 'ws1', 'Status', ?)",
                 (T0,),
             )
+    finally:
+        conn.close()
+
+
+def test_a_version_4_mirror_gets_message_ids_and_keeps_its_outbox(db_path: Path) -> None:
+    """Version 5 adds ``alert_outbox.message_id`` in place: the outbox rows a version-4 file
+    holds, pending, sent and dead, are all still there, unchanged, with no message id; rows
+    written afterwards can carry one."""
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    migrate(conn, where=str(db_path), target=4)
+    conn.execute("INSERT INTO workspaces (workspace_id) VALUES ('ws1')")
+    conn.execute(
+        "INSERT INTO experiments (experiment_id, workspace_id, status, first_seen_at,"
+        " last_seen_at, last_changed_at) VALUES ('old', 'ws1', 'FAILED', ?, ?, ?)",
+        (T0, T0, T0),
+    )
+    conn.execute(
+        "INSERT INTO changes (experiment_id, workspace_id, field, old_value, new_value,"
+        " observed_at) VALUES ('old', 'ws1', 'Status', 'RUNNING', 'FAILED', ?)",
+        (T0,),
+    )
+    rows = [
+        (1, "slack", "pending", 2, T2, None, "HTTP 500"),
+        (1, "hook", "sent", 1, None, T1, None),
+        (1, "teams", "dead", 1, None, None, "HTTP 400: bad card"),
+    ]
+    conn.executemany(
+        "INSERT INTO alert_outbox (change_id, target, rule, status, attempts, next_attempt_at,"
+        " created_at, sent_at, last_error) VALUES (?, ?, 'failed', ?, ?, ?, ?, ?, ?)",
+        [(c, t, st, n, nxt, T0, sent, err) for c, t, st, n, nxt, sent, err in rows],
+    )
+    columns = "id, change_id, target, rule, status, attempts, next_attempt_at, created_at"
+    columns += ", sent_at, last_error"
+    before = conn.execute(f"SELECT {columns} FROM alert_outbox ORDER BY id").fetchall()
+    assert len(before) == 3
+    conn.close()
+
+    with Store.open(db_path) as store:
+        assert store.schema_version == SCHEMA_VERSION == 5
+        with store.write("a message") as w:
+            w.execute("UPDATE alert_outbox SET message_id = 'hposync_1_1' WHERE id = 1")
+    conn = sqlite3.connect(db_path)
+    try:
+        after = conn.execute(f"SELECT {columns} FROM alert_outbox ORDER BY id").fetchall()
+        assert after == before
+        assert conn.execute("SELECT id, message_id FROM alert_outbox ORDER BY id").fetchall() == [
+            (1, "hposync_1_1"),
+            (2, None),
+            (3, None),
+        ]
+        indexes = {r[0] for r in conn.execute("SELECT name FROM pragma_index_list('alert_outbox')")}
+        assert {"alert_outbox_due", "alert_outbox_target", "alert_outbox_message"} <= indexes
+        plan = conn.execute(
+            "EXPLAIN QUERY PLAN SELECT id FROM alert_outbox WHERE message_id = 'hposync_1_1'"
+        ).fetchall()
+        assert "alert_outbox_message" in " ".join(str(r[-1]) for r in plan)
     finally:
         conn.close()
 
