@@ -179,11 +179,13 @@ class AlertWorker:
         clock: Callable[[], datetime] = _utcnow,
         poll_s: float = POLL_S,
         rate_limits: dict[str, tuple[tuple[int, float], ...]] | None = None,
+        request_timeout_s: float = REQUEST_TIMEOUT_S,
     ) -> None:
         self.store = store
         self.config = config
         self.clock = clock
         self.poll_s = poll_s
+        self.request_timeout_s = request_timeout_s
         self.metrics = AlertMetrics(registry)
         self._rate_limits = rate_limits if rate_limits is not None else RATE_LIMITS
         self._limiters: dict[str, RateLimiter] = {}
@@ -433,7 +435,12 @@ class AlertWorker:
         msg_id = msg_id or f"hposync_{message.outbox_ids[0]}_{len(message.outbox_ids)}"
         try:
             answer = await send_message(
-                self._session_get(), target, message.payload, now=self.clock(), msg_id=msg_id
+                self._session_get(),
+                target,
+                message.payload,
+                now=self.clock(),
+                msg_id=msg_id,
+                timeout_s=self.request_timeout_s,
             )
         except TimeoutError:
             return Retry("timed out")
