@@ -11,7 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hpo_sync.alerts.classify import Dead, Retry, Sent, classify, redact, secret_parts
-from hpo_sync.alerts.render import LIMITS, AlertItem, render, render_notice, size_of
+from hpo_sync.alerts.render import (
+    LIMITS,
+    AlertItem,
+    render,
+    render_message,
+    render_notice,
+    size_of,
+)
 from hpo_sync.alerts.rules import (
     ChangeEvent,
     ExperimentInfo,
@@ -391,6 +398,18 @@ def test_render_splits_before_truncating() -> None:
     assert sorted(i for m in messages for i in m.outbox_ids) == list(range(1, 21))
 
 
+def test_a_message_rendered_again_from_its_alerts_is_the_same() -> None:
+    """Every message of a split digest is rendered from its own alerts alone (its heading
+    counts them), so a retry, rendered from the message's rows, sends the same text."""
+    items = [_item(i) for i in range(1, 41)]
+    messages = render("discord", items)
+    assert len(messages) == 3
+    by_id = {i.outbox_id: i for i in items}
+    for m in messages:
+        assert render_message("discord", [by_id[i] for i in m.outbox_ids]) == m
+        assert f"{len(m.outbox_ids)} changes" in m.payload["content"]
+
+
 def test_stall_notices() -> None:
     old = NOW - timedelta(hours=2)
     last = {"ws1": old, "ws2": NOW - timedelta(seconds=10), "ws3": None}
@@ -453,6 +472,21 @@ def test_render_property_fits_and_accounts_for_every_alert(
         assert size_of(ttype, m.payload) <= limit
         if keyword:
             assert any(keyword in text for text in _strings(m.payload))
+
+
+@given(
+    ttype=st.sampled_from(["slack", "discord", "dingtalk", "feishu", "wecom", "teams"]),
+    names=st.lists(_names, min_size=1, max_size=60),
+    keyword=st.one_of(st.none(), st.text(min_size=1, max_size=20)),
+)
+@settings(max_examples=60, deadline=None)
+def test_render_property_each_message_is_its_alerts_rendered_alone(
+    ttype: str, names: list[str], keyword: str | None
+) -> None:
+    items = [_item(i, name=n) for i, n in enumerate(names, 1)]
+    by_id = {i.outbox_id: i for i in items}
+    for m in render(ttype, items, keyword=keyword):
+        assert render_message(ttype, [by_id[i] for i in m.outbox_ids], keyword=keyword) == m
 
 
 @given(

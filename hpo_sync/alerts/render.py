@@ -233,7 +233,38 @@ def render(
     keyword: str | None = None,
     max_messages: int = MAX_MESSAGES,
 ) -> list[Message]:
-    """Messages announcing ``items`` (every item is in exactly one message's ``outbox_ids``)."""
+    """Messages announcing ``items`` (every item is in exactly one message's ``outbox_ids``).
+
+    Each message is rendered from its own items alone (:func:`render_message`), its heading
+    counting them: a message sent again later is rendered again from the same items, and
+    comes out the same."""
+    planned = _pack(target_type, items, keyword, max_messages)
+    if len(planned) == 1:  # already rendered from these items alone
+        return planned
+    out: list[Message] = []
+    start = 0
+    for message in planned:  # _pack takes the items in order
+        end = start + len(message.outbox_ids)
+        out.append(render_message(target_type, items[start:end], keyword=keyword))
+        start = end
+    return out
+
+
+def render_message(
+    target_type: str, items: Sequence[AlertItem], *, keyword: str | None = None
+) -> Message:
+    """``items`` (not empty) as one message, as :func:`render` renders a message that holds
+    them: what does not fit is cut to fit or counted in "… and N more". The same items give
+    the same message, so a retry announces the same alerts in the same words."""
+    (message,) = _pack(target_type, items, keyword, 1)
+    return message
+
+
+def _pack(
+    target_type: str, items: Sequence[AlertItem], keyword: str | None, max_messages: int
+) -> list[Message]:
+    """Fill messages with ``items`` in order, as many as fit each, under a heading counting
+    all of ``items``; the last of ``max_messages`` counts the rest in "… and N more"."""
     if not items:
         return []
     if target_type == "webhook":
