@@ -14,6 +14,7 @@ from hpo_sync.alerts.classify import Dead, Retry, Sent, classify, redact, secret
 from hpo_sync.alerts.render import (
     LIMITS,
     AlertItem,
+    form_messages,
     render,
     render_message,
     render_notice,
@@ -408,6 +409,42 @@ def test_a_message_rendered_again_from_its_alerts_is_the_same() -> None:
     for m in messages:
         assert render_message("discord", [by_id[i] for i in m.outbox_ids]) == m
         assert f"{len(m.outbox_ids)} changes" in m.payload["content"]
+
+
+def test_form_messages_sends_a_stored_message_again_and_new_alerts_apart() -> None:
+    items = [_item(i) for i in range(1, 6)]
+    stored = {1: "hposync_1_2", 2: "hposync_1_2", 4: "hposync_4_1"}
+    formed = form_messages("webhook", items, stored)
+    assert [(f.message_id, f.message.outbox_ids) for f in formed] == [
+        ("hposync_1_2", (1, 2)),
+        (None, (3, 5)),
+        ("hposync_4_1", (4,)),
+    ]
+    assert formed[0].message == render("webhook", items[:2])[0]
+
+
+def test_form_messages_keeps_a_digest_as_it_was_split() -> None:
+    """A split digest retried with new alerts: its messages go again as they were, the new
+    alerts in new messages."""
+    items = [_item(i) for i in range(1, 41)]
+    first = form_messages("discord", items, {})
+    assert len(first) == 3 and all(f.message_id is None for f in first)
+    names = {i: f"m{n}" for n, f in enumerate(first) for i in f.message.outbox_ids}
+    again = form_messages("discord", [*items, *(_item(i) for i in range(41, 44))], names)
+    assert [f.message for f in again[:3]] == [f.message for f in first]
+    assert [f.message_id for f in again[:3]] == ["m0", "m1", "m2"]
+    assert [(f.message_id, f.message.outbox_ids) for f in again[3:]] == [(None, (41, 42, 43))]
+
+
+def test_form_messages_keeps_a_stored_message_whole_after_a_type_change() -> None:
+    """A message formed for a generic webhook, retried after the target became a Discord
+    one: still one message under its id, what does not fit counted in "… and N more"."""
+    items = [_item(i) for i in range(1, 41)]
+    (formed,) = form_messages("discord", items, dict.fromkeys(range(1, 41), "hposync_1_40"))
+    assert formed.message_id == "hposync_1_40"
+    assert formed.message.outbox_ids == tuple(range(1, 41))
+    assert size_of("discord", formed.message.payload) <= LIMITS["discord"][0]
+    assert "… and " in formed.message.payload["content"]
 
 
 def test_stall_notices() -> None:

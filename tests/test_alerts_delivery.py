@@ -15,9 +15,11 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from hook_server import Hook, serve
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
+from hpo_sync.alerts import outbox as queue
 from hpo_sync.alerts.receivers import Receivers
 from hpo_sync.alerts.service import RATE_LIMITS, AlertWorker
 from hpo_sync.alerts.signing import dingtalk_sign
@@ -144,23 +146,17 @@ def outbox(db: Path) -> list[dict[str, Any]]:
         conn.close()
 
 
-async def serve(app: web.Application) -> tuple[web.AppRunner, int]:
-    """``app`` on a free loopback port: its runner (to clean up) and the port."""
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    return runner, runner.addresses[0][1]
-
-
-def one_target_worker(store: Store, db: Path, kind: str, url: str) -> AlertWorker:
+def one_target_worker(
+    store: Store, db: Path, kind: str, url: str, *, secret: str | None = None, **worker: Any
+) -> AlertWorker:
     """A worker with one target of ``kind`` at ``url``, one rule for every change, no
     grouping wait and no rate limit."""
-    target = TargetConfig("t", kind, Secret(url, "t"))
+    target = TargetConfig("t", kind, Secret(url, "t"), Secret(secret, "t") if secret else None)
     cfg = Config(
         store=StoreConfig(db),
         alerts=AlertsConfig(group_wait_s=0, targets=(target,), rules=(RuleConfig("r", ("t",)),)),
     )
-    return AlertWorker(store, cfg, rate_limits={})
+    return AlertWorker(store, cfg, rate_limits={}, **worker)
 
 
 async def test_every_target_gets_one_signed_digest(
@@ -606,3 +602,90 @@ async def test_a_target_waiting_on_its_rate_limit_holds_no_other_target_up(
     waiting = [r for r in rows if r["target"] == "t-dingtalk" and r["status"] == "pending"]
     assert len(waiting) == 2 and {r["attempts"] for r in waiting} == {0}
     assert receivers.rejected == []
+
+
+async def test_a_retried_message_keeps_its_webhook_id_and_its_alerts(
+    store: Store, db: Path
+) -> None:
+    """A receiver that took a message but answered after the worker stopped waiting gets it
+    again with the same ``webhook-id`` and the same alerts, though new alerts came in
+    meanwhile: those go in a message of their own. (The retry used to regroup whatever was
+    due under a new id: the receiver could not tell the alerts it had from the new ones.)"""
+    hook = Hook(HOOK_SECRET, delays_s={0: 1.0})
+    runner, url = await hook.serve()
+    try:
+        worker = one_target_worker(
+            store, db, "webhook", url, secret=HOOK_SECRET, request_timeout_s=0.3
+        )
+        world = World(store, worker, 3)
+        world.fail(["e0000", "e0001"])
+        t = now()
+        assert await worker.run_once(now=t) == 0
+        rows = outbox(db)
+        assert [(r["status"], r["attempts"], r["last_error"]) for r in rows] == [
+            ("pending", 1, "timed out")
+        ] * 2
+        world.fail(["e0002"])  # due, like the retry, in the next round
+        assert await worker.run_once(now=t + timedelta(seconds=10)) == 2
+        await worker.close()
+    finally:
+        await runner.cleanup()
+    first, again, new = hook.got
+    assert first.experiments == ["e0000", "e0001"]
+    assert again.webhook_id == first.webhook_id
+    assert again.body == first.body  # the same alerts, rendered the same
+    assert new.experiments == ["e0002"] and new.webhook_id != first.webhook_id
+    assert [(r["status"], r["message_id"]) for r in outbox(db)] == [
+        ("sent", first.webhook_id),
+        ("sent", first.webhook_id),
+        ("sent", new.webhook_id),
+    ]
+
+
+async def test_a_message_is_read_whole_past_the_due_limit(store: Store, db: Path) -> None:
+    """A message sent before goes again with all of its rows even when the due query's
+    limit cuts it: sent in part under its id, the rest would later come under an id the
+    receiver already has, and be dropped."""
+    worker = one_target_worker(store, db, "webhook", "http://127.0.0.1:9/unused")
+    world = World(store, worker, 4)
+    world.fail(world.ids)
+    t = now()
+    with store.write("name and retry") as conn:
+        ids = [r.id for r in queue.due_rows(conn, t)]
+        assert len(ids) == 4
+        assert queue.name_messages(conn, [ids[1:]]) == [f"hposync_{ids[1]}_3"]
+        queue.mark_retry(conn, ids, t, "timed out")
+    with store.reader() as conn:
+        assert [r.id for r in queue.due_rows(conn, t, limit=2)] == ids
+        assert [(r.id, r.message_id) for r in queue.due_rows(conn, t, limit=1)] == [(ids[0], None)]
+
+
+async def test_alerts_retry_keeps_the_webhook_id_of_a_whole_message(store: Store, db: Path) -> None:
+    """A dead message put back in the queue whole goes again under its ``webhook-id`` (a
+    receiver that took it after all can tell); an alert put back without the rest of its
+    message goes in a new message (under the old id a receiver that had the message would
+    drop it unseen)."""
+    hook = Hook(HOOK_SECRET, statuses={0: 400})
+    runner, url = await hook.serve()
+    try:
+        worker = one_target_worker(store, db, "webhook", url, secret=HOOK_SECRET)
+        world = World(store, worker, 3)
+        world.fail(world.ids)
+        t = now()
+        assert await worker.run_once(now=t) == 0
+        rows = outbox(db)
+        assert {r["status"] for r in rows} == {"dead"}
+        with store.write("re-queue one") as conn:
+            assert queue.retry_rows(conn, t, [rows[0]["id"], rows[0]["id"]]) == 1
+        assert await worker.run_once(now=t + timedelta(seconds=1)) == 1
+        with store.write("re-queue the rest") as conn:
+            assert queue.retry_rows(conn, t, all_dead=True) == 2
+        assert await worker.run_once(now=t + timedelta(seconds=2)) == 1
+        await worker.close()
+    finally:
+        await runner.cleanup()
+    dead, alone, rest = hook.got
+    assert dead.experiments == ["e0000", "e0001", "e0002"]
+    assert alone.experiments == ["e0000"] and alone.webhook_id != dead.webhook_id
+    assert rest.experiments == ["e0001", "e0002"] and rest.webhook_id == dead.webhook_id
+    assert {r["status"] for r in outbox(db)} == {"sent"}

@@ -81,34 +81,81 @@ class DueRow:
     workspace_label: str | None
     trial_old: str | None
     trial_new: str | None
+    #: the message the row was sent in before (see :func:`name_messages`), if any
+    message_id: str | None = None
 
 
 _DUE_SQL = """
 SELECT o.id, o.target, o.rule, o.attempts, o.created_at, c.id, c.workspace_id,
        c.experiment_id, c.field, c.old_value, c.new_value, c.observed_at, e.name,
-       e.trial_status, w.label, t.old_value, t.new_value
+       e.trial_status, w.label, t.old_value, t.new_value, o.message_id
 FROM alert_outbox o
 JOIN changes c ON c.id = o.change_id
 LEFT JOIN experiments e ON e.experiment_id = c.experiment_id
 LEFT JOIN workspaces w ON w.workspace_id = c.workspace_id
 LEFT JOIN changes t ON t.experiment_id = c.experiment_id AND t.field = 'TrialStatus'
      AND t.sync_run_id IS c.sync_run_id AND t.observed_at = c.observed_at
-WHERE o.status = 'pending' AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= ?)
+WHERE o.status = 'pending' AND {where}
 ORDER BY o.id
 LIMIT ?
 """
 
 
+def _read_due(
+    conn: sqlite3.Connection, where: str, params: tuple[object, ...], out: dict[int, DueRow]
+) -> None:
+    for r in conn.execute(_DUE_SQL.format(where=where), params):
+        if r[0] not in out:  # several TrialStatus rows could join; keep the first
+            out[r[0]] = DueRow(*r)
+
+
 def due_rows(conn: sqlite3.Connection, now: datetime, limit: int = 5000) -> list[DueRow]:
-    """Pending rows due at ``now``, oldest first."""
-    seen: set[int] = set()
-    out: list[DueRow] = []
-    for r in conn.execute(_DUE_SQL, (format_time(now), limit)):
-        if r[0] in seen:  # several TrialStatus rows could join; keep the first
-            continue
-        seen.add(r[0])
-        out.append(DueRow(*r))
-    return out
+    """Pending rows due at ``now``, oldest first, and every pending row of a message one of
+    them was sent in before (``limit`` may cut a message: it goes again whole or not at all,
+    since a receiver that got a message's id once drops whatever comes later under it)."""
+    out: dict[int, DueRow] = {}
+    due = "(o.next_attempt_at IS NULL OR o.next_attempt_at <= ?)"
+    _read_due(conn, due, (format_time(now), limit), out)
+    messages = sorted({r.message_id for r in out.values() if r.message_id is not None})
+    for start in range(0, len(messages), 500):
+        chunk = tuple(messages[start : start + 500])
+        where = f"o.message_id IN ({','.join('?' * len(chunk))})"
+        _read_due(conn, where, (*chunk, -1), out)  # a negative LIMIT is no limit
+    return sorted(out.values(), key=lambda r: r.id)
+
+
+def message_id(outbox_ids: Sequence[int]) -> str:
+    """The id a new message of these rows gets: ``hposync_<first row>_<rows>``."""
+    return f"hposync_{outbox_ids[0]}_{len(outbox_ids)}"
+
+
+def name_messages(conn: sqlite3.Connection, messages: Sequence[Sequence[int]]) -> list[str]:
+    """Name each new message (its rows' ids, in order) and record the name on its rows;
+    returns the names.
+
+    Call once for all the new messages of a delivery round, in one write transaction, before
+    the first is sent: whatever happens to the attempt (a timeout after the receiver took
+    it, a kill -9 before its rows are marked sent), the rows go again as this message under
+    this name. A name is :func:`message_id`, or that with ``_2``, ``_3``… if other rows
+    hold it already (rows that were put in a new message by ``alerts retry``): one name
+    never stands for two different sets of alerts."""
+    names: list[str] = []
+    for ids in messages:
+        base = name = message_id(ids)
+        n = 1
+        while True:
+            holders = conn.execute(
+                "SELECT id FROM alert_outbox WHERE message_id = ?", (name,)
+            ).fetchall()
+            if not holders or {i for (i,) in holders} == set(ids):
+                break
+            n += 1
+            name = f"{base}_{n}"
+        conn.executemany(
+            "UPDATE alert_outbox SET message_id = ? WHERE id = ?", [(name, i) for i in ids]
+        )
+        names.append(name)
+    return names
 
 
 def mark_sent(conn: sqlite3.Connection, ids: Sequence[int], now: datetime) -> None:
@@ -182,20 +229,39 @@ def retry_rows(
     conn: sqlite3.Connection, now: datetime, ids: Sequence[int] = (), *, all_dead: bool = False
 ) -> int:
     """Put dead rows back in the queue, due now. Their ``created_at`` restarts, so the
-    ``max_age_s`` expiry counts from the retry."""
-    ts = format_time(now)
+    ``max_age_s`` expiry counts from the retry.
+
+    Rows that go back together with every other row of their message keep its id: the
+    message is sent again whole under the same ``webhook-id``, so a receiver that took it
+    after all (one that answered too late until the alerts expired) can tell. A row going
+    back without the rest of its message is put in a new message instead: under the old id
+    a receiver that had it would drop the row unseen."""
     if all_dead:
-        cur = conn.execute(
-            "UPDATE alert_outbox SET status = 'pending', next_attempt_at = ?, created_at = ?"
-            " WHERE status = 'dead'",
-            (ts, ts),
+        dead = conn.execute(
+            "SELECT id, message_id FROM alert_outbox WHERE status = 'dead'"
+        ).fetchall()
+    else:
+        dead = [
+            row
+            for i in dict.fromkeys(ids)
+            for row in conn.execute(
+                "SELECT id, message_id FROM alert_outbox WHERE id = ? AND status = 'dead'", (i,)
+            )
+        ]
+    going = {i for i, _ in dead}
+    split = {
+        name
+        for name in {m for _, m in dead if m is not None}
+        if any(
+            i not in going
+            for (i,) in conn.execute("SELECT id FROM alert_outbox WHERE message_id = ?", (name,))
         )
-        return cur.rowcount
-    n = 0
-    for i in ids:
-        n += conn.execute(
-            "UPDATE alert_outbox SET status = 'pending', next_attempt_at = ?, created_at = ?"
-            " WHERE id = ? AND status = 'dead'",
-            (ts, ts, i),
-        ).rowcount
-    return n
+    }
+    ts = format_time(now)
+    conn.executemany(
+        "UPDATE alert_outbox SET status = 'pending', next_attempt_at = ?, created_at = ?,"
+        " message_id = CASE WHEN ? THEN NULL ELSE message_id END"
+        " WHERE id = ? AND status = 'dead'",
+        [(ts, ts, name in split, i) for i, name in dead],
+    )
+    return len(dead)

@@ -303,6 +303,57 @@ def _pack(
     return messages
 
 
+@dataclass(frozen=True)
+class Formed:
+    """A message of a delivery round: ``message_id`` names the message if it was formed (and
+    perhaps sent) before, else it is new and still to be named."""
+
+    message: Message
+    message_id: str | None
+
+
+def form_messages(
+    target_type: str,
+    items: Sequence[AlertItem],
+    message_ids: Mapping[int, str | None],
+    *,
+    keyword: str | None = None,
+) -> list[Formed]:
+    """The messages that announce ``items`` (one target's due alerts, oldest first), in the
+    order of their first item.
+
+    Items whose row already names a message (``message_ids``, by outbox id) go as that
+    message again, rendered from the same items in the same order; new items never join it.
+    The others are grouped afresh (:func:`render`) into new messages."""
+    stored: dict[str, list[AlertItem]] = {}
+    fresh: list[AlertItem] = []
+    for item in items:
+        message_id = message_ids.get(item.outbox_id)
+        if message_id is None:
+            fresh.append(item)
+        else:
+            stored.setdefault(message_id, []).append(item)
+    formed: list[Formed] = []
+    for message_id, group in stored.items():
+        message = render_message(target_type, group, keyword=keyword)
+        if message.outbox_ids == tuple(i.outbox_id for i in group):
+            formed.append(Formed(message, message_id))
+        else:
+            # No longer one message holding exactly these alerts: fall back to grouping them
+            # afresh, under new ids, rather than send an id that does not describe its
+            # message. The present renderer never gets here: render_message counts in
+            # "… and N more" what does not fit (as the last message of a big digest always
+            # did), so a message whose target's type or keyword changed since still goes
+            # whole under its id. Regrouped, its alerts would reach a receiver that already
+            # has them again, under new ids; and a message that overflowed when it was
+            # formed cannot be told from one that overflows only now.
+            fresh.extend(group)
+    fresh.sort(key=lambda i: i.outbox_id)
+    formed.extend(Formed(m, None) for m in render(target_type, fresh, keyword=keyword))
+    formed.sort(key=lambda f: f.message.outbox_ids[0])
+    return formed
+
+
 def render_notice(
     target_type: str,
     workspace_id: str,

@@ -27,7 +27,7 @@ from hpo_sync.store import ChangeRow, Store
 
 from . import outbox
 from .classify import Dead, Outcome, Retry, Sent, classify, secret_parts
-from .render import AlertItem, Message, console_link, render, render_notice
+from .render import AlertItem, Formed, Message, console_link, form_messages, render_notice
 from .rules import StallNotice, decode_counts, stall_notices
 from .signing import dingtalk_url, feishu_sign, webhook_headers
 
@@ -411,11 +411,18 @@ class AlertWorker:
     async def _deliver(
         self, target: TargetConfig, group: list[outbox.DueRow], now: datetime
     ) -> int:
-        messages = render(target.type, [self._item(r) for r in group], keyword=target.keyword)
+        formed = form_messages(
+            target.type,
+            [self._item(r) for r in group],
+            {r.id: r.message_id for r in group},
+            keyword=target.keyword,
+        )
+        names = await asyncio.to_thread(self._name, formed)
+        messages = [f.message for f in formed]
         attempts = {r.id: r.attempts for r in group}
         sent = 0
-        for i, message in enumerate(messages):
-            outcome = await self._send(target, message)
+        for i, (message, msg_id) in enumerate(zip(messages, names, strict=True)):
+            outcome = await self._send(target, message, msg_id)
             n = max(attempts[x] for x in message.outbox_ids) + 1
             await self._record(target.name, message.outbox_ids, outcome, now, n)
             if isinstance(outcome, Sent):
@@ -428,11 +435,19 @@ class AlertWorker:
                 break
         return sent
 
-    async def _send(
-        self, target: TargetConfig, message: Message, msg_id: str | None = None
-    ) -> Outcome:
+    def _name(self, formed: list[Formed]) -> list[str]:
+        """Every message's id: a new message's is recorded on its rows first, all in one
+        transaction, so that a retry or a restart sends it again as it is."""
+        new = [f.message.outbox_ids for f in formed if f.message_id is None]
+        names: list[str] = []
+        if new:
+            with _write(self.store, "name alert messages") as conn:
+                names = outbox.name_messages(conn, new)
+        fresh = iter(names)
+        return [f.message_id or next(fresh) for f in formed]
+
+    async def _send(self, target: TargetConfig, message: Message, msg_id: str) -> Outcome:
         await self._limiter(target).acquire()
-        msg_id = msg_id or f"hposync_{message.outbox_ids[0]}_{len(message.outbox_ids)}"
         try:
             answer = await send_message(
                 self._session_get(),
