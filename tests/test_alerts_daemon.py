@@ -1,5 +1,7 @@
 """Alerts through a real ``hpo-sync run`` process: SIGKILL while a target is down (the pending
-alerts are delivered after the restart) and after delivery (nothing is sent twice)."""
+alerts are delivered after the restart), after delivery (nothing is sent twice), and after
+the target took a message but before it was marked sent (it is sent again as the same
+message, under the same ``webhook-id``)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from daemon_harness import Daemons, config_text, query, sim_post, wait_db
+from hook_server import Hook
 
 from hpo_sync.alerts.receivers import Receivers
 from hpo_sync.sim.server import SimOptions, Simulator
@@ -173,3 +176,62 @@ async def test_sighup_with_changed_rules_sends_nothing_again(
             assert sum(got.values()) == outbox(db, "sent")
     finally:
         await receivers.stop()
+
+
+async def test_sigkill_after_the_target_took_a_message_resends_it_under_its_id(
+    tmp_path: Path, daemons: Daemons
+) -> None:
+    """kill -9 while the target holds a message it has taken, before the daemon could mark
+    it sent, with newer alerts queued behind it: the restarted daemon sends the message
+    again with the same ``webhook-id`` and the same alerts (so the receiver can drop it as
+    a redelivery), and the newer alerts in messages of their own. The restart used to
+    regroup everything pending under a new id."""
+    hook = Hook(HOOK_SECRET, held={0: asyncio.Event()})
+    runner, url = await hook.serve()
+    try:
+        async with Simulator(SimOptions(experiments=80, workspaces=1, seed=5, speed=0)) as sim:
+            db = tmp_path / "mirror.db"
+            cfg = tmp_path / "config.toml"
+            cfg.write_text(
+                config_text(sim_url=sim.base_url, db=db, workspaces=["100001"])
+                + alerts_toml(tmp_path, url),
+                encoding="utf-8",
+            )
+            d = await daemons.start(cfg, "first")
+            await wait_db(db, "SELECT 1 FROM workspaces WHERE baseline_at IS NOT NULL", daemon=d)
+            await sim_post(sim.base_url, "/_sim/advance", {"seconds": 1800})
+            while not hook.got:  # the first message arrives, and is not answered
+                d.check_alive()
+                await asyncio.sleep(0.05)
+            (first,) = hook.got
+            taken = len(first.alerts)
+            await sim_post(sim.base_url, "/_sim/advance", {"seconds": 1800})
+            await wait_db(
+                db,
+                "SELECT 1 WHERE (SELECT count(*) FROM alert_outbox) > ?",
+                (taken,),
+                daemon=d,
+                timeout_s=30,
+            )
+            # still in flight: not marked sent, not even timed out (10 s)
+            assert outbox(db, "sent") == 0
+            assert query(db, "SELECT max(attempts) FROM alert_outbox")[0][0] == 0
+            d.proc.send_signal(signal.SIGKILL)
+            await d.proc.wait()
+            hook.held[0].set()
+
+            await daemons.start(cfg, "second")
+            await wait_all_sent(db)
+    finally:
+        hook.held[0].set()
+        await runner.cleanup()
+
+    def key(alert: dict[str, object]) -> tuple[object, ...]:
+        return (alert["experiment_id"], alert["field"], alert["observed_at"])
+
+    again = [g for g in hook.got[1:] if g.webhook_id == first.webhook_id]
+    assert len(again) == 1, [g.webhook_id for g in hook.got]
+    assert [key(a) for a in again[0].alerts] == [key(a) for a in first.alerts]
+    others = [key(a) for g in hook.got[1:] if g is not again[0] for a in g.alerts]
+    assert others and not set(others) & {key(a) for a in first.alerts}
+    assert len(others) == len(set(others)) == outbox(db, "sent") - taken
