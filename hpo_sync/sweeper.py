@@ -500,7 +500,7 @@ async def child_main(channel: _Channel) -> int:
 
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=2**20, loop=loop)
-    await loop.connect_read_pipe(
+    transport, _ = await loop.connect_read_pipe(
         lambda: asyncio.StreamReaderProtocol(reader, loop=loop), sys.stdin.buffer
     )
     asked_to_stop = False
@@ -510,6 +510,10 @@ async def child_main(channel: _Channel) -> int:
         cancelling what runs so that its runs are closed."""
         nonlocal asked_to_stop
         asked_to_stop = True
+        # The daemon, stopped at the same moment, still writes to us ("stop", cancels):
+        # bytes fed to the reader after its EOF would be a fatal protocol error. Stop
+        # reading instead of closing, so that the daemon's writes never meet a broken pipe.
+        transport.pause_reading()
         reader.feed_eof()
 
     loop.add_signal_handler(signal.SIGTERM, on_sigterm)

@@ -237,6 +237,9 @@ async def test_sigterm_to_daemon_and_sweep_process_at_once_closes_the_run(
         code, took = await d.stop(signal.SIGTERM)
         assert code == 0 and took < 10
         assert not process_alive(child)
+        # A stop, not a fault: nothing logged as an error (the child's pipe from the daemon
+        # must not be fed after the SIGTERM ended its reading).
+        assert not [e for e in d.events() if e.get("level") == "error"], d.tail()
         runs = query(db, "SELECT status, error FROM sync_runs")
         assert runs and all(r["status"] == "failed" for r in runs), [dict(r) for r in runs]
         assert {r["error"] for r in runs} <= {
