@@ -179,6 +179,16 @@ async def test_alerts_list_and_retry(
         ["alerts", "list", "--pending", "--format", "json", "--config", str(config_path)], capsys
     )
     assert out == "[]\n"
+    code, out = await run_cli(
+        ["alerts", "list", "--format", "json", "--config", str(config_path)], capsys
+    )
+    # every delivery went out (one sent, one dead-lettered): each names its message
+    listed = json.loads(out)
+    assert len(listed) == 2 and all(r["message_id"] for r in listed), listed
+    conn = sqlite3.connect(cfg.store.path)
+    stored = dict(conn.execute("SELECT id, message_id FROM alert_outbox").fetchall())
+    conn.close()
+    assert {r["id"]: r["message_id"] for r in listed} == stored
 
     conn = sqlite3.connect(cfg.store.path)
     (dead_id,) = conn.execute("SELECT id FROM alert_outbox WHERE status = 'dead'").fetchone()
@@ -216,6 +226,7 @@ async def test_alerts_list_formats_and_limits_match_the_query_commands(
     code, out = await run_cli([*base, "--format", "json"], capsys)
     rows = json.loads(out)  # one JSON array, as `ls` and `history` write
     assert code == 0 and len(rows) == 6 and {r["status"] for r in rows} == {"pending"}
+    assert {r["message_id"] for r in rows} == {None}  # never sent: in no message yet
     assert [r["id"] for r in rows] == sorted((r["id"] for r in rows), reverse=True)
     code, out = await run_cli([*base, "--format", "jsonl"], capsys)
     assert [json.loads(line) for line in out.splitlines()] == rows

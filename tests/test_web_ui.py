@@ -295,8 +295,8 @@ def _outbox_row(rig: ApiRig, ws: str, error: str) -> None:
         ).fetchone()[0]
         conn.execute(
             "INSERT INTO alert_outbox (change_id, target, rule, status, attempts, created_at,"
-            " last_error) VALUES (?, ?, 'r', 'dead', 3, '2025-06-01T09:00:00Z', ?)",
-            (change_id, f"target-{ws}", error),
+            " last_error, message_id) VALUES (?, ?, 'r', 'dead', 3, '2025-06-01T09:00:00Z', ?, ?)",
+            (change_id, f"target-{ws}", error, f"hposync_{ws}_1"),
         )
 
 
@@ -320,6 +320,7 @@ async def test_a_limited_token_sees_only_its_workspaces_on_every_page(ui: ApiRig
     assert (await page(ui, "/ui/changes", {"workspace": WS2}))[0] == 403
     status, text, _ = await page(ui, "/ui/outbox")
     assert status == 200 and "310000 keyword missing" in text and "secret reason" not in text
+    assert f"hposync_{WS1}_1" in text and f"hposync_{WS2}_1" not in text  # the webhook-id
     async with ui.client.get("/ui/changes/poll", params={"after": "0", "limit": "500"}) as resp:
         body = await resp.json()
     assert resp.status == 200 and body["count"] > 0 and WS2 not in body["html"]

@@ -160,7 +160,7 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 _LIST_SQL = """
 SELECT o.id, o.status, o.target, o.rule, o.attempts, o.created_at, o.next_attempt_at,
-       o.sent_at, o.last_error, c.workspace_id, c.experiment_id, e.name, c.field,
+       o.sent_at, o.last_error, o.message_id, c.workspace_id, c.experiment_id, e.name, c.field,
        c.old_value, c.new_value, c.observed_at
 FROM alert_outbox o JOIN changes c ON c.id = o.change_id
 LEFT JOIN experiments e ON e.experiment_id = c.experiment_id
@@ -176,6 +176,7 @@ _LIST_KEYS = (
     "next_attempt_at",
     "sent_at",
     "last_error",
+    "message_id",
     "workspace_id",
     "experiment_id",
     "name",
