@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import hmac
 import shutil
+import sqlite3
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -87,6 +89,30 @@ async def test_public_routes_and_the_tokens_three_ways_of_arriving(rig: ApiRig) 
 async def test_readyz_details_only_for_tokens_that_see_every_workspace(rig: ApiRig) -> None:
     full = await rig.get("/readyz", token="all")
     assert full.status == 200 and set(full.body["workspaces"]) == {WS1, WS2, WS3}
+    assert full.body["alerts"] == {
+        "pending": 0,
+        "oldest_pending_at": None,
+        "oldest_pending_age_s": None,
+    }
+    with sqlite3.connect(rig.store.path) as conn:
+        (change_id,) = conn.execute("SELECT max(id) FROM changes").fetchone()
+        conn.executemany(
+            "INSERT INTO alert_outbox (change_id, target, rule, status, created_at)"
+            " VALUES (?, ?, 'r', ?, ?)",
+            [
+                (change_id, "slack", "pending", "2025-06-01T09:00:00Z"),
+                (change_id, "ding", "pending", "2025-06-01T08:00:00Z"),
+                (change_id, "teams", "sent", "2025-06-01T07:00:00Z"),
+                (change_id, "hook", "dead", "2025-06-01T06:00:00Z"),
+            ],
+        )
+    full = await rig.get("/readyz", token="all")
+    # a backlog is told, but it never makes the mirror unready
+    assert full.status == 200 and full.body["ready"] is True
+    alerts = full.body["alerts"]
+    assert alerts["pending"] == 2 and alerts["oldest_pending_at"] == "2025-06-01T08:00:00Z"
+    age = (rig.runtime.clock() - datetime(2025, 6, 1, 8, tzinfo=UTC)).total_seconds()
+    assert alerts["oldest_pending_age_s"] == pytest.approx(age, abs=5)
     for token in (None, "ws1"):
         reduced = await rig.get("/readyz", token=token)
         assert reduced.status == 200 and reduced.body == {"ready": True, "mirror": "open"}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from hpo_sync.api import readiness
+from hpo_sync.api import alert_backlog, readiness
 from hpo_sync.config import Config, SyncConfig, WorkspaceConfig, loads
 from hpo_sync.daemon import (
     Backoff,
@@ -304,6 +304,21 @@ def test_metrics_live_in_their_own_registry() -> None:
 
 
 # --- readiness -------------------------------------------------------------------------------
+
+
+def test_alert_backlog_tells_the_oldest_pending_delivery_and_its_age() -> None:
+    assert alert_backlog(0, None, NOW) == {
+        "pending": 0,
+        "oldest_pending_at": None,
+        "oldest_pending_age_s": None,
+    }
+    assert alert_backlog(3, "2025-03-30T00:58:05Z", NOW) == {
+        "pending": 3,
+        "oldest_pending_at": "2025-03-30T00:58:05Z",
+        "oldest_pending_age_s": 85.0,
+    }
+    # a row stamped by a clock slightly ahead has waited 0 s, not a negative time
+    assert alert_backlog(1, "2025-03-30T01:00:00Z", NOW)["oldest_pending_age_s"] == 0.0
 
 
 def test_readiness_needs_every_workspace_synced_once() -> None:

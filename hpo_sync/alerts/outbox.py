@@ -225,6 +225,16 @@ def counts(conn: sqlite3.Connection) -> dict[str, int]:
     return out
 
 
+def backlog(conn: sqlite3.Connection) -> tuple[int, str | None]:
+    """Deliveries waiting (``pending``) and when the oldest of them was queued (``None``
+    when none waits). It reads the partial index of pending rows (``alert_outbox_due``),
+    so it stays cheap however many rows were sent."""
+    n, oldest = conn.execute(
+        "SELECT count(*), min(created_at) FROM alert_outbox WHERE status = ?", (PENDING,)
+    ).fetchone()
+    return int(n), oldest
+
+
 def retry_rows(
     conn: sqlite3.Connection, now: datetime, ids: Sequence[int] = (), *, all_dead: bool = False
 ) -> int:

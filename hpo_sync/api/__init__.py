@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from .. import __version__
+from ..alerts import outbox
 from ..config import Config
 from ..errors import StoreError
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -102,15 +103,23 @@ async def readyz(request: web.Request) -> web.Response:
     tells each workspace's data age and failure state. It takes no query parameter."""
     parse_params((), request.query)
     runtime = request.app[HOST]
+    store = runtime.store
+
+    def read() -> tuple[list[WorkspaceState], tuple[int, str | None]]:
+        with store.reader() as conn:  # one snapshot for both
+            return store.workspaces(), outbox.backlog(conn)
+
     try:
-        states = await asyncio.to_thread(runtime.store.workspaces)
+        states, (pending, oldest) = await asyncio.to_thread(read)
     except StoreError as exc:
         return web.json_response(
             {"ready": False, "mirror": "unavailable", "error": str(exc)}, status=503
         )
     workspace_ids = runtime.config.workspace_ids() or tuple(s.workspace_id for s in states)
     health: Mapping[str, WorkspaceHealth] = getattr(runtime, "health", None) or {}
-    body = readiness(workspace_ids, states, health, runtime.clock())
+    now = runtime.clock()
+    body = readiness(workspace_ids, states, health, now)
+    body["alerts"] = alert_backlog(pending, oldest, now)
     return web.json_response(body, status=200 if body["ready"] else 503)
 
 
@@ -121,6 +130,21 @@ async def metrics(request: web.Request) -> web.Response:
     runtime = request.app[HOST]
     payload = await asyncio.to_thread(runtime.metrics.render)
     return web.Response(body=payload, headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+def alert_backlog(pending: int, oldest: str | None, now: datetime) -> dict[str, Any]:
+    """The ``alerts`` part of ``/readyz`` (pure): deliveries waiting in the outbox and how
+    long the oldest has waited. It does not change the verdict: a chat target that is down
+    makes alerts late, not the mirror unready (``hpo_sync_alerts_pending`` is the metric to
+    alert on)."""
+    oldest_at = parse_time(oldest) if oldest else None
+    return {
+        "pending": pending,
+        "oldest_pending_at": format_time(oldest_at) if oldest_at else None,
+        "oldest_pending_age_s": (
+            round(max(0.0, (now - oldest_at).total_seconds()), 1) if oldest_at else None
+        ),
+    }
 
 
 def readiness(

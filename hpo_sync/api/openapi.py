@@ -678,6 +678,13 @@ def _schemas() -> dict[str, Any]:
                     "ready": {"type": "boolean"},
                     "mirror": {"type": "string"},
                     "workspaces": {"type": "object", "additionalProperties": {"type": "object"}},
+                    "alerts": _obj(
+                        {
+                            "pending": {"type": "integer"},
+                            "oldest_pending_at": _NTIME,
+                            "oldest_pending_age_s": _NNUM,
+                        }
+                    ),
                     "error": {"type": "string"},
                 },
                 required=["ready"],
