@@ -298,7 +298,8 @@ def normalise(raw: Mapping[str, Any], *, naive_tz: tzinfo = UTC) -> Experiment |
     deleted = get("Deleted")
     return Experiment(
         experiment_id=exp_id,
-        workspace_id=ws if type(ws) is str else text(ws),
+        # blank (or padded): the workspace queried, as when the field is left out
+        workspace_id=(ws if type(ws) is str else text(ws) or "").strip() or None,
         name=name if type(name) is str else text(name),
         creator=creator if type(creator) is str else text(creator),
         status=(status.strip().upper() or None) if status else None,

@@ -152,6 +152,17 @@ def test_deleted(value: Any, expected: bool) -> None:
     assert norm(Deleted=value).deleted is expected
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("12345", "12345"), (12345, "12345"), (" 12345 ", "12345"), ("", None), ("  ", None),
+     (None, None)],
+)  # fmt: skip
+def test_workspace_id_blank_is_absent(value: Any, expected: str | None) -> None:
+    """A blank WorkspaceId reads as a missing one (the sweep then files the experiment
+    under the workspace it queried), not as another workspace's id."""
+    assert norm(WorkspaceId=value).workspace_id == expected
+
+
 def test_missing_deleted_means_not_deleted() -> None:
     raw = raw_experiment()
     del raw["Deleted"]
