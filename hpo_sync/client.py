@@ -102,6 +102,21 @@ def hint_for(code: str | None) -> str | None:
     return None
 
 
+#: Each SortBy name and the same sort in the other vocabulary (see :meth:`list_page`).
+SORT_BY_ALIASES = {
+    "GmtCreateTime": "create_time",
+    "create_time": "GmtCreateTime",
+    "GmtModifiedTime": "update_time",
+    "update_time": "GmtModifiedTime",
+}
+
+
+def rejects_parameter(exc: UpstreamError) -> bool:
+    """Whether upstream refused the request's parameters (not its credentials or access)."""
+    code = exc.code or ""
+    return code == "INVALID_INPUT_PARAMS" or code.startswith("InvalidParameter")
+
+
 def is_throttling(code: str | None) -> bool:
     return bool(code) and code.split(".")[0] == "Throttling"  # type: ignore[union-attr]
 
@@ -248,6 +263,8 @@ class UpstreamClient:
         self._concurrency = asyncio.Semaphore(config.max_concurrency)
         self._observer = observer
         self._clock = clock
+        #: SortBy names upstream refused, with the other vocabulary's name that it took
+        self._sort_names: dict[str, str] = {}
         self.stats = ClientStats()
 
     async def __aenter__(self) -> UpstreamClient:
@@ -379,33 +396,47 @@ class UpstreamClient:
                     workspace_id=workspace_id,
                     hint="this is not a PAI API answer; check upstream.endpoint and any proxy",
                 ) from None
-            # a 200 cut short, a gateway's 5xx page: worth another try
-            raise RetryableUpstreamError(
+            # a 200 cut short, a gateway's 5xx page or a 429 from a proxy: worth another
+            # try, after the wait it asked for (Retry-After) if it did
+            kind = ThrottledError if status == 429 else RetryableUpstreamError
+            raise kind(
                 message,
                 code="MalformedBody",
                 http_status=status,
                 request_id=header_request_id,
                 workspace_id=workspace_id,
+                retry_after_s=retry_after_s,
             ) from None
-        code = data.get("Code")
-        request_id = data.get("RequestId") or header_request_id
+        # The official SDK reads ``code``/``requestId``/``message`` too when the capitalised
+        # keys are missing (alibabacloud_tea_openapi's error path); so does this.
+        code = _field(data, "Code", "code")
+        request_id = _field(data, "RequestId", "requestId") or header_request_id
+        experiments = data.get("Experiments")
         if (
             status == 200
-            and isinstance(data.get("Experiments"), list | type(None))
-            and ("Experiments" in data or "TotalCount" in data)
+            and _is_success_code(code)
+            and isinstance(experiments, list | type(None))
+            # An API answer says what it is: a listing (Experiments, TotalCount) or, from a
+            # server that leaves out empty fields, just its RequestId: an empty listing.
+            # Anything else in a 200 (``{}``, a proxy's JSON) is not a listing, and reading
+            # it as an empty one would let a full sweep mark the workspace deleted.
+            and ("Experiments" in data or "TotalCount" in data or _field(data, "RequestId"))
         ):
-            experiments = data.get("Experiments") or []
-            total = _total_count(data.get("TotalCount"), len(experiments))
+            rows = experiments or []
+            total = _total_count(
+                data.get("TotalCount", 0 if experiments is None else None), len(rows)
+            )
             self._observe("OK", workspace_id)
-            return Page(total, experiments, request_id)
+            return Page(total, rows, request_id)
         hint: str | None
-        if code:
+        if code is not None and not _is_success_code(code):
+            # an error, whatever the HTTP status: some gateways answer 200 with Code/Message
             code = str(code)
             hint = hint_for(code)
         else:
             code = f"HTTP{status}"
             hint = "this is not a PAI API answer; check upstream.endpoint and any proxy"
-        message = str(data.get("Message") or f"HTTP {status}")
+        message = str(_field(data, "Message", "message") or f"HTTP {status}")
         self._observe(code, workspace_id)
         kw: dict[str, Any] = dict(
             code=code, http_status=status, request_id=request_id, workspace_id=workspace_id
@@ -424,11 +455,41 @@ class UpstreamClient:
         *,
         tally: Tally | None = None,
     ) -> Page:
-        """One page, with rate limiting and retries."""
+        """One page, with rate limiting and retries.
+
+        ``SortBy`` has two vocabularies (DESIGN: the seed document's ``GmtCreateTime``, the
+        published metadata's ``create_time``; likewise ``GmtModifiedTime`` /
+        ``update_time``), and which one an upstream takes is documented nowhere for
+        certain. A page refused with ``INVALID_INPUT_PARAMS`` (or ``InvalidParameter*``)
+        whose ``SortBy`` has a name in the other vocabulary is asked once more with that
+        name; if that is taken, this client sends it from then on (logged once,
+        ``upstream.sort_by_switched``). If it is refused too, the first refusal is raised.
+        """
         params = query.params(self.config.tz)
         params["PageNumber"] = str(page_number)
         params["PageSize"] = str(page_size or self.config.page_size)
-        page = await self._call(params, query.workspace_id, tally)
+        configured = query.sort_by
+        if configured is not None and configured in self._sort_names:
+            params["SortBy"] = self._sort_names[configured]
+        try:
+            page = await self._call(params, query.workspace_id, tally)
+        except FatalUpstreamError as exc:
+            other = SORT_BY_ALIASES.get(params.get("SortBy", ""))
+            if other is None or not rejects_parameter(exc) or configured in self._sort_names:
+                raise
+            try:
+                page = await self._call({**params, "SortBy": other}, query.workspace_id, tally)
+            except FatalUpstreamError:
+                raise exc from None
+            if configured is not None and configured not in self._sort_names:
+                self._sort_names[configured] = other
+                log.warning(
+                    "upstream.sort_by_switched",
+                    configured=configured,
+                    using=other,
+                    workspace=query.workspace_id,
+                    refused=exc.code,
+                )
         if tally is not None:
             tally.pages += 1
         return page
@@ -579,8 +640,8 @@ class UpstreamClient:
             # or the server counts the page rather than the listing (then trusting it would
             # read page 1 only, and a full sweep would call the rest deleted). Page 2 tells
             # which, for one call more in this one case.
-            second = await self.list_page(query, 2, size, tally=tally)
-            if second.experiments:
+            second = await self._past_the_only_page(query, first, size, tally)
+            if second is not None:
                 log.warning(
                     "upstream.total_count_per_page", workspace=query.workspace_id, count=got
                 )
@@ -648,6 +709,35 @@ class UpstreamClient:
             first_page, listing.pages_expected = listing.pages_expected + 1, grown
         listing.seen_ids = seen
         return listing
+
+    async def _past_the_only_page(
+        self, query: ListQuery, first: Page, size: int, tally: Tally | None
+    ) -> Page | None:
+        """Page 2 of a listing whose full page 1 counts just itself, or None if the listing
+        is that one page.
+
+        Past the end, servers answer an empty page (the usual), refuse the page number
+        (``INVALID_INPUT_PARAMS``), or answer the last page again. That last answer is also
+        what a server that ignores PageNumber gives, and there the count would be the
+        page's, not the listing's: page 2 at half the size tells them apart (the second half
+        of page 1 where page numbers work, its first half again where they do not)."""
+        try:
+            second = await self.list_page(query, 2, size, tally=tally)
+        except FatalUpstreamError as exc:
+            if not rejects_parameter(exc):
+                raise
+            log.info("upstream.page_past_end_refused", workspace=query.workspace_id, page=2)
+            return None
+        if not second.experiments:
+            return None
+        ids = _ids(first)
+        if size >= 2 and _ids(second) == ids:
+            half = size // 2
+            probe = await self.list_page(query, 2, half, tally=tally)
+            if _ids(probe) == ids[half : 2 * half]:
+                log.info("upstream.page_past_end_repeats", workspace=query.workspace_id)
+                return None
+        return second
 
     async def _page_until_empty(
         self,
@@ -718,8 +808,17 @@ class UpstreamClient:
         trusted and page 2 tells."""
         size = page_size or self.config.page_size
         number, counted = 1, True
+        previous: list[Any] | None = None
         while True:
-            page = await self.list_page(query, number, size, tally=tally)
+            try:
+                page = await self.list_page(query, number, size, tally=tally)
+            except FatalUpstreamError as exc:
+                if number == 1 or not rejects_parameter(exc):
+                    raise
+                return  # a page number past the end, refused (see _past_the_only_page)
+            ids = _ids(page)
+            if ids and ids == previous:
+                return  # the last page again: past the end
             yield page
             count, got = page.total_count, len(page.experiments)
             if number == 1 and count == got == size:
@@ -727,6 +826,7 @@ class UpstreamClient:
             if not got or (counted and count is not None and number * size >= count):
                 return
             number += 1
+            previous = ids
 
 
 def _ids(page: Page) -> list[Any]:
@@ -736,6 +836,26 @@ def _ids(page: Page) -> list[Any]:
 #: Without a TotalCount a listing pages until an empty page; past this many it stops,
 #: incomplete (10,000 pages of 100 is a million experiments, far beyond any workspace).
 MAX_UNCOUNTED_PAGES = 10_000
+
+
+#: ``Code`` values a successful answer may carry (most carry none): anything else in a 200
+#: is an error reported in the body, never an (empty) listing.
+_SUCCESS_CODES = frozenset({"", "0", "200", "ok", "success"})
+
+
+def _is_success_code(code: Any) -> bool:
+    return code is None or (
+        not isinstance(code, bool) and str(code).strip().lower() in _SUCCESS_CODES
+    )
+
+
+def _field(data: Mapping[str, Any], *names: str) -> Any:
+    """The first of ``names`` in ``data`` that is present and not empty, else None."""
+    for name in names:
+        value = data.get(name)
+        if value is not None and value != "":
+            return value
+    return None
 
 
 def _total_count(value: Any, on_page: int) -> int | None:

@@ -59,7 +59,7 @@ from typing import Any, Literal, TypeVar
 
 import structlog
 
-from .client import Listing, ListQuery, Page, Tally, UpstreamClient
+from .client import Listing, ListQuery, Page, Tally, UpstreamClient, rejects_parameter
 from .config import Config
 from .errors import FatalUpstreamError, HpoSyncError, UpstreamError
 from .normalise import Experiment, format_time, normalise_all, parse_time
@@ -651,7 +651,8 @@ class SyncEngine:
 
         Best effort: upstream does not document that every change bumps GmtModifiedTime, so a
         failure here is logged and does not make the sweep partial; nor does an upstream
-        that refuses its SortBy (``INVALID_INPUT_PARAMS``): the feed is then dropped.
+        that refuses its SortBy (``INVALID_INPUT_PARAMS``) in both vocabularies (the client
+        tries the other one): the feed is then dropped.
         """
         last = parse_time(state.last_hot_ok_at or state.last_full_ok_at)
         if last is None:
@@ -673,7 +674,7 @@ class SyncEngine:
                 if oldest is None or oldest < horizon or pages >= MODIFIED_FEED_MAX_PAGES:
                     return
         except FatalUpstreamError as exc:
-            if not _rejects_parameter(exc):
+            if not rejects_parameter(exc):
                 raise  # credentials, access: every other listing fails the same way
             # Only this feed sorts by modified time, a SortBy value documented nowhere for
             # certain (GmtModifiedTime / update_time): an upstream that refuses it costs the
@@ -880,12 +881,6 @@ def plan_windows(
     if start is not None:
         windows.append((start, end))  # type: ignore[arg-type]
     return windows
-
-
-def _rejects_parameter(exc: FatalUpstreamError) -> bool:
-    """Whether upstream refused the request's parameters (not its credentials or access)."""
-    code = exc.code or ""
-    return code == "INVALID_INPUT_PARAMS" or code.startswith("InvalidParameter")
 
 
 async def _to_the_end(future: asyncio.Future[_T]) -> _T:

@@ -124,6 +124,7 @@ class Capture:
     total_count: Any = "count"
     ignore_page_number: bool = False
     repeat_last_page: bool = False  # a page number past the end gets the last page again
+    refuse_past_end: bool = False  # a page number past the end is INVALID_INPUT_PARAMS
     _nonces: set[str] = field(default_factory=set)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -145,6 +146,8 @@ class Capture:
             return await api_error(403, "Forbidden.RAM")(request)
         if self.ignore_page_number:
             number = 1
+        if self.refuse_past_end and number > max(1, math.ceil(len(self.experiments) / size)):
+            return await api_error(400, "INVALID_INPUT_PARAMS")(request)
         if self.repeat_last_page and self.experiments:
             number = min(number, math.ceil(len(self.experiments) / size))
         page = self.experiments[(number - 1) * size : number * size]
@@ -665,6 +668,40 @@ async def test_a_count_of_the_page_not_the_listing_is_not_trusted(capture: Captu
     assert [len(p.experiments) for p in pages] == [100, 0]
 
 
+@pytest.mark.parametrize("past_end", ["repeats the last page", "refuses the page number"])
+async def test_a_single_full_page_ends_however_the_server_answers_past_it(
+    capture: Capture, past_end: str
+) -> None:
+    """Exactly one full page, counted: page 2 tells whether the count is the listing's. Past
+    the end a server may answer an empty page, the last page again (page numbers clamped)
+    or INVALID_INPUT_PARAMS; each ends the listing complete and consistent, feeds too."""
+    capture.experiments = [{"ExperimentId": f"e{i:03d}"} for i in range(100)]
+    capture.repeat_last_page = past_end == "repeats the last page"
+    capture.refuse_past_end = past_end == "refuses the page number"
+    async with make_client(capture.base_url) as client:
+        listing = await client.list_all(ListQuery(workspace_id="w1"), page_size=100)
+        pages = [p async for p in client.iter_pages(ListQuery(), page_size=100)]
+    assert listing.error is None and listing.complete and listing.consistent
+    assert len(listing.seen_ids) == 100 and not listing.uncounted
+    assert [len(p.experiments) for p in pages] == [100]
+
+
+async def test_a_server_that_ignores_page_numbers_is_not_taken_for_one_that_clamps_them(
+    capture: Capture,
+) -> None:
+    """Page 2 equal to page 1 is also what a server that ignores PageNumber answers; with a
+    count of the page, the listing may be far longer. Page 2 at half the size tells: here
+    it is page 1's first half again, so the listing is paged as uncounted and ends
+    incomplete (a full sweep then deletes nothing)."""
+    capture.experiments = [{"ExperimentId": f"e{i:03d}"} for i in range(250)]
+    capture.ignore_page_number = True
+    capture.total_count = "page"
+    async with make_client(capture.base_url) as client:
+        listing = await client.list_all(ListQuery(workspace_id="w1"), page_size=100)
+    assert not listing.complete and listing.error is not None
+    assert listing.error.code == "NoTotalCount"
+
+
 async def test_an_uncounted_listing_that_repeats_itself_ends_incomplete(
     capture: Capture,
 ) -> None:
@@ -705,6 +742,109 @@ async def test_a_fatal_page_fails_the_whole_listing(capture: Capture) -> None:
         with pytest.raises(FatalUpstreamError) as info:
             await client.list_all(ListQuery(workspace_id="w1"), page_size=2)
     assert info.value.code == "Forbidden.RAM"
+
+
+# ---------------------------------------------------------------------- answers' shapes
+
+
+def json_reply(
+    status: int, body: dict[str, Any], headers: Mapping[str, str] | None = None
+) -> Action:
+    async def act(request: web.Request) -> web.StreamResponse:
+        return web.json_response(body, status=status, headers=dict(headers or {}))
+
+    return act
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        # an error reported in a 200, with an empty listing's fields beside it
+        (
+            {"RequestId": "R1", "Code": "Forbidden.RAM", "Message": "no", "TotalCount": 0,
+             "Experiments": []},
+            "Forbidden.RAM",
+        ),
+        (
+            {"requestId": "R1", "code": "INVALID_INPUT_PARAMS", "message": "bad"},
+            "INVALID_INPUT_PARAMS",
+        ),
+        ({}, "HTTP200"),  # no RequestId, no listing: not an API answer at all
+        ({"Experiments": {"a": 1}, "RequestId": "R1"}, "HTTP200"),
+    ],
+)  # fmt: skip
+async def test_an_error_in_a_200_answer_is_never_an_empty_listing(
+    capture: Capture, body: dict[str, Any], code: str
+) -> None:
+    """Read as an empty listing, such an answer would let a full sweep mark every
+    experiment of the workspace deleted."""
+    capture.script.append(json_reply(200, body))
+    async with make_client(capture.base_url) as client:
+        err = await expect_fatal(client, ListQuery(workspace_id="w1"))
+    assert (err.code, err.http_status) == (code, 200)
+    if "Code" in body or "code" in body:
+        assert err.request_id == "R1" and err.upstream_message in ("no", "bad")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"RequestId": "T", "Code": "Throttling.User", "TotalCount": 0, "Experiments": []},
+        {"requestId": "T", "code": "Throttling.User", "message": "slow down"},  # lower case
+    ],
+)
+@pytest.mark.parametrize("status", [200, 400])
+async def test_throttling_is_read_from_the_body_in_either_case_and_status(
+    capture: Capture, body: dict[str, Any], status: int
+) -> None:
+    capture.script.append(json_reply(status, body))
+    async with make_client(capture.base_url) as client:
+        page = await client.list_page(ListQuery(), 1)
+        assert page.total_count == 3 and len(page.experiments) == 3
+        assert client.stats.throttled == 1 and client.stats.by_code["Throttling.User"] == 1
+
+
+ONE = {"ExperimentId": "e"}
+
+
+@pytest.mark.parametrize(
+    ("body", "total", "rows"),
+    [
+        ({"RequestId": "R", "Code": "200", "TotalCount": 1, "Experiments": [ONE]}, 1, 1),
+        ({"RequestId": "R", "Code": 0, "TotalCount": "1", "Experiments": [ONE]}, 1, 1),
+        ({"RequestId": "R", "Code": "OK", "Success": True}, 0, 0),
+        ({"RequestId": "R"}, 0, 0),  # a server that leaves out empty fields: empty listing
+        ({"RequestId": "R", "Experiments": None}, 0, 0),
+        ({"RequestId": "R", "TotalCount": 7}, 7, 0),
+    ],
+)  # fmt: skip
+async def test_success_answers_in_every_shape(
+    capture: Capture, body: dict[str, Any], total: int, rows: int
+) -> None:
+    capture.script.append(json_reply(200, body))
+    async with make_client(capture.base_url) as client:
+        page = await client.list_page(ListQuery(), 1)
+        assert client.stats.api_calls == 1
+    assert (page.total_count, len(page.experiments), page.request_id) == (total, rows, "R")
+
+
+async def test_a_throttling_answer_that_is_not_json_waits_as_told(capture: Capture) -> None:
+    """A proxy's 429 page (HTML) with Retry-After: throttled, and waited out as asked."""
+    capture.script.append(
+        lambda request: _html(429, {"Retry-After": "1"}),
+    )
+    async with make_client(capture.base_url, max_qps=50.0) as client:
+        page = await client.list_page(ListQuery(), 1)
+        assert page.total_count == 3 and client.stats.throttled == 1
+        assert client.limiter_rate < 50.0
+    first, second = capture.seen
+    assert 1.0 <= second.at - first.at < 2.0
+
+
+async def _html(status: int, headers: Mapping[str, str]) -> web.StreamResponse:
+    return web.Response(
+        status=status, body=b"<html>slow down</html>", content_type="text/html", headers=headers
+    )
 
 
 # ---------------------------------------------------------------------- fatal errors

@@ -719,8 +719,8 @@ async def test_an_upstream_that_refuses_the_modified_sort_still_gets_hot_sweeps(
 
         def strict_sort(params: Any, original: Any = original, sorts: Any = sorts) -> Any:
             sorts.append(params.get("SortBy"))
-            if params.get("SortBy") == "GmtModifiedTime":
-                raise InvalidInputError("SortBy GmtModifiedTime is not supported")
+            if params.get("SortBy") in ("GmtModifiedTime", "update_time"):  # both vocabularies
+                raise InvalidInputError(f"SortBy {params['SortBy']} is not supported")
             return original(params)
 
         world.list = strict_sort  # type: ignore[method-assign]
@@ -734,10 +734,51 @@ async def test_an_upstream_that_refuses_the_modified_sort_still_gets_hot_sweeps(
         for exp_id, exp in truth(rig.sim, ws).items():
             if exp_id in rows and rows[exp_id]["status"] not in TERMINAL:
                 assert rows[exp_id]["status"] == exp.status, exp_id
-        refused = sorts.count("GmtModifiedTime")
-        assert refused == 1
+        # asked once in each vocabulary (see the next test), then never again
+        assert sorts.count("GmtModifiedTime") == 1 and sorts.count("update_time") == 1
         assert (await rig.engine.sweep(ws, "hot")).status == "ok"
-        assert sorts.count("GmtModifiedTime") == refused  # not asked again
+        assert sorts.count("GmtModifiedTime") == 1 and sorts.count("update_time") == 1
+        world.list = original  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize(
+    ("refused", "taken"), [("GmtCreateTime", "create_time"), ("GmtModifiedTime", "update_time")]
+)
+async def test_an_upstream_that_takes_the_other_sort_vocabulary_is_asked_in_it(
+    tmp_path: Path, refused: str, taken: str
+) -> None:
+    """DESIGN: the seed document sorts by GmtCreateTime, the published metadata lists
+    create_time/update_time. An upstream that refuses the configured name is asked once in
+    the other vocabulary, and in that one from then on: sweeps and the modified feed work,
+    with one call more in all."""
+    from hpo_sync.upstream_query import InvalidInputError
+
+    options = SimOptions(experiments=300, workspaces=1, seed=6, restart_per_min=0.0)
+    async for rig in make_rig(tmp_path, options):
+        ws = rig.sim.world.workspace_ids[0]
+        world = rig.sim.world
+        original = world.list
+        sorts: list[str | None] = []
+
+        def strict_sort(params: Any, original: Any = original, sorts: Any = sorts) -> Any:
+            sorts.append(params.get("SortBy"))
+            if params.get("SortBy") == refused:
+                raise InvalidInputError(f"SortBy {refused} is not supported")
+            return original(params)
+
+        world.list = strict_sort  # type: ignore[method-assign]
+        with capture_logs() as logs:
+            first = await rig.engine.sweep(ws)
+            world.advance(60)
+            hot = await rig.engine.sweep(ws, "hot")
+        assert first.status == "ok" and hot.status == "ok", (first.error, hot.error)
+        switched = [e for e in logs if e["event"] == "upstream.sort_by_switched"]
+        assert [(e["configured"], e["using"]) for e in switched] == [(refused, taken)]
+        assert not [e for e in logs if e["event"] == "sync.modified_feed_refused"]
+        assert sorts.count(refused) == 1 and sorts.count(taken) >= 1
+        assert (await rig.engine.sweep(ws, "full")).status == "ok"
+        assert sorts.count(refused) == 1
+        assert_mirror_equals_truth(rig.store, rig.sim, ws)
         world.list = original  # type: ignore[method-assign]
 
 
