@@ -150,7 +150,9 @@ def parse_limit(text: str) -> int:
 
 
 def _output_path(text: str) -> str:
-    if text != "-" and not Path(text).parent.is_dir():
+    if text != "-" and Path(text).is_dir():
+        raise ValueError(f"{text} is a directory; name a file in it")
+    if text != "-" and not Path(text).resolve().parent.is_dir():
         raise ValueError(f"directory {Path(text).parent} does not exist")
     return text
 
@@ -720,22 +722,46 @@ _EXPORT_HEADERS = {
 }
 
 
+#: Files that belong to a mirror ``<db>``: never an export's output.
+_MIRROR_FILES = ("", "-wal", "-shm", "-journal", ".lock")
+
+
+def _check_output(path: str, db: Path) -> Path:
+    """Where ``--output`` writes: the file itself, its symlink's target for a symlink. A
+    path that is the mirror or one of its files is a usage error (replacing it would
+    destroy the mirror)."""
+    dest = Path(path).resolve()  # through symlinks: the file that would really change
+    mirror = db.resolve()
+    if any(dest == Path(f"{mirror}{suffix}") for suffix in _MIRROR_FILES):
+        raise cli.UsageError(f"--output {path} is the mirror's own file ({dest}); name another")
+    return dest
+
+
 @contextmanager
-def _output(path: str | None, fmt: str) -> Iterator[TextIO]:
-    """Standard output, or a file that appears only once completely written."""
+def _output(path: str | None, fmt: str, db: Path) -> Iterator[TextIO]:
+    """Standard output, or a file that appears only once completely written (written next to
+    it, then renamed over it; through a symlink, over its target, so the link stays). What
+    is not a regular file (a FIFO, a device such as /dev/stdout) is written to directly:
+    renamed over, it would be replaced by a file."""
     if path is None or path == "-":
         yield sys.stdout
         return
-    dest = Path(path)
-    partial = dest.with_name(f".{dest.name}.partial")
+    dest = _check_output(path, db)
+    newline = "" if fmt == "csv" else None
     try:
-        with partial.open("w", encoding="utf-8", newline="" if fmt == "csv" else None) as f:
-            yield f
-        os.replace(partial, dest)
+        if dest.exists() and not dest.is_file():
+            with dest.open("w", encoding="utf-8", newline=newline) as f:
+                yield f
+            return
+        partial = dest.with_name(f".{dest.name}.partial")
+        try:
+            with partial.open("w", encoding="utf-8", newline=newline) as f:
+                yield f
+            os.replace(partial, dest)
+        finally:
+            partial.unlink(missing_ok=True)
     except OSError as exc:
-        raise StoreError(f"cannot write {dest}: {exc.strerror or exc}") from exc
-    finally:
-        partial.unlink(missing_ok=True)
+        raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
 def _export(args: argparse.Namespace, store: Store, out: TextIO) -> int:
@@ -748,7 +774,7 @@ def _export(args: argparse.Namespace, store: Store, out: TextIO) -> int:
     else:
         records = (r.pascal_record(row) for row in rows)
     try:
-        with _output(args.output, args.format) as dest:
+        with _output(args.output, args.format, Path(store.path)) as dest:
             n = _write_records(dest, args.format, _EXPORT_HEADERS[kind], records)
     finally:
         # Closing the generator ends its read transaction now, not at garbage collection.

@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
 import json
 import logging
 import os
 import re
+import shutil
 import sqlite3
+import stat
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -529,6 +533,42 @@ def test_export_changes_csv_to_a_file(run: Run, db: Path, tmp_path: Path) -> Non
     assert [int(r["Id"]) for r in rows] == [c.id for c in every]
     assert list(rows[0]) == list(render.CHANGE_FIELDS)
     assert not list(tmp_path.glob(".*partial"))
+
+
+def test_export_never_replaces_the_mirror_nor_what_is_not_a_regular_file(
+    run: Run, db: Path, tmp_path: Path
+) -> None:
+    mirror = tmp_path / "copy.db"
+    shutil.copy(db, mirror)
+    before = hashlib.sha256(mirror.read_bytes()).hexdigest()
+    link = tmp_path / "to-the-mirror.jsonl"
+    link.symlink_to(mirror)
+    for target in (mirror, Path(f"{mirror}-wal"), Path(f"{mirror}.lock"), link):
+        code, out, err = run("export", "--output", str(target), db=mirror)
+        assert (code, out) == (2, "") and "is the mirror's own file" in err, err
+    assert hashlib.sha256(mirror.read_bytes()).hexdigest() == before
+    expected = run.ok("export")
+
+    # through a symlink: its target gets the export, the link stays a link
+    target = tmp_path / "target.jsonl"
+    target.write_text("old\n")
+    alias = tmp_path / "alias.jsonl"
+    alias.symlink_to(target)
+    assert run("export", "--output", str(alias))[0] == 0
+    assert alias.is_symlink() and target.read_text() == expected
+
+    # a FIFO is written into, not replaced by a file
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got: list[str] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()), daemon=True)
+    reader.start()
+    assert run("export", "--output", str(fifo))[0] == 0
+    reader.join(timeout=30)
+    assert stat.S_ISFIFO(fifo.lstat().st_mode) and got == [expected]
+
+    err = run.usage_error("export", "--output", str(tmp_path))
+    assert f"{tmp_path} is a directory" in err
 
 
 def test_export_by_workspace_and_sync_runs(run: Run) -> None:
