@@ -24,7 +24,7 @@ import structlog
 
 from . import __version__
 from . import config as config_mod
-from .errors import ConfigError, HpoSyncError
+from .errors import ConfigError, HpoSyncError, StoreError
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -218,7 +218,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_sync(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     setup_logging(args, cfg)
-    wanted = args.workspace or list(cfg.workspace_ids())
+    # each workspace once, in the order asked (--workspace A --workspace A syncs A once)
+    wanted = list(dict.fromkeys(args.workspace or cfg.workspace_ids()))
     unknown = [w for w in wanted if w not in cfg.workspace_ids()]
     if unknown:
         configured = ", ".join(cfg.workspace_ids())
@@ -250,7 +251,13 @@ async def _sync_once(cfg: config_mod.Config, workspaces: list[str], *, full: boo
     from .sync import SyncEngine
 
     bar = _ProgressBar() if sys.stderr.isatty() else None
-    cfg.store.path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        cfg.store.path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(
+            f"store.path: cannot create the mirror's directory {cfg.store.path.parent}: "
+            f"{exc.strerror or exc}"
+        ) from None
     # The same lock as the daemon's: a one-shot sync next to a running daemon would race its
     # sweeps, and only the lock holder may close runs a killed process left "running".
     lock = acquire_lock(cfg.store.path)

@@ -81,6 +81,9 @@ async def test_sync_exit_codes_and_summaries(sim: Simulator, tmp_path: Path) -> 
     assert code == 0 and "100001: hot ok" in out
     code, out, _ = await run_cli("--config", str(cfg), "sync", "--full", "--workspace", "100001")
     assert code == 0 and "100001: full ok" in out and "0 changes" in out
+    # a workspace named twice is synced once
+    code, out, _ = await run_cli("sync", "--config", str(cfg), *["--workspace", "100001"] * 2)
+    assert code == 0 and out.count("100001:") == 1, out
 
 
 async def test_a_closed_pipe_keeps_the_exit_status_of_sync(sim: Simulator, tmp_path: Path) -> None:
@@ -114,6 +117,19 @@ async def test_sync_usage_and_config_errors_exit_2(sim: Simulator, tmp_path: Pat
         code, _, err = await run_cli("sync", "--config", str(bad))
         assert code == 2 and "upstream.endpoint (line 2)" in err, err
         assert "Traceback" not in err
+
+
+async def test_a_mirror_directory_that_cannot_be_made_is_one_clear_error(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    cfg = write_config(tmp_path / "c.toml", sim.base_url, ["100001"])
+    (tmp_path / "a-file").write_text("not a directory\n")
+    mirror = tmp_path / "a-file" / "sub" / "mirror.db"
+    cfg.write_text(cfg.read_text().replace(str(tmp_path / "mirror.db"), str(mirror)))
+    code, out, err = await run_cli("sync", "--config", str(cfg))
+    assert (code, out) == (1, ""), err
+    assert "store.path: cannot create the mirror's directory" in err and str(mirror.parent) in err
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize(
