@@ -547,7 +547,9 @@ def _ls(args: argparse.Namespace, store: Store, out: TextIO) -> int:
             _note(f"showing the first {n}; --limit N for more, --limit 0 for all")
     else:
         records = (r.experiment_record(row) for row in walk)
-        _write_records(out, args.format, r.EXPERIMENT_FIELDS, records)
+        n = _write_records(out, args.format, r.EXPERIMENT_FIELDS, records)
+        if walk.more:  # on stderr, so a script's file stays clean but nobody is misled
+            _note(f"wrote the first {n}; --limit N for more, --limit 0 for all")
     return cli.EXIT_OK
 
 
@@ -686,7 +688,9 @@ def _history(args: argparse.Namespace, store: Store, out: TextIO) -> int:
     since = args.since.resolve(utc_now()) if args.since else None
     changes, more = _history_rows(store, args, since)
     if args.format != "table":
-        _write_records(out, args.format, r.CHANGE_FIELDS, (change_record(c) for c in changes))
+        n = _write_records(out, args.format, r.CHANGE_FIELDS, (change_record(c) for c in changes))
+        if more:
+            _note(f"wrote the latest {n}; --limit N for more, --limit 0 for all")
         return cli.EXIT_OK
     name = _Names(store)
     rows = (

@@ -200,6 +200,13 @@ def test_ls_default_is_newest_first_without_deleted_and_limited(run: Run) -> Non
     assert "hpo-a6" in lines[1]  # created last
     assert "hpo-a4" not in out  # deleted
     assert "showing the first 50" in err and "--limit 0" in err
+    # scripts' formats are cut at the same limit, and told so on stderr, not in the data
+    for fmt in ("json", "jsonl", "csv"):
+        code, out, err = run("ls", "--format", fmt)
+        assert code == 0 and "wrote the first 50; --limit N for more" in err, fmt
+        assert "wrote" not in out
+        code, out, err = run("ls", "--format", fmt, "--limit", "0")
+        assert code == 0 and err == "", err
 
 
 def test_ls_table_cells(run: Run) -> None:
@@ -448,6 +455,10 @@ def test_history_shows_everything_in_id_order_by_default(run: Run, db: Path) -> 
     _, out, err = run("history")
     assert len(out.splitlines()) == 1 + cli_query.DEFAULT_LIMIT
     assert "showing the latest 50" in err
+    for fmt in ("json", "csv"):
+        code, _, err = run("history", "--format", fmt)
+        assert code == 0 and "wrote the latest 50; --limit N for more" in err, fmt
+    assert run("history", "--format", "json", "--limit", "0")[2] == ""
 
 
 def test_history_filters(run: Run) -> None:
