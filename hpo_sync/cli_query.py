@@ -357,7 +357,20 @@ def _handler(run: Callable[[argparse.Namespace, Store, TextIO], int]) -> Handler
         cli.setup_logging(args)
         out = sys.stdout
         try:
-            return run(args, store, out)  # (a closed pipe ends it in cli.main, quietly)
+            code = run(args, store, out)  # (a closed pipe ends it in cli.main, quietly)
+            out.flush()
+            return code
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            # Only standard output is written here without a wrapper (files are written
+            # by _output, which says which file): a full disk, a quota, an I/O error.
+            print(
+                f"hpo-sync: cannot write standard output: {exc.strerror or exc}",
+                file=sys.stderr,
+            )
+            cli.quiet_stream(out)  # nor again at exit, with a traceback
+            return cli.EXIT_FAILED
         finally:
             store.close()
 

@@ -775,9 +775,11 @@ def test_read_only_open_leaves_the_mirror_untouched(run: Run, db: Path) -> None:
 def hpo_sync(*argv: str, **kw: Any) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("HPO_SYNC_CONFIG", None)
+    if "stdout" not in kw:
+        kw["capture_output"] = True
     return subprocess.run(
         [sys.executable, "-m", "hpo_sync.cli", *argv],
-        capture_output=True, text=True, timeout=60, env=env, check=False, **kw,
+        text=True, timeout=60, env=env, check=False, **kw,
     )  # fmt: skip
 
 
@@ -806,6 +808,19 @@ def test_config_warnings_never_reach_a_commands_output(db: Path, tmp_path: Path)
     assert proc.returncode == 0, proc.stderr
     assert len(json.loads(proc.stdout)) == 2
     assert "config.secret_file_exposed" in proc.stderr and "a-token-value" not in proc.stderr
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+@pytest.mark.parametrize(
+    "command", [("ls", "--limit", "0"), ("history", "--format", "csv"), ("export",)]
+)
+def test_a_full_disk_on_standard_output_is_one_clear_error(
+    db: Path, command: tuple[str, ...]
+) -> None:
+    with open("/dev/full", "w") as full:
+        proc = hpo_sync(*command, "--db", str(db), stdout=full, stderr=subprocess.PIPE)
+    assert proc.returncode == 1
+    assert proc.stderr == "hpo-sync: cannot write standard output: No space left on device\n"
 
 
 @pytest.mark.parametrize(
