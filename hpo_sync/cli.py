@@ -360,11 +360,12 @@ def _listen_error(host: str, port: int, exc: OSError) -> HpoSyncError:
 
 
 def default_db_path(args: argparse.Namespace) -> Path:
-    """The mirror for read-only commands: ``--db`` beats the config's ``[store] path``."""
+    """The mirror for read-only commands: ``--db`` beats the config's ``[store] path`` (the
+    only part of the config read: see :func:`config.load_store`)."""
     db = getattr(args, "db", None)
     if db:
         return Path(db)
-    return load_config(args).store.path
+    return config_mod.load_store(config_mod.resolve_path(getattr(args, "config", None))).path
 
 
 log = structlog.get_logger(__name__)

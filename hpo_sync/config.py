@@ -265,7 +265,26 @@ def resolve_path(cli_path: str | None, env: Mapping[str, str] | None = None) -> 
 
 def load(path: Path | str, env: Mapping[str, str] | None = None) -> Config:
     """Read and validate a config file. Raises ConfigError naming the key and line."""
+    return loads(_read(Path(path)), source=Path(path), env=env)
+
+
+def load_store(path: Path | str) -> StoreConfig:
+    """Only the ``[store]`` section of a config file, validated as :func:`load` validates
+    it: all the read-only commands (``ls``, ``show``, ``history``, ``export``, ``stats``,
+    ``alerts list|retry``) need. The rest is not read — secrets above all, so an operator
+    can query the mirror without the daemon's environment (its token and webhook
+    variables, its credentials directory)."""
     path = Path(path)
+    text = _read(path).removeprefix("\ufeff")
+    data = _parse_toml(text, path)
+    parser = _Parser(text, {}, path)
+    parser.table(data, "", "")
+    if "store" in data and not isinstance(data["store"], dict):
+        raise parser.fail("store", f"expected a table, got {_type_name(data['store'])}")
+    return parser.store(data.get("store", {}))
+
+
+def _read(path: Path) -> str:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -276,12 +295,18 @@ def load(path: Path | str, env: Mapping[str, str] | None = None) -> Config:
         raise ConfigError(f"config file {path} is not UTF-8 text: {exc.reason}") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
-    return loads(text, source=path, env=env)
+    return text
 
 
 def loads(text: str, *, source: Path | None = None, env: Mapping[str, str] | None = None) -> Config:
     """Validate config text (``source`` anchors relative paths; default: the cwd)."""
     # Editors on Windows save UTF-8 with a byte order mark; TOML itself does not allow one.
+    text = text.removeprefix("\ufeff")
+    data = _parse_toml(text, source)
+    return _Parser(text, os.environ if env is None else env, source).parse(data)
+
+
+def _parse_toml(text: str, source: Path | None) -> dict[str, Any]:
     text = text.removeprefix("\ufeff")
     try:
         data = tomllib.loads(text)
@@ -302,7 +327,7 @@ def loads(text: str, *, source: Path | None = None, env: Mapping[str, str] | Non
             line = max(1, len(text.splitlines()))
             message = message.replace(" (at end of document)", " at the end of the file")
         raise ConfigError(f"TOML syntax error: {message}", line=line) from None
-    return _Parser(text, os.environ if env is None else env, source).parse(data)
+    return data
 
 
 _T = TypeVar("_T")

@@ -804,10 +804,40 @@ def test_config_warnings_never_reach_a_commands_output(db: Path, tmp_path: Path)
         f'[store]\npath = "{db}"\n[[workspaces]]\nid = "ws1"\n'
         f'[[api.tokens]]\nname = "t"\ntoken_file = "{token}"\n'
     )
+    proc = hpo_sync("--config", str(config), "check-config")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.split("\n", 1)[1])["store"]["path"] == str(db)
+    assert "config.secret_file_exposed" in proc.stderr and "a-token-value" not in proc.stderr
+    # a read command reads the config's [store] and nothing else: not the secret file
     proc = hpo_sync("--config", str(config), "ls", "--format", "json", "--limit", "2")
     assert proc.returncode == 0, proc.stderr
     assert len(json.loads(proc.stdout)) == 2
-    assert "config.secret_file_exposed" in proc.stderr and "a-token-value" not in proc.stderr
+    assert "secret" not in proc.stderr and "a-token-value" not in proc.stderr
+
+
+def test_read_commands_need_only_the_configs_store_section(db: Path, tmp_path: Path) -> None:
+    """An operator queries the production mirror without the daemon's environment: the
+    token and webhook variables it names are not set here."""
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'[store]\npath = "{db}"\n[[workspaces]]\nid = "ws1"\n'
+        '[[api.tokens]]\nname = "t"\ntoken_env = "HPO_SYNC_TEST_UNSET_TOKEN"\n'
+        '[alerts]\n[[alerts.targets]]\nname = "s"\ntype = "slack"\n'
+        'url_env = "HPO_SYNC_TEST_UNSET_URL"\n'
+    )
+    for argv in (("ls", "--limit", "1"), ("history", "--limit", "1"), ("stats",),
+                 ("alerts", "list")):  # fmt: skip
+        proc = hpo_sync("--config", str(config), *argv)
+        assert proc.returncode == 0, (argv, proc.stderr)
+    proc = hpo_sync("--config", str(config), "sync")  # the daemon's side needs them all
+    assert proc.returncode == 2 and "HPO_SYNC_TEST_UNSET" in proc.stderr
+    # [store] itself is still checked, and named
+    config.write_text('[store]\npath = ""\n')
+    proc = hpo_sync("--config", str(config), "ls")
+    assert proc.returncode == 2 and "store.path" in proc.stderr, proc.stderr
+    config.write_text('[stores]\npath = "x"\n')
+    proc = hpo_sync("--config", str(config), "ls")
+    assert proc.returncode == 2 and "stores" in proc.stderr, proc.stderr
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
