@@ -13,10 +13,12 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -153,12 +155,14 @@ def load_config(args: argparse.Namespace) -> config_mod.Config:
     return config_mod.load(path)
 
 
-def setup_logging(args: argparse.Namespace, cfg: config_mod.Config | None = None) -> None:
+def setup_logging(
+    args: argparse.Namespace, cfg: config_mod.Config | None = None, stream: Any = None
+) -> None:
     from . import logs
 
     level = getattr(args, "log_level", None) or (cfg.logging.level if cfg else "info")
     fmt = getattr(args, "log_format", None) or (cfg.logging.format if cfg else "auto")
-    logs.configure(level, fmt)
+    logs.configure(level, fmt, stream)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -217,7 +221,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_sync(args: argparse.Namespace) -> int:
     cfg = load_config(args)
-    setup_logging(args, cfg)
+    # On a terminal a progress line shows the pages read; log lines go through it, so that
+    # they never land on the end of the line it draws (it clears itself, then redraws).
+    bar = _ProgressBar(sys.stderr) if sys.stderr.isatty() else None
+    setup_logging(args, cfg, stream=bar)
     # each workspace once, in the order asked (--workspace A --workspace A syncs A once)
     wanted = list(dict.fromkeys(args.workspace or cfg.workspace_ids()))
     unknown = [w for w in wanted if w not in cfg.workspace_ids()]
@@ -225,7 +232,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
         configured = ", ".join(cfg.workspace_ids())
         raise UsageError(f"workspace {unknown[0]!r} is not configured (configured: {configured})")
     try:
-        results = asyncio.run(_sync_once(cfg, wanted, full=args.full))
+        results = asyncio.run(_sync_once(cfg, wanted, full=args.full, bar=bar))
     except asyncio.CancelledError:  # SIGTERM: the sweeps closed their runs as cancelled
         print("hpo-sync: sync stopped by SIGTERM", file=sys.stderr)
         return EXIT_SIGTERM
@@ -241,7 +248,13 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return code
 
 
-async def _sync_once(cfg: config_mod.Config, workspaces: list[str], *, full: bool) -> list[Any]:
+async def _sync_once(
+    cfg: config_mod.Config,
+    workspaces: list[str],
+    *,
+    full: bool,
+    bar: _ProgressBar | None = None,
+) -> list[Any]:
     from datetime import UTC, datetime
 
     from .client import UpstreamClient
@@ -250,7 +263,6 @@ async def _sync_once(cfg: config_mod.Config, workspaces: list[str], *, full: boo
     from .store import Store, acquire_lock
     from .sync import SyncEngine
 
-    bar = _ProgressBar() if sys.stderr.isatty() else None
     try:
         cfg.store.path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -291,26 +303,77 @@ async def _sync_once(cfg: config_mod.Config, workspaces: list[str], *, full: boo
     return list(results)
 
 
-class _ProgressBar:
-    """One status line on a terminal: pages read per workspace."""
+def progress_line(state: Mapping[str, tuple[int, int]], columns: int) -> str:
+    """The progress line of ``state`` (pages done and planned, per workspace) in fewer than
+    ``columns`` characters: a line that wraps cannot be redrawn in place (``\\r`` goes back
+    to the start of its last row only). Bars shrink, then go; what still does not fit is cut
+    with an ellipsis."""
+    limit = max(columns - 1, 10)
+    line = ""
+    for width in (20, 10, 0):
+        parts = []
+        for ws, (d, t) in state.items():
+            filled = min(width, int(width * d / t)) if t else 0
+            bar = f" [{'#' * filled}{'.' * (width - filled)}]" if width else ""
+            parts.append(f"{ws}{bar} {d}/{t or '?'}")
+        line = "  ".join(parts)
+        if len(line) <= limit:
+            return line
+    return line[: limit - 1] + "…"
 
-    def __init__(self) -> None:
+
+class _ProgressBar:
+    """One status line on a terminal (``out``): pages read per workspace.
+
+    It is also the stream the log writes to while it runs: a log line first clears the
+    progress line, and once the log line is complete the progress line is drawn again
+    below it. A log line being written (its text, then its newline: two writes, perhaps
+    from a worker thread) is never cut into by a redraw."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
         self.state: dict[str, tuple[int, int]] = {}
+        self._lock = threading.RLock()
+        self._shown = False  # the progress line is on the screen
+        self._mid_line = False  # a log line has begun and not yet ended
+        self._closed = False
 
     def update(self, workspace: str, done: int, total: int) -> None:
-        self.state[workspace] = (done, total)
-        parts = []
-        for ws, (d, t) in self.state.items():
-            width = 20
-            filled = int(width * d / t) if t else 0
-            parts.append(f"{ws} [{'#' * filled}{'.' * (width - filled)}] {d}/{t or '?'}")
-        sys.stderr.write("\r\x1b[2K" + "  ".join(parts)[:200])
-        sys.stderr.flush()
+        with self._lock:
+            self.state[workspace] = (done, total)
+            self._draw()
+
+    def _draw(self) -> None:
+        if self._closed or self._mid_line or not self.state:
+            return
+        columns = shutil.get_terminal_size((80, 24)).columns
+        self.out.write("\r\x1b[2K" + progress_line(self.state, columns))
+        self.out.flush()
+        self._shown = True
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            if self._shown:
+                self.out.write("\r\x1b[2K")
+                self._shown = False
+            self.out.write(text)
+            self._mid_line = not text.endswith("\n")
+            if not self._mid_line:
+                self._draw()
+            return len(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+    def isatty(self) -> bool:
+        return self.out.isatty()
 
     def close(self) -> None:
-        if self.state:
-            sys.stderr.write("\r\x1b[2K")
-            sys.stderr.flush()
+        with self._lock:
+            if self._shown:
+                self.out.write("\r\x1b[2K")
+                self.out.flush()
+            self._shown, self._closed = False, True
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:

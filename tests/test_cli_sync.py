@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
+import pty
 import signal
 import socket
 import sqlite3
+import struct
 import sys
+import termios
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -84,6 +88,69 @@ async def test_sync_exit_codes_and_summaries(sim: Simulator, tmp_path: Path) -> 
     # a workspace named twice is synced once
     code, out, _ = await run_cli("sync", "--config", str(cfg), *["--workspace", "100001"] * 2)
     assert code == 0 and out.count("100001:") == 1, out
+
+
+async def test_on_a_terminal_sync_draws_a_progress_line_that_fits_it(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    """stderr on a pseudo-terminal 60 columns wide: the progress line is redrawn in place
+    (``\\r``, clear line) and never wider than the terminal, so it never wraps; stdout
+    still gets the summaries alone."""
+    cfg = write_config(tmp_path / "c.toml", sim.base_url, ["100001"], page_size=20)
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 60, 0, 0))
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "hpo_sync.cli", "sync", "--config", str(cfg),
+            "--workspace", "100001", env={**ENV, "COLUMNS": "60"},
+            stdout=asyncio.subprocess.PIPE, stderr=slave,
+        )  # fmt: skip
+    finally:
+        os.close(slave)
+    drawn = bytearray()
+    reader = asyncio.get_running_loop().run_in_executor(None, _drain, master, drawn)
+    async with asyncio.timeout(120):
+        out, _ = await proc.communicate()
+        await reader
+    os.close(master)
+    assert proc.returncode == 0 and out.decode().startswith("100001: full ok"), drawn
+    text = drawn.decode()
+    assert text.endswith("\r\x1b[2K"), text  # the line is cleared at the end
+    frames = [f for f in text.split("\r\x1b[2K") if f]
+    bars = [f for f in frames if "sync.finished" not in f]
+    logs = [f for f in frames if "sync.finished" in f]
+    assert len(bars) >= 3 and all(b.startswith("100001 [") for b in bars), frames
+    assert "100001 [####################] 10/10" in bars
+    assert all(len(b) < 60 for b in bars), bars
+    # the log line starts on a cleared line (never on the end of the progress line)
+    # and ends with its newline; the progress line is drawn again below it
+    assert len(logs) == 1 and "/10" not in logs[0] and logs[0].endswith("\n"), logs
+
+
+def _drain(fd: int, into: bytearray) -> None:
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO: every writer closed the terminal
+            return
+        if not chunk:
+            return
+        into.extend(chunk)
+
+
+def test_the_progress_line_shrinks_to_fit_the_terminal() -> None:
+    from hpo_sync.cli import progress_line
+
+    state = {"100001": (5, 10), "100002": (0, 0)}
+    assert progress_line(state, 120) == (
+        "100001 [##########..........] 5/10  100002 [....................] 0/?"
+    )
+    assert progress_line(state, 60) == "100001 [#####.....] 5/10  100002 [..........] 0/?"
+    assert progress_line(state, 30) == "100001 5/10  100002 0/?"
+    long = {"w" * 128: (1, 4)}
+    line = progress_line(long, 80)
+    assert len(line) == 79 and line.endswith("…")
+    assert progress_line({"a": (12, 10)}, 80) == "a [####################] 12/10"
 
 
 async def test_a_closed_pipe_keeps_the_exit_status_of_sync(sim: Simulator, tmp_path: Path) -> None:
