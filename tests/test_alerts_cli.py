@@ -232,8 +232,13 @@ async def test_alerts_list_formats_and_limits_match_the_query_commands(
     assert [json.loads(line) for line in out.splitlines()] == rows
     code, out = await run_cli([*base, "--format", "json", "--limit", "0"], capsys)
     assert json.loads(out) == rows  # 0: all, as in `ls --limit 0`
-    code, out = await run_cli([*base, "--format", "json", "--limit", "3"], capsys)
-    assert json.loads(out) == rows[:3]
+    code = await asyncio.to_thread(cli.main, [*base, "--format", "json", "--limit", "3"])
+    out, err = capsys.readouterr()
+    assert code == 0 and json.loads(out) == rows[:3]
+    assert err == "hpo-sync: showing the newest 3; --limit N for more, --limit 0 for all\n"
+    code = await asyncio.to_thread(cli.main, [*base, "--format", "json", "--limit", "6"])
+    out, err = capsys.readouterr()
+    assert json.loads(out) == rows and err == ""  # exactly all: nothing more to say
     for bad, message in (
         ("-1", "must be 0 (no limit) or more"),
         (str(10**30), "must be at most"),

@@ -188,9 +188,10 @@ _LIST_KEYS = (
 
 
 def list_rows(store: Store, status: str | None, limit: int) -> list[dict[str, Any]]:
-    """The newest ``limit`` deliveries (0: all), of one status or all."""
+    """The newest ``limit`` deliveries (0: all), of one status or all, and one more if
+    there are more (the caller says so and drops it)."""
     where = "WHERE o.status = ?" if status else ""
-    sql_limit = limit if limit > 0 else -1  # SQLite: a negative LIMIT is no limit
+    sql_limit = limit + 1 if limit > 0 else -1  # SQLite: a negative LIMIT is no limit
     params: tuple[Any, ...] = (status, sql_limit) if status else (sql_limit,)
     with store.reader() as conn:
         return [
@@ -231,7 +232,15 @@ def cmd_list(args: argparse.Namespace) -> int:
     status = outbox.PENDING if args.pending else outbox.DEAD if args.dead else None
     store = Store.open(path, readonly=True)
     try:
-        print_rows(list_rows(store, status, args.limit), args.format, sys.stdout)
+        rows = list_rows(store, status, args.limit)
+        more = args.limit > 0 and len(rows) > args.limit
+        print_rows(rows[: args.limit] if more else rows, args.format, sys.stdout)
+        if more:  # on stderr, as `ls` says it: the output stays clean for scripts
+            print(
+                f"hpo-sync: showing the newest {args.limit}; --limit N for more, "
+                "--limit 0 for all",
+                file=sys.stderr,
+            )
     finally:
         store.close()
     return cli.EXIT_OK
