@@ -237,8 +237,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         print_rows(rows[: args.limit] if more else rows, args.format, sys.stdout)
         if more:  # on stderr, as `ls` says it: the output stays clean for scripts
             print(
-                f"hpo-sync: showing the newest {args.limit}; --limit N for more, "
-                "--limit 0 for all",
+                f"hpo-sync: showing the newest {args.limit}; --limit N for more, --limit 0 for all",
                 file=sys.stderr,
             )
     finally:
