@@ -415,6 +415,7 @@ class UpstreamClient:
         if (
             status == 200
             and _is_success_code(code)
+            and _field(data, "Success", "success") is not False
             and isinstance(experiments, list | type(None))
             # An API answer says what it is: a listing (Experiments, TotalCount) or, from a
             # server that leaves out empty fields, just its RequestId: an empty listing.
@@ -474,8 +475,13 @@ class UpstreamClient:
         try:
             page = await self._call(params, query.workspace_id, tally)
         except FatalUpstreamError as exc:
-            other = SORT_BY_ALIASES.get(params.get("SortBy", ""))
-            if other is None or not rejects_parameter(exc) or configured in self._sort_names:
+            sent = params.get("SortBy", "")
+            learned = self._sort_names.get(configured) if configured is not None else None
+            if learned is None:
+                other = SORT_BY_ALIASES.get(sent)
+            else:  # another page learned the name meanwhile; if this one sent it, it stands
+                other = learned if learned != sent else None
+            if other is None or not rejects_parameter(exc):
                 raise
             try:
                 page = await self._call({**params, "SortBy": other}, query.workspace_id, tally)

@@ -770,6 +770,7 @@ def json_reply(
             "INVALID_INPUT_PARAMS",
         ),
         ({}, "HTTP200"),  # no RequestId, no listing: not an API answer at all
+        ({"RequestId": "R1", "Success": False}, "HTTP200"),  # failed, and no code to say why
         ({"Experiments": {"a": 1}, "RequestId": "R1"}, "HTTP200"),
     ],
 )  # fmt: skip
@@ -826,6 +827,25 @@ async def test_success_answers_in_every_shape(
         page = await client.list_page(ListQuery(), 1)
         assert client.stats.api_calls == 1
     assert (page.total_count, len(page.experiments), page.request_id) == (total, rows, "R")
+
+
+async def test_pages_refused_for_their_sort_name_while_another_learns_the_other_one(
+    capture: Capture,
+) -> None:
+    """Two listings in flight with the configured SortBy, both refused; the second refusal
+    arrives after the first listing learned the other vocabulary's name: it is asked again
+    in that name rather than failing."""
+    refuse = api_error(400, "INVALID_INPUT_PARAMS")
+    capture.script.extend([refuse, sleep_then(0.5, refuse)])
+    query = ListQuery(workspace_id="w1", sort_by="GmtCreateTime")
+    async with make_client(capture.base_url) as client:
+        first, second = await asyncio.gather(client.list_page(query, 1), client.list_page(query, 1))
+        assert len(first.experiments) == len(second.experiments) == 3
+        assert client.stats.api_calls == 4
+        later = await client.list_page(query, 1)  # learned: one call, in the other name
+        assert len(later.experiments) == 3 and client.stats.api_calls == 5
+    sorts = [parse_wire_query(s.raw_query).get("SortBy") for s in capture.seen]
+    assert sorts == ["GmtCreateTime", "GmtCreateTime"] + ["create_time"] * 3
 
 
 async def test_a_throttling_answer_that_is_not_json_waits_as_told(capture: Capture) -> None:
