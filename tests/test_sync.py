@@ -8,7 +8,8 @@ import itertools
 import random
 import sqlite3
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -702,43 +703,52 @@ def test_a_field_left_out_teaches_nothing_about_modified_time_bumps(tmp_path: Pa
     assert engine._bumps["w"] is False  # a real change without a bump
 
 
+@contextmanager
+def sorts_refused(world: Any, *refused: str) -> Iterator[list[str | None]]:
+    """The simulator answers INVALID_INPUT_PARAMS to a listing sorted by any of
+    ``refused``; yields the SortBy of every listing asked, in order."""
+    from hpo_sync.upstream_query import InvalidInputError
+
+    original = world.list
+    sorts: list[str | None] = []
+
+    def strict_sort(params: Any) -> Any:
+        sorts.append(params.get("SortBy"))
+        if params.get("SortBy") in refused:
+            raise InvalidInputError(f"SortBy {params['SortBy']} is not supported")
+        return original(params)
+
+    world.list = strict_sort
+    try:
+        yield sorts
+    finally:
+        world.list = original
+
+
 async def test_an_upstream_that_refuses_the_modified_sort_still_gets_hot_sweeps(
     tmp_path: Path,
 ) -> None:
     """The modified feed's SortBy (GmtModifiedTime, or update_time) is documented nowhere
     for certain: an upstream that answers it INVALID_INPUT_PARAMS while accepting the
     create-time sort must cost the feed, not every hot sweep."""
-    from hpo_sync.upstream_query import InvalidInputError
-
     options = SimOptions(experiments=300, workspaces=1, seed=6, restart_per_min=0.0)
     async for rig in make_rig(tmp_path, options):
         ws = rig.sim.world.workspace_ids[0]
-        world = rig.sim.world
-        original = world.list
-        sorts: list[str | None] = []
-
-        def strict_sort(params: Any, original: Any = original, sorts: Any = sorts) -> Any:
-            sorts.append(params.get("SortBy"))
-            if params.get("SortBy") in ("GmtModifiedTime", "update_time"):  # both vocabularies
-                raise InvalidInputError(f"SortBy {params['SortBy']} is not supported")
-            return original(params)
-
-        world.list = strict_sort  # type: ignore[method-assign]
-        assert (await rig.engine.sweep(ws)).status == "ok"
-        world.advance(60)
-        with capture_logs() as logs:
-            result = await rig.engine.sweep(ws, "hot")
-        assert result.status == "ok", result.error
-        assert [e for e in logs if e["event"] == "sync.modified_feed_refused"]
-        rows = mirror_rows(rig.store, ws)
-        for exp_id, exp in truth(rig.sim, ws).items():
-            if exp_id in rows and rows[exp_id]["status"] not in TERMINAL:
-                assert rows[exp_id]["status"] == exp.status, exp_id
-        # asked once in each vocabulary (see the next test), then never again
-        assert sorts.count("GmtModifiedTime") == 1 and sorts.count("update_time") == 1
-        assert (await rig.engine.sweep(ws, "hot")).status == "ok"
-        assert sorts.count("GmtModifiedTime") == 1 and sorts.count("update_time") == 1
-        world.list = original  # type: ignore[method-assign]
+        with sorts_refused(rig.sim.world, "GmtModifiedTime", "update_time") as sorts:
+            assert (await rig.engine.sweep(ws)).status == "ok"
+            rig.sim.world.advance(60)
+            with capture_logs() as logs:
+                result = await rig.engine.sweep(ws, "hot")
+            assert result.status == "ok", result.error
+            assert [e for e in logs if e["event"] == "sync.modified_feed_refused"]
+            rows = mirror_rows(rig.store, ws)
+            for exp_id, exp in truth(rig.sim, ws).items():
+                if exp_id in rows and rows[exp_id]["status"] not in TERMINAL:
+                    assert rows[exp_id]["status"] == exp.status, exp_id
+            # asked once in each vocabulary (see the next test), then never again
+            assert sorts.count("GmtModifiedTime") == 1 and sorts.count("update_time") == 1
+            assert (await rig.engine.sweep(ws, "hot")).status == "ok"
+            assert sorts.count("GmtModifiedTime") == 1 and sorts.count("update_time") == 1
 
 
 @pytest.mark.parametrize(
@@ -751,35 +761,22 @@ async def test_an_upstream_that_takes_the_other_sort_vocabulary_is_asked_in_it(
     create_time/update_time. An upstream that refuses the configured name is asked once in
     the other vocabulary, and in that one from then on: sweeps and the modified feed work,
     with one call more in all."""
-    from hpo_sync.upstream_query import InvalidInputError
-
     options = SimOptions(experiments=300, workspaces=1, seed=6, restart_per_min=0.0)
     async for rig in make_rig(tmp_path, options):
         ws = rig.sim.world.workspace_ids[0]
-        world = rig.sim.world
-        original = world.list
-        sorts: list[str | None] = []
-
-        def strict_sort(params: Any, original: Any = original, sorts: Any = sorts) -> Any:
-            sorts.append(params.get("SortBy"))
-            if params.get("SortBy") == refused:
-                raise InvalidInputError(f"SortBy {refused} is not supported")
-            return original(params)
-
-        world.list = strict_sort  # type: ignore[method-assign]
-        with capture_logs() as logs:
-            first = await rig.engine.sweep(ws)
-            world.advance(60)
-            hot = await rig.engine.sweep(ws, "hot")
-        assert first.status == "ok" and hot.status == "ok", (first.error, hot.error)
-        switched = [e for e in logs if e["event"] == "upstream.sort_by_switched"]
-        assert [(e["configured"], e["using"]) for e in switched] == [(refused, taken)]
-        assert not [e for e in logs if e["event"] == "sync.modified_feed_refused"]
-        assert sorts.count(refused) == 1 and sorts.count(taken) >= 1
-        assert (await rig.engine.sweep(ws, "full")).status == "ok"
-        assert sorts.count(refused) == 1
-        assert_mirror_equals_truth(rig.store, rig.sim, ws)
-        world.list = original  # type: ignore[method-assign]
+        with sorts_refused(rig.sim.world, refused) as sorts:
+            with capture_logs() as logs:
+                first = await rig.engine.sweep(ws)
+                rig.sim.world.advance(60)
+                hot = await rig.engine.sweep(ws, "hot")
+            assert first.status == "ok" and hot.status == "ok", (first.error, hot.error)
+            switched = [e for e in logs if e["event"] == "upstream.sort_by_switched"]
+            assert [(e["configured"], e["using"]) for e in switched] == [(refused, taken)]
+            assert not [e for e in logs if e["event"] == "sync.modified_feed_refused"]
+            assert sorts.count(refused) == 1 and sorts.count(taken) >= 1
+            assert (await rig.engine.sweep(ws, "full")).status == "ok"
+            assert sorts.count(refused) == 1
+            assert_mirror_equals_truth(rig.store, rig.sim, ws)
 
 
 async def test_one_empty_answer_does_not_delete_a_workspace(tmp_path: Path) -> None:
