@@ -491,11 +491,15 @@ def _strings(value: object) -> list[str]:
     return []
 
 
-@given(
+#: Any chat target, up to 60 alerts with any names, with or without a keyword.
+render_cases = given(
     ttype=st.sampled_from(["slack", "discord", "dingtalk", "feishu", "wecom", "teams"]),
     names=st.lists(_names, min_size=1, max_size=60),
     keyword=st.one_of(st.none(), st.text(min_size=1, max_size=20)),
 )
+
+
+@render_cases
 @settings(max_examples=60, deadline=None)
 def test_render_property_fits_and_accounts_for_every_alert(
     ttype: str, names: list[str], keyword: str | None
@@ -511,11 +515,7 @@ def test_render_property_fits_and_accounts_for_every_alert(
             assert any(keyword in text for text in _strings(m.payload))
 
 
-@given(
-    ttype=st.sampled_from(["slack", "discord", "dingtalk", "feishu", "wecom", "teams"]),
-    names=st.lists(_names, min_size=1, max_size=60),
-    keyword=st.one_of(st.none(), st.text(min_size=1, max_size=20)),
-)
+@render_cases
 @settings(max_examples=60, deadline=None)
 def test_render_property_each_message_is_its_alerts_rendered_alone(
     ttype: str, names: list[str], keyword: str | None

@@ -34,6 +34,18 @@ async def daemons(tmp_path: Path) -> AsyncIterator[Daemons]:
         await ds.cleanup()
 
 
+def write_config(tmp_path: Path, sim: Simulator, url: str) -> tuple[Path, Path]:
+    """A daemon config for workspace 100001 of ``sim``, alerting the webhook at ``url``;
+    returns the mirror's path and the config's."""
+    db, cfg = tmp_path / "mirror.db", tmp_path / "config.toml"
+    cfg.write_text(
+        config_text(sim_url=sim.base_url, db=db, workspaces=["100001"])
+        + alerts_toml(tmp_path, url),
+        encoding="utf-8",
+    )
+    return db, cfg
+
+
 def alerts_toml(tmp_path: Path, url: str) -> str:
     (tmp_path / "hook-url").write_text(url)
     (tmp_path / "hook-secret").write_text(HOOK_SECRET)
@@ -81,13 +93,7 @@ async def test_sigkill_before_and_after_delivery(tmp_path: Path, daemons: Daemon
     await receivers.start()
     try:
         async with Simulator(SimOptions(experiments=80, workspaces=1, seed=5, speed=0)) as sim:
-            db = tmp_path / "mirror.db"
-            cfg = tmp_path / "config.toml"
-            cfg.write_text(
-                config_text(sim_url=sim.base_url, db=db, workspaces=["100001"])
-                + alerts_toml(tmp_path, receivers.url("webhook", TOKEN)),
-                encoding="utf-8",
-            )
+            db, cfg = write_config(tmp_path, sim, receivers.url("webhook", TOKEN))
             d = await daemons.start(cfg, "first")
             await wait_db(db, "SELECT 1 FROM workspaces WHERE baseline_at IS NOT NULL", daemon=d)
             port = receivers.port
@@ -190,13 +196,7 @@ async def test_sigkill_after_the_target_took_a_message_resends_it_under_its_id(
     runner, url = await hook.serve()
     try:
         async with Simulator(SimOptions(experiments=80, workspaces=1, seed=5, speed=0)) as sim:
-            db = tmp_path / "mirror.db"
-            cfg = tmp_path / "config.toml"
-            cfg.write_text(
-                config_text(sim_url=sim.base_url, db=db, workspaces=["100001"])
-                + alerts_toml(tmp_path, url),
-                encoding="utf-8",
-            )
+            db, cfg = write_config(tmp_path, sim, url)
             d = await daemons.start(cfg, "first")
             await wait_db(db, "SELECT 1 FROM workspaces WHERE baseline_at IS NOT NULL", daemon=d)
             await sim_post(sim.base_url, "/_sim/advance", {"seconds": 1800})

@@ -218,15 +218,19 @@ async def test_a_child_killed_or_stopped_mid_sweep_fails_that_sweep_and_the_next
 SHORT_HEARTBEAT_S = 3.0
 
 
-@pytest.mark.parametrize("rig", [60], indirect=True)
-async def test_a_child_that_stops_answering_is_killed_and_replaced(rig: Rig) -> None:
-    sweeper = SweepProcess(
+def short_heartbeat_sweeper(rig: Rig) -> SweepProcess:
+    return SweepProcess(
         rig.config,
         rig.store,
         rig.metrics,
         credentials=CREDENTIALS,
         heartbeat_timeout_s=SHORT_HEARTBEAT_S,
     )
+
+
+@pytest.mark.parametrize("rig", [60], indirect=True)
+async def test_a_child_that_stops_answering_is_killed_and_replaced(rig: Rig) -> None:
+    sweeper = short_heartbeat_sweeper(rig)
     try:
         await sweeper.sweep(WS)  # the baseline; silence while idle is fine
         await asyncio.sleep(SHORT_HEARTBEAT_S + 0.5)
@@ -262,13 +266,7 @@ async def test_a_child_slower_to_start_than_its_heartbeat_is_not_taken_for_stuck
     )
     slow_python.chmod(0o755)
     monkeypatch.setattr(sys, "executable", str(slow_python))
-    sweeper = SweepProcess(
-        rig.config,
-        rig.store,
-        rig.metrics,
-        credentials=CREDENTIALS,
-        heartbeat_timeout_s=SHORT_HEARTBEAT_S,
-    )
+    sweeper = short_heartbeat_sweeper(rig)
     try:
         with capture_logs() as logs:
             result = await sweeper.sweep(WS)
