@@ -648,10 +648,15 @@ async def test_a_sweep_cancelled_while_its_run_is_being_recorded_closes_that_run
             task.cancel()
         finally:
             go.set()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        [run] = rig.store.sync_runs(ws)
-        assert (run.status, run.error) == ("failed", "cancelled (shutting down)")
+        await assert_closed_as_cancelled(rig, ws, task)
+
+
+async def assert_closed_as_cancelled(rig: Rig, ws: str, task: asyncio.Task[Any]) -> None:
+    """The cancelled sweep ``task`` ends cancelled, its run closed as such."""
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    [run] = rig.store.sync_runs(ws)
+    assert (run.status, run.error) == ("failed", "cancelled (shutting down)")
 
 
 async def test_a_sweep_cancelled_twice_still_closes_its_run(
@@ -677,10 +682,7 @@ async def test_a_sweep_cancelled_twice_still_closes_its_run(
             assert not done
         finally:
             go.set()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        [run] = rig.store.sync_runs(ws)
-        assert (run.status, run.error) == ("failed", "cancelled (shutting down)")
+        await assert_closed_as_cancelled(rig, ws, task)
         state = rig.store.workspace_state(ws)
         assert state is not None and state.last_error == "cancelled (shutting down)"
 
