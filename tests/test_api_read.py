@@ -36,7 +36,7 @@ from test_api_rig import (
     rig,
 )
 
-from hpo_sync.api.cursor import Cursor
+from hpo_sync.api.cursor import MAX_CURSOR_LEN, Cursor
 from hpo_sync.api.openapi import build_document
 from hpo_sync.api.read import MAX_LONG_POLLS_PER_TOKEN
 from hpo_sync.normalise import format_time
@@ -346,6 +346,52 @@ async def test_a_cursor_is_refused_with_other_filters_another_sort_or_when_malfo
         reply = await rig.get("/v1/experiments", params)
         assert reply.status == 400, name
         assert reply.body["error"]["param"] == "cursor", (name, reply.body)
+
+
+async def test_rows_with_keys_too_long_for_a_cursor_are_paged_past_by_reference(
+    rig: ApiRig,
+) -> None:
+    """Upstream bounds neither names nor ids: under sort=name a 300-character CJK name (900
+    bytes) or a 2,000-character id cannot ride in a cursor that must fit in a URL. Every
+    cursor issued is accepted, the walk serves every row once, in order; a cursor whose row
+    is no longer where it was (the file rebuilt) is a 400, never a walk resumed elsewhere."""
+    run_id = rig.store.begin_run(WS1, "hot", "2030-01-01T00:00:00Z")
+    t = datetime(2030, 1, 1, tzinfo=UTC)
+    long_ones = [
+        new_experiment(WS1, f"long-name-{i}", t, name="名" * 300 + str(i)) for i in range(3)
+    ] + [new_experiment(WS1, "i" * 2000 + str(i), t, name="名" * 300) for i in range(2)]
+    rig.store.apply(
+        WS1, long_ones, observed_at="2030-01-01T00:00:01Z", run_id=run_id, baseline=False
+    )
+    issued: list[str] = []
+    for sort in ("name", "-name"):
+        served: list[Row] = []
+        cursor: str | None = None
+        while True:
+            params = [("workspace", WS1), ("sort", sort), ("limit", "1")]
+            body = await rig.ok(
+                "/v1/experiments", params + ([("cursor", cursor)] if cursor else [])
+            )
+            served += body["experiments"]
+            cursor = body["next_cursor"]
+            if cursor is None:
+                break
+            assert len(cursor) <= MAX_CURSOR_LEN
+            issued.append(cursor)
+        ids = [e["experiment_id"] for e in served]
+        expected = mirror_rows(rig.store, "workspace_id = ? AND deleted = 0", [WS1])
+        assert sorted(ids) == sorted(r["experiment_id"] for r in expected)
+        order = [(e["name"], e["experiment_id"]) for e in served]
+        assert order == sorted(order, reverse=sort.startswith("-"))
+    by_reference = [c for c in issued if Cursor.decode(c).row is not None]
+    assert len(by_reference) >= 5
+    first = Cursor.decode(by_reference[0])
+    assert first.row is not None
+    stale = replace(first, row=(10**9, first.row[1])).encode()
+    params = [("workspace", WS1), ("sort", first.sort), ("cursor", stale)]
+    reply = await rig.get("/v1/experiments", params)
+    assert reply.status == 400 and reply.body["error"]["param"] == "cursor"
+    assert "start over" in reply.body["error"]["message"]
 
 
 # --- one experiment and its history -------------------------------------------------------

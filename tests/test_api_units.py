@@ -39,13 +39,50 @@ def test_a_cursor_round_trips_and_is_url_safe(
     cursor.check(sort, fhash)
 
 
+def test_a_key_too_long_to_carry_goes_by_reference_to_its_row() -> None:
+    conn = sqlite3.connect(":memory:")
+    conn.execute("CREATE TABLE experiments (experiment_id TEXT PRIMARY KEY, name TEXT)")
+    long_id, long_name = "x" * 600, "名" * 300
+    conn.executemany(
+        "INSERT INTO experiments VALUES (?, ?)", [("short", "a"), (long_id, long_name)]
+    )
+    short = Cursor.after(conn, "name", "f" * 16, ("a", "short"))
+    assert short.key == ("a", "short") and short.row is None
+    for key in ((long_name, "short"), ("a", long_id)):
+        exp_id = key[1]
+        rowid = conn.execute(
+            "SELECT rowid FROM experiments WHERE experiment_id = ?", (exp_id,)
+        ).fetchone()[0]
+        cursor = Cursor.after(conn, "name", "f" * 16, key)
+        assert cursor.key is None and cursor.row is not None and cursor.row[0] == rowid
+        text = cursor.encode()
+        assert len(text) < 200 and Cursor.decode(text) == cursor
+        # resumes after the row's key as it is now
+        assert (
+            cursor.resolve(conn, "name")
+            == conn.execute(
+                "SELECT name, experiment_id FROM experiments WHERE rowid = ?", (rowid,)
+            ).fetchone()
+        )
+    # a row renumbered (another id at that rowid) or gone: stale, never another position
+    moved = Cursor.after(conn, "name", "f" * 16, ("a", long_id))
+    conn.execute("DELETE FROM experiments WHERE experiment_id = ?", (long_id,))
+    conn.execute("INSERT INTO experiments (rowid, experiment_id, name) VALUES (?, 'z', 'z')",
+                 (moved.row[0],))  # fmt: skip
+    with pytest.raises(CursorError, match="start over"):
+        moved.resolve(conn, "name")
+
+
 @given(st.text(max_size=200))
 def test_no_text_decodes_into_anything_but_a_cursor_or_a_cursor_error(text: str) -> None:
     try:
         cursor = Cursor.decode(text)
     except CursorError:
         return
-    assert isinstance(cursor.key[1], str) and cursor.key[1]
+    if cursor.key is not None:
+        assert isinstance(cursor.key[1], str) and cursor.key[1]
+    else:
+        assert cursor.row is not None and isinstance(cursor.row[0], int)
 
 
 @given(

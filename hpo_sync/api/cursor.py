@@ -11,6 +11,13 @@ nothing there.
 Cursors are not signed: the key only says where to resume, and the filters (including the
 workspace scope) are re-applied on every page, so a forged cursor can show nothing that the
 same query without a cursor would not.
+
+A key too long to carry (a very long name under ``sort=name``, a very long id: upstream
+bounds neither, and a cursor must fit in a URL) goes by reference instead: ``"r": [ROWID,
+ID_HASH]``, the last row's SQLite rowid and a hash of its id, in place of ``"k"``. The next
+page looks the row's key up again (:meth:`Cursor.resolve`); a row that is no longer there
+(the file was rebuilt, renumbering rows) makes the cursor stale, a 400 that says to start
+over — never a walk silently resumed elsewhere.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import base64
 import binascii
 import hashlib
 import re
+import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -28,14 +36,20 @@ import orjson
 __all__ = ["CURSOR_VERSION", "MAX_CURSOR_LEN", "Cursor", "CursorError", "filters_hash"]
 
 CURSOR_VERSION = 1
-#: Longer than any cursor this module makes for sane keys; a bound on what is decoded.
+#: Longer than any cursor this module makes; a bound on what is decoded.
 MAX_CURSOR_LEN = 1024
+#: A key whose JSON is longer than this goes by reference (see the module's docstring).
+MAX_KEY_BYTES = 512
 _B64URL_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _HASH_LEN = 16
 
 
 class CursorError(ValueError):
     """A cursor that cannot be used: malformed, or made for another query."""
+
+
+def _id_hash(experiment_id: str) -> str:
+    return hashlib.sha256(experiment_id.encode("utf-8", "surrogatepass")).hexdigest()[:_HASH_LEN]
 
 
 def filters_hash(filters: Mapping[str, Any]) -> str:
@@ -52,10 +66,47 @@ class Cursor:
 
     sort: str
     filters_hash: str
-    key: tuple[str | None, str]
+    #: the last row's ``(sort value, experiment_id)``; None when it goes by reference
+    key: tuple[str | None, str] | None
+    #: the last row's ``(rowid, id hash)``, for a key too long to carry
+    row: tuple[int, str] | None = None
+
+    @classmethod
+    def after(
+        cls, conn: sqlite3.Connection, sort: str, filters_hash: str, key: tuple[str | None, str]
+    ) -> Cursor:
+        """The cursor of a page whose last row has ``key``: the key itself, or, if it is too
+        long to carry, a reference to its row (looked up on ``conn``, the page's snapshot)."""
+        if len(orjson.dumps(key)) <= MAX_KEY_BYTES:
+            return cls(sort, filters_hash, key)
+        (rowid,) = conn.execute(
+            "SELECT rowid FROM experiments WHERE experiment_id = ?", (key[1],)
+        ).fetchone()
+        return cls(sort, filters_hash, None, (int(rowid), _id_hash(key[1])))
+
+    def resolve(self, conn: sqlite3.Connection, column: str) -> tuple[str | None, str]:
+        """The key to resume after: carried, or looked up by reference (``column``: the
+        sort's column). Raises :class:`CursorError` for a row that is no longer there."""
+        if self.key is not None:
+            return self.key
+        assert self.row is not None
+        rowid, id_hash = self.row
+        found = conn.execute(
+            f"SELECT {column}, experiment_id FROM experiments WHERE rowid = ?", (rowid,)
+        ).fetchone()
+        if found is None or _id_hash(found[1]) != id_hash:
+            raise CursorError(
+                "this cursor points at a row that is no longer where it was (the mirror "
+                "was rebuilt): drop the cursor to start over"
+            )
+        return found[0], found[1]
 
     def encode(self) -> str:
-        payload = {"v": CURSOR_VERSION, "s": self.sort, "f": self.filters_hash, "k": list(self.key)}
+        payload: dict[str, Any] = {"v": CURSOR_VERSION, "s": self.sort, "f": self.filters_hash}
+        if self.key is not None:
+            payload["k"] = list(self.key)
+        else:
+            payload["r"] = list(self.row or ())
         raw = orjson.dumps(payload)
         return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
@@ -71,13 +122,28 @@ class Cursor:
             raise CursorError(
                 "malformed cursor: pass next_cursor exactly as it was returned"
             ) from None
-        if not isinstance(data, dict) or set(data) != {"v", "s", "f", "k"}:
+        if not isinstance(data, dict) or set(data) not in (
+            {"v", "s", "f", "k"},
+            {"v", "s", "f", "r"},
+        ):
             raise CursorError("malformed cursor: pass next_cursor exactly as it was returned")
         if data["v"] != CURSOR_VERSION:
             raise CursorError("cursor from another version of hpo-sync: start the walk again")
-        sort, fhash, key = data["s"], data["f"], data["k"]
+        sort, fhash = data["s"], data["f"]
         if not isinstance(sort, str) or not isinstance(fhash, str):
             raise CursorError("malformed cursor: pass next_cursor exactly as it was returned")
+        if "r" in data:
+            row = data["r"]
+            if (
+                not isinstance(row, list)
+                or len(row) != 2
+                or type(row[0]) is not int
+                or not isinstance(row[1], str)
+                or len(row[1]) != _HASH_LEN
+            ):
+                raise CursorError("malformed cursor: pass next_cursor exactly as it was returned")
+            return cls(sort, fhash, None, (row[0], row[1]))
+        key = data["k"]
         if (
             not isinstance(key, list)
             or len(key) != 2

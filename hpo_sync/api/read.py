@@ -969,7 +969,8 @@ class ListRequest:
     limit: int
     #: :func:`~hpo_sync.api.cursor.filters_hash` of the filters, bound into cursors.
     fhash: str
-    after_key: PageKey | None
+    #: where the page starts: after the row of this cursor (checked for this query)
+    cursor: Cursor | None
 
     @classmethod
     def of(cls, q: Mapping[str, Any], scope: tuple[str, ...]) -> ListRequest:
@@ -989,15 +990,31 @@ class ListRequest:
         )
         sort: SortOrder = q["sort"]
         fhash = filters_hash(filter_identity(filters))
-        after_key: PageKey | None = None
+        cursor: Cursor | None = None
         if q["cursor"] is not None:
             try:
                 cursor = Cursor.decode(q["cursor"])
                 cursor.check(sort, fhash)
             except CursorError as exc:
                 raise BadParameterError("cursor", str(exc)) from None
-            after_key = cursor.key
-        return cls(filters, sort, q["limit"], fhash, after_key)
+        return cls(filters, sort, q["limit"], fhash, cursor)
+
+    def after_key(self, conn: sqlite3.Connection) -> PageKey | None:
+        """The key the page starts after (looked up on ``conn`` for a cursor that carries
+        its row by reference); a stale cursor is a :class:`BadParameterError`."""
+        if self.cursor is None:
+            return None
+        try:
+            return self.cursor.resolve(conn, sort_column(self.sort)[0])
+        except CursorError as exc:
+            raise BadParameterError("cursor", str(exc)) from None
+
+    def next_cursor(self, conn: sqlite3.Connection, page: JsonPage) -> str | None:
+        """The cursor of the page after ``page`` (read on ``conn``), if there is one."""
+        if not page.has_more or page.last_key is None:
+            return None
+        key = (page.last_key[0], page.last_key[1])
+        return Cursor.after(conn, self.sort, self.fhash, key).encode()
 
 
 async def list_experiments(request: web.Request) -> web.Response:
@@ -1006,7 +1023,7 @@ async def list_experiments(request: web.Request) -> web.Response:
     q = parse_params(EXPERIMENTS_PARAMS, request.query)
     scope = principal.scope(q["workspace"])
     lr = ListRequest.of(q, scope)
-    filters, sort, limit, fhash, after_key = lr.filters, lr.sort, lr.limit, lr.fhash, lr.after_key
+    filters, sort, limit = lr.filters, lr.sort, lr.limit
     clock = api.runtime.clock
 
     # The response is made in the read pool too: under load the event loop's thread is the
@@ -1017,16 +1034,16 @@ async def list_experiments(request: web.Request) -> web.Response:
             filters,
             sort,
             limit,
-            after_key,
+            lr.after_key(conn),
             include_config=q["include_config"],
             with_states=True,
         )
         counts = count_by_status(conn, filters) if q["count"] else None
         assert page.states is not None
-        next_cursor = None
-        if page.has_more and page.last_key is not None:
-            next_cursor = Cursor(sort, fhash, (page.last_key[0], page.last_key[1])).encode()
-        rest: dict[str, Any] = {"next_cursor": next_cursor, "has_more": page.has_more}
+        rest: dict[str, Any] = {
+            "next_cursor": lr.next_cursor(conn, page),
+            "has_more": page.has_more,
+        }
         if counts is not None:
             rest["count"] = {"total": sum(counts.values()), "by_status": counts}
         fresh = rest["freshness"] = freshness(page.states, scope, clock())

@@ -27,7 +27,6 @@ from multidict import MultiDict, MultiMapping
 
 from .. import __version__
 from ..api.auth import Principal
-from ..api.cursor import Cursor
 from ..api.errors import ApiError, BadParameterError, NotFoundError
 from ..api.openapi import (
     CHANGE_FIELDS,
@@ -552,16 +551,19 @@ async def experiments(request: web.Request) -> web.StreamResponse:
             fresh=None,
         )
     lr = ListRequest.of(q, scope)
-    filters, sort, limit, fhash, after_key = lr.filters, lr.sort, lr.limit, lr.fhash, lr.after_key
+    filters = lr.filters
 
-    def work(conn: sqlite3.Connection) -> tuple[Any, dict[str, int], list[WorkspaceState]]:
-        page = select_experiments(conn, filters, sort, limit, after_key, include_config=False)
-        return page, count_by_status(conn, filters), store.workspaces()
+    def work(
+        conn: sqlite3.Connection,
+    ) -> tuple[Any, str | None, dict[str, int], list[WorkspaceState]]:
+        start = lr.after_key(conn)
+        page = select_experiments(conn, filters, lr.sort, lr.limit, start, include_config=False)
+        token = lr.next_cursor(conn, page)
+        return page, token, count_by_status(conn, filters), store.workspaces()
 
-    page, counts, states = await api.read(work)
+    page, token, counts, states = await api.read(work)
     next_url = None
-    if page.has_more and page.last_key is not None:
-        token = Cursor(sort, fhash, (page.last_key[0], page.last_key[1])).encode()
+    if token is not None:
         nq = MultiDict((k, v) for k, v in query.items() if k != "cursor")
         nq["cursor"] = token
         next_url = str(request.rel_url.with_query(nq))
