@@ -965,7 +965,7 @@ def _check_zone(v: Any) -> str | None:
 
 
 def _check_quiet_hours(v: Any) -> str | None:
-    if re.match(r"^([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d$", v):
+    if re.match(r"^([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d$", v, re.ASCII):
         return None
     return "expected HH:MM-HH:MM (UTC), e.g. 22:00-07:00"
 

@@ -91,9 +91,9 @@ READER_MMAP_BYTES = 1 << 30
 WAL_AUTOCHECKPOINT_PAGES = JOURNAL_SIZE_LIMIT_BYTES // 16384
 NEW_FILE_PAGE_SIZE = 16384
 
-_ISO_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
+_ISO_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$", re.ASCII)
 # Sweep start/finish times may carry fractions: hot sweeps often take less than a second.
-_RUN_TIME_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z$")
+_RUN_TIME_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z$", re.ASCII)
 
 SortOrder = Literal["created", "-created", "modified", "-modified", "name", "-name"]
 #: ``(sort column value, experiment_id)`` of a row: the keyset pagination cursor.

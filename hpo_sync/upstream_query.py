@@ -85,7 +85,10 @@ class Query:
 
 
 _INT_RE = re.compile(r"^[0-9]+$")
-_DATETIME_RE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})(?: (\d{2}):(\d{2}):(\d{2}))?$")
+_DATETIME_RE = re.compile(
+    r"^(\d{4})-(\d{2})-(\d{2})(?: (\d{2}):(\d{2}):(\d{2}))?$",
+    re.ASCII,  # 0-9 only
+)
 
 
 def _parse_int(name: str, value: str) -> int:

@@ -268,6 +268,17 @@ def test_the_compatible_route_filters_like_upstream() -> None:
 
 
 @pytest.mark.parametrize(
+    "value", ["٢٠٢٧-01-01", "２０２７-01-01", "2027-01-01 ٠٠:00:00", "2027-0１-01"]
+)
+def test_create_times_take_ascii_digits_only(value: str) -> None:
+    """``\\d`` matches every script's digits (and int() reads them): the documented
+    ``[0-9]`` format must not read Arabic-Indic or full-width digits as a year."""
+    for name in ("MinCreateTime", "MaxCreateTime"):
+        with pytest.raises(InvalidInputError, match=name):
+            parse_query({name: value})
+
+
+@pytest.mark.parametrize(
     "tag",
     [
         '[{"Key":"\\ud800"}]',
