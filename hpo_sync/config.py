@@ -8,6 +8,8 @@ held in :class:`Secret`, whose ``repr``/``str`` never show the value.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import difflib
 import hmac
 import ipaddress
@@ -739,7 +741,22 @@ class _Parser:
                 raise self.fail(
                     url_key, "the webhook URL holds a blank or a line break; percent-encode it"
                 )
+            try:
+                port = urlsplit(url.reveal()).port
+            except ValueError:
+                port = -1
+            if port == 0 or port == -1:
+                raise self.fail(url_key, "the webhook URL's port is not a number from 1 to 65535")
             secret = self.secret(t, tk, "secret", required=False, literal_ok=False)
+            if secret and secret[0].reveal().startswith("whsec_"):
+                # a Standard Webhooks secret is whsec_<base64>: found out now, not as every
+                # alert to this target dead-lettered at send time
+                try:
+                    base64.b64decode(secret[0].reveal()[len("whsec_") :], validate=True)
+                except binascii.Error:
+                    raise self.fail(
+                        secret[1], "a whsec_ secret must be whsec_ and base64 (as issued)"
+                    ) from None
             targets.append(
                 TargetConfig(
                     name=name,

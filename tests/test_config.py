@@ -728,6 +728,32 @@ def test_bad_targets(body: str, expected: str) -> None:
     )
 
 
+URL_KEY, SECRET_KEY = "alerts.targets[0].url_env (line 7)", "alerts.targets[0].secret_env (line 8)"
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"U": "http://127.0.0.1:99999/x"}, f"{URL_KEY}: the webhook URL's port"),
+        ({"U": "http://h:0/x"}, f"{URL_KEY}: the webhook URL's port"),
+        ({"U": "https://h", "S": "whsec_abc"}, f"{SECRET_KEY}: a whsec_ secret"),
+        ({"U": "https://h", "S": "whsec_!!!!"}, f"{SECRET_KEY}: a whsec_"),
+    ],
+)  # fmt: skip
+def test_a_target_that_could_never_be_sent_to_is_a_config_error(
+    env: dict[str, str], expected: str
+) -> None:
+    """Found when the config loads (check-config, run, a reload), not as every alert to it
+    dead-lettered with a misleading reason; and the secret itself is never quoted."""
+    body = 'name = "x"\ntype = "webhook"\nurl_env = "U"\nsecret_env = "S"\n'
+    message = error(f"{MINIMAL}\n[[alerts.targets]]\n{body}", env={"S": "whsec_YWJj", **env})
+    assert message.startswith(expected), message
+    assert "abc" not in message and "!!!!" not in message
+    # a good whsec_ secret and a URL with a port are fine
+    ok = f"{MINIMAL}\n[[alerts.targets]]\n{body}"
+    config.loads(ok, env={"U": "http://127.0.0.1:8080/x", "S": "whsec_YWJj"})
+
+
 def test_duplicate_target_names() -> None:
     text = (
         f'{TARGET}url_env = "U"\n'
