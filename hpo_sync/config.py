@@ -8,8 +8,6 @@ held in :class:`Secret`, whose ``repr``/``str`` never show the value.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import difflib
 import hmac
 import ipaddress
@@ -28,6 +26,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import structlog
 
+from .alerts.signing import webhook_key
 from .errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/hpo-sync/config.toml")
@@ -309,7 +308,7 @@ def loads(text: str, *, source: Path | None = None, env: Mapping[str, str] | Non
 
 
 def _parse_toml(text: str, source: Path | None) -> dict[str, Any]:
-    text = text.removeprefix("\ufeff")
+    """The TOML of ``text`` (its byte order mark already removed)."""
     try:
         data = tomllib.loads(text)
     except RecursionError:
@@ -741,19 +740,18 @@ class _Parser:
                 raise self.fail(
                     url_key, "the webhook URL holds a blank or a line break; percent-encode it"
                 )
+            # Found out now, not as every alert to this target dead-lettered at send time.
             try:
-                port = urlsplit(url.reveal()).port
-            except ValueError:
-                port = -1
-            if port == 0 or port == -1:
+                port_ok = urlsplit(url.reveal()).port != 0
+            except ValueError:  # not a number, or past 65535
+                port_ok = False
+            if not port_ok:
                 raise self.fail(url_key, "the webhook URL's port is not a number from 1 to 65535")
             secret = self.secret(t, tk, "secret", required=False, literal_ok=False)
-            if secret and secret[0].reveal().startswith("whsec_"):
-                # a Standard Webhooks secret is whsec_<base64>: found out now, not as every
-                # alert to this target dead-lettered at send time
+            if secret:
                 try:
-                    base64.b64decode(secret[0].reveal()[len("whsec_") :], validate=True)
-                except binascii.Error:
+                    webhook_key(secret[0].reveal())  # the key the signer will use
+                except ValueError:
                     raise self.fail(
                         secret[1], "a whsec_ secret must be whsec_ and base64 (as issued)"
                     ) from None

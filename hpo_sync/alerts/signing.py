@@ -29,9 +29,11 @@ def feishu_sign(secret: str, timestamp_s: int) -> str:
 
 
 def webhook_key(secret: str) -> bytes:
-    """The HMAC key of a Standard Webhooks secret: ``whsec_<base64>`` decoded, else the text."""
+    """The HMAC key of a Standard Webhooks secret: ``whsec_<base64>`` decoded, else the text.
+    A ``whsec_`` secret that is not base64 is a ValueError (``binascii.Error``); the config
+    refuses it with this function when it loads."""
     if secret.startswith("whsec_"):
-        return base64.b64decode(secret[len("whsec_") :])
+        return base64.b64decode(secret[len("whsec_") :], validate=True)
     return secret.encode()
 
 

@@ -1013,8 +1013,7 @@ class ListRequest:
         """The cursor of the page after ``page`` (read on ``conn``), if there is one."""
         if not page.has_more or page.last_key is None:
             return None
-        key = (page.last_key[0], page.last_key[1])
-        return Cursor.after(conn, self.sort, self.fhash, key).encode()
+        return Cursor.after(conn, self.sort, self.fhash, page.last_key).encode()
 
 
 async def list_experiments(request: web.Request) -> web.Response:
