@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime, timedelta
 from urllib.parse import parse_qs, urlsplit
 
@@ -357,16 +358,27 @@ def test_render_shapes() -> None:
 @pytest.mark.parametrize(
     "ttype", ["slack", "discord", "dingtalk", "feishu", "lark", "wecom", "teams"]
 )
-def test_render_respects_limits_and_loses_nothing(ttype: str) -> None:
+def test_render_respects_limits_and_leaves_the_rest_for_later_rounds(ttype: str) -> None:
+    """At most 3 messages a round, each within the target's limit, holding the oldest alerts
+    in order; the rest are in no message (they stay pending), never summed up as "… and N
+    more": round after round, every alert goes out listed, exactly once."""
     items = [_item(i, name="实验_" + "x" * 40) for i in range(1, 801)]
-    messages = render(ttype, items, keyword="kw")
-    assert 1 <= len(messages) <= 3
     limit, _ = LIMITS[ttype]
-    for m in messages:
-        assert size_of(ttype, m.payload) <= limit
-    ids = [i for m in messages for i in m.outbox_ids]
-    assert sorted(ids) == list(range(1, 801))
-    assert "… and " in json.dumps(messages[-1].payload, ensure_ascii=False)
+    rest, rounds, listed = items, 0, []
+    while rest:
+        messages = render(ttype, rest, keyword="kw")
+        assert 1 <= len(messages) <= 3
+        rounds += 1
+        for m in messages:
+            assert size_of(ttype, m.payload) <= limit
+            text = json.dumps(m.payload, ensure_ascii=False)
+            assert "… and " not in text
+            listed += [int(n) for n in re.findall(r"\(exp-(\d+)\)", text)]
+        ids = [i for m in messages for i in m.outbox_ids]
+        assert ids == [i.outbox_id for i in rest[: len(ids)]]
+        rest = rest[len(ids) :]
+    assert listed == list(range(1, 801))
+    assert rounds > 1  # 800 alerts fit 3 messages of no chat target
 
 
 @pytest.mark.parametrize(
@@ -424,16 +436,20 @@ def test_form_messages_sends_a_stored_message_again_and_new_alerts_apart() -> No
 
 
 def test_form_messages_keeps_a_digest_as_it_was_split() -> None:
-    """A split digest retried with new alerts: its messages go again as they were, the new
-    alerts in new messages."""
+    """A split digest retried with new alerts: its messages go again as they were; the
+    alerts no message held yet (past the round's 3) and the new ones go in new messages."""
     items = [_item(i) for i in range(1, 41)]
     first = form_messages("discord", items, {})
     assert len(first) == 3 and all(f.message_id is None for f in first)
     names = {i: f"m{n}" for n, f in enumerate(first) for i in f.message.outbox_ids}
+    waiting = [i for i in range(1, 44) if i not in names]
+    assert waiting[0] > max(names) and waiting[-3:] == [41, 42, 43]
     again = form_messages("discord", [*items, *(_item(i) for i in range(41, 44))], names)
     assert [f.message for f in again[:3]] == [f.message for f in first]
     assert [f.message_id for f in again[:3]] == ["m0", "m1", "m2"]
-    assert [(f.message_id, f.message.outbox_ids) for f in again[3:]] == [(None, (41, 42, 43))]
+    fresh = [i for f in again[3:] for i in f.message.outbox_ids]
+    assert all(f.message_id is None for f in again[3:])
+    assert fresh == waiting[: len(fresh)] and fresh
 
 
 def test_form_messages_keeps_a_stored_message_whole_after_a_type_change() -> None:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,7 +23,7 @@ from structlog.testing import capture_logs
 
 from hpo_sync.alerts import outbox as queue
 from hpo_sync.alerts.receivers import Receivers
-from hpo_sync.alerts.service import RATE_LIMITS, AlertWorker
+from hpo_sync.alerts.service import RATE_LIMITS, AlertWorker, backoff_s
 from hpo_sync.alerts.signing import dingtalk_sign
 from hpo_sync.config import (
     AlertsConfig,
@@ -307,9 +309,18 @@ async def test_wrong_signing_secret_is_dead_lettered(
     assert "19021" in errors[0] and "310000" in errors[1]
 
 
+def _listed(got: list[Any]) -> list[str]:
+    """The experiment ids the received messages list, in order."""
+    return [
+        m for r in got for m in re.findall(r"\((e\d{4})\)", json.dumps(r.body, ensure_ascii=False))
+    ]
+
+
 async def test_burst_at_a_20_per_minute_target(
     receivers: Receivers, store: Store, db: Path
 ) -> None:
+    """A round sends at most 3 messages a target, the oldest alerts listed in full; what
+    they do not hold stays pending for the next round, not summed up as sent."""
     worker = AlertWorker(store, make_config(db, receivers, ("dingtalk", "wecom")))
     world = World(store, worker, 500)
     world.fail(world.ids)
@@ -317,11 +328,114 @@ async def test_burst_at_a_20_per_minute_target(
     assert await worker.run_once(now=now() + timedelta(seconds=6)) <= 6
     await worker.close()
     assert receivers.rejected == []
-    assert {r["status"] for r in outbox(db)} == {"sent"}
+    rows = outbox(db)
     for kind in ("dingtalk", "wecom"):
         got = receivers.of(token(kind))
         assert 1 <= len(got) <= 3
-        assert "… and" in json.dumps(got[-1].body, ensure_ascii=False)
+        listed = _listed(got)
+        assert listed == world.ids[: len(listed)]
+        mine = [r for r in rows if r["target"] == f"t-{kind}"]
+        assert [r["status"] for r in mine] == ["sent"] * len(listed) + ["pending"] * (
+            500 - len(listed)
+        )
+        assert all(r["message_id"] is None for r in mine[len(listed) :])
+        assert "… and" not in json.dumps(got, default=vars, ensure_ascii=False)
+
+
+async def test_a_backlog_goes_out_whole_over_later_rounds_at_the_rate_limit(
+    store: Store, db: Path
+) -> None:
+    """Hundreds of alerts at 20-a-minute targets: round after round, every alert is listed
+    in exactly one message, in order, and the receivers (which enforce the documented
+    limits) refuse none. Both clocks run 200 times fast: a minute is 0.3 s."""
+    speed = 200.0
+    r = Receivers(
+        secrets={token(k): v for k, v in SECRETS.items()},
+        keywords={token("dingtalk"): "hpo-sync"},
+        clock=lambda: time.monotonic() * speed,
+    )
+    await r.start()
+    try:
+        limits = {k: tuple((n, p / speed) for n, p in w) for k, w in RATE_LIMITS.items()}
+        worker = AlertWorker(store, make_config(db, r, ("dingtalk", "wecom")), rate_limits=limits)
+        world = World(store, worker, 600)
+        world.fail(world.ids)
+        at = now() + timedelta(seconds=6)
+        rounds = 0
+        while any(row["status"] == "pending" for row in outbox(db)):
+            rounds += 1
+            assert rounds <= 100, "the backlog does not drain"
+            await worker.run_once(now=at)
+        await worker.close()
+    finally:
+        await r.stop()
+    assert r.rejected == [] and rounds > 1
+    assert {row["status"] for row in outbox(db)} == {"sent"}
+    for kind in ("dingtalk", "wecom"):
+        assert _listed(r.of(token(kind))) == world.ids
+    assert len(r.of(token("wecom"))) > 20  # past a minute's limit: the limiter paced them
+
+
+async def test_a_target_that_asks_to_wait_holds_the_rest_of_its_backlog_too(
+    receivers: Receivers, store: Store, db: Path
+) -> None:
+    """Rate limited on the first message of a round: the alerts no message of that round
+    held wait as long, rather than go next round to a target that asked to wait."""
+    worker = AlertWorker(store, make_config(db, receivers, ("wecom",)), rate_limits={})
+    world = World(store, worker, 200)
+    world.fail(world.ids)
+    receivers.fail(token("wecom"), errcode=45009, times=1)
+    at = now() + timedelta(seconds=6)
+    assert await worker.run_once(now=at) == 0
+    assert await worker.run_once(now=at + timedelta(seconds=1)) == 0
+    await worker.close()
+    assert len(receivers.rejected) == 1 and receivers.received == []
+    rows = outbox(db)
+    assert {(row["status"], row["attempts"]) for row in rows} == {("pending", 1)}
+    assert len({row["next_attempt_at"] for row in rows}) == 1
+
+
+async def test_a_target_that_refuses_messages_gets_the_rest_of_its_backlog_after_a_backoff(
+    receivers: Receivers, store: Store, db: Path
+) -> None:
+    """A bad URL refuses every message: this round's are dead-lettered, the alerts past the
+    round's cap wait out a backoff (not a request a second), then go once the target takes
+    messages again."""
+    worker = AlertWorker(store, make_config(db, receivers, ("wecom",)), rate_limits={})
+    world = World(store, worker, 200)
+    world.fail(world.ids)
+    receivers.fail(token("wecom"), errcode=93000)
+    at = now() + timedelta(seconds=6)
+    assert await worker.run_once(now=at) == 0
+    assert await worker.run_once(now=at + timedelta(seconds=1)) == 0
+    refused = len(receivers.rejected)
+    assert 1 <= refused <= 3  # the first round's only
+    rows = outbox(db)
+    dead = [r for r in rows if r["status"] == "dead"]
+    held = [r for r in rows if r["status"] == "pending"]
+    assert dead and held and len(dead) + len(held) == 200
+    assert all("93000" in r["last_error"] for r in dead)
+    assert all(r["attempts"] == 1 and "held back" in r["last_error"] for r in held)
+    receivers.fail(token("wecom"), "ok")  # the target was fixed
+    later = at + timedelta(seconds=backoff_s(1) + 1)
+    assert await worker.run_once(now=later) >= 1
+    await worker.close()
+    assert receivers.received and len(receivers.rejected) == refused
+
+
+def test_the_due_limit_is_per_target(store: Store, db: Path) -> None:
+    """One target's long backlog never keeps another's newer alerts from being read."""
+    r = Receivers()
+    ding = AlertWorker(store, make_config(db, r, ("dingtalk",)), rate_limits={})
+    world = World(store, ding, 5)
+    world.fail(world.ids[:3])  # rows 1-3: dingtalk's backlog
+    world.worker = AlertWorker(store, make_config(db, r, ("dingtalk", "wecom")), rate_limits={})
+    world.fail(world.ids[3:])  # rows 4-7: dingtalk, wecom, dingtalk, wecom
+    with store.reader() as conn:
+        due = queue.due_rows(conn, now(), limit=2)
+    assert [(r.target, r.id) for r in due] == [
+        ("t-dingtalk", 1), ("t-dingtalk", 2), ("t-wecom", 5), ("t-wecom", 7)
+    ]  # fmt: skip
 
 
 async def test_restart_resumes_pending_and_does_not_resend(receivers: Receivers, db: Path) -> None:

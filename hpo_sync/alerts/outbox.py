@@ -109,13 +109,22 @@ def _read_due(
             out[r[0]] = DueRow(*r)
 
 
-def due_rows(conn: sqlite3.Connection, now: datetime, limit: int = 5000) -> list[DueRow]:
-    """Pending rows due at ``now``, oldest first, and every pending row of a message one of
-    them was sent in before (``limit`` may cut a message: it goes again whole or not at all,
-    since a receiver that got a message's id once drops whatever comes later under it)."""
+def due_rows(conn: sqlite3.Connection, now: datetime, limit: int = 1000) -> list[DueRow]:
+    """Pending rows due at ``now``, oldest first, at most ``limit`` per target, and every
+    pending row of a message one of them was sent in before (``limit`` may cut a message: it
+    goes again whole or not at all, since a receiver that got a message's id once drops
+    whatever comes later under it).
+
+    The limit is per target: a target working through a long backlog at its rate limit
+    (WeCom: 20 messages a minute) never keeps the others' newer alerts from being read."""
     out: dict[int, DueRow] = {}
     due = "(o.next_attempt_at IS NULL OR o.next_attempt_at <= ?)"
-    _read_due(conn, due, (format_time(now), limit), out)
+    targets = [
+        t for (t,) in conn.execute("SELECT DISTINCT target FROM alert_outbox WHERE status = ?",
+                                   (PENDING,))
+    ]  # fmt: skip
+    for target in targets:
+        _read_due(conn, f"o.target = ? AND {due}", (target, format_time(now), limit), out)
     messages = sorted({r.message_id for r in out.values() if r.message_id is not None})
     for start in range(0, len(messages), 500):
         chunk = tuple(messages[start : start + 500])

@@ -1,7 +1,8 @@
 """Render a digest of alerts into each target type's message body (pure).
 
-A digest that does not fit one message is split into several, at most ``max_messages``;
-past that the last message ends with "… and N more".
+A digest that does not fit one message is split into several, at most ``max_messages`` a
+delivery round; what does not fit those is in no message and stays pending for the next
+round, so a backlog goes out in full, paced by the target's rate limit.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ def console_link(template: str, region: str, workspace: str, experiment_id: str)
 
 @dataclass(frozen=True)
 class Message:
-    """One request body and the outbox rows it announces (listed or counted in "N more")."""
+    """One request body and the outbox rows it announces (listed, or counted in "… and N
+    more" by a message sent again that no longer fits: see :func:`form_messages`)."""
 
     payload: dict[str, Any]
     outbox_ids: tuple[int, ...]
@@ -233,12 +235,14 @@ def render(
     keyword: str | None = None,
     max_messages: int = MAX_MESSAGES,
 ) -> list[Message]:
-    """Messages announcing ``items`` (every item is in exactly one message's ``outbox_ids``).
+    """Messages announcing ``items``, at most ``max_messages``: every item is in at most one
+    message's ``outbox_ids``, and those past the last message (in order) are in none; the
+    caller leaves them pending for its next round.
 
     Each message is rendered from its own items alone (:func:`render_message`), its heading
     counting them: a message sent again later is rendered again from the same items, and
     comes out the same."""
-    planned = _pack(target_type, items, keyword, max_messages)
+    planned = _pack(target_type, items, keyword, max_messages, defer_rest=True)
     if len(planned) == 1:  # already rendered from these items alone
         return planned
     out: list[Message] = []
@@ -261,10 +265,16 @@ def render_message(
 
 
 def _pack(
-    target_type: str, items: Sequence[AlertItem], keyword: str | None, max_messages: int
+    target_type: str,
+    items: Sequence[AlertItem],
+    keyword: str | None,
+    max_messages: int,
+    *,
+    defer_rest: bool = False,
 ) -> list[Message]:
     """Fill messages with ``items`` in order, as many as fit each, under a heading counting
-    all of ``items``; the last of ``max_messages`` counts the rest in "… and N more"."""
+    all of ``items``. What does not fit ``max_messages`` is left out (``defer_rest``) or
+    counted in "… and N more" at the end of the last one."""
     if not items:
         return []
     if target_type == "webhook":
@@ -294,12 +304,14 @@ def _pack(
                 break
             lines, ids = candidate, [*ids, items[i].outbox_id]
             i += 1
-        if last and i < total:
+        if last and i < total and not defer_rest:
             rest = items[i:]
             lines.append(_more(len(rest)))
             ids.extend(r.outbox_id for r in rest)
             i = total
         messages.append(Message(_payload(target_type, lines, head), tuple(ids)))
+        if last:
+            break
     return messages
 
 
@@ -342,11 +354,11 @@ def form_messages(
             # No longer one message holding exactly these alerts: fall back to grouping them
             # afresh, under new ids, rather than send an id that does not describe its
             # message. The present renderer never gets here: render_message counts in
-            # "… and N more" what does not fit (as the last message of a big digest always
-            # did), so a message whose target's type or keyword changed since still goes
-            # whole under its id. Regrouped, its alerts would reach a receiver that already
-            # has them again, under new ids; and a message that overflowed when it was
-            # formed cannot be told from one that overflows only now.
+            # "… and N more" what does not fit (a message of an earlier version's digest may
+            # hold such a count), so a message whose target's type or keyword changed since
+            # still goes whole under its id. Regrouped, its alerts would reach a receiver
+            # that already has them again, under new ids; and a message that overflowed
+            # when it was formed cannot be told from one that overflows only now.
             fresh.extend(group)
     fresh.sort(key=lambda i: i.outbox_id)
     formed.extend(Formed(m, None) for m in render(target_type, fresh, keyword=keyword))

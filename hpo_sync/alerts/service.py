@@ -421,6 +421,7 @@ class AlertWorker:
         messages = [f.message for f in formed]
         attempts = {r.id: r.attempts for r in group}
         sent = 0
+        refused: Dead | None = None
         for i, (message, msg_id) in enumerate(zip(messages, names, strict=True)):
             outcome = await self._send(target, message, msg_id)
             n = max(attempts[x] for x in message.outbox_ids) + 1
@@ -428,11 +429,29 @@ class AlertWorker:
             if isinstance(outcome, Sent):
                 sent += 1
             elif isinstance(outcome, Retry):
-                # Whatever is left of this digest waits as long as this message does.
-                rest = [x for m in messages[i + 1 :] for x in m.outbox_ids]
+                # Whatever is left of this digest waits as long as this message does: the
+                # messages after it, and the alerts no message of this round holds (past
+                # its cap), which would otherwise go next round, to a target that just
+                # asked to wait, ahead of older alerts.
+                held = {x for m in messages[: i + 1] for x in m.outbox_ids}
+                rest = [r.id for r in group if r.id not in held]
                 if rest:
                     await self._record(target.name, rest, outcome, now, n)
                 break
+            else:
+                refused = outcome
+        else:
+            if refused is not None:
+                # A target that refused a message (a bad token or URL refuses them all)
+                # gets the alerts past this round's cap after a backoff, not a round later:
+                # a long backlog must not become a request a second to a dead end. They
+                # go as soon as the backoff ends, e.g. once a reload fixed the target.
+                held = {x for m in messages for x in m.outbox_ids}
+                rest = [r.id for r in group if r.id not in held]
+                if rest:
+                    n = max(attempts[x] for x in rest) + 1
+                    reason = f"held back: the target refused a message ({refused.reason})"
+                    await self._record(target.name, rest, Retry(reason), now, n)
         return sent
 
     def _name(self, formed: list[Formed]) -> list[str]:
