@@ -214,6 +214,11 @@ def quiet_stream(stream: TextIO) -> None:
 def cmd_check_config(args: argparse.Namespace) -> int:
     setup_logging(args)
     cfg = load_config(args)
+    # What `run` refuses to start with, beyond the config's own rules: the API's listen
+    # address without tokens anywhere but on loopback.
+    from .api.auth import check_listen_allowed
+
+    check_listen_allowed(cfg.api.host_port[0], cfg.api.tokens)
     print(f"# {cfg.source}: OK")
     print(json.dumps(config_mod.redacted(cfg), indent=2, ensure_ascii=False))
     return EXIT_OK

@@ -815,6 +815,20 @@ def test_config_warnings_never_reach_a_commands_output(db: Path, tmp_path: Path)
     assert "secret" not in proc.stderr and "a-token-value" not in proc.stderr
 
 
+def test_check_config_refuses_what_run_refuses(db: Path, tmp_path: Path) -> None:
+    """An API listening beyond loopback without tokens: `run` exits 2 on it, so
+    `check-config` must not call the same file OK."""
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'[store]\npath = "{db}"\n[[workspaces]]\nid = "ws1"\n[api]\nlisten = "0.0.0.0:8787"\n'
+    )
+    proc = hpo_sync("--config", str(config), "check-config")
+    assert proc.returncode == 2 and "api.listen" in proc.stderr, proc.stderr
+    assert "OK" not in proc.stdout
+    config.write_text(config.read_text().replace("0.0.0.0", "127.0.0.1"))
+    assert hpo_sync("--config", str(config), "check-config").returncode == 0
+
+
 def test_read_commands_need_only_the_configs_store_section(db: Path, tmp_path: Path) -> None:
     """An operator queries the production mirror without the daemon's environment: the
     token and webhook variables it names are not set here."""
