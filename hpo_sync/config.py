@@ -898,8 +898,11 @@ def _non_empty(v: Any) -> str | None:
 
 
 #: What a workspace id may look like: PAI's are decimal numbers; anything printable without
-#: spaces is let through (it goes upstream as a query parameter and is refused there).
-_WORKSPACE_ID_RE = re.compile(r"[^\s\x00-\x1f\x7f]{1,128}")
+#: spaces is let through (it goes upstream as a query parameter and is refused there). The
+#: read API takes the same ids (``api.openapi``).
+WORKSPACE_ID_MAX_LEN = 128
+WORKSPACE_ID_CHARS = r"[^\s\x00-\x1f\x7f]"
+_WORKSPACE_ID_RE = re.compile(rf"{WORKSPACE_ID_CHARS}{{1,{WORKSPACE_ID_MAX_LEN}}}")
 
 
 def _warn_if_exposed(path: Path, key: str) -> None:

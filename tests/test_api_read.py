@@ -752,6 +752,8 @@ async def test_sync_now_queues_a_sweep_for_admins(rig: ApiRig) -> None:
         ("/v1/experiments", {"creator": "u\x00"}, "creator"),
         ("/v1/experiments", {"tag": "team:nlp\x00"}, "tag"),
         ("/v1/experiments", {"workspace": "a b"}, "workspace"),
+        ("/v1/experiments", {"workspace": "9" * 129}, "workspace"),
+        ("/v1/changes", {"workspace": "a\tb"}, "workspace"),
         ("/v1/experiments", [("status", "RUNNING")] * 11, "status"),
         ("/v1/changes", {"after": "-5"}, "after"),
         ("/v1/changes", {"after": "99999999999999999999"}, "after"),
@@ -774,6 +776,18 @@ async def test_bad_input_is_a_400_naming_the_parameter(
     assert reply.body["error"]["param"] == param
     assert reply.body["error"]["code"] == "bad_parameter"
     assert param in reply.body["error"]["message"]
+
+
+@pytest.mark.parametrize("workspace", ["团队/nlp#1", "ws:a.b_c-d", "9" * 128, "a+b%20c", "100001"])
+async def test_every_workspace_the_config_takes_can_be_named(rig: ApiRig, workspace: str) -> None:
+    """The workspace parameter takes the ids a config takes (printable, no spaces, at most
+    128 characters), so no configured workspace is out of the API's reach."""
+    from hpo_sync.config import _WORKSPACE_ID_RE
+
+    assert _WORKSPACE_ID_RE.fullmatch(workspace)
+    listed = await rig.ok("/v1/experiments", {"workspace": workspace, "limit": "1"})
+    assert (listed["experiments"] != []) == (workspace == WS1)
+    await rig.ok("/v1/changes", {"workspace": workspace, "limit": "1"})
 
 
 async def test_unknown_routes_methods_and_big_bodies_get_json_errors(rig: ApiRig) -> None:

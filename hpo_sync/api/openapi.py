@@ -18,7 +18,7 @@ from typing import Any, Literal
 from multidict import MultiMapping
 
 from .. import __version__
-from ..config import EXPERIMENT_STATUSES
+from ..config import EXPERIMENT_STATUSES, WORKSPACE_ID_CHARS, WORKSPACE_ID_MAX_LEN
 from ..normalise import format_time, parse_time, round_up_fraction
 from .errors import BadParameterError
 
@@ -60,7 +60,9 @@ TIME_PATTERN = (
 CONTROL_CHARS = r"\u0000-\u001F\u007F-\u009F"
 TEXT_PATTERN = rf"^[^{CONTROL_CHARS}]*$"
 TAG_PATTERN = rf"^[^:{CONTROL_CHARS}]+(:[^{CONTROL_CHARS}]*)?$"
-ID_PATTERN = r"^[A-Za-z0-9_.:-]+$"
+#: A workspace id as the config takes one (printable, no spaces): every configured workspace
+#: can be named.
+WORKSPACE_PATTERN = rf"^{WORKSPACE_ID_CHARS}+$"
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,8 +223,8 @@ _WORKSPACE = Param(
     "Only this workspace; repeat for several. A token limited to some workspaces may name "
     "only those (403 otherwise) and sees only those when none is named.",
     repeatable=True,
-    max_length=64,
-    pattern=ID_PATTERN,
+    max_length=WORKSPACE_ID_MAX_LEN,
+    pattern=WORKSPACE_PATTERN,
 )
 
 _FRACTIONS = (
@@ -349,8 +351,8 @@ CHANGES_PARAMS: tuple[Param, ...] = (
         "string",
         "Only this workspace's changes; repeat for several (limited tokens: only theirs).",
         repeatable=True,
-        max_length=64,
-        pattern=ID_PATTERN,
+        max_length=WORKSPACE_ID_MAX_LEN,
+        pattern=WORKSPACE_PATTERN,
     ),
     _FIELD,
     Param(
@@ -380,8 +382,8 @@ SYNC_PARAMS: tuple[Param, ...] = (
         "string",
         "The configured workspace to sweep.",
         required=True,
-        max_length=64,
-        pattern=ID_PATTERN,
+        max_length=WORKSPACE_ID_MAX_LEN,
+        pattern=WORKSPACE_PATTERN,
     ),
     Param(
         "mode",
