@@ -346,18 +346,20 @@ class SweepProcess:
             log.info("sync.process_exited", pid=proc.pid, exit=how)
             return
         log.error("sync.process_died", pid=proc.pid, exit=how, sweeps_lost=len(orphans))
+        why = f": killed, {self._killed_because}" if self._killed_because else ""
+        died = f"the sweep process (pid {proc.pid}) exited ({how}){why}"
         if orphans:
             # Their sync_runs rows still say "running": close them as any restart would
-            # (every sweep of this daemon ran in that child, so none is still running).
+            # (every sweep of this daemon ran in that child, so none is still running),
+            # saying what happened: the daemon itself kept running.
             with contextlib.suppress(HpoSyncError):
                 await asyncio.to_thread(
-                    self._store.abandon_running_runs, format_time(self._clock())
+                    self._store.abandon_running_runs,
+                    format_time(self._clock()),
+                    error=f"interrupted: {died}",
                 )
-        why = f": killed, {self._killed_because}" if self._killed_because else ""
         for future in orphans:
-            future.set_exception(
-                SweepProcessError(f"the sweep process (pid {proc.pid}) exited ({how}){why}")
-            )
+            future.set_exception(SweepProcessError(died))
 
 
 # =============================================================================================
