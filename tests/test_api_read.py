@@ -790,6 +790,24 @@ async def test_every_workspace_the_config_takes_can_be_named(rig: ApiRig, worksp
     await rig.ok("/v1/changes", {"workspace": workspace, "limit": "1"})
 
 
+async def test_an_experiment_with_a_very_long_id_is_reachable(rig: ApiRig) -> None:
+    """Upstream bounds no id: what the list serves, the detail routes find; an id that is
+    not there is a 404 whose message does not echo it whole."""
+    run_id = rig.store.begin_run(WS1, "hot", "2030-01-01T00:00:00Z")
+    t = datetime(2030, 1, 1, tzinfo=UTC)
+    exp_id = "i" * 2000
+    rig.store.apply(
+        WS1, [new_experiment(WS1, exp_id, t)], observed_at="2030-01-01T00:00:01Z",
+        run_id=run_id, baseline=False,
+    )  # fmt: skip
+    assert (await rig.ok(f"/v1/experiments/{exp_id}"))["experiment"]["experiment_id"] == exp_id
+    history = await rig.ok(f"/v1/experiments/{exp_id}/changes")
+    assert history["changes"][0]["field"] == "Status"
+    missing = await rig.get(f"/v1/experiments/{exp_id}x")
+    assert missing.status == 404 and missing.error_code == "experiment_not_found"
+    assert len(missing.body["error"]["message"]) < 200
+
+
 async def test_unknown_routes_methods_and_big_bodies_get_json_errors(rig: ApiRig) -> None:
     missing = await rig.get("/v1/nope")
     assert missing.status == 404 and missing.error_code == "not_found"

@@ -778,7 +778,7 @@ def build_document(version: str = __version__) -> dict[str, Any]:
         "in": "path",
         "required": True,
         "description": "ExperimentId",
-        "schema": {"type": "string", "minLength": 1, "maxLength": 256},
+        "schema": {"type": "string", "minLength": 1},
     }
     bearer: list[dict[str, list[str]]] = [{"bearer": []}, {"acsBearer": []}]
     compat_params = [
