@@ -237,7 +237,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
         configured = ", ".join(cfg.workspace_ids())
         raise UsageError(f"workspace {unknown[0]!r} is not configured (configured: {configured})")
     try:
-        results = asyncio.run(_sync_once(cfg, wanted, full=args.full, bar=bar))
+        results, queued = asyncio.run(_sync_once(cfg, wanted, full=args.full, bar=bar))
     except asyncio.CancelledError:  # SIGTERM: the sweeps closed their runs as cancelled
         print("hpo-sync: sync stopped by SIGTERM", file=sys.stderr)
         return EXIT_SIGTERM
@@ -250,7 +250,18 @@ def cmd_sync(args: argparse.Namespace) -> int:
             print(result.summary(), flush=True)
     except BrokenPipeError:  # the reader left; the outcome stands
         _quiet_stdout()
+    if queued:
+        print(
+            f"hpo-sync: {queued} alert{'s' if queued != 1 else ''} still queued: the next "
+            "sync or `hpo-sync run` sends them (`hpo-sync alerts list --pending`)",
+            file=sys.stderr,
+        )
     return code
+
+
+#: How long a one-shot sync goes on delivering the alerts it queued (rounds of at most three
+#: messages a target, paced by each target's rate limit) before it leaves the rest queued.
+SYNC_ALERTS_BUDGET_S = 30.0
 
 
 async def _sync_once(
@@ -259,9 +270,13 @@ async def _sync_once(
     *,
     full: bool,
     bar: _ProgressBar | None = None,
-) -> list[Any]:
+) -> tuple[list[Any], int]:
+    """Sweep ``workspaces``; then deliver the alerts queued (by these sweeps or before),
+    for up to :data:`SYNC_ALERTS_BUDGET_S`. Returns the results and the alerts still
+    queued."""
     from datetime import UTC, datetime
 
+    from .alerts.service import AlertWorker
     from .client import UpstreamClient
     from .credentials import DefaultChainCredentials
     from .normalise import format_time
@@ -287,13 +302,24 @@ async def _sync_once(
     loop.add_signal_handler(signal.SIGTERM, main.cancel)
     try:
         await asyncio.to_thread(store.abandon_running_runs, format_time(datetime.now(UTC)))
+        # The changes a sync records alert as the daemon's do: their outbox rows are written
+        # in the same transaction, so none is lost whether or not they are sent below.
+        alerts = AlertWorker(store, cfg)
         async with UpstreamClient(cfg.upstream, DefaultChainCredentials()) as client:
             engine = SyncEngine(
-                cfg, client, store, progress=bar.update if bar is not None else None
+                cfg,
+                client,
+                store,
+                on_changes=alerts.on_changes,
+                progress=bar.update if bar is not None else None,
             )
             results = await asyncio.gather(
                 *(engine.sweep(ws, "full" if full else "auto") for ws in workspaces)
             )
+        if bar is not None:
+            bar.close()
+            bar = None
+        queued = await _deliver_alerts(alerts) if cfg.alerts.targets else 0
     except asyncio.CancelledError:
         # Each sweep closes its run when cancelled; this catches one cancelled before its
         # first await. We hold the lock, so every run still "running" is one of ours.
@@ -305,7 +331,25 @@ async def _sync_once(
             bar.close()
         await asyncio.to_thread(store.close)
         lock.release()
-    return list(results)
+    return list(results), queued
+
+
+async def _deliver_alerts(alerts: Any) -> int:
+    """Deliver what is due, round after round, until a round sends nothing or
+    :data:`SYNC_ALERTS_BUDGET_S` has passed; return the alerts still pending. Stall notices
+    are the daemon's: a sync run from cron would announce the same stall every time."""
+    from .alerts import outbox
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SYNC_ALERTS_BUDGET_S
+    try:
+        while loop.time() < deadline:
+            if not await alerts.run_once(flush=True, stalls=False):
+                break
+    finally:
+        await alerts.close()
+    with alerts.store.reader() as conn:
+        return int(outbox.counts(conn)[outbox.PENDING])
 
 
 def progress_line(state: Mapping[str, tuple[int, int]], columns: int) -> str:

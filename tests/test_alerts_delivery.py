@@ -542,6 +542,23 @@ async def test_stalled_and_recovered_workspace(
     assert events.count("alert.workspace_recovered") == 2
 
 
+async def test_a_round_without_stalls_sends_no_stall_notice(
+    receivers: Receivers, store: Store, db: Path
+) -> None:
+    """``stalls=False`` (a one-shot sync's rounds): alerts only; a stall is the daemon's
+    to announce, once, not every cron run's."""
+    cfg = make_config(db, receivers, ("webhook",), stalled_after_s=60)
+    cfg = Config(store=cfg.store, alerts=cfg.alerts, workspaces=(WorkspaceConfig("ws1", "nlp"),))
+    t = now()
+    store.record_success("ws1", "hot", format_time(t - timedelta(seconds=600)))
+    worker = AlertWorker(store, cfg)
+    await worker.run_once(now=t, stalls=False)
+    assert receivers.received == [] and worker.stalled == set()
+    await worker.run_once(now=t)
+    await worker.close()
+    assert [r.body["state"] for r in receivers.of(token("webhook"))] == ["stalled"]
+
+
 async def test_receivers_enforce_the_real_rate_limits(receivers: Receivers) -> None:
     async def post(kind: str, body: dict[str, Any]) -> tuple[int, str, dict[str, str]]:
         async with (

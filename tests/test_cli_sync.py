@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from hpo_sync.alerts.receivers import Receivers
 from hpo_sync.normalise import normalise
 from hpo_sync.sim import DEFAULT_ACCESS_KEY_ID, DEFAULT_ACCESS_KEY_SECRET
 from hpo_sync.sim.server import SimOptions, Simulator
@@ -376,3 +377,47 @@ async def test_sigterm_mid_sweep_closes_the_run_and_exits_143(tmp_path: Path) ->
             runs = conn.execute("SELECT status, finished_at, error FROM sync_runs").fetchall()
         ((status, finished_at, error),) = runs
         assert status == "failed" and finished_at and "cancelled" in error
+
+
+async def test_a_sync_alerts_on_the_changes_it_records_and_sends_them(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    """A one-shot sync (from cron, say, with no daemon) writes the outbox rows of the
+    changes it records, in the same transaction, and delivers them before it exits; what a
+    target does not take stays queued, never lost, and stderr says so."""
+    receivers = Receivers()
+    await receivers.start()
+    try:
+        cfg = write_config(tmp_path / "c.toml", sim.base_url, ["100001"])
+        hook = receivers.url("slack", "tok-slack-0123456789")
+        cfg.write_text(
+            cfg.read_text()
+            + f'\n[alerts]\n[[alerts.targets]]\nname = "team"\ntype = "slack"\nurl = "{hook}"\n'
+            '\n[[alerts.rules]]\nname = "all"\ntargets = ["team"]\n'
+        )
+        code, _, err = await run_cli("--config", str(cfg), "sync")
+        assert code == 0, err
+        assert receivers.received == []  # the baseline never alerts
+        running = [
+            e["ExperimentId"]
+            for e in sim.world.truth("100001")
+            if e["Status"] in ("RUNNING", "WAITING", "CREATED")
+        ]
+        sim.world.mutate(running[0], status="FAILED")
+        code, out, err = await run_cli("--config", str(cfg), "sync")
+        assert code == 0 and "hot ok" in out, err
+        (got,) = receivers.of("tok-slack-0123456789")
+        assert running[0] in got.body["text"] and "FAILED" in got.body["text"]
+        assert "queued" not in err
+        with sqlite3.connect(tmp_path / "mirror.db") as conn:
+            assert conn.execute("SELECT status FROM alert_outbox").fetchall() == [("sent",)]
+        # The target is down: the alert stays queued, and stderr says so.
+        await receivers.stop()
+        sim.world.mutate(running[1], status="FAILED")
+        code, out, err = await run_cli("--config", str(cfg), "sync")
+        assert code == 0 and "1 alert still queued" in err, err
+        with sqlite3.connect(tmp_path / "mirror.db") as conn:
+            rows = conn.execute("SELECT status FROM alert_outbox ORDER BY id").fetchall()
+        assert rows == [("sent",), ("pending",)]
+    finally:
+        await receivers.stop()

@@ -256,10 +256,16 @@ class AlertWorker:
         return self._session
 
     async def run_once(
-        self, *, now: datetime | None = None, flush: bool = False, wait: bool = True
+        self,
+        *,
+        now: datetime | None = None,
+        flush: bool = False,
+        wait: bool = True,
+        stalls: bool = True,
     ) -> int:
         """One round: expire, read due rows, deliver every target whose group is ready
-        (oldest row older than ``group_wait_s``, or ``flush``). Returns messages sent.
+        (oldest row older than ``group_wait_s``, or ``flush``), then (``stalls``) tell the
+        targets of workspaces that stopped syncing. Returns messages sent.
 
         Each target's delivery is a task of its own, and a target still delivering from an
         earlier round is left to finish (its new rows wait for the round after): a target
@@ -301,7 +307,8 @@ class AlertWorker:
             self._busy[target.name] = task
             task.add_done_callback(partial(self._delivered, target.name))
             started.append(task)
-        await self.check_stalls(now)
+        if stalls:
+            await self.check_stalls(now)
         if not wait:
             return 0
         return sum(await asyncio.gather(*started))
