@@ -19,6 +19,7 @@ import contextlib
 import json
 import math
 import random
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
@@ -888,13 +889,37 @@ def _loads(body: bytes) -> Any:
     orjson is several times faster, but it reads integers beyond 64 bits as floats where json
     keeps them exact: a body holding a run of 19 or more digits anywhere goes to json, as does
     anything orjson refuses and json accepts (NaN, a BOM, lone surrogates, UTF-16).
+
+    A lone surrogate escape (``"\\ud800"``, half of a pair) is valid JSON but no Unicode
+    text: no UTF-8, so no SQLite text, can hold it, and one such name would fail every
+    write of its batch. Each becomes U+FFFD, the replacement character, as a UTF-8 decoder
+    replaces what it cannot read.
     """
     if _LONG_NUMBER not in body.translate(_DIGIT_RUNS):
         try:
             return orjson.loads(body)
         except orjson.JSONDecodeError:
             pass
-    return json.loads(body)
+    value = json.loads(body)
+    if _SURROGATE_ESCAPE.search(body):  # paired escapes match too; json joined those
+        value = _replace_lone_surrogates(value)
+    return value
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _replace_lone_surrogates(value: Any) -> Any:
+    """``value`` (parsed JSON) with every lone surrogate of its strings, keys included,
+    replaced by U+FFFD."""
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_replace_lone_surrogates(v) for v in value]
+    if isinstance(value, dict):
+        return {_replace_lone_surrogates(k): _replace_lone_surrogates(v) for k, v in value.items()}
+    return value
 
 
 def _retry_after_s(acs_ms: str | None, http_s: str | None = None) -> float | None:

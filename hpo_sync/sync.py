@@ -202,14 +202,20 @@ class SyncEngine:
             except BaseExceptionGroup as group:
                 # A TaskGroup (concurrent listings, look-ups) wraps what its tasks raised.
                 first = _first_hpo_error(group)
-                if first is None:
-                    raise
-                result.status, result.error = "failed", str(first)
-                result.error_code = first.code if isinstance(first, UpstreamError) else None
+                if first is not None:
+                    result.status, result.error = "failed", str(first)
+                    result.error_code = first.code if isinstance(first, UpstreamError) else None
+                else:
+                    defects, rest = group.split(Exception)
+                    if rest is not None or defects is None:
+                        raise
+                    _defect(result, _leaves(defects)[0])
             except asyncio.CancelledError:
                 result.status, result.error = "failed", "cancelled (shutting down)"
                 await self._finish(result, tally, started)
                 raise
+            except Exception as exc:
+                _defect(result, exc)
             await self._finish(result, tally, started)
             return result
 
@@ -900,18 +906,25 @@ async def _to_the_end(future: asyncio.Future[_T]) -> _T:
     return result
 
 
+def _defect(result: SweepResult, exc: BaseException) -> None:
+    """A sweep that failed on a defect, not on upstream or store trouble: logged with its
+    traceback, and its run still closed as failed saying what, rather than left "running"
+    until the next start (and the workspace's error left empty)."""
+    log.error("sync.internal_error", workspace=result.workspace_id, mode=result.mode, exc_info=exc)
+    result.status, result.error = "failed", f"internal error: {type(exc).__name__}: {exc}"
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    """Every exception of a (nested) group, in order."""
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
+
+
 def _first_hpo_error(group: BaseExceptionGroup[BaseException]) -> HpoSyncError | None:
     """The first hpo-sync error in a (nested) exception group, fatal ones first."""
-    leaves: list[BaseException] = []
-
-    def walk(g: BaseExceptionGroup[BaseException]) -> None:
-        for e in g.exceptions:
-            if isinstance(e, BaseExceptionGroup):
-                walk(e)
-            else:
-                leaves.append(e)
-
-    walk(group)
+    leaves = _leaves(group)
     ours = [e for e in leaves if isinstance(e, HpoSyncError)]
     if len(ours) != len(leaves):
         return None  # something else went wrong too: let it surface

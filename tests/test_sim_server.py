@@ -617,6 +617,14 @@ async def test_control_api(sim: Simulator, session: aiohttp.ClientSession) -> No
         assert resp.status == 404
     async with session.post(f"{base}/_sim/mutate", json={"colour": "red"}) as resp:
         assert resp.status == 400
+    # valid JSON, but no answer could carry the name: refused, not served as a 500 later
+    lone = b'{"create": {"WorkspaceId": "100003", "Name": "bad\\ud800name"}}'
+    async with session.post(
+        f"{base}/_sim/mutate", data=lone, headers={"Content-Type": "application/json"}
+    ) as resp:
+        assert resp.status == 400 and "surrogate" in (await resp.json())["error"]
+    async with session.get(f"{base}/_sim/truth", params={"workspace": "100003"}) as resp:
+        assert resp.status == 200
     async with session.post(
         f"{base}/_sim/config",
         json={"fault_rate": 0.5, "max_qps": 7, "latency_ms": 1, "drift": True,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from structlog.testing import capture_logs
 
 from hpo_sync.client import UpstreamClient
@@ -813,3 +814,70 @@ async def test_one_empty_answer_does_not_delete_a_workspace(tmp_path: Path) -> N
         result = await rig.engine.sweep(ws, "full")
         assert result.status == "ok" and result.marked_deleted == 300
         assert_mirror_equals_truth(rig.store, rig.sim, ws)
+
+
+async def test_a_lone_surrogate_upstream_sends_is_stored_as_the_replacement_character(
+    tmp_path: Path,
+) -> None:
+    """``"\\ud800"`` is valid JSON but no text UTF-8 (or SQLite) can hold: one such name
+    used to fail every write of its workspace, forever. It is stored as U+FFFD."""
+    body = (
+        b'{"RequestId":"r","TotalCount":2,"Experiments":['
+        b'{"ExperimentId":"e1","WorkspaceId":"ws","Name":"ok\\ud800name","Status":"RUNNING",'
+        b'"Tags":[{"Key":"k\\udc00","Value":"v"}],"GmtCreateTime":"2024-01-01T00:00:00Z"},'
+        b'{"ExperimentId":"e2","WorkspaceId":"ws","Name":"pair \\ud83d\\ude00","Status":"FAILED",'
+        b'"GmtCreateTime":"2024-01-02T00:00:00Z"}]}'
+    )
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    config = Config(
+        upstream=UpstreamConfig(endpoint=f"http://127.0.0.1:{port}", max_qps=100.0),
+        store=StoreConfig(tmp_path / "mirror.db"),
+        workspaces=(WorkspaceConfig("ws"),),
+    )
+    store = Store.open(config.store.path)
+    creds = StaticCredentials(CloudCredentials(DEFAULT_ACCESS_KEY_ID, DEFAULT_ACCESS_KEY_SECRET))
+    try:
+        async with UpstreamClient(config.upstream, creds) as client:
+            result = await SyncEngine(config, client, store).sweep("ws", "full")
+        assert result.status == "ok" and result.experiments_seen == 2, result.error
+        rows = mirror_rows(store, "ws")
+        assert rows["e1"]["name"] == "ok\ufffdname"
+        assert rows["e1"]["tags"] == '[{"Key":"k\ufffd","Value":"v"}]'
+        assert rows["e2"]["name"] == "pair \U0001f600"
+    finally:
+        store.close()
+        await runner.cleanup()
+
+
+async def test_a_defect_mid_sweep_still_closes_its_run_as_failed(tmp_path: Path) -> None:
+    """Not upstream or store trouble but a bug (here: the store raising what it never
+    should): the sweep returns failed, saying what, its run is closed, not left "running",
+    and the workspace shows the error."""
+    options = SimOptions(experiments=200, workspaces=1, seed=4)
+    async for rig in make_rig(tmp_path, options):
+        ws = rig.sim.world.workspace_ids[0]
+
+        def broken(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("a defect")
+
+        rig.store.apply = broken  # type: ignore[method-assign]
+        with capture_logs() as logs:
+            result = await rig.engine.sweep(ws, "full")
+        assert result.status == "failed"
+        assert result.error == "internal error: RuntimeError: a defect"
+        assert [r.status for r in rig.store.sync_runs(ws)] == ["failed"]
+        state = rig.store.workspace_state(ws)
+        assert state is not None and state.last_error == result.error
+        assert any(e["event"] == "sync.internal_error" for e in logs)
+        del rig.store.apply  # the class's own again
+        assert (await rig.engine.sweep(ws)).status == "ok"

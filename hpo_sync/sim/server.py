@@ -728,6 +728,15 @@ class Simulator:
                 text=json.dumps({"error": "body must be a JSON object"}),
                 content_type="application/json",
             )
+        try:  # a lone surrogate escape ("\ud800") parses, but no answer could carry it
+            json.dumps(data, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise web.HTTPBadRequest(
+                text=json.dumps(
+                    {"error": "body holds text that is not Unicode (a lone surrogate)"}
+                ),
+                content_type="application/json",
+            ) from None
         return data
 
     def _guard(self, request: web.Request) -> None:
