@@ -483,6 +483,8 @@ def test_render_notice(ttype: str) -> None:
     text = json.dumps(payload, ensure_ascii=False)
     assert "workspace stalled" in text and "nlp (12345)" in text and "2024-03-01T10:00:00Z" in text
     assert "kw" in text
+    never = render_notice(ttype, "12345", None, "stalled", None)
+    assert "has not synced successfully yet" in json.dumps(never) and "never" not in str(never)
 
 
 def test_render_notice_webhook() -> None:

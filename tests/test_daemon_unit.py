@@ -339,6 +339,25 @@ def test_readiness_needs_every_workspace_synced_once() -> None:
         "backoff_until": None,
         "last_error": "boom",
         "sweeping": False,
+        "stalled": False,
     }
     assert readiness(["1"], states, {}, NOW)["ready"] is True
     assert readiness(["3"], states, {}, NOW)["ready"] is False  # configured, never seen
+
+
+def test_readiness_tells_stalled_workspaces_without_changing_the_verdict() -> None:
+    """No success for ``stalled_after_s``: stalled; a workspace never synced counts from
+    the start, as the stall notices do. Stale data is still served: still ready."""
+    states = [
+        state(workspace_id="1", last_hot_ok_at="2025-03-30T00:59:00Z"),  # 30 s before NOW
+        state(workspace_id="2"),
+    ]
+    started = NOW - timedelta(seconds=100)
+    body = readiness(["1", "2"], states, {}, NOW, stalled_after_s=60, since=started)
+    assert body["workspaces"]["1"]["stalled"] is False
+    assert body["workspaces"]["2"]["stalled"] is True
+    body = readiness(["1"], states, {}, NOW, stalled_after_s=20, since=started)
+    assert body["ready"] is True and body["workspaces"]["1"]["stalled"] is True
+    assert not readiness(["2"], states, {}, NOW, stalled_after_s=200, since=started)["workspaces"][
+        "2"
+    ]["stalled"]

@@ -384,11 +384,14 @@ def render_notice(
             "last_success_at": last_success_at,
         }
     name = f"{label} ({workspace_id})" if label else workspace_id
-    since = last_success_at or "never"
     if state == "stalled":
-        line = f"workspace {name} has not synced successfully since {since}"
+        line = (
+            f"workspace {name} has not synced successfully since {last_success_at}"
+            if last_success_at
+            else f"workspace {name} has not synced successfully yet"
+        )
     else:
-        line = f"workspace {name} syncs again (last success {since})"
+        line = f"workspace {name} syncs again (last success {last_success_at or 'unknown'})"
     head = f"hpo-sync: workspace {state}"
     if keyword and keyword not in head:
         head = f"{head} [{keyword}]"

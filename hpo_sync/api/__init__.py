@@ -17,7 +17,7 @@ from aiohttp import web
 
 from .. import __version__
 from ..alerts import outbox
-from ..config import Config
+from ..config import AlertsConfig, Config
 from ..errors import StoreError
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..normalise import format_time, parse_time
@@ -118,7 +118,14 @@ async def readyz(request: web.Request) -> web.Response:
     workspace_ids = runtime.config.workspace_ids() or tuple(s.workspace_id for s in states)
     health: Mapping[str, WorkspaceHealth] = getattr(runtime, "health", None) or {}
     now = runtime.clock()
-    body = readiness(workspace_ids, states, health, now)
+    body = readiness(
+        workspace_ids,
+        states,
+        health,
+        now,
+        stalled_after_s=runtime.config.alerts.stalled_after_s,
+        since=runtime.started_at,
+    )
     body["alerts"] = alert_backlog(pending, oldest, now)
     return web.json_response(body, status=200 if body["ready"] else 503)
 
@@ -130,6 +137,13 @@ async def metrics(request: web.Request) -> web.Response:
     runtime = request.app[HOST]
     payload = await asyncio.to_thread(runtime.metrics.render)
     return web.Response(body=payload, headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+DEFAULT_STALLED_AFTER_S = AlertsConfig().stalled_after_s
+
+
+def _stalled(last: datetime | None, now: datetime, after_s: float) -> bool:
+    return last is not None and (now - last).total_seconds() > after_s
 
 
 def alert_backlog(pending: int, oldest: str | None, now: datetime) -> dict[str, Any]:
@@ -152,9 +166,15 @@ def readiness(
     states: Iterable[WorkspaceState],
     health: Mapping[str, WorkspaceHealth],
     now: datetime,
+    *,
+    stalled_after_s: float = DEFAULT_STALLED_AFTER_S,
+    since: datetime | None = None,
 ) -> dict[str, Any]:
     """The ``/readyz`` body (pure): per configured workspace, when it last synced OK and how
-    old that makes its data, and whether it is failing now."""
+    old that makes its data, whether it is failing now, and whether it is ``stalled``: no
+    success for ``stalled_after_s`` (``[alerts]``), counted from ``since`` (the start) for
+    one never synced, as the stall notices count. Stalled does not change the verdict:
+    stale data is still served."""
     by_id = {s.workspace_id: s for s in states}
     out: dict[str, Any] = {}
     ready = True
@@ -179,6 +199,7 @@ def readiness(
             "backoff_until": format_time(h.retry_at) if h and h.retry_at else None,
             "last_error": h.last_error if h else None,
             "sweeping": h.sweeping if h else False,
+            "stalled": _stalled(last_ok or since, now, stalled_after_s),
         }
         ready = ready and last_ok is not None
         out[ws] = entry
