@@ -446,12 +446,18 @@ class SyncEngine:
                 return
             seen_ids = listing.seen_ids | again.seen_ids
             if not _baseline_holds(listing, again, seen_ids):
+                totals = sorted(again.totals_seen)
+                why = (
+                    f"its TotalCount moved from {totals[0]} to {totals[-1]} while it was read "
+                    "again: experiments were created or deleted meanwhile"
+                    if len(totals) > 1
+                    else f"{len(seen_ids)} experiments in both readings against a TotalCount "
+                    f"of {totals[0]}"
+                )
                 result.status = "partial"
                 result.error = (
-                    f"the listing did not add up twice ({len(seen_ids)} experiments in both "
-                    f"readings against a TotalCount of {max(again.totals_seen)}): some may be "
-                    "missing, so this is no baseline; the next sync reads the workspace whole "
-                    "again"
+                    f"the listing did not add up twice ({why}): some may be missing, so this "
+                    "is no baseline; the next sync reads the workspace whole again"
                 )
                 return
             if not again.consistent and again.seen_ids == listing.seen_ids:

@@ -455,6 +455,36 @@ async def test_a_baseline_that_never_adds_up_is_partial_and_no_baseline(tmp_path
         assert_mirror_equals_truth(rig.store, rig.sim, ws)
 
 
+async def test_a_baseline_whose_count_moves_during_the_second_reading_says_so(
+    tmp_path: Path,
+) -> None:
+    """The second reading's TotalCount moved while it was paged (a creation meanwhile): no
+    baseline, and the error says that, not "N experiments against a TotalCount of N"."""
+    options = SimOptions(experiments=250, workspaces=1, seed=4, drift=False, restart_per_min=0.0)
+    async for rig in make_rig(tmp_path, options, page_size=100, max_concurrency=1):
+        ws = rig.sim.world.workspace_ids[0]
+        world, original = rig.sim.world, rig.sim.world.list
+        pages: list[str] = []
+
+        def moving(params: Any, original: Any = original, pages: Any = pages) -> Any:
+            """The first reading misses a row (page 2 short); the second's count grows by
+            one from its page 2 on."""
+            total, page = original(params)
+            pages.append(params.get("PageNumber"))
+            second = pages.count("1") > 1
+            if params.get("PageNumber") == "2" and not second:
+                page = page[1:]
+            if second and params.get("PageNumber") != "1":
+                total += 1
+            return total, page
+
+        world.list = moving  # type: ignore[method-assign]
+        result = await rig.engine.sweep(ws)
+        world.list = original  # type: ignore[method-assign]
+        assert result.status == "partial", result.error
+        assert "TotalCount moved from 250 to 251 while it was read again" in (result.error or "")
+
+
 async def test_a_baseline_that_reads_the_same_short_listing_twice_holds(tmp_path: Path) -> None:
     """Upstream counts a record it never returns (one without an ExperimentId, say): both
     readings see the same experiments under the same count. That is a stable listing with
