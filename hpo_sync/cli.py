@@ -211,14 +211,27 @@ def quiet_stream(stream: TextIO) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def check_listen(cfg: config_mod.Config, *, key: str = "api.listen") -> None:
+    """What `run` and `serve` refuse to start with beyond the config's own rules (and what
+    `check-config` therefore reports): an API listening anywhere but on loopback with no
+    tokens. A :class:`ConfigError` naming ``key`` and, for the config's own key, its line;
+    `run` checks before it starts anything."""
+    from .api.auth import check_listen_allowed
+
+    try:
+        check_listen_allowed(cfg.api.host_port[0], cfg.api.tokens)
+    except ConfigError as exc:
+        line = None
+        if key == "api.listen" and cfg.source is not None:
+            with contextlib.suppress(OSError, UnicodeDecodeError):
+                line = config_mod.index_lines(cfg.source.read_text()).get(key)
+        raise ConfigError(exc.bare_message, key=key, line=line) from None
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     setup_logging(args)
     cfg = load_config(args)
-    # What `run` refuses to start with, beyond the config's own rules: the API's listen
-    # address without tokens anywhere but on loopback.
-    from .api.auth import check_listen_allowed
-
-    check_listen_allowed(cfg.api.host_port[0], cfg.api.tokens)
+    check_listen(cfg)
     print(f"# {cfg.source}: OK")
     print(json.dumps(config_mod.redacted(cfg), indent=2, ensure_ascii=False))
     return EXIT_OK

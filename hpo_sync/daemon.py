@@ -872,6 +872,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from . import cli
 
     cfg = cli.load_config(args)
+    cli.check_listen(cfg)  # before the sweep process, the scheduler or anything else starts
     cli.setup_logging(args, cfg)
     overrides = (getattr(args, "log_level", None), getattr(args, "log_format", None))
 

@@ -823,8 +823,15 @@ def test_check_config_refuses_what_run_refuses(db: Path, tmp_path: Path) -> None
         f'[store]\npath = "{db}"\n[[workspaces]]\nid = "ws1"\n[api]\nlisten = "0.0.0.0:8787"\n'
     )
     proc = hpo_sync("--config", str(config), "check-config")
-    assert proc.returncode == 2 and "api.listen" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "api.listen (line 6): " in proc.stderr, proc.stderr
     assert "OK" not in proc.stdout
+    # `run` refuses it the same way, before it starts anything (no sweep process)
+    proc = hpo_sync("--config", str(config), "run", "--log-format", "json")
+    assert proc.returncode == 2 and "api.listen (line 6): " in proc.stderr, proc.stderr
+    assert "sync.process_started" not in proc.stderr
+    # `serve` names the flag when the address came from it
+    proc = hpo_sync("serve", "--db", str(db), "--listen", "0.0.0.0:0")
+    assert proc.returncode == 2 and "--listen: " in proc.stderr, proc.stderr
     config.write_text(config.read_text().replace("0.0.0.0", "127.0.0.1"))
     assert hpo_sync("--config", str(config), "check-config").returncode == 0
 

@@ -104,6 +104,9 @@ def serve_config(args: argparse.Namespace) -> Config:
         except ConfigError as exc:
             raise ConfigError(exc.bare_message, key="--listen") from None
         cfg = replace(cfg, api=api)
+    from .. import cli
+
+    cli.check_listen(cfg, key="--listen" if listen else "api.listen")
     return cfg
 
 
