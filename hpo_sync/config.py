@@ -742,7 +742,13 @@ class _Parser:
                 )
             # Found out now, not as every alert to this target dead-lettered at send time.
             try:
-                port_ok = urlsplit(url.reveal()).port != 0
+                parts = urlsplit(url.reveal())
+            except ValueError:  # "http://[::1/x": its text would not help (and is not shown)
+                raise self.fail(
+                    url_key, "the webhook URL's host cannot be read (an IPv6 address's [ … ]?)"
+                ) from None
+            try:
+                port_ok = parts.port != 0
             except ValueError:  # not a number, or past 65535
                 port_ok = False
             if not port_ok:

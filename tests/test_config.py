@@ -736,6 +736,7 @@ URL_KEY, SECRET_KEY = "alerts.targets[0].url_env (line 7)", "alerts.targets[0].s
     [
         ({"U": "http://127.0.0.1:99999/x"}, f"{URL_KEY}: the webhook URL's port"),
         ({"U": "http://h:0/x"}, f"{URL_KEY}: the webhook URL's port"),
+        ({"U": "http://[::1/x"}, f"{URL_KEY}: the webhook URL's host cannot be read"),
         ({"U": "https://h", "S": "whsec_abc"}, f"{SECRET_KEY}: a whsec_ secret"),
         ({"U": "https://h", "S": "whsec_!!!!"}, f"{SECRET_KEY}: a whsec_"),
     ],
