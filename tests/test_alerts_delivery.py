@@ -820,3 +820,28 @@ async def test_alerts_retry_keeps_the_webhook_id_of_a_whole_message(store: Store
     assert alone.experiments == ["e0000"] and alone.webhook_id != dead.webhook_id
     assert rest.experiments == ["e0001", "e0002"] and rest.webhook_id == dead.webhook_id
     assert {r["status"] for r in outbox(db)} == {"sent"}
+
+
+async def test_errors_an_older_version_stored_unmasked_are_masked_at_start_and_reload(
+    receivers: Receivers, store: Store, db: Path
+) -> None:
+    """`alerts list` and the web UI show last_error: a webhook URL an older version kept
+    in it (quoted by a misrouting proxy's error page) is masked when the worker starts,
+    and again on reload, for every configured target."""
+    cfg = make_config(db, receivers, ("wecom",))
+    worker = AlertWorker(store, cfg, rate_limits={})
+    world = World(store, worker, 2)
+    world.fail(world.ids)
+    url = receivers.url("wecom", token("wecom"))
+    with store.write("an older version's rows") as conn:
+        conn.execute("UPDATE alert_outbox SET status = 'dead', last_error = ?", (f"404: {url}",))
+    with capture_logs() as logs:
+        await worker.start()
+        await worker.stop()
+    errors = {r["last_error"] for r in outbox(db)}
+    assert len(errors) == 1 and token("wecom") not in errors.pop()
+    assert [e["rows"] for e in logs if e["event"] == "alert.errors_redacted"] == [2]
+    with store.write("again") as conn:
+        conn.execute("UPDATE alert_outbox SET last_error = ?", (f"HTTP 404: {token('wecom')}",))
+    await worker.reload(cfg)
+    assert all(token("wecom") not in r["last_error"] for r in outbox(db))

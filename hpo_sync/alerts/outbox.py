@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 from hpo_sync.config import RuleConfig
 from hpo_sync.normalise import format_time
 
+from .classify import MASK
 from .rules import ChangeLike, ExperimentInfo, build_events, decode_counts, decode_tags, route
 
 PENDING, SENT, DEAD = "pending", "sent", "dead"
@@ -181,6 +182,22 @@ def mark_retry(conn: sqlite3.Connection, ids: Sequence[int], next_at: datetime, 
         " WHERE id = ? AND status = 'pending'",
         [(format_time(next_at), error, i) for i in ids],
     )
+
+
+def redact_errors(conn: sqlite3.Connection, target: str, parts: Sequence[str]) -> int:
+    """Mask ``parts`` (the target's secrets, longest first, as ``classify.redact`` takes
+    them) in the ``last_error`` of the target's rows; returns how many rows changed. Errors
+    are masked as they are recorded; this cleans rows an older version recorded unmasked (a
+    webhook's error page quoting its URL)."""
+    changed = 0
+    for part in parts:
+        if part:
+            changed += conn.execute(
+                "UPDATE alert_outbox SET last_error = replace(last_error, ?, ?)"
+                " WHERE target = ? AND last_error IS NOT NULL AND instr(last_error, ?) > 0",
+                (part, MASK, target, part),
+            ).rowcount
+    return changed
 
 
 def mark_dead(

@@ -205,7 +205,18 @@ class AlertWorker:
         outbox.write_outbox(conn, rows, self.config.alerts.rules, self.clock())
 
     async def start(self) -> None:
+        await asyncio.to_thread(self._redact_stored_errors)
         self._task = asyncio.create_task(self._loop(), name="alerts.worker")
+
+    def _redact_stored_errors(self) -> None:
+        """Mask each configured target's secrets in the errors its rows hold (rows an older
+        version recorded before it masked them): they are shown by `alerts list` and the
+        web UI. At start and on reload (a target's URL may be new)."""
+        for target in self.config.alerts.targets:
+            with _write(self.store, "redact alert errors") as conn:
+                n = outbox.redact_errors(conn, target.name, target_secrets(target))
+            if n:
+                log.info("alert.errors_redacted", target=target.name, rows=n)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -222,6 +233,7 @@ class AlertWorker:
     async def reload(self, config: Config) -> None:
         self.config = config
         self._limiters = {k: v for k, v in self._limiters.items() if self._target(k)}
+        await asyncio.to_thread(self._redact_stored_errors)
 
     async def close(self) -> None:
         if self._session is not None:
