@@ -22,7 +22,7 @@ from hpo_sync.client import UpstreamClient
 from hpo_sync.config import Config, StoreConfig, UpstreamConfig, WorkspaceConfig
 from hpo_sync.credentials import CloudCredentials, StaticCredentials
 from hpo_sync.diff import replay
-from hpo_sync.normalise import Experiment, normalise
+from hpo_sync.normalise import Experiment, normalise, parse_time
 from hpo_sync.sim import DEFAULT_ACCESS_KEY_ID, DEFAULT_ACCESS_KEY_SECRET
 from hpo_sync.sim.server import SimOptions, Simulator
 from hpo_sync.store import Store
@@ -911,3 +911,47 @@ async def test_a_defect_mid_sweep_still_closes_its_run_as_failed(tmp_path: Path)
         assert any(e["event"] == "sync.internal_error" for e in logs)
         del rig.store.apply  # the class's own again
         assert (await rig.engine.sweep(ws)).status == "ok"
+
+
+async def test_an_upstream_with_exclusive_create_time_bounds_loses_no_renamed_experiment(
+    tmp_path: Path,
+) -> None:
+    """An upstream that reads MinCreateTime/MaxCreateTime as exclusive returns nothing for
+    the one-experiment window [t, t]; the look-up by name misses an experiment renamed
+    meanwhile. It finished, not vanished: no Deleted change (which alerts), one Status."""
+    options = SimOptions(
+        experiments=200, workspaces=1, seed=5, drift=False, restart_per_min=0.0,
+        bump_modified=False,
+    )  # fmt: skip
+    async for rig in make_rig(tmp_path, options):
+        ws = rig.sim.world.workspace_ids[0]
+        assert (await rig.engine.sweep(ws)).status == "ok"
+        world, original = rig.sim.world, rig.sim.world.list
+        running = [e for e in world.truth(ws) if e["Status"] == "RUNNING"]
+        victim = running[0]["ExperimentId"]
+
+        def exclusive(params: Any, original: Any = original, victim: str = victim) -> Any:
+            """Bounds read as exclusive; and the newest-modified feed does not reach the
+            victim (its modified time was not bumped, and others' were)."""
+            total, page = original(params)
+            bounds = {params.get(k) for k in ("MinCreateTime", "MaxCreateTime")} - {None}
+            edges = {parse_time(b) for b in bounds}
+            by_modified = params.get("SortBy") == "GmtModifiedTime"
+            kept = [
+                r
+                for r in page
+                if parse_time(r["GmtCreateTime"]) not in edges
+                and not (by_modified and r["ExperimentId"] == victim)
+            ]
+            return total - (len(page) - len(kept)), kept
+
+        world.list = exclusive  # type: ignore[method-assign]
+        world._live[victim].name = "renamed-since"
+        world.mutate(victim, status="FINISHED")
+        result = await rig.engine.sweep(ws, "hot")
+        world.list = original  # type: ignore[method-assign]
+        assert result.status == "ok", result.error
+        assert result.marked_deleted == 0 and result.lookups >= 1
+        mine = [c for c in rig.store.history(victim) if not c.baseline]
+        assert [(c.field, c.new_value) for c in mine] == [("Status", "FINISHED")]
+        assert_mirror_equals_truth(rig.store, rig.sim, ws)
