@@ -834,17 +834,26 @@ def _incomplete(result: SweepResult, listing: Listing) -> None:
 
 def _baseline_holds(first: Listing, again: Listing, seen_ids: Collection[str]) -> bool:
     """Whether a baseline read twice (the first reading did not add up) has every experiment:
-    the second reading adds up on its own; or its count held still and both readings
-    together saw that many; or both readings saw exactly the same experiments under the
-    same count (a stable listing: upstream's count is off, e.g. it counts a record without
-    an ExperimentId). Counts that grew while a reading was paged prove nothing: a creation
-    past the last page can make up for a row a deletion pushed off one."""
+    the second reading adds up on its own; or both readings together saw as many
+    experiments as any page of either counted, or as the second counted throughout if its
+    count held still; or both readings saw exactly the same
+    experiments under the same count (a stable listing: upstream's count is off, e.g. it
+    counts a record without an ExperimentId).
+
+    The second rule holds in a busy workspace too, whose count moves while it is read: a
+    creation lands past the last page (the listing is in create order), where the union
+    of two readings has it, so asking for a count that stands still would leave such a
+    workspace without a baseline for as long as it stays busy (every sync full, no
+    alerts). What it cannot rule out is a row a deletion pushed off a page in both
+    readings while creations made up the count: the next full sweep reads that one, as a
+    first sighting."""
     if again.consistent:
         return True
-    if len(again.totals_seen) != 1:
-        return False
-    return len(seen_ids) >= again.total_count or (
-        first.totals_seen == again.totals_seen and first.seen_ids == again.seen_ids
+    if len(seen_ids) >= max(first.totals_seen | again.totals_seen, default=0):
+        return True
+    return len(again.totals_seen) == 1 and (
+        len(seen_ids) >= again.total_count  # the second reading's count held still
+        or (first.totals_seen == again.totals_seen and first.seen_ids == again.seen_ids)
     )
 
 

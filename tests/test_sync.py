@@ -485,6 +485,42 @@ async def test_a_baseline_whose_count_moves_during_the_second_reading_says_so(
         assert "TotalCount moved from 250 to 251 while it was read again" in (result.error or "")
 
 
+async def test_a_baseline_in_a_busy_workspace_holds_when_both_readings_saw_every_count(
+    tmp_path: Path,
+) -> None:
+    """Experiments are created while the baseline is read (its count moves each time):
+    when the two readings together saw as many experiments as any page counted, that is
+    a baseline, not a partial sync left to repeat for as long as the workspace is busy."""
+    options = SimOptions(experiments=250, workspaces=1, seed=4, drift=False, restart_per_min=0.0)
+    async for rig in make_rig(tmp_path, options, page_size=100, max_concurrency=1):
+        ws = rig.sim.world.workspace_ids[0]
+        world, original = rig.sim.world, rig.sim.world.list
+        pages: list[str] = []
+
+        def busy(
+            params: Any, original: Any = original, pages: Any = pages, world: Any = world,
+            ws: str = ws,
+        ) -> Any:  # fmt: skip
+            """An experiment is created before each reading's page 2; the first reading's
+            page 2 also misses a row (so it does not add up)."""
+            number = params.get("PageNumber")
+            pages.append(number)
+            if number == "2":
+                world.mutate(create={"WorkspaceId": ws, "Name": f"new-{len(pages)}"})
+            total, page = original(params)
+            if number == "2" and pages.count("1") == 1:
+                page = page[1:]
+            return total, page
+
+        world.list = busy  # type: ignore[method-assign]
+        result = await rig.engine.sweep(ws)
+        world.list = original  # type: ignore[method-assign]
+        assert pages.count("1") == 2  # read twice
+        assert result.status == "ok" and result.baseline, result.error
+        assert rig.store.workspace_state(ws).baseline_at  # type: ignore[union-attr]
+        assert_mirror_equals_truth(rig.store, rig.sim, ws)
+
+
 async def test_a_baseline_that_reads_the_same_short_listing_twice_holds(tmp_path: Path) -> None:
     """Upstream counts a record it never returns (one without an ExperimentId, say): both
     readings see the same experiments under the same count. That is a stable listing with
