@@ -150,6 +150,34 @@ async def test_sign_in_sets_a_strict_httponly_cookie_and_sign_out_ends_it(ui: Ap
     assert (await page(ui, "/ui/"))[0] == 303
 
 
+async def test_a_next_with_a_line_break_signs_in_to_the_overview(ui: ApiRig) -> None:
+    """A crafted sign-in link whose ``next`` holds CR/LF: the reply is a redirect to the
+    overview, not a dropped connection (no header can carry a line break)."""
+    async with ui.client.post(
+        "/ui/login",
+        data={"token": TOKENS["all"][0], "next": "/ui/\r\nX-Evil: 1"},
+        headers=origin(ui),
+        allow_redirects=False,
+    ) as resp:
+        assert resp.status == 303 and resp.headers["Location"] == "/ui/"
+        assert "X-Evil" not in resp.headers
+    status, text, _ = await page(ui, "/ui/login?next=/ui/%0d%0aX-Evil:%201")
+    assert status in (200, 303), text[:300]
+
+
+async def test_behind_a_tls_proxy_the_session_cookie_is_secure(ui: ApiRig) -> None:
+    """hpo-sync speaks plain HTTP; behind the TLS-terminating proxy the docs recommend,
+    the proxy's word (X-Forwarded-Proto or Forwarded) gets the cookie its Secure flag."""
+    for proxy in ({"X-Forwarded-Proto": "https"}, {"Forwarded": "for=1.2.3.4;proto=https"}):
+        async with ui.client.post(
+            "/ui/login",
+            data={"token": TOKENS["all"][0], "next": "/ui/"},
+            headers={**origin(ui), **proxy},
+            allow_redirects=False,
+        ) as resp:
+            assert resp.status == 303 and "Secure" in _cookie_header(resp.headers), proxy
+
+
 async def test_a_wrong_token_or_a_foreign_origin_does_not_sign_in(ui: ApiRig) -> None:
     async with ui.client.post(
         "/ui/login", data={"token": "nope", "next": "/ui/"}, headers=origin(ui)
@@ -547,6 +575,7 @@ def test_small_helpers() -> None:
     assert status_class('x" onmouseover="1') == "st-other"
     assert safe_next("/ui/experiments?status=FAILED") == "/ui/experiments?status=FAILED"
     assert safe_next("//evil") == "/ui/" and safe_next(None) == "/ui/"
+    assert safe_next("/ui/\r\nX-Evil: 1") == "/ui/" and safe_next("/ui/\x00") == "/ui/"
     assert same_origin({"Origin": "http://h:1"}, "h:1")
     assert not same_origin({"Origin": "http://h:1"}, "h:2")
     assert not same_origin({}, "h:1")

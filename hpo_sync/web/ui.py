@@ -200,6 +200,8 @@ def safe_next(value: str | None) -> str:
     """Where to go after signing in: a path of the UI, never another site."""
     if not value or not value.startswith("/ui") or value.startswith("//") or "\\" in value:
         return "/ui/"
+    if not value.isprintable() or not value.isascii():  # CR/LF: no header can carry it
+        return "/ui/"
     parts = urlsplit(value)
     if parts.scheme or parts.netloc:
         return "/ui/"
@@ -428,9 +430,25 @@ async def login(request: web.Request) -> web.StreamResponse:
         max_age=SESSION_MAX_AGE_S,
         httponly=True,
         samesite="Strict",
-        secure=request.secure,
+        secure=served_over_https(request),
     )
     return response
+
+
+def served_over_https(request: web.Request) -> bool:
+    """Did the browser reach us over HTTPS? Directly (``request.secure``), or through the
+    TLS-terminating proxy the docs recommend, which says so in ``X-Forwarded-Proto`` or
+    ``Forwarded: proto=https``. Trusting the header is safe here: it only adds ``Secure``
+    to the session cookie, which a client that forged it merely fails to send back over
+    plain HTTP."""
+    if request.secure:
+        return True
+    if request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower() == "https":
+        return True
+    forwarded = request.headers.get("Forwarded", "").split(",")[0]
+    return any(
+        part.strip().lower() in ("proto=https", 'proto="https"') for part in forwarded.split(";")
+    )
 
 
 async def logout(request: web.Request) -> web.StreamResponse:
