@@ -370,8 +370,8 @@ class Daemon:
 
     def request_stop(self) -> None:
         if not self._stop.is_set():
+            self._stop.set()  # first: whatever logging does, the stop is under way
             log.info("daemon.stop_requested")
-            self._stop.set()
 
     def request_reload(self) -> None:
         self._track(asyncio.create_task(self.reload(), name="reload"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import MutableMapping
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import structlog
 
@@ -34,9 +34,40 @@ def effective_level() -> int:
     return level
 
 
+class _Outliving:
+    """A log stream that outlives its reader. Once writing fails (the pipe's reader left, as
+    in ``hpo-sync run 2>&1 | head``; a full disk), log lines are dropped instead of every
+    log call raising wherever it is made: a stop request, a sweep, a request handler."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._broken = False
+
+    def write(self, text: str) -> int:
+        if not self._broken:
+            try:
+                return int(self._stream.write(text) or 0)
+            except (OSError, ValueError):  # EPIPE, ENOSPC…; ValueError: the file was closed
+                self._broken = True
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._broken:
+            try:
+                self._stream.flush()
+            except (OSError, ValueError):
+                self._broken = True
+
+    def isatty(self) -> bool:
+        return bool(self._stream.isatty())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
     """Set up structlog and stdlib logging. ``fmt``: auto (console on a TTY), json, console."""
-    stream = stream or sys.stderr
+    stream = cast(TextIO, _Outliving(stream or sys.stderr))
     use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,

@@ -338,3 +338,35 @@ async def test_flaky_upstream_backs_off_records_failures_and_catches_up(
         assert d.events("sync.recovered")
         code, _ = await d.stop()
         assert code == 0
+
+
+async def test_a_daemon_whose_log_reader_left_still_stops_on_sigterm(tmp_path: Path) -> None:
+    """`hpo-sync run 2>&1 | head`: once the pipe's reader is gone, log lines are dropped;
+    SIGTERM still stops the daemon cleanly (it used to raise BrokenPipeError from the log
+    call before the stop was set, and run on until SIGKILL)."""
+    async with Simulator(SimOptions(experiments=60, workspaces=1, seed=3, speed=0)) as sim:
+        _, cfg = write_config(tmp_path, sim.base_url, workspaces=["100001"])
+        proc = await asyncio.create_subprocess_exec(
+            *cli("--config", str(cfg), "--log-format", "json", "run"),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=daemon_env(),
+        )
+        try:
+            assert proc.stdout is not None
+            async with asyncio.timeout(30):
+                while b"sync.finished" not in await proc.stdout.readline():
+                    pass
+            proc.stdout.feed_eof()
+            transport = proc._transport  # type: ignore[attr-defined]
+            transport.get_pipe_transport(1).close()  # the reader leaves
+            await asyncio.sleep(2.5)  # hot sweeps go on, logging into the closed pipe
+            assert proc.returncode is None
+            proc.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(20):
+                assert await proc.wait() == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
