@@ -1089,6 +1089,9 @@ class Store:
             raise StoreError("cannot back the mirror up onto itself")
         partial = dest.with_name(dest.name + ".partial")
         partial.unlink(missing_ok=True)
+        # Only the owner may read the copy, as the mirror (config texts may hold keys): the
+        # file is made 0600 before the first byte goes in, whatever the umask.
+        os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         with _mapped(self.path, f"backing up to {dest}"):
             target = sqlite3.connect(partial)
             try:

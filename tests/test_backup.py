@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
+import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -98,3 +100,23 @@ async def test_backup_without_a_mirror_says_so(tmp_path: Path) -> None:
     assert code == 2 and "does not exist" in err
     code, _, err = await run_cli("backup", "--db", str(tmp_path / "none.db"), f"{tmp_path}/new/")
     assert code == 2 and "does not exist" in err
+
+
+def test_a_backup_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    """The copy holds what the mirror holds (config texts may carry keys): mode 0600
+    whatever the umask, also when it replaces an older, readable backup."""
+    from hpo_sync.store import Store
+
+    store = Store.open(tmp_path / "mirror.db")
+    old = os.umask(0o022)
+    try:
+        dest = tmp_path / "copy.db"
+        dest.write_text("an older backup")
+        dest.chmod(0o644)
+        store.backup(dest, overwrite=True)
+    finally:
+        os.umask(old)
+        store.close()
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o600
+    with sqlite3.connect(dest) as conn:
+        assert conn.execute("PRAGMA quick_check").fetchone() == ("ok",)

@@ -57,6 +57,8 @@ def test_unit_has_the_service_contract() -> None:
     assert d["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     assert d["Restart"] == ["on-failure"]
     assert d["RestartPreventExitStatus"] == ["2"]  # config errors: a restart cannot help
+    # a failure that persists (a newer mirror, the lock held) ends in "failed", not a loop
+    assert d["StartLimitIntervalSec"] == ["300"] and d["StartLimitBurst"] == ["5"]
     assert d["WatchdogSec"] and int(d["WatchdogSec"][0]) > 0
     assert d["StateDirectory"] == ["hpo-sync"] and d["ConfigurationDirectory"] == ["hpo-sync"]
     assert d["ExecStart"][0].startswith(INSTALLED_BINARY) and d["ExecStart"][0].endswith(" run")
