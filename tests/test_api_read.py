@@ -754,7 +754,7 @@ async def test_sync_now_queues_a_sweep_for_admins(rig: ApiRig) -> None:
         ("/v1/experiments", {"workspace": "a b"}, "workspace"),
         ("/v1/experiments", {"workspace": "9" * 129}, "workspace"),
         ("/v1/changes", {"workspace": "a\tb"}, "workspace"),
-        ("/v1/experiments", [("status", "RUNNING")] * 11, "status"),
+        ("/v1/experiments", [("status", "RUNNING")] * 21, "status"),
         ("/v1/changes", {"after": "-5"}, "after"),
         ("/v1/changes", {"after": "99999999999999999999"}, "after"),
         ("/v1/changes", {"wait": "61"}, "wait"),

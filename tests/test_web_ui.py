@@ -471,6 +471,31 @@ async def test_the_overview_counts_match_the_api(ui: ApiRig) -> None:
     assert text.count('<svg class="chart"') == 3
 
 
+async def test_statuses_pai_may_add_and_none_at_all_have_working_links(ui: ApiRig) -> None:
+    """The mirror keeps a status as upstream sent it: one that PAI added (here PAUSED) is
+    counted, linked and filterable, in the UI and the API; experiments without a status
+    are counted, with nothing to filter by, so no link leads to a 400."""
+    with sqlite3.connect(ui.store.path) as conn:
+        ids = [r[0] for r in conn.execute(
+            "SELECT experiment_id FROM experiments WHERE workspace_id = ? AND deleted = 0"
+            " ORDER BY experiment_id LIMIT 2", (WS1,)
+        )]  # fmt: skip
+        conn.execute("UPDATE experiments SET status = 'PAUSED' WHERE experiment_id = ?", ids[:1])
+        conn.execute("UPDATE experiments SET status = NULL WHERE experiment_id = ?", ids[1:])
+    await sign_in(ui)
+    status, text, _ = await page(ui, "/ui/")
+    assert status == 200 and "status=PAUSED" in text and "status=null" not in text
+    status, text, _ = await page(ui, "/ui/experiments", {"workspace": WS1, "status": "PAUSED"})
+    assert status == 200 and ids[0] in text
+    assert 'value="PAUSED" checked' in text  # the filter form keeps it
+    body = await ui.ok("/v1/experiments", {"status": "PAUSED"})
+    assert [e["experiment_id"] for e in body["experiments"]] == ids[:1]
+    assert (await ui.get("/v1/experiments", {"status": "paused"})).status == 400
+    # a page size from a shared link that the form does not offer is kept, not changed
+    status, text, _ = await page(ui, "/ui/experiments", {"limit": "10"})
+    assert status == 200 and '<option value="10" selected>' in text
+
+
 async def test_the_feed_long_poll_answers_when_a_change_commits(ui: ApiRig) -> None:
     await sign_in(ui)
     status, text, _ = await page(ui, "/ui/changes")

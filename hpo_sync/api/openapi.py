@@ -60,6 +60,8 @@ TIME_PATTERN = (
 CONTROL_CHARS = r"\u0000-\u001F\u007F-\u009F"
 TEXT_PATTERN = rf"^[^{CONTROL_CHARS}]*$"
 TAG_PATTERN = rf"^[^:{CONTROL_CHARS}]+(:[^{CONTROL_CHARS}]*)?$"
+#: A status: PAI's are upper-case words joined by "_"; one it adds later is taken as well.
+STATUS_PATTERN = r"^[A-Z][A-Z0-9_]*$"
 #: A workspace id as the config takes one (printable, no spaces): every configured workspace
 #: can be named.
 WORKSPACE_PATTERN = rf"^{WORKSPACE_ID_CHARS}+$"
@@ -236,11 +238,14 @@ EXPERIMENTS_PARAMS: tuple[Param, ...] = (
     _WORKSPACE,
     Param(
         "status",
-        "enum",
-        "Only this status (exact, upper case); repeat for several.",
+        "string",
+        "Only this status (exact, upper case); repeat for several. PAI's: "
+        + ", ".join(EXPERIMENT_STATUSES)
+        + "; others it may add are taken too (the mirror keeps a status as upstream sent it).",
         repeatable=True,
-        enum=EXPERIMENT_STATUSES,
-        max_items=len(EXPERIMENT_STATUSES),
+        max_length=64,
+        max_items=20,
+        pattern=STATUS_PATTERN,
     ),
     Param("name", "string", "The name contains this text (case-insensitive for ASCII)."),
     Param("creator", "string", "Created by this user (exact)."),
