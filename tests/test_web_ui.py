@@ -457,6 +457,10 @@ async def test_the_experiment_page_shows_fields_config_and_timeline(ui: ApiRig) 
     assert '<svg class="chart timeline"' in text and 'role="img"' in text
     assert "<polyline" in text and 'class="fill band' in text
     assert text.count("<details") == 3 and "<summary>SearchSpace" in text
+    with sqlite3.connect(ui.store.path) as conn:  # empty text reads as missing, not blank
+        conn.execute("UPDATE experiments SET creator = '' WHERE experiment_id = ?", (exp_id,))
+    status, text, _ = await page(ui, f"/ui/experiments/{exp_id}")
+    assert status == 200 and "<dt>Creator</dt><dd>—</dd>" in text
 
 
 async def test_the_overview_counts_match_the_api(ui: ApiRig) -> None:
