@@ -156,6 +156,8 @@ class SyncEngine:
         self._bumps: dict[str, bool] = {}
         # Workspaces whose upstream refused the modified feed's query (its SortBy).
         self._feed_refused: set[str] = set()
+        # Per workspace, the statuses upstream refused as a Status filter.
+        self._status_refused: dict[str, set[str]] = {}
 
     def lock_for(self, workspace_id: str) -> asyncio.Lock:
         """One sweep of a workspace at a time, hot or full."""
@@ -605,11 +607,23 @@ class SyncEngine:
             await self._apply(result, page.experiments, seen=seen, previous=non_terminal)
 
         listings: dict[str, Any] = {}
+        refused = self._status_refused.setdefault(ws, set())
 
         async def run(label: str, query: ListQuery) -> None:
-            listings[label] = await self.client.list_all(
-                query, on_page=on_page, tally=tally, keep=False
-            )
+            try:
+                listings[label] = await self.client.list_all(
+                    query, on_page=on_page, tally=tally, keep=False
+                )
+            except FatalUpstreamError as exc:
+                if query.status is None or not rejects_parameter(exc):
+                    raise
+                # An upstream that does not take this value as a Status filter (one its
+                # API version lacks, say): its experiments are looked up by create time
+                # below, as those that left their status are, from now on without asking.
+                refused.add(query.status)
+                log.warning(
+                    "sync.status_filter_refused", workspace=ws, status=query.status, error=str(exc)
+                )
 
         async with asyncio.TaskGroup() as group:
             group.create_task(
@@ -624,7 +638,7 @@ class SyncEngine:
                     ),
                 )
             )
-            for status in statuses:
+            for status in (s for s in statuses if s not in refused):
                 group.create_task(
                     run(
                         f"status:{status}",
@@ -647,6 +661,10 @@ class SyncEngine:
             result.error_code = first.code if first else None
             return
         vanished = {i: row for i, row in non_terminal.items() if i not in seen}
+        # Those of a status no listing could ask for: looked up every sweep, past the cap
+        # (which is for a burst of changes, not for a status upstream cannot filter by).
+        unlisted = {i: row for i, row in vanished.items() if row.get("status") in refused}
+        vanished = {i: row for i, row in vanished.items() if i not in unlisted}
         if len(vanished) > MAX_LOOKUPS:
             result.notes.append(f"{len(vanished)} left their status; capped look-ups")
             result.status = "partial"
@@ -655,6 +673,7 @@ class SyncEngine:
                 f"looked up {MAX_LOOKUPS}, the next sweep goes on"
             )
             vanished = dict(list(vanished.items())[:MAX_LOOKUPS])
+        vanished.update(unlisted)
         await self._resolve_missing(
             result,
             tally,

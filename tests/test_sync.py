@@ -991,3 +991,49 @@ async def test_an_upstream_with_exclusive_create_time_bounds_loses_no_renamed_ex
         mine = [c for c in rig.store.history(victim) if not c.baseline]
         assert [(c.field, c.new_value) for c in mine] == [("Status", "FINISHED")]
         assert_mirror_equals_truth(rig.store, rig.sim, ws)
+
+
+async def test_a_status_upstream_refuses_as_a_filter_is_looked_up_instead(
+    tmp_path: Path,
+) -> None:
+    """An upstream that refuses one value of the Status filter (INVALID_INPUT_PARAMS: its
+    API version lacks it) used to fail every hot sweep. Its experiments are looked up by
+    create time instead, and the filter is not asked for again."""
+    from hpo_sync.upstream_query import InvalidInputError
+
+    options = SimOptions(experiments=400, workspaces=1, seed=8, drift=False, restart_per_min=0.0)
+    async for rig in make_rig(tmp_path, options):
+        ws = rig.sim.world.workspace_ids[0]
+        world, original = rig.sim.world, rig.sim.world.list
+        assert (await rig.engine.sweep(ws)).status == "ok"
+        by_status: dict[str, list[str]] = {}
+        for e in world.truth(ws):
+            by_status.setdefault(e["Status"], []).append(e["ExperimentId"])
+        odd = next(s for s in ("NO_MORE_TRIAL", "WAITING", "CREATED") if by_status.get(s))
+        asked: list[str | None] = []
+
+        def strict(
+            params: Any, original: Any = original, odd: str = odd, asked: Any = asked
+        ) -> Any:
+            asked.append(params.get("Status"))
+            if params.get("Status") == odd:
+                raise InvalidInputError(f"Status {odd} is not supported")
+            return original(params)
+
+        world.list = strict  # type: ignore[method-assign]
+        try:
+            world.mutate(by_status[odd][0], status="FINISHED")
+            world.mutate(by_status["RUNNING"][0], status="FAILED")
+            with capture_logs() as logs:
+                result = await rig.engine.sweep(ws, "hot")
+            assert result.status == "ok", result.error
+            assert any(e["event"] == "sync.status_filter_refused" for e in logs)
+            assert_mirror_equals_truth(rig.store, rig.sim, ws)
+            asked.clear()
+            if len(by_status[odd]) > 1:
+                world.mutate(by_status[odd][1], status="FAILED")
+            result = await rig.engine.sweep(ws, "hot")
+            assert result.status == "ok" and odd not in asked, result.error
+            assert_mirror_equals_truth(rig.store, rig.sim, ws)
+        finally:
+            world.list = original  # type: ignore[method-assign]
