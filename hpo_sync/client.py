@@ -112,6 +112,19 @@ SORT_BY_ALIASES = {
 }
 
 
+def _ends_with_a_short_page(sizes: Mapping[int, int], first_empty: int, size: int) -> bool:
+    """Whether pages 1 … ``first_empty`` - 1 were all read, the last of them short (page 1
+    may be empty: a look-up that finds nothing), and no page after the empty one came back
+    with experiments."""
+    before = range(1, first_empty)
+    return (
+        first_empty > 1
+        and all(n in sizes for n in before)
+        and sizes[first_empty - 1] < size
+        and not any(n > first_empty and got for n, got in sizes.items())
+    )
+
+
 def rejects_parameter(exc: UpstreamError) -> bool:
     """Whether upstream refused the request's parameters (not its credentials or access)."""
     code = exc.code or ""
@@ -670,9 +683,11 @@ class UpstreamClient:
         # still decides how many requests are in flight.
         workers = self.config.max_concurrency * 2
         first_empty = math.inf  # the first page that came back empty too early
+        sizes = {1: got}  # experiments per page number read
+        short_listing: UpstreamError | None = None
 
         async def fetch(numbers: Iterator[int]) -> None:
-            nonlocal first_empty
+            nonlocal first_empty, short_listing
             for number in numbers:
                 if number > first_empty:
                     return  # past an empty page: the count promised pages that are not there
@@ -683,6 +698,7 @@ class UpstreamClient:
                 except UpstreamError as exc:
                     listing.error = listing.error or exc
                     continue
+                sizes[number] = len(page.experiments)
                 if not page.experiments and number < listing.pages_expected:
                     first_empty = min(first_empty, number)
                     listing.error = listing.error or UpstreamError(
@@ -691,6 +707,7 @@ class UpstreamClient:
                         code="ShortListing",
                         workspace_id=query.workspace_id,
                     )
+                    short_listing = short_listing or listing.error
                 await take(page)
 
         first_page, rounds = 2, 0
@@ -714,6 +731,26 @@ class UpstreamClient:
             if listing.error is not None or grown <= listing.pages_expected or rounds > 3:
                 break
             first_page, listing.pages_expected = listing.pages_expected + 1, grown
+        if (
+            listing.error is not None
+            and listing.error is short_listing
+            and _ends_with_a_short_page(sizes, int(first_empty), size)
+        ):
+            # A short page, then an empty one: the listing's natural end, before the end its
+            # count planned. A count that is too high (one that counts soft-deleted rows, or
+            # rows deleted while the pages were read) would otherwise leave every listing
+            # incomplete, and every full sweep partial, for good. The listing is complete;
+            # its ids do not add up to the count, which the sweeps weigh as for any
+            # listing that does not add up (nothing is deleted unlooked-up).
+            log.info(
+                "upstream.listing_ended_early",
+                workspace=query.workspace_id,
+                page=int(first_empty) - 1,
+                pages_planned=listing.pages_expected,
+                total_count=listing.total_count,
+            )
+            listing.error = None
+            listing.pages_expected = listing.pages_read
         listing.seen_ids = seen
         return listing
 

@@ -1037,3 +1037,36 @@ async def test_a_status_upstream_refuses_as_a_filter_is_looked_up_instead(
             assert_mirror_equals_truth(rig.store, rig.sim, ws)
         finally:
             world.list = original  # type: ignore[method-assign]
+
+
+async def test_a_count_that_includes_soft_deleted_rows_still_ends_the_listing(
+    tmp_path: Path,
+) -> None:
+    """TotalCount counts rows no page returns (soft-deleted ones): a short page, then an
+    empty one before the count's last page. That is the listing's end: full sweeps are
+    `ok` and still mark deletions (after looking the missing ones up), instead of every
+    listing being incomplete and every full sweep partial, for good."""
+    options = SimOptions(experiments=250, workspaces=1, seed=4, drift=False, restart_per_min=0.0)
+    async for rig in make_rig(tmp_path, options, page_size=100):
+        ws = rig.sim.world.workspace_ids[0]
+        world, original = rig.sim.world, rig.sim.world.list
+        gone: list[str] = []
+
+        def overcounted(params: Any, original: Any = original, gone: Any = gone) -> Any:
+            total, page = original(params)
+            return total + 250 + len(gone), page  # two pages more than there are
+
+        world.list = overcounted  # type: ignore[method-assign]
+        try:
+            with capture_logs() as logs:
+                result = await rig.engine.sweep(ws)
+            assert result.status == "ok" and result.baseline, result.error
+            assert any(e["event"] == "upstream.listing_ended_early" for e in logs)
+            victim = next(e for e in world.truth(ws) if e["Status"] == "FINISHED")
+            gone.append(victim["ExperimentId"])
+            world.mutate(victim["ExperimentId"], delete=True)
+            result = await rig.engine.sweep(ws, "full")
+            assert result.status == "ok" and result.marked_deleted == 1, result.error
+            assert_mirror_equals_truth(rig.store, rig.sim, ws)
+        finally:
+            world.list = original  # type: ignore[method-assign]
