@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import math
 import random
@@ -24,7 +25,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, tzinfo
+from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
 
 import aiohttp
@@ -43,6 +44,7 @@ from .errors import (
     ThrottledError,
     UpstreamError,
 )
+from .normalise import parse_time
 
 PATH = "/api/automl/v1/hpo/experiments"
 ACTION = "ListHpoExperiments"
@@ -110,6 +112,20 @@ SORT_BY_ALIASES = {
     "GmtModifiedTime": "update_time",
     "update_time": "GmtModifiedTime",
 }
+
+
+#: Create times that straddle page boundaries read again on their own, at most, per listing.
+MAX_TIE_WINDOWS = 20
+TIE_WINDOW_EDGE = timedelta(seconds=1)
+
+
+def _create_time_edges(page: Page) -> tuple[str | None, str | None]:
+    """The GmtCreateTime of a page's first and last experiment, as sent."""
+    rows = [r for r in page.experiments if isinstance(r, dict)]
+    if not rows:
+        return None, None
+    first, last = rows[0].get("GmtCreateTime"), rows[-1].get("GmtCreateTime")
+    return (str(first) if first is not None else None, str(last) if last is not None else None)
 
 
 def _ends_with_a_short_page(sizes: Mapping[int, int], first_empty: int, size: int) -> bool:
@@ -625,13 +641,14 @@ class UpstreamClient:
         listing = Listing()
         seen: set[str] = set()
 
-        async def take(page: Page) -> None:
-            listing.pages_read += 1
-            if page.total_count is None:
-                listing.uncounted = True
-            else:
-                listing.totals_seen.add(page.total_count)
-                listing.total_count = max(listing.total_count, page.total_count)
+        async def take(page: Page, *, counted: bool = True) -> None:
+            if counted:  # not the pages of a tie window (below): their counts are theirs
+                listing.pages_read += 1
+                if page.total_count is None:
+                    listing.uncounted = True
+                else:
+                    listing.totals_seen.add(page.total_count)
+                    listing.total_count = max(listing.total_count, page.total_count)
             fresh: list[dict[str, Any]] = []
             for raw in page.experiments:
                 exp_id = raw.get("ExperimentId") if isinstance(raw, dict) else None
@@ -684,6 +701,7 @@ class UpstreamClient:
         workers = self.config.max_concurrency * 2
         first_empty = math.inf  # the first page that came back empty too early
         sizes = {1: got}  # experiments per page number read
+        edges = {1: _create_time_edges(first)}  # each page's first and last GmtCreateTime
         short_listing: UpstreamError | None = None
 
         async def fetch(numbers: Iterator[int]) -> None:
@@ -699,6 +717,7 @@ class UpstreamClient:
                     listing.error = listing.error or exc
                     continue
                 sizes[number] = len(page.experiments)
+                edges[number] = _create_time_edges(page)
                 if not page.experiments and number < listing.pages_expected:
                     first_empty = min(first_empty, number)
                     listing.error = listing.error or UpstreamError(
@@ -751,8 +770,55 @@ class UpstreamClient:
             )
             listing.error = None
             listing.pages_expected = listing.pages_read
+        if (
+            listing.complete
+            and len(seen) < listing.total_count
+            and query.min_create_time is None
+            and query.max_create_time is None
+        ):
+            await self._read_straddling_ties(query, edges, size, tally, take)
         listing.seen_ids = seen
         return listing
+
+    async def _read_straddling_ties(
+        self,
+        query: ListQuery,
+        edges: Mapping[int, tuple[str | None, str | None]],
+        size: int,
+        tally: Tally | None,
+        take: Callable[..., Awaitable[None]],
+    ) -> None:
+        """A listing whose ids fall short of its count, where a page ends on the create time
+        the next page starts with: rows of equal create time straddle that boundary, and a
+        database that orders equal keys differently from one query to the next (MySQL's
+        ORDER BY … LIMIT does) can show a row on neither page. Each such create time is
+        read once more on its own, in a window of a second around it; what was missed is
+        handed on like any page's new rows (a few calls, only for a listing that does not
+        add up; at most :data:`MAX_TIE_WINDOWS`)."""
+        ties = sorted(
+            {
+                last
+                for number, (_, last) in edges.items()
+                if last is not None and edges.get(number + 1, (None, None))[0] == last
+            }
+        )
+        for value in ties[:MAX_TIE_WINDOWS]:
+            at = parse_time(value, naive_tz=self.config.tz)
+            if at is None:
+                continue
+            window = dataclasses.replace(
+                query, min_create_time=at - TIE_WINDOW_EDGE, max_create_time=at + TIE_WINDOW_EDGE
+            )
+            try:
+                async for page in self.iter_pages(window, page_size=size, tally=tally):
+                    await take(page, counted=False)
+            except FatalUpstreamError:
+                raise
+            except UpstreamError as exc:  # best effort: the listing stands as it was read
+                log.info("upstream.tie_window_failed", workspace=query.workspace_id, error=str(exc))
+                return
+        if ties:
+            log.info("upstream.tie_windows", workspace=query.workspace_id, windows=len(ties))
 
     async def _past_the_only_page(
         self, query: ListQuery, first: Page, size: int, tally: Tally | None

@@ -28,7 +28,7 @@ from hpo_sync.client import Listing, ListQuery, Page, Tally, UpstreamClient
 from hpo_sync.config import UpstreamConfig
 from hpo_sync.credentials import CloudCredentials, StaticCredentials
 from hpo_sync.errors import FatalUpstreamError, RetriesExhaustedError
-from hpo_sync.normalise import Experiment, normalise
+from hpo_sync.normalise import Experiment, normalise, parse_time
 from hpo_sync.sim import DEFAULT_ACCESS_KEY_ID, DEFAULT_ACCESS_KEY_SECRET
 from hpo_sync.sim.server import API_PATH, SimOptions, Simulator
 
@@ -1116,3 +1116,56 @@ async def test_adaptive_limit_finds_the_upstream_rate(capsys: pytest.CaptureFixt
             )
         assert throttled <= 0.25 * pages
         assert achieved >= 0.6 * limit_qps
+
+
+async def test_rows_of_one_create_time_that_straddle_pages_are_read_once_more() -> None:
+    """A database ordering equal create times differently from one query to the next
+    (MySQL's ORDER BY … LIMIT): six experiments share a create time across the boundary of
+    pages 1 and 2, and each page's query orders them so that one shows on neither. The
+    listing falls one short of its count; that create time is read again on its own, and
+    the listing ends whole (and consistent)."""
+    rows = [
+        {"ExperimentId": f"e{i:03d}", "GmtCreateTime": f"2024-01-01T00:{i // 60:02d}:{i % 60:02d}Z"}
+        for i in range(150)
+    ]
+    tie = "2024-01-01T00:01:37Z"
+    for i in range(97, 103):  # e097 … e102: the last 3 of page 1, the first 3 of page 2
+        rows[i]["GmtCreateTime"] = tie
+    queries: list[dict[str, str]] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        q = dict(request.query)
+        queries.append(q)
+        low, high = q.get("MinCreateTime"), q.get("MaxCreateTime")
+        lo, hi = parse_time(low), parse_time(high)
+        chosen = [
+            r
+            for r in rows
+            if (lo is None or lo <= (parse_time(r["GmtCreateTime"]) or lo))
+            and (hi is None or hi >= (parse_time(r["GmtCreateTime"]) or hi))
+        ]
+        number, size = int(q.get("PageNumber", "1")), int(q.get("PageSize", "100"))
+        if low is None and number == 2:
+            # this query orders the tie e099 e101 e102 | e097 e098 e100: page 2 starts with
+            # two rows page 1 showed already, and e101 and e102 show on neither page
+            g = rows[97:103]
+            chosen = [*rows[:97], g[2], g[4], g[5], g[0], g[1], g[3], *rows[103:]]
+        page = chosen[(number - 1) * size : number * size]
+        return web.json_response({"RequestId": "r", "TotalCount": len(chosen), "Experiments": page})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        async with make_client(url) as client:
+            listing = await client.list_all(ListQuery(workspace_id="w"), page_size=100)
+    finally:
+        await runner.cleanup()
+    assert listing.complete and listing.consistent
+    assert listing.seen_ids == {r["ExperimentId"] for r in rows}
+    windows = [q for q in queries if "MinCreateTime" in q]
+    assert len(windows) == 1 and windows[0]["MinCreateTime"] < tie.replace("T", " ")
