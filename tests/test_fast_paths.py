@@ -119,11 +119,18 @@ def test_response_bodies_parse_as_json_parses_them(value: Any) -> None:
         b'{"x": NaN, "y": Infinity}',
         '\ufeff{"bom": 1}'.encode(),
         '{"utf16": 1}'.encode("utf-16"),
-        b'{"esc": "\\ud800"}',
+        b'{"pair": "\\ud83d\\ude00"}',
     ],
 )
 def test_bodies_orjson_would_read_differently_go_to_json(body: bytes) -> None:
     assert _same(_loads(body), json.loads(body))
+
+
+def test_a_lone_surrogate_escape_reads_as_the_replacement_character() -> None:
+    """json reads ``"\\ud800"`` as a lone surrogate, which no UTF-8 (no SQLite text) can
+    hold: it becomes U+FFFD, in keys too; a pair stays the character it encodes."""
+    body = b'{"esc": "a\\ud800b", "\\udc00": ["\\ud83d\\ude00", 1]}'
+    assert _same(_loads(body), {"esc": "a\ufffdb", "\ufffd": ["\U0001f600", 1]})
 
 
 # --- times --------------------------------------------------------------------------------
