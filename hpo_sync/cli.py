@@ -20,13 +20,16 @@ import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import structlog
 
 from . import __version__
 from . import config as config_mod
 from .errors import ConfigError, HpoSyncError, StoreError
+
+if TYPE_CHECKING:  # the alert worker is imported only by the commands that use it
+    from .alerts.service import AlertWorker
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -347,7 +350,7 @@ async def _sync_once(
     return list(results), queued
 
 
-async def _deliver_alerts(alerts: Any) -> int:
+async def _deliver_alerts(alerts: AlertWorker) -> int:
     """Deliver what is due, round after round, until a round sends nothing or
     :data:`SYNC_ALERTS_BUDGET_S` has passed; return the alerts still pending. Stall notices
     are the daemon's: a sync run from cron would announce the same stall every time."""

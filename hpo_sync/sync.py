@@ -855,9 +855,9 @@ def _baseline_holds(first: Listing, again: Listing, seen_ids: Collection[str]) -
     """Whether a baseline read twice (the first reading did not add up) has every experiment:
     the second reading adds up on its own; or both readings together saw as many
     experiments as any page of either counted, or as the second counted throughout if its
-    count held still; or both readings saw exactly the same
-    experiments under the same count (a stable listing: upstream's count is off, e.g. it
-    counts a record without an ExperimentId).
+    count held still; or both readings saw exactly the same experiments under the same
+    count (a stable listing: upstream's count is off, e.g. it counts a record without an
+    ExperimentId).
 
     The second rule holds in a busy workspace too, whose count moves while it is read: a
     creation lands past the last page (the listing is in create order), where the union

@@ -120,11 +120,8 @@ def due_rows(conn: sqlite3.Connection, now: datetime, limit: int = 1000) -> list
     (WeCom: 20 messages a minute) never keeps the others' newer alerts from being read."""
     out: dict[int, DueRow] = {}
     due = "(o.next_attempt_at IS NULL OR o.next_attempt_at <= ?)"
-    targets = [
-        t for (t,) in conn.execute("SELECT DISTINCT target FROM alert_outbox WHERE status = ?",
-                                   (PENDING,))
-    ]  # fmt: skip
-    for target in targets:
+    targets = conn.execute("SELECT DISTINCT target FROM alert_outbox WHERE status = ?", (PENDING,))
+    for (target,) in targets.fetchall():
         _read_due(conn, f"o.target = ? AND {due}", (target, format_time(now), limit), out)
     messages = sorted({r.message_id for r in out.values() if r.message_id is not None})
     for start in range(0, len(messages), 500):
