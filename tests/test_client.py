@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from aiohttp import web
+from hook_server import serve
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDictProxy
@@ -1155,12 +1156,9 @@ async def test_rows_of_one_create_time_that_straddle_pages_are_read_once_more() 
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", answer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
+    runner, port = await serve(app)
     try:
-        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        url = f"http://127.0.0.1:{port}"
         async with make_client(url) as client:
             listing = await client.list_all(ListQuery(workspace_id="w"), page_size=100)
     finally:

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from hook_server import serve
 from structlog.testing import capture_logs
 
 from hpo_sync.client import UpstreamClient
@@ -900,11 +901,7 @@ async def test_a_lone_surrogate_upstream_sends_is_stored_as_the_replacement_char
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", answer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    runner, port = await serve(app)
     config = Config(
         upstream=UpstreamConfig(endpoint=f"http://127.0.0.1:{port}", max_qps=100.0),
         store=StoreConfig(tmp_path / "mirror.db"),
