@@ -262,8 +262,11 @@ def _frac(value: str | None) -> float:
 class ExperimentFilter:
     """Filters of :meth:`Store.list_experiments`; every given filter must match.
 
-    ``tags`` are ``(key, value)`` pairs (value None: the key is present with any value);
-    ``created_after`` and ``modified_after`` are inclusive, ``created_before`` exclusive.
+    ``tags`` are ``(key, value)`` pairs (value None: the key is present with any value).
+    With ``tags_as_text`` (the read API's ``tag=KEY:VALUE``, split at its first colon) a
+    pair matches a tag whose ``Key:Value`` reads the same: a key that holds a colon itself
+    (``acs:rm:rgId``) is found too. ``created_after`` and ``modified_after`` are inclusive,
+    ``created_before`` exclusive.
     Times may be any format :func:`hpo_sync.normalise.parse_time` reads.
     """
 
@@ -272,6 +275,7 @@ class ExperimentFilter:
     name: str | None = None
     creator: str | None = None
     tags: tuple[tuple[str, str | None], ...] = ()
+    tags_as_text: bool = False
     created_after: str | None = None
     created_before: str | None = None
     modified_after: str | None = None
@@ -1546,7 +1550,7 @@ def filter_sql(f: ExperimentFilter) -> tuple[list[str], list[Any]]:
         where.append("creator = ?")
         params.append(f.creator)
     for key, value in f.tags:
-        clause, tag_params = tag_condition(key, value)
+        clause, tag_params = tag_condition(key, value, as_text=f.tags_as_text)
         where.append(clause)
         params.extend(tag_params)
     for clause, value, name in (
@@ -1562,11 +1566,16 @@ def filter_sql(f: ExperimentFilter) -> tuple[list[str], list[Any]]:
     return where, params
 
 
-def tag_condition(key: str, value: str | None) -> tuple[str, list[Any]]:
+def tag_condition(key: str, value: str | None, *, as_text: bool = False) -> tuple[str, list[Any]]:
     """SQL (and its parameters) matching experiments carrying tag ``key`` (with ``value``,
-    unless None) in their JSON ``tags`` column."""
+    unless None) in their JSON ``tags`` column; ``as_text``: a tag whose ``Key:Value``
+    reads ``key:value`` (see :class:`ExperimentFilter`)."""
+    if value is not None and as_text:
+        tag_where = "json_extract(t.value, '$.Key') || ':' || json_extract(t.value, '$.Value') = ?"
+        params: list[Any] = [f"{key}:{value}"]
+        return f"EXISTS (SELECT 1 FROM json_each(experiments.tags) AS t WHERE {tag_where})", params
     tag_where = "json_extract(t.value, '$.Key') = ?"
-    params: list[Any] = [key]
+    params = [key]
     if value is not None:
         tag_where += " AND json_extract(t.value, '$.Value') = ?"
         params.append(value)

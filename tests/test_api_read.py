@@ -10,6 +10,7 @@ import contextlib
 import json
 import random
 import re
+import sqlite3
 import threading
 import time
 from collections import Counter
@@ -806,6 +807,27 @@ async def test_an_experiment_with_a_very_long_id_is_reachable(rig: ApiRig) -> No
     missing = await rig.get(f"/v1/experiments/{exp_id}x")
     assert missing.status == 404 and missing.error_code == "experiment_not_found"
     assert len(missing.body["error"]["message"]) < 200
+
+
+async def test_a_tag_key_holding_a_colon_can_be_filtered(rig: ApiRig) -> None:
+    """``tag=KEY:VALUE`` splits at the first colon, so a key like ``acs:rm:rgId`` (Alibaba
+    Cloud's system tags) could not be asked for: a tag whose ``Key:Value`` reads the
+    parameter matches, and nothing else does."""
+    rows = mirror_rows(rig.store, "workspace_id = ? AND deleted = 0", [WS1])[:2]
+    with sqlite3.connect(rig.store.path) as conn:
+        conn.execute(
+            "UPDATE experiments SET tags = ? WHERE experiment_id = ?",
+            ('[{"Key":"acs:rm:rgId","Value":"rg-1"}]', rows[0]["experiment_id"]),
+        )
+        conn.execute(
+            "UPDATE experiments SET tags = ? WHERE experiment_id = ?",
+            ('[{"Key":"acs","Value":"rm:rgId:rg-10"}]', rows[1]["experiment_id"]),
+        )
+    found = await rig.ok("/v1/experiments", {"tag": "acs:rm:rgId:rg-1"})
+    assert [e["experiment_id"] for e in found["experiments"]] == [rows[0]["experiment_id"]]
+    found = await rig.ok("/v1/experiments", {"tag": "acs:rm:rgId:rg-10"})
+    assert [e["experiment_id"] for e in found["experiments"]] == [rows[1]["experiment_id"]]
+    assert (await rig.ok("/v1/experiments", {"tag": "acs:rm"}))["experiments"] == []
 
 
 async def test_unknown_routes_methods_and_big_bodies_get_json_errors(rig: ApiRig) -> None:

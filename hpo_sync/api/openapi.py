@@ -252,7 +252,8 @@ EXPERIMENTS_PARAMS: tuple[Param, ...] = (
     Param(
         "tag",
         "tag",
-        "Has this tag: KEY:VALUE, or KEY for any value. Repeat: all must match.",
+        "Has this tag: KEY:VALUE (a tag whose key, a colon and its value read so; a key may "
+        "hold colons itself), or KEY for any value. Repeat: all must match.",
         repeatable=True,
         max_length=400,
     ),

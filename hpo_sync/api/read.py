@@ -982,6 +982,7 @@ class ListRequest:
             name=q["name"],
             creator=q["creator"],
             tags=tuple(q["tag"]),
+            tags_as_text=True,
             created_after=q["created_after"],
             created_before=q["created_before"],
             modified_after=q["modified_after"],
