@@ -116,7 +116,10 @@ SORT_BY_ALIASES = {
 
 #: Create times that straddle page boundaries read again on their own, at most, per listing.
 MAX_TIE_WINDOWS = 20
-TIE_WINDOW_EDGE = timedelta(seconds=1)
+#: How much further a create-time window reaches on both sides than the times it is for: an
+#: upstream that reads MinCreateTime/MaxCreateTime as exclusive, or keeps create times finer
+#: than the whole seconds it shows, returns nothing for the window [t, t].
+WINDOW_EDGE = timedelta(seconds=1)
 
 
 def _create_time_edges(page: Page) -> tuple[str | None, str | None]:
@@ -801,13 +804,13 @@ class UpstreamClient:
                 for number, (_, last) in edges.items()
                 if last is not None and edges.get(number + 1, (None, None))[0] == last
             }
-        )
-        for value in ties[:MAX_TIE_WINDOWS]:
+        )[:MAX_TIE_WINDOWS]
+        for value in ties:
             at = parse_time(value, naive_tz=self.config.tz)
             if at is None:
                 continue
             window = dataclasses.replace(
-                query, min_create_time=at - TIE_WINDOW_EDGE, max_create_time=at + TIE_WINDOW_EDGE
+                query, min_create_time=at - WINDOW_EDGE, max_create_time=at + WINDOW_EDGE
             )
             try:
                 async for page in self.iter_pages(window, page_size=size, tally=tally):

@@ -59,7 +59,15 @@ from typing import Any, Literal, TypeVar
 
 import structlog
 
-from .client import Listing, ListQuery, Page, Tally, UpstreamClient, rejects_parameter
+from .client import (
+    WINDOW_EDGE,
+    Listing,
+    ListQuery,
+    Page,
+    Tally,
+    UpstreamClient,
+    rejects_parameter,
+)
 from .config import Config
 from .errors import FatalUpstreamError, HpoSyncError, UpstreamError
 from .normalise import Experiment, format_time, normalise_all, parse_time
@@ -77,9 +85,6 @@ MAX_LOOKUPS = 200
 # Before concluding that an experiment is gone, it is looked up by name in a create-time
 # window this wide on both sides: any zone offset upstream might read times in.
 WIDE_WINDOW = timedelta(hours=14)
-# Look-up windows planned from the mirror's create times reach this much further on both
-# sides (see _resolve_missing).
-WINDOW_EDGE = timedelta(seconds=1)
 MODIFIED_FEED_MAX_PAGES = 3
 # A full sweep applies pages in batches of about this many experiments: one transaction per
 # page of 100 spends most of a 100,000-experiment baseline committing (index pages written
@@ -521,10 +526,9 @@ class SyncEngine:
         targets = sorted(t for t in dated.values() if t)
         for low, high in plan_windows(targets, times, self.config.upstream.page_size):
             result.lookups += 1
-            # One second more on each side: an upstream that reads the bounds as exclusive,
-            # or keeps create times finer than the whole seconds it shows, returns nothing
-            # for the window [t, t] of one experiment; and the look-up by name after it
-            # misses one renamed meanwhile, which would then be taken for deleted.
+            # WINDOW_EDGE more on each side: else an upstream with exclusive bounds answers
+            # nothing for the window [t, t] of one experiment, and the look-up by name after
+            # it misses one renamed meanwhile, which would then be taken for deleted.
             listing = await self.client.list_all(
                 self._query(
                     result.workspace_id,

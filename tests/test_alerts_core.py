@@ -559,3 +559,14 @@ def test_quiet_until_property(start: int, end: int, minute: int) -> None:
     if until is not None:
         assert now < until <= now + timedelta(days=1)
         assert until.hour * 60 + until.minute == end and until.second == 0
+
+
+def test_one_message_a_round_counts_only_the_alerts_it_holds() -> None:
+    """A round capped at one message that cannot hold every alert: its heading counts the
+    alerts it lists (the rest wait for the next round), as it reads when sent again."""
+    items = [_item(i) for i in range(1, 41)]
+    (message,) = render("discord", items, max_messages=1)
+    held = len(message.outbox_ids)
+    assert 0 < held < 40
+    assert message == render_message("discord", items[:held])
+    assert f"{held} changes" in message.payload["content"]

@@ -243,7 +243,7 @@ def render(
     counting them: a message sent again later is rendered again from the same items, and
     comes out the same."""
     planned = _pack(target_type, items, keyword, max_messages, defer_rest=True)
-    if len(planned) == 1:  # already rendered from these items alone
+    if len(planned) == 1 and len(planned[0].outbox_ids) == len(items):  # from these alone
         return planned
     out: list[Message] = []
     start = 0
