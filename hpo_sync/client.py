@@ -559,8 +559,9 @@ class UpstreamClient:
             exc = state.outcome.exception() if state.outcome else None
             return _retry_wait(exc, state.attempt_number - throttled)
 
+        state: tenacity.RetryCallState | None = None
         retrying = tenacity.AsyncRetrying(
-            retry=tenacity.retry_if_exception_type(RetryableUpstreamError),
+            retry=_RETRY_ON,
             stop=stop,
             wait=wait,
             reraise=True,
@@ -568,6 +569,7 @@ class UpstreamClient:
         )
         try:
             async for try_ in retrying:
+                state = try_.retry_state
                 with try_:
                     attempt += 1
                     async with self._concurrency:
@@ -606,6 +608,8 @@ class UpstreamClient:
                 workspace_id=workspace_id,
                 hint="upstream kept failing; the next sweep will try again",
             ) from exc
+        finally:
+            _break_cycle(retrying, state)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _before_retry(self, state: tenacity.RetryCallState, tally: Tally | None) -> None:
@@ -987,6 +991,26 @@ def _total_count(value: Any, on_page: int) -> int | None:
 
 _DIGIT_RUNS = bytes.maketrans(b"0123456789", b"0000000000")
 _LONG_NUMBER = b"0" * 19  # -9223372036854775809 and 18446744073709551616 have 19+ digits
+
+
+#: One predicate for every call: it holds no state, and one per call would be one more
+#: object in the cycle that _break_cycle undoes.
+_RETRY_ON = tenacity.retry_if_exception_type(RetryableUpstreamError)
+
+
+def _break_cycle(retrying: tenacity.AsyncRetrying, state: tenacity.RetryCallState | None) -> None:
+    """Undo the reference cycle tenacity leaves behind each call (the retrying object, its
+    thread-local iteration state holding its own bound methods, the call state pointing
+    back at it, and the outcome's ``concurrent.futures.Future`` with its lock), so that
+    reference counting frees it at once. Left to the cyclic collector, which a full sweep
+    runs rarely (see ``sync._full_sweep_gc``), ~40 objects a page would pile up: ~7 MB
+    over 1,000 pages. Only tenacity's public attributes are touched, and a version
+    without them leaves the cycle to the collector, as before."""
+    with contextlib.suppress(AttributeError):
+        retrying.iter_state.reset()
+        if state is not None:
+            state.retry_object = None  # type: ignore[assignment]
+            state.outcome = None
 
 
 def _loads(body: bytes) -> Any:
