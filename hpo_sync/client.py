@@ -452,9 +452,10 @@ class UpstreamClient:
             and isinstance(experiments, list | type(None))
             # An API answer says what it is: a listing (Experiments, TotalCount) or, from a
             # server that leaves out empty fields, just its RequestId: an empty listing.
-            # Anything else in a 200 (``{}``, a proxy's JSON) is not a listing, and reading
-            # it as an empty one would let a full sweep mark the workspace deleted.
-            and ("Experiments" in data or "TotalCount" in data or _field(data, "RequestId"))
+            # Anything else in a 200 (``{}``, a proxy's JSON, a listing in another shape:
+            # ``{"RequestId", "Data": {...}}``, camelCase members) is not a listing, and
+            # reading it as an empty one would let a full sweep mark the workspace deleted.
+            and ("Experiments" in data or "TotalCount" in data or _only_envelope(data))
         ):
             rows = experiments or []
             total = _total_count(
@@ -471,6 +472,9 @@ class UpstreamClient:
             code = f"HTTP{status}"
             hint = "this is not a PAI API answer; check upstream.endpoint and any proxy"
         message = str(_field(data, "Message", "message") or f"HTTP {status}")
+        if status == 200 and code == "HTTP200":
+            members = ", ".join(sorted(map(str, data))[:8]) or "none"
+            message = f"a 200 answer that is no listing (members: {members})"
         self._observe(code, workspace_id)
         kw: dict[str, Any] = dict(
             code=code, http_status=status, request_id=request_id, workspace_id=workspace_id
@@ -963,6 +967,21 @@ _SUCCESS_CODES = frozenset({"", "0", "200", "ok", "success"})
 def _is_success_code(code: Any) -> bool:
     return code is None or (
         not isinstance(code, bool) and str(code).strip().lower() in _SUCCESS_CODES
+    )
+
+
+#: The members, besides a listing's, that a PAI answer may carry (lower-cased).
+_ENVELOPE_MEMBERS = frozenset(
+    ("requestid", "code", "message", "success", "httpstatuscode", "hostid", "pagenumber",
+     "pagesize")
+)  # fmt: skip
+
+
+def _only_envelope(data: Mapping[str, Any]) -> bool:
+    """A RequestId and nothing but the envelope's members: an empty listing from a server
+    that leaves out empty fields (Experiments, TotalCount)."""
+    return bool(_field(data, "RequestId")) and all(
+        isinstance(k, str) and k.lower() in _ENVELOPE_MEMBERS for k in data
     )
 
 

@@ -787,6 +787,13 @@ def json_reply(
         ({}, "HTTP200"),  # no RequestId, no listing: not an API answer at all
         ({"RequestId": "R1", "Success": False}, "HTTP200"),  # failed, and no code to say why
         ({"Experiments": {"a": 1}, "RequestId": "R1"}, "HTTP200"),
+        # a listing in another shape: wrapped, or its members in camelCase
+        (
+            {"RequestId": "R1", "Data": {"TotalCount": 1, "Experiments": [{"ExperimentId": "e"}]}},
+            "HTTP200",
+        ),
+        ({"RequestId": "R1", "totalCount": 1, "experiments": [{"ExperimentId": "e"}]}, "HTTP200"),
+        ({"RequestId": "R1", "Items": []}, "HTTP200"),
     ],
 )  # fmt: skip
 async def test_an_error_in_a_200_answer_is_never_an_empty_listing(
@@ -800,6 +807,9 @@ async def test_an_error_in_a_200_answer_is_never_an_empty_listing(
     assert (err.code, err.http_status) == (code, 200)
     if "Code" in body or "code" in body:
         assert err.request_id == "R1" and err.upstream_message in ("no", "bad")
+    else:  # what it held instead, for whoever reads the error
+        assert err.upstream_message.startswith("a 200 answer that is no listing (members: ")
+        assert all(name in err.upstream_message for name in body)
 
 
 @pytest.mark.parametrize(
@@ -830,6 +840,12 @@ ONE = {"ExperimentId": "e"}
         ({"RequestId": "R", "Code": 0, "TotalCount": "1", "Experiments": [ONE]}, 1, 1),
         ({"RequestId": "R", "Code": "OK", "Success": True}, 0, 0),
         ({"RequestId": "R"}, 0, 0),  # a server that leaves out empty fields: empty listing
+        # ... with the envelope's other members, in either case
+        (
+            {"RequestId": "R", "Code": "OK", "Message": "", "success": True,
+             "HttpStatusCode": 200, "HostId": "h", "PageNumber": 4, "pageSize": 100},
+            0, 0,
+        ),
         ({"RequestId": "R", "Experiments": None}, 0, 0),
         ({"RequestId": "R", "TotalCount": 7}, 7, 0),
     ],
