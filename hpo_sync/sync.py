@@ -119,6 +119,8 @@ class SweepResult:
     marked_deleted: int = 0
     lookups: int = 0
     skipped_records: int = 0
+    #: ``error`` is about the skipped records (the notes then do not repeat them)
+    error_tells_skipped: bool = False
     baseline: bool = False
     duration_s: float = 0.0
     error: str | None = None
@@ -133,7 +135,17 @@ class SweepResult:
         )
         if self.error:
             text += f" — {self.error}"
+        for note in self.all_notes():
+            text += f"; {note}"
         return text
+
+    def all_notes(self) -> list[str]:
+        """What the sweep noticed without failing for it (records it could not read, upstream
+        counts that were off, ...), beside its error."""
+        notes = list(self.notes)
+        if self.skipped_records and not self.error_tells_skipped:
+            notes.insert(0, f"{self.skipped_records} records without a readable ExperimentId")
+        return notes
 
 
 Progress = Callable[[str, int, int], None]
@@ -285,6 +297,8 @@ class SyncEngine:
             duration_s=round(result.duration_s, 3),
             error=result.error,
             error_code=result.error_code,
+            skipped=result.skipped_records,
+            notes=result.all_notes() or None,
         )
 
     def _now(self) -> str:
@@ -441,6 +455,9 @@ class SyncEngine:
         if not listing.complete:
             _incomplete(result, listing)
             return
+        result.skipped_records += listing.skipped
+        if _unreadable(result):
+            return
         seen_ids, counts_add_up = listing.seen_ids, listing.consistent
         if result.baseline and not counts_add_up and not listing.uncounted:
             # Ids that do not add up to TotalCount: rows moved while the pages were read (a
@@ -457,6 +474,10 @@ class SyncEngine:
             again = await read()
             if not again.complete:
                 _incomplete(result, again)
+                return
+            # the same unreadable records again, most likely: counted once
+            result.skipped_records = max(result.skipped_records, again.skipped)
+            if _unreadable(result):
                 return
             seen_ids = listing.seen_ids | again.seen_ids
             if not _baseline_holds(listing, again, seen_ids):
@@ -493,7 +514,7 @@ class SyncEngine:
                 # must miss them too.
                 log.info("sync.mass_deletion_reread", workspace=ws, missing=len(absentees))
                 again = await read()
-                if not again.complete or not again.consistent:
+                if not again.complete or not again.consistent or again.skipped:
                     result.status = "partial"
                     result.error = (
                         f"{len(absentees)} experiments missing from a listing, and reading "
@@ -525,6 +546,7 @@ class SyncEngine:
         complete listings do not return."""
         if not missing:
             return
+        unreadable = 0  # records without a readable ExperimentId the windows returned
         times = sorted(t for t in (parse_time(v) for v in population) if t)
         dated = {i: parse_time(row.get("gmt_create_time")) for i, row in missing.items()}
         targets = sorted(t for t in dated.values() if t)
@@ -543,6 +565,7 @@ class SyncEngine:
             )
             if not listing.complete:
                 raise listing.error or UpstreamError("look-up incomplete")
+            unreadable += listing.skipped
             await self._apply(result, listing.experiments, seen=seen)
         still = {i: row for i, row in missing.items() if i not in seen}
         gone: list[str] = []
@@ -557,6 +580,17 @@ class SyncEngine:
         async with asyncio.TaskGroup() as group:
             for exp_id, row in still.items():
                 group.create_task(look(exp_id, row))
+        if gone and unreadable:
+            # a window around them returned records that could be them, renamed
+            result.skipped_records += unreadable
+            result.error_tells_skipped = True
+            raise UpstreamError(
+                f"the look-ups of {len(gone)} missing experiments returned {unreadable} "
+                "records without a readable ExperimentId: they may be among them, so none "
+                "is marked deleted",
+                code="UnreadableRecords",
+                workspace_id=result.workspace_id,
+            )
         await self._mark_deleted(result, gone)
 
     def _query(self, workspace_id: str, **filters: Any) -> ListQuery:
@@ -593,6 +627,15 @@ class SyncEngine:
                 return raw
         if not listing.complete:
             raise listing.error or UpstreamError("look-up incomplete")
+        if listing.skipped:
+            result.skipped_records += listing.skipped
+            result.error_tells_skipped = True
+            raise UpstreamError(
+                f"the look-up of {exp_id} returned {listing.skipped} records without a "
+                "readable ExperimentId: it may be one of them, so it is not marked deleted",
+                code="UnreadableRecords",
+                workspace_id=result.workspace_id,
+            )
         return None
 
     # --- hot -----------------------------------------------------------------------------
@@ -850,6 +893,37 @@ class _Batches:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+def _unreadable(result: SweepResult) -> bool:
+    """Whether a full sweep's listing held records without a readable ExperimentId (a
+    missing or empty id, a record that is not an object) that stop it here, as partial;
+    what could be read is applied either way.
+
+    - After the baseline, any experiment of the mirror could be among them: the sweep
+      deletes nothing (it used to look the "missing" ones up, meet only more unreadable
+      records, and mark them deleted).
+    - A baseline deletes nothing anyway; a few such records among many readable ones are
+      upstream's junk, and it holds (the run notes them). As many as the readable ones is a
+      listing in a shape this version cannot read: a baseline of it would report every
+      experiment as new once they can be read, so it is none.
+    """
+    skipped, readable = result.skipped_records, result.experiments_seen
+    if not skipped or (result.baseline and skipped < readable):
+        return False
+    result.status, result.error_tells_skipped = "partial", True
+    if result.baseline:
+        result.error = (
+            f"{skipped} records of the listing had no readable ExperimentId, against "
+            f"{readable} that had one: this is no baseline; the next sync reads the "
+            "workspace whole again"
+        )
+    else:
+        result.error = (
+            f"{skipped} records of the listing had no readable ExperimentId; any experiment "
+            "could be among them, so deletions are skipped"
+        )
+    return True
 
 
 def _incomplete(result: SweepResult, listing: Listing) -> None:

@@ -1067,3 +1067,118 @@ async def test_a_count_that_includes_soft_deleted_rows_still_ends_the_listing(
             assert_mirror_equals_truth(rig.store, rig.sim, ws)
         finally:
             world.list = original  # type: ignore[method-assign]
+
+
+def _unreadable_ids(page: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The page's records with their id under another name (``experimentId``): unreadable."""
+    return [{("experimentId" if k == "ExperimentId" else k): v for k, v in r.items()} for r in page]
+
+
+async def test_records_without_a_readable_id_delete_nothing_and_make_no_baseline(
+    tmp_path: Path,
+) -> None:
+    """Records a listing counts but whose ExperimentId cannot be read (here: camelCase)
+    could be any experiment of the mirror: a full sweep that met them deletes nothing (it
+    used to look the 'missing' ones up, find only more unreadable records, and mark the
+    whole workspace deleted, `ok`), and a first sync that could read none of them is no
+    baseline (a few among many readable ones are: see
+    test_a_baseline_that_reads_the_same_short_listing_twice_holds)."""
+    options = SimOptions(
+        experiments=40, workspaces=1, seed=5, drift=False, restart_per_min=0.0,
+        create_per_min=0.0, delete_per_min=0.0,
+    )  # fmt: skip
+    async for rig in make_rig(tmp_path, options, page_size=10):
+        ws = rig.sim.world.workspace_ids[0]
+        world, original = rig.sim.world, rig.sim.world.list
+
+        def camel(params: Any, original: Any = original) -> Any:
+            total, page = original(params)
+            return total, _unreadable_ids(page)
+
+        world.list = camel  # type: ignore[method-assign]
+        try:
+            result = await rig.engine.sweep(ws)
+            assert (result.status, result.baseline) == ("partial", True), result.summary()
+            assert str(result.error).startswith(
+                "40 records of the listing had no readable ExperimentId, against 0 that had "
+                "one: this is no baseline"
+            )
+            assert result.error_tells_skipped
+            state = rig.store.workspace_state(ws)
+            assert state is not None and not state.baseline_at
+        finally:
+            world.list = original  # type: ignore[method-assign]
+        assert (await rig.engine.sweep(ws)).status == "ok"  # the baseline, once readable
+        world.list = camel  # type: ignore[method-assign]
+        try:
+            with capture_logs() as logs:
+                result = await rig.engine.sweep(ws, "full")
+        finally:
+            world.list = original  # type: ignore[method-assign]
+        assert result.status == "partial" and result.marked_deleted == 0, result.summary()
+        assert "deletions are skipped" in str(result.error) and "baseline" not in str(result.error)
+        assert not any(r["deleted"] for r in mirror_rows(rig.store, ws).values())
+        assert not [c for c in rig.store.history(workspace=ws) if c.field == "Deleted"]
+        finished = next(e for e in logs if e["event"] == "sync.finished")
+        assert finished["skipped"] == 40 and finished["status"] == "partial"
+        assert_mirror_equals_truth(rig.store, rig.sim, ws)
+
+
+@pytest.mark.parametrize("look_up", ["Name", "MinCreateTime"])
+async def test_a_look_up_that_meets_unreadable_records_marks_nothing_deleted(
+    tmp_path: Path, look_up: str
+) -> None:
+    """The listing reads fine but misses an experiment, and the look-ups for it (by name,
+    or the create-time windows before them) answer records without a readable id: it may
+    be one of them, so it is not marked deleted."""
+    options = SimOptions(
+        experiments=40, workspaces=1, seed=6, drift=False, restart_per_min=0.0,
+        create_per_min=0.0, delete_per_min=0.0,
+    )  # fmt: skip
+    async for rig in make_rig(tmp_path, options, page_size=10):
+        ws = rig.sim.world.workspace_ids[0]
+        assert (await rig.engine.sweep(ws)).status == "ok"
+        world, original = rig.sim.world, rig.sim.world.list
+        hidden = next(iter(truth(rig.sim, ws)))
+
+        def hiding(params: Any, original: Any = original, hidden: str = hidden) -> Any:
+            total, page = original(params)
+            # by name (in a window of its own), or the windows before that
+            kind = (
+                "Name"
+                if "Name" in params
+                else "MinCreateTime"
+                if "MinCreateTime" in params
+                else None
+            )
+            if kind == look_up:  # unreadable
+                return total, _unreadable_ids(page)
+            if kind is not None:  # the other look-ups: nothing
+                return 0, []
+            return total - 1, [r for r in page if r["ExperimentId"] != hidden]
+
+        world.list = hiding  # type: ignore[method-assign]
+        try:
+            result = await rig.engine.sweep(ws, "full")
+        finally:
+            world.list = original  # type: ignore[method-assign]
+        assert result.status != "ok" and result.marked_deleted == 0, result.summary()
+        assert (
+            f"the look-up of {hidden} returned" in str(result.error)
+            if look_up == "Name"
+            else "the look-ups of 1 missing experiments returned" in str(result.error)
+        )
+        assert "records without a readable ExperimentId" in result.summary()
+        assert not mirror_rows(rig.store, ws)[hidden]["deleted"]
+        assert not [c for c in rig.store.history(workspace=ws) if c.field == "Deleted"]
+
+
+def test_a_sweep_summary_tells_what_it_noticed() -> None:
+    from hpo_sync.sync import SweepResult
+
+    r = SweepResult(
+        "100001", "hot", 1, skipped_records=2, notes=["3 experiments of other workspaces ignored"]
+    )
+    assert r.summary().endswith(
+        "; 2 records without a readable ExperimentId; 3 experiments of other workspaces ignored"
+    )
