@@ -754,17 +754,46 @@ def _check_output(path: str, db: Path) -> Path:
     return dest
 
 
+_DESCRIPTOR_PATH = re.compile(r"/dev/(?:fd/(\d+)|std(out|err))|/proc/self/fd/(\d+)")
+
+
+def _descriptor(path: str) -> int | None:
+    """The descriptor a path such as /dev/stdout, /dev/fd/3 or /proc/self/fd/1 names."""
+    m = _DESCRIPTOR_PATH.fullmatch(os.path.normpath(path))
+    if m is None:
+        return None
+    if m[2]:
+        return 1 if m[2] == "out" else 2
+    return int(m[1] or m[3])
+
+
 @contextmanager
 def _output(path: str | None, fmt: str, db: Path) -> Iterator[TextIO]:
     """Standard output, or a file that appears only once completely written (written next to
-    it, then renamed over it; through a symlink, over its target, so the link stays). What
-    is not a regular file (a FIFO, a device such as /dev/stdout) is written to directly:
-    renamed over, it would be replaced by a file."""
+    it, then renamed over it; through a symlink, over its target, so the link stays). A
+    path naming one of this process's descriptors (/dev/stdout, /dev/fd/N) is written
+    through that descriptor, and what is not a regular file (a FIFO, a device) is written
+    to directly: renamed over, either would be replaced by a file."""
     if path is None or path == "-":
         yield sys.stdout
         return
-    dest = _check_output(path, db)
     newline = "" if fmt == "csv" else None
+    fd = _descriptor(path)
+    if fd is not None:
+        # /dev/stdout and its kin name a descriptor this process holds open, as the shell
+        # opened it (a pipe, or a file opened to append to): resolved and renamed over,
+        # the file would lose what it held; opened anew, it would be truncated. Written to
+        # through that descriptor, ``>> file`` appends and ``| cmd`` reads, as for ``-``.
+        if fd == 1:
+            yield sys.stdout
+            return
+        try:
+            with os.fdopen(os.dup(fd), "w", encoding="utf-8", newline=newline) as f:
+                yield f
+        except OSError as exc:
+            raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        return
+    dest = _check_output(path, db)
     try:
         if dest.exists() and not dest.is_file():
             with dest.open("w", encoding="utf-8", newline=newline) as f:

@@ -1135,3 +1135,37 @@ def test_query_commands_have_a_readme_section_naming_each_option(name: str) -> N
         for option in action.option_strings:
             if option.startswith("--") and option not in common:
                 assert mentions(body, option), f"{name} {option}"
+
+
+@pytest.mark.parametrize("path", ["/dev/stdout", "/proc/self/fd/1", "/dev/fd/1"])
+def test_export_to_dev_stdout_appends_where_the_shell_appends_and_feeds_a_pipe(
+    db: Path, tmp_path: Path, path: str
+) -> None:
+    """`export --output /dev/stdout >> file` used to rename its export over the file (what
+    it held was lost), and `| cmd` failed: the path is the descriptor the shell opened."""
+    expected = hpo_sync("export", "--db", str(db)).stdout
+    assert expected.count("\n") > 5
+    log = tmp_path / "append.txt"
+    log.write_text("precious\n")
+    with log.open("a") as out:
+        proc = hpo_sync(
+            "export", "--db", str(db), "--output", path, stdout=out, stderr=subprocess.PIPE
+        )
+    assert proc.returncode == 0, proc.stderr
+    assert log.read_text() == "precious\n" + expected
+    piped = hpo_sync("export", "--db", str(db), "--output", path)
+    assert (piped.returncode, piped.stdout) == (0, expected), piped.stderr
+
+
+def test_export_to_another_descriptor_writes_through_it(db: Path, tmp_path: Path) -> None:
+    expected = hpo_sync("export", "--db", str(db), "--format", "csv").stdout
+    log = tmp_path / "other.csv"
+    log.write_text("kept\n")
+    with log.open("a", newline="") as other:
+        fd = other.fileno()
+        proc = hpo_sync(
+            "export", "--db", str(db), "--format", "csv", "--output", f"/dev/fd/{fd}",
+            pass_fds=(fd,),
+        )  # fmt: skip
+    assert (proc.returncode, proc.stdout) == (0, ""), proc.stderr
+    assert log.read_bytes() == b"kept\n" + expected.encode()
