@@ -485,7 +485,12 @@ def _write_records(
 
 class ExperimentWalk:
     """Iterate experiments page by page (keyset pagination) up to ``limit`` (0: all);
-    afterwards ``more`` tells whether the limit cut the listing short."""
+    afterwards ``more`` tells whether the limit cut the listing short.
+
+    Every page is read in one snapshot: a page per snapshot, while a sync writes, listed
+    twice an experiment whose sort key moved past the cursor (``--sort modified``) and
+    left out one that moved before it. Iterate it in one thread (the mirror's read
+    connections are per thread)."""
 
     def __init__(
         self, store: Store, filters: ExperimentFilter, sort: SortOrder, limit: int
@@ -494,6 +499,10 @@ class ExperimentWalk:
         self.more = False
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        with self.store.reader():
+            yield from self._pages()
+
+    def _pages(self) -> Iterator[dict[str, Any]]:
         remaining = self.limit or None
         after: PageKey | None = None
         while True:

@@ -394,6 +394,40 @@ def test_ls_limit_zero_streams_every_row_in_keyset_pages(
     assert sizes == [500, 1]
 
 
+@pytest.mark.parametrize("sort", ["modified", "-modified"])
+def test_ls_pages_are_one_snapshot_while_a_sync_moves_rows(
+    run: Run, db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sort: str
+) -> None:
+    """A sync that bumps modified times between two pages of `ls --limit 0 --sort
+    modified` used to have the moved rows listed twice."""
+    mirror = tmp_path / "copy.db"
+    shutil.copy(db, mirror)
+    real = Store.list_experiments
+    moved: list[str] = []
+
+    def sync_between_pages(self: Store, *args: Any, **kwargs: Any) -> Any:
+        page = real(self, *args, **kwargs)
+        if not moved:
+            moved.extend(row["experiment_id"] for row in page.rows[:5])
+            later = "2999-01-01T00:00:00Z" if sort == "modified" else "1999-01-01T00:00:00Z"
+            with sqlite3.connect(mirror) as writer:
+                writer.executemany(
+                    "UPDATE experiments SET gmt_modified_time = ? WHERE experiment_id = ?",
+                    [(later, exp_id) for exp_id in moved],
+                )
+        return page
+
+    monkeypatch.setattr(Store, "list_experiments", sync_between_pages)
+    code, out, err = run(
+        "ls", "--limit", "0", "--workspace", "ws-bulk", "--sort", sort, "--format", "jsonl",
+        db=mirror,
+    )  # fmt: skip
+    assert code == 0, err
+    ids = [json.loads(line)["ExperimentId"] for line in out.splitlines()]
+    assert len(moved) == 5
+    assert len(ids) == len(set(ids)) == BULK
+
+
 # --- show and history -----------------------------------------------------------------------
 
 
