@@ -285,7 +285,13 @@ def register_cli(sub: Any, command: Command) -> None:
         choices=HISTORY_FIELDS,
         help="only changes of this field",
     )
-    p.add_argument("--workspace", metavar="ID", help="only this workspace")
+    p.add_argument(
+        "--workspace",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="only this workspace (repeatable)",
+    )
     p.add_argument(
         "--no-baseline",
         action="store_true",
@@ -309,7 +315,13 @@ def register_cli(sub: Any, command: Command) -> None:
         default="experiments",
         help="what to export (default: experiments)",
     )
-    p.add_argument("--workspace", metavar="ID", help="only this workspace")
+    p.add_argument(
+        "--workspace",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="only this workspace (repeatable)",
+    )
     p.add_argument(
         "--output",
         type=_output_type,
@@ -331,7 +343,13 @@ def register_cli(sub: Any, command: Command) -> None:
         help="count runs that ended at or after WHEN: an ISO date/datetime (UTC) or an age "
         f"(12h, 7d, 2w; default {DEFAULT_STATS_SINCE})",
     )
-    p.add_argument("--workspace", metavar="ID", help="only this workspace")
+    p.add_argument(
+        "--workspace",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="only this workspace (repeatable)",
+    )
     _format_option(p, ("table", "json"), "table")
 
 
@@ -706,7 +724,7 @@ def _history_rows(
 def _history(args: argparse.Namespace, store: Store, out: TextIO) -> int:
     if args.experiment_id is not None:
         _require_experiment(store, args.experiment_id)
-    _warn_unknown_workspaces(store, [args.workspace])
+    _warn_unknown_workspaces(store, args.workspace)
     since = args.since.resolve(utc_now()) if args.since else None
     changes, more = _history_rows(store, args, since)
     if args.format != "table":
@@ -821,7 +839,7 @@ def _output(path: str | None, fmt: str, db: Path) -> Iterator[TextIO]:
 
 def _export(args: argparse.Namespace, store: Store, out: TextIO) -> int:
     kind: Literal["experiments", "changes", "sync_runs"] = args.kind
-    _warn_unknown_workspaces(store, [args.workspace])
+    _warn_unknown_workspaces(store, args.workspace)
     rows = store.iter_export(kind, workspace=args.workspace, decode=False)
     records: Iterator[dict[str, Any]]
     if kind == "experiments":
@@ -898,13 +916,13 @@ def stats_lines(stats: Sequence[WorkspaceStats], since: str, width: int | None) 
 
 def _stats(args: argparse.Namespace, store: Store, out: TextIO) -> int:
     since = args.since.resolve(utc_now())
-    _warn_unknown_workspaces(store, [args.workspace])
+    _warn_unknown_workspaces(store, args.workspace)
     stats = list(store.stats(since, workspace=args.workspace).values())
     if args.format == "json":
         record = {"Since": since, "Workspaces": [stats_record(s) for s in stats]}
         out.write(r.json_document(record))
     elif not stats:
-        if args.workspace is None:  # (an unknown --workspace was named above)
+        if not args.workspace:  # (an unknown --workspace was named above)
             _note("the mirror has no workspaces yet")
     else:
         out.write("".join(line + "\n" for line in stats_lines(stats, since, _table_width(out))))

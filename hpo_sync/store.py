@@ -158,6 +158,15 @@ def _chunks(seq: Sequence[str], size: int) -> Iterator[Sequence[str]]:
         yield seq[i : i + size]
 
 
+def _workspace_clause(workspace: str | Sequence[str] | None) -> tuple[str, list[Any]]:
+    """`` AND workspace_id IN (...)`` and its parameters for one workspace or several
+    (None or an empty sequence: every workspace)."""
+    wanted = [workspace] if isinstance(workspace, str) else list(workspace or ())
+    if not wanted:
+        return "", []
+    return f" AND workspace_id IN ({_marks(len(wanted))})", wanted
+
+
 def _marks(n: int) -> str:
     return ",".join("?" * n)
 
@@ -1189,7 +1198,7 @@ class Store:
         experiment_id: str | None = None,
         since: str | None = None,
         field: str | None = None,
-        workspace: str | None = None,
+        workspace: str | Sequence[str] | None = None,
         after_id: int | None = None,
         limit: int | None = None,
         *,
@@ -1199,7 +1208,7 @@ class Store:
         """Change rows in ``id`` order; ``after_id`` makes it a change feed with a cursor.
 
         ``since`` is inclusive on ``observed_at``. ``newest_first`` reverses the order, so
-        that with ``limit`` it returns the latest rows.
+        that with ``limit`` it returns the latest rows. ``workspace``: one or several.
         """
         where: list[str] = []
         params: list[Any] = []
@@ -1207,12 +1216,15 @@ class Store:
             ("experiment_id = ?", experiment_id),
             ("observed_at >= ?", _iso(since, "since")),
             ("field = ?", field),
-            ("workspace_id = ?", workspace),
             ("id > ?", after_id),
         ):
             if value is not None:
                 where.append(clause)
                 params.append(value)
+        ws_clause, ws_params = _workspace_clause(workspace)
+        if ws_clause:
+            where.append(ws_clause.removeprefix(" AND "))
+            params += ws_params
         if not include_baseline:
             where.append("baseline = 0")
         sql = f"SELECT {_CHANGE_SELECT} FROM changes WHERE {' AND '.join(where) or '1'} ORDER BY id"
@@ -1272,7 +1284,7 @@ class Store:
         since: str,
         *,
         until: str | None = None,
-        workspace: str | None = None,
+        workspace: str | Sequence[str] | None = None,
         terminal_statuses: Collection[str] = DEFAULT_TERMINAL_STATUSES,
         failure_statuses: Collection[str] = ("FAILED",),
     ) -> dict[str, WorkspaceStats]:
@@ -1289,8 +1301,7 @@ class Store:
             raise ValueError("since is required")
         until_iso = _iso(until, "until")
         terminal = sorted(terminal_statuses)
-        ws_clause = " AND workspace_id = ?" if workspace else ""
-        ws_params: list[Any] = [workspace] if workspace else []
+        ws_clause, ws_params = _workspace_clause(workspace)
         window = "observed_at >= ?" + (" AND observed_at < ?" if until_iso else "")
         window_params: list[Any] = [since_iso] + ([until_iso] if until_iso else [])
         with self.reader() as conn:
@@ -1363,7 +1374,7 @@ class Store:
         self,
         kind: Literal["experiments", "changes", "sync_runs"] = "experiments",
         *,
-        workspace: str | None = None,
+        workspace: str | Sequence[str] | None = None,
         decode: bool = True,
         batch_size: int = 1000,
     ) -> Iterator[dict[str, Any]]:
@@ -1380,12 +1391,8 @@ class Store:
         if kind not in tables:
             raise ValueError(f"kind must be one of {', '.join(tables)}, got {kind!r}")
         columns, order = tables[kind]
-        sql = f"SELECT {columns} FROM {kind}"
-        params: list[Any] = []
-        if workspace is not None:
-            sql += " WHERE workspace_id = ?"
-            params.append(workspace)
-        sql += f" ORDER BY {order}"
+        ws_clause, params = _workspace_clause(workspace)
+        sql = f"SELECT {columns} FROM {kind} WHERE 1{ws_clause} ORDER BY {order}"
         if self._memory:
             # Cannot open a second connection to a private in-memory database.
             with self.reader() as conn:

@@ -630,6 +630,24 @@ def test_export_by_workspace_and_sync_runs(run: Run) -> None:
     assert list(runs[0]) == list(render.SYNC_RUN_FIELDS)
 
 
+def test_a_repeated_workspace_selects_each_in_history_export_and_stats(run: Run) -> None:
+    """--workspace given twice used to keep only the last one, silently; as in ls, each
+    repeat adds one."""
+    both = ("--workspace", "ws-a", "--workspace", "ws-b")
+    history = run.json("history", "--limit", "0", *both)
+    assert {r["WorkspaceId"] for r in history} == {"ws-a", "ws-b"}
+    every = run.json("history", "--limit", "0")
+    assert len(history) == len([r for r in every if r["WorkspaceId"] in ("ws-a", "ws-b")])
+    exported = [json.loads(x) for x in run.ok("export", *both).splitlines()]
+    assert sorted({r["WorkspaceId"] for r in exported}) == ["ws-a", "ws-b"]
+    runs = run.ok("export", "--kind", "sync_runs", "--format", "csv", *both)
+    assert {r["WorkspaceId"] for r in csv.DictReader(io.StringIO(runs))} == {"ws-a", "ws-b"}
+    stats = run.json("stats", "--since", "2024-03-01", *both)
+    assert [w["WorkspaceId"] for w in stats["Workspaces"]] == ["ws-a", "ws-b"]
+    alone = run.json("stats", "--since", "2024-03-01", "--workspace", "ws-b")
+    assert alone["Workspaces"] == stats["Workspaces"][1:]
+
+
 # --- stats ----------------------------------------------------------------------------------
 
 
