@@ -487,10 +487,19 @@ def _listen_error(host: str, port: int, exc: OSError) -> HpoSyncError:
     return HpoSyncError(f"simulate: cannot listen on {shown}:{port}: {reason}{hint}")
 
 
+def db_arg(args: argparse.Namespace) -> str | None:
+    """``--db`` if given. Given empty (``--db "$DB"`` with DB unset) it is a usage error,
+    not the config's mirror read in its place."""
+    db: str | None = getattr(args, "db", None)
+    if db is not None and not db.strip():
+        raise UsageError("--db: empty path; name the mirror's file")
+    return db
+
+
 def default_db_path(args: argparse.Namespace) -> Path:
     """The mirror for read-only commands: ``--db`` beats the config's ``[store] path`` (the
     only part of the config read: see :func:`config.load_store`)."""
-    db = getattr(args, "db", None)
+    db = db_arg(args)
     if db:
         return Path(db)
     return config_mod.load_store(config_mod.resolve_path(getattr(args, "config", None))).path

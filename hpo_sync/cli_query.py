@@ -150,6 +150,8 @@ def parse_limit(text: str) -> int:
 
 
 def _output_path(text: str) -> str:
+    if not text.strip():
+        raise ValueError("empty path; name a file, or - for standard output")
     if text != "-" and Path(text).is_dir():
         raise ValueError(f"{text} is a directory; name a file in it")
     if text != "-" and not Path(text).resolve().parent.is_dir():

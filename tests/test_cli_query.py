@@ -733,6 +733,7 @@ def test_stats_table(run: Run) -> None:
         (["export", "--format", "json"], "argument --format: invalid choice: 'json'"),
         (["export", "--kind", "workspaces"], "argument --kind: invalid choice"),
         (["export", "--output", "/no/such/dir/x.csv"], "directory /no/such/dir does not exist"),
+        (["export", "--output", ""], "--output: empty path; name a file, or - for standard output"),
         (["show"], "the following arguments are required: ID"),
     ],
 )
@@ -750,6 +751,30 @@ def test_missing_mirror_exits_1(run: Run, tmp_path: Path) -> None:
         hint = "run `hpo-sync sync` first (or pass --db PATH)"
         assert err == f"hpo-sync: no mirror at {missing} — {hint}\n"
     assert not missing.exists()  # read-only: nothing is created
+
+
+def test_an_empty_db_is_a_usage_error_not_the_configs_mirror(
+    run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--db "$DB"` with DB unset used to read whatever mirror the config names, exit 0."""
+    config = tmp_path / "config.toml"
+    config.write_text(f'[store]\npath = "{run.db}"\n')
+    monkeypatch.setenv("HPO_SYNC_CONFIG", str(config))
+    commands = (
+        ["ls"],
+        ["show", "x"],
+        ["history"],
+        ["export"],
+        ["stats"],
+        ["backup", "x.db"],
+        ["serve"],
+    )
+    for argv in commands:
+        run.capsys.readouterr()
+        code = cli.main([*argv, "--db", " "])
+        out, err = run.capsys.readouterr()
+        assert (code, out) == (2, ""), err
+        assert err == "hpo-sync: --db: empty path; name the mirror's file\n"
 
 
 def test_a_directory_given_as_the_mirror_is_named_as_such(run: Run, tmp_path: Path) -> None:

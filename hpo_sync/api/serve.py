@@ -90,8 +90,10 @@ def register_cli(sub: Any, command: Callable[..., argparse.ArgumentParser]) -> N
 def serve_config(args: argparse.Namespace) -> Config:
     """The config for ``serve``: the file (``--config``, ``$HPO_SYNC_CONFIG`` or the default
     path); with ``--db`` and no such file, the defaults (no tokens: loopback only)."""
+    from .. import cli
+
     path = config_mod.resolve_path(getattr(args, "config", None))
-    db = getattr(args, "db", None)
+    db = cli.db_arg(args)
     explicit = bool(getattr(args, "config", None))
     cfg = Config() if db and not explicit and not path.exists() else config_mod.load(path)
     if db:
@@ -104,8 +106,6 @@ def serve_config(args: argparse.Namespace) -> Config:
         except ConfigError as exc:
             raise ConfigError(exc.bare_message, key="--listen") from None
         cfg = replace(cfg, api=api)
-    from .. import cli
-
     cli.check_listen(cfg, key="--listen" if listen else "api.listen")
     return cfg
 
