@@ -169,6 +169,7 @@ def setup_logging(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    _open_closed_streams()
     parser = build_parser(_own_command(argv))
     try:
         args = parser.parse_args(argv)  # (--help writes to stdout too)
@@ -193,6 +194,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         # quietly.
         _quiet_stdout()
         return EXIT_OK
+
+
+def _open_closed_streams() -> None:
+    """Started with stdout or stderr closed (``hpo-sync sync >&-`` from cron), Python has
+    None for it and every print would raise: such a stream writes to /dev/null instead,
+    as if its reader had gone away (which ``| head`` already makes a quiet success)."""
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))  # noqa: SIM115
 
 
 def _quiet_stdout() -> None:

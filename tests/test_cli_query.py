@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import sqlite3
 import stat
@@ -1246,3 +1247,21 @@ def test_export_to_another_descriptor_writes_through_it(db: Path, tmp_path: Path
         )  # fmt: skip
     assert (proc.returncode, proc.stdout) == (0, ""), proc.stderr
     assert log.read_bytes() == b"kept\n" + expected.encode()
+
+
+def test_a_closed_stdout_or_stderr_is_no_traceback(db: Path) -> None:
+    """`hpo-sync ls >&-` (cron, say) used to die with AttributeError on None.isatty."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("HPO_SYNC_CONFIG", None)
+    cmd = f"{shlex.quote(sys.executable)} -m hpo_sync.cli"
+    for shell, code in (
+        (f"{cmd} ls --db {shlex.quote(str(db))} >&-", 0),
+        (f"{cmd} ls --db {shlex.quote(str(db))} --format json >&-", 0),
+        (f"{cmd} history --db {shlex.quote(str(db))} --limit 0 >&- 2>&-", 0),
+        (f"{cmd} ls --db {shlex.quote(str(db))} --limit -1 2>&-", 2),
+    ):
+        proc = subprocess.run(
+            ["sh", "-c", shell], capture_output=True, text=True, env=env, timeout=60, check=False
+        )
+        assert proc.returncode == code, (shell, proc.stderr)
+        assert "Traceback" not in proc.stderr, proc.stderr
