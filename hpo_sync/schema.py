@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 
 from hpo_sync.errors import SchemaTooNewError, StoreError
-from hpo_sync.normalise import Experiment
+from hpo_sync.normalise import Experiment, normalise_tags
 
 #: ``PRAGMA application_id`` of every hpo-sync mirror: ASCII "HPOS".
 APPLICATION_ID = 0x48504F53
@@ -147,7 +147,15 @@ def decode_trial_status(value: str | Mapping[str, Any] | None) -> dict[str, int]
     data: Any = json.loads(value) if isinstance(value, str) else value
     if not isinstance(data, Mapping):
         return {}
-    return {str(k): int(v) for k, v in sorted(data.items()) if v}
+    out: dict[str, int] = {}
+    for k, v in sorted(data.items()):
+        try:
+            n = int(v)
+        except (TypeError, ValueError, OverflowError):
+            continue  # a hand-edited count that is no number
+        if n:
+            out[str(k)] = n
+    return out
 
 
 def encode_deleted(deleted: bool) -> str:
@@ -205,7 +213,9 @@ def decode_experiment_row(row: Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(out.get("trial_status"), str | None) and "trial_status" in out:
         out["trial_status"] = decode_trial_status(out["trial_status"])
     if isinstance(out.get("tags"), str | None) and "tags" in out:
-        out["tags"] = json.loads(out["tags"]) if out["tags"] else []
+        # as upstream's tags are read: a hand-edited value of another shape ([1, 2], an
+        # object) is made a list of {Key, Value} rather than failing whoever reads it
+        out["tags"] = normalise_tags(json.loads(out["tags"])) if out["tags"] else []
     if isinstance(out.get("raw"), str | None) and "raw" in out:
         out["raw"] = json.loads(out["raw"]) if out["raw"] else {}
     if "deleted" in out:

@@ -1265,3 +1265,35 @@ def test_a_closed_stdout_or_stderr_is_no_traceback(db: Path) -> None:
         )
         assert proc.returncode == code, (shell, proc.stderr)
         assert "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "field", "shown"),
+    [
+        ("tags", "[1, 2]", "Tags", []),
+        ("tags", '{"team": "ml"}', "Tags", [{"Key": "team", "Value": "ml"}]),
+        ("trial_status", '{"FAILED": "x", "RUNNING": 2}', "TrialStatus", {"RUNNING": 2}),
+    ],
+)
+def test_a_hand_edited_json_column_of_another_shape_is_read_not_a_crash(
+    run: Run, db: Path, tmp_path: Path, column: str, value: str, field: str, shown: Any
+) -> None:
+    """Valid JSON the generated api_json column accepts, but not the shape the mirror
+    writes: show, ls and export used to fail with a traceback."""
+    mirror = tmp_path / "edited.db"
+    shutil.copy(db, mirror)
+    with sqlite3.connect(mirror) as conn:
+        conn.execute(
+            f"UPDATE experiments SET {column} = ? WHERE experiment_id = 'hpo-a1'", (value,)
+        )
+    code, out, err = run("show", "hpo-a1", "--format", "json", db=mirror)
+    assert code == 0, err
+    assert json.loads(out)[field] == shown
+    for argv in (
+        ["ls", "--format", "csv"],
+        ["ls", "--format", "json"],
+        ["export"],
+        ["show", "hpo-a1"],
+    ):
+        code, out, err = run(*argv, db=mirror)
+        assert code == 0 and "Traceback" not in err, (argv, err)
