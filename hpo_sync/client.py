@@ -876,8 +876,9 @@ class UpstreamClient:
         only end that needs no count, and it holds even when the server caps the page size).
         A page with nothing new, or a listing past :data:`MAX_UNCOUNTED_PAGES`, ends it
         incomplete: a server that repeats itself must not page forever. One exception: the
-        last page again, short (an earlier page was longer), is how some servers answer a
-        page number past the end; it ends the listing as an empty page would."""
+        last page again is how some servers answer a page number past the end; it ends the
+        listing as an empty page would when it is short (an earlier page was longer), or
+        when one call more shows that the server's page numbers work (:meth:`_clamped_past`)."""
         listing.uncounted = True
         pending = iter(read)
         page: Page | None = None
@@ -908,8 +909,11 @@ class UpstreamClient:
             await take(page)
             if number > 1 and page.experiments and len(seen) == before:
                 assert previous is not None
-                if len(page.experiments) < longest and _ids(page) == _ids(previous):
-                    break  # the short last page again: past the end
+                if _ids(page) == _ids(previous) and (
+                    len(page.experiments) < longest  # the short last page again
+                    or await self._clamped_past(query, number - 1, previous, size, tally)
+                ):
+                    break  # past the end
                 listing.error = UpstreamError(
                     f"page {number} repeats earlier pages and there is no usable TotalCount",
                     code="NoTotalCount",
@@ -919,6 +923,32 @@ class UpstreamClient:
         listing.pages_expected = number
         listing.total_count = len(seen)
         listing.seen_ids = seen
+
+    async def _clamped_past(
+        self, query: ListQuery, pages: int, last: Page, size: int, tally: Tally | None
+    ) -> bool:
+        """Whether page ``pages + 1`` of an uncounted listing, the same as page ``pages``
+        (``last``, as long as any before it), is a page number past the end answered with
+        the last page again, rather than a server that ignores PageNumber (whose listing
+        may be far longer). Row number ``pages * rows``, asked for at a page size of one,
+        tells: the last row of ``last`` where page numbers work, the first row of the
+        listing again where they do not. One page of one row, asked in pages of more, is
+        the whole listing either way."""
+        rows = len(last.experiments)
+        if pages == 1 and rows == 1:
+            return size > 1
+        try:
+            probe = await self.list_page(query, pages * rows, 1, tally=tally)
+        except FatalUpstreamError as exc:
+            if not rejects_parameter(exc):
+                raise
+            return False
+        except UpstreamError:
+            return False
+        if _ids(probe) != _ids(last)[-1:]:
+            return False
+        log.info("upstream.page_past_end_repeats", workspace=query.workspace_id, page=pages + 1)
+        return True
 
     async def iter_pages(
         self, query: ListQuery, *, page_size: int | None = None, tally: Tally | None = None

@@ -742,12 +742,47 @@ async def test_an_uncounted_listing_ends_where_the_short_last_page_comes_again(
         listing = await client.list_all(ListQuery(workspace_id="w1"), page_size=100)
     assert listing.complete and listing.error is None and not listing.consistent
     assert len(listing.seen_ids) == 250 and listing.pages_read == 4
-    # a full last page that comes again proves nothing: the server may ignore PageNumber
-    capture.experiments = capture.experiments[:200]
+
+
+@pytest.mark.parametrize(
+    ("experiments", "page_size", "calls"),
+    [
+        (200, 100, 4),  # full last page again: row 200 at a page size of one tells
+        (5, 10, 3),  # one short page: row 5 at a page size of one
+        (1, 10, 2),  # one page of one row, asked in pages of ten: the listing
+    ],
+)
+async def test_an_uncounted_listing_ends_where_a_full_or_only_page_comes_again(
+    capture: Capture, experiments: int, page_size: int, calls: int
+) -> None:
+    """No TotalCount, page numbers past the end clamped to the last page, and that page is
+    full, or the only one: the listing used to end incomplete, so such a workspace never
+    got a baseline and a hot sweep whose status listing fits one page was always partial.
+    One call more (the last row, at a page size of one) shows the page numbers work."""
+    capture.experiments = [{"ExperimentId": f"e{i:03d}"} for i in range(experiments)]
+    capture.total_count = "absent"
+    capture.repeat_last_page = True
     async with make_client(capture.base_url) as client:
-        listing = await client.list_all(ListQuery(workspace_id="w1"), page_size=100)
+        listing = await client.list_all(ListQuery(workspace_id="w1"), page_size=page_size)
+        assert client.stats.api_calls == calls
+    assert listing.complete and listing.error is None and not listing.consistent
+    assert len(listing.seen_ids) == experiments
+
+
+async def test_a_server_that_ignores_page_numbers_and_caps_the_page_size_ends_incomplete(
+    capture: Capture,
+) -> None:
+    """Page 2 the same short page as page 1, from a server that ignores PageNumber and
+    serves 5 where 10 were asked: the row the probe asks for is the first again, so the
+    listing (12 experiments, not 5) is not taken for complete."""
+    capture.experiments = [{"ExperimentId": f"e{i:03d}"} for i in range(12)]
+    capture.total_count = "absent"
+    capture.ignore_page_number = True
+    capture.max_page_size = 5
+    async with make_client(capture.base_url) as client:
+        listing = await client.list_all(ListQuery(workspace_id="w1"), page_size=10)
     assert not listing.complete and listing.error is not None
-    assert listing.error.code == "NoTotalCount"
+    assert listing.error.code == "NoTotalCount" and len(listing.seen_ids) == 5
 
 
 async def test_a_fatal_page_fails_the_whole_listing(capture: Capture) -> None:
