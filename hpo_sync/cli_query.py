@@ -44,7 +44,7 @@ SORTS: tuple[SortOrder, ...] = ("-created", "created", "-modified", "modified", 
 HISTORY_FIELDS = ("Status", "TrialStatus", "Deleted")
 EXPORT_KINDS = ("experiments", "changes", "sync_runs")
 
-_RELATIVE_RE = re.compile(r"^(\d+)\s*([smhdw])$", re.ASCII)
+_RELATIVE_RE = re.compile(r"^(\d+)\s*([smhdwSMHDW])$", re.ASCII)
 _UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 #: The longest age ``--since`` takes (about 100 years): older times are given as a date.
 MAX_AGE_DAYS = 36_525
@@ -90,6 +90,9 @@ def parse_time_arg(text: str, *, relative: bool = False) -> TimeArg:
     m = _RELATIVE_RE.match(value)
     if relative and m:
         digits, unit = m.group(1).lstrip("0") or "0", m.group(2)
+        if unit == "M":  # months or minutes? neither guessed
+            raise ValueError(f"{text!r}: m is minutes (M is not read); for months give a date")
+        unit = unit.lower()
         # Checked before converting: a datetime cannot reach before year 1 (and an int of
         # thousands of digits cannot even be read).
         if len(digits) > 15 or int(digits) * _UNITS_S[unit] > MAX_AGE_DAYS * 86400:
@@ -835,6 +838,8 @@ def _output(path: str | None, fmt: str, db: Path) -> Iterator[TextIO]:
             os.replace(partial, dest)
         finally:
             partial.unlink(missing_ok=True)
+    except BrokenPipeError:
+        raise  # a FIFO's reader went away: as for `| head`, a quiet end (cli.main)
     except OSError as exc:
         raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from exc
 

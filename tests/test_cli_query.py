@@ -528,6 +528,9 @@ def test_history_since_an_age_is_relative_to_now(run: Run, monkeypatch: pytest.M
     monkeypatch.setattr(cli_query, "utc_now", lambda: datetime(2024, 3, 3, 12, tzinfo=UTC))
     assert [r["ExperimentId"] for r in run.json("history", "--since", "1d")] == ["hpo-b1"] * 2
     assert len(run.json("history", "--since", "36h")) == 7
+    assert run.json("history", "--since", "36H") == run.json("history", "--since", "36h")
+    err = run.usage_error("history", "--since", "5M")
+    assert "m is minutes (M is not read); for months give a date" in err
 
 
 def test_history_table(run: Run) -> None:
@@ -1297,3 +1300,20 @@ def test_a_hand_edited_json_column_of_another_shape_is_read_not_a_crash(
     ):
         code, out, err = run(*argv, db=mirror)
         assert code == 0 and "Traceback" not in err, (argv, err)
+
+
+def test_export_into_a_fifo_whose_reader_left_ends_quietly(run: Run, tmp_path: Path) -> None:
+    """As `export | head` does: the reader has what it wanted (it used to be exit 1,
+    "Broken pipe")."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+
+    def read_a_little() -> None:
+        with fifo.open("rb") as f:
+            f.read(10)
+
+    reader = threading.Thread(target=read_a_little, daemon=True)
+    reader.start()
+    code, out, err = run("export", "--kind", "changes", "--output", str(fifo))
+    reader.join(timeout=30)
+    assert (code, out, err) == (0, "", "")
