@@ -198,6 +198,16 @@ def _db_option(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _workspace_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--workspace",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="only this workspace (repeatable)",
+    )
+
+
 def _format_option(p: argparse.ArgumentParser, choices: Sequence[str], default: str) -> None:
     p.add_argument(
         "--format",
@@ -211,13 +221,7 @@ def register_cli(sub: Any, command: Command) -> None:
     """Add the query commands to the ``hpo-sync`` parser (see :mod:`hpo_sync.cli`)."""
     p = command("ls", "list the mirror's experiments (offline, read-only)", cmd_ls)
     _db_option(p)
-    p.add_argument(
-        "--workspace",
-        action="append",
-        default=[],
-        metavar="ID",
-        help="only this workspace (repeatable)",
-    )
+    _workspace_option(p)
     p.add_argument(
         "--status",
         action="append",
@@ -290,13 +294,7 @@ def register_cli(sub: Any, command: Command) -> None:
         choices=HISTORY_FIELDS,
         help="only changes of this field",
     )
-    p.add_argument(
-        "--workspace",
-        action="append",
-        default=[],
-        metavar="ID",
-        help="only this workspace (repeatable)",
-    )
+    _workspace_option(p)
     p.add_argument(
         "--no-baseline",
         action="store_true",
@@ -320,13 +318,7 @@ def register_cli(sub: Any, command: Command) -> None:
         default="experiments",
         help="what to export (default: experiments)",
     )
-    p.add_argument(
-        "--workspace",
-        action="append",
-        default=[],
-        metavar="ID",
-        help="only this workspace (repeatable)",
-    )
+    _workspace_option(p)
     p.add_argument(
         "--output",
         type=_output_type,
@@ -348,13 +340,7 @@ def register_cli(sub: Any, command: Command) -> None:
         help="count runs that ended at or after WHEN: an ISO date/datetime (UTC) or an age "
         f"(12h, 7d, 2w; default {DEFAULT_STATS_SINCE})",
     )
-    p.add_argument(
-        "--workspace",
-        action="append",
-        default=[],
-        metavar="ID",
-        help="only this workspace (repeatable)",
-    )
+    _workspace_option(p)
     _format_option(p, ("table", "json"), "table")
 
 

@@ -1069,6 +1069,14 @@ async def test_a_count_that_includes_soft_deleted_rows_still_ends_the_listing(
             world.list = original  # type: ignore[method-assign]
 
 
+def _still_world(experiments: int, seed: int) -> SimOptions:
+    """One workspace that changes only as a test says."""
+    return SimOptions(
+        experiments=experiments, workspaces=1, seed=seed, drift=False, restart_per_min=0.0,
+        create_per_min=0.0, delete_per_min=0.0,
+    )  # fmt: skip
+
+
 def _unreadable_ids(page: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The page's records with their id under another name (``experimentId``): unreadable."""
     return [{("experimentId" if k == "ExperimentId" else k): v for k, v in r.items()} for r in page]
@@ -1083,11 +1091,7 @@ async def test_records_without_a_readable_id_delete_nothing_and_make_no_baseline
     whole workspace deleted, `ok`), and a first sync that could read none of them is no
     baseline (a few among many readable ones are: see
     test_a_baseline_that_reads_the_same_short_listing_twice_holds)."""
-    options = SimOptions(
-        experiments=40, workspaces=1, seed=5, drift=False, restart_per_min=0.0,
-        create_per_min=0.0, delete_per_min=0.0,
-    )  # fmt: skip
-    async for rig in make_rig(tmp_path, options, page_size=10):
+    async for rig in make_rig(tmp_path, _still_world(40, seed=5), page_size=10):
         ws = rig.sim.world.workspace_ids[0]
         world, original = rig.sim.world, rig.sim.world.list
 
@@ -1131,11 +1135,7 @@ async def test_a_look_up_that_meets_unreadable_records_marks_nothing_deleted(
     """The listing reads fine but misses an experiment, and the look-ups for it (by name,
     or the create-time windows before them) answer records without a readable id: it may
     be one of them, so it is not marked deleted."""
-    options = SimOptions(
-        experiments=40, workspaces=1, seed=6, drift=False, restart_per_min=0.0,
-        create_per_min=0.0, delete_per_min=0.0,
-    )  # fmt: skip
-    async for rig in make_rig(tmp_path, options, page_size=10):
+    async for rig in make_rig(tmp_path, _still_world(40, seed=6), page_size=10):
         ws = rig.sim.world.workspace_ids[0]
         assert (await rig.engine.sweep(ws)).status == "ok"
         world, original = rig.sim.world, rig.sim.world.list
