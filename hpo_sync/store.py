@@ -706,18 +706,43 @@ class Store:
     ) -> None:
         """Record the end of a sweep. ``changes`` None keeps the count that
         :meth:`apply` accumulated on the run (exact even when the sweep was interrupted)."""
-        if status not in ("ok", "failed", "partial"):
-            raise ValueError(f"status must be 'ok', 'failed' or 'partial', got {status!r}")
-        _check_time(finished_at, "finished_at", _RUN_TIME_RE)
         with self._write("finish a sync run") as conn:
-            cur = conn.execute(
-                "UPDATE sync_runs SET finished_at = ?, status = ?, api_calls = ?, pages = ?,"
-                " experiments_seen = ?, changes = coalesce(?, changes), error = ?"
-                " WHERE id = ?",
-                (finished_at, status, api_calls, pages, experiments_seen, changes, error, run_id),
-            )
-            if cur.rowcount != 1:
-                raise StoreError(f"no sync run with id {run_id}")
+            _finish_run(
+                conn, run_id, finished_at, status, api_calls, pages, experiments_seen, changes,
+                error,
+            )  # fmt: skip
+
+    def close_run(
+        self,
+        run_id: int,
+        workspace_id: str,
+        mode: str,
+        *,
+        finished_at: str,
+        status: str,
+        api_calls: int,
+        pages: int,
+        experiments_seen: int,
+        error: str | None = None,
+        baseline: bool = False,
+    ) -> None:
+        """The end of a sweep in ONE transaction: :meth:`finish_run` (the run keeps the
+        change count its applies accumulated), then the workspace's outcome
+        (:meth:`record_success` or :meth:`set_workspace_error`) and, for a baseline that
+        succeeded, :meth:`mark_baseline`. In separate transactions a crash between them
+        left an ``ok`` baseline run without ``baseline_at``: the next sync was a second
+        baseline, whose real changes were flagged baseline and never alerted."""
+        with self._write("close a sync run") as conn:
+            _finish_run(
+                conn, run_id, finished_at, status, api_calls, pages, experiments_seen, None,
+                error,
+            )  # fmt: skip
+            if status == "ok":
+                _record_success(conn, workspace_id, mode, finished_at)
+                if baseline and mode == "full":
+                    _mark_baseline(conn, workspace_id, finished_at)
+            else:
+                _set_workspace_error(conn, workspace_id, error, finished_at)
 
     def abandon_running_runs(
         self, at: str, *, error: str = "interrupted: hpo-sync stopped during the sweep"
@@ -741,37 +766,19 @@ class Store:
 
         Only the first call counts: the baseline never moves later.
         """
-        _check_time(at, "at", _RUN_TIME_RE)
         with self._write("mark the baseline") as conn:
-            _ensure_workspace(conn, workspace_id)
-            conn.execute(
-                "UPDATE workspaces SET baseline_at = ?"
-                " WHERE workspace_id = ? AND baseline_at IS NULL",
-                (at, workspace_id),
-            )
+            _mark_baseline(conn, workspace_id, at)
 
     def record_success(self, workspace_id: str, mode: str, at: str) -> None:
         """Record a successful sweep of ``mode`` (``full`` or ``hot``) at ``at``."""
-        column = {"full": "last_full_ok_at", "hot": "last_hot_ok_at"}.get(mode)
-        if column is None:
-            raise ValueError(f"mode must be 'full' or 'hot', got {mode!r}")
-        _check_time(at, "at", _RUN_TIME_RE)
         with self._write("record a successful sweep") as conn:
-            _ensure_workspace(conn, workspace_id)
-            conn.execute(
-                f"UPDATE workspaces SET {column} = ? WHERE workspace_id = ?", (at, workspace_id)
-            )
+            _record_success(conn, workspace_id, mode, at)
 
     def set_workspace_error(self, workspace_id: str, error: str | None, at: str) -> None:
         """Record the workspace's latest sync error. It is kept after recovery: compare
         ``last_error_at`` with ``last_*_ok_at`` to tell whether it is current."""
-        _check_time(at, "at", _RUN_TIME_RE)
         with self._write("record a workspace error") as conn:
-            _ensure_workspace(conn, workspace_id)
-            conn.execute(
-                "UPDATE workspaces SET last_error = ?, last_error_at = ? WHERE workspace_id = ?",
-                (error or "unknown error", at, workspace_id),
-            )
+            _set_workspace_error(conn, workspace_id, error, at)
 
     # -- apply --
 
@@ -1491,6 +1498,59 @@ def _insert_changes(cur: sqlite3.Cursor, pending: list[tuple[Any, ...]]) -> list
             f"SELECT {_CHANGE_SELECT} FROM changes WHERE id > ? ORDER BY id", (before,)
         )
     ]
+
+
+def _finish_run(
+    conn: sqlite3.Connection,
+    run_id: int,
+    finished_at: str,
+    status: str,
+    api_calls: int,
+    pages: int,
+    experiments_seen: int,
+    changes: int | None,
+    error: str | None,
+) -> None:
+    if status not in ("ok", "failed", "partial"):
+        raise ValueError(f"status must be 'ok', 'failed' or 'partial', got {status!r}")
+    _check_time(finished_at, "finished_at", _RUN_TIME_RE)
+    cur = conn.execute(
+        "UPDATE sync_runs SET finished_at = ?, status = ?, api_calls = ?, pages = ?,"
+        " experiments_seen = ?, changes = coalesce(?, changes), error = ?"
+        " WHERE id = ?",
+        (finished_at, status, api_calls, pages, experiments_seen, changes, error, run_id),
+    )
+    if cur.rowcount != 1:
+        raise StoreError(f"no sync run with id {run_id}")
+
+
+def _mark_baseline(conn: sqlite3.Connection, workspace_id: str, at: str) -> None:
+    _check_time(at, "at", _RUN_TIME_RE)
+    _ensure_workspace(conn, workspace_id)
+    conn.execute(
+        "UPDATE workspaces SET baseline_at = ? WHERE workspace_id = ? AND baseline_at IS NULL",
+        (at, workspace_id),
+    )
+
+
+def _record_success(conn: sqlite3.Connection, workspace_id: str, mode: str, at: str) -> None:
+    column = {"full": "last_full_ok_at", "hot": "last_hot_ok_at"}.get(mode)
+    if column is None:
+        raise ValueError(f"mode must be 'full' or 'hot', got {mode!r}")
+    _check_time(at, "at", _RUN_TIME_RE)
+    _ensure_workspace(conn, workspace_id)
+    conn.execute(f"UPDATE workspaces SET {column} = ? WHERE workspace_id = ?", (at, workspace_id))
+
+
+def _set_workspace_error(
+    conn: sqlite3.Connection, workspace_id: str, error: str | None, at: str
+) -> None:
+    _check_time(at, "at", _RUN_TIME_RE)
+    _ensure_workspace(conn, workspace_id)
+    conn.execute(
+        "UPDATE workspaces SET last_error = ?, last_error_at = ? WHERE workspace_id = ?",
+        (error or "unknown error", at, workspace_id),
+    )
 
 
 def _ensure_workspace(conn: sqlite3.Connection, workspace_id: str) -> None:

@@ -258,27 +258,22 @@ class SyncEngine:
         result.retries, result.throttled = tally.retries, tally.throttled
         result.duration_s = time.monotonic() - started
         finished_at = self._now()
+        # One transaction: the run, the workspace's outcome and its baseline. The run's
+        # change count is the one its applies kept in their own transactions: a batch still
+        # committing when a stop cancelled the sweep is not in result.changes yet.
         await asyncio.to_thread(
-            self.store.finish_run,
+            self.store.close_run,
             result.run_id,
+            result.workspace_id,
+            result.mode,
             finished_at=finished_at,
             status=result.status,
             api_calls=result.api_calls,
             pages=result.pages,
             experiments_seen=result.experiments_seen,
-            changes=result.changes,
             error=result.error,
+            baseline=result.baseline,
         )
-        if result.status != "ok":
-            await asyncio.to_thread(
-                self.store.set_workspace_error, result.workspace_id, result.error, finished_at
-            )
-        else:
-            await asyncio.to_thread(
-                self.store.record_success, result.workspace_id, result.mode, finished_at
-            )
-        if result.mode == "full" and result.status == "ok" and result.baseline:
-            await asyncio.to_thread(self.store.mark_baseline, result.workspace_id, finished_at)
         event = log.info if result.status == "ok" else log.warning
         event(
             "sync.finished",

@@ -19,6 +19,7 @@ from aiohttp import web
 from hook_server import serve
 from structlog.testing import capture_logs
 
+from hpo_sync import store as store_mod
 from hpo_sync.client import UpstreamClient
 from hpo_sync.config import Config, StoreConfig, UpstreamConfig, WorkspaceConfig
 from hpo_sync.credentials import CloudCredentials, StaticCredentials
@@ -738,7 +739,7 @@ async def test_a_sweep_cancelled_twice_still_closes_its_run(
         ws = rig.sim.world.workspace_ids[0]
         begun, closing, go = threading.Event(), threading.Event(), threading.Event()
         monkeypatch.setattr(rig.store, "begin_run", _signalling(rig.store.begin_run, begun))
-        monkeypatch.setattr(rig.store, "finish_run", _held(rig.store.finish_run, closing, go))
+        monkeypatch.setattr(rig.store, "close_run", _held(rig.store.close_run, closing, go))
         task = asyncio.create_task(rig.engine.sweep(ws, "full"))
         try:
             assert await asyncio.to_thread(begun.wait, 30)
@@ -1182,3 +1183,29 @@ def test_a_sweep_summary_tells_what_it_noticed() -> None:
     assert r.summary().endswith(
         "; 2 records without a readable ExperimentId; 3 experiments of other workspaces ignored"
     )
+
+
+async def test_a_baseline_run_is_ok_only_together_with_the_workspaces_baseline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run, the workspace's outcome and its baseline are one transaction: a crash
+    between them used to leave an `ok` baseline run and no baseline_at, so the next sync
+    was a second baseline and the changes since the first never alerted."""
+    async for rig in make_rig(tmp_path, _still_world(30, seed=7), page_size=10):
+        ws = rig.sim.world.workspace_ids[0]
+
+        def crash(*args: Any) -> None:
+            raise RuntimeError("killed here")
+
+        monkeypatch.setattr(store_mod, "_mark_baseline", crash)
+        with pytest.raises(RuntimeError, match="killed here"):
+            await rig.engine.sweep(ws)
+        monkeypatch.undo()
+        assert [r.status for r in rig.store.sync_runs(workspace=ws)] == ["running"]
+        state = rig.store.workspace_state(ws)
+        assert state is not None and not state.baseline_at and not state.last_full_ok_at
+        # the next start closes the run as interrupted; the next sync is the baseline
+        assert rig.store.abandon_running_runs("2030-01-01T00:00:00Z") == 1
+        result = await rig.engine.sweep(ws)
+        assert (result.mode, result.status, result.baseline) == ("full", "ok", True)
+        assert rig.store.workspace_state(ws).baseline_at  # type: ignore[union-attr]
