@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from urllib.parse import parse_qs, urlsplit
 
@@ -14,7 +15,9 @@ from hypothesis import strategies as st
 from hpo_sync.alerts.classify import Dead, Retry, Sent, classify, redact, secret_parts
 from hpo_sync.alerts.render import (
     LIMITS,
+    MAX_NAME_CHARS,
     AlertItem,
+    console_link,
     form_messages,
     render,
     render_message,
@@ -321,7 +324,8 @@ def test_render_shapes() -> None:
     ):
         assert part in text
     (discord,) = render("discord", items)
-    assert set(discord.payload) == {"content"}
+    assert discord.payload["allowed_mentions"] == {"parse": []}  # nobody pinged, ever
+    assert set(discord.payload) == {"content", "allowed_mentions"}
     (ding,) = render("dingtalk", items, keyword="hpo-alarm")
     assert ding.payload["msgtype"] == "markdown"
     assert set(ding.payload["markdown"]) == {"title", "text"}
@@ -400,8 +404,11 @@ def test_render_cuts_one_oversized_alert_to_the_limit_as_the_target_counts(
     assert size_of(ttype, message.payload) <= limit
     assert message.outbox_ids == (1,)
     assert any("kw" in text for text in _strings(message.payload))
-    if not any(name in text for text in _strings(message.payload)):  # cut to fit, not to nothing
-        assert size_of(ttype, message.payload) > limit // 4
+    # the name is cut, the rest of the alert stays: its id, what changed and its link
+    shown = name[: MAX_NAME_CHARS - 1] + "…"
+    text = "\n".join(_strings(message.payload))
+    assert shown in text and name not in text
+    assert all(part in text for part in ("(exp-1)", "RUNNING → FAILED", "console"))
 
 
 def test_render_splits_before_truncating() -> None:
@@ -570,3 +577,33 @@ def test_one_message_a_round_counts_only_the_alerts_it_holds() -> None:
     assert 0 < held < 40
     assert message == render_message("discord", items[:held])
     assert f"{held} changes" in message.payload["content"]
+
+
+HOSTILE = (
+    "x` <!channel> <@U024BE7LH> @everyone <at id=all></at> <@all> [click](http://evil)\n### fake"
+)
+
+
+@pytest.mark.parametrize(
+    "ttype", ["slack", "discord", "dingtalk", "feishu", "lark", "wecom", "teams"]
+)
+def test_data_in_an_alert_is_never_markup(ttype: str) -> None:
+    """An experiment's name (or id, or status) used to close its code span and mention a
+    whole channel (Slack's <!channel>, Discord's @everyone, Feishu's <at id=all>, WeCom's
+    <@all>), or start a heading of its own: what upstream sends is shown, never obeyed."""
+    item = replace(
+        _item(1, name=HOSTILE), experiment_id="id`<!here>", new_value="FAILED<@all>",
+        trial_status={"<at id=all></at>": 1},
+    )  # fmt: skip
+    (message,) = render(ttype, [item])
+    text = "\n".join(_strings(message.payload))
+    for markup in ("<!channel>", "<@U024BE7LH>", "@everyone", "<at id=all>", "<@all>", "<!here>"):
+        assert markup not in text, markup
+    assert "\n### fake" not in text and "`x`" not in text
+    assert text.count("`") % 2 == 0  # every code span that opens closes
+    assert "x\u02cb \u2039!channel\u203a" in text  # shown as look-alikes
+
+
+def test_console_links_percent_encode_the_ids() -> None:
+    link = console_link("https://c/{region}/{workspace}/{experiment_id}", "r", "w s", "a|b>c")
+    assert link == "https://c/r/w%20s/a%7Cb%3Ec"

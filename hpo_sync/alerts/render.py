@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from typing import Any
+from urllib.parse import quote
 
 #: The message size limits, and whether they count characters or UTF-8 bytes of the JSON body
 #: ("json") or of the text ("text").
@@ -57,13 +58,13 @@ class AlertItem:
             return "deleted" if self.new_value == "true" else "restored"
         if self.field == "TrialStatus":
             return f"trials changed (FAILED {self.failed_delta:+d})"
-        return f"{self.old_value or 'new'} → {self.new_value or '?'}"
+        return _text(f"{self.old_value or 'new'} → {self.new_value or '?'}")
 
     @property
     def trials(self) -> str:
         if not self.trial_status:
             return "no trials"
-        return ", ".join(f"{k} {v}" for k, v in sorted(self.trial_status.items()))
+        return _text(", ".join(f"{k} {v}" for k, v in sorted(self.trial_status.items())))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -81,7 +82,34 @@ class AlertItem:
 
 
 def console_link(template: str, region: str, workspace: str, experiment_id: str) -> str:
-    return template.format(region=region, workspace=workspace, experiment_id=experiment_id)
+    """The template filled in; ids percent-encoded, so that one holding ``|`` or ``>``
+    cannot end a chat link early and make the rest of it text."""
+    return template.format(
+        region=region,
+        workspace=quote(workspace, safe=""),
+        experiment_id=quote(experiment_id, safe=""),
+    )
+
+
+# What upstream (or a config) puts in a message is data, not markup. These characters would
+# let an experiment's name close its code span, mention people (Slack's <!channel>, Discord's
+# @everyone, Feishu's <at id=all>, WeCom's <@all>), add links or start a heading on a line of
+# its own; each becomes a look-alike that no target reads as markup.
+_NEUTRAL = str.maketrans(
+    {"`": "\u02cb", "<": "\u2039", ">": "\u203a", "@": "\uff20", "\n": " ", "\r": " "}
+)
+#: Characters of a name shown in a line: a longer one is cut here, so that the experiment's
+#: id, workspace and link still fit a message (a line too long for one is cut at its end).
+MAX_NAME_CHARS = 200
+
+
+def _text(value: object) -> str:
+    return str(value).translate(_NEUTRAL)
+
+
+def _name(item: AlertItem) -> str:
+    name = _text(item.name or item.experiment_id)
+    return name if len(name) <= MAX_NAME_CHARS else name[: MAX_NAME_CHARS - 1] + "…"
 
 
 @dataclass(frozen=True)
@@ -94,7 +122,7 @@ class Message:
 
 
 def _ws(item: AlertItem) -> str:
-    return (
+    return _text(
         f"{item.workspace_label} ({item.workspace_id})"
         if item.workspace_label
         else item.workspace_id
@@ -102,18 +130,19 @@ def _ws(item: AlertItem) -> str:
 
 
 def _md_line(item: AlertItem, link: Callable[[str, str], str], code: str = "`") -> str:
-    exp = f"{code}{item.name or item.experiment_id}{code} ({item.experiment_id})"
+    exp = f"{code}{_name(item)}{code} ({_text(item.experiment_id)})"
     return (
         f"- **{item.transition}** · {exp} · workspace {_ws(item)} · trials: {item.trials}"
-        f" · {item.observed_at} · rule {item.rule} · {link('console', item.console_url)}"
+        f" · {_text(item.observed_at)} · rule {_text(item.rule)}"
+        f" · {link('console', item.console_url)}"
     )
 
 
 def _slack_line(item: AlertItem) -> str:
-    exp = f"`{item.name or item.experiment_id}` ({item.experiment_id})"
+    exp = f"`{_name(item)}` ({_text(item.experiment_id)})"
     return (
         f"• *{item.transition}* · {exp} · workspace {_ws(item)} · trials: {item.trials}"
-        f" · {item.observed_at} · rule {item.rule} · <{item.console_url}|console>"
+        f" · {_text(item.observed_at)} · rule {_text(item.rule)} · <{item.console_url}|console>"
     )
 
 
@@ -136,7 +165,11 @@ def _payload(target_type: str, lines: Sequence[str], head: str) -> dict[str, Any
     if target_type == "slack":
         return {"text": "\n".join([f"*{head}*", *lines])}
     if target_type == "discord":
-        return {"content": "\n".join([f"**{head}**", *lines])}
+        # Mentions are never parsed, whatever a line holds: no alert pings anyone.
+        return {
+            "content": "\n".join([f"**{head}**", *lines]),
+            "allowed_mentions": {"parse": []},
+        }
     if target_type == "dingtalk":
         return {
             "msgtype": "markdown",
@@ -383,7 +416,7 @@ def render_notice(
             "state": state,
             "last_success_at": last_success_at,
         }
-    name = f"{label} ({workspace_id})" if label else workspace_id
+    name = _text(f"{label} ({workspace_id})" if label else workspace_id)
     if state == "stalled":
         line = (
             f"workspace {name} has not synced successfully since {last_success_at}"
