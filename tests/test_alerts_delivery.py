@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 from hpo_sync.alerts import outbox as queue
+from hpo_sync.alerts.classify import Retry
 from hpo_sync.alerts.receivers import Receivers
 from hpo_sync.alerts.service import RATE_LIMITS, AlertWorker, backoff_s
 from hpo_sync.alerts.signing import dingtalk_sign
@@ -850,3 +851,26 @@ async def test_errors_an_older_version_stored_unmasked_are_masked_at_start_and_r
         conn.execute("UPDATE alert_outbox SET last_error = ?", (f"HTTP 404: {token('wecom')}",))
     await worker.reload(cfg)
     assert all(token("wecom") not in r["last_error"] for r in outbox(db))
+
+
+async def test_a_wait_asked_for_runs_from_the_answer_not_the_start_of_the_round(
+    receivers: Receivers, store: Store, db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sends within a round are paced by the target's limiter (up to a minute apart): a
+    Retry-After of 3 s counted from the round's start had a message retried ~1 s after
+    the answer that asked for 3."""
+    worker = AlertWorker(store, make_config(db, receivers, ("slack",)), rate_limits={})
+    world = World(store, worker, 1)
+    world.fail(world.ids)
+
+    async def slow_then_wait(*args: Any) -> Retry:
+        await asyncio.sleep(1.5)  # the limiter's pacing, say
+        return Retry("HTTP 429", after_s=3.0)
+
+    monkeypatch.setattr(worker, "_send", slow_then_wait)
+    t = now() + timedelta(seconds=6)  # past the digest's grouping window
+    assert await worker.run_once(now=t) == 0
+    (row,) = outbox(db)
+    waited = datetime.fromisoformat(row["next_attempt_at"]) - t
+    assert waited >= timedelta(seconds=4), waited  # 1.5 s of pacing, then the 3 s asked
+    await worker.close()

@@ -441,9 +441,14 @@ class AlertWorker:
         attempts = {r.id: r.attempts for r in group}
         sent = 0
         refused: Dead | None = None
+        started = time.monotonic()
         for i, (message, msg_id) in enumerate(zip(messages, names, strict=True)):
             outcome = await self._send(target, message, msg_id)
             n = max(attempts[x] for x in message.outbox_ids) + 1
+            # A wait it asks for runs from its answer, not from the start of the round:
+            # sends are paced by the target's limiter, up to a minute apart.
+            now = now + timedelta(seconds=time.monotonic() - started)
+            started = time.monotonic()
             await self._record(target.name, message.outbox_ids, outcome, now, n)
             if isinstance(outcome, Sent):
                 sent += 1
