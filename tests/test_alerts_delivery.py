@@ -874,3 +874,39 @@ async def test_a_wait_asked_for_runs_from_the_answer_not_the_start_of_the_round(
     waited = datetime.fromisoformat(row["next_attempt_at"]) - t
     assert waited >= timedelta(seconds=4), waited  # 1.5 s of pacing, then the 3 s asked
     await worker.close()
+
+
+async def test_a_slow_target_s_stall_notices_hold_up_no_other_target(
+    receivers: Receivers, store: Store, db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stall notices went out one after another inside the delivery round: a target that
+    did not answer held every other target's alerts up (7-20 s where 2 were usual)."""
+    cfg = make_config(db, receivers, ("webhook", "slack"), stalled_after_s=60)
+    cfg = Config(store=cfg.store, alerts=cfg.alerts, workspaces=(WorkspaceConfig("ws1", "nlp"),))
+    t = now() + timedelta(seconds=6)
+    store.record_success("ws1", "hot", format_time(t - timedelta(seconds=600)))
+    worker = AlertWorker(store, cfg)
+    world = World(store, worker, 1)
+    world.fail(world.ids)
+    release = asyncio.Event()
+    real = worker._announce
+
+    async def stuck(target: Any, notice: Any) -> bool:
+        if target.type == "webhook":
+            await release.wait()  # a webhook that does not answer
+        return await real(target, notice)
+
+    monkeypatch.setattr(worker, "_announce", stuck)
+    await asyncio.wait_for(worker.run_once(now=t, wait=False), 10)  # the daemon's rounds
+    for _ in range(100):  # the alert, meanwhile, by the delivery the round started
+        slack = [r.body["text"] for r in receivers.of(token("slack"))]
+        if any("stalled" in s for s in slack) and any("→ FAILED" in s for s in slack):
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError(f"slack got only {slack}")
+    assert receivers.of(token("webhook")) == [] or all(
+        r.body.get("type") != "hpo-sync.workspace" for r in receivers.of(token("webhook"))
+    )
+    release.set()
+    await worker.stop()

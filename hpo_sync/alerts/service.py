@@ -197,6 +197,8 @@ class AlertWorker:
         self._stalled: dict[str, set[str]] = {}
         #: per target, the delivery running for it (see :meth:`run_once`)
         self._busy: dict[str, asyncio.Task[int]] = {}
+        #: per target, its stall notices going out (see :meth:`check_stalls`)
+        self._announcing: dict[str, asyncio.Task[None]] = {}
 
     # --- the daemon's seam ---------------------------------------------------------------
 
@@ -224,7 +226,7 @@ class AlertWorker:
             with suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        busy = list(self._busy.values())
+        busy = [*self._busy.values(), *self._announcing.values()]
         for task in busy:  # what they had not recorded stays pending for the next start
             task.cancel()
         await asyncio.gather(*busy, return_exceptions=True)
@@ -320,7 +322,7 @@ class AlertWorker:
             task.add_done_callback(partial(self._delivered, target.name))
             started.append(task)
         if stalls:
-            await self.check_stalls(now)
+            await self.check_stalls(now, wait=wait)
         if not wait:
             return 0
         return sum(await asyncio.gather(*started))
@@ -332,10 +334,14 @@ class AlertWorker:
             # What it had not recorded stays due: the next round tries again.
             log.error("alert.worker_failed", target=name, error=repr(task.exception()))
 
-    async def check_stalls(self, now: datetime) -> None:
+    async def check_stalls(self, now: datetime, *, wait: bool = True) -> None:
         """Tell every target when a configured workspace has not synced successfully for
         ``stalled_after_s``, and when it recovers. Best effort, not through the outbox (a
-        stall is not a change): a notice a target did not accept is tried again next round."""
+        stall is not a change): a notice a target did not accept is tried again next round.
+
+        Each target's notices go in a task of their own, one at a time per target, so that
+        a slow or rate-limited target holds up neither the others nor the delivery rounds
+        (``wait=False``, the daemon's loop); ``wait`` waits for those started now."""
         ids = self.config.workspace_ids()
         if not ids or not self.config.alerts.targets:
             return
@@ -348,17 +354,40 @@ class AlertWorker:
             parsed = [p for p in (parse_time(t) for t in times) if p is not None]
             last[ws] = max(parsed, default=None)
         labels = {w.id: w.label for w in self.config.workspaces}
+        started = []
         for target in self.config.alerts.targets:
+            if target.name in self._announcing:
+                continue  # its notices of an earlier round are still going out
             told = self._stalled.setdefault(target.name, set())
             notices = stall_notices(
                 last, labels, told, now, self.config.alerts.stalled_after_s, self._since
             )
-            for notice in notices:
-                if await self._announce(target, notice):
-                    if notice.state == "stalled":
-                        told.add(notice.workspace_id)
-                    else:
-                        told.discard(notice.workspace_id)
+            if not notices:
+                continue
+            task = asyncio.create_task(
+                self._announce_all(target, notices, told), name=f"alerts.stall.{target.name}"
+            )
+            self._announcing[target.name] = task
+            task.add_done_callback(partial(self._announced, target.name))
+            started.append(task)
+        if wait and started:
+            await asyncio.gather(*started, return_exceptions=True)
+
+    async def _announce_all(
+        self, target: TargetConfig, notices: Sequence[StallNotice], told: set[str]
+    ) -> None:
+        for notice in notices:
+            if await self._announce(target, notice):
+                if notice.state == "stalled":
+                    told.add(notice.workspace_id)
+                else:
+                    told.discard(notice.workspace_id)
+
+    def _announced(self, name: str, task: asyncio.Task[None]) -> None:
+        if self._announcing.get(name) is task:
+            del self._announcing[name]
+        if not task.cancelled() and task.exception() is not None:
+            log.error("alert.worker_failed", target=name, error=repr(task.exception()))
 
     @property
     def stalled(self) -> set[str]:
