@@ -910,3 +910,26 @@ async def test_a_slow_target_s_stall_notices_hold_up_no_other_target(
     )
     release.set()
     await worker.stop()
+
+
+async def test_a_new_worker_counts_what_the_last_one_sent_in_the_target_s_window(
+    receivers: Receivers, store: Store, db: Path
+) -> None:
+    """Limits were kept in memory only: every one-shot sync (and every restart) started a
+    target's window afresh, and two syncs back to back went past WeCom's 20 a minute."""
+    cfg = make_config(db, receivers, ("slack",))
+    limits = {"slack": ((1, 1.1), (2, 60.0))}  # Slack's 1/s, and 2 a minute for the test
+    first = AlertWorker(store, cfg, rate_limits=limits)
+    world = World(store, first, 2)
+    t = now() + timedelta(seconds=6)
+    world.fail(world.ids[:1])
+    assert await first.run_once(now=t) == 1
+    world.fail(world.ids[1:])
+    assert await first.run_once(now=t + timedelta(seconds=6)) == 1
+    await first.close()
+    assert len(receivers.of(token("slack"))) == 2
+    second = AlertWorker(store, cfg, rate_limits=limits)  # the next process
+    target = cfg.alerts.targets[0]
+    limiter = await second._limiter(target)
+    assert limiter.wait_s(time.monotonic()) > 50  # both sends are within the minute
+    await second.close()

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from hpo_sync.config import RuleConfig
-from hpo_sync.normalise import format_time
+from hpo_sync.normalise import format_time, parse_time
 
 from .classify import MASK
 from .rules import ChangeLike, ExperimentInfo, build_events, decode_counts, decode_tags, route
@@ -163,6 +163,19 @@ def name_messages(conn: sqlite3.Connection, messages: Sequence[Sequence[int]]) -
         )
         names.append(name)
     return names
+
+
+def recent_sends(conn: sqlite3.Connection, target: str, since: datetime) -> list[datetime]:
+    """When each message ``target`` was sent at or after ``since`` (to the second) went."""
+    return [
+        t
+        for (sent_at,) in conn.execute(
+            "SELECT max(sent_at) FROM alert_outbox WHERE target = ? AND status = 'sent'"
+            " AND sent_at >= ? GROUP BY message_id",
+            (target, format_time(since)),
+        )
+        if (t := parse_time(sent_at)) is not None
+    ]
 
 
 def mark_sent(conn: sqlite3.Connection, ids: Sequence[int], now: datetime) -> None:

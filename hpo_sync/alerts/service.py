@@ -78,6 +78,11 @@ class RateLimiter:
         self._sent: deque[float] = deque()
         self._lock = asyncio.Lock()
 
+    def seed(self, ages_s: Sequence[float]) -> None:
+        """Count sends made ``ages_s`` seconds ago (by an earlier process) in the windows."""
+        now = self._clock()
+        self._sent = deque(sorted([*self._sent, *(now - max(0.0, a) for a in ages_s)]))
+
     def wait_s(self, now: float) -> float:
         wait = 0.0
         for n, period in self.windows:
@@ -257,11 +262,30 @@ class AlertWorker:
     def _target(self, name: str) -> TargetConfig | None:
         return next((t for t in self.config.alerts.targets if t.name == name), None)
 
-    def _limiter(self, target: TargetConfig) -> RateLimiter:
+    async def _limiter(self, target: TargetConfig) -> RateLimiter:
+        """The target's limiter; a new one counts what this target was sent in its longest
+        window before (by the process before a restart, or by the previous one-shot sync):
+        kept in memory only, a target's limit started afresh with every process, and two
+        `hpo-sync sync` runs back to back sent WeCom 20 messages within two seconds."""
         lim = self._limiters.get(target.name)
+        if lim is not None:
+            return lim
+        windows = self._rate_limits.get(target.type, ())
+        longest = max((p for _, p in windows), default=0.0)
+        ages: list[float] = []
+        if longest:
+            now = self.clock()
+
+            def read() -> list[datetime]:
+                with self.store.reader() as conn:
+                    return outbox.recent_sends(conn, target.name, now - timedelta(seconds=longest))
+
+            # sent_at is kept to the second: each is taken as late in its second as it can be
+            ages = [(now - t).total_seconds() - 1 for t in await asyncio.to_thread(read)]
+        lim = self._limiters.get(target.name)  # made meanwhile by another task
         if lim is None:
-            lim = RateLimiter(self._rate_limits.get(target.type, ()))
-            self._limiters[target.name] = lim
+            lim = self._limiters[target.name] = RateLimiter(windows)
+            lim.seed(ages)
         return lim
 
     def _session_get(self) -> aiohttp.ClientSession:
@@ -519,7 +543,7 @@ class AlertWorker:
         return [f.message_id or next(fresh) for f in formed]
 
     async def _send(self, target: TargetConfig, message: Message, msg_id: str) -> Outcome:
-        await self._limiter(target).acquire()
+        await (await self._limiter(target)).acquire()
         try:
             answer = await send_message(
                 self._session_get(),
