@@ -421,3 +421,31 @@ async def test_a_sync_alerts_on_the_changes_it_records_and_sends_them(
         assert rows == [("sent",), ("pending",)]
     finally:
         await receivers.stop()
+
+
+async def test_a_syncs_alert_round_waiting_in_a_limiter_is_cut_at_the_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One round can wait a minute in a DingTalk or WeCom limiter: a one-shot sync used to
+    overrun its alert budget by that much (63 s where 30 were promised)."""
+    from hpo_sync import cli
+    from hpo_sync.alerts.service import AlertWorker
+    from hpo_sync.config import Config, StoreConfig
+    from hpo_sync.store import Store
+
+    store = Store.open(tmp_path / "mirror.db")
+    worker = AlertWorker(store, Config(store=StoreConfig(tmp_path / "mirror.db")))
+    rounds: list[int] = []
+
+    async def waits_a_minute(**kwargs: Any) -> int:
+        rounds.append(1)
+        await asyncio.sleep(60)  # in a target's limiter, say
+        return 1
+
+    monkeypatch.setattr(worker, "run_once", waits_a_minute)
+    monkeypatch.setattr(cli, "SYNC_ALERTS_BUDGET_S", 0.5)
+    try:
+        assert await asyncio.wait_for(cli._deliver_alerts(worker), 20) == 0
+    finally:
+        store.close()
+    assert rounds == [1]
