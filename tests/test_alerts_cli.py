@@ -9,6 +9,7 @@ import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -249,3 +250,29 @@ async def test_alerts_list_formats_and_limits_match_the_query_commands(
         err = capsys.readouterr().err
         assert exc.value.code == 2 and f"argument --limit: {message}" in err, err
         assert "Traceback" not in err
+
+
+async def test_each_test_send_has_an_id_of_its_own(
+    config_path: Path, receivers: Receivers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every `alerts test` used to send webhook-id hposync_test: a receiver that drops
+    repeated ids dropped every test after the first while the CLI said "sent"."""
+    import io
+    from datetime import UTC, datetime
+
+    from hpo_sync import config as config_mod
+    from hpo_sync.alerts import cli as alerts_cli
+
+    ids: list[str] = []
+    real = alerts_cli.send_message
+
+    async def spy(*args: Any, msg_id: str, **kwargs: Any) -> Any:
+        ids.append(msg_id)
+        return await real(*args, msg_id=msg_id, **kwargs)
+
+    monkeypatch.setattr(alerts_cli, "send_message", spy)
+    cfg = config_mod.load(config_path)
+    (ding,) = [t for t in cfg.alerts.targets if t.name == "ding"]
+    for _ in range(2):
+        assert await alerts_cli.try_target(ding, cfg, io.StringIO(), datetime.now(UTC)) == 0
+    assert len(ids) == len(set(ids)) == 2 and all(i.startswith("hposync_test_") for i in ids)

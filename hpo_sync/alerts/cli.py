@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -126,7 +127,7 @@ async def try_target(target: TargetConfig, cfg: Config, out: TextIO, now: dateti
     async with aiohttp.ClientSession() as session:
         try:
             answer = await send_message(
-                session, target, message.payload, now=now, msg_id="hposync_test"
+                session, target, message.payload, now=now, msg_id=f"hposync_test_{uuid.uuid4().hex}"
             )
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             # The exception's text may name the URL: show only its kind.
