@@ -9,12 +9,11 @@ import json
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 import structlog
@@ -35,6 +34,7 @@ if TYPE_CHECKING:
     from hpo_sync.runtime import Runtime
 
 log = structlog.get_logger(__name__)
+_T = TypeVar("_T")
 
 #: (messages, per seconds) windows each sender keeps under, a little below the documented
 #: limits so clock skew against the receiver's window never trips them.
@@ -63,6 +63,24 @@ def _utcnow() -> datetime:
 def backoff_s(attempts: int) -> float:
     """Capped exponential backoff after ``attempts`` failed attempts (1 → 5 s, 2 → 10 s …)."""
     return float(min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** max(0, attempts - 1)))
+
+
+def _track(
+    running: dict[str, asyncio.Task[_T]], name: str, work: Coroutine[Any, Any, _T], kind: str
+) -> asyncio.Task[_T]:
+    """``work`` for target ``name`` as a task, in ``running`` until it ends."""
+    task = asyncio.create_task(work, name=f"alerts.{kind}.{name}")
+    running[name] = task
+
+    def done(task: asyncio.Task[_T]) -> None:
+        if running.get(name) is task:
+            del running[name]
+        if not task.cancelled() and task.exception() is not None:
+            # What it had not recorded stays due: the next round tries again.
+            log.error("alert.worker_failed", target=name, error=repr(task.exception()))
+
+    task.add_done_callback(done)
+    return task
 
 
 class RateLimiter:
@@ -339,24 +357,14 @@ class AlertWorker:
         for target, group in ready:
             if target.name in self._busy:
                 continue
-            task = asyncio.create_task(
-                self._deliver(target, group, now), name=f"alerts.deliver.{target.name}"
+            started.append(
+                _track(self._busy, target.name, self._deliver(target, group, now), "deliver")
             )
-            self._busy[target.name] = task
-            task.add_done_callback(partial(self._delivered, target.name))
-            started.append(task)
         if stalls:
             await self.check_stalls(now, wait=wait)
         if not wait:
             return 0
         return sum(await asyncio.gather(*started))
-
-    def _delivered(self, name: str, task: asyncio.Task[int]) -> None:
-        if self._busy.get(name) is task:
-            del self._busy[name]
-        if not task.cancelled() and task.exception() is not None:
-            # What it had not recorded stays due: the next round tries again.
-            log.error("alert.worker_failed", target=name, error=repr(task.exception()))
 
     async def check_stalls(self, now: datetime, *, wait: bool = True) -> None:
         """Tell every target when a configured workspace has not synced successfully for
@@ -388,12 +396,8 @@ class AlertWorker:
             )
             if not notices:
                 continue
-            task = asyncio.create_task(
-                self._announce_all(target, notices, told), name=f"alerts.stall.{target.name}"
-            )
-            self._announcing[target.name] = task
-            task.add_done_callback(partial(self._announced, target.name))
-            started.append(task)
+            announce = self._announce_all(target, notices, told)
+            started.append(_track(self._announcing, target.name, announce, "stall"))
         if wait and started:
             await asyncio.gather(*started, return_exceptions=True)
 
@@ -406,12 +410,6 @@ class AlertWorker:
                     told.add(notice.workspace_id)
                 else:
                     told.discard(notice.workspace_id)
-
-    def _announced(self, name: str, task: asyncio.Task[None]) -> None:
-        if self._announcing.get(name) is task:
-            del self._announcing[name]
-        if not task.cancelled() and task.exception() is not None:
-            log.error("alert.worker_failed", target=name, error=repr(task.exception()))
 
     @property
     def stalled(self) -> set[str]:
