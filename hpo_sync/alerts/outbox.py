@@ -166,7 +166,7 @@ def name_messages(conn: sqlite3.Connection, messages: Sequence[Sequence[int]]) -
 
 
 def recent_sends(conn: sqlite3.Connection, target: str, since: datetime) -> list[datetime]:
-    """When each message ``target`` was sent at or after ``since`` (to the second) went."""
+    """The send time (to the second) of each message sent to ``target`` since ``since``."""
     return [
         t
         for (sent_at,) in conn.execute(

@@ -479,8 +479,9 @@ class AlertWorker:
         )
 
     async def _deliver(
-        self, target: TargetConfig, group: list[outbox.DueRow], now: datetime
+        self, target: TargetConfig, group: list[outbox.DueRow], round_start: datetime
     ) -> int:
+        now = round_start
         formed = form_messages(
             target.type,
             [self._item(r) for r in group],
@@ -496,10 +497,9 @@ class AlertWorker:
         for i, (message, msg_id) in enumerate(zip(messages, names, strict=True)):
             outcome = await self._send(target, message, msg_id)
             n = max(attempts[x] for x in message.outbox_ids) + 1
-            # A wait it asks for runs from its answer, not from the start of the round:
-            # sends are paced by the target's limiter, up to a minute apart.
-            now = now + timedelta(seconds=time.monotonic() - started)
-            started = time.monotonic()
+            # The round's time at this answer: a wait it asks for runs from here, not from
+            # the start of the round (sends are paced by the limiter, up to a minute apart).
+            now = round_start + timedelta(seconds=time.monotonic() - started)
             await self._record(target.name, message.outbox_ids, outcome, now, n)
             if isinstance(outcome, Sent):
                 sent += 1
