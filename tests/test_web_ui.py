@@ -77,17 +77,24 @@ def origin(rig: ApiRig) -> dict[str, str]:
 
 
 async def sign_in(
-    rig: ApiRig, token: str = "all", client: TestClient[Any, Any] | None = None
-) -> None:
+    rig: ApiRig,
+    token: str = "all",
+    client: TestClient[Any, Any] | None = None,
+    *,
+    next_: str = "/ui/",
+    to: str = "/ui/",
+) -> Any:
+    """Sign in with ``next_``, which must redirect to ``to``; returns the reply's headers."""
     c = client or rig.client
     async with c.post(
         "/ui/login",
-        data={"token": TOKENS[token][0], "next": "/ui/"},
+        data={"token": TOKENS[token][0], "next": next_},
         headers=origin(rig),
         allow_redirects=False,
     ) as resp:
         assert resp.status == 303, await resp.text()
-        assert resp.headers["Location"] == "/ui/"
+        assert resp.headers["Location"] == to
+        return resp.headers
 
 
 async def page(rig: ApiRig, path: str, params: Any = (), **kw: Any) -> tuple[int, str, Any]:
@@ -123,14 +130,7 @@ async def test_nothing_is_reachable_without_signing_in(ui: ApiRig) -> None:
 
 
 async def test_sign_in_sets_a_strict_httponly_cookie_and_sign_out_ends_it(ui: ApiRig) -> None:
-    async with ui.client.post(
-        "/ui/login",
-        data={"token": TOKENS["all"][0], "next": "/ui/outbox"},
-        headers=origin(ui),
-        allow_redirects=False,
-    ) as resp:
-        assert resp.status == 303 and resp.headers["Location"] == "/ui/outbox"
-        cookie = _cookie_header(resp.headers)
+    cookie = _cookie_header(await sign_in(ui, next_="/ui/outbox", to="/ui/outbox"))
     assert cookie.startswith("hpo_sync_session=")
     assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/ui" in cookie
     assert "Secure" not in cookie  # plain HTTP on loopback here; set behind TLS
@@ -153,14 +153,7 @@ async def test_sign_in_sets_a_strict_httponly_cookie_and_sign_out_ends_it(ui: Ap
 async def test_a_next_with_a_line_break_signs_in_to_the_overview(ui: ApiRig) -> None:
     """A crafted sign-in link whose ``next`` holds CR/LF: the reply is a redirect to the
     overview, not a dropped connection (no header can carry a line break)."""
-    async with ui.client.post(
-        "/ui/login",
-        data={"token": TOKENS["all"][0], "next": "/ui/\r\nX-Evil: 1"},
-        headers=origin(ui),
-        allow_redirects=False,
-    ) as resp:
-        assert resp.status == 303 and resp.headers["Location"] == "/ui/"
-        assert "X-Evil" not in resp.headers
+    assert "X-Evil" not in await sign_in(ui, next_="/ui/\r\nX-Evil: 1", to="/ui/")
     status, text, _ = await page(ui, "/ui/login?next=/ui/%0d%0aX-Evil:%201")
     assert status in (200, 303), text[:300]
 
