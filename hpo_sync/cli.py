@@ -325,7 +325,17 @@ async def _sync_once(
     assert main is not None
     # SIGTERM stops the sweeps as Ctrl-C does (asyncio.run cancels on SIGINT): a batch being
     # written commits or rolls back whole, and the runs are closed below, not left "running".
-    loop.add_signal_handler(signal.SIGTERM, main.cancel)
+    # Only the first one: a supervisor repeating it must not cancel the closing of the runs
+    # and the mirror, nor (with the handler gone) kill the process before it exits 143.
+    stopping = False
+
+    def stop() -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            main.cancel()
+
+    loop.add_signal_handler(signal.SIGTERM, stop)
     try:
         await asyncio.to_thread(store.abandon_running_runs, format_time(datetime.now(UTC)))
         # The changes a sync records alert as the daemon's do: their outbox rows are written
@@ -352,11 +362,13 @@ async def _sync_once(
         await asyncio.to_thread(store.abandon_running_runs, format_time(datetime.now(UTC)))
         raise
     finally:
-        loop.remove_signal_handler(signal.SIGTERM)
         if bar is not None:
             bar.close()
         await asyncio.to_thread(store.close)
         lock.release()
+        loop.remove_signal_handler(signal.SIGTERM)
+        if stopping:  # on the way out with 143: a later SIGTERM has nothing left to stop
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return list(results), queued
 
 
