@@ -26,6 +26,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, tzinfo
+from http import HTTPStatus
 from typing import Any
 
 import aiohttp
@@ -416,14 +417,21 @@ class UpstreamClient:
             if not isinstance(data, dict):
                 raise ValueError("not a JSON object")
         except ValueError:
-            self._observe("MalformedBody", workspace_id)
-            message = f"HTTP {status} with a body that is not valid JSON ({len(body)} bytes)"
+            # A 200 that is not JSON is a listing cut short (MalformedBody); an error status
+            # with a body that is not JSON is a gateway's or proxy's own page (a 503 in
+            # HTML, say), reported by its status, which is what went wrong.
+            code = "MalformedBody" if status == 200 else f"HTTP{status}"
+            self._observe(code, workspace_id)
+            message = (
+                f"HTTP {status}{_reason(status)} with a body that is not valid JSON"
+                f" ({len(body)} bytes)"
+            )
             if 400 <= status < 500 and status not in (408, 429):
                 # not the API's error shape: something else (a wrong endpoint, a proxy, a
                 # firewall) answered, and asking again will not change its mind
                 raise FatalUpstreamError(
                     message,
-                    code=f"HTTP{status}",
+                    code=code,
                     http_status=status,
                     request_id=header_request_id,
                     workspace_id=workspace_id,
@@ -434,7 +442,7 @@ class UpstreamClient:
             kind = ThrottledError if status == 429 else RetryableUpstreamError
             raise kind(
                 message,
-                code="MalformedBody",
+                code=code,
                 http_status=status,
                 request_id=header_request_id,
                 workspace_id=workspace_id,
@@ -1099,6 +1107,14 @@ def _replace_lone_surrogates(value: Any) -> Any:
     if isinstance(value, dict):
         return {_replace_lone_surrogates(k): _replace_lone_surrogates(v) for k, v in value.items()}
     return value
+
+
+def _reason(status: int) -> str:
+    """`` Service Unavailable`` for 503: the standard phrase of an HTTP status, or ''."""
+    try:
+        return f" {HTTPStatus(status).phrase}"
+    except ValueError:
+        return ""
 
 
 def _retry_after_s(acs_ms: str | None, http_s: str | None = None) -> float | None:

@@ -524,6 +524,28 @@ async def test_exhausting_attempts_raises(capture: Capture) -> None:
     assert "gave up after 3 attempts" in str(err)
 
 
+async def test_a_gateway_page_that_keeps_failing_is_reported_by_its_status(
+    capture: Capture,
+) -> None:
+    """A 503 in HTML, again and again: the error (and the per-code count) says HTTP 503, what
+    went wrong, not that a body was malformed; a 200 cut short is the malformed body."""
+    page = raw_reply(503, b"<html>service unavailable</html>", "text/html")
+    capture.script.extend([page, page, page])
+    async with make_client(capture.base_url, retry_max_attempts=3) as client:
+        with pytest.raises(RetriesExhaustedError) as info:
+            await client.list_page(ListQuery(workspace_id="w9"), 1)
+        assert client.stats.by_code == {"HTTP503": 3}
+    err = info.value
+    assert (err.code, err.http_status) == ("HTTP503", 503)
+    assert "HTTP 503 Service Unavailable with a body that is not valid JSON" in str(err)
+    assert "MalformedBody" not in str(err)
+
+    capture.script.append(RETRYABLE["truncated-json"])
+    async with make_client(capture.base_url) as client:
+        await client.list_page(ListQuery(), 1)
+        assert client.stats.by_code == {"MalformedBody": 1, "OK": 1}
+
+
 async def test_a_slow_last_attempt_is_cut_to_the_time_budget(capture: Capture) -> None:
     """retry_max_total_s bounds the attempts too: one started near the end of the budget
     times out with it, not a whole timeout_s later."""
