@@ -466,6 +466,23 @@ def _m5_alert_message_id(conn: sqlite3.Connection) -> None:
     )
 
 
+def _m6_alert_shown(conn: sqlite3.Connection) -> None:
+    """Version 6: what an alert shows besides its change, as it was when the change was
+    recorded: ``alert_outbox.experiment_name``, ``trial_status`` and ``workspace_label``,
+    written with the row, so that a retry renders the very message the first attempt sent
+    (a rename or a later count in between changes nothing in it). Rows of an older file have
+    NULL ``trial_status`` (never NULL on a row written since) and show the current values,
+    as before."""
+    _run(
+        conn,
+        [
+            "ALTER TABLE alert_outbox ADD COLUMN experiment_name TEXT",
+            "ALTER TABLE alert_outbox ADD COLUMN trial_status TEXT",
+            "ALTER TABLE alert_outbox ADD COLUMN workspace_label TEXT",
+        ],
+    )
+
+
 #: Forward migrations, in order; migration ``i`` (0-based) takes the file to version ``i + 1``.
 #: Append only. Never edit or reorder a released migration.
 MIGRATIONS: tuple[Migration, ...] = (
@@ -474,6 +491,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     _m3_deleted_index,
     _m4_api_json,
     _m5_alert_message_id,
+    _m6_alert_shown,
 )
 
 #: Migrations that copy a whole table: the old copy's pages are left free inside the file

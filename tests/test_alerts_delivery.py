@@ -23,6 +23,7 @@ from structlog.testing import capture_logs
 
 from hpo_sync.alerts import outbox as queue
 from hpo_sync.alerts.classify import Retry
+from hpo_sync.alerts.cli import list_rows
 from hpo_sync.alerts.receivers import Receivers
 from hpo_sync.alerts.service import RATE_LIMITS, AlertWorker, backoff_s
 from hpo_sync.alerts.signing import dingtalk_sign
@@ -777,6 +778,42 @@ async def test_a_retried_message_keeps_its_webhook_id_and_its_alerts(
         ("sent", first.webhook_id),
         ("sent", new.webhook_id),
     ]
+
+
+async def test_a_retry_shows_what_the_first_attempt_showed(store: Store, db: Path) -> None:
+    """The name, trial counts and workspace label an alert shows are those of the change it
+    announces, kept on its outbox row: a sweep that renames the experiment and counts more
+    failed trials before the retry changes nothing in the retried message (same id, same
+    bytes); its own change goes in a new message, showing the new values."""
+    hook = Hook(HOOK_SECRET, delays_s={0: 1.0})
+    runner, url = await hook.serve()
+    try:
+        worker = one_target_worker(
+            store, db, "webhook", url, secret=HOOK_SECRET, request_timeout_s=0.3
+        )
+        world = World(store, worker, 1)
+        world.fail(["e0000"])
+        t = now()
+        assert await worker.run_once(now=t) == 0  # taken, but answered too late
+        store.ensure_workspace("ws1", "Renamed team")
+        world._apply([dataclasses.replace(exp("e0000", "FAILED", {"FAILED": 5}), name="v2")])
+        assert await worker.run_once(now=t + timedelta(seconds=10)) == 2
+        await worker.close()
+    finally:
+        await runner.cleanup()
+    first, again, new = hook.got
+    assert (again.webhook_id, again.body) == (first.webhook_id, first.body)
+    (shown,) = first.alerts
+    assert (shown["name"], shown["trial_status"]) == ("bert_e0000", {"FAILED": 2})
+    (later,) = new.alerts
+    assert (later["field"], later["name"], later["trial_status"]) == (
+        "TrialStatus",
+        "v2",
+        {"FAILED": 5},
+    )
+    assert new.webhook_id != first.webhook_id
+    # `alerts list` names each delivery's experiment as its alert did
+    assert [r["name"] for r in list_rows(store, None, 0)] == ["v2", "bert_e0000"]
 
 
 async def test_a_message_is_read_whole_past_the_due_limit(store: Store, db: Path) -> None:

@@ -105,7 +105,8 @@ SPEC_COLUMNS = {
     ],
     "alert_outbox": [
         "id", "change_id", "target", "rule", "status", "attempts", "next_attempt_at",
-        "created_at", "sent_at", "last_error", "message_id",
+        "created_at", "sent_at", "last_error", "message_id", "experiment_name", "trial_status",
+        "workspace_label",
     ],
 }  # fmt: skip
 
@@ -551,7 +552,7 @@ def test_a_version_4_mirror_gets_message_ids_and_keeps_its_outbox(db_path: Path)
     conn.close()
 
     with Store.open(db_path) as store:
-        assert store.schema_version == SCHEMA_VERSION == 5
+        assert store.schema_version == SCHEMA_VERSION >= 5
         with store.write("a message") as w:
             w.execute("UPDATE alert_outbox SET message_id = 'hposync_1_1' WHERE id = 1")
     conn = sqlite3.connect(db_path)
@@ -571,6 +572,57 @@ def test_a_version_4_mirror_gets_message_ids_and_keeps_its_outbox(db_path: Path)
         assert "alert_outbox_message" in " ".join(str(r[-1]) for r in plan)
     finally:
         conn.close()
+
+
+def test_a_version_5_outbox_row_shows_the_current_values_and_new_rows_their_own(
+    db_path: Path,
+) -> None:
+    """Version 6 keeps on each outbox row the name, counts and label its alert shows. A row a
+    version-5 file holds has none kept, and shows the experiment as it is now (as version 5
+    did); a row written since shows what it was written with, whatever happens later."""
+    from datetime import UTC, datetime
+
+    from hpo_sync.alerts import outbox
+    from hpo_sync.config import RuleConfig
+
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    migrate(conn, where=str(db_path), target=5)
+    conn.execute("INSERT INTO workspaces (workspace_id, label) VALUES ('ws1', 'Team')")
+    conn.execute(
+        "INSERT INTO experiments (experiment_id, workspace_id, name, status, trial_status,"
+        " first_seen_at, last_seen_at, last_changed_at)"
+        " VALUES ('old', 'ws1', 'first', 'FAILED', '{\"FAILED\":1}', ?, ?, ?)",
+        (T0, T0, T0),
+    )
+    conn.execute(
+        "INSERT INTO changes (experiment_id, workspace_id, field, old_value, new_value,"
+        " observed_at) VALUES ('old', 'ws1', 'Status', 'RUNNING', 'FAILED', ?)",
+        (T0,),
+    )
+    conn.execute(
+        "INSERT INTO alert_outbox (change_id, target, rule, next_attempt_at, created_at)"
+        " VALUES (1, 'slack', 'failed', ?, ?)",
+        (T0, T0),
+    )
+    conn.close()
+
+    at = datetime(2024, 3, 1, 0, 3, tzinfo=UTC)
+    with Store.open(db_path) as store:
+        assert store.schema_version == SCHEMA_VERSION >= 6
+        rule = RuleConfig("all", ("hook",))
+        result = apply(
+            store, [exp("old", Name="second", Status="RUNNING", TrialStatus={"RUNNING": 2})], T1
+        )
+        with store.write("alert") as w:
+            assert outbox.write_outbox(w, result.change_rows, [rule], at) == 1
+        store.ensure_workspace("ws1", "Renamed")
+        apply(store, [exp("old", Name="third", Status="RUNNING", TrialStatus={"RUNNING": 2})], T2)
+        with store.reader() as r:
+            due = outbox.due_rows(r, at)
+    assert [(d.target, d.name, d.trial_status, d.workspace_label) for d in due] == [
+        ("slack", "third", '{"RUNNING":2}', "Renamed"),  # version 5's: today's values
+        ("hook", "second", '{"RUNNING":2}', "Team"),  # as written
+    ]
 
 
 def test_readonly_refuses_an_old_mirror(db_path: Path) -> None:

@@ -159,13 +159,13 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 # --- list / retry ----------------------------------------------------------------------------
 
-_LIST_SQL = """
+_LIST_SQL = f"""
 SELECT o.id, o.status, o.target, o.rule, o.attempts, o.created_at, o.next_attempt_at,
-       o.sent_at, o.last_error, o.message_id, c.workspace_id, c.experiment_id, e.name, c.field,
-       c.old_value, c.new_value, c.observed_at
+       o.sent_at, o.last_error, o.message_id, c.workspace_id, c.experiment_id,
+       {outbox.SHOWN_NAME_SQL}, c.field, c.old_value, c.new_value, c.observed_at
 FROM alert_outbox o JOIN changes c ON c.id = o.change_id
 LEFT JOIN experiments e ON e.experiment_id = c.experiment_id
-{where} ORDER BY o.id DESC LIMIT ?
+{{where}} ORDER BY o.id DESC LIMIT ?
 """
 _LIST_KEYS = (
     "id",

@@ -16,6 +16,10 @@ from .rules import ChangeLike, ExperimentInfo, build_events, decode_counts, deco
 
 PENDING, SENT, DEAD = "pending", "sent", "dead"
 
+#: The experiment name an outbox row ``o`` shows, with ``e`` its experiment: the one written
+#: with the row, or (a row from before schema version 6, without one) the current one.
+SHOWN_NAME_SQL = "CASE WHEN o.trial_status IS NULL THEN e.name ELSE o.experiment_name END"
+
 
 def _experiments(conn: sqlite3.Connection, ids: Sequence[str]) -> dict[str, ExperimentInfo]:
     out: dict[str, ExperimentInfo] = {}
@@ -50,11 +54,16 @@ def write_outbox(
     events = build_events(live, _experiments(conn, exp_ids))
     created = format_time(now)
     before = conn.total_changes
+    # With the name, counts and label the experiment has now, in the transaction that
+    # recorded the change: what every attempt at this alert shows (schema version 6).
     conn.executemany(
         "INSERT OR IGNORE INTO alert_outbox (change_id, target, rule, status, attempts,"
-        " next_attempt_at, created_at) VALUES (?, ?, ?, 'pending', 0, ?, ?)",
+        " next_attempt_at, created_at, experiment_name, trial_status, workspace_label)"
+        " SELECT c.id, ?, ?, 'pending', 0, ?, ?, e.name, e.trial_status, w.label"
+        " FROM changes c JOIN experiments e ON e.experiment_id = c.experiment_id"
+        " LEFT JOIN workspaces w ON w.workspace_id = c.workspace_id WHERE c.id = ?",
         [
-            (r.change_id, r.target, r.rule, format_time(r.next_attempt_at), created)
+            (r.target, r.rule, format_time(r.next_attempt_at), created, r.change_id)
             for r in route(events, rules, now)
         ],
     )
@@ -88,8 +97,12 @@ class DueRow:
 
 _DUE_SQL = """
 SELECT o.id, o.target, o.rule, o.attempts, o.created_at, c.id, c.workspace_id,
-       c.experiment_id, c.field, c.old_value, c.new_value, c.observed_at, e.name,
-       e.trial_status, w.label, t.old_value, t.new_value, o.message_id
+       c.experiment_id, c.field, c.old_value, c.new_value, c.observed_at,
+       -- as written with the row; a row from before schema version 6 shows today's values
+       {shown_name},
+       coalesce(o.trial_status, e.trial_status),
+       CASE WHEN o.trial_status IS NULL THEN w.label ELSE o.workspace_label END,
+       t.old_value, t.new_value, o.message_id
 FROM alert_outbox o
 JOIN changes c ON c.id = o.change_id
 LEFT JOIN experiments e ON e.experiment_id = c.experiment_id
@@ -105,7 +118,7 @@ LIMIT ?
 def _read_due(
     conn: sqlite3.Connection, where: str, params: tuple[object, ...], out: dict[int, DueRow]
 ) -> None:
-    for r in conn.execute(_DUE_SQL.format(where=where), params):
+    for r in conn.execute(_DUE_SQL.format(where=where, shown_name=SHOWN_NAME_SQL), params):
         if r[0] not in out:  # several TrialStatus rows could join; keep the first
             out[r[0]] = DueRow(*r)
 

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..alerts.outbox import SHOWN_NAME_SQL
 from ..store import status_counts
 from .charts import HistoryRow, WindowChange
 
@@ -140,8 +141,8 @@ def outbox(
     where, params = _in("c.workspace_id", scope)
     return conn.execute(
         "SELECT o.id, o.target, o.rule, o.status, o.attempts, o.next_attempt_at, o.created_at,"
-        " o.last_error, o.message_id, c.workspace_id, c.experiment_id, e.name, c.field,"
-        " c.old_value, c.new_value, c.observed_at"
+        " o.last_error, o.message_id, c.workspace_id, c.experiment_id,"
+        f" {SHOWN_NAME_SQL} AS name, c.field, c.old_value, c.new_value, c.observed_at"
         " FROM alert_outbox o JOIN changes c ON c.id = o.change_id"
         " LEFT JOIN experiments e ON e.experiment_id = c.experiment_id"
         f" WHERE o.status = ? AND {where} ORDER BY o.id DESC LIMIT ?",
