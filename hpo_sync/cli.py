@@ -13,6 +13,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -172,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _open_closed_streams()
     parser = build_parser(_own_command(argv))
     try:
-        args = parser.parse_args(argv)  # (--help writes to stdout too)
+        args = parser.parse_args(_signed_values(argv))  # (--help writes to stdout too)
         handler: Handler = args.handler
         # Until a command sets logging up from its config, events (the config's own
         # warnings among them) go to stderr, redacted: never into a command's output.
@@ -194,6 +195,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         # quietly.
         _quiet_stdout()
         return EXIT_OK
+
+
+#: Options whose value may begin with a minus sign (a mistaken ``--since -5d``).
+_SIGNED_VALUE_OPTIONS = frozenset({"--since", "--created-after", "--created-before"})
+_SIGNED_VALUE_RE = re.compile(r"-\d")
+
+
+def _signed_values(argv: Sequence[str] | None) -> list[str]:
+    """``argv`` with ``--since -5d`` as ``--since=-5d``: argparse takes a value beginning
+    with ``-`` for an option and says only "expected one argument"; so joined, the value
+    reaches the option's own check, which says what to write instead."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            out += args[i:]
+            break
+        following = args[i + 1] if i + 1 < len(args) else ""
+        if arg in _SIGNED_VALUE_OPTIONS and _SIGNED_VALUE_RE.match(following):
+            out.append(f"{arg}={following}")
+            i += 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
 
 
 def _open_closed_streams() -> None:

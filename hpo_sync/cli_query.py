@@ -88,6 +88,10 @@ def parse_time_arg(text: str, *, relative: bool = False) -> TimeArg:
     such as ``90m``, ``12h``, ``7d``, ``2w``. Raises ValueError with a message for people."""
     value = text.strip()
     m = _RELATIVE_RE.match(value)
+    if relative and value[:1] == "-" and _RELATIVE_RE.match(value[1:]):
+        raise ValueError(
+            f"{text!r}: an age counts back from now, without a sign: write {value[1:]}"
+        )
     if relative and m:
         digits, unit = m.group(1).lstrip("0") or "0", m.group(2)
         if unit == "M":  # months or minutes? neither guessed

@@ -531,6 +531,12 @@ def test_history_since_an_age_is_relative_to_now(run: Run, monkeypatch: pytest.M
     assert run.json("history", "--since", "36H") == run.json("history", "--since", "36h")
     err = run.usage_error("history", "--since", "5M")
     assert "m is minutes (M is not read); for months give a date" in err
+    # "5 days ago" written with a minus sign, as its own word or joined: what to write instead
+    for argv in (["--since", "-5d"], ["--since=-5d"]):
+        err = run.usage_error("history", *argv)
+        assert "'-5d': an age counts back from now, without a sign: write 5d" in err, argv
+    err = run.usage_error("ls", "--created-after", "-5d")
+    assert "cannot read '-5d' as a time" in err
 
 
 def test_history_table(run: Run) -> None:
