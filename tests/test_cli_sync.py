@@ -355,34 +355,13 @@ async def test_an_incomplete_listing_exits_3(tmp_path: Path) -> None:
             assert conn.execute("SELECT status FROM sync_runs").fetchall() == [("partial",)]
 
 
-async def test_sigterm_mid_sweep_closes_the_run_and_exits_143(tmp_path: Path) -> None:
-    options = SimOptions(experiments=4000, workspaces=1, seed=8, latency_ms=25)
-    async with Simulator(options) as sim:
-        ws = sim.world.workspace_ids[0]
-        cfg = write_config(tmp_path / "c.toml", sim.base_url, [ws], page_size=20, max_concurrency=2)
-        db = tmp_path / "mirror.db"
-        proc = await sync_until_rows(cfg, db, 200, output=asyncio.subprocess.PIPE)
-        try:
-            proc.send_signal(signal.SIGTERM)
-            async with asyncio.timeout(30):
-                _, err = await proc.communicate()
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-        assert proc.returncode == 143, err.decode()
-        assert "stopped by SIGTERM" in err.decode() and "Traceback" not in err.decode()
-        with sqlite3.connect(db) as conn:
-            assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-            runs = conn.execute("SELECT status, finished_at, error FROM sync_runs").fetchall()
-        ((status, finished_at, error),) = runs
-        assert status == "failed" and finished_at and "cancelled" in error
-
-
-async def test_repeated_sigterms_while_stopping_still_exit_143(tmp_path: Path) -> None:
-    """A supervisor that sends SIGTERM again while the sync is stopping (closing its runs,
-    closing the mirror) does not kill it half-way: one clean stop, exit 143, no run left
-    "running"."""
+@pytest.mark.parametrize("repeated", [False, True], ids=["once", "repeated"])
+async def test_sigterm_mid_sweep_closes_the_run_and_exits_143(
+    tmp_path: Path, repeated: bool
+) -> None:
+    """SIGTERM mid-sweep: the run is closed as cancelled and the sync exits 143. Sent again
+    and again while the sync is stopping (a supervisor repeating it), it ends the same way:
+    not killed half-way through closing the runs and the mirror."""
     options = SimOptions(experiments=4000, workspaces=1, seed=8, latency_ms=25)
     async with Simulator(options) as sim:
         ws = sim.world.workspace_ids[0]
@@ -392,12 +371,14 @@ async def test_repeated_sigterms_while_stopping_still_exit_143(tmp_path: Path) -
         reading = asyncio.ensure_future(proc.communicate())
         try:
             async with asyncio.timeout(30):
-                while proc.returncode is None and not reading.done():
-                    try:  # (not send_signal(): its poll() would reap the child under asyncio)
+                # (os.kill, not send_signal(): its poll() would reap the child under asyncio)
+                os.kill(proc.pid, signal.SIGTERM)
+                while repeated and proc.returncode is None and not reading.done():
+                    await asyncio.sleep(0.002)
+                    try:
                         os.kill(proc.pid, signal.SIGTERM)
                     except ProcessLookupError:
                         break
-                    await asyncio.sleep(0.002)
                 _, err = await reading
         finally:
             if proc.returncode is None:
