@@ -705,9 +705,12 @@ class UpstreamClient:
                     query, [first, second], size, tally, listing, take, seen
                 )
                 return listing
-        if 0 < got < size and first.total_count > got:
+        capped = 0 < got < size and first.total_count > got
+        if capped:
             # No page-size maximum is documented: a server that silently caps PageSize
-            # still pages by its own size, so plan the page count with that.
+            # still pages by its own size, so plan the page count with that. (Or its count
+            # takes in rows the listing leaves out, soft-deleted ones say: then page 2 comes
+            # back empty, and page 1 was the whole listing; see below.)
             log.warning("upstream.page_size_capped", asked=size, got=got)
             size = got
         listing.pages_expected = max(1, math.ceil(first.total_count / size))
@@ -772,7 +775,11 @@ class UpstreamClient:
         if (
             listing.error is not None
             and listing.error is short_listing
-            and _ends_with_a_short_page(sizes, int(first_empty), size)
+            and (
+                _ends_with_a_short_page(sizes, int(first_empty), size)
+                # the cap guessed from page 1 alone, refuted: page 1 was short after all
+                or (capped and first_empty == 2 and not any(sizes[n] for n in sizes if n > 2))
+            )
         ):
             # A short page, then an empty one: the listing's natural end, before the end its
             # count planned. A count that is too high (one that counts soft-deleted rows, or

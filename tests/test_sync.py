@@ -1037,14 +1037,19 @@ async def test_a_status_upstream_refuses_as_a_filter_is_looked_up_instead(
             world.list = original  # type: ignore[method-assign]
 
 
+@pytest.mark.parametrize("experiments", [250, 60], ids=["pages", "one-short-page"])
 async def test_a_count_that_includes_soft_deleted_rows_still_ends_the_listing(
-    tmp_path: Path,
+    tmp_path: Path, experiments: int
 ) -> None:
     """TotalCount counts rows no page returns (soft-deleted ones): a short page, then an
     empty one before the count's last page. That is the listing's end: full sweeps are
     `ok` and still mark deletions (after looking the missing ones up), instead of every
-    listing being incomplete and every full sweep partial, for good."""
-    options = SimOptions(experiments=250, workspaces=1, seed=4, drift=False, restart_per_min=0.0)
+    listing being incomplete and every full sweep partial, for good. With fewer
+    experiments than a page, page 1 (short, against a larger count) looks like a server
+    capping the page size: page 2 at that size coming back empty ends the listing too."""
+    options = SimOptions(
+        experiments=experiments, workspaces=1, seed=4, drift=False, restart_per_min=0.0
+    )
     async for rig in make_rig(tmp_path, options, page_size=100):
         ws = rig.sim.world.workspace_ids[0]
         world, original = rig.sim.world, rig.sim.world.list
@@ -1065,6 +1070,12 @@ async def test_a_count_that_includes_soft_deleted_rows_still_ends_the_listing(
             world.mutate(victim["ExperimentId"], delete=True)
             result = await rig.engine.sweep(ws, "full")
             assert result.status == "ok" and result.marked_deleted == 1, result.error
+            assert_mirror_equals_truth(rig.store, rig.sim, ws)
+            # hot sweeps' status listings (short pages, over-counted) end the same way
+            running = next(e for e in world.truth(ws) if e["Status"] == "RUNNING")
+            world.mutate(running["ExperimentId"], status="FAILED")
+            result = await rig.engine.sweep(ws, "hot")
+            assert result.status == "ok", result.error
             assert_mirror_equals_truth(rig.store, rig.sim, ws)
         finally:
             world.list = original  # type: ignore[method-assign]
