@@ -7,6 +7,7 @@ into the same renderer so journald gets one format.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import MutableMapping
 from typing import Any, TextIO, cast
@@ -101,19 +102,27 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
     route_stdlib(handler, numeric)
 
 
+#: Where the parser's reason ends and its excerpt of the request (``b'GET /…'``) begins.
+_RAW_EXCERPT_RE = re.compile(r"""\s*b['"]""")
+
+
 class ClientGarbageFilter(logging.Filter):
     """aiohttp's server logs a request its HTTP parser refuses (a malformed request line or
     header, a line over 8 KiB, TLS or random bytes on the port) at error level with a
     traceback, although the client is at fault and gets its 400. Such records become one
-    info line with the reason; the server's own errors stay as they are."""
+    info line with the reason; the server's own errors stay as they are.
+
+    The reason only: the parser's message goes on to quote the offending line, which can be
+    a request line with ``BearerToken=…`` in its query or an ``Authorization`` header."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         from aiohttp.http_exceptions import HttpProcessingError
 
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, HttpProcessingError) and record.levelno > logging.INFO:
+            reason = _RAW_EXCERPT_RE.split(str(exc.message), maxsplit=1)[0]
             record.msg = "refused a malformed HTTP request: %s (%s)"
-            record.args = (type(exc).__name__, str(exc).replace("\n", " ")[:200])
+            record.args = (type(exc).__name__, " ".join(reason.split())[:200])
             record.levelno, record.levelname = logging.INFO, "INFO"
             record.exc_info = record.exc_text = None
             return logging.getLogger(record.name).isEnabledFor(logging.INFO)

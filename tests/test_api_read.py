@@ -875,6 +875,10 @@ async def test_requests_the_http_parser_refuses_are_no_server_errors_in_the_log(
         b"GET /v1/experiments?" + b"x" * 9000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
         b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 not HTTP at all\r\n\r\n",
         b"GET /healthz HTTP/1.1\r\nHo st: x\r\n\r\n",
+        # refused for what follows a token: the log gives the reason, never the line
+        b"GET /v1/experiments?BearerToken=S3CRET-IN-QUERY&name=a b HTTP/1.1\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nAuthorization: Bearer S3CRET-IN-HEADER\x00\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nAuthorization : Bearer S3CRET-IN-HEADER\r\n\r\n",
     )
     for level, shown in (("info", True), ("warning", False)):
         buffer = json_logs(level)
@@ -893,6 +897,10 @@ async def test_requests_the_http_parser_refuses_are_no_server_errors_in_the_log(
         # (aiohttp logs bytes that are not HTTP at all, TLS say, at debug already)
         assert bool(refused) == shown, records
         assert all(r["level"] == "info" for r in refused)
+        assert "S3CRET" not in buffer.getvalue()
+        if shown:
+            reasons = " | ".join(r["event"] for r in refused)
+            assert "Invalid header value char" in reasons and "Bad status line" in reasons
 
 
 async def test_a_query_over_its_time_budget_is_stopped_with_a_503(
