@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from structlog.testing import capture_logs
 from test_api_rig import (
     START,
     TOKENS,
@@ -202,6 +203,54 @@ async def test_a_wrong_token_or_a_foreign_origin_does_not_sign_in(ui: ApiRig) ->
     ) as resp:
         assert resp.status == 303
     assert len(ui.app[WEB_UI].sessions) == 1
+
+
+async def test_a_body_that_is_no_form_is_a_400_not_a_server_error(ui: ApiRig) -> None:
+    token = TOKENS["all"][0].encode()
+    for content_type, body, extra in (
+        ("multipart/form-data; boundary=xyz", b"garbage", {}),
+        ("multipart/form-data", b"token=x", {}),
+        ("application/x-www-form-urlencoded; charset=bogus", b"token=" + token, {}),
+        ("application/x-www-form-urlencoded; charset=utf-16", b"token=x", {}),
+        ("application/x-www-form-urlencoded", b"token=" + token + b"&next=/ui/\xff", {}),
+        ("application/x-www-form-urlencoded", b"not gzip", {"Content-Encoding": "gzip"}),
+    ):
+        headers = {**origin(ui), "Content-Type": content_type, **extra}
+        with capture_logs() as logs:
+            async with ui.client.post(
+                "/ui/login", data=body, headers=headers, allow_redirects=False
+            ) as resp:
+                assert resp.status == 400, (content_type, extra)
+                assert "The sign-in form could not be read." in await resp.text()
+                assert "Set-Cookie" not in resp.headers
+        assert not [e for e in logs if e["log_level"] == "error"], (content_type, logs)
+    assert len(ui.app[WEB_UI].sessions) == 0
+
+
+def test_aiohttp_s_error_over_an_undecodable_body_becomes_one_info_line() -> None:
+    """aiohttp logs the body it could not decode once more, as an unhandled error with a
+    traceback, when it drains the request after the handler answered: the client's fault,
+    so one info line with the reason (as for a request its parser refuses)."""
+    import logging
+    import sys
+
+    from aiohttp.web_protocol import RequestPayloadError
+
+    from hpo_sync.logs import ClientGarbageFilter
+
+    try:
+        raise RequestPayloadError("400, message:\n  Can not decode content-encoding: gzip")
+    except RequestPayloadError:
+        record = logging.LogRecord(
+            "aiohttp.server", logging.ERROR, __file__, 1, "Unhandled exception", None,
+            sys.exc_info(),
+        )  # fmt: skip
+    ClientGarbageFilter().filter(record)
+    assert (record.levelno, record.exc_info) == (logging.INFO, None)
+    assert record.getMessage() == (
+        "refused a malformed HTTP request: RequestPayloadError"
+        " (Can not decode content-encoding: gzip)"
+    )
 
 
 async def test_after_sign_in_only_ui_paths_are_targets(ui: ApiRig) -> None:

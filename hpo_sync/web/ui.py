@@ -23,6 +23,8 @@ from urllib.parse import quote, urlsplit
 import jinja2
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from multidict import MultiDict, MultiMapping
 
 from .. import __version__
@@ -406,7 +408,12 @@ async def login(request: web.Request) -> web.StreamResponse:
     ui = request.app[WEB_UI]
     if not same_origin(request.headers, request.host):
         return error_page(request, 403, "Sign-in is accepted only from this site's own form.")
-    form = await request.post()
+    try:
+        form = await request.post()
+    except (ValueError, LookupError, HttpProcessingError, RequestPayloadError):
+        # a body that is no form: a broken multipart boundary, an unknown charset, bytes
+        # that do not decode, a Content-Encoding it does not have (the client's fault)
+        return error_page(request, 400, "The sign-in form could not be read.")
     tokens = api.runtime.config.api.tokens
     next_path = safe_next(str(form.get("next", "")) or None)
     if not tokens:
