@@ -622,6 +622,18 @@ class SyncEngine:
                 return raw
         if not listing.complete:
             raise listing.error or UpstreamError("look-up incomplete")
+        if not listing.consistent and len(listing.seen_ids) >= self.config.upstream.page_size:
+            # Pages that do not add up to their count can have dropped it between them (rows
+            # of one create time in another order on each page's query): no proof of absence.
+            # Fewer rows than a page came on a short page 1, all there was: that one decides.
+            raise UpstreamError(
+                f"the look-up of {exp_id} read {listing.pages_read} pages whose "
+                f"{len(listing.seen_ids)} experiments did not add up to their TotalCount "
+                f"{listing.total_count}: it may have fallen between pages, so it is not "
+                "marked deleted",
+                code="LookupInconclusive",
+                workspace_id=result.workspace_id,
+            )
         if listing.skipped:
             result.skipped_records += listing.skipped
             result.error_tells_skipped = True

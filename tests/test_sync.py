@@ -1089,6 +1089,43 @@ def _still_world(experiments: int, seed: int) -> SimOptions:
     )  # fmt: skip
 
 
+async def test_a_look_up_whose_pages_do_not_add_up_proves_no_deletion(tmp_path: Path) -> None:
+    """25 experiments of one name started in the same second: a look-up by name (and the
+    create-time window before it) spans pages, and an upstream that orders equal create
+    times differently on each query can drop one between them. Such a listing, whose ids
+    fall short of its count, is no proof that the one it missed is gone: the hot sweep is
+    not `ok` and marks nothing deleted (it used to mark it deleted), and a later sweep
+    finds it."""
+    async for rig in make_rig(tmp_path, _still_world(5, seed=7), page_size=10):
+        ws = rig.sim.world.workspace_ids[0]
+        world, original = rig.sim.world, rig.sim.world.list
+        batch = [f"same-{i:02d}" for i in range(25)]
+        for exp_id in batch:
+            world.mutate(
+                create={
+                    "WorkspaceId": ws, "ExperimentId": exp_id, "Name": "same-sweep",
+                    "Status": "RUNNING", "GmtCreateTime": "2024-05-01T08:00:00Z",
+                }
+            )  # fmt: skip
+        assert (await rig.engine.sweep(ws)).status == "ok"
+        victim = batch[12]
+
+        def between_pages(params: Any, original: Any = original, victim: str = victim) -> Any:
+            total, page = original(params)  # counted, but on no page
+            return total, [e for e in page if e["ExperimentId"] != victim]
+
+        world.list = between_pages  # type: ignore[method-assign]
+        try:
+            world.mutate(victim, status="FINISHED")
+            result = await rig.engine.sweep(ws, "hot")
+        finally:
+            world.list = original  # type: ignore[method-assign]
+        assert result.status != "ok" and "it is not marked deleted" in str(result.error), result
+        assert mirror_rows(rig.store, ws)[victim]["deleted"] == 0
+        assert (await rig.engine.sweep(ws, "hot")).status == "ok"
+        assert_mirror_equals_truth(rig.store, rig.sim, ws)
+
+
 def _unreadable_ids(page: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The page's records with their id under another name (``experimentId``): unreadable."""
     return [{("experimentId" if k == "ExperimentId" else k): v for k, v in r.items()} for r in page]
