@@ -733,8 +733,15 @@ class UpstreamClient:
                     return  # past an empty page: the count promised pages that are not there
                 try:
                     page = await self.list_page(query, number, size, tally=tally)
-                except FatalUpstreamError:
-                    raise
+                except FatalUpstreamError as exc:
+                    if not rejects_parameter(exc):
+                        raise
+                    # Page 1 was taken with the same filters: what is refused is the page
+                    # number, past the end after all (the count was too high, or rows were
+                    # deleted meanwhile). An empty page, as other servers answer it.
+                    log.info("upstream.page_past_end_refused", workspace=query.workspace_id,
+                             page=number)  # fmt: skip
+                    page = Page(listing.total_count, [], None)
                 except UpstreamError as exc:
                     listing.error = listing.error or exc
                     continue
@@ -915,8 +922,15 @@ class UpstreamClient:
                     break
                 try:
                     page = await self.list_page(query, number, size, tally=tally)
-                except FatalUpstreamError:
-                    raise
+                except FatalUpstreamError as exc:
+                    if number == 1 or not rejects_parameter(exc):
+                        raise
+                    # The pages before it were taken with the same filters: what is refused
+                    # is the page number, past the end (how some servers answer it).
+                    log.info("upstream.page_past_end_refused", workspace=query.workspace_id,
+                             page=number)  # fmt: skip
+                    number -= 1
+                    break
                 except UpstreamError as exc:
                     listing.error = exc
                     break

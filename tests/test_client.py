@@ -661,25 +661,53 @@ async def test_an_empty_page_after_a_full_one_still_leaves_the_listing_incomplet
     assert listing.error is not None and listing.error.code == "ShortListing"
 
 
+@pytest.mark.parametrize("refused", [False, True], ids=["empty", "refused"])
 @pytest.mark.parametrize("total", ["absent", None, "many", -1, 3, True])
 async def test_without_a_readable_total_count_pages_until_empty(
-    capture: Capture, total: Any
+    capture: Capture, total: Any, refused: bool
 ) -> None:
     """No TotalCount, an unreadable one or one below the page's own size: the listing pages
-    until an empty page, is complete, but never counts as consistent."""
+    until an empty page, is complete, but never counts as consistent. A server that refuses
+    the page number past the end (INVALID_INPUT_PARAMS) ends it the same way (the listing
+    used to fail, and with it every sync)."""
     capture.experiments = [{"ExperimentId": f"e{i:03d}"} for i in range(250)]
     capture.total_count = total
+    capture.refuse_past_end = refused
+    pages_read = 3 if refused else 4  # the empty page is a page read; a refusal is not
     async with make_client(capture.base_url) as client:
         listing = await client.list_all(ListQuery(), page_size=100)
         pages = [p async for p in client.iter_pages(ListQuery(), page_size=100)]
     assert listing.complete and not listing.consistent and listing.uncounted
-    assert len(listing.seen_ids) == 250 and listing.pages_read == 4
-    assert [len(p.experiments) for p in pages] == [100, 100, 50, 0]
+    assert len(listing.seen_ids) == 250 and listing.pages_read == pages_read
+    assert [len(p.experiments) for p in pages] == [100, 100, 50, 0][:pages_read]
     # a capped page size is followed too: the server pages by its own size
     capture.max_page_size = 40
     async with make_client(capture.base_url) as client:
         listing = await client.list_all(ListQuery(), page_size=100)
-    assert listing.complete and len(listing.seen_ids) == 250 and listing.pages_read == 8
+    assert listing.complete and len(listing.seen_ids) == 250
+    assert listing.pages_read == pages_read + 4
+
+
+@pytest.mark.parametrize(
+    ("rows", "complete"), [(250, True), (200, False)], ids=["short-page-then", "full-page-then"]
+)
+async def test_a_planned_page_refused_as_past_the_end_is_an_empty_page(
+    capture: Capture, rows: int, complete: bool
+) -> None:
+    """A count higher than the rows (soft-deleted ones counted, or rows deleted while the
+    pages were read) plans pages past the end, which this server refuses: each refusal is
+    taken as an empty page. After a short page that is the listing's end; after a full one
+    the listing is incomplete, as with an empty page. Neither raises (the sync used to
+    fail)."""
+    capture.experiments = [{"ExperimentId": f"e{i:03d}"} for i in range(rows)]
+    capture.total_count = 380
+    capture.refuse_past_end = True
+    async with make_client(capture.base_url) as client:
+        listing = await client.list_all(ListQuery(workspace_id="w1"), page_size=100)
+    assert len(listing.seen_ids) == rows and listing.complete == complete
+    assert not listing.consistent
+    if not complete:
+        assert listing.error is not None and listing.error.code == "ShortListing"
 
 
 async def test_a_count_of_the_page_not_the_listing_is_not_trusted(capture: Capture) -> None:
