@@ -173,7 +173,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _open_closed_streams()
     parser = build_parser(_own_command(argv))
     try:
-        args = parser.parse_args(_signed_values(argv))  # (--help writes to stdout too)
+        words = _signed_values(argv)
+        args = parser.parse_args(words)  # (--help writes to stdout too)
+        _check_text_arguments(args, words)
         handler: Handler = args.handler
         # Until a command sets logging up from its config, events (the config's own
         # warnings among them) go to stderr, redacted: never into a command's output.
@@ -222,6 +224,34 @@ def _signed_values(argv: Sequence[str] | None) -> list[str]:
         out.append(arg)
         i += 1
     return out
+
+
+#: Arguments that are file paths: any bytes a file name may hold are theirs to carry.
+_PATH_ARGUMENTS = frozenset({"config", "db", "output", "dest"})
+
+
+def _check_text_arguments(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    """Refuse a text argument that is not UTF-8 (Python carries the bytes it cannot decode
+    as lone surrogates, which nothing downstream can encode): a usage error naming it, not a
+    traceback from the first query that meets it."""
+    for key, value in vars(args).items():
+        if key in _PATH_ARGUMENTS:
+            continue
+        items = value if isinstance(value, list | tuple) else (value,)
+        for item in items:
+            texts = item if isinstance(item, tuple) else (item,)  # --tag's (key, value)
+            for text in texts:
+                if not isinstance(text, str) or text.isascii():
+                    continue
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    option = "--" + key.replace("_", "-")
+                    given = any(a == option or a.startswith(option + "=") for a in argv)
+                    shown = os.fsencode(text).decode("ascii", "backslashreplace")
+                    if not given:  # a positional one (show's, history's experiment ID)
+                        option = "ID" if key.endswith("id") else key.upper()
+                    raise UsageError(f"{option} {shown}: not valid UTF-8") from None
 
 
 def _open_closed_streams() -> None:

@@ -539,6 +539,25 @@ def test_history_since_an_age_is_relative_to_now(run: Run, monkeypatch: pytest.M
     assert "cannot read '-5d' as a time" in err
 
 
+def test_text_arguments_that_are_not_utf8_are_usage_errors(run: Run) -> None:
+    """Bytes that are not UTF-8 in a text argument (Python holds them as lone surrogates):
+    exit 2 naming the argument, not a traceback from the query that meets them."""
+    bad = os.fsdecode(b"a\xff")
+    for argv, named in (
+        (["ls", "--name", bad], "--name"),
+        (["ls", "--tag", f"{bad}=v"], "--tag"),
+        (["ls", f"--status={bad}"], "--status"),
+        (["history", "--workspace", bad], "--workspace"),
+        (["show", bad], "ID"),
+        (["stats", "--workspace", bad], "--workspace"),
+        (["export", "--workspace", bad], "--workspace"),
+    ):
+        code, out, err = run(*argv)
+        assert code == 2 and out == "", argv
+        assert err.startswith(f"hpo-sync: {named} a\\xff") and "not valid UTF-8" in err, err
+        assert "Traceback" not in err
+
+
 def test_history_table(run: Run) -> None:
     out = run.ok("history", "--no-baseline")
     lines = out.splitlines()
