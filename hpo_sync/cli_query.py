@@ -14,12 +14,13 @@ arguments (a bad date, ``--tag`` without ``=``, an unknown sort …) or a bad co
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import os
 import re
 import shutil
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -512,6 +513,10 @@ class ExperimentWalk:
         self.more = False
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self.rows()
+
+    def rows(self) -> Generator[dict[str, Any], None, None]:
+        """The rows, in one read snapshot until the end or :meth:`close` of the generator."""
         with self.store.reader():
             yield from self._pages()
 
@@ -574,17 +579,20 @@ def _ls(args: argparse.Namespace, store: Store, out: TextIO) -> int:
     _warn_unknown_workspaces(store, filters.workspaces)
     _warn_unknown_statuses(store, filters.statuses)
     walk = ExperimentWalk(store, filters, args.sort, args.limit)
-    if args.format == "table":
-        n = _write_table(out, LS_COLUMNS, (ls_cells(row) for row in walk), _table_width(out))
-        if n == 0:
-            _note("no experiments match")
-        elif walk.more:
-            _note(f"showing the first {n}; --limit N for more, --limit 0 for all")
-    else:
-        records = (r.experiment_record(row) for row in walk)
-        n = _write_records(out, args.format, r.EXPERIMENT_FIELDS, records)
-        if walk.more:  # on stderr, so a script's file stays clean but nobody is misled
-            _note(f"wrote the first {n}; --limit N for more, --limit 0 for all")
+    # Closed here, whatever happens: a reader that leaves the pipe (| head) stops the walk
+    # mid-page, and its snapshot must end before the mirror closes, not at some later GC.
+    with contextlib.closing(walk.rows()) as rows:
+        if args.format == "table":
+            n = _write_table(out, LS_COLUMNS, (ls_cells(row) for row in rows), _table_width(out))
+            if n == 0:
+                _note("no experiments match")
+            elif walk.more:
+                _note(f"showing the first {n}; --limit N for more, --limit 0 for all")
+        else:
+            records = (r.experiment_record(row) for row in rows)
+            n = _write_records(out, args.format, r.EXPERIMENT_FIELDS, records)
+            if walk.more:  # on stderr, so a script's file stays clean but nobody is misled
+                _note(f"wrote the first {n}; --limit N for more, --limit 0 for all")
     return cli.EXIT_OK
 
 

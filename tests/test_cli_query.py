@@ -984,6 +984,9 @@ def test_a_full_disk_on_standard_output_is_one_clear_error(
     ("command", "read"),
     [
         (("export", "--kind", "changes"), 100),  # like `| head -c 100`
+        (("ls", "--limit", "0", "--format", "json"), 10),  # a walk stopped mid-page
+        (("ls", "--limit", "0", "--format", "jsonl"), 10),
+        (("ls", "--limit", "0", "--format", "csv"), 10),
         (("ls", "--help"), 0),  # gone before the first line
         (("check-config",), 0),
     ],
@@ -995,7 +998,7 @@ def test_a_closed_pipe_ends_the_command_quietly(
     config = tmp_path / "c.toml"
     config.write_text(f'[store]\npath = "{db}"\n[[workspaces]]\nid = "1"\n')
     args = [*command, "--config", str(config)]
-    if command[0] == "export":
+    if command[0] == "export" or "--limit" in command:
         args = [*command, "--db", str(db)]
     proc = subprocess.Popen(
         [sys.executable, "-m", "hpo_sync.cli", *args],
