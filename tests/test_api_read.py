@@ -779,6 +779,27 @@ async def test_bad_input_is_a_400_naming_the_parameter(
     assert param in reply.body["error"]["message"]
 
 
+@pytest.mark.parametrize(
+    ("query", "param"),
+    [("name=%FF", "name"), ("creator=%ED%A0%80", "creator"), ("limit=5&tag=k%C3:v", "tag")],
+)
+async def test_a_value_that_is_not_utf8_is_a_400_not_a_search(
+    rig: ApiRig, query: str, param: str
+) -> None:
+    """aiohttp decodes bytes that are not UTF-8 to U+FFFD: without this check, name=%FF was
+    a search for that character, a 200 with nothing in it."""
+    reply = await rig.get(f"/v1/experiments?{query}")
+    assert reply.status == 400, reply.text
+    assert reply.body["error"] == {
+        "code": "bad_parameter",
+        "message": f"{param}: is not valid UTF-8",
+        "param": param,
+    }
+    # the upstream-compatible route, in the upstream's error shape
+    compat = await rig.get(f"/api/automl/v1/hpo/experiments?{query.replace('name', 'Name')}")
+    assert compat.status == 400 and compat.body["Code"] == "INVALID_INPUT_PARAMS", compat.text
+
+
 @pytest.mark.parametrize("workspace", ["团队/nlp#1", "ws:a.b_c-d", "9" * 128, "a+b%20c", "100001"])
 async def test_every_workspace_the_config_takes_can_be_named(rig: ApiRig, workspace: str) -> None:
     """The workspace parameter takes the ids a config takes (printable, no spaces, at most

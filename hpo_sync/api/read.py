@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
+from urllib.parse import unquote, unquote_to_bytes
 
 import orjson
 import structlog
@@ -657,11 +658,32 @@ async def guard_middleware(
     return await _guard(request, handler)
 
 
+def _undecodable_parameter(raw_query: str) -> str | None:
+    """The name of the first parameter of ``raw_query`` (percent-encoded, as sent) whose
+    bytes are not UTF-8, or None. aiohttp decodes such bytes to U+FFFD, which a filter would
+    then go and look for: ``name=%FF`` would be a search, not the mistake it is."""
+    if "%" not in raw_query:
+        return None
+    for part in raw_query.split("&"):
+        name, _, value = part.partition("=")
+        for text in (name, value):
+            if "%" not in text:
+                continue
+            try:
+                unquote_to_bytes(text.replace("+", " ")).decode("utf-8")
+            except UnicodeDecodeError:
+                return unquote(name.replace("+", " "), errors="replace")
+    return None
+
+
 async def _guard(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
     if len(request.query_string) > MAX_QUERY_STRING:
         raise BadParameterError("query", f"longer than {MAX_QUERY_STRING} characters")
+    undecodable = _undecodable_parameter(request.rel_url.raw_query_string)
+    if undecodable is not None:
+        raise BadParameterError(undecodable, "is not valid UTF-8")
     route = _route_of(request)
     if route is None:
         return await handler(request)  # the router's 404 / 405
