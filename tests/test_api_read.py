@@ -861,6 +861,14 @@ async def test_unknown_routes_methods_and_big_bodies_get_json_errors(rig: ApiRig
     assert big.status == 413 and big.error_code == "payload_too_large"
     long_query = await rig.get("/v1/experiments", {"name": "x" * 5000})
     assert long_query.status == 400
+    # CONNECT (a proxy's method) has no body, though aiohttp reads the rest of the
+    # connection as one: not a 413, but what any other unknown target gets
+    reader, writer = await asyncio.open_connection(rig.server.host, rig.server.port)
+    writer.write(b"CONNECT 127.0.0.1:1 HTTP/1.1\r\nHost: 127.0.0.1:1\r\n\r\n")
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    writer.close()
+    assert re.match(rb"HTTP/1\.1 40[45] ", head), head
 
 
 @pytest.fixture

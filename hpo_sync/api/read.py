@@ -650,6 +650,10 @@ async def guard_middleware(
 ) -> web.StreamResponse:
     """Size limits, then who is asking, by route policy."""
     length = request.content_length
+    # (CONNECT has no body: aiohttp takes the rest of the connection for one; the router
+    # answers it as any other method and target it does not serve)
+    if request.method == "CONNECT":
+        return await _guard(request, handler)
     if (length is not None and length > MAX_BODY_BYTES) or (length is None and request.body_exists):
         raise PayloadTooLargeError(
             f"request bodies over {MAX_BODY_BYTES} bytes (or of unknown length) are refused; "
