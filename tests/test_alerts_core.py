@@ -89,6 +89,11 @@ def test_standard_webhooks_round_trip_plain_secret() -> None:
     assert verify_webhook("plain-key", h, b"{}", now_s=1001)
     assert not verify_webhook("other", h, b"{}", now_s=1001)
     assert not verify_webhook("plain-key", h, b"{}", now_s=5000)
+    # unsigned (no secret): the id and the time still go, for a receiver that deduplicates
+    assert webhook_headers(None, "id1", 1000, b"{}") == {
+        "webhook-id": "id1",
+        "webhook-timestamp": "1000",
+    }
 
 
 # --- classification ------------------------------------------------------------------------

@@ -499,6 +499,89 @@ async def test_old_alerts_expire(receivers: Receivers, store: Store, db: Path) -
     assert registry.get_sample_value("hpo_sync_alerts_pending") == 0
 
 
+async def test_rows_in_flight_do_not_expire_under_the_delivery(store: Store, db: Path) -> None:
+    """A delivery still waiting for its answer when its rows pass max_age_s: the next round
+    leaves them be, and the target's 204 makes them sent. (They used to be dead-lettered as
+    expired meanwhile, the 204 then ignored: a message the target had, marked dead, from
+    where `alerts retry --all-dead` would have sent it again.)"""
+    answer = asyncio.Event()
+    hook = Hook(HOOK_SECRET, held={0: answer})
+    runner, url = await hook.serve()
+    try:
+        worker = one_target_worker(store, db, "webhook", url, secret=HOOK_SECRET)
+        alerts = dataclasses.replace(worker.config.alerts, max_age_s=60)
+        worker.config = dataclasses.replace(worker.config, alerts=alerts)
+        world = World(store, worker, 1)
+        world.fail(world.ids)
+        t = now()
+        await worker.run_once(now=t + timedelta(seconds=30), wait=False, stalls=False)
+        for _ in range(1000):  # the target has the message; its answer is held
+            if hook.got:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the delivery never reached the target")
+        await worker.run_once(now=t + timedelta(seconds=120), wait=False, stalls=False)
+        assert [r["status"] for r in outbox(db)] == ["pending"]
+        answer.set()
+        await asyncio.gather(*worker._busy.values())
+        (row,) = outbox(db)
+        assert (row["status"], row["last_error"]) == ("sent", None) and row["sent_at"]
+        await worker.close()
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_reload_that_changes_a_target_s_type_gives_it_that_type_s_limits(
+    store: Store, db: Path
+) -> None:
+    """A target renamed in place from `webhook` (no limit) to `dingtalk` (20 a minute): its
+    limiter is made anew with DingTalk's windows, not kept with none."""
+    hook = TargetConfig("ops", "webhook", Secret("http://127.0.0.1:9/h", "t"))
+    cfg = Config(
+        store=StoreConfig(db),
+        alerts=AlertsConfig(targets=(hook,), rules=(RuleConfig("r", ("ops",)),)),
+    )
+    worker = AlertWorker(store, cfg)
+    assert (await worker._limiter(hook)).windows == ()
+    ding = TargetConfig(
+        "ops", "dingtalk", Secret("http://127.0.0.1:9/robot/send?access_token=abcdefgh", "t")
+    )
+    await worker.reload(
+        dataclasses.replace(cfg, alerts=dataclasses.replace(cfg.alerts, targets=(ding,)))
+    )
+    assert (await worker._limiter(ding)).windows == RATE_LIMITS["dingtalk"]
+    await worker.close()
+
+
+async def test_an_unsigned_webhook_gets_the_message_id_too(store: Store, db: Path) -> None:
+    """A `webhook` target without a secret (allowed; the example config has one) still gets
+    `webhook-id` and `webhook-timestamp`, the same id again on a retry: at-least-once
+    delivery needs the id to drop a repeat by, signed or not."""
+    seen: list[dict[str, str]] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        seen.append({k.lower(): v for k, v in request.headers.items() if k.startswith("webhook")})
+        return web.Response(status=503 if len(seen) == 1 else 204)
+
+    app = web.Application()
+    app.router.add_post("/hook", handle)
+    runner, port = await serve(app)
+    try:
+        worker = one_target_worker(store, db, "webhook", f"http://127.0.0.1:{port}/hook")
+        world = World(store, worker, 1)
+        world.fail(world.ids)
+        t = now()
+        await worker.run_once(now=t, stalls=False)
+        await worker.run_once(now=t + timedelta(seconds=10), stalls=False)
+        await worker.close()
+    finally:
+        await runner.cleanup()
+    ((message_id,),) = {(r["message_id"],) for r in outbox(db)}
+    assert [sorted(h) for h in seen] == [["webhook-id", "webhook-timestamp"]] * 2
+    assert [h["webhook-id"] for h in seen] == [message_id] * 2
+
+
 async def test_quiet_hours_delay_delivery(receivers: Receivers, store: Store, db: Path) -> None:
     t = now()
     start = (t - timedelta(hours=1)).strftime("%H:%M")

@@ -4,7 +4,7 @@ record outcomes. Functions take a connection; the caller owns the transaction.""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -237,32 +237,45 @@ def expiry_cutoff(now: datetime, max_age_s: float) -> str:
     return format_time(now - timedelta(seconds=max_age_s))
 
 
-def has_expired(conn: sqlite3.Connection, now: datetime, max_age_s: float) -> bool:
+def _expired_where(
+    now: datetime, max_age_s: float, busy: Collection[str]
+) -> tuple[str, list[object]]:
+    where = "WHERE status = 'pending' AND created_at < ?"
+    params: list[object] = [expiry_cutoff(now, max_age_s)]
+    if busy:
+        where += f" AND target NOT IN ({','.join('?' * len(busy))})"
+        params.extend(sorted(busy))
+    return where, params
+
+
+def has_expired(
+    conn: sqlite3.Connection, now: datetime, max_age_s: float, busy: Collection[str] = ()
+) -> bool:
     """Whether :func:`expire` has anything to do (a read, so the worker's idle rounds write
     nothing)."""
-    return (
-        conn.execute(
-            "SELECT 1 FROM alert_outbox WHERE status = 'pending' AND created_at < ? LIMIT 1",
-            (expiry_cutoff(now, max_age_s),),
-        ).fetchone()
-        is not None
-    )
+    where, params = _expired_where(now, max_age_s, busy)
+    found = conn.execute(f"SELECT 1 FROM alert_outbox {where} LIMIT 1", params).fetchone()
+    return found is not None
 
 
-def expire(conn: sqlite3.Connection, now: datetime, max_age_s: float) -> dict[str, int]:
+def expire(
+    conn: sqlite3.Connection, now: datetime, max_age_s: float, busy: Collection[str] = ()
+) -> dict[str, int]:
     """Dead-letter pending rows created more than ``max_age_s`` ago, reason "expired";
-    returns how many per target (call inside a write transaction, so the two agree)."""
-    cutoff = expiry_cutoff(now, max_age_s)
-    where = "WHERE status = 'pending' AND created_at < ?"
+    returns how many per target (call inside a write transaction, so the two agree).
+
+    Not those of the targets in ``busy``, whose delivery is under way: the message may be
+    with the target already (an answer that takes its time, a wait for the rate limit), and
+    a row it took must end up ``sent``, not dead (from where `alerts retry` would send it
+    again). What the delivery leaves pending expires in the round after it."""
+    where, params = _expired_where(now, max_age_s, busy)
     per_target = {
         str(target): int(n)
         for target, n in conn.execute(
-            f"SELECT target, count(*) FROM alert_outbox {where} GROUP BY target", (cutoff,)
+            f"SELECT target, count(*) FROM alert_outbox {where} GROUP BY target", params
         )
     }
-    conn.execute(
-        f"UPDATE alert_outbox SET status = 'dead', last_error = 'expired' {where}", (cutoff,)
-    )
+    conn.execute(f"UPDATE alert_outbox SET status = 'dead', last_error = 'expired' {where}", params)
     return per_target
 
 

@@ -152,7 +152,9 @@ async def send_message(
         ts = int(now.timestamp())
         body_obj = {"timestamp": str(ts), "sign": feishu_sign(secret, ts), **body_obj}
     body = json.dumps(body_obj, ensure_ascii=False, separators=(",", ":")).encode()
-    if target.type == "webhook" and secret:
+    if target.type == "webhook":
+        # webhook-id and webhook-timestamp with or without a secret: a receiver that drops
+        # a message id it has processed needs the id whether or not the message is signed
         headers.update(webhook_headers(secret, msg_id, int(now.timestamp()), body))
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     # Never follow a redirect: aiohttp would turn the POST into a GET (301/302/303), whose
@@ -257,7 +259,15 @@ class AlertWorker:
 
     async def reload(self, config: Config) -> None:
         self.config = config
-        self._limiters = {k: v for k, v in self._limiters.items() if self._target(k)}
+        # A limiter stays with its target while the target's type (and so its limits)
+        # does: one made a DingTalk target in the reload gets DingTalk's, counting what
+        # the outbox says it was sent in them.
+        self._limiters = {
+            name: lim
+            for name, lim in self._limiters.items()
+            if (target := self._target(name)) is not None
+            and lim.windows == tuple(self._rate_limits.get(target.type, ()))
+        }
         await asyncio.to_thread(self._redact_stored_errors)
 
     async def close(self) -> None:
@@ -330,13 +340,18 @@ class AlertWorker:
         0 without waiting for them."""
         now = now or self.clock()
         cfg = self.config.alerts
-        rows, pending = await asyncio.to_thread(self._due, now, cfg.max_age_s)
+        # (the targets with a delivery under way: their rows are neither expired nor, when
+        # a reload removed the target, dead-lettered until it has recorded its outcome)
+        busy = frozenset(name for name, task in self._busy.items() if not task.done())
+        rows, pending = await asyncio.to_thread(self._due, now, cfg.max_age_s, busy)
         self.metrics.pending.set(pending)
         by_target: dict[str, list[outbox.DueRow]] = {}
         for row in rows:
             by_target.setdefault(row.target, []).append(row)
         ready: list[tuple[TargetConfig, list[outbox.DueRow]]] = []
         for name, group in by_target.items():
+            if name in busy:
+                continue
             target = self._target(name)
             if target is None:
                 await self._record(
@@ -437,13 +452,15 @@ class AlertWorker:
         log.warning(event, target=target.name, workspace=notice.workspace_id, reason=reason)
         return False
 
-    def _due(self, now: datetime, max_age_s: float) -> tuple[list[outbox.DueRow], int]:
+    def _due(
+        self, now: datetime, max_age_s: float, busy: frozenset[str] = frozenset()
+    ) -> tuple[list[outbox.DueRow], int]:
         with self.store.reader() as conn:
-            stale = outbox.has_expired(conn, now, max_age_s)
+            stale = outbox.has_expired(conn, now, max_age_s, busy)
         expired: dict[str, int] = {}
         if stale:
             with _write(self.store, "expire old alerts") as conn:
-                expired = outbox.expire(conn, now, max_age_s)
+                expired = outbox.expire(conn, now, max_age_s, busy)
         for target, n in sorted(expired.items()):  # dead letters, counted as every other
             self.metrics.dead.labels(target).inc(n)
             log.error("alert.dead", target=target, alerts=n, reason="expired")

@@ -44,13 +44,15 @@ def webhook_signature(secret: str, msg_id: str, timestamp_s: int, body: bytes) -
     return "v1," + base64.b64encode(digest).decode()
 
 
-def webhook_headers(secret: str, msg_id: str, timestamp_s: int, body: bytes) -> dict[str, str]:
-    """The three Standard Webhooks headers."""
-    return {
-        "webhook-id": msg_id,
-        "webhook-timestamp": str(timestamp_s),
-        "webhook-signature": webhook_signature(secret, msg_id, timestamp_s, body),
-    }
+def webhook_headers(
+    secret: str | None, msg_id: str, timestamp_s: int, body: bytes
+) -> dict[str, str]:
+    """The Standard Webhooks headers: ``webhook-id`` and ``webhook-timestamp``, and with a
+    ``secret`` ``webhook-signature``."""
+    headers = {"webhook-id": msg_id, "webhook-timestamp": str(timestamp_s)}
+    if secret:
+        headers["webhook-signature"] = webhook_signature(secret, msg_id, timestamp_s, body)
+    return headers
 
 
 def verify_webhook(
