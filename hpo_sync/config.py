@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import structlog
+from yarl import URL
 
 from .alerts.signing import webhook_key
 from .errors import ConfigError
@@ -535,7 +536,10 @@ class _Parser:
             raise self.fail(full, f"secret file {path} is not UTF-8 text") from None
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
-            raise self.fail(full, f"cannot read secret file {path}: {reason}") from None
+            # As written when it names variables: one meant for <base>_env (token_file =
+            # "${API_TOKEN}") would put the secret itself in the message and the log.
+            shown = repr(value) if "$" in value else str(path)
+            raise self.fail(full, f"cannot read secret file {shown}: {reason}") from None
         if not file_value:
             raise self.fail(full, f"secret file {path} is empty")
         _warn_if_exposed(path, full)
@@ -753,6 +757,9 @@ class _Parser:
                 port_ok = False
             if not port_ok:
                 raise self.fail(url_key, "the webhook URL's port is not a number from 1 to 65535")
+            host_problem = _host_problem(url.reveal())
+            if host_problem:
+                raise self.fail(url_key, f"the webhook URL cannot be used: {host_problem}")
             secret = self.secret(t, tk, "secret", required=False, literal_ok=False)
             if secret:
                 try:
@@ -929,6 +936,22 @@ def _warn_if_exposed(path: Path, key: str) -> None:
         )
 
 
+def _host_problem(url: str) -> str | None:
+    """What the client's URL parser (yarl, which every request is built with) or the host's
+    IDNA encoding (done when connecting) would refuse in ``url``, without quoting it (a
+    webhook URL holds its token): found now, not as every sync or alert failing later."""
+    try:
+        host = URL(url).host
+    except ValueError as exc:  # "Invalid URL: backslash ('\\') is not allowed in ..."
+        return str(exc)
+    if host:
+        try:
+            host.encode("idna")
+        except UnicodeError:
+            return "the host is not a valid name (a label of more than 63 characters, or empty)"
+    return None
+
+
 def _check_url(v: Any) -> str | None:
     if v == "":
         return None
@@ -949,11 +972,15 @@ def _check_url(v: Any) -> str | None:
         return f"{problem} (the port must be a number from 1 to 65535)"
     if not parts.hostname:
         return f"{problem} (the host is missing)"
+    host_problem = _host_problem(v)
+    if host_problem:
+        return f"{problem} ({host_problem})"
     return None
 
 
 def _check_region(v: Any) -> str | None:
-    if re.match(r"^[a-z]{2}(-[a-z0-9]+)+$", v):
+    # (one label of the endpoint's host name: at most 63 characters)
+    if re.match(r"^[a-z]{2}(-[a-z0-9]+)+$", v) and len(v) <= 63:
         return None
     return f"{v!r} is not a region id (e.g. {', '.join(REGIONS)})"
 

@@ -430,6 +430,10 @@ def test_out_of_range(setting: str, key: str) -> None:
         ('[upstream]\nendpoint = "http://h:0"', "upstream.endpoint", "from 1 to 65535"),
         ('[upstream]\nendpoint = "http://[::1"', "upstream.endpoint", "IPv6"),
         ('[upstream]\nendpoint = "http://[zz]:80"', "upstream.endpoint", "IPv6"),
+        # what the client's URL parser or the connection's IDNA encoding would refuse later
+        ('[upstream]\nendpoint = "http://h\\\\x"', "upstream.endpoint", "backslash"),
+        (f'[upstream]\nendpoint = "http://{"a" * 64}.com"', "upstream.endpoint", "63"),
+        (f'[upstream]\nregion = "cn-{"a" * 70}"', "upstream.region", "not a region id"),
         ('[upstream]\nsort_by = ""', "upstream.sort_by", "not a field name"),
         (
             '[upstream]\ncreate_time_zone = "Mars/Olympus"',
@@ -649,6 +653,17 @@ def test_unreadable_secret_file(tmp_path: Path, content: str | bytes | None, fra
     assert fragment in message
 
 
+def test_a_file_path_made_of_a_secret_variable_is_not_shown_expanded() -> None:
+    """token_file = "${API_TOKEN}" (meant: token_env): the file named by the variable's value
+    does not exist, and the message names the path as written, not the token it expands
+    to (which would also reach the log on a reload)."""
+    message = error(f'{TOKEN}token_file = "${{API_TOKEN}}"\n', env={"API_TOKEN": "S3cr3tTok"})
+    assert message.startswith(
+        "api.tokens[0].token_file (line 6): cannot read secret file '${API_TOKEN}'"
+    )
+    assert "S3cr3tTok" not in message
+
+
 def test_unreadable_secret_file_without_permission(tmp_path: Path) -> None:
     import os
 
@@ -729,6 +744,7 @@ def test_bad_targets(body: str, expected: str) -> None:
 
 
 URL_KEY, SECRET_KEY = "alerts.targets[0].url_env (line 7)", "alerts.targets[0].secret_env (line 8)"
+UNUSABLE = "the webhook URL cannot be used:"
 
 
 @pytest.mark.parametrize(
@@ -737,6 +753,8 @@ URL_KEY, SECRET_KEY = "alerts.targets[0].url_env (line 7)", "alerts.targets[0].s
         ({"U": "http://127.0.0.1:99999/x"}, f"{URL_KEY}: the webhook URL's port"),
         ({"U": "http://h:0/x"}, f"{URL_KEY}: the webhook URL's port"),
         ({"U": "http://[::1/x"}, f"{URL_KEY}: the webhook URL's host cannot be read"),
+        ({"U": "http://h\\x/robot?access_token=abc"}, f"{URL_KEY}: {UNUSABLE} Invalid URL"),
+        ({"U": f"http://{'a' * 64}.com/hook?abc"}, f"{URL_KEY}: {UNUSABLE} the host is not"),
         ({"U": "https://h", "S": "whsec_abc"}, f"{SECRET_KEY}: a whsec_ secret"),
         ({"U": "https://h", "S": "whsec_!!!!"}, f"{SECRET_KEY}: a whsec_"),
     ],
