@@ -758,6 +758,13 @@ class Daemon:
                 if path is None:
                     raise ConfigError("the running config was not read from a file")
                 new = await asyncio.to_thread(config_mod.load, path)
+                # What check-config and run refuse: an API off loopback without tokens; and
+                # the API keeps listening where it started (api.listen needs a restart).
+                from .api.auth import check_listen_allowed
+                from .cli import check_listen
+
+                check_listen(new)
+                check_listen_allowed(self.config.api.host_port[0], new.api.tokens)
             except ConfigError as exc:
                 self.metrics.reloads.labels(outcome="rejected").inc()
                 log.error(

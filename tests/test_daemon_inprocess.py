@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from daemon_harness import config_text
+from structlog.testing import capture_logs
 
 from hpo_sync.config import Config, load
 from hpo_sync.credentials import CloudCredentials, StaticCredentials
@@ -134,6 +135,16 @@ async def test_daemon_seams(tmp_path: Path, sweep_process: bool) -> None:
             # an invalid file is refused and changes nothing
             cfg_path.write_text("[[workspaces]]\nid = ''\n", encoding="utf-8")
             assert not await daemon.reload()
+            assert runtime.config.workspace_ids() == ("100002", "100003")
+            # so is one check-config and run refuse: the API off loopback with no tokens
+            good = config_text(sim_url=sim.base_url, db=db, workspaces=["100001"])
+            cfg_path.write_text(
+                good.replace('listen = "127.0.0.1:0"', 'listen = "0.0.0.0:0"'), encoding="utf-8"
+            )
+            with capture_logs() as logs:
+                assert not await daemon.reload()
+            (rejected,) = [e for e in logs if e["event"] == "config.reload_rejected"]
+            assert "not a loopback address" in rejected["error"]
             assert runtime.config.workspace_ids() == ("100002", "100003")
         finally:
             daemon.request_stop()
