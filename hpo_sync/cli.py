@@ -227,7 +227,7 @@ def _signed_values(argv: Sequence[str] | None) -> list[str]:
 
 
 #: Arguments that are file paths: any bytes a file name may hold are theirs to carry.
-_PATH_ARGUMENTS = frozenset({"config", "db", "output", "dest"})
+_PATH_ARGUMENTS = frozenset({"config", "db", "output", "dest", "data_dir"})
 
 
 def _check_text_arguments(args: argparse.Namespace, argv: Sequence[str]) -> None:

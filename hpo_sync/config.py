@@ -943,7 +943,11 @@ def _host_problem(url: str) -> str | None:
     try:
         host = URL(url).host
     except ValueError as exc:  # "Invalid URL: backslash ('\\') is not allowed in ..."
-        return str(exc)
+        text = str(exc)
+        authority = re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://([^/?#]*)", url)
+        if authority and authority.group(1):  # (some of its messages quote it)
+            text = text.replace(authority.group(1), "…")
+        return text
     if host:
         try:
             host.encode("idna")
