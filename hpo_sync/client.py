@@ -117,6 +117,8 @@ SORT_BY_ALIASES = {
 
 #: Create times that straddle page boundaries read again on their own, at most, per listing.
 MAX_TIE_WINDOWS = 20
+#: The smallest page size a tie window is read in (upstream's documented default page size).
+TIE_WINDOW_PAGE_SIZE = 100
 #: How much further a create-time window reaches on both sides than the times it is for: an
 #: upstream that reads MinCreateTime/MaxCreateTime as exclusive, or keeps create times finer
 #: than the whole seconds it shows, returns nothing for the window [t, t].
@@ -843,7 +845,10 @@ class UpstreamClient:
                 query, min_create_time=at - WINDOW_EDGE, max_create_time=at + WINDOW_EDGE
             )
             try:
-                async for page in self.iter_pages(window, page_size=size, tally=tally):
+                # In pages of at least the documented default: a tie larger than the
+                # listing's own pages would otherwise be split again, and lose rows again.
+                tie_size = max(size, TIE_WINDOW_PAGE_SIZE)
+                async for page in self.iter_pages(window, page_size=tie_size, tally=tally):
                     await take(page, counted=False)
             except FatalUpstreamError:
                 raise

@@ -1283,6 +1283,57 @@ async def test_rows_of_one_create_time_that_straddle_pages_are_read_once_more() 
     assert len(windows) == 1 and windows[0]["MinCreateTime"] < tie.replace("T", " ")
 
 
+async def test_a_tie_larger_than_a_page_is_read_again_in_one_page() -> None:
+    """25 experiments of one create time (a batch submitted at once) at a page size of 10,
+    each page's query ordering them its own way: rows fall between pages, and the tie's own
+    window, read in pages of 10, would lose some again. It is read in pages of at least
+    100 (upstream's default), one page that nothing can fall between: the listing ends
+    whole."""
+    import random
+
+    rows = [
+        {"ExperimentId": f"e{i:03d}", "GmtCreateTime": f"2024-01-01T00:{i // 60:02d}:{i % 60:02d}Z"}
+        for i in range(40)
+    ]
+    tie = "2024-01-01T00:00:05Z"
+    for i in range(5, 30):
+        rows[i]["GmtCreateTime"] = tie
+    sizes: list[str] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        q = dict(request.query)
+        lo, hi = parse_time(q.get("MinCreateTime")), parse_time(q.get("MaxCreateTime"))
+        chosen = [
+            r
+            for r in rows
+            if (lo is None or lo <= (parse_time(r["GmtCreateTime"]) or lo))
+            and (hi is None or hi >= (parse_time(r["GmtCreateTime"]) or hi))
+        ]
+        # every query orders the tie its own way (the same query, the same way)
+        order = random.Random(repr(sorted(q.items())))
+        tied = [r for r in chosen if r["GmtCreateTime"] == tie]
+        order.shuffle(tied)
+        before = [r for r in chosen if r["GmtCreateTime"] < tie]
+        chosen = [*before, *tied, *(r for r in chosen if r["GmtCreateTime"] > tie)]
+        number, size = int(q.get("PageNumber", "1")), int(q.get("PageSize", "100"))
+        if "MinCreateTime" in q:
+            sizes.append(q["PageSize"])
+        page = chosen[(number - 1) * size : number * size]
+        return web.json_response({"RequestId": "r", "TotalCount": len(chosen), "Experiments": page})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    runner, port = await serve(app)
+    try:
+        async with make_client(f"http://127.0.0.1:{port}") as client:
+            listing = await client.list_all(ListQuery(workspace_id="w"), page_size=10)
+    finally:
+        await runner.cleanup()
+    assert listing.complete and listing.consistent
+    assert listing.seen_ids == {r["ExperimentId"] for r in rows}
+    assert sizes and set(sizes) == {"100"}  # the tie's window, at the larger page size
+
+
 async def test_calls_leave_no_reference_cycles_behind(capture: Capture) -> None:
     """A full sweep runs the cyclic collector rarely (sync._full_sweep_gc): what a call leaves
     in reference cycles (tenacity's per-call state) would pile up, ~7 MB per 1,000 pages.
