@@ -805,12 +805,9 @@ class UpstreamClient:
             )
             listing.error = None
             listing.pages_expected = listing.pages_read
-        if (
-            listing.complete
-            and len(seen) < listing.total_count
-            and query.min_create_time is None
-            and query.max_create_time is None
-        ):
+        if listing.complete and len(seen) < listing.total_count and query.max_create_time is None:
+            # (a hot sweep's listing of what is new has a lower bound only: a tie window
+            # around a create time it returned lies within it, or a second below)
             await self._read_straddling_ties(query, edges, size, tally, take)
         listing.seen_ids = seen
         return listing

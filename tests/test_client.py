@@ -1283,12 +1283,13 @@ async def test_rows_of_one_create_time_that_straddle_pages_are_read_once_more() 
     assert len(windows) == 1 and windows[0]["MinCreateTime"] < tie.replace("T", " ")
 
 
-async def test_a_tie_larger_than_a_page_is_read_again_in_one_page() -> None:
+@pytest.mark.parametrize("since", [None, datetime(2024, 1, 1, 0, 0, 3, tzinfo=UTC)])
+async def test_a_tie_larger_than_a_page_is_read_again_in_one_page(since: datetime | None) -> None:
     """25 experiments of one create time (a batch submitted at once) at a page size of 10,
     each page's query ordering them its own way: rows fall between pages, and the tie's own
     window, read in pages of 10, would lose some again. It is read in pages of at least
     100 (upstream's default), one page that nothing can fall between: the listing ends
-    whole."""
+    whole. So does a hot sweep's listing of what was created ``since`` a time."""
     import random
 
     rows = [
@@ -1316,7 +1317,7 @@ async def test_a_tie_larger_than_a_page_is_read_again_in_one_page() -> None:
         before = [r for r in chosen if r["GmtCreateTime"] < tie]
         chosen = [*before, *tied, *(r for r in chosen if r["GmtCreateTime"] > tie)]
         number, size = int(q.get("PageNumber", "1")), int(q.get("PageSize", "100"))
-        if "MinCreateTime" in q:
+        if "MaxCreateTime" in q:  # a tie's window
             sizes.append(q["PageSize"])
         page = chosen[(number - 1) * size : number * size]
         return web.json_response({"RequestId": "r", "TotalCount": len(chosen), "Experiments": page})
@@ -1326,12 +1327,14 @@ async def test_a_tie_larger_than_a_page_is_read_again_in_one_page() -> None:
     runner, port = await serve(app)
     try:
         async with make_client(f"http://127.0.0.1:{port}") as client:
-            listing = await client.list_all(ListQuery(workspace_id="w"), page_size=10)
+            query = ListQuery(workspace_id="w", min_create_time=since)
+            listing = await client.list_all(query, page_size=10)
     finally:
         await runner.cleanup()
     assert listing.complete and listing.consistent
-    assert listing.seen_ids == {r["ExperimentId"] for r in rows}
-    assert sizes and set(sizes) == {"100"}  # the tie's window, at the larger page size
+    first = 3 if since else 0  # e003's create time onwards
+    assert listing.seen_ids == {r["ExperimentId"] for r in rows[first:]}
+    assert sizes == ["100"]  # the tie's window, at the larger page size
 
 
 async def test_calls_leave_no_reference_cycles_behind(capture: Capture) -> None:
