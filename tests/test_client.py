@@ -1233,50 +1233,70 @@ async def test_adaptive_limit_finds_the_upstream_rate(capsys: pytest.CaptureFixt
         assert achieved >= 0.6 * limit_qps
 
 
-async def test_rows_of_one_create_time_that_straddle_pages_are_read_once_more() -> None:
-    """A database ordering equal create times differently from one query to the next
-    (MySQL's ORDER BY … LIMIT): six experiments share a create time across the boundary of
-    pages 1 and 2, and each page's query orders them so that one shows on neither. The
-    listing falls one short of its count; that create time is read again on its own, and
-    the listing ends whole (and consistent)."""
-    rows = [
-        {"ExperimentId": f"e{i:03d}", "GmtCreateTime": f"2024-01-01T00:{i // 60:02d}:{i % 60:02d}Z"}
-        for i in range(150)
-    ]
-    tie = "2024-01-01T00:01:37Z"
-    for i in range(97, 103):  # e097 … e102: the last 3 of page 1, the first 3 of page 2
-        rows[i]["GmtCreateTime"] = tie
-    queries: list[dict[str, str]] = []
+Rows = list[dict[str, Any]]
+
+
+async def _list_all_from(
+    rows: Rows, arrange: Callable[[dict[str, str], Rows], Rows], query: ListQuery, size: int
+) -> Listing:
+    """``list_all(query)`` against a server holding ``rows``, which filters them by create
+    time as upstream does and lets ``arrange(query string, rows)`` order each query's."""
 
     async def answer(request: web.Request) -> web.Response:
         q = dict(request.query)
-        queries.append(q)
-        low, high = q.get("MinCreateTime"), q.get("MaxCreateTime")
-        lo, hi = parse_time(low), parse_time(high)
-        chosen = [
-            r
-            for r in rows
-            if (lo is None or lo <= (parse_time(r["GmtCreateTime"]) or lo))
-            and (hi is None or hi >= (parse_time(r["GmtCreateTime"]) or hi))
-        ]
-        number, size = int(q.get("PageNumber", "1")), int(q.get("PageSize", "100"))
-        if low is None and number == 2:
-            # this query orders the tie e099 e101 e102 | e097 e098 e100: page 2 starts with
-            # two rows page 1 showed already, and e101 and e102 show on neither page
-            g = rows[97:103]
-            chosen = [*rows[:97], g[2], g[4], g[5], g[0], g[1], g[3], *rows[103:]]
-        page = chosen[(number - 1) * size : number * size]
+        lo, hi = parse_time(q.get("MinCreateTime")), parse_time(q.get("MaxCreateTime"))
+        chosen = arrange(
+            q,
+            [
+                r
+                for r in rows
+                if (lo is None or lo <= (parse_time(r["GmtCreateTime"]) or lo))
+                and (hi is None or hi >= (parse_time(r["GmtCreateTime"]) or hi))
+            ],
+        )
+        number, page_size = int(q.get("PageNumber", "1")), int(q.get("PageSize", "100"))
+        page = chosen[(number - 1) * page_size : number * page_size]
         return web.json_response({"RequestId": "r", "TotalCount": len(chosen), "Experiments": page})
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", answer)
     runner, port = await serve(app)
     try:
-        url = f"http://127.0.0.1:{port}"
-        async with make_client(url) as client:
-            listing = await client.list_all(ListQuery(workspace_id="w"), page_size=100)
+        async with make_client(f"http://127.0.0.1:{port}") as client:
+            return await client.list_all(query, page_size=size)
     finally:
         await runner.cleanup()
+
+
+def _rows_a_second_apart(n: int) -> Rows:
+    return [
+        {"ExperimentId": f"e{i:03d}", "GmtCreateTime": f"2024-01-01T00:{i // 60:02d}:{i % 60:02d}Z"}
+        for i in range(n)
+    ]
+
+
+async def test_rows_of_one_create_time_that_straddle_pages_are_read_once_more() -> None:
+    """A database ordering equal create times differently from one query to the next
+    (MySQL's ORDER BY … LIMIT): six experiments share a create time across the boundary of
+    pages 1 and 2, and each page's query orders them so that one shows on neither. The
+    listing falls one short of its count; that create time is read again on its own, and
+    the listing ends whole (and consistent)."""
+    rows = _rows_a_second_apart(150)
+    tie = "2024-01-01T00:01:37Z"
+    for i in range(97, 103):  # e097 … e102: the last 3 of page 1, the first 3 of page 2
+        rows[i]["GmtCreateTime"] = tie
+    queries: list[dict[str, str]] = []
+
+    def arrange(q: dict[str, str], chosen: Rows) -> Rows:
+        queries.append(q)
+        if "MinCreateTime" not in q and q.get("PageNumber") == "2":
+            # this query orders the tie e099 e101 e102 | e097 e098 e100: page 2 starts with
+            # two rows page 1 showed already, and e101 and e102 show on neither page
+            g = rows[97:103]
+            return [*rows[:97], g[2], g[4], g[5], g[0], g[1], g[3], *rows[103:]]
+        return chosen
+
+    listing = await _list_all_from(rows, arrange, ListQuery(workspace_id="w"), 100)
     assert listing.complete and listing.consistent
     assert listing.seen_ids == {r["ExperimentId"] for r in rows}
     windows = [q for q in queries if "MinCreateTime" in q]
@@ -1292,45 +1312,23 @@ async def test_a_tie_larger_than_a_page_is_read_again_in_one_page(since: datetim
     whole. So does a hot sweep's listing of what was created ``since`` a time."""
     import random
 
-    rows = [
-        {"ExperimentId": f"e{i:03d}", "GmtCreateTime": f"2024-01-01T00:{i // 60:02d}:{i % 60:02d}Z"}
-        for i in range(40)
-    ]
+    rows = _rows_a_second_apart(40)
     tie = "2024-01-01T00:00:05Z"
     for i in range(5, 30):
         rows[i]["GmtCreateTime"] = tie
     sizes: list[str] = []
 
-    async def answer(request: web.Request) -> web.Response:
-        q = dict(request.query)
-        lo, hi = parse_time(q.get("MinCreateTime")), parse_time(q.get("MaxCreateTime"))
-        chosen = [
-            r
-            for r in rows
-            if (lo is None or lo <= (parse_time(r["GmtCreateTime"]) or lo))
-            and (hi is None or hi >= (parse_time(r["GmtCreateTime"]) or hi))
-        ]
-        # every query orders the tie its own way (the same query, the same way)
-        order = random.Random(repr(sorted(q.items())))
-        tied = [r for r in chosen if r["GmtCreateTime"] == tie]
-        order.shuffle(tied)
-        before = [r for r in chosen if r["GmtCreateTime"] < tie]
-        chosen = [*before, *tied, *(r for r in chosen if r["GmtCreateTime"] > tie)]
-        number, size = int(q.get("PageNumber", "1")), int(q.get("PageSize", "100"))
+    def arrange(q: dict[str, str], chosen: Rows) -> Rows:
         if "MaxCreateTime" in q:  # a tie's window
             sizes.append(q["PageSize"])
-        page = chosen[(number - 1) * size : number * size]
-        return web.json_response({"RequestId": "r", "TotalCount": len(chosen), "Experiments": page})
+        # every query orders the tie its own way (the same query, the same way)
+        tied = [r for r in chosen if r["GmtCreateTime"] == tie]
+        random.Random(repr(sorted(q.items()))).shuffle(tied)
+        before = [r for r in chosen if r["GmtCreateTime"] < tie]
+        return [*before, *tied, *(r for r in chosen if r["GmtCreateTime"] > tie)]
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", answer)
-    runner, port = await serve(app)
-    try:
-        async with make_client(f"http://127.0.0.1:{port}") as client:
-            query = ListQuery(workspace_id="w", min_create_time=since)
-            listing = await client.list_all(query, page_size=10)
-    finally:
-        await runner.cleanup()
+    query = ListQuery(workspace_id="w", min_create_time=since)
+    listing = await _list_all_from(rows, arrange, query, 10)
     assert listing.complete and listing.consistent
     first = 3 if since else 0  # e003's create time onwards
     assert listing.seen_ids == {r["ExperimentId"] for r in rows[first:]}
