@@ -498,22 +498,19 @@ def _write_records(
 
 
 class ExperimentWalk:
-    """Iterate experiments page by page (keyset pagination) up to ``limit`` (0: all);
-    afterwards ``more`` tells whether the limit cut the listing short.
+    """Experiments page by page (keyset pagination) up to ``limit`` (0: all), from
+    :meth:`rows`; afterwards ``more`` tells whether the limit cut the listing short.
 
     Every page is read in one snapshot: a page per snapshot, while a sync writes, listed
     twice an experiment whose sort key moved past the cursor (``--sort modified``) and
-    left out one that moved before it. Iterate it in one thread (the mirror's read
-    connections are per thread)."""
+    left out one that moved before it. Read it in one thread (the mirror's read
+    connections are per thread), and close the generator when done early."""
 
     def __init__(
         self, store: Store, filters: ExperimentFilter, sort: SortOrder, limit: int
     ) -> None:
         self.store, self.filters, self.sort, self.limit = store, filters, sort, limit
         self.more = False
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        return self.rows()
 
     def rows(self) -> Generator[dict[str, Any], None, None]:
         """The rows, in one read snapshot until the end or :meth:`close` of the generator."""

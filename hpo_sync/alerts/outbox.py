@@ -95,11 +95,11 @@ class DueRow:
     message_id: str | None = None
 
 
-_DUE_SQL = """
+_DUE_SQL = f"""
 SELECT o.id, o.target, o.rule, o.attempts, o.created_at, c.id, c.workspace_id,
        c.experiment_id, c.field, c.old_value, c.new_value, c.observed_at,
        -- as written with the row; a row from before schema version 6 shows today's values
-       {shown_name},
+       {SHOWN_NAME_SQL},
        coalesce(o.trial_status, e.trial_status),
        CASE WHEN o.trial_status IS NULL THEN w.label ELSE o.workspace_label END,
        t.old_value, t.new_value, o.message_id
@@ -109,7 +109,7 @@ LEFT JOIN experiments e ON e.experiment_id = c.experiment_id
 LEFT JOIN workspaces w ON w.workspace_id = c.workspace_id
 LEFT JOIN changes t ON t.experiment_id = c.experiment_id AND t.field = 'TrialStatus'
      AND t.sync_run_id IS c.sync_run_id AND t.observed_at = c.observed_at
-WHERE o.status = 'pending' AND {where}
+WHERE o.status = 'pending' AND {{where}}
 ORDER BY o.id
 LIMIT ?
 """
@@ -118,7 +118,7 @@ LIMIT ?
 def _read_due(
     conn: sqlite3.Connection, where: str, params: tuple[object, ...], out: dict[int, DueRow]
 ) -> None:
-    for r in conn.execute(_DUE_SQL.format(where=where, shown_name=SHOWN_NAME_SQL), params):
+    for r in conn.execute(_DUE_SQL.format(where=where), params):
         if r[0] not in out:  # several TrialStatus rows could join; keep the first
             out[r[0]] = DueRow(*r)
 
