@@ -301,6 +301,9 @@ class UpstreamClient:
         self._clock = clock
         #: SortBy names upstream refused, with the other vocabulary's name that it took
         self._sort_names: dict[str, str] = {}
+        #: Learned from a listing: upstream's TotalCount counts the page, not the listing, so
+        #: from then on no count plans pages (every listing is paged until an empty page).
+        self.counts_pages = False
         self.stats = ClientStats()
 
     async def __aenter__(self) -> UpstreamClient:
@@ -649,6 +652,7 @@ class UpstreamClient:
         on_page: Callable[[Page], Awaitable[None]] | None = None,
         tally: Tally | None = None,
         keep: bool = True,
+        check_short: bool = False,
     ) -> Listing:
         """Every page of ``query``: page 1 first (for TotalCount), then the rest concurrently.
 
@@ -657,6 +661,14 @@ class UpstreamClient:
         ``on_page`` is awaited for every page as it arrives, with only the experiments not
         seen before in this listing; with ``keep=False`` the listing keeps only their ids, so
         memory stays bounded by the pages in flight, not the size of the workspace.
+
+        ``check_short``: a short page 1 whose TotalCount is its own size is checked against
+        page 2, as a full one is (below), for one call more. A server that caps PageSize
+        below the size asked for *and* counts each page answers page 1 of any listing just
+        as an honest server answers a listing of one short page; for the listing of a whole
+        workspace (a baseline, a full sweep, whose end decides what is missing) that call
+        is worth it, for the many short listings of a hot sweep it is not. Once seen, the
+        client remembers it (:attr:`counts_pages`) and trusts no count again.
         """
         size = page_size or self.config.page_size
         listing = Listing()
@@ -688,18 +700,20 @@ class UpstreamClient:
                 await on_page(Page(page.total_count, fresh, page.request_id))
 
         first = await self.list_page(query, 1, size, tally=tally)
-        if first.total_count is None:
-            log.warning("upstream.total_count_missing", workspace=query.workspace_id)
+        if first.total_count is None or self.counts_pages:
+            if not self.counts_pages:
+                log.warning("upstream.total_count_missing", workspace=query.workspace_id)
             await self._page_until_empty(query, [first], size, tally, listing, take, seen)
             return listing
         got = len(first.experiments)
-        if got == size and first.total_count == got:
+        if first.total_count == got and (got == size or (check_short and got)):
             # A full page whose count is its own size: the workspace holds exactly one page,
             # or the server counts the page rather than the listing (then trusting it would
             # read page 1 only, and a full sweep would call the rest deleted). Page 2 tells
-            # which, for one call more in this one case.
+            # which, for one call more in this one case (and for a short page 1 when asked).
             second = await self._past_the_only_page(query, first, size, tally)
             if second is not None:
+                self.counts_pages = True
                 log.warning(
                     "upstream.total_count_per_page", workspace=query.workspace_id, count=got
                 )
@@ -858,14 +872,16 @@ class UpstreamClient:
     async def _past_the_only_page(
         self, query: ListQuery, first: Page, size: int, tally: Tally | None
     ) -> Page | None:
-        """Page 2 of a listing whose full page 1 counts just itself, or None if the listing
-        is that one page.
+        """Page 2 of a listing whose page 1 counts just itself, or None if the listing is
+        that one page.
 
         Past the end, servers answer an empty page (the usual), refuse the page number
         (``INVALID_INPUT_PARAMS``), or answer the last page again. That last answer is also
         what a server that ignores PageNumber gives, and there the count would be the
-        page's, not the listing's: page 2 at half the size tells them apart (the second half
-        of page 1 where page numbers work, its first half again where they do not)."""
+        page's, not the listing's: page 2 at half page 1's rows tells them apart (the second
+        half of page 1 where page numbers work, its first half again where they do not).
+        Half the size asked for would not do for a short page 1: past its end, a server
+        that clamps page numbers answers all of it again."""
         try:
             second = await self.list_page(query, 2, size, tally=tally)
         except FatalUpstreamError as exc:
@@ -876,11 +892,18 @@ class UpstreamClient:
         if not second.experiments:
             return None
         ids = _ids(first)
-        if size >= 2 and _ids(second) == ids:
-            half = size // 2
+        if _ids(second) == ids:
+            half = len(ids) // 2
+            if not half:  # one row, asked in pages of more: the whole listing either way
+                return None if size > 1 else second
             probe = await self.list_page(query, 2, half, tally=tally)
             if _ids(probe) == ids[half : 2 * half]:
                 log.info("upstream.page_past_end_repeats", workspace=query.workspace_id)
+                return None
+            if _ids(probe) == ids:
+                # All of page 1 again, whatever the page number and size: a server that
+                # does not page at all, and whose count says that this is all there is.
+                log.info("upstream.paging_ignored", workspace=query.workspace_id)
                 return None
         return second
 
@@ -1003,7 +1026,7 @@ class UpstreamClient:
                 return  # the last page again: past the end
             yield page
             count, got = page.total_count, len(page.experiments)
-            if number == 1 and count == got == size:
+            if number == 1 and (count == got == size or self.counts_pages):
                 counted = False
             if not got or (counted and count is not None and number * size >= count):
                 return

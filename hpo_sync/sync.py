@@ -432,7 +432,7 @@ class SyncEngine:
 
             try:
                 listing = await self.client.list_all(
-                    query, on_page=on_page, tally=tally, keep=False
+                    query, on_page=on_page, tally=tally, keep=False, check_short=True
                 )
             except asyncio.CancelledError:
                 await batches.close(apply_rest=False)  # shutting down: finish only what runs

@@ -24,6 +24,7 @@ from hook_server import serve
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDictProxy
+from structlog.testing import capture_logs
 
 from hpo_sync import signing
 from hpo_sync.client import Listing, ListQuery, Page, Tally, UpstreamClient
@@ -731,6 +732,81 @@ async def test_a_count_of_the_page_not_the_listing_is_not_trusted(capture: Captu
         pages = [p async for p in client.iter_pages(ListQuery(), page_size=100)]
     assert listing.complete and listing.consistent and len(listing.seen_ids) == 100
     assert [len(p.experiments) for p in pages] == [100, 0]
+
+
+async def test_a_capped_page_size_with_a_count_of_the_page_is_found_out_when_asked(
+    capture: Capture,
+) -> None:
+    """A server that caps PageSize at 50 and counts each page answers page 1 of 130 rows
+    just as an honest one answers a listing of 50: a short page whose count is its own
+    size. Asked to check (``check_short``, the listing of a whole workspace), page 2 tells;
+    the client then trusts no count of that server again, in listings that were not asked
+    to check too (a hot sweep's, or the pages of a feed)."""
+    capture.experiments = [{"ExperimentId": f"e{i:03d}"} for i in range(130)]
+    capture.max_page_size = 50
+    capture.total_count = "page"
+    async with make_client(capture.base_url) as client:
+        listing = await client.list_all(ListQuery(workspace_id="w1"), page_size=100)
+        assert len(listing.seen_ids) == 50 and listing.consistent  # what it cannot tell
+        assert not client.counts_pages
+        listing = await client.list_all(
+            ListQuery(workspace_id="w1"), page_size=100, check_short=True
+        )
+        assert len(listing.seen_ids) == 130 and listing.complete
+        assert listing.uncounted and not listing.consistent
+        assert client.counts_pages
+        again = await client.list_all(ListQuery(workspace_id="w1"), page_size=100)
+        pages = [p async for p in client.iter_pages(ListQuery(), page_size=100)]
+    assert len(again.seen_ids) == 130 and again.complete and again.uncounted
+    assert [len(p.experiments) for p in pages] == [50, 50, 30, 0]
+
+
+@pytest.mark.parametrize(
+    "past_end", ["an empty page", "repeats the last page", "refuses the page number"]
+)
+async def test_a_short_single_page_checked_costs_one_call_and_stays_counted(
+    capture: Capture, past_end: str
+) -> None:
+    """An honest listing of 30 rows in pages of 100, checked: page 2, however the server
+    answers past the end, shows that page 1 was all there is. A server that answers the
+    last page again is told from one that ignores PageNumber by page 2 at half page 1's
+    rows (at half the size asked for, 50, it would answer all 30 again)."""
+    capture.experiments = [{"ExperimentId": f"e{i:03d}"} for i in range(30)]
+    capture.repeat_last_page = past_end == "repeats the last page"
+    capture.refuse_past_end = past_end == "refuses the page number"
+    async with make_client(capture.base_url) as client:
+        with capture_logs() as logs:
+            listing = await client.list_all(
+                ListQuery(workspace_id="w1"), page_size=100, check_short=True
+            )
+        assert client.stats.api_calls == (3 if capture.repeat_last_page else 2)
+        assert not client.counts_pages
+    assert listing.complete and listing.consistent and len(listing.seen_ids) == 30
+    events = {e["event"] for e in logs}
+    assert ("upstream.page_past_end_repeats" in events) == capture.repeat_last_page
+    assert "upstream.paging_ignored" not in events
+
+
+async def test_a_server_that_does_not_page_at_all_is_taken_at_its_count(
+    capture: Capture,
+) -> None:
+    """The same rows whatever PageNumber and PageSize say, counted: that is the listing."""
+    capture.experiments = [{"ExperimentId": f"e{i:03d}"} for i in range(7)]
+    capture.ignore_page_number = True
+    capture.max_page_size = 1000
+
+    async def whole(request: web.Request) -> web.StreamResponse:
+        return web.json_response(
+            {"RequestId": "r", "TotalCount": 7, "Experiments": capture.experiments}
+        )
+
+    capture.script.extend([whole, whole, whole])
+    async with make_client(capture.base_url) as client:
+        listing = await client.list_all(
+            ListQuery(workspace_id="w1"), page_size=100, check_short=True
+        )
+        assert client.stats.api_calls == 3 and not client.counts_pages
+    assert listing.complete and listing.consistent and len(listing.seen_ids) == 7
 
 
 @pytest.mark.parametrize("past_end", ["repeats the last page", "refuses the page number"])

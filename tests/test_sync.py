@@ -330,6 +330,44 @@ async def test_a_listing_without_total_count_still_reads_every_page(
         world.list = original  # type: ignore[method-assign]
 
 
+async def test_a_capped_page_size_with_a_count_of_the_page_gets_a_whole_baseline(
+    tmp_path: Path,
+) -> None:
+    """Upstream caps PageSize at 50 and counts each page: page 1 of a full sweep looks like
+    a whole listing of 50. The baseline checks page 2 and reads all 130 (it used to keep 50,
+    report ``ok``, and later hot sweeps found nothing missing); the next full sweep still
+    marks a deletion; on an honest small workspace the check costs one call."""
+    options = SimOptions(experiments=130, workspaces=1, seed=8, restart_per_min=0.0)
+    async for rig in make_rig(tmp_path, options, page_size=100):
+        ws = rig.sim.world.workspace_ids[0]
+        world, original = rig.sim.world, rig.sim.world.list
+
+        def per_page(params: Any, original: Any = original) -> Any:
+            capped = {**params, "PageSize": str(min(50, int(params.get("PageSize", "100"))))}
+            page = original(capped)[1]
+            return len(page), page
+
+        world.list = per_page  # type: ignore[method-assign]
+        with capture_logs() as logs:
+            result = await rig.engine.sweep(ws)
+        assert result.status == "ok", result.error
+        assert result.baseline and result.experiments_seen == 130
+        assert any(e["event"] == "upstream.total_count_per_page" for e in logs)
+        assert_mirror_equals_truth(rig.store, rig.sim, ws)
+        victim = next(iter(truth(rig.sim, ws)))
+        world.mutate(victim, delete=True)
+        result = await rig.engine.sweep(ws, "full")
+        assert result.status == "ok" and result.marked_deleted == 1
+        assert_mirror_equals_truth(rig.store, rig.sim, ws)
+    options = SimOptions(experiments=30, workspaces=1, seed=8, restart_per_min=0.0)
+    (tmp_path / "honest").mkdir()
+    async for rig in make_rig(tmp_path / "honest", options, page_size=100):
+        ws = rig.sim.world.workspace_ids[0]
+        result = await rig.engine.sweep(ws)
+        assert result.status == "ok" and result.api_calls == 2 and not rig.client.counts_pages
+        assert_mirror_equals_truth(rig.store, rig.sim, ws)
+
+
 async def test_a_row_without_status_is_looked_up_never_queried_as_status_none(
     tmp_path: Path,
 ) -> None:
