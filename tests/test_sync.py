@@ -296,6 +296,44 @@ async def test_a_row_that_shifts_between_pages_is_not_taken_for_deleted(tmp_path
         assert_mirror_equals_truth(rig.store, rig.sim, ws)
 
 
+async def test_a_full_sweep_whose_count_moved_says_a_new_experiment_may_wait(
+    tmp_path: Path,
+) -> None:
+    """Ten experiments new since the baseline fill the last page; one of the first page is
+    deleted while that page is requested, so the first new one moves onto the page before,
+    already read, and no page returns it. The mirror has nothing to look up for it: the
+    sweep is ``ok`` but says that its count moved; the next full sweep reads it."""
+    options = SimOptions(experiments=200, workspaces=1, seed=4, drift=False, create_per_min=0.0)
+    async for rig in make_rig(tmp_path, options, page_size=10, max_concurrency=1):
+        ws = rig.sim.world.workspace_ids[0]
+        world = rig.sim.world
+        assert (await rig.engine.sweep(ws)).status == "ok"
+        victim = world.truth(ws)[0]["ExperimentId"]
+        for n in range(10):
+            world.mutate(create={"WorkspaceId": ws, "Name": f"new-{n}", "Status": "FINISHED"})
+            world.advance(1)
+        first_new = world.truth(ws)[200]["ExperimentId"]
+        original = world.list
+
+        def list_and_delete(
+            params: Any, world: Any = world, victim: str = victim, original: Any = original
+        ) -> Any:
+            if params.get("PageNumber") == "21" and world.get(victim) is not None:
+                world.mutate(victim, delete=True)
+            return original(params)
+
+        world.list = list_and_delete  # type: ignore[method-assign]
+        result = await rig.engine.sweep(ws, "full")
+        world.list = original  # type: ignore[method-assign]
+        assert result.status == "ok"
+        assert first_new not in mirror_rows(rig.store, ws)
+        assert any("TotalCount varied between 209 and 210" in n for n in result.all_notes())
+        assert "TotalCount varied" in result.summary()
+        result = await rig.engine.sweep(ws, "full")
+        assert result.status == "ok" and not result.all_notes()
+        assert_mirror_equals_truth(rig.store, rig.sim, ws)
+
+
 @pytest.mark.parametrize(
     ("count", "event"),
     [("null", "upstream.total_count_missing"), ("page", "upstream.total_count_per_page")],
