@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import structlog
 
-from . import __version__
+from . import __version__, held_signals
 from . import config as config_mod
 from .errors import ConfigError, HpoSyncError, StoreError
 
@@ -80,8 +80,8 @@ def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
 _OWN_COMMANDS = ("check-config", "sync", "simulate")
 
 
-def _own_command(argv: Sequence[str] | None) -> str | None:
-    """The command named on the command line when it is one of _OWN_COMMANDS, else None."""
+def _command_word(argv: Sequence[str] | None) -> str | None:
+    """The command named on the command line (unchecked), or None."""
     pre = argparse.ArgumentParser(add_help=False)
     _common(pre, top=True)
     pre.add_argument("rest", nargs=argparse.REMAINDER)
@@ -90,7 +90,13 @@ def _own_command(argv: Sequence[str] | None) -> str | None:
     except SystemExit:  # let the full parser report the error
         return None
     rest = known.rest
-    return rest[0] if rest and rest[0] in _OWN_COMMANDS else None
+    return str(rest[0]) if rest else None
+
+
+def _own_command(argv: Sequence[str] | None) -> str | None:
+    """The command named on the command line when it is one of _OWN_COMMANDS, else None."""
+    word = _command_word(argv)
+    return word if word in _OWN_COMMANDS else None
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -170,6 +176,8 @@ def setup_logging(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if _command_word(argv) == "run":
+        held_signals.hold()  # until the daemon's event loop handles them
     _open_closed_streams()
     parser = build_parser(_own_command(argv))
     try:

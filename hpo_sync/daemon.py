@@ -32,7 +32,7 @@ import os
 import signal
 import sqlite3
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -44,6 +44,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from . import config as config_mod
+from . import held_signals
 from .config import Config
 from .credentials import CredentialsProvider
 from .errors import ConfigError, HpoSyncError, StoreError
@@ -382,6 +383,9 @@ class Daemon:
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        for sig in held_signals.release():  # those that came while ``run`` was starting
+            log.info("daemon.signal_while_starting", signal=signal.Signals(sig).name)
+            (self.request_reload if sig == signal.SIGHUP else self.request_stop)()
 
         def remove() -> None:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -749,6 +753,10 @@ class Daemon:
     async def reload(self) -> bool:
         """Re-read the config file and apply it; False (old config kept) if it is invalid."""
         async with self._reload_lock:
+            if not self.started.is_set():
+                # A SIGHUP while the daemon starts: applied once it has started (stopping
+                # first drops it), not lost, nor run against a daemon half started.
+                await _first_of(self.started.wait(), self._stop.wait())
             if self._stop.is_set() or self.runtime is None:
                 return False
             path = self.config.source
@@ -857,6 +865,16 @@ def _annotate_run(store: Store, ws: str, run_id: int, note: str) -> None:
 
 # =============================================================================================
 # Commands
+
+
+async def _first_of(*waits: Coroutine[Any, Any, Any]) -> None:
+    """Wait until the first of ``waits`` is done; the others are cancelled."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def register_cli(sub: Any, command: Callable[..., argparse.ArgumentParser]) -> None:

@@ -248,6 +248,36 @@ async def test_sigterm_to_daemon_and_sweep_process_at_once_closes_the_run(
         }
 
 
+async def test_a_sighup_while_the_daemon_starts_is_applied_once_it_has_started(
+    tmp_path: Path, daemons: Daemons
+) -> None:
+    """A SIGHUP as soon as the process handles one at all: while it imports its modules,
+    reads its config, opens the mirror and starts its sweep process. It neither dies of it
+    (the default action, until the event loop's handler) nor loses it (a reload asked for
+    before the daemon had started was dropped): once started, it re-reads the config."""
+    async with Simulator(SimOptions(experiments=60, workspaces=1, seed=5, speed=0)) as sim:
+        db, cfg = write_config(tmp_path, sim.base_url, workspaces=["100001"])
+        d = await daemons.start(cfg)
+        await wait_until(
+            lambda: handles(d.proc.pid, signal.SIGHUP), timeout_s=30, what="a SIGHUP handler"
+        )
+        d.proc.send_signal(signal.SIGHUP)
+        await d.wait_event("config.reloaded", timeout_s=60)
+        names = [e["event"] for e in d.events()]
+        assert names.index("daemon.ready") < names.index("config.reloading")
+        assert names.count("config.reloading") == 1
+        await wait_db(db, "SELECT id FROM sync_runs WHERE status = 'ok'", timeout_s=30, daemon=d)
+        code, _ = await d.stop(signal.SIGTERM)
+        assert code == 0, d.tail()
+
+
+def handles(pid: int, sig: int) -> bool:
+    """Whether process ``pid`` has a handler of its own for ``sig`` (``SigCgt``)."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        caught = next(line for line in f if line.startswith("SigCgt:")).split()[1]
+    return bool(int(caught, 16) >> (sig - 1) & 1)
+
+
 def write_config(tmp_path: Path, sim_url: str, **options: Any) -> tuple[Path, Path]:
     """The mirror's path and a config file for it (``config_text`` with ``options``)."""
     db, cfg = tmp_path / "mirror.db", tmp_path / "config.toml"

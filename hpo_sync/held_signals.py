@@ -1,0 +1,37 @@
+"""Signals that reach ``hpo-sync run`` while it starts, before its event loop handles them.
+
+Importing the daemon's modules and reading the config take a few hundred milliseconds, and
+until the loop's handlers are in place a signal gets its default action: a SIGHUP (a reload)
+would kill the daemon. :func:`hold`, the first thing ``main`` does for ``run``, records them
+instead, and the daemon takes them over with :func:`release` once its own handlers are in
+place: a stop then stops it as soon as it has started, a reload re-reads the config once it
+has (the file may have changed after it was read). What comes before ``main`` runs at all
+(the interpreter's own start, ~20 ms) still gets the default action.
+"""
+
+from __future__ import annotations
+
+import signal
+from types import FrameType
+
+HELD = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+_held: list[int] = []
+
+
+def hold() -> None:
+    """Record SIGTERM, SIGINT and SIGHUP from now on, until something else handles them."""
+    for sig in HELD:
+        signal.signal(sig, _record)
+
+
+def _record(signum: int, frame: FrameType | None) -> None:
+    _held.append(signum)
+
+
+def release() -> list[int]:
+    """The signals recorded so far, each once, in the order they first came. Call it after
+    installing the handlers that take over, so that none can fall in between."""
+    out = list(dict.fromkeys(_held))
+    _held.clear()
+    return out
