@@ -771,7 +771,12 @@ class SyncEngine:
             async for page in self.client.iter_pages(query, tally=tally):
                 pages += 1
                 await on_page(page)
-                times = [parse_time(r.get("GmtModifiedTime")) for r in page.experiments]
+                zone = self.config.upstream.tz  # of times without one, as everywhere
+                times = [
+                    parse_time(r.get("GmtModifiedTime"), naive_tz=zone)
+                    for r in page.experiments
+                    if isinstance(r, dict)
+                ]
                 oldest = min((t for t in times if t), default=None)
                 if oldest is None or oldest < horizon or pages >= MODIFIED_FEED_MAX_PAGES:
                     return

@@ -11,6 +11,7 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -896,6 +897,42 @@ async def test_an_upstream_that_refuses_the_modified_sort_still_gets_hot_sweeps(
             assert sorts.count("GmtModifiedTime") == 1 and sorts.count("update_time") == 1
             assert (await rig.engine.sweep(ws, "hot")).status == "ok"
             assert sorts.count("GmtModifiedTime") == 1 and sorts.count("update_time") == 1
+
+
+async def test_the_modified_feed_reads_zone_less_times_in_the_configured_zone(
+    tmp_path: Path,
+) -> None:
+    """GmtModifiedTime without a zone, in ``create_time_zone`` (-05:00) as every other
+    upstream time is read: taken for UTC, the feed's newest rows looked five hours old and
+    it stopped after page 1, so a hot sweep missed the changes of terminal experiments on
+    page 2 (no status listing asks for them) until the next full sweep."""
+    options = SimOptions(experiments=300, workspaces=1, seed=6, restart_per_min=0.0)
+    async for rig in make_rig(tmp_path, options, create_time_zone="-05:00"):
+        ws, world = rig.sim.world.workspace_ids[0], rig.sim.world
+        original = world.list
+
+        def zone_less(params: Any, original: Any = original) -> Any:
+            total, page = original(params)
+            for row in page:
+                at = parse_time(row["GmtModifiedTime"])
+                row["GmtModifiedTime"] = (at - timedelta(hours=5)).strftime("%Y-%m-%d %H:%M:%S")
+            return total, page
+
+        world.list = zone_less  # type: ignore[method-assign]
+        assert (await rig.engine.sweep(ws)).status == "ok"
+        world.advance(60)
+        assert (await rig.engine.sweep(ws, "hot")).status == "ok"
+        finished = [e for e in world.truth(ws) if e["Status"] in TERMINAL][:150]
+        world.advance(5)
+        for e in finished:
+            world.mutate(e["ExperimentId"], trial_status={"SUCCEEDED": e["TrialCount"] + 1})
+        result = await rig.engine.sweep(ws, "hot")
+        assert result.status == "ok", result.error
+        rows = mirror_rows(rig.store, ws)
+        stale = [e["ExperimentId"] for e in finished if rows[e["ExperimentId"]]["trial_count"]
+                 != e["TrialCount"] + 1]  # fmt: skip
+        assert not stale, f"{len(stale)} of 150 changes missed"
+        world.list = original  # type: ignore[method-assign]
 
 
 @pytest.mark.parametrize(
