@@ -713,6 +713,9 @@ class SyncEngine:
                 )
             if self._bumps.get(ws) is not False and ws not in self._feed_refused:
                 group.create_task(self._modified_feed(result, tally, state, on_page))
+        # Records without a readable ExperimentId: the listings left them out of the pages
+        # they handed on, and counted them (the feed's pages count theirs as applied).
+        result.skipped_records += sum(listing.skipped for listing in listings.values())
         incomplete = [label for label, listing in listings.items() if not listing.complete]
         if incomplete:
             result.status = "partial"

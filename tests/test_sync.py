@@ -935,6 +935,31 @@ async def test_the_modified_feed_reads_zone_less_times_in_the_configured_zone(
         world.list = original  # type: ignore[method-assign]
 
 
+@pytest.mark.parametrize("where", ["RUNNING", "GmtModifiedTime"])
+async def test_a_hot_sweep_counts_the_records_it_could_not_read(tmp_path: Path, where: str) -> None:
+    """A record without an ExperimentId on a status listing's page, or the modified feed's:
+    skipped, and said so (the summary line, ``sync.finished``), as a full sweep does."""
+    options = SimOptions(experiments=300, workspaces=1, seed=6, restart_per_min=0.0)
+    async for rig in make_rig(tmp_path, options):
+        ws, world = rig.sim.world.workspace_ids[0], rig.sim.world
+        assert (await rig.engine.sweep(ws)).status == "ok"
+        world.advance(60)
+        original = world.list
+
+        def with_junk(params: Any, original: Any = original) -> Any:
+            total, page = original(params)
+            if where in (params.get("Status"), params.get("SortBy")) and page:
+                page = [*page, {"Name": "no id", "Status": "RUNNING"}, {"ExperimentId": ""}]
+            return total, page
+
+        world.list = with_junk  # type: ignore[method-assign]
+        result = await rig.engine.sweep(ws, "hot")
+        world.list = original  # type: ignore[method-assign]
+        assert result.status == "ok", result.error
+        assert result.skipped_records >= 2
+        assert "records without a readable ExperimentId" in result.summary()
+
+
 @pytest.mark.parametrize(
     ("refused", "taken"), [("GmtCreateTime", "create_time"), ("GmtModifiedTime", "update_time")]
 )
