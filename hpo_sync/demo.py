@@ -300,7 +300,9 @@ async def run_demo(options: DemoOptions, out: TextIO | None = None) -> int:
     data_dir = (
         Path(tempfile.mkdtemp(prefix="hpo-sync-demo-"))
         if options.data_dir is None
-        else options.data_dir
+        # absolute: the config written there names files in it, and a config's relative
+        # paths are read from the config's own directory
+        else options.data_dir.absolute()
     )
     data_dir.mkdir(parents=True, exist_ok=True)
     db_path = (data_dir / "mirror.db").resolve()

@@ -68,13 +68,13 @@ def test_demo_config_is_valid(tmp_path: Path) -> None:
 def test_demo_runs_for_a_while_and_shows_experiments_and_changes(tmp_path: Path) -> None:
     data = tmp_path / "demo"
     began = time.monotonic()
-    proc = subprocess.run(
-        [*cli("demo", "--duration", "12", "--data-dir", str(data)), *FAST],
+    proc = subprocess.run(  # --data-dir relative: the config it writes names absolute paths
+        [*cli("demo", "--duration", "12", "--data-dir", "demo"), *FAST],
         capture_output=True,
         text=True,
         timeout=90,
-        env=daemon_env(),
-        cwd=ROOT,
+        env=daemon_env(PYTHONPATH=str(ROOT)),
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert time.monotonic() - began < 40
