@@ -44,6 +44,7 @@ def mirror(tmp_path: Path) -> Iterator[Store]:
 def test_every_table_column_and_index_is_documented(mirror: Store) -> None:
     doc = DOC.read_text()
     assert f"schema version described here is **{SCHEMA_VERSION}**" in doc
+    assert f"`PRAGMA user_version` (currently {SCHEMA_VERSION})" in doc
     with mirror.reader() as conn:
         tables = [
             r[0]
