@@ -577,6 +577,7 @@ class UpstreamClient:
             return _retry_wait(exc, state.attempt_number - throttled)
 
         state: tenacity.RetryCallState | None = None
+        last_error: RetryableUpstreamError | None = None
         retrying = tenacity.AsyncRetrying(
             retry=_RETRY_ON,
             stop=stop,
@@ -590,7 +591,16 @@ class UpstreamClient:
                 with try_:
                     attempt += 1
                     async with self._concurrency:
-                        await self._limiter.acquire()
+                        # A retry's wait for a slot counts against the time budget too: none
+                        # is waited for, nor an attempt started, past it.
+                        budget_ends = (
+                            first_attempt_at + self.config.retry_max_total_s
+                            if first_attempt_at is not None
+                            else None
+                        )
+                        if not await self._limiter.acquire(budget_ends):
+                            assert last_error is not None  # a retry: an attempt failed
+                            raise _BudgetSpent(last_error)
                         try:
                             now = time.monotonic()
                             if first_attempt_at is None:
@@ -601,6 +611,7 @@ class UpstreamClient:
                             timeout_s = min(self.config.timeout_s, max(left_s, MIN_ATTEMPT_S))
                             page = await self._attempt(params, workspace_id, tally, timeout_s)
                         except ThrottledError as exc:
+                            last_error = exc
                             throttled += 1
                             self.stats.throttled += 1
                             if tally is not None:
@@ -608,6 +619,7 @@ class UpstreamClient:
                             self._limiter.on_throttle(exc.retry_after_s)
                             raise
                         except RetryableUpstreamError as exc:
+                            last_error = exc
                             if exc.http_status is not None:
                                 # it got past the gateway's flow control: for the limiter's
                                 # goodput it counts like a success
@@ -615,16 +627,19 @@ class UpstreamClient:
                             raise
                     self._limiter.on_success()
                     return page
-        except RetryableUpstreamError as exc:
+        except (RetryableUpstreamError, _BudgetSpent) as caught:
+            last = caught.last if isinstance(caught, _BudgetSpent) else caught
+            if isinstance(caught, _BudgetSpent):
+                attempt -= 1  # the one that was not started
             raise RetriesExhaustedError(
                 f"gave up after {attempt} attempts ({throttled} throttled) in "
-                f"{time.monotonic() - started:.1f}s: {exc.upstream_message}",
-                code=exc.code,
-                http_status=exc.http_status,
-                request_id=exc.request_id,
+                f"{time.monotonic() - started:.1f}s: {last.upstream_message}",
+                code=last.code,
+                http_status=last.http_status,
+                request_id=last.request_id,
                 workspace_id=workspace_id,
                 hint="upstream kept failing; the next sweep will try again",
-            ) from exc
+            ) from last
         finally:
             _break_cycle(retrying, state)
         raise AssertionError("unreachable")  # pragma: no cover
@@ -1099,6 +1114,14 @@ _LONG_NUMBER = b"0" * 19  # -9223372036854775809 and 18446744073709551616 have 1
 #: One predicate for every call: it holds no state, and one per call would be one more
 #: object in the cycle that _break_cycle undoes.
 _RETRY_ON = tenacity.retry_if_exception_type(RetryableUpstreamError)
+
+
+class _BudgetSpent(Exception):
+    """A retry's time budget ran out waiting for a send slot (not retried: ends the call)."""
+
+    def __init__(self, last: RetryableUpstreamError) -> None:
+        super().__init__(str(last))
+        self.last = last
 
 
 def _break_cycle(retrying: tenacity.AsyncRetrying, state: tenacity.RetryCallState | None) -> None:

@@ -117,17 +117,24 @@ class AdaptiveRateLimiter:
         """Reserve the next send slot; return how long to wait for it (pure bookkeeping)."""
         return self._book() - self._clock()
 
-    async def acquire(self) -> None:
+    async def acquire(self, deadline: float | None = None) -> bool:
         """Wait for a send slot. A slot booked before a decrease, or one that a later throttle's
-        pause now covers, is void: book again at the new rate rather than send into overload."""
+        pause now covers, is void: book again at the new rate rather than send into overload.
+
+        With a ``deadline`` (on this limiter's clock), a slot past it is not waited for:
+        False, and the slot is given back (a caller whose time is up sends nothing)."""
         while True:
             generation = self._generation
             slot = self._book()
+            if deadline is not None and slot > deadline:
+                if self._next_slot == slot + 1.0 / self.rate:
+                    self._next_slot = slot  # the last one booked: nobody waits behind it
+                return False
             delay = slot - self._clock()
             if delay > 0:
                 await self._sleep(delay)
             if generation == self._generation and self._pause_until <= slot:
-                return
+                return True
 
     def _book(self) -> float:
         now = self._clock()

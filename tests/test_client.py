@@ -595,6 +595,25 @@ async def test_endless_throttling_is_bounded(capture: Capture) -> None:
         assert time.monotonic() - started < 1.5  # stops before a wait past the budget
 
 
+async def test_no_retry_starts_past_the_time_budget_after_waiting_for_the_limiter(
+    capture: Capture,
+) -> None:
+    """Throttled on every attempt, the adaptive limiter slows the client down, and a retry
+    waits for its send slot after its backoff: that wait counts against retry_max_total_s
+    too. No attempt starts past the budget (one used to start 3 s past a 4 s one)."""
+    throttle = api_error(429, "Throttling", headers={"x-acs-retry-after": "300"})
+    capture.script.extend([throttle] * 60)
+    async with make_client(
+        capture.base_url, retry_max_total_s=4.0, retry_max_attempts=15, max_qps=50.0
+    ) as client:
+        with pytest.raises(RetriesExhaustedError) as info:
+            await client.list_page(ListQuery(), 1)
+    arrivals = [seen.at for seen in capture.seen]
+    assert len(arrivals) >= 3
+    assert arrivals[-1] - arrivals[0] <= 4.0 + 0.25, [round(a - arrivals[0], 2) for a in arrivals]
+    assert f"gave up after {len(arrivals)} attempts ({len(arrivals)} throttled)" in str(info.value)
+
+
 async def test_a_page_that_always_fails_leaves_the_listing_incomplete(capture: Capture) -> None:
     capture.experiments = [{"ExperimentId": f"e{i:02d}"} for i in range(10)]
     capture.fail_pages = {3}

@@ -100,6 +100,24 @@ def test_idle_time_does_not_bank_a_burst() -> None:
     assert [limiter.reserve() for _ in range(3)] == pytest.approx([0.0, 0.2, 0.4])
 
 
+def test_a_slot_past_the_deadline_is_not_waited_for_and_is_given_back() -> None:
+    clock = FakeClock()
+    limiter = AdaptiveRateLimiter(10, clock=clock, sleep=virtual_sleep)
+
+    async def main() -> list[tuple[bool, float]]:
+        out = []
+        for deadline in (None, None, clock() + 0.15, clock() + 0.25, None):
+            began = clock()
+            out.append((await limiter.acquire(deadline), round(clock() - began, 3)))
+        return out
+
+    # slots at +0, +0.1, then +0.2 is past a deadline of +0.15: no wait, and the slot goes
+    # to the next caller, who waits for it as if the refused one had never asked
+    assert run_virtual(clock, main()) == [
+        (True, 0.0), (True, 0.1), (False, 0.0), (True, 0.1), (True, 0.1)
+    ]  # fmt: skip
+
+
 @pytest.mark.parametrize("bad", [0, -1, float("nan")])
 def test_rejects_a_non_positive_ceiling(bad: float) -> None:
     with pytest.raises(ValueError, match="max_qps"):
