@@ -1036,14 +1036,14 @@ class Store:
         self, workspace_id: str, *, exclude: Collection[str] = ()
     ) -> dict[str, dict[str, Any]]:
         """``{experiment_id: row}`` of the workspace's experiments not marked deleted, with the
-        columns a sweep plans by: ``name``, ``status``, ``trial_status`` (decoded),
+        columns a sweep plans by: ``name``, ``creator``, ``status``, ``trial_status`` (decoded),
         ``gmt_create_time``, ``gmt_modified_time`` and ``last_seen_at``.
 
         ``exclude``: ids to leave out. Only the ids are read for them, so a full sweep looking
         for absentees never holds (or decodes) the whole workspace's rows at once.
         """
         select = (
-            "SELECT experiment_id, name, status, trial_status, gmt_create_time,"
+            "SELECT experiment_id, name, creator, status, trial_status, gmt_create_time,"
             " gmt_modified_time, last_seen_at FROM experiments"
             " WHERE workspace_id = ? AND deleted = 0"
         )
@@ -1074,7 +1074,7 @@ class Store:
         )
         with self.reader() as conn:
             rows = conn.execute(
-                "SELECT experiment_id, name, status, trial_status, gmt_create_time,"
+                "SELECT experiment_id, name, creator, status, trial_status, gmt_create_time,"
                 " gmt_modified_time, last_seen_at FROM experiments"
                 f" WHERE workspace_id = ? AND deleted = 0{not_terminal}",
                 (workspace_id, *terminal_statuses),

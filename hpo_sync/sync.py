@@ -32,7 +32,8 @@ Look-ups: missing experiments are grouped into create-time windows planned from 
 mirror's own create times so that each window holds about one page (:func:`plan_windows`):
 a handful of calls for many experiments that finished around the same time. One still
 missing after its window is looked up by name in a ±14 h window (any zone upstream may read
-times in) before it is declared deleted.
+times in), and one its name does not find either (renamed meanwhile) by its creator in the
+same window, one look-up per creator and stretch of time, before it is declared deleted.
 
 Why a hot sweep cannot miss a status change of a non-terminal experiment: such an experiment
 is either still in one of the listed statuses (step 2 returns it with its current fields; an
@@ -577,6 +578,8 @@ class SyncEngine:
         async with asyncio.TaskGroup() as group:
             for exp_id, row in still.items():
                 group.create_task(look(exp_id, row))
+        if gone:
+            gone = await self._by_creator(result, tally, gone, missing, dated, seen)
         if gone and unreadable:
             # a window around them returned records that could be them, renamed
             result.skipped_records += unreadable
@@ -609,19 +612,78 @@ class SyncEngine:
     ) -> dict[str, Any] | None:
         """One experiment by name, in a create-time window of ±14 h (whatever the zone
         upstream reads times in); None when a complete listing does not return it."""
+        found = await self._search(
+            result,
+            tally,
+            [exp_id],
+            self._query(result.workspace_id, name=row.get("name") or None, **_wide(created)),
+        )
+        return found.get(exp_id)
+
+    async def _by_creator(
+        self,
+        result: SweepResult,
+        tally: Tally,
+        gone: Sequence[str],
+        missing: Mapping[str, Mapping[str, Any]],
+        dated: Mapping[str, datetime | None],
+        seen: set[str],
+    ) -> list[str]:
+        """Of the experiments neither their create-time window nor their name found, those
+        still not found by their creator in the same ±14 h (applied if found).
+
+        The create-time window misses an experiment when upstream reads MinCreateTime and
+        MaxCreateTime in another zone than ``create_time_zone`` says, and the name misses
+        one renamed since the mirror saw it: both at once would have been taken for a
+        deletion. A creator does not change, and this window holds for any zone; one
+        look-up per creator and stretch of time serves all of theirs (a call more per
+        sweep that finds experiments gone). Those without a creator or a create time are
+        not looked up again."""
+        by_creator: dict[str, list[str]] = {}
+        for exp_id in gone:
+            creator = missing[exp_id].get("creator")
+            if creator and dated.get(exp_id):
+                by_creator.setdefault(str(creator), []).append(exp_id)
+        asked = {i for ids in by_creator.values() for i in ids}
+        still = [i for i in gone if i not in asked]
+        for creator, ids in by_creator.items():
+            for low, high in _merged_wide([t for i in ids if (t := dated[i])]):
+                wanted = [i for i in ids if i not in seen and (t := dated[i]) and low <= t <= high]
+                found = await self._search(
+                    result,
+                    tally,
+                    wanted,
+                    self._query(
+                        result.workspace_id,
+                        creator=creator,
+                        min_create_time=low - WIDE_WINDOW,
+                        max_create_time=high + WIDE_WINDOW,
+                    ),
+                )
+                if found:
+                    log.info("sync.found_by_creator", workspace=result.workspace_id,
+                             count=len(found))  # fmt: skip
+                    await self._apply(result, list(found.values()), seen=seen)
+            still.extend(i for i in ids if i not in seen)
+        return still
+
+    async def _search(
+        self, result: SweepResult, tally: Tally, ids: Sequence[str], query: ListQuery
+    ) -> dict[str, dict[str, Any]]:
+        """Those of ``ids`` that a listing of ``query`` returns. The rest are proven absent
+        from it, or this raises: the listing was incomplete, did not add up over pages
+        (a row may have fallen between them), or held records without a readable id."""
         result.lookups += 1
-        window = (
-            {"min_create_time": created - WIDE_WINDOW, "max_create_time": created + WIDE_WINDOW}
-            if created
-            else {}
-        )
-        listing = await self.client.list_all(
-            self._query(result.workspace_id, name=row.get("name") or None, **window),
-            tally=tally,
-        )
-        for raw in listing.experiments:
-            if str(raw.get("ExperimentId")) == exp_id:
-                return raw
+        listing = await self.client.list_all(query, tally=tally)
+        wanted = set(ids)
+        found = {
+            key: raw
+            for raw in listing.experiments
+            if (key := str(raw.get("ExperimentId"))) in wanted
+        }
+        if len(found) == len(wanted):
+            return found
+        what = f"the look-up of {ids[0]}" if len(ids) == 1 else f"a look-up of {len(ids)}"
         if not listing.complete:
             raise listing.error or UpstreamError("look-up incomplete")
         if not listing.consistent and len(listing.seen_ids) >= self.config.upstream.page_size:
@@ -629,7 +691,7 @@ class SyncEngine:
             # of one create time in another order on each page's query): no proof of absence.
             # Fewer rows than a page came on a short page 1, all there was: that one decides.
             raise UpstreamError(
-                f"the look-up of {exp_id} read {listing.pages_read} pages whose "
+                f"{what} read {listing.pages_read} pages whose "
                 f"{len(listing.seen_ids)} experiments did not add up to their TotalCount "
                 f"{listing.total_count}: it may have fallen between pages, so it is not "
                 "marked deleted",
@@ -640,12 +702,12 @@ class SyncEngine:
             result.skipped_records += listing.skipped
             result.error_tells_skipped = True
             raise UpstreamError(
-                f"the look-up of {exp_id} returned {listing.skipped} records without a "
+                f"{what} returned {listing.skipped} records without a "
                 "readable ExperimentId: it may be one of them, so it is not marked deleted",
                 code="UnreadableRecords",
                 workspace_id=result.workspace_id,
             )
-        return None
+        return found
 
     # --- hot -----------------------------------------------------------------------------
 
@@ -1095,6 +1157,25 @@ def _first_hpo_error(group: BaseExceptionGroup[BaseException]) -> HpoSyncError |
         return None  # something else went wrong too: let it surface
     fatal = [e for e in ours if isinstance(e, FatalUpstreamError)]
     return (fatal or ours or [None])[0]
+
+
+def _wide(created: datetime | None) -> dict[str, datetime]:
+    """The create-time filters of a window of ±:data:`WIDE_WINDOW` around ``created``."""
+    if created is None:
+        return {}
+    return {"min_create_time": created - WIDE_WINDOW, "max_create_time": created + WIDE_WINDOW}
+
+
+def _merged_wide(times: Iterable[datetime]) -> list[tuple[datetime, datetime]]:
+    """``times`` grouped into stretches whose ±:data:`WIDE_WINDOW` windows overlap: the
+    first and last time of each (one look-up each, widened by the window on both sides)."""
+    out: list[tuple[datetime, datetime]] = []
+    for t in sorted(times):
+        if out and t - out[-1][1] <= 2 * WIDE_WINDOW:
+            out[-1] = (out[-1][0], t)
+        else:
+            out.append((t, t))
+    return out
 
 
 def _with_workspace(exp: Experiment, workspace_id: str) -> Experiment:

@@ -4,6 +4,7 @@ history must hold exactly the transitions that happened between observations."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import random
 import sqlite3
@@ -1227,6 +1228,45 @@ def _still_world(experiments: int, seed: int) -> SimOptions:
     )  # fmt: skip
 
 
+async def test_a_renamed_experiment_is_not_deleted_where_upstream_reads_another_zone(
+    tmp_path: Path,
+) -> None:
+    """Upstream reads MinCreateTime/MaxCreateTime in +08:00, the config says UTC: an
+    experiment's create-time window finds nothing. Renamed and finished within one hot
+    interval, its name finds nothing either (nor a modified feed: this upstream has none);
+    it used to be marked deleted (a change row, an alert) and undeleted by the next full
+    sweep. Its creator, in a window of ±14 h, finds it. A real deletion is still one, for a
+    call more."""
+    options = dataclasses.replace(
+        _still_world(200, seed=12), time_zone="Asia/Shanghai", bump_modified=False
+    )
+    async for rig in make_rig(tmp_path, options):
+        ws, world = rig.sim.world.workspace_ids[0], rig.sim.world
+        oldest = parse_time(world.truth(ws)[0]["GmtCreateTime"])
+        assert oldest is not None
+        alone = (oldest - timedelta(hours=100)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        for name in ("lonely", "lonelier"):  # nothing else within hours of them
+            fields = {"WorkspaceId": ws, "Name": name, "Status": "RUNNING"}
+            world.mutate(create={**fields, "Creator": "alice", "GmtCreateTime": alone})
+        renamed, deleted = (e["ExperimentId"] for e in world.truth(ws)[:2])
+        assert (await rig.engine.sweep(ws)).status == "ok"
+        world._live[renamed].name = "renamed meanwhile"  # no mutate() for a rename
+        world.mutate(renamed, status="FAILED")
+        world.mutate(deleted, delete=True)
+        # (no modified feed, which would have found it on its page 1: it was created last)
+        with sorts_refused(world, "GmtModifiedTime", "update_time"):
+            result = await rig.engine.sweep(ws, "hot")
+        assert result.status == "ok", result.error
+        assert result.marked_deleted == 1
+        rows = mirror_rows(rig.store, ws)
+        assert rows[renamed]["deleted"] == 0 and rows[renamed]["status"] == "FAILED"
+        assert rows[renamed]["name"] == "renamed meanwhile"
+        assert rows[deleted]["deleted"] == 1
+        assert_mirror_equals_truth(rig.store, rig.sim, ws)
+        fields = [c.field for c in rig.store.history(experiment_id=renamed)]
+        assert "Deleted" not in fields
+
+
 async def test_a_look_up_whose_pages_do_not_add_up_proves_no_deletion(tmp_path: Path) -> None:
     """25 experiments of one name started in the same second: a look-up by name (and the
     create-time window before it) spans pages, and an upstream that orders equal create
@@ -1332,7 +1372,9 @@ async def test_a_look_up_that_meets_unreadable_records_marks_nothing_deleted(
             total, page = original(params)
             # by name (in a window of its own), or the windows before that
             kind = (
-                "Name"
+                "Creator"  # the look-up by creator, last: nothing
+                if "Creator" in params
+                else "Name"
                 if "Name" in params
                 else "MinCreateTime"
                 if "MinCreateTime" in params
