@@ -627,21 +627,16 @@ class UpstreamClient:
                             raise
                     self._limiter.on_success()
                     return page
-        except (RetryableUpstreamError, _BudgetSpent) as caught:
-            last = caught.last if isinstance(caught, _BudgetSpent) else caught
-            if isinstance(caught, _BudgetSpent):
-                attempt -= 1  # the one that was not started
-            raise RetriesExhaustedError(
-                f"gave up after {attempt} attempts ({throttled} throttled) in "
-                f"{time.monotonic() - started:.1f}s: {last.upstream_message}",
-                code=last.code,
-                http_status=last.http_status,
-                request_id=last.request_id,
-                workspace_id=workspace_id,
-                hint="upstream kept failing; the next sweep will try again",
-            ) from last
+        except _BudgetSpent as spent:
+            # (attempt counted the one that was not started)
+            raise _exhausted(
+                spent.last, attempt - 1, throttled, started, workspace_id
+            ) from spent.last
+        except RetryableUpstreamError as exc:
+            raise _exhausted(exc, attempt, throttled, started, workspace_id) from exc
         finally:
             _break_cycle(retrying, state)
+            last_error = None  # an exception held by this frame: a reference cycle
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _before_retry(self, state: tenacity.RetryCallState, tally: Tally | None) -> None:
@@ -1114,6 +1109,24 @@ _LONG_NUMBER = b"0" * 19  # -9223372036854775809 and 18446744073709551616 have 1
 #: One predicate for every call: it holds no state, and one per call would be one more
 #: object in the cycle that _break_cycle undoes.
 _RETRY_ON = tenacity.retry_if_exception_type(RetryableUpstreamError)
+
+
+def _exhausted(
+    last: RetryableUpstreamError,
+    attempts: int,
+    throttled: int,
+    started: float,
+    workspace_id: str | None,
+) -> RetriesExhaustedError:
+    return RetriesExhaustedError(
+        f"gave up after {attempts} attempts ({throttled} throttled) in "
+        f"{time.monotonic() - started:.1f}s: {last.upstream_message}",
+        code=last.code,
+        http_status=last.http_status,
+        request_id=last.request_id,
+        workspace_id=workspace_id,
+        hint="upstream kept failing; the next sweep will try again",
+    )
 
 
 class _BudgetSpent(Exception):
