@@ -933,13 +933,15 @@ class UpstreamClient:
         only end that needs no count, and it holds even when the server caps the page size).
         A page with nothing new, or a listing past :data:`MAX_UNCOUNTED_PAGES`, ends it
         incomplete: a server that repeats itself must not page forever. One exception: the
-        last page again is how some servers answer a page number past the end; it ends the
-        listing as an empty page would when it is short (an earlier page was longer), or
-        when one call more shows that the server's page numbers work (:meth:`_clamped_past`)."""
+        last page again, or the first one after pages that brought rows of their own, is
+        how some servers answer a page number past the end; it ends the listing as an empty
+        page would after a short last page (an earlier page was longer), or when one call
+        more shows that the server's page numbers work (:meth:`_clamped_past`)."""
         listing.uncounted = True
         pending = iter(read)
         page: Page | None = None
         number, longest = 0, 0
+        first_ids: list[Any] = []
         while page is None or page.experiments:
             previous = page
             if previous is not None:
@@ -971,10 +973,15 @@ class UpstreamClient:
                     break
             before = len(seen)
             await take(page)
+            if number == 1:
+                first_ids = _ids(page)
             if number > 1 and page.experiments and len(seen) == before:
                 assert previous is not None
-                if _ids(page) == _ids(previous) and (
-                    len(page.experiments) < longest  # the short last page again
+                ids = _ids(page)
+                # The last page again, or (pages 2 on having brought rows of their own, so
+                # page numbers work) the first one: how some servers answer past the end.
+                if (ids == _ids(previous) or (number > 2 and ids == first_ids)) and (
+                    len(previous.experiments) < longest  # after a short last page
                     or await self._clamped_past(query, number - 1, previous, size, tally)
                 ):
                     break  # past the end
@@ -1024,6 +1031,7 @@ class UpstreamClient:
         size = page_size or self.config.page_size
         number, counted = 1, True
         previous: list[Any] | None = None
+        first_ids: list[Any] = []
         while True:
             try:
                 page = await self.list_page(query, number, size, tally=tally)
@@ -1032,8 +1040,10 @@ class UpstreamClient:
                     raise
                 return  # a page number past the end, refused (see _past_the_only_page)
             ids = _ids(page)
-            if ids and ids == previous:
-                return  # the last page again: past the end
+            if ids and (ids == previous or (number > 2 and ids == first_ids)):
+                return  # the last page again, or the first: past the end
+            if number == 1:
+                first_ids = ids
             yield page
             count, got = page.total_count, len(page.experiments)
             if number == 1 and (count == got == size or self.counts_pages):

@@ -127,6 +127,7 @@ class Capture:
     total_count: Any = "count"
     ignore_page_number: bool = False
     repeat_last_page: bool = False  # a page number past the end gets the last page again
+    first_page_past_end: bool = False  # a page number past the end gets page 1 again
     refuse_past_end: bool = False  # a page number past the end is INVALID_INPUT_PARAMS
     _nonces: set[str] = field(default_factory=set)
 
@@ -153,6 +154,8 @@ class Capture:
             return await api_error(400, "INVALID_INPUT_PARAMS")(request)
         if self.repeat_last_page and self.experiments:
             number = min(number, math.ceil(len(self.experiments) / size))
+        if self.first_page_past_end and number > math.ceil(len(self.experiments) / size):
+            number = 1
         page = self.experiments[(number - 1) * size : number * size]
         body: dict[str, Any] = {"RequestId": f"OK-{len(self.seen)}"}
         if self.total_count == "count":
@@ -912,6 +915,26 @@ async def test_an_uncounted_listing_ends_where_a_full_or_only_page_comes_again(
         assert client.stats.api_calls == calls
     assert listing.complete and listing.error is None and not listing.consistent
     assert len(listing.seen_ids) == experiments
+
+
+@pytest.mark.parametrize(("experiments", "calls"), [(250, 4), (300, 5)])
+async def test_an_uncounted_listing_ends_where_the_first_page_comes_again(
+    capture: Capture, experiments: int, calls: int
+) -> None:
+    """No TotalCount, and a page number past the end answered with page 1 again: that
+    ends the listing after a short last page, or after a full one when row 300 at a page
+    size of one shows the page numbers work. Such a workspace never got a baseline (every
+    full sweep partial, NoTotalCount). Feeds stop there too."""
+    capture.experiments = [{"ExperimentId": f"e{i:03d}"} for i in range(experiments)]
+    capture.total_count = "absent"
+    capture.first_page_past_end = True
+    async with make_client(capture.base_url) as client:
+        listing = await client.list_all(ListQuery(workspace_id="w1"), page_size=100)
+        assert client.stats.api_calls == calls
+        pages = [p async for p in client.iter_pages(ListQuery(), page_size=100)]
+    assert listing.complete and listing.error is None and not listing.consistent
+    assert len(listing.seen_ids) == experiments
+    assert sum(len(p.experiments) for p in pages) == experiments
 
 
 async def test_a_server_that_ignores_page_numbers_and_caps_the_page_size_ends_incomplete(
