@@ -412,6 +412,16 @@ async def test_open_loopback_mode_needs_no_sign_in_but_a_loopback_host(open_ui: 
 # --- parameters, errors, pages ---------------------------------------------------------------
 
 
+async def test_a_query_value_that_is_not_utf8_is_a_400_page(ui: ApiRig) -> None:
+    """As on the read API: ``name=%FF`` is a mistake, not a search for U+FFFD (the page used
+    to list what matched that character: nothing)."""
+    await sign_in(ui)
+    for path in ("/ui/experiments?name=%FF", "/ui/changes?experiment=%ED%A0%80"):
+        status, text, _ = await page(ui, path)
+        assert status == 400, (path, text[:200])
+        assert "is not valid UTF-8" in text and 'role="alert"' in text
+
+
 async def test_bad_filters_are_a_400_page_with_the_apis_wording(ui: ApiRig) -> None:
     await sign_in(ui)
     for params in (

@@ -662,7 +662,7 @@ async def guard_middleware(
     return await _guard(request, handler)
 
 
-def _undecodable_parameter(raw_query: str) -> str | None:
+def undecodable_parameter(raw_query: str) -> str | None:
     """The name of the first parameter of ``raw_query`` (percent-encoded, as sent) whose
     bytes are not UTF-8, or None. aiohttp decodes such bytes to U+FFFD, which a filter would
     then go and look for: ``name=%FF`` would be a search, not the mistake it is."""
@@ -685,7 +685,7 @@ async def _guard(
 ) -> web.StreamResponse:
     if len(request.query_string) > MAX_QUERY_STRING:
         raise BadParameterError("query", f"longer than {MAX_QUERY_STRING} characters")
-    undecodable = _undecodable_parameter(request.rel_url.raw_query_string)
+    undecodable = undecodable_parameter(request.rel_url.raw_query_string)
     if undecodable is not None:
         raise BadParameterError(undecodable, "is not valid UTF-8")
     route = _route_of(request)

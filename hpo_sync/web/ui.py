@@ -50,6 +50,7 @@ from ..api.read import (
     select_changes,
     select_experiment,
     select_experiments,
+    undecodable_parameter,
     wait_for_change,
 )
 from ..config import EXPERIMENT_STATUSES
@@ -265,6 +266,9 @@ async def _dispatch(request: web.Request) -> web.StreamResponse:
         return error_page(request, 413, f"Request bodies over {MAX_BODY_BYTES} bytes are refused.")
     if len(request.query_string) > MAX_QUERY_STRING:
         return error_page(request, 400, f"query: longer than {MAX_QUERY_STRING} characters")
+    undecodable = undecodable_parameter(request.rel_url.raw_query_string)
+    if undecodable is not None:  # else a filter for U+FFFD, as the read API says too
+        return error_page(request, 400, f"{undecodable}: is not valid UTF-8")
     match = request.match_info
     resource = match.route.resource if match.http_exception is None else None
     route = resource.canonical if resource is not None else None
