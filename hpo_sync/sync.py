@@ -178,6 +178,8 @@ class SyncEngine:
         self._bumps: dict[str, bool] = {}
         # Workspaces whose upstream refused the modified feed's query (its SortBy).
         self._feed_refused: set[str] = set()
+        # Workspaces whose upstream refused a Creator filter (not asked again).
+        self._creator_refused: set[str] = set()
         # Per workspace, the statuses upstream refused as a Status filter.
         self._status_refused: dict[str, set[str]] = {}
 
@@ -640,6 +642,8 @@ class SyncEngine:
         sweep that finds experiments gone). Those without a creator or a create time are
         not looked up again."""
         by_creator: dict[str, list[str]] = {}
+        if result.workspace_id in self._creator_refused:
+            return list(gone)  # as before there was this look-up
         for exp_id in gone:
             creator = missing[exp_id].get("creator")
             if creator and dated.get(exp_id):
@@ -649,17 +653,24 @@ class SyncEngine:
         for creator, ids in by_creator.items():
             for low, high in _merged_wide([t for i in ids if (t := dated[i])]):
                 wanted = [i for i in ids if i not in seen and (t := dated[i]) and low <= t <= high]
-                found = await self._search(
-                    result,
-                    tally,
-                    wanted,
-                    self._query(
-                        result.workspace_id,
-                        creator=creator,
-                        min_create_time=low - WIDE_WINDOW,
-                        max_create_time=high + WIDE_WINDOW,
-                    ),
+                query = self._query(
+                    result.workspace_id,
+                    creator=creator,
+                    min_create_time=low - WIDE_WINDOW,
+                    max_create_time=high + WIDE_WINDOW,
                 )
+                try:
+                    found = await self._search(result, tally, wanted, query)
+                except FatalUpstreamError as exc:
+                    if not rejects_parameter(exc):
+                        raise
+                    # Creator is documented, but an upstream that will not filter by it
+                    # costs this look-up (as before it existed), not every sweep that
+                    # finds an experiment gone.
+                    self._creator_refused.add(result.workspace_id)
+                    log.warning("sync.creator_filter_refused",
+                                workspace=result.workspace_id, error=str(exc))  # fmt: skip
+                    return [i for i in gone if i not in seen]
                 if found:
                     log.info("sync.found_by_creator", workspace=result.workspace_id,
                              count=len(found))  # fmt: skip

@@ -1267,6 +1267,43 @@ async def test_a_renamed_experiment_is_not_deleted_where_upstream_reads_another_
         assert "Deleted" not in fields
 
 
+async def test_an_upstream_that_refuses_a_creator_filter_still_gets_deletions(
+    tmp_path: Path,
+) -> None:
+    """The look-up by creator is a last resort: an upstream that answers its Creator filter
+    INVALID_INPUT_PARAMS must not fail every sweep that finds an experiment gone. The
+    deletion is marked as before that look-up existed, and the filter not asked again."""
+    from hpo_sync.upstream_query import InvalidInputError
+
+    async for rig in make_rig(tmp_path, _still_world(200, seed=13)):
+        ws, world = rig.sim.world.workspace_ids[0], rig.sim.world
+        assert (await rig.engine.sweep(ws)).status == "ok"
+        original, asked = world.list, []
+
+        def no_creator(params: Any, original: Any = original, asked: list[Any] = asked) -> Any:
+            if "Creator" in params:
+                asked.append(params["Creator"])
+                raise InvalidInputError("Creator is not supported")
+            return original(params)
+
+        world.list = no_creator  # type: ignore[method-assign]
+        try:
+            refusals = []
+            for victim in [e["ExperimentId"] for e in world.truth(ws)[:2]]:
+                world.mutate(victim, delete=True)
+                with capture_logs() as logs:
+                    result = await rig.engine.sweep(ws, "full")
+                assert result.status == "ok" and result.marked_deleted == 1, result.error
+                assert mirror_rows(rig.store, ws)[victim]["deleted"] == 1
+                refusals.append(
+                    len([e for e in logs if e["event"] == "sync.creator_filter_refused"])
+                )
+            assert refusals == [1, 0] and asked  # (asked in both SortBy vocabularies, once)
+        finally:
+            world.list = original  # type: ignore[method-assign]
+        assert_mirror_equals_truth(rig.store, rig.sim, ws)
+
+
 async def test_a_look_up_whose_pages_do_not_add_up_proves_no_deletion(tmp_path: Path) -> None:
     """25 experiments of one name started in the same second: a look-up by name (and the
     create-time window before it) spans pages, and an upstream that orders equal create
