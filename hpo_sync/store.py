@@ -725,14 +725,21 @@ class Store:
         experiments_seen: int,
         error: str | None = None,
         baseline: bool = False,
+        raise_watermark: bool = False,
     ) -> None:
         """The end of a sweep in ONE transaction: :meth:`finish_run` (the run keeps the
         change count its applies accumulated), then the workspace's outcome
         (:meth:`record_success` or :meth:`set_workspace_error`) and, for a baseline that
         succeeded, :meth:`mark_baseline`. In separate transactions a crash between them
         left an ``ok`` baseline run without ``baseline_at``: the next sync was a second
-        baseline, whose real changes were flagged baseline and never alerted."""
+        baseline, whose real changes were flagged baseline and never alerted.
+
+        ``raise_watermark``: the sweep read its listing of what is new whole (a full
+        sweep's listing of the workspace, a hot sweep's of what was created since the
+        watermark), so :meth:`raise_watermark`."""
         with self._write("close a sync run") as conn:
+            if raise_watermark:
+                _raise_watermark(conn, workspace_id)
             _finish_run(
                 conn, run_id, finished_at, status, api_calls, pages, experiments_seen, None,
                 error,
@@ -760,6 +767,16 @@ class Store:
                 (at, error),
             )
             return cur.rowcount
+
+    def raise_watermark(self, workspace_id: str) -> None:
+        """Raise the workspace's create watermark to the newest create time in the mirror.
+
+        Only after a complete listing of what is new: hot sweeps list what was created
+        since the watermark (less an overlap), so a watermark raised by the later pages of a
+        listing that then failed, or was killed, would hide the experiments on its earlier
+        pages from every hot sweep until the next full one."""
+        with self._write("raise the create watermark") as conn:
+            _raise_watermark(conn, workspace_id)
 
     def mark_baseline(self, workspace_id: str, at: str) -> None:
         """Record that the workspace's first complete full sweep finished at ``at``.
@@ -809,6 +826,8 @@ class Store:
           workspace that is not deleted, not in it, and last seen before
           ``listing_started_at`` (default ``observed_at``) is marked deleted, with a
           ``Deleted`` change row. Rows are never hard-deleted.
+          Such a batch also raises the workspace's create watermark to its newest create
+          time; a batch of a listing that may yet fail does not (see :meth:`close_run`).
         - ``baseline`` flags the change rows as written by the workspace's baseline sync.
         - ``on_changes(conn, change_rows)`` runs inside the transaction when rows were
           written (the alert outbox's seam); if it raises, nothing is written.
@@ -956,8 +975,9 @@ class Store:
                 pending += _mark_gone(cur, workspace_id, gone, observed_at, run_id, base)
                 marked = len(gone)
             change_rows = _commit_changes(
-                conn, cur, pending, workspace_id, run_id, watermark, on_changes
-            )
+                conn, cur, pending, workspace_id, run_id, watermark if complete else None,
+                on_changes,
+            )  # fmt: skip
         return ApplyResult(inserted, updated, unchanged, stale, marked, change_rows)
 
     def mark_deleted(
@@ -1449,6 +1469,23 @@ def _mark_gone(
     return [(exp_id, workspace_id, DELETED, old, new, observed_at, run_id, base) for exp_id in gone]
 
 
+def _raise_watermark(conn: sqlite3.Connection, workspace_id: str) -> None:
+    newest = conn.execute(
+        "SELECT max(gmt_create_time) FROM experiments WHERE workspace_id = ?", (workspace_id,)
+    ).fetchone()[0]
+    _set_watermark(conn, workspace_id, newest)
+
+
+def _set_watermark(conn: sqlite3.Connection, workspace_id: str, value: str | None) -> None:
+    """Move the workspace's create watermark forward to ``value`` (never back)."""
+    if value is not None:
+        conn.execute(
+            "UPDATE workspaces SET create_watermark = ? WHERE workspace_id = ?"
+            " AND (create_watermark IS NULL OR create_watermark < ?)",
+            (value, workspace_id, value),
+        )
+
+
 def _commit_changes(
     conn: sqlite3.Connection,
     cur: sqlite3.Cursor,
@@ -1465,12 +1502,7 @@ def _commit_changes(
         conn.execute(
             "UPDATE sync_runs SET changes = changes + ? WHERE id = ?", (len(change_rows), run_id)
         )
-    if watermark is not None:
-        conn.execute(
-            "UPDATE workspaces SET create_watermark = ? WHERE workspace_id = ?"
-            " AND (create_watermark IS NULL OR create_watermark < ?)",
-            (watermark, workspace_id, watermark),
-        )
+    _set_watermark(conn, workspace_id, watermark)
     if on_changes is not None and change_rows:
         on_changes(conn, change_rows)
     return change_rows

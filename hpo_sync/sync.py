@@ -123,6 +123,9 @@ class SweepResult:
     #: ``error`` is about the skipped records (the notes then do not repeat them)
     error_tells_skipped: bool = False
     baseline: bool = False
+    #: the sweep's listing of what is new (a full sweep's whole listing, a hot sweep's of
+    #: what was created since the watermark) was read whole: the watermark may move
+    listed_new: bool = False
     duration_s: float = 0.0
     error: str | None = None
     error_code: str | None = None
@@ -276,6 +279,7 @@ class SyncEngine:
             experiments_seen=result.experiments_seen,
             error=result.error,
             baseline=result.baseline,
+            raise_watermark=result.listed_new,
         )
         event = log.info if result.status == "ok" else log.warning
         event(
@@ -453,6 +457,7 @@ class SyncEngine:
         if not listing.complete:
             _incomplete(result, listing)
             return
+        result.listed_new = True  # every page applied: nothing older is missing
         result.skipped_records += listing.skipped
         if _unreadable(result):
             return
@@ -789,6 +794,7 @@ class SyncEngine:
         # Records without a readable ExperimentId: the listings left them out of the pages
         # they handed on, and counted them (the feed's pages count theirs as applied).
         result.skipped_records += sum(listing.skipped for listing in listings.values())
+        result.listed_new = "new" in listings and listings["new"].complete
         incomplete = [label for label, listing in listings.items() if not listing.complete]
         if incomplete:
             result.status = "partial"

@@ -424,6 +424,9 @@ def test_workspace_state(store: Store) -> None:
     store.record_success("ws1", "hot", "2024-03-01T00:02:00.250Z")
     store.set_workspace_error("ws1", "Throttling.User", T3)
     state = store.workspace_state("ws1")
+    assert state is not None and state.create_watermark is None  # batches do not move it
+    store.raise_watermark("ws1")  # a listing of what is new was read whole
+    state = store.workspace_state("ws1")
     assert state is not None
     assert state.label == "Research"
     assert state.create_watermark == "2024-02-03T00:00:00Z"

@@ -298,6 +298,47 @@ async def test_a_row_that_shifts_between_pages_is_not_taken_for_deleted(tmp_path
         assert_mirror_equals_truth(rig.store, rig.sim, ws)
 
 
+async def test_a_full_sweep_that_fails_part_way_does_not_hide_new_experiments(
+    tmp_path: Path,
+) -> None:
+    """300 experiments created since the baseline fill pages 3-5 of a full sweep whose
+    page 4 keeps failing: pages 3 and 5 are applied, the sweep is partial. The create
+    watermark must not move past page 4's experiments: it used to, with page 5's, and
+    hot sweeps, which list what was created since the watermark, never saw them (nor
+    alerted on them) until the next full sweep (unless upstream's modified feed did)."""
+    async for rig in make_rig(tmp_path, _still_world(200, seed=14), retry_max_attempts=1):
+        ws, world = rig.sim.world.workspace_ids[0], rig.sim.world
+        assert (await rig.engine.sweep(ws)).status == "ok"
+        newest = parse_time(world.truth(ws)[-1]["GmtCreateTime"])
+        assert newest is not None
+        world.advance(20 * 3600)
+        for n in range(300):
+            at = (newest + timedelta(minutes=1 + 4 * n)).strftime("%Y-%m-%dT%H:%M:%SZ")
+            world.mutate(create={"WorkspaceId": ws, "Name": f"n{n}", "Status": "FINISHED",
+                                 "GmtCreateTime": at})  # fmt: skip
+        original = world.list
+
+        def page_4_fails(params: Any, original: Any = original) -> Any:
+            if params.get("PageNumber") == "4" and "MinCreateTime" not in params:
+                raise RuntimeError("page 4 is down")
+            return original(params)
+
+        world.list = page_4_fails  # type: ignore[method-assign]
+        try:
+            result = await rig.engine.sweep(ws, "full")
+        finally:
+            world.list = original  # type: ignore[method-assign]
+        assert result.status == "partial", result.summary()
+        assert len(mirror_rows(rig.store, ws)) == 400  # pages 1-3 and 5
+        # (no modified feed, which would list them all: they were created last)
+        with sorts_refused(world, "GmtModifiedTime", "update_time"):
+            result = await rig.engine.sweep(ws, "hot")
+        assert result.status == "ok", result.error
+        assert_mirror_equals_truth(rig.store, rig.sim, ws)
+        state = rig.store.workspace_state(ws)
+        assert state is not None and state.create_watermark == world.truth(ws)[-1]["GmtCreateTime"]
+
+
 async def test_a_full_sweep_whose_count_moved_says_a_new_experiment_may_wait(
     tmp_path: Path,
 ) -> None:
