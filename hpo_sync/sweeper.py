@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import pickle
@@ -549,7 +550,19 @@ async def child_main(channel: _Channel) -> int:
     engine = SyncEngine(config, client, store, on_changes=on_changes)
     sweeps: dict[int, asyncio.Task[None]] = {}
 
+    started: set[int] = set()
+
+    def unstarted(req: int, task: asyncio.Task[None]) -> None:
+        # A task cancelled before it began ("sweep" and "cancel" read back to back, as when
+        # the daemon is stopped right after it started its sweeps) never runs its body:
+        # answer for it here, or the daemon waits CANCEL_WAIT_S for the answer.
+        if req not in started:
+            channel.send(("result", req, None))
+            sweeps.pop(req, None)
+        started.discard(req)
+
     async def run(req: int, workspace_id: str, mode: SweepMode) -> None:
+        started.add(req)
         outcome: SweepResult | str | None = None  # None: cancelled
         try:
             outcome = await engine.sweep(workspace_id, mode)
@@ -575,6 +588,7 @@ async def child_main(channel: _Channel) -> int:
             if message[0] == "sweep":
                 _, req, workspace_id, mode = message
                 sweeps[req] = asyncio.create_task(run(req, workspace_id, mode))
+                sweeps[req].add_done_callback(functools.partial(unstarted, req))
             elif message[0] == "cancel":
                 task = sweeps.get(message[1])
                 if task is not None:

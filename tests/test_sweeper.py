@@ -140,6 +140,36 @@ async def test_a_cancelled_sweep_closes_its_run_and_the_child_sweeps_again(rig: 
     assert rig.sweeper.pid == pid
 
 
+async def test_a_sweep_cancelled_before_the_child_started_it_still_gets_an_answer(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ "sweep" and "cancel" read back to back (a SIGTERM right after the daemon started
+    its sweeps): the child cancelled a task that had not begun, whose body, which sends the
+    answer, then never ran. The daemon waited CANCEL_WAIT_S (5 s) for every such sweep
+    before it could stop; here that wait is a minute, and the answer must come at once."""
+    from hpo_sync import sweeper as sweeper_mod
+
+    await rig.sweeper.sweep(WS)  # the child runs, and the baseline is done
+    monkeypatch.setattr(sweeper_mod, "CANCEL_WAIT_S", 60.0)
+    pid = rig.sweeper.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)  # as busy starting: it reads both messages at once
+    try:
+        task = asyncio.create_task(rig.sweeper.sweep(WS))
+        for _ in range(10_000):  # until "sweep" is sent
+            if rig.sweeper._pending:
+                break
+            await asyncio.sleep(0.001)
+        task.cancel()
+        await asyncio.sleep(0.2)  # "cancel" is sent too
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    done, _ = await asyncio.wait({task}, timeout=20)  # bounds a hang only
+    assert done and task.cancelled()
+    result = await rig.sweeper.sweep(WS)  # and the child sweeps on
+    assert result.status == "ok" and result.mode == "hot"
+
+
 async def test_a_reload_reaches_the_child(rig: Rig) -> None:
     await rig.sweeper.sweep(WS)  # the baseline
     before = await rig.sweeper.sweep(WS, "hot")
