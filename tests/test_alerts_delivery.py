@@ -200,6 +200,35 @@ async def test_every_target_gets_one_signed_digest(
         assert secret not in dumped
 
 
+async def test_a_huge_answer_is_read_only_as_far_as_it_matters() -> None:
+    """A receiver that answers 200 with 8 MiB (a proxy's error page, a hostile endpoint):
+    the daemon reads the first 64 KiB, not the whole body into memory (a 300 MB answer
+    took a daemon from 60 MB to 1 GB). A short answer is read whole."""
+    from hpo_sync.alerts.service import MAX_ANSWER_BYTES, send_message
+
+    huge = b"x" * (8 * 1024 * 1024)
+
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        body = huge if request.path == "/huge" else b"ok"
+        return web.Response(body=body, content_type="text/plain")
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", answer)
+    runner, port = await serve(app)
+    try:
+        async with aiohttp.ClientSession() as session:
+            for path, expected in (("/huge", huge[:MAX_ANSWER_BYTES]), ("/ok", b"ok")):
+                url = Secret(f"http://127.0.0.1:{port}{path}", "t")
+                got = await send_message(
+                    session, TargetConfig("t", "teams", url), {"text": "hi"}, now=now(),
+                    msg_id="m1",
+                )  # fmt: skip
+                assert got.status == 200 and got.body == expected
+    finally:
+        await runner.cleanup()
+
+
 async def test_receiver_down_then_up_delivers_exactly_once(
     receivers: Receivers, store: Store, db: Path
 ) -> None:

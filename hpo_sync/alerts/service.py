@@ -54,6 +54,11 @@ BACKOFF_MAX_S = 600.0
 RETRY_AFTER_MAX_S = 3600.0
 POLL_S = 1.0
 REQUEST_TIMEOUT_S = 10.0
+#: How much of a target's answer is read: enough for any chat API's JSON answer (an error
+#: code and its message) and the 200 characters shown of it; the rest is not read, so a
+#: receiver answering with a huge body (a proxy's error page, a hostile endpoint) cannot
+#: make the daemon hold it in memory.
+MAX_ANSWER_BYTES = 64 * 1024
 
 
 def _utcnow() -> datetime:
@@ -166,7 +171,21 @@ async def send_message(
         timeout=timeout,
         allow_redirects=False,
     ) as resp:
-        return Answer(resp.status, dict(resp.headers), await resp.read())
+        return Answer(resp.status, dict(resp.headers), await _read_at_most(resp))
+
+
+async def _read_at_most(resp: aiohttp.ClientResponse, limit: int = MAX_ANSWER_BYTES) -> bytes:
+    """The first ``limit`` bytes of ``resp``'s body (the connection is not reused if more
+    were sent)."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = await resp.content.read(limit - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 @contextmanager
