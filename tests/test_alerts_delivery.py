@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 from hpo_sync.alerts import outbox as queue
-from hpo_sync.alerts.classify import Retry
+from hpo_sync.alerts.classify import Retry, Sent
 from hpo_sync.alerts.cli import list_rows
 from hpo_sync.alerts.receivers import Receivers
 from hpo_sync.alerts.service import RATE_LIMITS, AlertWorker, backoff_s
@@ -656,6 +656,33 @@ async def test_stalled_and_recovered_workspace(
     assert events.count("alert.workspace_recovered") == 2
 
 
+async def test_stall_notices_wait_as_long_as_the_target_asked(
+    receivers: Receivers, store: Store, db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stall notice answered with a wait (429 and Retry-After 40 s) was tried again the
+    next round, a second later, and every round after; nor did notices wait for a target
+    whose alerts wait a backoff. They go once the wait is over."""
+    cfg = make_config(db, receivers, ("slack",), stalled_after_s=60)
+    cfg = Config(store=cfg.store, alerts=cfg.alerts, workspaces=(WorkspaceConfig("ws1", "nlp"),))
+    t = now()
+    store.record_success("ws1", "hot", format_time(t - timedelta(seconds=600)))
+    worker = AlertWorker(store, cfg, clock=lambda: t)
+    calls: list[str] = []
+    answers = iter([Retry("HTTP 429", after_s=40.0)])
+
+    async def scripted(target: Any, message: Any, msg_id: str) -> Any:
+        calls.append(msg_id)
+        return next(answers, Sent())
+
+    monkeypatch.setattr(worker, "_send", scripted)
+    for second in (0, 1, 20, 39):
+        await worker.run_once(now=t + timedelta(seconds=second))
+    assert len(calls) == 1 and worker.stalled == set()
+    await worker.run_once(now=t + timedelta(seconds=41))
+    assert len(calls) == 2 and worker.stalled == {"ws1"}
+    await worker.close()
+
+
 async def test_a_round_without_stalls_sends_no_stall_notice(
     receivers: Receivers, store: Store, db: Path
 ) -> None:
@@ -998,6 +1025,39 @@ async def test_a_wait_asked_for_runs_from_the_answer_not_the_start_of_the_round(
     (row,) = outbox(db)
     waited = datetime.fromisoformat(row["next_attempt_at"]) - t
     assert waited >= timedelta(seconds=4), waited  # 1.5 s of pacing, then the 3 s asked
+    await worker.close()
+
+
+async def test_a_target_that_asked_to_wait_gets_no_newer_alert_first(
+    receivers: Receivers, store: Store, db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 429 with Retry-After 40 s held back only the rows it refused: an alert raised 12 s
+    later went out inside that wait (for DingTalk, sending on after 130101 is what gets a
+    bot banned), and ahead of the older alert (of the same experiment, it may be). Newer
+    rows of a target wait behind its oldest waiting row; then all go, oldest first."""
+    worker = AlertWorker(store, make_config(db, receivers, ("slack",)), rate_limits={})
+    world = World(store, worker, 2)
+    world.fail(world.ids[:1])  # alert A
+    sent: list[tuple[int, ...]] = []
+    answers = iter([Retry("HTTP 429", after_s=40.0)])
+
+    async def scripted(target: Any, message: Any, msg_id: str) -> Any:
+        answer = next(answers, None)
+        if answer is None:
+            sent.append(tuple(message.outbox_ids))
+            return Sent()
+        return answer
+
+    monkeypatch.setattr(worker, "_send", scripted)
+    t = now() + timedelta(seconds=6)
+    assert await worker.run_once(now=t, flush=True) == 0
+    world.fail(world.ids[1:])  # alert B, 12 s later
+    assert await worker.run_once(now=t + timedelta(seconds=12), flush=True) == 0
+    assert sent == []
+    assert await worker.run_once(now=t + timedelta(seconds=41), flush=True) >= 1
+    ids = [i for message in sent for i in message]
+    assert ids == sorted(r["id"] for r in outbox(db)) and len(ids) >= 2
+    assert all(r["status"] == "sent" for r in outbox(db))
     await worker.close()
 
 

@@ -130,12 +130,27 @@ def due_rows(conn: sqlite3.Connection, now: datetime, limit: int = 1000) -> list
     whatever comes later under it).
 
     The limit is per target: a target working through a long backlog at its rate limit
-    (WeCom: 20 messages a minute) never keeps the others' newer alerts from being read."""
+    (WeCom: 20 messages a minute) never keeps the others' newer alerts from being read.
+
+    A target's rows newer than its oldest row still waiting (a retry after a backoff or
+    the wait it asked for: 429 and Retry-After, DingTalk's 130101) are not due either: they
+    would reach it inside that wait (DingTalk bans a bot that sends on), and ahead of older
+    alerts. They go with it, oldest first, once it is due."""
     out: dict[int, DueRow] = {}
+    at = format_time(now)
     due = "(o.next_attempt_at IS NULL OR o.next_attempt_at <= ?)"
     targets = conn.execute("SELECT DISTINCT target FROM alert_outbox WHERE status = ?", (PENDING,))
     for (target,) in targets.fetchall():
-        _read_due(conn, f"o.target = ? AND {due}", (target, format_time(now), limit), out)
+        (waiting,) = conn.execute(
+            "SELECT min(id) FROM alert_outbox WHERE target = ? AND status = ?"
+            " AND next_attempt_at > ?",
+            (target, PENDING, at),
+        ).fetchone()
+        if waiting is None:
+            _read_due(conn, f"o.target = ? AND {due}", (target, at, limit), out)
+        else:
+            where = f"o.target = ? AND {due} AND o.id < ?"
+            _read_due(conn, where, (target, at, waiting, limit), out)
     messages = sorted({r.message_id for r in out.values() if r.message_id is not None})
     for start in range(0, len(messages), 500):
         chunk = tuple(messages[start : start + 500])
@@ -189,6 +204,15 @@ def recent_sends(conn: sqlite3.Connection, target: str, since: datetime) -> list
         )
         if (t := parse_time(sent_at)) is not None
     ]
+
+
+def waiting_targets(conn: sqlite3.Connection, now: datetime) -> set[str]:
+    """The targets with a pending row not due before ``now`` (see :func:`due_rows`)."""
+    rows = conn.execute(
+        "SELECT DISTINCT target FROM alert_outbox WHERE status = ? AND next_attempt_at > ?",
+        (PENDING, format_time(now)),
+    )
+    return {target for (target,) in rows}
 
 
 def mark_sent(conn: sqlite3.Connection, ids: Sequence[int], now: datetime) -> None:

@@ -243,6 +243,8 @@ class AlertWorker:
         self._busy: dict[str, asyncio.Task[int]] = {}
         #: per target, its stall notices going out (see :meth:`check_stalls`)
         self._announcing: dict[str, asyncio.Task[None]] = {}
+        #: per target, when a stall notice it asked to wait for (429, 130101…) may go again
+        self._notice_wait: dict[str, datetime] = {}
 
     # --- the daemon's seam ---------------------------------------------------------------
 
@@ -420,10 +422,13 @@ class AlertWorker:
             parsed = [p for p in (parse_time(t) for t in times) if p is not None]
             last[ws] = max(parsed, default=None)
         labels = {w.id: w.label for w in self.config.workspaces}
+        waiting = await asyncio.to_thread(self._waiting, now)
         started = []
         for target in self.config.alerts.targets:
             if target.name in self._announcing:
                 continue  # its notices of an earlier round are still going out
+            if target.name in waiting or now < self._notice_wait.get(target.name, now):
+                continue  # it asked to wait (or its alerts wait a backoff): later
             told = self._stalled.setdefault(target.name, set())
             notices = stall_notices(
                 last, labels, told, now, self.config.alerts.stalled_after_s, self._since
@@ -444,6 +449,8 @@ class AlertWorker:
                     told.add(notice.workspace_id)
                 else:
                     told.discard(notice.workspace_id)
+            elif target.name in self._notice_wait:
+                return  # it asked to wait: the rest go after that wait, next rounds
 
     @property
     def stalled(self) -> set[str]:
@@ -469,7 +476,14 @@ class AlertWorker:
             return True
         reason = getattr(outcome, "reason", "")
         log.warning(event, target=target.name, workspace=notice.workspace_id, reason=reason)
+        if isinstance(outcome, Retry) and outcome.after_s is not None:
+            wait_s = min(outcome.after_s, RETRY_AFTER_MAX_S)
+            self._notice_wait[target.name] = self.clock() + timedelta(seconds=wait_s)
         return False
+
+    def _waiting(self, now: datetime) -> set[str]:
+        with self.store.reader() as conn:
+            return outbox.waiting_targets(conn, now)
 
     def _due(
         self, now: datetime, max_age_s: float, busy: frozenset[str] = frozenset()
