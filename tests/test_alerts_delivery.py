@@ -768,15 +768,18 @@ async def test_one_oversized_alert_is_cut_to_fit_and_accepted(
         ("webhook", 429, {"Retry-After": "inf"}, "slow down"),
         ("webhook", 503, {"Retry-After": "1e300"}, "maintenance"),
         ("discord", 429, {}, json.dumps({"message": "rate limited", "retry_after": 1e300})),
+        ("webhook", 429, {"Retry-After": "0"}, "now"),
+        ("discord", 429, {}, json.dumps({"message": "rate limited", "retry_after": 0})),
     ],
-    ids=["inf", "huge", "discord-json"],
+    ids=["inf", "huge", "discord-json", "zero", "discord-zero"],
 )
 async def test_an_absurd_retry_after_waits_a_bounded_time(
     kind: str, status: int, headers: dict[str, str], body: str, store: Store, db: Path
 ) -> None:
     """A target asking to wait "inf" or 1e300 seconds is retried after a bounded wait. Such a
     value used to overflow the retry time: the round failed before recording the attempt, so
-    the worker posted the message again every second, forever."""
+    the worker posted the message again every second, forever. A wait of 0 gets the
+    backoff: taken literally, the message went again every round until it expired."""
     hits: list[str] = []
 
     async def answer(request: web.Request) -> web.Response:

@@ -476,7 +476,7 @@ class AlertWorker:
             return True
         reason = getattr(outcome, "reason", "")
         log.warning(event, target=target.name, workspace=notice.workspace_id, reason=reason)
-        if isinstance(outcome, Retry) and outcome.after_s is not None:
+        if isinstance(outcome, Retry) and outcome.after_s:
             wait_s = min(outcome.after_s, RETRY_AFTER_MAX_S)
             self._notice_wait[target.name] = self.clock() + timedelta(seconds=wait_s)
         return False
@@ -625,10 +625,9 @@ class AlertWorker:
 
         delay = 0.0
         if isinstance(outcome, Retry):
+            # (a wait of 0 is no wait: the message would go again every round, ~1/s)
             delay = (
-                min(outcome.after_s, RETRY_AFTER_MAX_S)
-                if outcome.after_s is not None
-                else backoff_s(attempts)
+                min(outcome.after_s, RETRY_AFTER_MAX_S) if outcome.after_s else backoff_s(attempts)
             )
         await asyncio.to_thread(write)
         if isinstance(outcome, Sent):
