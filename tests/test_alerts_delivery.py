@@ -683,6 +683,38 @@ async def test_stall_notices_wait_as_long_as_the_target_asked(
     await worker.close()
 
 
+async def test_a_wait_asked_for_once_does_not_stop_later_notices(
+    receivers: Receivers, store: Store, db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two workspaces stall; the first one's notice is answered with a wait of 40 s, then
+    with 502s. After the wait, the second one's notice must still go: a wait that was over
+    used to end every round at the first notice that failed."""
+    cfg = make_config(db, receivers, ("slack",), stalled_after_s=60)
+    workspaces = (WorkspaceConfig("ws1", "nlp"), WorkspaceConfig("ws2", "cv"))
+    cfg = Config(store=cfg.store, alerts=cfg.alerts, workspaces=workspaces)
+    t = now()
+    for ws in ("ws1", "ws2"):
+        store.record_success(ws, "hot", format_time(t - timedelta(seconds=600)))
+    clock = [t]
+    worker = AlertWorker(store, cfg, clock=lambda: clock[0])
+    answers = iter([Retry("HTTP 429", after_s=40.0)])
+    calls: list[str] = []
+
+    async def scripted(target: Any, message: Any, msg_id: str) -> Any:
+        calls.append(msg_id)
+        if "_ws1_" in msg_id:
+            return next(answers, Retry("HTTP 502"))
+        return Sent()
+
+    monkeypatch.setattr(worker, "_send", scripted)
+    for second in (0, 41, 42, 43):
+        clock[0] = t + timedelta(seconds=second)
+        await worker.run_once(now=clock[0])
+    assert any("_ws2_" in c for c in calls), calls
+    assert worker.stalled == {"ws2"}
+    await worker.close()
+
+
 async def test_a_round_without_stalls_sends_no_stall_notice(
     receivers: Receivers, store: Store, db: Path
 ) -> None:
@@ -1062,6 +1094,30 @@ async def test_a_target_that_asked_to_wait_gets_no_newer_alert_first(
     assert ids == sorted(r["id"] for r in outbox(db)) and len(ids) >= 2
     assert all(r["status"] == "sent" for r in outbox(db))
     await worker.close()
+
+
+async def test_an_alert_waiting_for_quiet_hours_to_end_holds_no_other_back(
+    receivers: Receivers, store: Store, db: Path
+) -> None:
+    """Quiet hours also put an alert off (its next attempt is the end of the window), but
+    it was never attempted: the target did not ask anyone to wait, and an urgent alert of
+    another rule raised later goes at once, not hours later."""
+    t = now()
+    window = f"{(t - timedelta(hours=1)):%H:%M}-{(t + timedelta(hours=1)):%H:%M}"
+    cfg = make_config(db, receivers, ("slack",))
+    quiet = RuleConfig("finished", ("t-slack",), to_status=("FINISHED",), quiet_hours=window)
+    loud = RuleConfig("failed", ("t-slack",), to_status=("FAILED",))
+    alerts = AlertsConfig(group_wait_s=0, targets=cfg.alerts.targets, rules=(quiet, loud))
+    worker = AlertWorker(store, Config(store=cfg.store, alerts=alerts), rate_limits={})
+    world = World(store, worker, 2)
+    world._apply([exp(world.ids[0], "FINISHED")])  # put off to the end of quiet hours
+    world.fail(world.ids[1:])
+    assert await worker.run_once(now=t + timedelta(seconds=10)) == 1
+    await worker.close()
+    assert [(r["rule"], r["status"]) for r in outbox(db)] == [
+        ("finished", "pending"),
+        ("failed", "sent"),
+    ]
 
 
 async def test_a_slow_target_s_stall_notices_hold_up_no_other_target(

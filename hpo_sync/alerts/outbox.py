@@ -132,10 +132,11 @@ def due_rows(conn: sqlite3.Connection, now: datetime, limit: int = 1000) -> list
     The limit is per target: a target working through a long backlog at its rate limit
     (WeCom: 20 messages a minute) never keeps the others' newer alerts from being read.
 
-    A target's rows newer than its oldest row still waiting (a retry after a backoff or
-    the wait it asked for: 429 and Retry-After, DingTalk's 130101) are not due either: they
-    would reach it inside that wait (DingTalk bans a bot that sends on), and ahead of older
-    alerts. They go with it, oldest first, once it is due."""
+    A target's rows newer than its oldest row still waiting after an attempt (a retry after
+    a backoff or the wait it asked for: 429 and Retry-After, DingTalk's 130101) are not due
+    either: they would reach it inside that wait (DingTalk bans a bot that sends on), and
+    ahead of older alerts. They go with it, oldest first, once it is due. (A row that waits
+    for the end of its rule's quiet hours, never attempted, holds nothing back.)"""
     out: dict[int, DueRow] = {}
     at = format_time(now)
     due = "(o.next_attempt_at IS NULL OR o.next_attempt_at <= ?)"
@@ -143,7 +144,7 @@ def due_rows(conn: sqlite3.Connection, now: datetime, limit: int = 1000) -> list
     for (target,) in targets.fetchall():
         (waiting,) = conn.execute(
             "SELECT min(id) FROM alert_outbox WHERE target = ? AND status = ?"
-            " AND next_attempt_at > ?",
+            " AND attempts > 0 AND next_attempt_at > ?",
             (target, PENDING, at),
         ).fetchone()
         if waiting is None:
@@ -207,9 +208,11 @@ def recent_sends(conn: sqlite3.Connection, target: str, since: datetime) -> list
 
 
 def waiting_targets(conn: sqlite3.Connection, now: datetime) -> set[str]:
-    """The targets with a pending row not due before ``now`` (see :func:`due_rows`)."""
+    """The targets with a pending row attempted and not due again before ``now`` (see
+    :func:`due_rows`)."""
     rows = conn.execute(
-        "SELECT DISTINCT target FROM alert_outbox WHERE status = ? AND next_attempt_at > ?",
+        "SELECT DISTINCT target FROM alert_outbox WHERE status = ? AND attempts > 0"
+        " AND next_attempt_at > ?",
         (PENDING, format_time(now)),
     )
     return {target for (target,) in rows}

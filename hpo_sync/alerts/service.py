@@ -449,8 +449,10 @@ class AlertWorker:
                     told.add(notice.workspace_id)
                 else:
                     told.discard(notice.workspace_id)
-            elif target.name in self._notice_wait:
-                return  # it asked to wait: the rest go after that wait, next rounds
+            elif self.clock() < self._notice_wait.get(
+                target.name, datetime.min.replace(tzinfo=UTC)
+            ):
+                return  # it asked to wait just now: the rest go after that wait
 
     @property
     def stalled(self) -> set[str]:
@@ -473,6 +475,7 @@ class AlertWorker:
         event = f"alert.workspace_{notice.state}"
         if isinstance(outcome, Sent):
             log.info(event, target=target.name, workspace=notice.workspace_id)
+            self._notice_wait.pop(target.name, None)
             return True
         reason = getattr(outcome, "reason", "")
         log.warning(event, target=target.name, workspace=notice.workspace_id, reason=reason)
