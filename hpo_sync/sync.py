@@ -665,7 +665,10 @@ class SyncEngine:
                     max_create_time=high + WIDE_WINDOW,
                 )
                 try:
-                    found = await self._search(result, tally, wanted, query)
+                    # Only what it finds counts: the name look-up before it decided the
+                    # rest, and a listing of a creator's whole day that does not add up
+                    # (no usable TotalCount, say) must not make every such sweep fail.
+                    found = await self._search(result, tally, wanted, query, proves=False)
                 except FatalUpstreamError as exc:
                     if not rejects_parameter(exc):
                         raise
@@ -684,11 +687,18 @@ class SyncEngine:
         return still
 
     async def _search(
-        self, result: SweepResult, tally: Tally, ids: Sequence[str], query: ListQuery
+        self,
+        result: SweepResult,
+        tally: Tally,
+        ids: Sequence[str],
+        query: ListQuery,
+        *,
+        proves: bool = True,
     ) -> dict[str, dict[str, Any]]:
         """Those of ``ids`` that a listing of ``query`` returns. The rest are proven absent
         from it, or this raises: the listing was incomplete, did not add up over pages
-        (a row may have fallen between them), or held records without a readable id."""
+        (a row may have fallen between them), or held records without a readable id.
+        ``proves=False``: what it found, whatever the rest."""
         result.lookups += 1
         listing = await self.client.list_all(query, tally=tally)
         wanted = set(ids)
@@ -697,7 +707,7 @@ class SyncEngine:
             for raw in listing.experiments
             if (key := str(raw.get("ExperimentId"))) in wanted
         }
-        if len(found) == len(wanted):
+        if len(found) == len(wanted) or not proves:
             return found
         what = f"the look-up of {ids[0]}" if len(ids) == 1 else f"a look-up of {len(ids)}"
         if not listing.complete:
@@ -706,11 +716,15 @@ class SyncEngine:
             # Pages that do not add up to their count can have dropped it between them (rows
             # of one create time in another order on each page's query): no proof of absence.
             # Fewer rows than a page came on a short page 1, all there was: that one decides.
+            why = (
+                "had no usable TotalCount to be checked against"
+                if listing.uncounted
+                else f"did not add up to their TotalCount {listing.total_count}"
+            )
             raise UpstreamError(
                 f"{what} read {listing.pages_read} pages whose "
-                f"{len(listing.seen_ids)} experiments did not add up to their TotalCount "
-                f"{listing.total_count}: it may have fallen between pages, so it is not "
-                "marked deleted",
+                f"{len(listing.seen_ids)} experiments {why}: it may have fallen between "
+                "pages, so it is not marked deleted",
                 code="LookupInconclusive",
                 workspace_id=result.workspace_id,
             )
@@ -1184,11 +1198,13 @@ def _wide(created: datetime | None) -> dict[str, datetime]:
 
 
 def _merged_wide(times: Iterable[datetime]) -> list[tuple[datetime, datetime]]:
-    """``times`` grouped into stretches whose ±:data:`WIDE_WINDOW` windows overlap: the
-    first and last time of each (one look-up each, widened by the window on both sides)."""
+    """``times`` grouped into stretches of at most twice :data:`WIDE_WINDOW`: the first
+    and last time of each (one look-up each, widened by the window on both sides)."""
     out: list[tuple[datetime, datetime]] = []
     for t in sorted(times):
-        if out and t - out[-1][1] <= 2 * WIDE_WINDOW:
+        # (a stretch spans 28 h at most: a creator's deletions spread over months must not
+        # make one listing of everything they made in that time)
+        if out and t - out[-1][0] <= 2 * WIDE_WINDOW:
             out[-1] = (out[-1][0], t)
         else:
             out.append((t, t))

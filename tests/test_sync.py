@@ -12,7 +12,7 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -1306,6 +1306,50 @@ async def test_a_renamed_experiment_is_not_deleted_where_upstream_reads_another_
         assert_mirror_equals_truth(rig.store, rig.sim, ws)
         fields = [c.field for c in rig.store.history(experiment_id=renamed)]
         assert "Deleted" not in fields
+
+
+async def test_a_creator_look_up_that_does_not_add_up_still_lets_a_deletion_be_marked(
+    tmp_path: Path,
+) -> None:
+    """An upstream without a usable TotalCount: no listing of more than a page adds up, and
+    a creator's experiments of a day are more than a page (20 here). The look-up by creator
+    counts for what it finds only; it used to fail every sweep that found an experiment
+    gone (LookupInconclusive), where the name look-up had decided before it existed."""
+    async for rig in make_rig(tmp_path, _still_world(120, seed=15), page_size=20):
+        ws, world = rig.sim.world.workspace_ids[0], rig.sim.world
+        original = world.list
+
+        def uncounted(params: Any, original: Any = original) -> Any:
+            return None, original(params)[1]
+
+        newest = parse_time(world.truth(ws)[-1]["GmtCreateTime"])
+        assert newest is not None
+        for n in range(30):  # one creator's busy hour: more than a page
+            at = (newest + timedelta(minutes=2 * n)).strftime("%Y-%m-%dT%H:%M:%SZ")
+            world.mutate(create={"WorkspaceId": ws, "Name": f"d{n}", "Status": "FINISHED",
+                                 "Creator": "dense", "GmtCreateTime": at})  # fmt: skip
+        victim = next(e["ExperimentId"] for e in world.truth(ws) if e["Creator"] == "dense")
+        world.list = uncounted  # type: ignore[method-assign]
+        try:
+            assert (await rig.engine.sweep(ws)).status == "ok"
+            world.mutate(victim, delete=True)
+            result = await rig.engine.sweep(ws, "full")
+        finally:
+            world.list = original  # type: ignore[method-assign]
+        assert result.status == "ok" and result.marked_deleted == 1, result.error
+        assert mirror_rows(rig.store, ws)[victim]["deleted"] == 1
+        assert_mirror_equals_truth(rig.store, rig.sim, ws)
+
+
+def test_look_ups_by_creator_span_a_day_or_so_each() -> None:
+    from hpo_sync.sync import WIDE_WINDOW, _merged_wide
+
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    daily = [t0 + timedelta(days=d) for d in range(60)]  # one deletion a day, two months
+    stretches = _merged_wide(daily)
+    assert all(high - low <= 2 * WIDE_WINDOW for low, high in stretches)
+    assert len(stretches) == 30  # pairs of days, not one listing of two months
+    assert _merged_wide([t0, t0 + timedelta(hours=3)]) == [(t0, t0 + timedelta(hours=3))]
 
 
 async def test_an_upstream_that_refuses_a_creator_filter_still_gets_deletions(
