@@ -716,13 +716,19 @@ class UpstreamClient:
             await self._page_until_empty(query, [first], size, tally, listing, take, seen)
             return listing
         got = len(first.experiments)
+        grew: Page | None = None
         if first.total_count == got and (got == size or (check_short and got)):
             # A full page whose count is its own size: the workspace holds exactly one page,
             # or the server counts the page rather than the listing (then trusting it would
             # read page 1 only, and a full sweep would call the rest deleted). Page 2 tells
             # which, for one call more in this one case (and for a short page 1 when asked).
             second = await self._past_the_only_page(query, first, size, tally)
-            if second is not None:
+            if second is not None and second.total_count is not None and second.total_count > got:
+                # Page 2 counts more than page 1 held: the listing's count after all, which
+                # grew between the two calls (an experiment created meanwhile). Not a server
+                # that counts pages: that page is the listing's second, read on from there.
+                grew = second
+            elif second is not None:
                 self.counts_pages = True
                 log.warning(
                     "upstream.total_count_per_page", workspace=query.workspace_id, count=got
@@ -741,6 +747,9 @@ class UpstreamClient:
             size = got
         listing.pages_expected = max(1, math.ceil(first.total_count / size))
         await take(first)
+        if grew is not None:
+            await take(grew)
+            listing.pages_expected = max(2, math.ceil(listing.total_count / size))
 
         # A few workers share the page numbers: they bound the pages fetched but not yet
         # handed to on_page (a slow consumer cannot make pages pile up in memory), and a
@@ -750,6 +759,8 @@ class UpstreamClient:
         first_empty = math.inf  # the first page that came back empty too early
         sizes = {1: got}  # experiments per page number read
         edges = {1: _create_time_edges(first)}  # each page's first and last GmtCreateTime
+        if grew is not None:
+            sizes[2], edges[2] = len(grew.experiments), _create_time_edges(grew)
         short_listing: UpstreamError | None = None
 
         async def fetch(numbers: Iterator[int]) -> None:
@@ -784,7 +795,7 @@ class UpstreamClient:
                     short_listing = short_listing or listing.error
                 await take(page)
 
-        first_page, rounds = 2, 0
+        first_page, rounds = (2 if grew is None else 3), 0
         while listing.pages_expected >= first_page:
             numbers = iter(range(first_page, listing.pages_expected + 1))
             # TaskGroup cancels the other pages as soon as one fails fatally.

@@ -783,6 +783,31 @@ async def test_a_capped_page_size_with_a_count_of_the_page_is_found_out_when_ask
     assert [len(p.experiments) for p in pages] == [50, 50, 30, 0]
 
 
+async def test_a_listing_that_grew_between_page_1_and_page_2_keeps_its_count(
+    capture: Capture,
+) -> None:
+    """Exactly one full page, counted, then an experiment is created before page 2 is
+    asked: page 2 holds it and counts 101. That is the listing's count, grown, not a server
+    that counts pages; taking it for one made the client trust no count for the rest of
+    the process, and every later listing of every workspace was paged until an empty page
+    and never added up."""
+    capture.experiments = [{"ExperimentId": f"e{i:03d}"} for i in range(100)]
+
+    async def first_then_grow(request: web.Request) -> web.StreamResponse:
+        answer = await capture.listing(request)
+        capture.experiments.append({"ExperimentId": "e100"})
+        return answer
+
+    capture.script.append(first_then_grow)
+    async with make_client(capture.base_url) as client:
+        listing = await client.list_all(ListQuery(workspace_id="w1"), page_size=100)
+        assert client.stats.api_calls == 2 and not client.counts_pages
+        assert listing.complete and not listing.uncounted and len(listing.seen_ids) == 101
+        assert listing.totals_seen == {100, 101}  # (so it does not add up: it moved)
+        again = await client.list_all(ListQuery(workspace_id="w2"), page_size=100)
+    assert again.consistent and not again.uncounted and len(again.seen_ids) == 101
+
+
 @pytest.mark.parametrize(
     "past_end", ["an empty page", "repeats the last page", "refuses the page number"]
 )
