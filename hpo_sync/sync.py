@@ -806,8 +806,9 @@ class SyncEngine:
             if self._bumps.get(ws) is not False and ws not in self._feed_refused:
                 group.create_task(self._modified_feed(result, tally, state, on_page))
         # Records without a readable ExperimentId: the listings left them out of the pages
-        # they handed on, and counted them (the feed's pages count theirs as applied).
-        result.skipped_records += sum(listing.skipped for listing in listings.values())
+        # they handed on, and counted them (the feed's pages count theirs as applied;
+        # the largest count of one listing: the same record can come in several of them)
+        result.skipped_records += max((listing.skipped for listing in listings.values()), default=0)
         result.listed_new = "new" in listings and listings["new"].complete
         incomplete = [label for label, listing in listings.items() if not listing.complete]
         if incomplete:
@@ -1052,8 +1053,14 @@ def _note_count_moved(result: SweepResult, listing: Listing) -> None:
     missing; one it does not hold yet (new since the last sweep) is read by the next sweep
     (a hot sweep's listing of what is new, or of its status; else the next full sweep).
     Reading the workspace again to rule that out would double every such sweep, so the
-    run says so instead of a plain ``ok``."""
-    if len(listing.totals_seen) > 1 and not any(n.startswith(_COUNT_MOVED) for n in result.notes):
+    run says so instead of a plain ``ok`` — when its ids fall short of the largest count:
+    creations alone, read on to, leave nothing out."""
+    short = len(listing.seen_ids) < max(listing.totals_seen, default=0)
+    if (
+        len(listing.totals_seen) > 1
+        and short
+        and not any(n.startswith(_COUNT_MOVED) for n in result.notes)
+    ):
         totals = sorted(listing.totals_seen)
         result.notes.append(
             f"{_COUNT_MOVED} between {totals[0]} and {totals[-1]} while the pages were read: "

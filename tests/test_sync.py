@@ -298,6 +298,33 @@ async def test_a_row_that_shifts_between_pages_is_not_taken_for_deleted(tmp_path
         assert_mirror_equals_truth(rig.store, rig.sim, ws)
 
 
+async def test_a_full_sweep_whose_count_grew_by_creations_alone_says_nothing(
+    tmp_path: Path,
+) -> None:
+    """Experiments created while the pages are read come after the last page planned, and
+    the listing reads on to them: nothing is left out, so no note (in a busy workspace
+    one on every full sweep would say nothing)."""
+    options = SimOptions(experiments=200, workspaces=1, seed=4, drift=False, create_per_min=0.0)
+    async for rig in make_rig(tmp_path, options, page_size=10, max_concurrency=1):
+        ws, world = rig.sim.world.workspace_ids[0], rig.sim.world
+        assert (await rig.engine.sweep(ws)).status == "ok"
+        original = world.list
+
+        def list_and_create(
+            params: Any, original: Any = original, world: Any = world, ws: str = ws
+        ) -> Any:
+            if params.get("PageNumber") == "5" and len(world.truth(ws)) == 200:
+                world.advance(1)
+                world.mutate(create={"WorkspaceId": ws, "Name": "new", "Status": "RUNNING"})
+            return original(params)
+
+        world.list = list_and_create  # type: ignore[method-assign]
+        result = await rig.engine.sweep(ws, "full")
+        world.list = original  # type: ignore[method-assign]
+        assert result.status == "ok" and not result.all_notes(), result.summary()
+        assert_mirror_equals_truth(rig.store, rig.sim, ws)
+
+
 async def test_a_full_sweep_that_fails_part_way_does_not_hide_new_experiments(
     tmp_path: Path,
 ) -> None:
