@@ -176,8 +176,16 @@ def setup_logging(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    if _command_word(argv) == "run":
-        held_signals.hold()  # until the daemon's event loop handles them
+    if _command_word(argv) != "run":
+        return _main(argv)
+    held_signals.hold()  # until the daemon's event loop handles them
+    try:
+        return _main(argv)
+    finally:
+        held_signals.restore()  # (run returned before it took them over: a bad config)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     _open_closed_streams()
     parser = build_parser(_own_command(argv))
     try:
@@ -603,6 +611,6 @@ log = structlog.get_logger(__name__)
 if __name__ == "__main__":  # pragma: no cover
     # Run hpo_sync.cli's own main: as __main__ this module's classes (UsageError) would be
     # copies that commands importing hpo_sync.cli do not raise.
-    from hpo_sync.cli import main as _main
+    from hpo_sync.cli import main as _real_main
 
-    sys.exit(_main())
+    sys.exit(_real_main())

@@ -29,6 +29,16 @@ def _record(signum: int, frame: FrameType | None) -> None:
     _held.append(signum)
 
 
+def restore() -> None:
+    """Give the signals still recorded here their default action back, and forget what
+    was recorded (``main`` returned before a daemon took them over)."""
+    for sig in HELD:
+        if signal.getsignal(sig) is _record:
+            default = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+            signal.signal(sig, default)
+    _held.clear()
+
+
 def release() -> list[int]:
     """The signals recorded so far, each once, in the order they first came. Call it after
     installing the handlers that take over, so that none can fall in between."""

@@ -361,3 +361,21 @@ def test_readiness_tells_stalled_workspaces_without_changing_the_verdict() -> No
     assert not readiness(["2"], states, {}, NOW, stalled_after_s=200, since=started)["workspaces"][
         "2"
     ]["stalled"]
+
+
+def test_signals_held_while_run_starts_get_their_default_action_back_if_it_fails(
+    tmp_path: Path,
+) -> None:
+    """``main`` holds SIGTERM, SIGINT and SIGHUP from its first line for ``run``; a run that
+    returns before its daemon took them over (a broken config: exit 2) gives them back, so
+    a process calling ``main`` goes on with its handlers as they were."""
+    import signal
+
+    from hpo_sync import held_signals
+    from hpo_sync.cli import main
+
+    before = {sig: signal.getsignal(sig) for sig in held_signals.HELD}
+    broken = tmp_path / "config.toml"
+    broken.write_text("[sync]\nhot_interval_s = 'soon'\n", encoding="utf-8")
+    assert main(["--config", str(broken), "run"]) == 2
+    assert {sig: signal.getsignal(sig) for sig in held_signals.HELD} == before
