@@ -631,9 +631,9 @@ class UpstreamClient:
             # (attempt counted the one that was not started)
             raise _exhausted(
                 spent.last, attempt - 1, throttled, started, workspace_id
-            ) from spent.last
+            ) from _unlinked(spent.last)
         except RetryableUpstreamError as exc:
-            raise _exhausted(exc, attempt, throttled, started, workspace_id) from exc
+            raise _exhausted(exc, attempt, throttled, started, workspace_id) from _unlinked(exc)
         finally:
             _break_cycle(retrying, state)
             last_error = None  # an exception held by this frame: a reference cycle
@@ -1148,6 +1148,15 @@ def _exhausted(
         workspace_id=workspace_id,
         hint="upstream kept failing; the next sweep will try again",
     )
+
+
+def _unlinked(exc: BaseException) -> BaseException:
+    """``exc`` without its traceback and context: the frames of tenacity's retry loop, which
+    the traceback holds, hold its RetryError, which holds ``exc`` again (a reference cycle
+    per call that gave up, left to the cyclic collector; see :func:`_break_cycle`). Its
+    message, code and request id, all a caller reads, stay."""
+    exc.__context__ = None
+    return exc.with_traceback(None)
 
 
 class _BudgetSpent(Exception):

@@ -1481,7 +1481,7 @@ async def test_a_tie_larger_than_a_page_is_read_again_in_one_page(since: datetim
 async def test_calls_leave_no_reference_cycles_behind(capture: Capture) -> None:
     """A full sweep runs the cyclic collector rarely (sync._full_sweep_gc): what a call leaves
     in reference cycles (tenacity's per-call state) would pile up, ~7 MB per 1,000 pages.
-    Retried calls and failed ones included."""
+    Retried calls, refused ones and ones given up on included."""
 
     async def calls(client: UpstreamClient) -> None:
         await client.list_page(ListQuery(), 1)
@@ -1490,8 +1490,11 @@ async def test_calls_leave_no_reference_cycles_behind(capture: Capture) -> None:
         capture.script.append(api_error(400, "Forbidden.RAM"))
         with pytest.raises(HpoSyncError):
             await client.list_page(ListQuery(), 1)  # refused: not retried
+        capture.script.extend([RETRYABLE["503"]] * 2)
+        with pytest.raises(RetriesExhaustedError):
+            await client.list_page(ListQuery(), 1)  # given up after its retries
 
-    async with make_client(capture.base_url) as client:
+    async with make_client(capture.base_url, retry_max_attempts=2) as client:
         await calls(client)  # what a first call sets up once is not garbage
         gc.collect()
         gc.disable()
