@@ -9,10 +9,11 @@ import itertools
 import random
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -274,18 +275,8 @@ async def test_a_row_that_shifts_between_pages_is_not_taken_for_deleted(tmp_path
         ordered = [e["ExperimentId"] for e in rig.sim.world.truth(ws)]  # create time ascending
         victim, boundary = ordered[3], ordered[20]  # boundary: first row of page 3
         world = rig.sim.world
-        original = world.list
-
-        def list_and_delete(
-            params: Any, world: Any = world, victim: str = victim, original: Any = original
-        ) -> Any:
-            if params.get("PageNumber") == "3" and world.get(victim) is not None:
-                world.mutate(victim, delete=True)
-            return original(params)
-
-        world.list = list_and_delete  # type: ignore[method-assign]
-        result = await rig.engine.sweep(ws, "full")
-        world.list = original  # type: ignore[method-assign]
+        with once_on_page(world, 3, partial(world.mutate, victim, delete=True)):
+            result = await rig.engine.sweep(ws, "full")
         assert result.status == "ok"
         assert result.lookups == 1  # the boundary row, found where it is
         rows = mirror_rows(rig.store, ws)
@@ -308,19 +299,10 @@ async def test_a_full_sweep_whose_count_grew_by_creations_alone_says_nothing(
     async for rig in make_rig(tmp_path, options, page_size=10, max_concurrency=1):
         ws, world = rig.sim.world.workspace_ids[0], rig.sim.world
         assert (await rig.engine.sweep(ws)).status == "ok"
-        original = world.list
-
-        def list_and_create(
-            params: Any, original: Any = original, world: Any = world, ws: str = ws
-        ) -> Any:
-            if params.get("PageNumber") == "5" and len(world.truth(ws)) == 200:
-                world.advance(1)
-                world.mutate(create={"WorkspaceId": ws, "Name": "new", "Status": "RUNNING"})
-            return original(params)
-
-        world.list = list_and_create  # type: ignore[method-assign]
-        result = await rig.engine.sweep(ws, "full")
-        world.list = original  # type: ignore[method-assign]
+        world.advance(1)
+        create = {"WorkspaceId": ws, "Name": "new", "Status": "RUNNING"}
+        with once_on_page(world, 5, partial(world.mutate, create=create)):
+            result = await rig.engine.sweep(ws, "full")
         assert result.status == "ok" and not result.all_notes(), result.summary()
         assert_mirror_equals_truth(rig.store, rig.sim, ws)
 
@@ -383,18 +365,8 @@ async def test_a_full_sweep_whose_count_moved_says_a_new_experiment_may_wait(
             world.mutate(create={"WorkspaceId": ws, "Name": f"new-{n}", "Status": "FINISHED"})
             world.advance(1)
         first_new = world.truth(ws)[200]["ExperimentId"]
-        original = world.list
-
-        def list_and_delete(
-            params: Any, world: Any = world, victim: str = victim, original: Any = original
-        ) -> Any:
-            if params.get("PageNumber") == "21" and world.get(victim) is not None:
-                world.mutate(victim, delete=True)
-            return original(params)
-
-        world.list = list_and_delete  # type: ignore[method-assign]
-        result = await rig.engine.sweep(ws, "full")
-        world.list = original  # type: ignore[method-assign]
+        with once_on_page(world, 21, partial(world.mutate, victim, delete=True)):
+            result = await rig.engine.sweep(ws, "full")
         assert result.status == "ok"
         assert first_new not in mirror_rows(rig.store, ws)
         assert any("TotalCount varied between 209 and 210" in n for n in result.all_notes())
@@ -429,13 +401,19 @@ async def test_a_listing_without_total_count_still_reads_every_page(
         assert result.status == "ok" and result.experiments_seen == 320
         assert result.api_calls == 5  # four pages with experiments and the empty one
         assert any(e["event"] == event for e in logs)
-        assert_mirror_equals_truth(rig.store, rig.sim, ws)
-        victim = next(iter(truth(rig.sim, ws)))
-        world.mutate(victim, delete=True)
-        result = await rig.engine.sweep(ws, "full")
-        assert result.status == "ok" and result.marked_deleted == 1
-        assert_mirror_equals_truth(rig.store, rig.sim, ws)
+        await assert_a_deletion_is_marked(rig, ws)
         world.list = original  # type: ignore[method-assign]
+
+
+async def assert_a_deletion_is_marked(rig: Rig, ws: str) -> None:
+    """The mirror equals the truth; then one experiment is deleted upstream, and the next
+    full sweep marks it, and only it."""
+    assert_mirror_equals_truth(rig.store, rig.sim, ws)
+    victim = next(iter(truth(rig.sim, ws)))
+    rig.sim.world.mutate(victim, delete=True)
+    result = await rig.engine.sweep(ws, "full")
+    assert result.status == "ok" and result.marked_deleted == 1, result.summary()
+    assert_mirror_equals_truth(rig.store, rig.sim, ws)
 
 
 async def test_a_capped_page_size_with_a_count_of_the_page_gets_a_whole_baseline(
@@ -461,12 +439,7 @@ async def test_a_capped_page_size_with_a_count_of_the_page_gets_a_whole_baseline
         assert result.status == "ok", result.error
         assert result.baseline and result.experiments_seen == 130
         assert any(e["event"] == "upstream.total_count_per_page" for e in logs)
-        assert_mirror_equals_truth(rig.store, rig.sim, ws)
-        victim = next(iter(truth(rig.sim, ws)))
-        world.mutate(victim, delete=True)
-        result = await rig.engine.sweep(ws, "full")
-        assert result.status == "ok" and result.marked_deleted == 1
-        assert_mirror_equals_truth(rig.store, rig.sim, ws)
+        await assert_a_deletion_is_marked(rig, ws)
     options = SimOptions(experiments=30, workspaces=1, seed=8, restart_per_min=0.0)
     (tmp_path / "honest").mkdir()
     async for rig in make_rig(tmp_path / "honest", options, page_size=100):
@@ -517,21 +490,14 @@ async def test_a_baseline_whose_listing_lost_a_row_reads_the_workspace_again(
     options = SimOptions(experiments=350, workspaces=1, seed=4, drift=False, restart_per_min=0.0)
     async for rig in make_rig(tmp_path, options, page_size=100, max_concurrency=1):
         ws = rig.sim.world.workspace_ids[0]
-        world, original = rig.sim.world, rig.sim.world.list
+        world = rig.sim.world
         ordered = [e["ExperimentId"] for e in world.truth(ws)]  # create time ascending
         victim, skipped = ordered[0], ordered[100]
-
-        def list_and_delete(
-            params: Any, original: Any = original, world: Any = world, victim: str = victim
-        ) -> Any:
-            if params.get("PageNumber") == "2" and world.get(victim) is not None:
-                world.mutate(victim, delete=True)
-            return original(params)
-
-        world.list = list_and_delete  # type: ignore[method-assign]
-        with capture_logs() as logs:
+        with (
+            once_on_page(world, 2, partial(world.mutate, victim, delete=True)),
+            capture_logs() as logs,
+        ):
             result = await rig.engine.sweep(ws)
-        world.list = original  # type: ignore[method-assign]
         assert result.status == "ok" and result.baseline, result.error
         assert any(e["event"] == "sync.listing_reread" for e in logs)
         assert result.api_calls == 8  # two passes of four pages
@@ -552,20 +518,13 @@ async def test_a_baseline_during_which_experiments_are_created_reads_them_all(
     )  # fmt: skip
     async for rig in make_rig(tmp_path, options, page_size=100, max_concurrency=1):
         ws = rig.sim.world.workspace_ids[0]
-        world, original = rig.sim.world, rig.sim.world.list
+        world = rig.sim.world
         advanced: list[int] = []
-
-        def list_and_create(
-            params: Any, original: Any = original, world: Any = world, advanced: Any = advanced
-        ) -> Any:
-            if params.get("PageNumber") == "2" and not advanced:
-                advanced.append(len(world.advance(6)))
-            return original(params)
-
-        world.list = list_and_create  # type: ignore[method-assign]
-        with capture_logs() as logs:
+        with (
+            once_on_page(world, 2, partial(_advance_into, world, 6, advanced)),
+            capture_logs() as logs,
+        ):
             result = await rig.engine.sweep(ws)
-        world.list = original  # type: ignore[method-assign]
         assert advanced and advanced[0] > 0
         assert result.status == "ok" and result.baseline, result.error
         assert any(e["event"] == "sync.listing_reread" for e in logs)
@@ -918,6 +877,28 @@ def test_a_field_left_out_teaches_nothing_about_modified_time_bumps(tmp_path: Pa
     assert changed is not None
     engine._learn_bumping("w", [changed], previous)
     assert engine._bumps["w"] is False  # a real change without a bump
+
+
+def _advance_into(world: Any, seconds: float, events: list[int]) -> None:
+    events.append(len(world.advance(seconds)))
+
+
+@contextmanager
+def once_on_page(world: Any, page: int, act: Callable[[], Any]) -> Iterator[None]:
+    """``act()`` once, when a listing first asks ``world`` for page ``page`` (before it is
+    answered); ``world.list`` as it was afterwards."""
+    original, done = world.list, []
+
+    def listing(params: Any) -> Any:
+        if params.get("PageNumber") == str(page) and not done:
+            done.append(act())
+        return original(params)
+
+    world.list = listing
+    try:
+        yield
+    finally:
+        world.list = original
 
 
 @contextmanager
