@@ -176,18 +176,19 @@ def setup_logging(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    if _command_word(argv) != "run":
-        return _main(argv)
+    word = _command_word(argv)
+    if word != "run":
+        return _main(argv, word)
     held_signals.hold()  # until the daemon's event loop handles them
     try:
-        return _main(argv)
+        return _main(argv, word)
     finally:
         held_signals.restore()  # (run returned before it took them over: a bad config)
 
 
-def _main(argv: Sequence[str] | None) -> int:
+def _main(argv: Sequence[str] | None, word: str | None) -> int:
     _open_closed_streams()
-    parser = build_parser(_own_command(argv))
+    parser = build_parser(word if word in _OWN_COMMANDS else None)
     try:
         words = _signed_values(argv)
         args = parser.parse_args(words)  # (--help writes to stdout too)

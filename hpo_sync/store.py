@@ -736,7 +736,11 @@ class Store:
 
         ``raise_watermark``: the sweep read its listing of what is new whole (a full
         sweep's listing of the workspace, a hot sweep's of what was created since the
-        watermark), so :meth:`raise_watermark`."""
+        watermark), so the workspace's create watermark moves to the newest create time in
+        the mirror. Only then: hot sweeps list what was created since the watermark (less
+        an overlap), so one raised by the later pages of a listing that then failed, or
+        was killed, would hide the experiments of its earlier pages from every hot sweep
+        until the next full one."""
         with self._write("close a sync run") as conn:
             if raise_watermark:
                 _raise_watermark(conn, workspace_id)
@@ -767,16 +771,6 @@ class Store:
                 (at, error),
             )
             return cur.rowcount
-
-    def raise_watermark(self, workspace_id: str) -> None:
-        """Raise the workspace's create watermark to the newest create time in the mirror.
-
-        Only after a complete listing of what is new: hot sweeps list what was created
-        since the watermark (less an overlap), so a watermark raised by the later pages of a
-        listing that then failed, or was killed, would hide the experiments on its earlier
-        pages from every hot sweep until the next full one."""
-        with self._write("raise the create watermark") as conn:
-            _raise_watermark(conn, workspace_id)
 
     def mark_baseline(self, workspace_id: str, at: str) -> None:
         """Record that the workspace's first complete full sweep finished at ``at``.

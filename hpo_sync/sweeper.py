@@ -550,19 +550,15 @@ async def child_main(channel: _Channel) -> int:
     engine = SyncEngine(config, client, store, on_changes=on_changes)
     sweeps: dict[int, asyncio.Task[None]] = {}
 
-    started: set[int] = set()
-
     def unstarted(req: int, task: asyncio.Task[None]) -> None:
         # A task cancelled before it began ("sweep" and "cancel" read back to back, as when
-        # the daemon is stopped right after it started its sweeps) never runs its body:
-        # answer for it here, or the daemon waits CANCEL_WAIT_S for the answer.
-        if req not in started:
+        # the daemon is stopped right after it started its sweeps) never runs its body,
+        # whose ``finally`` answers and forgets it: still in ``sweeps``, it is answered
+        # here, or the daemon waits CANCEL_WAIT_S for the answer.
+        if sweeps.pop(req, None) is not None:
             channel.send(("result", req, None))
-            sweeps.pop(req, None)
-        started.discard(req)
 
     async def run(req: int, workspace_id: str, mode: SweepMode) -> None:
-        started.add(req)
         outcome: SweepResult | str | None = None  # None: cancelled
         try:
             outcome = await engine.sweep(workspace_id, mode)

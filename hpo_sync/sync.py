@@ -646,9 +646,9 @@ class SyncEngine:
         look-up per creator and stretch of time serves all of theirs (a call more per
         sweep that finds experiments gone). Those without a creator or a create time are
         not looked up again."""
-        by_creator: dict[str, list[str]] = {}
         if result.workspace_id in self._creator_refused:
             return list(gone)  # as before there was this look-up
+        by_creator: dict[str, list[str]] = {}
         for exp_id in gone:
             creator = missing[exp_id].get("creator")
             if creator and dated.get(exp_id):
@@ -709,7 +709,7 @@ class SyncEngine:
         }
         if len(found) == len(wanted) or not proves:
             return found
-        what = f"the look-up of {ids[0]}" if len(ids) == 1 else f"a look-up of {len(ids)}"
+        what = f"the look-up of {', '.join(ids)}"
         if not listing.complete:
             raise listing.error or UpstreamError("look-up incomplete")
         if not listing.consistent and len(listing.seen_ids) >= self.config.upstream.page_size:

@@ -422,10 +422,14 @@ def test_workspace_state(store: Store) -> None:
     store.mark_baseline("ws1", T2)  # the baseline never moves
     store.record_success("ws1", "full", T1)
     store.record_success("ws1", "hot", "2024-03-01T00:02:00.250Z")
-    store.set_workspace_error("ws1", "Throttling.User", T3)
     state = store.workspace_state("ws1")
     assert state is not None and state.create_watermark is None  # batches do not move it
-    store.raise_watermark("ws1")  # a listing of what is new was read whole
+    run = store.begin_run("ws1", "full", T1)
+    store.close_run(
+        run, "ws1", "full", finished_at=T1, status="ok", api_calls=1, pages=1,
+        experiments_seen=3, raise_watermark=True,  # a listing of what is new, read whole
+    )  # fmt: skip
+    store.set_workspace_error("ws1", "Throttling.User", T3)
     state = store.workspace_state("ws1")
     assert state is not None
     assert state.label == "Research"

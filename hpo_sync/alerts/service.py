@@ -427,7 +427,7 @@ class AlertWorker:
         for target in self.config.alerts.targets:
             if target.name in self._announcing:
                 continue  # its notices of an earlier round are still going out
-            if target.name in waiting or now < self._notice_wait.get(target.name, now):
+            if target.name in waiting or self._notices_wait(target.name, now):
                 continue  # it asked to wait (or its alerts wait a backoff): later
             told = self._stalled.setdefault(target.name, set())
             notices = stall_notices(
@@ -449,9 +449,7 @@ class AlertWorker:
                     told.add(notice.workspace_id)
                 else:
                     told.discard(notice.workspace_id)
-            elif self.clock() < self._notice_wait.get(
-                target.name, datetime.min.replace(tzinfo=UTC)
-            ):
+            elif self._notices_wait(target.name, self.clock()):
                 return  # it asked to wait just now: the rest go after that wait
 
     @property
@@ -483,6 +481,10 @@ class AlertWorker:
             wait_s = min(outcome.after_s, RETRY_AFTER_MAX_S)
             self._notice_wait[target.name] = self.clock() + timedelta(seconds=wait_s)
         return False
+
+    def _notices_wait(self, target: str, at: datetime) -> bool:
+        """Whether ``target``'s stall notices wait, at ``at``, for a wait it asked for."""
+        return at < self._notice_wait.get(target, at)
 
     def _waiting(self, now: datetime) -> set[str]:
         with self.store.reader() as conn:
