@@ -176,7 +176,10 @@ async def test_sigkill_mid_sweep_then_restart_equals_the_truth(
 async def test_sweep_process_killed_mid_sweep_then_the_next_sweep_catches_up(
     tmp_path: Path, daemons: Daemons
 ) -> None:
-    options = SimOptions(experiments=300, workspaces=1, seed=9, speed=0, latency_ms=40)
+    # 150 ms a page: the listing outlasts a batch's 1 s age, so the baseline commits a batch
+    # mid-listing (at 40 ms a loaded machine could finish it in one batch at the very end,
+    # and the moment to kill it in was a few milliseconds)
+    options = SimOptions(experiments=300, workspaces=1, seed=9, speed=0, latency_ms=150)
     workspaces = ["100001"]
     async with Simulator(options) as sim:
         db, cfg = write_config(
@@ -189,13 +192,15 @@ async def test_sweep_process_killed_mid_sweep_then_the_next_sweep_catches_up(
         )
         d = await daemons.start(cfg)
         child = (await d.wait_event("sync.process_started"))["pid"]
-        # The baseline (30 pages, 2 in flight, 40 ms each) is under way: kill its process.
+        # The baseline (30 pages, 2 in flight, 150 ms each) is under way: kill its process.
         await wait_db(
             db,
             "SELECT id FROM sync_runs WHERE status = 'running' AND changes > 0",
             timeout_s=15,
             poll_s=0.005,
+            daemon=d,
         )
+        since = now_run_time()  # (before the kill: the next sweep may start at once after it)
         os.kill(child, signal.SIGKILL)
         died = await d.wait_event("sync.process_died")
         assert died["pid"] == child and died["exit"] == "signal 9" and died["sweeps_lost"] == 1
@@ -207,7 +212,6 @@ async def test_sweep_process_killed_mid_sweep_then_the_next_sweep_catches_up(
 
         # The next sweep (the backoff is one hot interval) starts a new process and
         # finishes the baseline: the mirror equals the truth, its history is whole.
-        since = now_run_time()
         second = (await d.wait_event("sync.process_started", skip=1, timeout_s=20))["pid"]
         assert second != child
         await wait_full_ok_since(db, workspaces, since, timeout_s=40, daemon=d)
