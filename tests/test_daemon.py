@@ -157,6 +157,7 @@ async def test_sigkill_mid_sweep_then_restart_equals_the_truth(
         # The world moves on while the daemon is down; a restart must catch up exactly.
         await sim_post(sim.base_url, "/_sim/advance", {"seconds": 1800})
         since = now_run_time()
+        await asyncio.sleep(1)  # (since is the next whole second: no run may start before it)
         second = await daemons.start(cfg, name="second")
         await second.wait_event("daemon.interrupted_runs_closed")
         await wait_full_ok_since(db, workspaces, since, timeout_s=30, daemon=second)
