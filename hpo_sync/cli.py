@@ -177,13 +177,18 @@ def setup_logging(
 
 def main(argv: Sequence[str] | None = None) -> int:
     word = _command_word(argv)
-    if word != "run":
+    if word == "run":
+        held_signals.hold()  # until the daemon's event loop handles them
+    elif word == "sync":
+        # Until _sync_once handles it. Not SIGINT: asyncio.run makes Ctrl-C cancel the
+        # sync only where SIGINT still has Python's default handler.
+        held_signals.hold((signal.SIGTERM,))
+    else:
         return _main(argv, word)
-    held_signals.hold()  # until the daemon's event loop handles them
     try:
         return _main(argv, word)
     finally:
-        held_signals.restore()  # (run returned before it took them over: a bad config)
+        held_signals.restore()  # (returned before it took them over: a bad config, say)
 
 
 def _main(argv: Sequence[str] | None, word: str | None) -> int:
@@ -411,6 +416,8 @@ async def _sync_once(
             main.cancel()
 
     loop.add_signal_handler(signal.SIGTERM, stop)
+    if signal.SIGTERM in held_signals.release():  # it came while the sync was starting
+        stop()
     try:
         await asyncio.to_thread(store.abandon_running_runs, format_time(datetime.now(UTC)))
         # The changes a sync records alert as the daemon's do: their outbox rows are written

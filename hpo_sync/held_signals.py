@@ -1,12 +1,15 @@
-"""Signals that reach ``hpo-sync run`` while it starts, before its event loop handles them.
+"""Signals that reach ``hpo-sync run`` or ``sync`` while it starts, before its event loop
+handles them.
 
-Importing the daemon's modules and reading the config take a few hundred milliseconds, and
-until the loop's handlers are in place a signal gets its default action: a SIGHUP (a reload)
-would kill the daemon. :func:`hold`, the first thing ``main`` does for ``run``, records them
-instead, and the daemon takes them over with :func:`release` once its own handlers are in
-place: a stop then stops it as soon as it has started, a reload re-reads the config once it
-has (the file may have changed after it was read). What comes before ``main`` runs at all
-(the interpreter's own start, ~20 ms) still gets the default action.
+Importing the daemon's modules, reading the config and opening the mirror take a few hundred
+milliseconds (opening waits for another process's write, if one is under way), and until
+the loop's handlers are in place a signal gets its default action: a SIGHUP (a reload)
+would kill the daemon, a SIGTERM would kill a sync instead of stopping it with exit 143.
+:func:`hold`, the first thing ``main`` does for these commands, records them instead, and
+the command takes them over with :func:`release` once its own handlers are in place: a stop
+then stops it as soon as it has started, a reload re-reads the config once it has (the
+file may have changed after it was read). What comes before ``main`` runs at all (the
+interpreter's own start, ~20 ms) still gets the default action.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ HELD = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _held: list[int] = []
 
 
-def hold() -> None:
-    """Record SIGTERM, SIGINT and SIGHUP from now on, until something else handles them."""
-    for sig in HELD:
+def hold(signals: tuple[int, ...] = HELD) -> None:
+    """Record ``signals`` (of :data:`HELD`; all of them by default) from now on, until
+    something else handles them."""
+    for sig in signals:
         signal.signal(sig, _record)
 
 

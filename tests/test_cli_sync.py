@@ -393,6 +393,54 @@ async def test_sigterm_mid_sweep_closes_the_run_and_exits_143(
         assert status == "failed" and finished_at and "cancelled" in error
 
 
+def lock_holder(db: Path) -> str | None:
+    """The pid the mirror's single-instance lock file names, if any."""
+    try:
+        return Path(f"{db}.lock").read_text().strip()
+    except FileNotFoundError:
+        return None
+
+
+async def test_sigterm_while_the_sync_starts_is_held_until_it_can_stop(tmp_path: Path) -> None:
+    """A SIGTERM that comes before the sync's event loop handles it (here: while the sync
+    waits for another connection's write lock to open the mirror) is held, not the death of
+    the process, and stops the sync once it has started: exit 143, no run left running."""
+    from hpo_sync.store import Store
+
+    cfg = write_config(tmp_path / "c.toml", "http://127.0.0.1:9", ["100001"])
+    db = tmp_path / "mirror.db"
+    Store.open(db).close()
+    blocker = sqlite3.connect(db, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "hpo_sync.cli", "sync", "--config", str(cfg),
+        env=ENV, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    reading = asyncio.ensure_future(proc.communicate())
+    try:
+        async with asyncio.timeout(60):
+            # The single-instance lock names the process once it holds it: it opens the
+            # mirror next, and waits there for the blocker's write lock.
+            while lock_holder(db) != str(proc.pid):
+                assert not reading.done(), (await reading)[1].decode()
+                await asyncio.sleep(0.01)
+            os.kill(proc.pid, signal.SIGTERM)
+            await asyncio.sleep(0.5)
+            assert not reading.done()  # waiting still, with the signal held
+            blocker.execute("COMMIT")
+            _, err = await reading
+    finally:
+        blocker.close()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 143, err.decode()
+    assert "stopped by SIGTERM" in err.decode() and "Traceback" not in err.decode()
+    with sqlite3.connect(db) as conn:
+        # stopped before its first sweep began: no run to close
+        assert conn.execute("SELECT count(*) FROM sync_runs").fetchone() == (0,)
+
+
 async def test_a_sync_alerts_on_the_changes_it_records_and_sends_them(
     sim: Simulator, tmp_path: Path
 ) -> None:
