@@ -119,6 +119,9 @@ SORT_BY_ALIASES = {
 MAX_TIE_WINDOWS = 20
 #: The smallest page size a tie window is read in (upstream's documented default page size).
 TIE_WINDOW_PAGE_SIZE = 100
+#: The largest page size a tie window is read in, for a tie of more rows than
+#: TIE_WINDOW_PAGE_SIZE (see :meth:`UpstreamClient._read_straddling_ties`).
+MAX_TIE_PAGE_SIZE = 1000
 #: How much further a create-time window reaches on both sides than the times it is for: an
 #: upstream that reads MinCreateTime/MaxCreateTime as exclusive, or keeps create times finer
 #: than the whole seconds it shows, returns nothing for the window [t, t].
@@ -134,17 +137,15 @@ def _create_time_edges(page: Page) -> tuple[str | None, str | None]:
     return (str(first) if first is not None else None, str(last) if last is not None else None)
 
 
-def _ends_with_a_short_page(sizes: Mapping[int, int], first_empty: int, size: int) -> bool:
-    """Whether pages 1 … ``first_empty`` - 1 were all read, the last of them short (page 1
-    may be empty: a look-up that finds nothing), and no page after the empty one came back
-    with experiments."""
-    before = range(1, first_empty)
-    return (
-        first_empty > 1
-        and all(n in sizes for n in before)
-        and sizes[first_empty - 1] < size
-        and not any(n > first_empty and got for n, got in sizes.items())
-    )
+def _last_before_empty(sizes: Mapping[int, int], first_empty: int) -> int | None:
+    """The size of page ``first_empty`` - 1 when pages 1 … ``first_empty`` - 1 were all read
+    and no page after the empty one came back with experiments (the listing ends at that
+    empty page, if anywhere), else None."""
+    if first_empty <= 1 or not all(n in sizes for n in range(1, first_empty)):
+        return None
+    if any(n > first_empty and got for n, got in sizes.items()):
+        return None
+    return sizes[first_empty - 1]
 
 
 def rejects_parameter(exc: UpstreamError) -> bool:
@@ -796,6 +797,13 @@ class UpstreamClient:
                 await take(page)
 
         first_page, rounds = (2 if grew is None else 3), 0
+        if capped and listing.pages_expected > 2:
+            # The cap is a guess from page 1 alone, and a count that takes in rows the
+            # listing leaves out makes the same guess (a hot sweep's listing of one status,
+            # say, under a count of soft-deleted rows too): page 2 alone first, so that such
+            # a listing costs one call more, not a round of pages in flight past its end.
+            await fetch(iter([2]))
+            first_page = 3
         while listing.pages_expected >= first_page:
             numbers = iter(range(first_page, listing.pages_expected + 1))
             # TaskGroup cancels the other pages as soon as one fails fatally.
@@ -816,21 +824,29 @@ class UpstreamClient:
             if listing.error is not None or grown <= listing.pages_expected or rounds > 3:
                 break
             first_page, listing.pages_expected = listing.pages_expected + 1, grown
-        if (
-            listing.error is not None
-            and listing.error is short_listing
-            and (
-                _ends_with_a_short_page(sizes, int(first_empty), size)
-                # the cap guessed from page 1 alone, refuted: page 1 was short after all
+        ended = False
+        if listing.error is not None and listing.error is short_listing:
+            last = _last_before_empty(sizes, int(first_empty))
+            # A short page, then an empty one: the listing's natural end, before the end
+            # its count planned. So is the cap guessed from page 1 alone, refuted (page 1
+            # was short after all). A full page, then an empty one: the end too, under a
+            # count that takes in rows the listing leaves out, when the listing's rows fill
+            # whole pages; or a page that glitched, or rows that moved while the pages
+            # were read. The empty page is asked for once more to tell.
+            ended = (
+                (last is not None and last < size)
                 or (capped and first_empty == 2 and not any(sizes[n] for n in sizes if n > 2))
+                or (
+                    last is not None
+                    and await self._empty_again(query, int(first_empty), size, tally)
+                )
             )
-        ):
-            # A short page, then an empty one: the listing's natural end, before the end its
-            # count planned. A count that is too high (one that counts soft-deleted rows, or
-            # rows deleted while the pages were read) would otherwise leave every listing
-            # incomplete, and every full sweep partial, for good. The listing is complete;
-            # its ids do not add up to the count, which the sweeps weigh as for any
-            # listing that does not add up (nothing is deleted unlooked-up).
+        if ended:
+            # A count that is too high (one that counts soft-deleted rows, or rows deleted
+            # while the pages were read) would otherwise leave every listing incomplete,
+            # and every full sweep partial, for good. The listing is complete; its ids do
+            # not add up to the count, which the sweeps weigh as for any listing that does
+            # not add up (a baseline reads it twice; nothing is deleted unlooked-up).
             log.info(
                 "upstream.listing_ended_early",
                 workspace=query.workspace_id,
@@ -846,6 +862,21 @@ class UpstreamClient:
             await self._read_straddling_ties(query, edges, size, tally, take)
         listing.seen_ids = seen
         return listing
+
+    async def _empty_again(
+        self, query: ListQuery, number: int, size: int, tally: Tally | None
+    ) -> bool:
+        """Whether page ``number`` of ``query``, which came back empty after a full page, is
+        empty (or refused as past the end) when asked for once more."""
+        try:
+            page = await self.list_page(query, number, size, tally=tally)
+        except FatalUpstreamError as exc:
+            if not rejects_parameter(exc):
+                raise
+            return True
+        except UpstreamError:
+            return False
+        return not page.experiments
 
     async def _read_straddling_ties(
         self,
@@ -880,8 +911,25 @@ class UpstreamClient:
                 # In pages of at least the documented default: a tie larger than the
                 # listing's own pages would otherwise be split again, and lose rows again.
                 tie_size = max(size, TIE_WINDOW_PAGE_SIZE)
-                async for page in self.iter_pages(window, page_size=tie_size, tally=tally):
+                first = await self.list_page(window, 1, tie_size, tally=tally)
+                await take(first, counted=False)
+                count = first.total_count
+                if count is not None and len(first.experiments) == tie_size < count:
+                    # Larger still (a batch of hundreds submitted at once): one page at a
+                    # size that holds all of it, as far as the server pages that large; a
+                    # server that does not (it caps the size, or refuses it) is read in
+                    # pages of tie_size after all.
+                    whole = min(count, MAX_TIE_PAGE_SIZE)
+                    try:
+                        page = await self.list_page(window, 1, whole, tally=tally)
+                    except FatalUpstreamError as exc:
+                        if not rejects_parameter(exc):
+                            raise
+                        page = Page(count, [], None)
                     await take(page, counted=False)
+                    if len(page.experiments) < whole:
+                        async for page in self.iter_pages(window, page_size=tie_size, tally=tally):
+                            await take(page, counted=False)
             except FatalUpstreamError:
                 raise
             except UpstreamError as exc:  # best effort: the listing stands as it was read

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -671,17 +671,53 @@ async def test_a_count_of_a_billion_plans_no_billion_requests(capture: Capture) 
     assert client.stats.api_calls < 20  # pages 1-3, then a few empty ones in flight
 
 
-async def test_an_empty_page_after_a_full_one_still_leaves_the_listing_incomplete(
-    capture: Capture,
-) -> None:
-    """A full page and then an empty one before the count's last page is no natural end
-    (the rows may have moved, or a page glitched): the listing stays incomplete."""
+async def test_an_empty_page_after_a_full_one_twice_ends_the_listing(capture: Capture) -> None:
+    """200 experiments under a count of 500 (one that takes in 300 soft-deleted rows): two
+    full pages, then an empty one. Asked for once more, page 3 is empty again: the listing's
+    end, complete but short of its count (the sweeps weigh that), not an incomplete listing
+    that would leave every sweep of such a workspace partial for good."""
     capture.experiments = [{"ExperimentId": f"e{i:03d}"} for i in range(200)]
     capture.total_count = 500
     async with make_client(capture.base_url, max_concurrency=2) as client:
         listing = await client.list_all(ListQuery(workspace_id="w1"), page_size=100)
-    assert len(listing.seen_ids) == 200 and not listing.complete
+    assert len(listing.seen_ids) == 200 and listing.complete and not listing.consistent
+    asked = [parse_qs(s.raw_query)["PageNumber"][0] for s in capture.seen]
+    assert asked.count("3") == 2 and asked.count("1") == asked.count("2") == 1
+
+
+async def test_an_empty_page_after_a_full_one_that_has_rows_again_leaves_the_listing_incomplete(
+    capture: Capture,
+) -> None:
+    """A full page and then an empty one before the count's last page, and that page has
+    rows when asked for again (it glitched, or rows moved while the pages were read): no
+    end, the listing stays incomplete."""
+    capture.experiments = [{"ExperimentId": f"e{i:03d}"} for i in range(500)]
+    glitched: list[int] = []
+
+    async def empty_page_3_once(request: web.Request) -> web.StreamResponse:
+        if request.query.get("PageNumber") == "3" and not glitched:
+            glitched.append(3)
+            return web.json_response({"RequestId": "r", "TotalCount": 500, "Experiments": []})
+        return await capture.listing(request)
+
+    capture.script.extend([empty_page_3_once] * 10)
+    async with make_client(capture.base_url, max_concurrency=1) as client:
+        listing = await client.list_all(ListQuery(workspace_id="w1"), page_size=100)
+    assert glitched and not listing.complete
     assert listing.error is not None and listing.error.code == "ShortListing"
+
+
+async def test_a_short_page_1_under_a_larger_count_asks_page_2_alone(capture: Capture) -> None:
+    """7 experiments under a count of 22 (soft-deleted rows counted too) at a page size of
+    10: page 1 looks like a server that caps the page size at 7, which would plan four
+    pages at once. Page 2 is asked for alone first; it is empty, so page 1 was the whole
+    listing: two calls."""
+    capture.experiments = [{"ExperimentId": f"e{i:03d}"} for i in range(7)]
+    capture.total_count = 22
+    async with make_client(capture.base_url, max_concurrency=4) as client:
+        listing = await client.list_all(ListQuery(workspace_id="w1"), page_size=10)
+    assert listing.complete and not listing.consistent and len(listing.seen_ids) == 7
+    assert client.stats.api_calls == 2
 
 
 @pytest.mark.parametrize("refused", [False, True], ids=["empty", "refused"])
@@ -711,26 +747,22 @@ async def test_without_a_readable_total_count_pages_until_empty(
     assert listing.pages_read == pages_read + 4
 
 
-@pytest.mark.parametrize(
-    ("rows", "complete"), [(250, True), (200, False)], ids=["short-page-then", "full-page-then"]
-)
+@pytest.mark.parametrize("rows", [250, 200], ids=["short-page-then", "full-page-then"])
 async def test_a_planned_page_refused_as_past_the_end_is_an_empty_page(
-    capture: Capture, rows: int, complete: bool
+    capture: Capture, rows: int
 ) -> None:
     """A count higher than the rows (soft-deleted ones counted, or rows deleted while the
     pages were read) plans pages past the end, which this server refuses: each refusal is
     taken as an empty page. After a short page that is the listing's end; after a full one
-    the listing is incomplete, as with an empty page. Neither raises (the sync used to
-    fail)."""
+    too, once the page is refused again when asked for once more. Neither raises (the sync
+    used to fail)."""
     capture.experiments = [{"ExperimentId": f"e{i:03d}"} for i in range(rows)]
     capture.total_count = 380
     capture.refuse_past_end = True
     async with make_client(capture.base_url) as client:
         listing = await client.list_all(ListQuery(workspace_id="w1"), page_size=100)
-    assert len(listing.seen_ids) == rows and listing.complete == complete
+    assert len(listing.seen_ids) == rows and listing.complete
     assert not listing.consistent
-    if not complete:
-        assert listing.error is not None and listing.error.code == "ShortListing"
 
 
 async def test_a_count_of_the_page_not_the_listing_is_not_trusted(capture: Capture) -> None:
@@ -1476,6 +1508,33 @@ async def test_a_tie_larger_than_a_page_is_read_again_in_one_page(since: datetim
     first = 3 if since else 0  # e003's create time onwards
     assert listing.seen_ids == {r["ExperimentId"] for r in rows[first:]}
     assert sizes == ["100"]  # the tie's window, at the larger page size
+
+
+async def test_a_tie_larger_than_the_tie_window_page_is_read_in_one_page_of_its_count() -> None:
+    """150 experiments of one create time (a batch of hundreds submitted at once) at the
+    default page size of 100, each query ordering them its own way: the tie's window, read
+    in pages of 100, would lose rows in the same way every time. Its count says 150, so it
+    is read once more as one page of 150, which nothing can fall between."""
+    import random
+
+    rows = _rows_a_second_apart(260)
+    tie = "2024-01-01T00:00:50Z"
+    for i in range(50, 200):
+        rows[i]["GmtCreateTime"] = tie
+    sizes: list[str] = []
+
+    def arrange(q: dict[str, str], chosen: Rows) -> Rows:
+        if "MaxCreateTime" in q:  # a tie's window
+            sizes.append(q["PageSize"])
+        tied = [r for r in chosen if r["GmtCreateTime"] == tie]
+        random.Random(repr(sorted(q.items()))).shuffle(tied)
+        before = [r for r in chosen if r["GmtCreateTime"] < tie]
+        return [*before, *tied, *(r for r in chosen if r["GmtCreateTime"] > tie)]
+
+    listing = await _list_all_from(rows, arrange, ListQuery(workspace_id="w"), 100)
+    assert listing.complete and listing.consistent
+    assert listing.seen_ids == {r["ExperimentId"] for r in rows}
+    assert sizes == ["100", "151"]  # its window (the tie and the row a second before) at once
 
 
 async def test_calls_leave_no_reference_cycles_behind(capture: Capture) -> None:
