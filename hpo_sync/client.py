@@ -744,8 +744,7 @@ class UpstreamClient:
             # still pages by its own size, so plan the page count with that. (Or its count
             # takes in rows the listing leaves out, soft-deleted ones say: then page 2 comes
             # back empty, and page 1 was the whole listing; see below.)
-            log.warning("upstream.page_size_capped", asked=size, got=got)
-            size = got
+            asked, size = size, got
         listing.pages_expected = max(1, math.ceil(first.total_count / size))
         await take(first)
         if grew is not None:
@@ -825,17 +824,20 @@ class UpstreamClient:
                 break
             first_page, listing.pages_expected = listing.pages_expected + 1, grown
         ended = False
+        # the cap guessed from page 1 alone, refuted: page 1 was short after all
+        refuted = capped and first_empty == 2 and not any(sizes[n] for n in sizes if n > 2)
+        if capped and not refuted:
+            log.warning("upstream.page_size_capped", asked=asked, got=got)
         if listing.error is not None and listing.error is short_listing:
             last = _last_before_empty(sizes, int(first_empty))
             # A short page, then an empty one: the listing's natural end, before the end
-            # its count planned. So is the cap guessed from page 1 alone, refuted (page 1
-            # was short after all). A full page, then an empty one: the end too, under a
-            # count that takes in rows the listing leaves out, when the listing's rows fill
-            # whole pages; or a page that glitched, or rows that moved while the pages
-            # were read. The empty page is asked for once more to tell.
+            # its count planned. So is a refuted cap. A full page, then an empty one: the
+            # end too, under a count that takes in rows the listing leaves out, when the
+            # listing's rows fill whole pages; or a page that glitched, or rows that moved
+            # while the pages were read. The empty page is asked for once more to tell.
             ended = (
                 (last is not None and last < size)
-                or (capped and first_empty == 2 and not any(sizes[n] for n in sizes if n > 2))
+                or refuted
                 or (
                     last is not None
                     and await self._empty_again(query, int(first_empty), size, tally)

@@ -635,9 +635,12 @@ async def test_a_silently_capped_page_size_still_lists_everything(capture: Captu
     capture.experiments = [{"ExperimentId": f"e{i:03d}"} for i in range(250)]
     capture.max_page_size = 40
     async with make_client(capture.base_url) as client:
-        listing = await client.list_all(ListQuery(), page_size=100)
+        with capture_logs() as logs:
+            listing = await client.list_all(ListQuery(), page_size=100)
     assert listing.complete and listing.consistent
     assert listing.pages_expected == 7 and len(listing.seen_ids) == 250
+    capped = [e for e in logs if e["event"] == "upstream.page_size_capped"]
+    assert [(e["asked"], e["got"]) for e in capped] == [(100, 40)]
 
 
 async def test_experiments_created_while_paging_are_read_from_the_pages_they_add(
@@ -715,9 +718,12 @@ async def test_a_short_page_1_under_a_larger_count_asks_page_2_alone(capture: Ca
     capture.experiments = [{"ExperimentId": f"e{i:03d}"} for i in range(7)]
     capture.total_count = 22
     async with make_client(capture.base_url, max_concurrency=4) as client:
-        listing = await client.list_all(ListQuery(workspace_id="w1"), page_size=10)
+        with capture_logs() as logs:
+            listing = await client.list_all(ListQuery(workspace_id="w1"), page_size=10)
     assert listing.complete and not listing.consistent and len(listing.seen_ids) == 7
     assert client.stats.api_calls == 2
+    # no server that caps the page size after all: nothing to warn about
+    assert not [e for e in logs if e["event"] == "upstream.page_size_capped"]
 
 
 @pytest.mark.parametrize("refused", [False, True], ids=["empty", "refused"])
