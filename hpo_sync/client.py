@@ -858,12 +858,40 @@ class UpstreamClient:
             )
             listing.error = None
             listing.pages_expected = listing.pages_read
-        if listing.complete and len(seen) < listing.total_count and query.max_create_time is None:
-            # (a hot sweep's listing of what is new has a lower bound only: a tie window
-            # around a create time it returned lies within it, or a second below)
-            await self._read_straddling_ties(query, edges, size, tally, take)
+        if listing.complete and len(seen) < listing.total_count:
+            if query.max_create_time is None:
+                # (a hot sweep's listing of what is new has a lower bound only: a tie window
+                # around a create time it returned lies within it, or a second below)
+                await self._read_straddling_ties(query, edges, size, tally, take)
+            elif listing.pages_read > 1 and listing.total_count <= MAX_TIE_PAGE_SIZE:
+                # a window (a look-up's): its ties may reach past it, so it is read whole
+                await self._read_as_one_page(query, listing.total_count, tally, take)
         listing.seen_ids = seen
         return listing
+
+    async def _read_as_one_page(
+        self,
+        query: ListQuery,
+        count: int,
+        tally: Tally | None,
+        take: Callable[..., Awaitable[None]],
+    ) -> None:
+        """A create-time window's listing of a few pages whose ids fall short of its count
+        (``count``, at most :data:`MAX_TIE_PAGE_SIZE`), read once more as one page of that
+        count, which no row can fall between: a look-up by a name that a batch submitted in
+        one second shares, say, where each page's query orders the batch its own way. One
+        call more; a server that caps the page size, or refuses the size, leaves the listing
+        as it was read, and so does a count that takes in rows the listing leaves out."""
+        try:
+            page = await self.list_page(query, 1, count, tally=tally)
+        except FatalUpstreamError as exc:
+            if not rejects_parameter(exc):
+                raise
+            return
+        except UpstreamError as exc:  # best effort, as for a tie window
+            log.info("upstream.one_page_failed", workspace=query.workspace_id, error=str(exc))
+            return
+        await take(page, counted=False)
 
     async def _empty_again(
         self, query: ListQuery, number: int, size: int, tally: Tally | None

@@ -684,8 +684,13 @@ async def test_an_empty_page_after_a_full_one_twice_ends_the_listing(capture: Ca
     async with make_client(capture.base_url, max_concurrency=2) as client:
         listing = await client.list_all(ListQuery(workspace_id="w1"), page_size=100)
     assert len(listing.seen_ids) == 200 and listing.complete and not listing.consistent
-    asked = [parse_qs(s.raw_query)["PageNumber"][0] for s in capture.seen]
-    assert asked.count("3") == 2 and asked.count("1") == asked.count("2") == 1
+    asked = [
+        (q["PageNumber"][0], q["PageSize"][0])
+        for q in (parse_qs(s.raw_query) for s in capture.seen)
+    ]
+    assert asked.count(("3", "100")) == 2
+    assert asked.count(("1", "100")) == asked.count(("2", "100")) == 1
+    assert len(asked) == 6  # pages 1-5, and page 3 once more
 
 
 async def test_an_empty_page_after_a_full_one_that_has_rows_again_leaves_the_listing_incomplete(
@@ -1541,6 +1546,37 @@ async def test_a_tie_larger_than_the_tie_window_page_is_read_in_one_page_of_its_
     assert listing.complete and listing.consistent
     assert listing.seen_ids == {r["ExperimentId"] for r in rows}
     assert sizes == ["100", "151"]  # its window (the tie and the row a second before) at once
+
+
+async def test_a_bounded_listing_that_does_not_add_up_is_read_again_as_one_page() -> None:
+    """A look-up's listing (a create-time window, so no tie windows) of 149 experiments of
+    one create time, each query ordering them its own way: its two pages of 100 lose rows
+    between them, the same way every time. Its count says 149, so it is read once more as
+    one page of 149, which nothing can fall between: the listing adds up."""
+    import random
+
+    rows = _rows_a_second_apart(149)
+    tie = "2024-01-01T00:00:30Z"
+    for r in rows:
+        r["GmtCreateTime"] = tie
+    sizes: list[str] = []
+
+    def arrange(q: dict[str, str], chosen: Rows) -> Rows:
+        sizes.append(q["PageSize"])
+        shuffled = list(chosen)
+        random.Random(repr(sorted(q.items()))).shuffle(shuffled)
+        return shuffled
+
+    at = datetime(2024, 1, 1, 0, 0, 30, tzinfo=UTC)
+    query = ListQuery(
+        workspace_id="w",
+        min_create_time=at - timedelta(hours=1),
+        max_create_time=at + timedelta(hours=1),
+    )
+    listing = await _list_all_from(rows, arrange, query, 100)
+    assert listing.complete and listing.consistent
+    assert listing.seen_ids == {r["ExperimentId"] for r in rows}
+    assert sizes == ["100", "100", "149"]
 
 
 async def test_calls_leave_no_reference_cycles_behind(capture: Capture) -> None:
