@@ -2,8 +2,9 @@
 
 They never touch the network and open the mirror read-only, so they are safe while the daemon
 writes. ``--db PATH`` names the mirror (no config file needed); without it the config's
-``[store] path`` is used. Big results stream: ``ls --limit 0``, ``history --limit 0`` and
-``export`` walk the mirror page by page (keyset pages, never ``OFFSET``), so memory stays flat
+``[store] path`` is used. Big results stream: ``ls``, ``history`` (whatever the ``--limit``)
+and ``export`` walk the mirror page by page (keyset pages; ``history --limit N`` first finds
+where its latest N begin, with one ``OFFSET`` that holds no rows), so memory stays flat
 however large the mirror is.
 
 Exit status: 0 success (an empty result included); 1 when there is no mirror at the path, the
@@ -51,6 +52,9 @@ _UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 MAX_AGE_DAYS = 36_525
 #: The largest ``--limit``: beyond any mirror's size, and within SQLite's integers.
 MAX_LIMIT = 1_000_000_000
+#: The longest ``--name``, in bytes of UTF-8: far beyond any experiment name, and well
+#: inside SQLite's 50,000-byte limit on a LIKE pattern even once every byte is escaped.
+MAX_NAME_BYTES = 1000
 
 
 class NoSuchExperimentError(HpoSyncError):
@@ -157,6 +161,16 @@ def parse_limit(text: str) -> int:
     return n
 
 
+def parse_name(text: str) -> str:
+    """A ``--name``: at most :data:`MAX_NAME_BYTES` bytes of UTF-8 (longer, the query
+    would fail in SQLite, as a "pattern too complex")."""
+    # surrogatepass: bytes that are not UTF-8 are counted here, refused later by name.
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_NAME_BYTES:
+        raise ValueError(f"at most {MAX_NAME_BYTES:,} bytes of UTF-8, got {size:,}")
+    return text
+
+
 def _output_path(text: str) -> str:
     if not text.strip():
         raise ValueError("empty path; name a file, or - for standard output")
@@ -177,6 +191,7 @@ _since_type = _arg_type(lambda t: parse_time_arg(t, relative=True), "since")
 _tag_type = _arg_type(parse_tag, "tag")
 limit_type = _arg_type(parse_limit, "limit")
 _output_type = _arg_type(_output_path, "output")
+_name_type = _arg_type(parse_name, "name")
 
 
 # --- registration -----------------------------------------------------------------------------
@@ -213,12 +228,14 @@ def _workspace_option(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _format_option(p: argparse.ArgumentParser, choices: Sequence[str], default: str) -> None:
+def _format_option(
+    p: argparse.ArgumentParser, choices: Sequence[str], default: str, note: str = ""
+) -> None:
     p.add_argument(
         "--format",
         choices=choices,
         default=default,
-        help=f"output format (default: {default})",
+        help=f"output format (default: {default}){note}",
     )
 
 
@@ -234,7 +251,12 @@ def register_cli(sub: Any, command: Command) -> None:
         metavar="STATUS",
         help="only this status, e.g. FAILED (repeatable; any case)",
     )
-    p.add_argument("--name", metavar="TEXT", help="name contains TEXT (case-insensitive)")
+    p.add_argument(
+        "--name",
+        type=_name_type,
+        metavar="TEXT",
+        help=f"name contains TEXT (case-insensitive; at most {MAX_NAME_BYTES} bytes)",
+    )
     p.add_argument("--creator", metavar="ID", help="created by this user (exact)")
     p.add_argument(
         "--tag",
@@ -280,7 +302,13 @@ def register_cli(sub: Any, command: Command) -> None:
     p = command("show", "show one experiment: every field, and its history", cmd_show)
     p.add_argument("experiment_id", metavar="ID", help="the ExperimentId")
     _db_option(p)
-    _format_option(p, ("table", "json"), "table")
+    _format_option(
+        p,
+        ("table", "json", "csv"),
+        "table",
+        "; csv: the experiment as one record, as `ls --format csv` writes it (a CSV row has "
+        "no room for its history: that is `hpo-sync history ID --format csv`)",
+    )
 
     p = command("history", "show recorded changes of Status, TrialStatus and Deleted", cmd_history)
     p.add_argument(
@@ -452,14 +480,20 @@ def _write_table(
     rows: Iterable[Sequence[str]],
     max_width: int | None,
 ) -> int:
-    """Stream an aligned table; widths come from the first page. Returns the row count."""
+    """Stream an aligned table; widths come from the first page. Returns the row count.
+
+    The first rows are printed before the last are read, so a wider cell may come later.
+    On a terminal (``max_width``) a name is cut to its column, as on the first page; piped,
+    nothing is cut: the longer cell pushes the rest of its line right, and the whole name
+    reaches the reader (columns that know their widest cell are sized for it)."""
     widths: list[int] | None = None
+    cut = max_width is not None
     n = 0
     for batch in _batches(rows, PAGE_SIZE):
         if widths is None:
             widths = r.fit_widths(columns, batch, max_width)
             out.write(r.format_header(columns, widths) + "\n")
-        out.write("".join(r.format_row(columns, widths, cells) + "\n" for cells in batch))
+        out.write("".join(r.format_row(columns, widths, c, cut=cut) + "\n" for c in batch))
         out.flush()
         n += len(batch)
     return n
@@ -534,15 +568,27 @@ class ExperimentWalk:
             after = page.last_key
 
 
-LS_COLUMNS = (
-    r.Column("STATUS", min_width=6),
-    r.Column("NAME", shrink=True),
-    r.Column("ID"),
-    r.Column("WORKSPACE"),
-    r.Column("TRIALS", align="right"),
-    r.Column("CREATED"),
-    r.Column("MODIFIED"),
-)
+#: The width of :func:`render.short_time`'s cells (``2024-03-01 08:30``).
+TIME_WIDTH = len("2024-03-01 08:30")
+
+
+def ls_columns(*, include_deleted: bool) -> tuple[r.Column, ...]:
+    """The ``ls`` table's columns. A streamed table's widths come from its first page, so
+    the columns whose widest cell is known are sized for it up front, to stay aligned when
+    it first appears later: STATUS for the longest status PAI uses (and `` (deleted)``
+    when deleted rows are listed), the times for ``short_time``'s. Names, ids, workspaces,
+    trial counts and a status PAI adds cannot be known in advance: piped, a wider one
+    pushes the rest of its line right."""
+    status = max(EXPERIMENT_STATUSES, key=len)
+    return (
+        r.Column("STATUS", min_width=6, widest=len(r.status_cell(status, include_deleted))),
+        r.Column("NAME", shrink=True),
+        r.Column("ID"),
+        r.Column("WORKSPACE"),
+        r.Column("TRIALS", align="right"),
+        r.Column("CREATED", widest=TIME_WIDTH),
+        r.Column("MODIFIED", widest=TIME_WIDTH),
+    )
 
 
 def ls_cells(row: Mapping[str, Any]) -> list[str]:
@@ -580,7 +626,8 @@ def _ls(args: argparse.Namespace, store: Store, out: TextIO) -> int:
     # mid-page, and its snapshot must end before the mirror closes, not at some later GC.
     with contextlib.closing(walk.rows()) as rows:
         if args.format == "table":
-            n = _write_table(out, LS_COLUMNS, (ls_cells(row) for row in rows), _table_width(out))
+            columns = ls_columns(include_deleted=args.include_deleted)
+            n = _write_table(out, columns, (ls_cells(row) for row in rows), _table_width(out))
             if n == 0:
                 _note("no experiments match")
             elif walk.more:
@@ -655,6 +702,11 @@ def show_lines(
 
 def _show(args: argparse.Namespace, store: Store, out: TextIO) -> int:
     row = _require_experiment(store, args.experiment_id)
+    if args.format == "csv":
+        # The very header and cells of `ls --format csv`: a CSV row has no room for the
+        # history, which `history ID --format csv` gives.
+        _write_records(out, "csv", r.EXPERIMENT_FIELDS, [r.experiment_record(row)])
+        return cli.EXIT_OK
     changes = store.history(experiment_id=args.experiment_id)
     if args.format == "json":
         record = r.experiment_record(row)
@@ -669,13 +721,14 @@ def _show(args: argparse.Namespace, store: Store, out: TextIO) -> int:
 cmd_show = _handler(_show)
 
 
+#: Sized up front where the widest cell is known, as in :func:`ls_columns`.
 HISTORY_COLUMNS = (
     r.Column("ID", align="right"),
-    r.Column("OBSERVED"),
+    r.Column("OBSERVED", widest=TIME_WIDTH),
     r.Column("EXPERIMENT"),
     r.Column("NAME", shrink=True),
     r.Column("WORKSPACE"),
-    r.Column("FIELD"),
+    r.Column("FIELD", widest=max(map(len, HISTORY_FIELDS))),
     r.Column("CHANGE", shrink=True, min_width=20),
     r.Column("RUN"),
 )
@@ -708,17 +761,30 @@ def _history_rows(
         "workspace": args.workspace,
         "include_baseline": not args.no_baseline,
     }
+    after_id: int | None = None
+    more = False
     if args.limit:
-        latest = store.history(**query, limit=args.limit + 1, newest_first=True)
-        return iter(reversed(latest[: args.limit])), len(latest) > args.limit
+        # The latest N, oldest first, streamed like the rest (N may be a billion): the
+        # (N+1)-th newest row, if there is one, is where the ascending walk starts after.
+        edge = store.history(**query, limit=1, offset=args.limit, newest_first=True)
+        if edge:
+            after_id, more = edge[0].id, True
 
     def stream() -> Iterator[ChangeRow]:
-        after_id: int | None = None
-        while page := store.history(**query, after_id=after_id, limit=PAGE_SIZE):
+        # With a limit, counted rather than read to the end: rows a sync adds meanwhile
+        # (their ids are higher) stay out, as they would have from one query.
+        cursor, remaining = after_id, args.limit or None
+        while remaining is None or remaining > 0:
+            size = PAGE_SIZE if remaining is None else min(PAGE_SIZE, remaining)
+            page = store.history(**query, after_id=cursor, limit=size)
+            if not page:
+                return
             yield from page
-            after_id = page[-1].id
+            cursor = page[-1].id
+            if remaining is not None:
+                remaining -= len(page)
 
-    return stream(), False
+    return stream(), more
 
 
 def _history(args: argparse.Namespace, store: Store, out: TextIO) -> int:

@@ -318,19 +318,24 @@ def utc_text(dt: datetime) -> str:
 @dataclass(frozen=True, slots=True)
 class Column:
     """One table column. ``shrink`` columns give up width (their cells are truncated with
-    ``…``) when the table is wider than the terminal; the others never do."""
+    ``…``) when the table is wider than the terminal; the others never do.
+
+    ``widest`` is the widest cell the column can hold, where that is known in advance (a
+    status, a time): a streamed table takes its widths from its first page, and a column
+    sized this way still lines up when a wider cell first appears on a later page."""
 
     header: str
     align: Literal["left", "right"] = "left"
     shrink: bool = False
     min_width: int = 12
+    widest: int = 0
 
 
 def fit_widths(
     columns: Sequence[Column], rows: Iterable[Sequence[str]], max_width: int | None = None
 ) -> list[int]:
     """Column widths for ``rows``; with ``max_width``, shrink columns are narrowed to fit."""
-    widths = [display_width(c.header) for c in columns]
+    widths = [max(display_width(c.header), c.widest) for c in columns]
     for row in rows:
         for i, cell in enumerate(row):
             widths[i] = max(widths[i], display_width(clean(cell)))
@@ -349,13 +354,17 @@ def fit_widths(
     return widths
 
 
-def format_row(columns: Sequence[Column], widths: Sequence[int], cells: Sequence[str]) -> str:
+def format_row(
+    columns: Sequence[Column], widths: Sequence[int], cells: Sequence[str], *, cut: bool = True
+) -> str:
     """One table line. A cell of a non-shrink column wider than its width pushes the rest of
-    that line right rather than being cut (ids are never truncated)."""
+    that line right rather than being cut (ids are never truncated). ``cut=False`` treats
+    shrink columns the same way: without a terminal to fit, a name longer than the widths
+    measured on a streamed table's first page is kept whole, not cut to them."""
     parts = []
     for column, width, cell in zip(columns, widths, cells, strict=True):
         text = clean(cell)
-        if column.shrink:
+        if column.shrink and cut:
             text = truncate(text, width)
         parts.append(pad(text, width, right=column.align == "right"))
     return GAP.join(parts).rstrip()

@@ -1225,11 +1225,14 @@ class Store:
         *,
         include_baseline: bool = True,
         newest_first: bool = False,
+        offset: int = 0,
     ) -> list[ChangeRow]:
         """Change rows in ``id`` order; ``after_id`` makes it a change feed with a cursor.
 
         ``since`` is inclusive on ``observed_at``. ``newest_first`` reverses the order, so
         that with ``limit`` it returns the latest rows. ``workspace``: one or several.
+        ``offset`` skips that many rows first: with ``newest_first`` and a small ``limit``,
+        the N-th newest row is found without holding the N before it.
         """
         where: list[str] = []
         params: list[Any] = []
@@ -1251,9 +1254,9 @@ class Store:
         sql = f"SELECT {_CHANGE_SELECT} FROM changes WHERE {' AND '.join(where) or '1'} ORDER BY id"
         if newest_first:
             sql += " DESC"
-        if limit is not None:
-            sql += " LIMIT ?"
-            params.append(limit)
+        if limit is not None or offset:
+            sql += " LIMIT ? OFFSET ?"
+            params += [-1 if limit is None else limit, offset]
         with self.reader() as conn:
             return [ChangeRow.from_row(r) for r in conn.execute(sql, params)]
 

@@ -236,11 +236,69 @@ def test_ls_truncates_names_to_the_terminal_width(
     monkeypatch.setenv("COLUMNS", "100")
     out = run.ok("ls", "--workspace", "ws-a")
     assert LONG_NAME not in out
-    assert "hyperparameter-searc…" in out
+    # (where it is cut depends on the other columns: STATUS is sized for every status)
+    assert re.search(r"  hyperparameter-\S*…  hpo-a5", out)
     assert all(render.display_width(line) <= 100 for line in out.splitlines())
     lines = out.splitlines()
     starts = {render.display_width(line[: line.index("hpo-")]) for line in lines[1:]}
     assert len(starts) == 1
+
+
+def build_late_wide_mirror(path: Path) -> None:
+    """More than a page of experiments whose widest cells come last, in ``ls`` order
+    (newest first) and in history order (id): a long name, a deleted USER_CANCELED one and
+    its TrialStatus change."""
+    later = [
+        raw(f"hpo-w{i:04d}", "ws-w", f"w {i}", "RUNNING", f"2024-02-{1 + i % 28:02d}T00:00:00Z")
+        for i in range(cli_query.PAGE_SIZE + 100)
+    ]
+    last = [
+        raw("hpo-wcanc", "ws-w", "w c", "USER_CANCELED", "2023-01-02T00:00:00Z",
+            trials={"FAILED": 7, "SUCCEEDED": 1234567}, deleted=True),
+        raw("hpo-wlong", "ws-w", LONG_NAME, "RUNNING", "2023-01-01T00:00:00Z"),
+    ]  # fmt: skip
+    with Store.open(path) as store:
+        sweep(store, "ws-w", T0, later + last, baseline=True, complete=True)
+
+
+def test_piped_tables_keep_whole_cells_first_met_after_the_first_page(
+    run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Widths come from the first page (the table streams). Piped, a longer cell met later
+    is not cut to them; columns whose widest cell is known (STATUS, FIELD) are sized for it."""
+    db = tmp_path / "wide.db"
+    build_late_wide_mirror(db)
+    code, out, _ = run("ls", "--limit", "0", "--include-deleted", db=db)
+    assert code == 0
+    lines = out.splitlines()
+    assert len(lines) == 1 + cli_query.PAGE_SIZE + 102
+    assert "hpo-wlong" in lines[-1] and LONG_NAME in lines[-1] and "…" not in out
+    # Every row but the long name's lines up with the header, the deleted one included.
+    assert lines[-2].startswith("USER_CANCELED (deleted)  w c ")
+    starts = {line.index("hpo-") for line in lines[1:-1]}
+    assert starts == {lines[0].index("ID")}
+
+    code, out, _ = run("history", "--limit", "0", db=db)
+    assert code == 0
+    lines = out.splitlines()
+    assert LONG_NAME in out and "…" not in out
+    assert "(none) → FAILED 7, SUCCEEDED 1234567" in out
+    late = lines[1 + cli_query.PAGE_SIZE :]
+    assert all(any(f"  {field}  " in line for line in late) for field in ("TrialStatus", "Deleted"))
+    change_starts = {
+        m.end()
+        for line in lines[1:]
+        if "hpo-wlong" not in line and (m := re.search(r"  (Status|TrialStatus|Deleted) +", line))
+    }
+    assert change_starts == {lines[0].index("CHANGE")}
+
+    # On a terminal (or with $COLUMNS) names are still cut to fit.
+    monkeypatch.setenv("COLUMNS", "100")
+    for argv in (["ls", "--include-deleted"], ["history"]):
+        code, out, _ = run(*argv, "--limit", "0", db=db)
+        assert code == 0 and LONG_NAME not in out and "…" in out, argv
+        long = [line for line in out.splitlines() if "hpo-wlong" in line]
+        assert long and all(render.display_width(line) <= 100 for line in long), argv
 
 
 def test_ls_filters(run: Run) -> None:
@@ -463,6 +521,20 @@ def test_show_json(run: Run) -> None:
     ]  # fmt: skip
 
 
+def test_show_csv_is_the_ls_csv_record(run: Run) -> None:
+    """``show ID --format csv``: the experiment as one record, the very header and cells of
+    ``ls --format csv``; its history is ``history ID --format csv``."""
+    for exp_id, ls_argv in (("hpo-a1", ["--workspace", "ws-a"]), ("hpo-a4", ["--include-deleted"])):
+        out = run.ok("show", exp_id, "--format", "csv")
+        header, *lines = out.splitlines()
+        listed = run.ok("ls", *ls_argv, "--format", "csv", "--limit", "0").splitlines()
+        assert header == listed[0] == ",".join(render.EXPERIMENT_FIELDS)
+        assert len(lines) == 1 and lines[0] in listed[1:]
+        assert next(csv.DictReader(io.StringIO(out)))["ExperimentId"] == exp_id
+    help_text = " ".join(dict(subcommands())["show"].format_help().split())
+    assert "hpo-sync history ID --format csv" in help_text
+
+
 def test_show_deleted_experiment(run: Run) -> None:
     record = run.json("show", "hpo-a4")
     assert record["Deleted"] is True
@@ -494,6 +566,40 @@ def test_history_shows_everything_in_id_order_by_default(run: Run, db: Path) -> 
         code, _, err = run("history", "--format", fmt)
         assert code == 0 and "wrote the latest 50; --limit N for more" in err, fmt
     assert run("history", "--format", "json", "--limit", "0")[2] == ""
+
+
+def test_history_limit_streams_in_keyset_pages(
+    run: Run, db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--limit N`` shows the latest N oldest first without holding them: the mirror is
+    asked for at most a page of rows at a time, however large N is."""
+    with Store.open(db, readonly=True) as store:
+        every = [c.id for c in store.history()]
+    assert len(every) > 2 * cli_query.PAGE_SIZE
+    fetched: list[int] = []
+    real = Store.history
+
+    def spy(self: Store, *args: Any, **kwargs: Any) -> Any:
+        rows = real(self, *args, **kwargs)
+        fetched.append(len(rows))
+        return rows
+
+    monkeypatch.setattr(Store, "history", spy)
+    n = len(every) - 7  # more than two pages, and some left out
+    code, out, err = run("history", "--limit", str(n), "--format", "jsonl")
+    assert code == 0 and f"wrote the latest {n}; --limit N for more" in err
+    assert [json.loads(line)["Id"] for line in out.splitlines()] == every[-n:]
+    assert fetched and max(fetched) <= cli_query.PAGE_SIZE, fetched
+    fetched.clear()
+    code, out, err = run("history", "--limit", str(cli_query.MAX_LIMIT), "--format", "jsonl")
+    assert code == 0 and err == ""
+    assert [json.loads(line)["Id"] for line in out.splitlines()] == every
+    assert max(fetched) <= cli_query.PAGE_SIZE, fetched
+    # The same rows as before for a filtered selection, and exactly N of them.
+    fetched.clear()
+    ids = [r["Id"] for r in run.json("history", "--workspace", "ws-bulk", "--limit", "501")]
+    assert ids == [i for i in every if i in set(ids)][-501:] and len(ids) == 501
+    assert max(fetched) <= cli_query.PAGE_SIZE, fetched
 
 
 def test_history_filters(run: Run) -> None:
@@ -764,6 +870,13 @@ def test_stats_table(run: Run) -> None:
         (["export", "--output", "/no/such/dir/x.csv"], "directory /no/such/dir does not exist"),
         (["export", "--output", ""], "--output: empty path; name a file, or - for standard output"),
         (["show"], "the following arguments are required: ID"),
+        (
+            ["ls", "--name", "a" * 60_000],
+            "argument --name: at most 1,000 bytes of UTF-8, got 60,000",
+        ),
+        (["ls", "--name", "中" * 16_700], "argument --name: at most 1,000 bytes of UTF-8"),
+        (["ls", "--name", "_" * 25_000], "argument --name: at most 1,000 bytes of UTF-8"),
+        (["ls", "--name", "_" * 1001], "argument --name: at most 1,000 bytes of UTF-8, got 1,001"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_message(run: Run, argv: list[str], message: str) -> None:
