@@ -305,7 +305,13 @@ def loads(text: str, *, source: Path | None = None, env: Mapping[str, str] | Non
     # Editors on Windows save UTF-8 with a byte order mark; TOML itself does not allow one.
     text = text.removeprefix("\ufeff")
     data = _parse_toml(text, source)
-    return _Parser(text, os.environ if env is None else env, source).parse(data)
+    parser = _Parser(text, os.environ if env is None else env, source)
+    config = parser.parse(data)
+    # Only now: a config that fails shows its error alone, not warnings about keys that
+    # never came into force above it.
+    for event, fields in parser.warnings:
+        log.warning(event, **fields)
+    return config
 
 
 def _parse_toml(text: str, source: Path | None) -> dict[str, Any]:
@@ -408,6 +414,8 @@ class _Parser:
         self.env = env
         self.base_dir = source.parent if source else Path.cwd()
         self.source = source
+        #: (event, fields) to log once the whole config has loaded (see :func:`loads`)
+        self.warnings: list[tuple[str, dict[str, Any]]] = []
 
     # --- error helpers -------------------------------------------------------------------
 
@@ -480,21 +488,24 @@ class _Parser:
                 raise self.fail(full, f"{bad[0]!r} is not one of {', '.join(choices)}")
         return tuple(value)
 
-    def expand(self, value: str, key: str) -> str:
-        """``~`` and ``$NAME`` / ``${NAME}`` (from the environment given to load)."""
+    def expand(self, value: str, key: str, *, quote: bool = True) -> str:
+        """``~`` and ``$NAME`` / ``${NAME}`` (from the environment given to load). Without
+        ``quote`` an unset variable is not named: its name is a piece of ``value``."""
 
         def sub(m: re.Match[str]) -> str:
             name = m.group(1) or m.group(2)
             if name not in self.env:
+                if not quote:
+                    raise self.fail(key, "an environment variable the path uses is not set")
                 raise self.fail(key, f"environment variable {name} (used in the path) is not set")
             return self.env[name]
 
         return os.path.expanduser(re.sub(r"\$(?:\{(\w+)\}|(\w+))", sub, value))
 
-    def path(self, value: str, key: str) -> Path:
+    def path(self, value: str, key: str, *, quote: bool = True) -> Path:
         if "\0" in value:
             raise self.fail(key, "a path cannot contain a NUL character (\\u0000)")
-        path = Path(self.expand(value, key))
+        path = Path(self.expand(value, key, quote=quote))
         return path if path.is_absolute() else self.base_dir / path
 
     def secret(
@@ -522,27 +533,46 @@ class _Parser:
                     "secrets must not live in the config file; name an environment variable "
                     f"with {base}_env or a file with {base}_file",
                 )
-            log.warning("config.literal_secret", key=full, hint=f"use {base}_env or {base}_file")
+            self.warnings.append(
+                ("config.literal_secret", {"key": full, "hint": f"use {base}_env or {base}_file"})
+            )
             return Secret(value.strip(), "config file"), full
         if name.endswith("_env"):
+            if not _ENV_NAME_RE.fullmatch(value):
+                # Not quoted: what is not a variable's name is most likely the secret itself,
+                # pasted into the wrong key, and this message goes to the terminal and the log.
+                raise self.fail(
+                    full,
+                    "must name an environment variable (letters, digits and _, such as "
+                    f"HPO_SYNC_{base.upper()}), not hold the value itself; what it holds is no "
+                    "such name and is not shown (it may be the secret)",
+                )
             env_value = self.env.get(value)
             if env_value is None or not env_value.strip():
                 raise self.fail(full, f"environment variable {value} is not set or empty")
             return Secret(env_value.strip(), f"env:{value}"), full
-        path = self.path(value, full)
+        # A file that cannot be read is named only when the value is plainly a path: anything
+        # else may be the secret itself, pasted into the wrong key. And as written when it
+        # names variables: one meant for <base>_env (token_file = "${API_TOKEN}") would put
+        # the secret itself in the message.
+        plain = _plainly_a_path(value)
+        path = self.path(value, full, quote=plain)
         try:
             file_value = path.read_text(encoding="utf-8").strip()
         except UnicodeDecodeError:
             raise self.fail(full, f"secret file {path} is not UTF-8 text") from None
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
-            # As written when it names variables: one meant for <base>_env (token_file =
-            # "${API_TOKEN}") would put the secret itself in the message and the log.
-            shown = repr(value) if "$" in value else str(path)
-            raise self.fail(full, f"cannot read secret file {shown}: {reason}") from None
+            if not plain:
+                shown = f"the file that {name} names"
+            else:
+                shown = f"secret file {value!r}" if "$" in value else f"secret file {path}"
+            raise self.fail(full, f"cannot read {shown}: {reason}") from None
         if not file_value:
             raise self.fail(full, f"secret file {path} is empty")
-        _warn_if_exposed(path, full)
+        exposed = _exposure(path, full)
+        if exposed:
+            self.warnings.append(("config.secret_file_exposed", exposed))
         return Secret(file_value, f"file:{path}"), full
 
     # --- sections ------------------------------------------------------------------------
@@ -606,7 +636,15 @@ class _Parser:
     def store(self, d: Mapping[str, Any]) -> StoreConfig:
         self.table(d, "store", "store")
         raw = self.get(d, "store", "path", str, str(StoreConfig().path), _non_empty)
-        return StoreConfig(path=self.path(raw, "store.path"))
+        path = self.path(raw, "store.path")
+        if path.is_dir():
+            # Found now, naming the key, not as sync, run and serve failing to open it.
+            raise self.fail(
+                "store.path",
+                f"{path} is a directory, not a mirror file: name the database file itself "
+                f"(e.g. {path / 'mirror.db'})",
+            )
+        return StoreConfig(path=path)
 
     def sync(self, d: Mapping[str, Any]) -> SyncConfig:
         k = "sync"
@@ -779,6 +817,15 @@ class _Parser:
             )
         target_names = {t.name for t in targets}
         max_age_s = self.number(d, k, "max_age_s", dflt.max_age_s, 60, 30 * 86400)
+        group_wait_s = self.number(d, k, "group_wait_s", dflt.group_wait_s, 0, 3600)
+        if group_wait_s >= max_age_s:
+            # Expiry counts from when the alert was raised, and none is sent before the wait
+            # is over: every alert would expire unsent, never tried once.
+            raise self.fail(
+                f"{k}.group_wait_s",
+                f"{group_wait_s:g} s is not shorter than alerts.max_age_s ({max_age_s:g} s): "
+                "every alert would expire unsent; shorten the wait or raise max_age_s",
+            )
         rules: list[RuleConfig] = []
         raw_rules = d.get("rules", [])
         if not isinstance(raw_rules, list):
@@ -839,7 +886,7 @@ class _Parser:
                     "expire unsent; shorten the window or raise max_age_s",
                 )
         return AlertsConfig(
-            group_wait_s=self.number(d, k, "group_wait_s", dflt.group_wait_s, 0, 3600),
+            group_wait_s=group_wait_s,
             max_age_s=max_age_s,
             stalled_after_s=self.number(
                 d, k, "stalled_after_s", dflt.stalled_after_s, 10, 30 * 86400
@@ -918,22 +965,36 @@ WORKSPACE_ID_CHARS = r"[^\s\x00-\x1f\x7f]"
 _WORKSPACE_ID_RE = re.compile(rf"{WORKSPACE_ID_CHARS}{{1,{WORKSPACE_ID_MAX_LEN}}}")
 
 
-def _warn_if_exposed(path: Path, key: str) -> None:
-    """Warn (as ssh refuses) when a secret file is readable or writable by group or others.
-    A warning, not an error: a group-readable file may be the deliberate way a deployment
-    shares it, and refusing would stop the daemon over a mode it can do nothing about."""
+def _exposure(path: Path, key: str) -> dict[str, Any] | None:
+    """The fields of a warning (as ssh refuses) when a secret file is readable or writable
+    by group or others, else None. A warning, not an error: a group-readable file may be the
+    deliberate way a deployment shares it, and refusing would stop the daemon over a mode it
+    can do nothing about."""
     try:
         mode = path.stat().st_mode
     except OSError:
-        return
-    if mode & 0o077:
-        log.warning(
-            "config.secret_file_exposed",
-            key=key,
-            path=str(path),
-            mode=oct(mode & 0o777),
-            hint=f"chmod 600 {path} (or hand it over with systemd's LoadCredential=)",
-        )
+        return None
+    if not mode & 0o077:
+        return None
+    return {
+        "key": key,
+        "path": str(path),
+        "mode": oct(mode & 0o777),
+        "hint": f"chmod 600 {path} (or hand it over with systemd's LoadCredential=)",
+    }
+
+
+#: What a ``*_env`` key may hold: the name of an environment variable, as shells write them.
+_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*", re.ASCII)
+
+
+def _plainly_a_path(value: str) -> bool:
+    """Whether a ``*_file`` value may be quoted in an error: an absolute path (as written,
+    from ``~`` or from a variable such as ``${CREDENTIALS_DIRECTORY}``) with no ``://`` and
+    no blank. Anything else (a relative name among them) cannot be told apart from a secret
+    pasted into the wrong key."""
+    absolute = value.startswith(("/", "~")) or re.match(r"\$\{?[A-Za-z_]", value)
+    return bool(absolute) and "://" not in value and not re.search(r"\s", value)
 
 
 def _host_problem(url: str) -> str | None:
@@ -993,7 +1054,8 @@ def _check_sort_name(v: Any) -> str | None:
     return None if re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", v) else f"{v!r} is not a field name"
 
 
-_OFFSET_RE = re.compile(r"^(?:UTC|GMT)?([+-])(\d{1,2})(?::?(\d{2}))?$", re.ASCII)
+# Minutes 00 to 59: "+08:60" is no offset (not +09:00), as parse_time reads upstream times.
+_OFFSET_RE = re.compile(r"^(?:UTC|GMT)?([+-])(\d{1,2})(?::?([0-5]\d))?$", re.ASCII)
 
 
 def _zone(name: str) -> timezone | ZoneInfo:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import io
 import json
 import re
 import sqlite3
@@ -23,7 +24,7 @@ from structlog.testing import capture_logs
 
 from hpo_sync.alerts import outbox as queue
 from hpo_sync.alerts.classify import Retry, Sent
-from hpo_sync.alerts.cli import list_rows
+from hpo_sync.alerts.cli import list_rows, print_rows
 from hpo_sync.alerts.receivers import Receivers
 from hpo_sync.alerts.service import RATE_LIMITS, AlertWorker, backoff_s
 from hpo_sync.alerts.signing import dingtalk_sign
@@ -292,6 +293,56 @@ async def test_an_answer_echoing_the_url_never_leaks_the_token(
     assert any(e["event"] == "alert.dead" for e in logs)
     for secret in (token(kind), SECRETS.get(kind, token(kind))):
         assert secret not in seen
+
+
+@pytest.mark.parametrize(
+    "userinfo",
+    ["hook-user:PASSWORD-S3cret", "us%40er:p%3Ass%C3%A9-S3cret", "hook-user:p%E9-S3cret"],
+    ids=["plain", "percent-encoded", "invalid-escape"],
+)
+async def test_an_answer_echoing_basic_auth_never_leaks_the_password(
+    userinfo: str, store: Store, db: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """aiohttp sends a URL's user:password as ``Authorization: Basic <base64>`` (decoded as
+    yarl decodes it); a receiver that echoes the request's headers in its error page must
+    not carry that form of the password into the log, the outbox or `alerts list`."""
+    sent: list[str] = []
+
+    async def echo(request: web.Request) -> web.Response:
+        await request.read()
+        sent.append(request.headers.get("Authorization", ""))
+        return web.Response(status=500, text=f"upstream error; request had: {sent[-1]}")
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", echo)
+    runner, port = await serve(app)
+    target = TargetConfig(
+        "t-basic", "webhook", Secret(f"http://{userinfo}@127.0.0.1:{port}/h", "t")
+    )
+    rule = RuleConfig("failed", ("t-basic",), to_status=("FAILED",))
+    cfg = Config(
+        store=StoreConfig(db), alerts=AlertsConfig(group_wait_s=5, targets=(target,), rules=(rule,))
+    )
+    worker = AlertWorker(store, cfg, rate_limits={})
+    world = World(store, worker, 1)
+    world.fail(world.ids)
+    try:
+        with capture_logs() as logs:
+            assert await worker.run_once(now=now() + timedelta(seconds=6)) == 0
+            await worker.close()
+    finally:
+        await runner.cleanup()
+    (auth,) = sent
+    assert auth.startswith("Basic ")
+    (row,) = outbox(db)
+    assert row["status"] == "pending" and row["last_error"].startswith("HTTP 500: upstream error")
+    assert row["last_error"].endswith("request had: Basic ***")
+    listing = io.StringIO()
+    print_rows(list_rows(store, None, 0), "table", listing)
+    assert "Basic ***" in listing.getvalue()
+    assert any(e["event"] == "alert.retry" for e in logs)
+    seen = row["last_error"] + repr(logs) + listing.getvalue() + "".join(capsys.readouterr())
+    assert auth.removeprefix("Basic ") not in seen and "S3cret" not in seen
 
 
 async def test_dingtalk_130101_retried_then_310000_dead(

@@ -1034,6 +1034,40 @@ def test_config_warnings_never_reach_a_commands_output(db: Path, tmp_path: Path)
     assert "secret" not in proc.stderr and "a-token-value" not in proc.stderr
 
 
+def test_a_config_error_is_one_line_without_the_secret(db: Path, tmp_path: Path) -> None:
+    """A literal url's warning waits for a config that loads; a secret pasted into url_env is
+    not echoed in the error."""
+    config = tmp_path / "c.toml"
+    target = '[[alerts.targets]]\nname = "t"\ntype = "slack"\n'
+    base = f'[store]\npath = "{db}"\n[[workspaces]]\nid = "ws1"\n{target}'
+    canary = "https://hooks.slack.com/services/T0/B0/CANARYSLACKHOOK01xyz"
+    config.write_text(f'{base}url = "{canary}"\n[[alerts.rules]]\nname = "r"\ntargets = ["x"]\n')
+    proc = hpo_sync("--config", str(config), "check-config")
+    assert proc.returncode == 2 and not proc.stdout
+    assert proc.stderr == (
+        "hpo-sync: config error: alerts.rules[0].targets (line 11): no target named 'x'\n"
+    )
+    config.write_text(f'{base}url_env = "{canary}"\n')
+    proc = hpo_sync("--config", str(config), "check-config")
+    assert proc.returncode == 2 and not proc.stdout
+    assert proc.stderr.startswith("hpo-sync: config error: alerts.targets[0].url_env (line 8): ")
+    assert proc.stderr.count("\n") == 1 and "CANARY" not in proc.stderr
+
+
+def test_a_store_path_naming_a_directory_is_a_config_error(tmp_path: Path) -> None:
+    """check-config used to call it OK, then sync, run and serve exited 1 without naming
+    the key."""
+    config = tmp_path / "c.toml"
+    config.write_text(f'[store]\npath = "{tmp_path}"\n[[workspaces]]\nid = "ws1"\n')
+    for command in ("check-config", "sync"):
+        proc = hpo_sync("--config", str(config), command)
+        assert proc.returncode == 2 and not proc.stdout, proc.stderr
+        assert proc.stderr == (
+            f"hpo-sync: config error: store.path (line 2): {tmp_path} is a directory, not a "
+            f"mirror file: name the database file itself (e.g. {tmp_path / 'mirror.db'})\n"
+        )
+
+
 def test_check_config_refuses_what_run_refuses(db: Path, tmp_path: Path) -> None:
     """An API listening beyond loopback without tokens: `run` exits 2 on it, so
     `check-config` must not call the same file OK."""

@@ -1022,3 +1022,104 @@ def test_config_module_exports() -> None:
     for name in ("load", "loads", "resolve_path", "redacted", "Config", "Secret"):
         assert hasattr(config, name)
     assert UpstreamConfig().tz.utcoffset(None) == timedelta(0)
+
+
+CANARY = "https://hooks.slack.com/services/T0/B0/CANARYSLACKHOOK01xyz"
+
+
+#: where each secret key goes: the table above it
+SECRET_TABLES = {
+    "token": TOKEN,
+    "url": TARGET,
+    "secret": f'{TARGET}url_env = "U"\n',
+}
+
+
+@pytest.mark.parametrize("key", ["token_env", "url_env", "secret_env"])
+@pytest.mark.parametrize("value", [CANARY, "xoxb-CANARY-0123456789", "CANARY TOKEN", "9CANARY"])
+def test_a_secret_pasted_into_an_env_key_is_not_quoted(key: str, value: str) -> None:
+    """What is not a variable's name is most likely the secret itself: never echoed into the
+    terminal or (on a reload) the log."""
+    table = SECRET_TABLES[key.rpartition("_")[0]]
+    text = f'{table}{key} = "{value}"\n'
+    message = error(text, env=ENV_U)
+    where = "api.tokens[0]" if key == "token_env" else "alerts.targets[0]"
+    line = line_of(text, f"{key} =")
+    assert message.startswith(f"{where}.{key} (line {line}): must name an environment variable")
+    assert "CANARY" not in message
+
+
+@pytest.mark.parametrize("key", ["token_file", "url_file", "secret_file"])
+@pytest.mark.parametrize(
+    "value", [CANARY, "CANARYSECRET0123", "/CANARY SECRET", "s3cr$CANARY", "ftp://CANARY"]
+)
+def test_a_secret_pasted_into_a_file_key_is_not_quoted(
+    key: str, value: str, tmp_path: Path
+) -> None:
+    """Only a value that plainly is a path is quoted: any other may be the secret itself."""
+    table = SECRET_TABLES[key.rpartition("_")[0]]
+    text = f'{table}{key} = "{value}"\n'
+    message = error(text, env=ENV_U, source=tmp_path / "c.toml")
+    where = "api.tokens[0]" if key == "token_file" else "alerts.targets[0]"
+    assert message.startswith(f"{where}.{key} (line {line_of(text, f'{key} =')}): ")
+    assert "CANARY" not in message
+    if "$" not in value:
+        assert f"cannot read the file that {key} names: No such file" in message
+    # a value that plainly is a path is still quoted: it is what the operator must fix
+    absent = tmp_path / "no-such-secret"
+    message = error(f'{table}{key} = "{absent}"\n', env=ENV_U)
+    assert f"cannot read secret file {absent}: No such file" in message
+
+
+def test_a_group_wait_not_shorter_than_max_age_is_refused() -> None:
+    """No alert is sent before the wait is over, and expiry counts from when it was raised:
+    every alert would expire unsent (dead, 'expired', never tried once)."""
+    text = f"{MINIMAL}\n[alerts]\nmax_age_s = 600\ngroup_wait_s = {{}}\n"
+    for wait in ("600", "900"):
+        message = error(text.format(wait))
+        assert message.startswith("alerts.group_wait_s (line 6): ")
+        assert f"{wait} s is not shorter than alerts.max_age_s (600 s)" in message
+    assert loads(text.format("599"), env={}).alerts.group_wait_s == 599
+
+
+def test_a_store_path_naming_a_directory_is_refused(tmp_path: Path) -> None:
+    """Found at load (check-config says so), naming the key, not as sync, run and serve
+    failing to open the mirror."""
+    text = f'{MINIMAL}[store]\npath = "{tmp_path}"\n'
+    expected = f"store.path (line 4): {tmp_path} is a directory, not a mirror file"
+    assert error(text).startswith(expected)
+    config_file = tmp_path / "c.toml"
+    config_file.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        config.load_store(config_file)  # the read commands' view of it too
+    assert loads(f'{MINIMAL}[store]\npath = "{tmp_path}/m.db"\n', env={}).store.path
+
+
+@pytest.mark.parametrize("zone", ["+08:60", "+08:99", "UTC+5:75", "+0860", "-0575", "GMT+860"])
+def test_create_time_zone_minutes_past_59_are_refused(zone: str) -> None:
+    """Not read as a later offset: "+08:60" used to be UTC+09:00, "+08:99" +09:39."""
+    message = error(f'[upstream]\ncreate_time_zone = "{zone}"\n{MINIMAL}')
+    assert message.startswith(f"upstream.create_time_zone (line 2): unknown time zone {zone!r}")
+
+
+def test_a_config_that_fails_logs_no_warnings_first() -> None:
+    """One message for a config error: the literal URL's warning waits for a config that
+    loads (test_a_literal_target_url_is_allowed_with_a_warning has it then)."""
+    url = "https://hooks.slack.com/services/T1/B2/literalsecretpart"
+    with capture_logs() as logs:
+        message = error(f'{TARGET}url = "{url}"\n[alerts]\nmax_age_s = 1\n')
+    assert message.startswith("alerts.max_age_s (line 9): ")
+    assert logs == []
+
+
+def test_a_failing_config_does_not_warn_of_an_exposed_secret_file(tmp_path: Path) -> None:
+    token = tmp_path / "api-token"
+    token.write_text("file-token-value\n", encoding="utf-8")
+    token.chmod(0o644)
+    text = f'{MINIMAL}[[api.tokens]]\nname = "t"\ntoken_file = "{token}"\n'
+    with capture_logs() as logs:
+        error(f"{text}[logging]\nlevel = 'loud'\n")
+    assert logs == []
+    with capture_logs() as logs:
+        loads(text, env={})
+    assert [e["event"] for e in logs] == ["config.secret_file_exposed"]

@@ -146,6 +146,16 @@ async def test_daemon_seams(tmp_path: Path, sweep_process: bool) -> None:
             (rejected,) = [e for e in logs if e["event"] == "config.reload_rejected"]
             assert "not a loopback address" in rejected["error"]
             assert runtime.config.workspace_ids() == ("100002", "100003")
+            # a secret pasted into a *_env key is not echoed into the log
+            canary = "https://hooks.slack.com/services/T0/B0/CANARYSLACKHOOK01xyz"
+            cfg_path.write_text(
+                f'{good}\n[[alerts.targets]]\nname = "t"\ntype = "slack"\nurl_env = "{canary}"\n',
+                encoding="utf-8",
+            )
+            with capture_logs() as logs:
+                assert not await daemon.reload()
+            (rejected,) = [e for e in logs if e["event"] == "config.reload_rejected"]
+            assert "url_env" in rejected["error"] and "CANARY" not in repr(logs)
         finally:
             daemon.request_stop()
             await asyncio.wait_for(run, 10)

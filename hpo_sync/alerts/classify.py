@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
+
+from yarl import URL
 
 #: When a target says "too fast" without saying for how long.
 DEFAULT_RETRY_S = 60.0
@@ -64,8 +67,9 @@ MASK = "***"
 
 def secret_parts(url: str, *secrets: str | None) -> tuple[str, ...]:
     """The strings an answer from ``url`` must never carry into a log, the outbox or a page:
-    the URL, its long path segments and query values (raw and percent-decoded), and every
-    given secret. Longest first, so a part never survives inside a longer one half-masked."""
+    the URL, its long path segments and query values (raw and percent-decoded), the
+    ``Authorization: Basic`` value its ``user:password@`` becomes, and every given secret.
+    Longest first, so a part never survives inside a longer one half-masked."""
     parts = {url, *(s for s in secrets if s)}
     try:
         split = urlsplit(url)
@@ -79,7 +83,38 @@ def secret_parts(url: str, *secrets: str | None) -> tuple[str, ...]:
             for form in (piece, unquote(piece), quote(unquote(piece), safe="")):
                 if len(form) >= _SECRET_MIN:
                     parts.add(form)
+    parts.update(p for p in _basic_auth_forms(url) if len(p) >= _SECRET_MIN)
     return tuple(sorted(parts, key=len, reverse=True))
+
+
+def _basic_auth_forms(url: str) -> set[str]:
+    """The base64 of the URL's ``user:password`` as a client sends it in ``Authorization:
+    Basic``: a receiver that echoes the request's headers in an error page would otherwise
+    carry the password in a form no other part matches. aiohttp sends the userinfo
+    percent-decoded as yarl decodes it (an invalid escape such as %E9 kept as written), in
+    Latin-1; the raw and UTF-8 forms cover other clients and whatever Latin-1 cannot encode."""
+    try:
+        parsed = URL(url, encoded=True)
+        userinfo = urlsplit(url).netloc.rpartition("@")[0]
+    except ValueError:
+        return set()
+    if not userinfo:
+        return set()
+    user, _, password = userinfo.partition(":")
+    pairs = {
+        (parsed.raw_user or "", parsed.raw_password or ""),
+        (parsed.user or "", parsed.password or ""),
+        (unquote(user), unquote(password)),
+    }
+    forms: set[str] = set()
+    for login, secret in pairs:
+        for encoding in ("latin-1", "utf-8"):
+            try:
+                raw = f"{login}:{secret}".encode(encoding)
+            except UnicodeEncodeError:
+                continue
+            forms.add(base64.b64encode(raw).decode("ascii"))
+    return forms
 
 
 def redact(text: str, parts: Iterable[str]) -> str:
