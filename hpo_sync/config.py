@@ -584,13 +584,27 @@ class _Parser:
                 raise self.fail(section, f"expected a table, got {_type_name(data[section])}")
         workspaces = self.workspaces(data)
         workspace_ids = {w.id for w in workspaces}
+        upstream = self.upstream(data.get("upstream", {}))
+        store = self.store(data.get("store", {}))
+        sync = self.sync(data.get("sync", {}))
+        api = self.api(data.get("api", {}), workspace_ids)
+        alerts = self.alerts(data.get("alerts", {}), workspace_ids)
+        if alerts.stalled_after_s <= sync.hot_interval_s:
+            # A healthy workspace's last success is up to a hot interval old before each
+            # sync: it would be reported stalled, then recovered, on every cycle.
+            raise self.fail(
+                "alerts.stalled_after_s",
+                f"{alerts.stalled_after_s:g} s is not longer than sync.hot_interval_s "
+                f"({sync.hot_interval_s:g} s): every healthy workspace would be reported "
+                "stalled and recovered each cycle; make it several hot intervals",
+            )
         return Config(
-            upstream=self.upstream(data.get("upstream", {})),
-            store=self.store(data.get("store", {})),
-            sync=self.sync(data.get("sync", {})),
+            upstream=upstream,
+            store=store,
+            sync=sync,
             workspaces=workspaces,
-            api=self.api(data.get("api", {}), workspace_ids),
-            alerts=self.alerts(data.get("alerts", {}), workspace_ids),
+            api=api,
+            alerts=alerts,
             logging=self.logging(data.get("logging", {})),
             source=self.source,
         )

@@ -1082,6 +1082,17 @@ def test_a_group_wait_not_shorter_than_max_age_is_refused() -> None:
     assert loads(text.format("599"), env={}).alerts.group_wait_s == 599
 
 
+def test_a_stall_threshold_not_longer_than_the_hot_interval_is_refused() -> None:
+    """A healthy workspace's last success is up to a hot interval old before each sync: a
+    stall threshold within it would report it stalled and recovered on every cycle."""
+    text = f"{MINIMAL}\n[sync]\nhot_interval_s = 40\n\n[alerts]\nstalled_after_s = {{}}\n"
+    for after in ("10", "40"):
+        message = error(text.format(after))
+        assert message.startswith("alerts.stalled_after_s (line 8): ")
+        assert f"{after} s is not longer than sync.hot_interval_s (40 s)" in message
+    assert loads(text.format("41"), env={}).alerts.stalled_after_s == 41
+
+
 def test_a_store_path_naming_a_directory_is_refused(tmp_path: Path) -> None:
     """Found at load (check-config says so), naming the key, not as sync, run and serve
     failing to open the mirror."""
