@@ -943,23 +943,27 @@ class UpstreamClient:
                 tie_size = max(size, TIE_WINDOW_PAGE_SIZE)
                 first = await self.list_page(window, 1, tie_size, tally=tally)
                 await take(first, counted=False)
-                count = first.total_count
-                if count is not None and len(first.experiments) == tie_size < count:
+                count, got = first.total_count, len(first.experiments)
+                # (without a count, a full page may have more behind it)
+                rest = got == tie_size if count is None else count > got
+                if count is not None and rest and got == tie_size:
                     # Larger still (a batch of hundreds submitted at once): one page at a
-                    # size that holds all of it, as far as the server pages that large; a
-                    # server that does not (it caps the size, or refuses it) is read in
-                    # pages of tie_size after all.
-                    whole = min(count, MAX_TIE_PAGE_SIZE)
+                    # size that holds all of it, as far as the server pages that large.
                     try:
-                        page = await self.list_page(window, 1, whole, tally=tally)
+                        page = await self.list_page(
+                            window, 1, min(count, MAX_TIE_PAGE_SIZE), tally=tally
+                        )
                     except FatalUpstreamError as exc:
                         if not rejects_parameter(exc):
                             raise
-                        page = Page(count, [], None)
-                    await take(page, counted=False)
-                    if len(page.experiments) < whole:
-                        async for page in self.iter_pages(window, page_size=tie_size, tally=tally):
-                            await take(page, counted=False)
+                    else:
+                        await take(page, counted=False)
+                        rest = len(page.experiments) < count
+                if rest:
+                    # Beyond that size, or a server that caps the size or refuses it (or a
+                    # short page 1 under a larger count): in pages of tie_size after all.
+                    async for page in self.iter_pages(window, page_size=tie_size, tally=tally):
+                        await take(page, counted=False)
             except FatalUpstreamError:
                 raise
             except UpstreamError as exc:  # best effort: the listing stands as it was read
@@ -1118,7 +1122,7 @@ class UpstreamClient:
         a count of the page, not the listing (see :meth:`list_all`): then counts are not
         trusted and page 2 tells."""
         size = page_size or self.config.page_size
-        number, counted = 1, True
+        number, counted, read = 1, True, 0
         previous: list[Any] | None = None
         first_ids: list[Any] = []
         while True:
@@ -1135,9 +1139,12 @@ class UpstreamClient:
                 first_ids = ids
             yield page
             count, got = page.total_count, len(page.experiments)
+            read += got
             if number == 1 and (count == got == size or self.counts_pages):
                 counted = False
-            if not got or (counted and count is not None and number * size >= count):
+            # The rows read, not the pages: a server that caps the page size pages by its
+            # own size, and the count says when they are all there.
+            if not got or (counted and count is not None and read >= count):
                 return
             number += 1
             previous = ids

@@ -1423,10 +1423,16 @@ Rows = list[dict[str, Any]]
 
 
 async def _list_all_from(
-    rows: Rows, arrange: Callable[[dict[str, str], Rows], Rows], query: ListQuery, size: int
+    rows: Rows,
+    arrange: Callable[[dict[str, str], Rows], Rows],
+    query: ListQuery,
+    size: int,
+    *,
+    max_page_size: int = 1000,
 ) -> Listing:
     """``list_all(query)`` against a server holding ``rows``, which filters them by create
-    time as upstream does and lets ``arrange(query string, rows)`` order each query's."""
+    time as upstream does and lets ``arrange(query string, rows)`` order each query's. It
+    pages by at most ``max_page_size`` rows, whatever the size asked."""
 
     async def answer(request: web.Request) -> web.Response:
         q = dict(request.query)
@@ -1441,6 +1447,7 @@ async def _list_all_from(
             ],
         )
         number, page_size = int(q.get("PageNumber", "1")), int(q.get("PageSize", "100"))
+        page_size = min(page_size, max_page_size)
         page = chosen[(number - 1) * page_size : number * page_size]
         return web.json_response({"RequestId": "r", "TotalCount": len(chosen), "Experiments": page})
 
@@ -1546,6 +1553,35 @@ async def test_a_tie_larger_than_the_tie_window_page_is_read_in_one_page_of_its_
     assert listing.complete and listing.consistent
     assert listing.seen_ids == {r["ExperimentId"] for r in rows}
     assert sizes == ["100", "151"]  # its window (the tie and the row a second before) at once
+
+
+async def test_a_tie_window_of_a_server_that_caps_the_page_size_is_read_page_by_page() -> None:
+    """80 experiments of one create time, which the listing's pages of 30 order each their
+    own way; the tie's window asks for 100 a page, and this server gives 50 at most: the
+    window's count says there is more, and its next page is read too (the window's own
+    order is stable here), so the listing ends whole."""
+    import random
+
+    rows = _rows_a_second_apart(120)
+    tie = "2024-01-01T00:00:20Z"
+    for i in range(20, 100):
+        rows[i]["GmtCreateTime"] = tie
+    sizes: list[tuple[str, str]] = []
+
+    def arrange(q: dict[str, str], chosen: Rows) -> Rows:
+        if "MaxCreateTime" in q:  # a tie's window: one order for all its pages
+            sizes.append((q["PageNumber"], q["PageSize"]))
+            return chosen
+        tied = [r for r in chosen if r["GmtCreateTime"] == tie]
+        random.Random(repr(sorted(q.items()))).shuffle(tied)
+        before = [r for r in chosen if r["GmtCreateTime"] < tie]
+        return [*before, *tied, *(r for r in chosen if r["GmtCreateTime"] > tie)]
+
+    query = ListQuery(workspace_id="w")
+    listing = await _list_all_from(rows, arrange, query, 30, max_page_size=50)
+    assert listing.complete and listing.consistent
+    assert listing.seen_ids == {r["ExperimentId"] for r in rows}
+    assert ("2", "100") in sizes
 
 
 async def test_a_bounded_listing_that_does_not_add_up_is_read_again_as_one_page() -> None:
