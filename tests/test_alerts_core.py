@@ -122,6 +122,9 @@ def _j(obj: object) -> bytes:
         ("wecom", 200, {}, _j({"errcode": 45009, "errmsg": "api freq out of limit"}), Retry),
         ("wecom", 200, {}, _j({"errcode": 40058, "errmsg": "too long"}), Dead),
         ("wecom", 200, {}, _j({"errcode": 93000, "errmsg": "invalid webhook url"}), Dead),
+        # "system busy, retry later" on both
+        ("dingtalk", 200, {}, _j({"errcode": -1, "errmsg": "系统繁忙"}), Retry),
+        ("wecom", 200, {}, _j({"errcode": -1, "errmsg": "system busy"}), Retry),
         ("slack", 200, {}, b"ok", Sent),
         ("slack", 400, {}, b"invalid_payload", Dead),
         ("slack", 404, {}, b"no_service", Dead),
@@ -176,7 +179,8 @@ def test_classify_retry_after_and_reasons() -> None:
     d = classify("dingtalk", 200, {}, _j({"errcode": 310000, "errmsg": "keywords not in content"}))
     assert isinstance(d, Dead) and "310000" in d.reason and "keywords not in content" in d.reason
     r2 = classify("dingtalk", 200, {}, _j({"errcode": 130101, "errmsg": "x"}))
-    assert isinstance(r2, Retry) and r2.after_s is not None
+    # DingTalk keeps a robot quiet for 10 minutes past its limit: no retry within them
+    assert isinstance(r2, Retry) and r2.after_s == 600.0
 
 
 # --- rules ---------------------------------------------------------------------------------
@@ -591,6 +595,7 @@ def test_one_message_a_round_counts_only_the_alerts_it_holds() -> None:
 
 HOSTILE = (
     "x` <!channel> <@U024BE7LH> @everyone <at id=all></at> <@all> [click](http://evil)\n### fake"
+    " ![x](http://evil/t.png) **BOLD** ~~s~~"
 )
 
 
@@ -602,7 +607,8 @@ def test_data_in_an_alert_is_never_markup(ttype: str) -> None:
     whole channel (Slack's <!channel>, Discord's @everyone, Feishu's <at id=all>, WeCom's
     <@all>), or start a heading of its own: what upstream sends is shown, never obeyed."""
     item = replace(
-        _item(1, name=HOSTILE), experiment_id="id`<!here>", new_value="FAILED<@all>",
+        _item(1, name=HOSTILE), experiment_id="id`<!here>[link](https://evil.example)",
+        new_value="FAILED<@all>",
         trial_status={"<at id=all></at>": 1},
     )  # fmt: skip
     (message,) = render(ttype, [item])
@@ -612,6 +618,18 @@ def test_data_in_an_alert_is_never_markup(ttype: str) -> None:
     assert "\n### fake" not in text and "`x`" not in text
     assert text.count("`") % 2 == 0  # every code span that opens closes
     assert "x\u02cb \u2039!channel\u203a" in text  # shown as look-alikes
+    # no link or image of its own (DingTalk and Teams have no code span to hold a name, and
+    # the id is outside one everywhere), no bold or struck-through text
+    for markup in ("[click](http://evil)", "](http://evil)", "![", "**BOLD**", "~~s~~"):
+        assert markup not in text, markup
+    assert "\uff3bclick\uff3d(http://evil)" in text
+    assert "\uff3blink\uff3d(https://evil.example)" in text  # the id's
+
+
+def test_slack_shows_ampersands_as_written() -> None:
+    """Slack reads &amp; &lt; &gt; as entities: a name holding "&lt;" would show "<"."""
+    (message,) = render("slack", [_item(1, name="a &lt; b & c")])
+    assert "a &amp;lt; b &amp; c" in message.payload["text"]
 
 
 def test_console_links_percent_encode_the_ids() -> None:

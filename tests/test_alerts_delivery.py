@@ -357,12 +357,13 @@ async def test_dingtalk_130101_retried_then_310000_dead(
         assert await worker.run_once(now=t) == 0
         (row,) = outbox(db)
         assert row["status"] == "pending" and "130101" in row["last_error"]
-        assert await worker.run_once(now=t + timedelta(seconds=30)) == 0  # waits 60 s
-        assert await worker.run_once(now=t + timedelta(seconds=61)) == 1
+        # DingTalk keeps the robot quiet for 10 minutes: no retry within them
+        assert await worker.run_once(now=t + timedelta(seconds=599)) == 0
+        assert await worker.run_once(now=t + timedelta(seconds=601)) == 1
         assert outbox(db)[0]["status"] == "sent"
         receivers.fail(token("dingtalk"), errcode=310000, times=1)
         world.fail(["e0001"])
-        assert await worker.run_once(now=t + timedelta(seconds=200)) == 0
+        assert await worker.run_once(now=t + timedelta(seconds=800)) == 0
         await worker.close()
     dead = outbox(db)[1]
     assert dead["status"] == "dead" and "310000" in dead["last_error"]

@@ -40,11 +40,16 @@ Outcome = Sent | Retry | Dead
 
 # errcode -> (retryable, explanation)
 _DINGTALK = {
+    -1: (True, "system busy"),
     130101: (True, "sending too fast (20/min per robot)"),
     310000: (False, "keyword, signature or timestamp check failed"),
     460101: (False, "message too big"),
     300001: (False, "bad access token"),
 }
+#: How long DingTalk keeps a robot quiet once it has sent too fast (its documented 10-minute
+#: limit): a retry sooner is refused again, and each refusal risks a longer ban.
+DINGTALK_BAN_S = 600.0
+_DINGTALK_WAITS = {130101: DINGTALK_BAN_S}
 _FEISHU = {
     19021: (False, "signature or timestamp check failed"),
     19024: (False, "keyword missing"),
@@ -52,6 +57,7 @@ _FEISHU = {
     9499: (True, "rate limited"),
 }
 _WECOM = {
+    -1: (True, "system busy"),
     45009: (True, "rate limited (20/min)"),
     40058: (False, "message too long"),
     93000: (False, "invalid webhook URL"),
@@ -156,7 +162,12 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
 
 
 def _code_body(
-    body: bytes, shown: bytes, key: str, table: dict[int, tuple[bool, str]], msg_key: str
+    body: bytes,
+    shown: bytes,
+    key: str,
+    table: dict[int, tuple[bool, str]],
+    msg_key: str,
+    waits: Mapping[int, float] | None = None,
 ) -> Outcome:
     data = _json(body)
     if not isinstance(data, dict) or key not in data:
@@ -173,7 +184,9 @@ def _code_body(
     msg = str(data.get(msg_key, ""))
     retryable, meaning = table.get(code, (False, "rejected"))
     reason = f"{key} {code}: {meaning} ({msg})" if msg else f"{key} {code}: {meaning}"
-    return Retry(reason, DEFAULT_RETRY_S) if retryable else Dead(reason)
+    if not retryable:
+        return Dead(reason)
+    return Retry(reason, (waits or {}).get(code, DEFAULT_RETRY_S))
 
 
 def classify(
@@ -218,7 +231,7 @@ def _classify(
         # the Location may carry the token.
         return Dead(f"HTTP {status}: the webhook URL redirects; configure the URL it leads to")
     if target_type == "dingtalk" and status == 200:
-        return _code_body(body, shown, "errcode", _DINGTALK, "errmsg")
+        return _code_body(body, shown, "errcode", _DINGTALK, "errmsg", _DINGTALK_WAITS)
     if target_type in ("feishu", "lark") and status == 200:
         return _code_body(body, shown, "code", _FEISHU, "msg")
     if target_type == "wecom" and status == 200:

@@ -93,10 +93,24 @@ def console_link(template: str, region: str, workspace: str, experiment_id: str)
 
 # What upstream (or a config) puts in a message is data, not markup. These characters would
 # let an experiment's name close its code span, mention people (Slack's <!channel>, Discord's
-# @everyone, Feishu's <at id=all>, WeCom's <@all>), add links or start a heading on a line of
-# its own; each becomes a look-alike that no target reads as markup.
+# @everyone, Feishu's <at id=all>, WeCom's <@all>), add a link or an image that loads from
+# anywhere ([text](url), ![x](url): DingTalk and Teams have no code spans to hold a name, and
+# an id is shown outside one everywhere), set text bold or struck through, or start a heading
+# on a line of its own; each becomes a look-alike that no target reads as markup. Not "_":
+# names are full of it, and between letters no target reads it as emphasis.
 _NEUTRAL = str.maketrans(
-    {"`": "\u02cb", "<": "\u2039", ">": "\u203a", "@": "\uff20", "\n": " ", "\r": " "}
+    {
+        "`": "\u02cb",
+        "<": "\u2039",
+        ">": "\u203a",
+        "@": "\uff20",
+        "[": "\uff3b",
+        "]": "\uff3d",
+        "*": "\u2217",
+        "~": "\u223c",
+        "\n": " ",
+        "\r": " ",
+    }
 )
 #: Characters of a name shown in a line: a longer one is cut here, so that the experiment's
 #: id, workspace and link still fit a message (a line too long for one is cut at its end).
@@ -139,11 +153,17 @@ def _md_line(item: AlertItem, link: Callable[[str, str], str], code: str = "`") 
 
 
 def _slack_line(item: AlertItem) -> str:
-    exp = f"`{_name(item)}` ({_text(item.experiment_id)})"
+    # Slack reads &amp; &lt; &gt; as entities: a name holding "&lt;" would show "<".
+    exp = _amp(f"`{_name(item)}` ({_text(item.experiment_id)})")
     return (
-        f"• *{item.transition}* · {exp} · workspace {_ws(item)} · trials: {item.trials}"
-        f" · {_text(item.observed_at)} · rule {_text(item.rule)} · <{item.console_url}|console>"
+        f"• *{_amp(item.transition)}* · {exp} · workspace {_amp(_ws(item))} · trials:"
+        f" {_amp(item.trials)} · {_amp(_text(item.observed_at))} · rule {_amp(_text(item.rule))}"
+        f" · <{item.console_url}|console>"
     )
+
+
+def _amp(text: str) -> str:
+    return text.replace("&", "&amp;")
 
 
 def _md_link(text: str, url: str) -> str:
