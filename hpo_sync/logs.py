@@ -105,6 +105,7 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
 #: Where the parser's reason ends and its excerpt of the request (``b'GET /…'``) begins.
 _RAW_EXCERPT_RE = re.compile(r"""\s*b['"]""")
 _STATUS_PREFIX_RE = re.compile(r"^\d{3}, message:\s*")
+_QUOTED_RE = re.compile(r"""['"?]""")
 
 
 class ClientGarbageFilter(logging.Filter):
@@ -117,15 +118,21 @@ class ClientGarbageFilter(logging.Filter):
     a request line with ``BearerToken=…`` in its query or an ``Authorization`` header."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from aiohttp.http_exceptions import HttpProcessingError
+        from aiohttp.http_exceptions import HttpProcessingError, InvalidURLError
         from aiohttp.web_protocol import RequestPayloadError  # a body it cannot decode
 
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, HttpProcessingError | RequestPayloadError) and (
             record.levelno > logging.INFO
         ):
-            text = exc.message if isinstance(exc, HttpProcessingError) else str(exc)
+            if isinstance(exc, InvalidURLError):
+                # Its message is the request target itself, BearerToken=… and all.
+                text = "a request target that is not a URL"
+            else:
+                text = exc.message if isinstance(exc, HttpProcessingError) else str(exc)
             reason = _STATUS_PREFIX_RE.sub("", _RAW_EXCERPT_RE.split(str(text), maxsplit=1)[0])
+            # Nor a value a message goes on to quote, nor anything past a query's start.
+            reason = _QUOTED_RE.split(reason, maxsplit=1)[0]
             record.msg = "refused a malformed HTTP request: %s (%s)"
             record.args = (type(exc).__name__, " ".join(reason.split())[:200])
             record.levelno, record.levelname = logging.INFO, "INFO"

@@ -250,6 +250,40 @@ async def test_revoked_tokens_stop_working_at_once(rig: ApiRig) -> None:
     assert (await rig.get("/v1/workspaces", token="all")).status == 200
 
 
+async def test_a_long_poll_waiting_when_its_token_is_revoked_gets_nothing(rig: ApiRig) -> None:
+    """A reload that removes a token revokes it at once: a long poll that token started
+    before the reload gets a 401 when the next change wakes it, not the changes committed
+    after the revocation. One whose token a reload narrows sees only what it may now."""
+    from test_api_read import _apply_change, _some_id
+
+    cfg = rig.runtime.config
+    newest = rig.store.history(newest_first=True, limit=1)[0].id
+    revoked = asyncio.create_task(
+        rig.get("/v1/changes", {"after": str(newest), "wait": "10"}, token="ws1")
+    )
+    narrowed = asyncio.create_task(
+        rig.ok("/v1/changes", {"after": str(newest), "wait": "10"}, token="ws12")
+    )
+    await asyncio.sleep(0.3)  # both wait
+    rig.runtime.config = replace(
+        cfg,
+        api=replace(
+            cfg.api,
+            tokens=tuple(
+                replace(t, workspaces=(WS1,)) if t.name == "ws12" else t
+                for t in cfg.api.tokens
+                if t.name != "ws1"
+            ),
+        ),
+    )
+    await asyncio.to_thread(_apply_change, rig.store, WS1, _some_id(rig.store, WS1), "FAILED", 31)
+    await asyncio.to_thread(_apply_change, rig.store, WS2, _some_id(rig.store, WS2), "FAILED", 32)
+    answer = await revoked
+    assert answer.status == 401, answer
+    body = await narrowed
+    assert body["changes"] and {c["workspace_id"] for c in body["changes"]} == {WS1}
+
+
 def test_tokens_are_compared_in_constant_time_against_every_token() -> None:
     tokens = token_configs()
     auth = Authenticator()

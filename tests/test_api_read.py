@@ -908,6 +908,10 @@ async def test_requests_the_http_parser_refuses_are_no_server_errors_in_the_log(
         b"GET /v1/experiments?BearerToken=S3CRET-IN-QUERY&name=a b HTTP/1.1\r\n\r\n",
         b"GET /healthz HTTP/1.1\r\nAuthorization: Bearer S3CRET-IN-HEADER\x00\r\n\r\n",
         b"GET /healthz HTTP/1.1\r\nAuthorization : Bearer S3CRET-IN-HEADER\r\n\r\n",
+        # an absolute-form target aiohttp cannot read: its message is the URL itself
+        b"GET http://127.0.0.1:99999/v1/experiments?BearerToken=S3CRET-IN-URL HTTP/1.1\r\n"
+        b"Host: 127.0.0.1\r\n\r\n",
+        b"GET http://[::1/v1/experiments?BearerToken=S3CRET-IN-URL HTTP/1.1\r\n\r\n",
     )
     for level, shown in (("info", True), ("warning", False)):
         buffer = json_logs(level)

@@ -100,6 +100,17 @@ def test_any_json_payload_is_a_cursor_error_unless_well_formed(payload: object) 
         Cursor.decode(text)
 
 
+@pytest.mark.parametrize("rowid", [2**63, 2**64 - 1, 0, -1, -(2**63) - 1])
+def test_a_cursor_by_reference_to_no_possible_rowid_is_a_cursor_error(rowid: int) -> None:
+    """SQLite's rowids are 1 … 2**63 - 1; orjson reads integers up to 2**64 - 1, and
+    SQLite refused those beyond its range with an OverflowError (a 500 for a forged
+    cursor, not the 400 of any other bad cursor)."""
+    payload = {"v": 1, "s": "-created", "f": "24aaae00ec1a6f2c", "r": [rowid, "0" * 16]}
+    text = base64.urlsafe_b64encode(json.dumps(payload).encode()).rstrip(b"=").decode()
+    with pytest.raises(CursorError, match="malformed cursor"):
+        Cursor.decode(text)
+
+
 def test_the_filter_hash_ignores_order_but_not_content() -> None:
     a = ExperimentFilter(
         workspaces=("1", "2"), statuses=("RUNNING", "FAILED"), tags=(("team", "nlp"), ("env", None))

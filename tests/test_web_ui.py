@@ -573,6 +573,36 @@ async def test_the_feed_long_poll_answers_when_a_change_commits(ui: ApiRig) -> N
     assert body["next_after"] > after and "USER_CANCELED" in body["html"]
 
 
+async def test_a_feed_poll_waiting_when_a_reload_ends_its_session_gets_nothing(
+    ui: ApiRig,
+) -> None:
+    """A reload that removes the token ends its sessions at once: the feed's poll that was
+    already waiting answers "signed out" when the next change wakes it, not that change."""
+    await sign_in(ui, "ws1")
+    status, text, _ = await page(ui, "/ui/changes")
+    assert status == 200
+    after = int(re.search(r'data-after="(\d+)"', text).group(1))  # type: ignore[union-attr]
+    exp = mirror_rows(ui.store, "workspace_id = ? AND deleted = 0", [WS1])[0]
+
+    async def later() -> None:
+        await asyncio.sleep(0.3)
+        runtime = ui.app[RUNTIME]
+        runtime.config = replace(
+            runtime.config,
+            api=replace(runtime.config.api, tokens=token_configs(["all", "ws12"])),
+        )
+        _put(ui, WS1, exp["experiment_id"], exp["name"], status="USER_CANCELED")
+
+    task = asyncio.create_task(later())
+    async with ui.client.get(
+        "/ui/changes/poll", params={"after": str(after), "wait": "10"}
+    ) as resp:
+        body = await resp.json()
+    await task
+    assert resp.status == 401 and body["error"] == "signed_out"
+    assert "USER_CANCELED" not in str(body)
+
+
 async def test_the_feeds_cursor_shows_nothing_of_other_workspaces(ui: ApiRig) -> None:
     with sqlite3.connect(ui.store.path) as conn:
         own = conn.execute("SELECT max(id) FROM changes WHERE workspace_id = ?", (WS1,))

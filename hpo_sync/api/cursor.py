@@ -138,6 +138,7 @@ class Cursor:
                 not isinstance(row, list)
                 or len(row) != 2
                 or type(row[0]) is not int
+                or not 0 < row[0] < 2**63  # a rowid SQLite can hold (orjson reads 2**64 - 1)
                 or not isinstance(row[1], str)
                 or len(row[1]) != _HASH_LEN
             ):

@@ -496,6 +496,9 @@ class ReadApi:
 
 READ_API: web.AppKey[ReadApi] = web.AppKey("hpo_sync.read_api", ReadApi)
 PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("hpo_sync.principal", Principal)
+#: The caller as the tokens in force now say (ApiError: no longer allowed): a long poll asks
+#: again each time it wakes, since a reload may have revoked or narrowed its token meanwhile.
+REAUTHORIZE: web.RequestKey[Callable[[], Principal]] = web.RequestKey("hpo_sync.reauthorize")
 
 
 # --- setup --------------------------------------------------------------------------------
@@ -695,14 +698,13 @@ async def _guard(
     if policy == PUBLIC:
         return await handler(request)
     api = request.app[READ_API]
-    tokens = api.runtime.config.api.tokens
 
     def resolve() -> Principal:
         presented = presented_token(
             request.headers, request.query, allow_query=request.path.startswith(COMPAT_PREFIX)
         )
         return api.auth.resolve(
-            tokens,
+            api.runtime.config.api.tokens,  # those in force at each call (see REAUTHORIZE)
             presented,
             listen_host=api.listen_host,
             peer=request.remote,
@@ -732,6 +734,7 @@ async def _guard(
         )
         raise ForbiddenError(f"{route} needs {why}", code="admin_required")
     request[PRINCIPAL] = principal
+    request[REAUTHORIZE] = resolve
     return await handler(request)
 
 
@@ -1176,6 +1179,10 @@ async def list_changes(request: web.Request) -> web.Response:
     while not rows and (remaining := deadline - loop.time()) > 0:
         if not await wait_for_change(request, max(max_id, after), remaining):
             break
+        # Its token as it stands now: a reload meanwhile may have revoked it (a 401, not
+        # the changes committed since) or narrowed it (read reads the new scope).
+        principal = request[REAUTHORIZE]()
+        scope, visible = principal.scope(q["workspace"]), principal.scope([])
         rows, max_id, seen_id, states = await api.read(work)
     has_more = len(rows) > limit
     rows = rows[:limit]

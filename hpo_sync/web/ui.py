@@ -277,10 +277,7 @@ async def _dispatch(request: web.Request) -> web.StreamResponse:
     principal = _principal(request, ui)
     if principal is None:
         if route == _POLL:
-            return web.json_response(
-                {"error": "signed_out", "message": "your session ended; sign in again"},
-                status=401,
-            )
+            return web.json_response(_SIGNED_OUT, status=401)
         target = request.path_qs if request.method == "GET" else "/ui/"
         return redirect(str(request.app.router["ui_login"].url_for().with_query(next=target)))
     request[PRINCIPAL] = principal
@@ -290,6 +287,10 @@ async def _dispatch(request: web.Request) -> web.StreamResponse:
             return error_page(request, 404, f"There is no page {request.path}.")
         return error_page(request, exc.status, exc.reason, headers=exc.headers)
     return await match.handler(request)
+
+
+#: The feed poll's answer once its session has ended (the page then offers to sign in).
+_SIGNED_OUT = {"error": "signed_out", "message": "your session ended; sign in again"}
 
 
 def _principal(request: web.Request, ui: WebUi) -> Principal | None:
@@ -750,6 +751,17 @@ async def changes_poll(request: web.Request) -> web.StreamResponse:
     while not rows and (remaining := deadline - loop.time()) > 0:
         if not await wait_for_change(request, max(max_id, after), remaining):
             break
+        # The session as it stands now: a reload meanwhile may have ended it (its token
+        # removed) or narrowed it; the changes committed since are not for the old one.
+        try:
+            now_principal = _principal(request, ui)
+            if now_principal is not None:
+                scope = now_principal.scope(q["workspace"])
+                visible = now_principal.scope([])
+        except ApiError as exc:
+            return web.json_response({"error": exc.code, "message": exc.message}, status=exc.status)
+        if now_principal is None:
+            return web.json_response(_SIGNED_OUT, status=401)
         rows, max_id, seen_id = await api.read(work)
     next_after = rows[-1][0] if rows else max(after, seen_id)
     newest_first = [change_json(r) for r in reversed(rows)]
