@@ -944,7 +944,8 @@ def build_document(version: str = __version__) -> dict[str, Any]:
             "description": "A local mirror of PAI AutoML HPO experiments and their history. "
             "Every data response says how fresh it is (`freshness` in the body, "
             "`X-Last-Sync` / `X-Data-Age` headers). Errors: "
-            '`{"error": {"code", "message", "param"}}`. Without [[api.tokens]] the API is '
+            '`{"error": {"code", "message", "param"}}` (`param` where one parameter is at '
+            "fault). Without [[api.tokens]] the API is "
             "open on loopback only; with tokens, every route but /healthz, /readyz and "
             "/openapi.json needs one. Every route answers HEAD as GET (without a body), 405 "
             f"to another method, 413 to a request body and 400 to a query string over "
