@@ -30,9 +30,10 @@ from aiohttp import web
 from .signing import dingtalk_sign, feishu_sign, verify_webhook
 
 #: The documented rate limits each emulated target enforces: (messages, per seconds).
+#: Discord's 30 a minute per channel is not in its documentation, but widely seen.
 RECEIVER_LIMITS: dict[str, tuple[tuple[int, float], ...]] = {
     "slack": ((1, 1.0),),
-    "discord": ((5, 2.0),),
+    "discord": ((5, 2.0), (30, 60.0)),
     "dingtalk": ((20, 60.0),),
     "feishu": ((5, 1.0), (100, 60.0)),
     "lark": ((5, 1.0), (100, 60.0)),
