@@ -941,7 +941,9 @@ class _Batches:
         self._contents.extend(contents)
         if len(self._buffer) >= self._rows:
             async with self._lock:
-                if len(self._buffer) >= self._rows:  # another page may have taken it
+                # (another page may have taken it, or seen the batch before it fail: no
+                # batch goes after a failed one, as in close())
+                if len(self._buffer) >= self._rows and not self._failed:
                     await self._wait()
                     self._start()
         elif self._buffer and self._timer is None:
@@ -960,7 +962,7 @@ class _Batches:
 
     def _on_timer(self) -> None:
         self._timer = None
-        if not self._buffer:
+        if not self._buffer or self._failed:
             return
         running = self._applying is not None and not self._applying.done()
         if running or self._lock.locked():

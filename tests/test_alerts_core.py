@@ -89,6 +89,9 @@ def test_standard_webhooks_round_trip_plain_secret() -> None:
     assert verify_webhook("plain-key", h, b"{}", now_s=1001)
     assert not verify_webhook("other", h, b"{}", now_s=1001)
     assert not verify_webhook("plain-key", h, b"{}", now_s=5000)
+    # a timestamp from the future is as stale as one from the past
+    assert not verify_webhook("plain-key", h, b"{}", now_s=400)
+    assert verify_webhook("plain-key", h, b"{}", now_s=750)
     # unsigned (no secret): the id and the time still go, for a receiver that deduplicates
     assert webhook_headers(None, "id1", 1000, b"{}") == {
         "webhook-id": "id1",
@@ -141,6 +144,10 @@ def _j(obj: object) -> bytes:
         ("webhook", 429, {"retry-after": "3"}, b"", Retry),
         ("webhook", 502, {}, b"", Retry),
         ("webhook", 410, {}, b"gone", Dead),
+        # a request timeout is the receiver's to try again, for every kind
+        ("webhook", 408, {}, b"", Retry),
+        ("teams", 408, {}, b"timeout", Retry),
+        ("discord", 408, {}, b"", Retry),
     ],
 )
 def test_classify(
@@ -213,6 +220,10 @@ def test_rule_conditions() -> None:
     assert not matches(RuleConfig("r", ("t",), experiments=("gpt_*", "*_x")), ev)
     assert matches(RuleConfig("r", ("t",), tags=(("team", "nlp"),)), ev)
     assert not matches(RuleConfig("r", ("t",), tags=(("team", "cv"),)), ev)
+    # every tag of the rule must match, not any one of them
+    two = _event(experiment=replace(EXP, tags={"a": "1", "b": "3"}))
+    assert not matches(RuleConfig("r", ("t",), tags=(("a", "1"), ("b", "2"))), two)
+    assert matches(RuleConfig("r", ("t",), tags=(("a", "1"), ("b", "3"))), two)
     assert matches(RuleConfig("r", ("t",), from_status=("RUNNING",), to_status=("FAILED",)), ev)
     assert not matches(RuleConfig("r", ("t",), to_status=("FINISHED",)), ev)
     assert not matches(RuleConfig("r", ("t",), from_status=("WAITING",)), ev)

@@ -1036,6 +1036,58 @@ async def test_a_message_is_read_whole_past_the_due_limit(store: Store, db: Path
         assert [(r.id, r.message_id) for r in queue.due_rows(conn, t, limit=1)] == [(ids[0], None)]
 
 
+async def test_a_new_message_never_takes_a_name_other_rows_hold(store: Store, db: Path) -> None:
+    """Rows put in a message of their own by ``alerts retry`` keep its name: a new message
+    whose name would be the same (same first row, as many rows) gets ``_2``, and ``_3``
+    when that is taken too."""
+    worker = one_target_worker(store, db, "webhook", "http://127.0.0.1:9/unused")
+    world = World(store, worker, 6)
+    world.fail(world.ids)
+    with store.write("name") as conn:
+        a, b, c, d, e, f = (r.id for r in queue.due_rows(conn, now()))
+        base = queue.message_id([c, d])
+        conn.execute("UPDATE alert_outbox SET message_id = ? WHERE id IN (?, ?)", (base, a, b))
+        conn.execute("UPDATE alert_outbox SET message_id = ? WHERE id = ?", (f"{base}_2", e))
+        assert queue.name_messages(conn, [[c, d], [f]]) == [f"{base}_3", f"hposync_{f}_1"]
+        assert queue.name_messages(conn, [[c, d]]) == [f"{base}_3"]  # its own name again
+    assert {r["id"]: r["message_id"] for r in outbox(db)} == {
+        a: base,
+        b: base,
+        c: f"{base}_3",
+        d: f"{base}_3",
+        e: f"{base}_2",
+        f: f"hposync_{f}_1",
+    }
+
+
+async def test_rows_put_back_by_alerts_retry_go_without_a_second_group_wait(
+    store: Store, db: Path
+) -> None:
+    """Rows that were attempted already (dead, then put back by ``alerts retry``, which
+    restarts their created_at) were grouped once: they go in the next round, not
+    ``group_wait_s`` later."""
+    hook = Hook(HOOK_SECRET, statuses={0: 400})
+    runner, url = await hook.serve()
+    try:
+        worker = one_target_worker(store, db, "webhook", url, secret=HOOK_SECRET)
+        worker.config = dataclasses.replace(
+            worker.config, alerts=dataclasses.replace(worker.config.alerts, group_wait_s=60)
+        )
+        world = World(store, worker, 2)
+        world.fail(world.ids)
+        t = now() + timedelta(seconds=61)
+        assert await worker.run_once(now=t) == 0
+        assert {(r["status"], r["attempts"]) for r in outbox(db)} == {("dead", 1)}
+        with store.write("alerts retry") as conn:
+            assert queue.retry_rows(conn, t, all_dead=True) == 2
+        assert await worker.run_once(now=t + timedelta(seconds=1)) == 1
+        await worker.close()
+    finally:
+        await runner.cleanup()
+    assert [d.experiments for d in hook.got] == [["e0000", "e0001"]] * 2
+    assert {r["status"] for r in outbox(db)} == {"sent"}
+
+
 async def test_alerts_retry_keeps_the_webhook_id_of_a_whole_message(store: Store, db: Path) -> None:
     """A dead message put back in the queue whole goes again under its ``webhook-id`` (a
     receiver that took it after all can tell); an alert put back without the rest of its

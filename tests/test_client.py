@@ -432,7 +432,9 @@ async def test_every_attempt_has_a_fresh_nonce_and_date(capture: Capture) -> Non
 
 RETRYABLE: dict[str, Action] = {
     "500": api_error(500, "InternalError"),
+    "500-unknown-code": api_error(500, "SomethingElse"),  # any 5xx, whatever its code
     "503": api_error(503, "ServiceUnavailable"),
+    "408-html": raw_reply(408, b"<html>request timeout</html>", "text/html"),
     "502-html": raw_reply(502, b"<html>bad gateway</html>", "text/html"),
     "truncated-json": raw_reply(200, b'{"RequestId": "x", "TotalCount": 3, "Experi'),
     "SignatureNonceUsed": api_error(400, "SignatureNonceUsed"),
@@ -505,6 +507,17 @@ async def test_throttling_waits_as_told_and_slows_the_limiter(
     first, second = capture.seen
     assert second.at - first.at >= wait_s
     assert second.at - first.at < wait_s + 1.0
+
+
+async def test_a_429_is_throttling_whatever_code_its_body_gives(capture: Capture) -> None:
+    """HTTP 429 with an API-shaped body whose Code is not ``Throttling*``: throttling all
+    the same (the limiter slows down, the page is retried), not a fatal error."""
+    capture.script.append(api_error(429, "TooManyRequests"))
+    async with make_client(capture.base_url, max_qps=50.0) as client:
+        page = await client.list_page(ListQuery(), 1)
+        assert page.total_count == 3
+        assert client.stats.throttled == 1 and client.stats.by_code["TooManyRequests"] == 1
+        assert client.stats.api_calls == 2 and client.limiter_rate < 50.0
 
 
 async def test_throttled_attempts_do_not_use_up_the_attempt_budget(capture: Capture) -> None:
@@ -615,6 +628,59 @@ async def test_no_retry_starts_past_the_time_budget_after_waiting_for_the_limite
     assert len(arrivals) >= 3
     assert arrivals[-1] - arrivals[0] <= 4.0 + 0.25, [round(a - arrivals[0], 2) for a in arrivals]
     assert f"gave up after {len(arrivals)} attempts ({len(arrivals)} throttled)" in str(info.value)
+
+
+def test_a_server_error_that_asks_for_a_wait_gets_at_least_that() -> None:
+    """A 503 (not throttling) with ``Retry-After: 2``: the backoff, ~0.2 s after a first
+    failure, is stretched to the wait the server asked for."""
+    from hpo_sync.client import _retry_after_s, _retry_wait
+    from hpo_sync.errors import RetryableUpstreamError
+
+    hinted = _retry_after_s(None, "2")
+    assert hinted == 2.0
+    exc = RetryableUpstreamError("busy", code="ServiceUnavailable", http_status=503,
+                                 retry_after_s=hinted)  # fmt: skip
+    for failures in (1, 2, 3):
+        assert 2.0 <= _retry_wait(exc, failures) <= 4.0
+
+
+def test_a_throttled_attempt_without_a_hint_waits_only_the_jitter() -> None:
+    """The limiter has slowed every caller down already: a throttled page's own wait is
+    the jitter, however many of its attempts failed, never the escalating backoff."""
+    from hpo_sync.client import THROTTLE_JITTER_S, _retry_wait
+    from hpo_sync.errors import ThrottledError
+
+    exc = ThrottledError("slow down", code="Throttling.User", http_status=400)
+    for failures in (1, 2, 5, 10):
+        assert 0.0 <= _retry_wait(exc, failures) <= THROTTLE_JITTER_S
+
+
+def test_ids_beyond_the_count_do_not_add_up() -> None:
+    """Three distinct ids under a single TotalCount of 2 is no consistent listing (more
+    rows than counted: the count is off, or the ids are not what they seem)."""
+    listing = Listing(total_count=2, pages_expected=1, pages_read=1, totals_seen={2},
+                      seen_ids={"a", "b", "c"})  # fmt: skip
+    assert listing.complete and not listing.consistent
+    assert Listing(total_count=3, pages_expected=1, pages_read=1, totals_seen={3},
+                   seen_ids={"a", "b", "c"}).consistent  # fmt: skip
+
+
+async def test_an_id_on_two_pages_is_kept_once_and_counted_as_a_duplicate(
+    capture: Capture,
+) -> None:
+    """Rows moved while the pages were read: e001 is on page 1 and again on page 2."""
+    capture.experiments = [{"ExperimentId": i} for i in ("e000", "e001", "e001", "e002")]
+    seen_on_pages: list[str] = []
+
+    async def on_page(page: Page) -> None:
+        seen_on_pages.extend(e["ExperimentId"] for e in page.experiments)
+
+    async with make_client(capture.base_url) as client:
+        listing = await client.list_all(ListQuery(), page_size=2, on_page=on_page)
+    assert [e["ExperimentId"] for e in listing.experiments] == ["e000", "e001", "e002"]
+    assert seen_on_pages == ["e000", "e001", "e002"]
+    assert listing.duplicates == 1 and listing.seen_ids == {"e000", "e001", "e002"}
+    assert listing.complete and not listing.consistent  # 3 ids against a count of 4
 
 
 async def test_a_page_that_always_fails_leaves_the_listing_incomplete(capture: Capture) -> None:

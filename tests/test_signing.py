@@ -130,6 +130,17 @@ def test_percent_encode_is_rfc3986(raw: str, encoded: str) -> None:
     assert signing.percent_encode(raw) == encoded
 
 
+def test_values_of_one_header_name_in_different_cases_are_sorted_and_joined() -> None:
+    """As the official SDK does: whatever order the two spellings come in."""
+    for headers in (
+        {"X-Acs-Meta": "zeta", "x-acs-meta": "alpha", "Host": "h"},
+        {"x-acs-meta": "alpha", "X-ACS-META": " zeta "},
+    ):
+        block, names = signing.canonical_headers(headers)
+        assert "x-acs-meta:alpha,zeta\n" in block
+        assert names.split(";").count("x-acs-meta") == 1
+
+
 def test_canonical_query_sorts_by_name_and_keeps_empty_values() -> None:
     assert signing.canonical_query({"b": "2", "a": "", "C": "x y"}) == "C=x%20y&a=&b=2"
     assert signing.canonical_query({}) == ""

@@ -323,6 +323,62 @@ def test_rows_seen_after_the_listing_began_are_not_marked_deleted(store: Store) 
     assert fields(r.change_rows) == [("new", "Deleted", "false", "true")]
 
 
+def test_ids_seen_on_earlier_pages_are_not_marked_deleted(store: Store) -> None:
+    """The last batch of a page-by-page listing: experiments its earlier pages returned
+    (``seen_ids_for_deletion``) are not deleted, even when last seen before the listing
+    began (their pages wrote nothing new, say, in another process's run)."""
+    apply(store, [exp(i) for i in "abc"], T0, complete=True)
+    r = apply(store, [exp("c")], T2, complete=True, seen_ids_for_deletion={"a"},
+              listing_started_at=T1)  # fmt: skip
+    assert fields(r.change_rows) == [("b", "Deleted", "false", "true")]
+    assert store.get_experiment("a")["deleted"] is False  # type: ignore[index]
+
+
+def test_a_row_seen_just_as_the_listing_began_is_not_marked_deleted(store: Store) -> None:
+    """Seen at the very time the listing began (a hot sweep's observation at the same
+    second): the listing may have missed it, as for one seen later."""
+    apply(store, [exp("a"), exp("b")], T0, complete=True)
+    apply(store, [exp("b")], T1)
+    r = apply(store, [exp("a")], T2, complete=True, listing_started_at=T1)
+    assert r.marked_deleted == 0
+    assert store.get_experiment("b")["deleted"] is False  # type: ignore[index]
+
+
+def test_a_complete_listing_raises_the_watermark_to_its_newest_never_back(
+    store: Store,
+) -> None:
+    """The create watermark goes to the newest create time of a complete listing, and a
+    later complete listing of older experiments only leaves it where it is."""
+    newer, older = "2024-02-03T00:00:00Z", "2024-01-01T00:00:00Z"
+    apply(store, [exp("a", GmtCreateTime=older), exp("b", GmtCreateTime=newer),
+                  exp("c", GmtCreateTime=older)], T0, complete=True)  # fmt: skip
+    state = store.workspace_state("ws1")
+    assert state is not None and state.create_watermark == newer
+    # (one new to the mirror: an unchanged row moves nothing anyway)
+    apply(store, [exp("d", GmtCreateTime=older)], T1, complete=True)
+    state = store.workspace_state("ws1")
+    assert state is not None and state.create_watermark == newer
+
+
+def test_change_ids_are_the_stored_ones_after_a_gap_in_the_sequence(
+    store: Store, db_path: Path
+) -> None:
+    """AUTOINCREMENT's counter can run ahead of max(id) (rows of a rolled-back
+    transaction, say): the change rows an apply returns (and hands to the outbox) carry
+    the ids they were stored under."""
+    apply(store, [exp("a")], T0)
+    with store.write("a gap") as conn:
+        before = conn.execute("SELECT max(id) FROM changes").fetchone()[0]
+        conn.execute("UPDATE sqlite_sequence SET seq = seq + 10 WHERE name = 'changes'")
+    r = apply(store, [exp("a", Status="FAILED"), exp("b")], T1)
+    with closing(sqlite3.connect(db_path)) as conn:
+        stored = conn.execute(
+            "SELECT id, experiment_id, field FROM changes WHERE id > ? ORDER BY id", (before,)
+        ).fetchall()
+    assert len(stored) == 3 and stored[0][0] > before + 10
+    assert [(c.id, c.experiment_id, c.field) for c in r.change_rows] == stored
+
+
 def test_mark_deleted_explicitly(store: Store) -> None:
     apply(store, [exp("a"), exp("b"), exp("c"), exp("late")], T0)
     apply(store, [exp("late")], T3)
