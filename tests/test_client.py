@@ -1534,6 +1534,28 @@ def _rows_a_second_apart(n: int) -> Rows:
     ]
 
 
+def _tie_order(
+    tie: str, windows: list[dict[str, str]], *, stable_windows: bool = False
+) -> Callable[[dict[str, str], Rows], Rows]:
+    """An ``arrange`` for :func:`_list_all_from`: every query orders the rows of create time
+    ``tie`` its own way (the same query, the same way), as MySQL's ``ORDER BY … LIMIT`` may.
+    The queries of a tie's window (with MaxCreateTime) are recorded in ``windows``; with
+    ``stable_windows`` they keep one order for all their pages."""
+    import random
+
+    def arrange(q: dict[str, str], chosen: Rows) -> Rows:
+        if "MaxCreateTime" in q:
+            windows.append(q)
+            if stable_windows:
+                return chosen
+        tied = [r for r in chosen if r["GmtCreateTime"] == tie]
+        random.Random(repr(sorted(q.items()))).shuffle(tied)
+        before = [r for r in chosen if r["GmtCreateTime"] < tie]
+        return [*before, *tied, *(r for r in chosen if r["GmtCreateTime"] > tie)]
+
+    return arrange
+
+
 async def test_rows_of_one_create_time_that_straddle_pages_are_read_once_more() -> None:
     """A database ordering equal create times differently from one query to the next
     (MySQL's ORDER BY … LIMIT): six experiments share a create time across the boundary of
@@ -1569,29 +1591,17 @@ async def test_a_tie_larger_than_a_page_is_read_again_in_one_page(since: datetim
     window, read in pages of 10, would lose some again. It is read in pages of at least
     100 (upstream's default), one page that nothing can fall between: the listing ends
     whole. So does a hot sweep's listing of what was created ``since`` a time."""
-    import random
-
     rows = _rows_a_second_apart(40)
     tie = "2024-01-01T00:00:05Z"
     for i in range(5, 30):
         rows[i]["GmtCreateTime"] = tie
-    sizes: list[str] = []
-
-    def arrange(q: dict[str, str], chosen: Rows) -> Rows:
-        if "MaxCreateTime" in q:  # a tie's window
-            sizes.append(q["PageSize"])
-        # every query orders the tie its own way (the same query, the same way)
-        tied = [r for r in chosen if r["GmtCreateTime"] == tie]
-        random.Random(repr(sorted(q.items()))).shuffle(tied)
-        before = [r for r in chosen if r["GmtCreateTime"] < tie]
-        return [*before, *tied, *(r for r in chosen if r["GmtCreateTime"] > tie)]
-
+    windows: list[dict[str, str]] = []
     query = ListQuery(workspace_id="w", min_create_time=since)
-    listing = await _list_all_from(rows, arrange, query, 10)
+    listing = await _list_all_from(rows, _tie_order(tie, windows), query, 10)
     assert listing.complete and listing.consistent
     first = 3 if since else 0  # e003's create time onwards
     assert listing.seen_ids == {r["ExperimentId"] for r in rows[first:]}
-    assert sizes == ["100"]  # the tie's window, at the larger page size
+    assert [q["PageSize"] for q in windows] == ["100"]  # the tie's, at the larger page size
 
 
 async def test_a_tie_larger_than_the_tie_window_page_is_read_in_one_page_of_its_count() -> None:
@@ -1599,26 +1609,18 @@ async def test_a_tie_larger_than_the_tie_window_page_is_read_in_one_page_of_its_
     default page size of 100, each query ordering them its own way: the tie's window, read
     in pages of 100, would lose rows in the same way every time. Its count says 150, so it
     is read once more as one page of 150, which nothing can fall between."""
-    import random
-
     rows = _rows_a_second_apart(260)
     tie = "2024-01-01T00:00:50Z"
     for i in range(50, 200):
         rows[i]["GmtCreateTime"] = tie
-    sizes: list[str] = []
-
-    def arrange(q: dict[str, str], chosen: Rows) -> Rows:
-        if "MaxCreateTime" in q:  # a tie's window
-            sizes.append(q["PageSize"])
-        tied = [r for r in chosen if r["GmtCreateTime"] == tie]
-        random.Random(repr(sorted(q.items()))).shuffle(tied)
-        before = [r for r in chosen if r["GmtCreateTime"] < tie]
-        return [*before, *tied, *(r for r in chosen if r["GmtCreateTime"] > tie)]
-
-    listing = await _list_all_from(rows, arrange, ListQuery(workspace_id="w"), 100)
+    windows: list[dict[str, str]] = []
+    listing = await _list_all_from(rows, _tie_order(tie, windows), ListQuery(workspace_id="w"), 100)
     assert listing.complete and listing.consistent
     assert listing.seen_ids == {r["ExperimentId"] for r in rows}
-    assert sizes == ["100", "151"]  # its window (the tie and the row a second before) at once
+    assert [q["PageSize"] for q in windows] == [
+        "100",
+        "151",
+    ]  # its window (the tie and the row a second before) at once
 
 
 async def test_a_tie_window_of_a_server_that_caps_the_page_size_is_read_page_by_page() -> None:
@@ -1626,28 +1628,16 @@ async def test_a_tie_window_of_a_server_that_caps_the_page_size_is_read_page_by_
     own way; the tie's window asks for 100 a page, and this server gives 50 at most: the
     window's count says there is more, and its next page is read too (the window's own
     order is stable here), so the listing ends whole."""
-    import random
-
     rows = _rows_a_second_apart(120)
     tie = "2024-01-01T00:00:20Z"
     for i in range(20, 100):
         rows[i]["GmtCreateTime"] = tie
-    sizes: list[tuple[str, str]] = []
-
-    def arrange(q: dict[str, str], chosen: Rows) -> Rows:
-        if "MaxCreateTime" in q:  # a tie's window: one order for all its pages
-            sizes.append((q["PageNumber"], q["PageSize"]))
-            return chosen
-        tied = [r for r in chosen if r["GmtCreateTime"] == tie]
-        random.Random(repr(sorted(q.items()))).shuffle(tied)
-        before = [r for r in chosen if r["GmtCreateTime"] < tie]
-        return [*before, *tied, *(r for r in chosen if r["GmtCreateTime"] > tie)]
-
-    query = ListQuery(workspace_id="w")
-    listing = await _list_all_from(rows, arrange, query, 30, max_page_size=50)
+    windows: list[dict[str, str]] = []
+    arrange = _tie_order(tie, windows, stable_windows=True)
+    listing = await _list_all_from(rows, arrange, ListQuery(workspace_id="w"), 30, max_page_size=50)
     assert listing.complete and listing.consistent
     assert listing.seen_ids == {r["ExperimentId"] for r in rows}
-    assert ("2", "100") in sizes
+    assert ("2", "100") in [(q["PageNumber"], q["PageSize"]) for q in windows]
 
 
 async def test_a_bounded_listing_that_does_not_add_up_is_read_again_as_one_page() -> None:
