@@ -8,7 +8,7 @@ import asyncio
 import re
 import shutil
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -552,8 +552,12 @@ async def test_statuses_pai_may_add_and_none_at_all_have_working_links(ui: ApiRi
     assert status == 200 and '<option value="10" selected>' in text
 
 
-async def test_the_feed_long_poll_answers_when_a_change_commits(ui: ApiRig) -> None:
-    await sign_in(ui)
+async def _poll_across_a_change(
+    ui: ApiRig, token: str = "all", *, before_change: Callable[[], None] | None = None
+) -> tuple[int, Any, int]:
+    """Sign in, open the feed and start its long poll; 0.3 s later (``before_change``, then)
+    an experiment of WS1 is cancelled. The poll's status and body, and where it started."""
+    await sign_in(ui, token)
     status, text, _ = await page(ui, "/ui/changes")
     assert status == 200
     after = int(re.search(r'data-after="(\d+)"', text).group(1))  # type: ignore[union-attr]
@@ -561,6 +565,8 @@ async def test_the_feed_long_poll_answers_when_a_change_commits(ui: ApiRig) -> N
 
     async def later() -> None:
         await asyncio.sleep(0.3)
+        if before_change is not None:
+            before_change()
         _put(ui, WS1, exp["experiment_id"], exp["name"], status="USER_CANCELED")
 
     task = asyncio.create_task(later())
@@ -569,7 +575,12 @@ async def test_the_feed_long_poll_answers_when_a_change_commits(ui: ApiRig) -> N
     ) as resp:
         body = await resp.json()
     await task
-    assert resp.status == 200 and body["count"] >= 1
+    return resp.status, body, after
+
+
+async def test_the_feed_long_poll_answers_when_a_change_commits(ui: ApiRig) -> None:
+    status, body, after = await _poll_across_a_change(ui)
+    assert status == 200 and body["count"] >= 1
     assert body["next_after"] > after and "USER_CANCELED" in body["html"]
 
 
@@ -578,28 +589,16 @@ async def test_a_feed_poll_waiting_when_a_reload_ends_its_session_gets_nothing(
 ) -> None:
     """A reload that removes the token ends its sessions at once: the feed's poll that was
     already waiting answers "signed out" when the next change wakes it, not that change."""
-    await sign_in(ui, "ws1")
-    status, text, _ = await page(ui, "/ui/changes")
-    assert status == 200
-    after = int(re.search(r'data-after="(\d+)"', text).group(1))  # type: ignore[union-attr]
-    exp = mirror_rows(ui.store, "workspace_id = ? AND deleted = 0", [WS1])[0]
 
-    async def later() -> None:
-        await asyncio.sleep(0.3)
+    def reload_without_ws1() -> None:
         runtime = ui.app[RUNTIME]
         runtime.config = replace(
             runtime.config,
             api=replace(runtime.config.api, tokens=token_configs(["all", "ws12"])),
         )
-        _put(ui, WS1, exp["experiment_id"], exp["name"], status="USER_CANCELED")
 
-    task = asyncio.create_task(later())
-    async with ui.client.get(
-        "/ui/changes/poll", params={"after": str(after), "wait": "10"}
-    ) as resp:
-        body = await resp.json()
-    await task
-    assert resp.status == 401 and body["error"] == "signed_out"
+    status, body, _ = await _poll_across_a_change(ui, "ws1", before_change=reload_without_ws1)
+    assert status == 401 and body["error"] == "signed_out"
     assert "USER_CANCELED" not in str(body)
 
 
