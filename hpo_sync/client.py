@@ -826,20 +826,23 @@ class UpstreamClient:
         ended = False
         # the cap guessed from page 1 alone, refuted: page 1 was short after all
         refuted = capped and first_empty == 2 and not any(sizes[n] for n in sizes if n > 2)
-        if capped and not refuted:
+        if capped and sizes.get(2):  # borne out: page 2 has rows of its own
             log.warning("upstream.page_size_capped", asked=asked, got=got)
         if listing.error is not None and listing.error is short_listing:
             last = _last_before_empty(sizes, int(first_empty))
             # A short page, then an empty one: the listing's natural end, before the end
             # its count planned. So is a refuted cap. A full page, then an empty one: the
             # end too, under a count that takes in rows the listing leaves out, when the
-            # listing's rows fill whole pages; or a page that glitched, or rows that moved
-            # while the pages were read. The empty page is asked for once more to tell.
+            # listing's rows fill whole pages — or a page that glitched (asked for once
+            # more, it has rows), or rows deleted while the pages were read, which shift
+            # later rows onto pages read already (the count moved: no end, whatever the
+            # empty page says when asked again).
             ended = (
                 (last is not None and last < size)
                 or refuted
                 or (
                     last is not None
+                    and len(listing.totals_seen) == 1
                     and await self._empty_again(query, int(first_empty), size, tally)
                 )
             )
@@ -875,23 +878,26 @@ class UpstreamClient:
         count: int,
         tally: Tally | None,
         take: Callable[..., Awaitable[None]],
-    ) -> None:
-        """A create-time window's listing of a few pages whose ids fall short of its count
-        (``count``, at most :data:`MAX_TIE_PAGE_SIZE`), read once more as one page of that
-        count, which no row can fall between: a look-up by a name that a batch submitted in
-        one second shares, say, where each page's query orders the batch its own way. One
-        call more; a server that caps the page size, or refuses the size, leaves the listing
-        as it was read, and so does a count that takes in rows the listing leaves out."""
+    ) -> Page | None:
+        """``query`` read once more as one page of ``count`` rows (at most
+        :data:`MAX_TIE_PAGE_SIZE`), which no row can fall between, its new rows handed on;
+        the page, or None when it could not be read. For a listing of a few pages whose ids
+        fall short of its count where each page's query orders rows of one create time its
+        own way: a look-up by a name that a batch submitted in one second shares, or a tie
+        window larger than its pages. One call more, best effort: a server that caps the
+        page size, or refuses the size, leaves the listing as it was read, and so does a
+        count that takes in rows the listing leaves out."""
         try:
             page = await self.list_page(query, 1, count, tally=tally)
         except FatalUpstreamError as exc:
             if not rejects_parameter(exc):
                 raise
-            return
-        except UpstreamError as exc:  # best effort, as for a tie window
+            return None
+        except UpstreamError as exc:
             log.info("upstream.one_page_failed", workspace=query.workspace_id, error=str(exc))
-            return
+            return None
         await take(page, counted=False)
+        return page
 
     async def _empty_again(
         self, query: ListQuery, number: int, size: int, tally: Tally | None
@@ -949,16 +955,10 @@ class UpstreamClient:
                 if count is not None and rest and got == tie_size:
                     # Larger still (a batch of hundreds submitted at once): one page at a
                     # size that holds all of it, as far as the server pages that large.
-                    try:
-                        page = await self.list_page(
-                            window, 1, min(count, MAX_TIE_PAGE_SIZE), tally=tally
-                        )
-                    except FatalUpstreamError as exc:
-                        if not rejects_parameter(exc):
-                            raise
-                    else:
-                        await take(page, counted=False)
-                        rest = len(page.experiments) < count
+                    whole = await self._read_as_one_page(
+                        window, min(count, MAX_TIE_PAGE_SIZE), tally, take
+                    )
+                    rest = whole is None or len(whole.experiments) < count
                 if rest:
                     # Beyond that size, or a server that caps the size or refuses it (or a
                     # short page 1 under a larger count): in pages of tie_size after all.

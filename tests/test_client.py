@@ -762,22 +762,45 @@ async def test_an_empty_page_after_a_full_one_twice_ends_the_listing(capture: Ca
 async def test_an_empty_page_after_a_full_one_that_has_rows_again_leaves_the_listing_incomplete(
     capture: Capture,
 ) -> None:
-    """A full page and then an empty one before the count's last page, and that page has
-    rows when asked for again (it glitched, or rows moved while the pages were read): no
-    end, the listing stays incomplete."""
-    capture.experiments = [{"ExperimentId": f"e{i:03d}"} for i in range(500)]
-    glitched: list[int] = []
+    """300 experiments under a count of 500: page 3 glitches (empty once), and the pages
+    past the end are empty too. Asked for once more, page 3 has rows: no end, the listing
+    stays incomplete."""
+    capture.experiments = [{"ExperimentId": f"e{i:03d}"} for i in range(300)]
+    capture.total_count = 500
+    asked: list[str] = []
 
     async def empty_page_3_once(request: web.Request) -> web.StreamResponse:
-        if request.query.get("PageNumber") == "3" and not glitched:
-            glitched.append(3)
+        number = request.query.get("PageNumber", "")
+        asked.append(number)
+        if number == "3" and asked.count("3") == 1:
             return web.json_response({"RequestId": "r", "TotalCount": 500, "Experiments": []})
         return await capture.listing(request)
 
     capture.script.extend([empty_page_3_once] * 10)
     async with make_client(capture.base_url, max_concurrency=1) as client:
         listing = await client.list_all(ListQuery(workspace_id="w1"), page_size=100)
-    assert glitched and not listing.complete
+    assert asked.count("3") == 2  # asked again: rows this time
+    assert not listing.complete
+    assert listing.error is not None and listing.error.code == "ShortListing"
+
+
+async def test_a_full_page_then_an_empty_one_under_a_count_that_moved_is_no_end(
+    capture: Capture,
+) -> None:
+    """Rows deleted while the pages are read shift later rows onto pages read already: page
+    2 comes back full and page 3 empty, and stays empty when asked again, but the count
+    moved (400, then 200): no end, the listing stays incomplete (e100-e299 were missed)."""
+    capture.experiments = [{"ExperimentId": f"e{i:03d}"} for i in range(400)]
+
+    async def delete_after_page_1(request: web.Request) -> web.StreamResponse:
+        answer = await capture.listing(request)
+        del capture.experiments[:200]  # e200-e299 move to page 1, read already
+        return answer
+
+    capture.script.append(delete_after_page_1)
+    async with make_client(capture.base_url, max_concurrency=1) as client:
+        listing = await client.list_all(ListQuery(workspace_id="w1"), page_size=100)
+    assert not listing.complete and len(listing.seen_ids) < 400
     assert listing.error is not None and listing.error.code == "ShortListing"
 
 
