@@ -771,8 +771,10 @@ def _history_rows(
             after_id, more = edge[0].id, True
 
     def stream() -> Iterator[ChangeRow]:
-        # With a limit, counted rather than read to the end: rows a sync adds meanwhile
-        # (their ids are higher) stay out, as they would have from one query.
+        # With a limit, counted rather than read to the end: once N are there, rows a sync
+        # adds meanwhile (their ids are higher) stay out, as they would have from one
+        # query; with fewer than N in all, such rows may come in at the end, as with
+        # --limit 0.
         cursor, remaining = after_id, args.limit or None
         while remaining is None or remaining > 0:
             size = PAGE_SIZE if remaining is None else min(PAGE_SIZE, remaining)

@@ -17,7 +17,7 @@ import re
 import string
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, timedelta, timezone
 from pathlib import Path
 from typing import Any, TypeVar
@@ -549,7 +549,14 @@ class _Parser:
                 )
             env_value = self.env.get(value)
             if env_value is None or not env_value.strip():
-                raise self.fail(full, f"environment variable {value} is not set or empty")
+                # Named only when it reads as a variable's name: a DingTalk secret (SEC and
+                # hex) is letters and digits too.
+                shown = (
+                    f"environment variable {value}"
+                    if _CONVENTIONAL_ENV_NAME_RE.fullmatch(value)
+                    else "the environment variable it names (not shown: it may be the secret)"
+                )
+                raise self.fail(full, f"{shown} is not set or empty")
             return Secret(env_value.strip(), f"env:{value}"), full
         # A file that cannot be read is named only when the value is plainly a path: anything
         # else may be the secret itself, pasted into the wrong key. And as written when it
@@ -589,6 +596,11 @@ class _Parser:
         sync = self.sync(data.get("sync", {}))
         api = self.api(data.get("api", {}), workspace_ids)
         alerts = self.alerts(data.get("alerts", {}), workspace_ids)
+        if "stalled_after_s" not in data.get("alerts", {}):
+            # The default, for a hot interval of up to 10 minutes; past that, three of them
+            # (a config that sets neither alerts nor a stall time must not be refused below).
+            stalled = max(alerts.stalled_after_s, STALLED_HOT_INTERVALS * sync.hot_interval_s)
+            alerts = replace(alerts, stalled_after_s=stalled)
         if alerts.stalled_after_s <= sync.hot_interval_s:
             # A healthy workspace's last success is up to a hot interval old before each
             # sync: it would be reported stalled, then recovered, on every cycle.
@@ -1002,13 +1014,23 @@ def _exposure(path: Path, key: str) -> dict[str, Any] | None:
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*", re.ASCII)
 
 
+#: ``alerts.stalled_after_s`` when not set: its default, or this many hot intervals if longer.
+STALLED_HOT_INTERVALS = 3
+
+#: A ``*_env`` value an error may quote: a variable's name as people write them, in
+#: capitals, with an underscore unless it is short (``HPO_SYNC_SLACK_URL``, ``TOKEN``). Not
+#: a DingTalk secret (``SEC`` and lower-case hex) or a capitalised random token.
+_CONVENTIONAL_ENV_NAME_RE = re.compile(r"[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+|[A-Z][A-Z0-9]{0,15}")
+
+
 def _plainly_a_path(value: str) -> bool:
     """Whether a ``*_file`` value may be quoted in an error: an absolute path (as written,
-    from ``~`` or from a variable such as ``${CREDENTIALS_DIRECTORY}``) with no ``://`` and
-    no blank. Anything else (a relative name among them) cannot be told apart from a secret
-    pasted into the wrong key."""
+    from ``~`` or from a variable such as ``${CREDENTIALS_DIRECTORY}``) of the characters
+    paths are made of. Anything else (a relative name, a value with ``+``, ``=``, ``:`` or a
+    blank, as base64 secrets and URLs have) cannot be told apart from a secret pasted into
+    the wrong key."""
     absolute = value.startswith(("/", "~")) or re.match(r"\$\{?[A-Za-z_]", value)
-    return bool(absolute) and "://" not in value and not re.search(r"\s", value)
+    return bool(absolute) and re.fullmatch(r"[A-Za-z0-9._~/${}-]+", value) is not None
 
 
 def _host_problem(url: str) -> str | None:

@@ -1049,9 +1049,35 @@ def test_a_secret_pasted_into_an_env_key_is_not_quoted(key: str, value: str) -> 
     assert "CANARY" not in message
 
 
+DINGTALK_SECRET = "SEC4f3a9b2c1d0e8f7a6b5c4d3e2f1a0b9c8d7e6f5a4b3c2d1e0f9a8b7c6d5e4f3a2b1"
+
+
+@pytest.mark.parametrize("key", ["token_env", "url_env", "secret_env"])
+@pytest.mark.parametrize("value", [DINGTALK_SECRET, "Q8ZrXk2pLm9Nw4Vt7Ys1Bc6Df3Gh0Jk5", "A" * 17])
+def test_a_secret_that_could_be_a_variable_name_is_not_quoted(key: str, value: str) -> None:
+    """A DingTalk signing secret (SEC and hex), or a random token, is letters and digits
+    like a variable's name: named as "the environment variable it names", not quoted."""
+    table = SECRET_TABLES[key.rpartition("_")[0]]
+    message = error(f'{table}{key} = "{value}"\n', env=ENV_U)
+    assert value not in message and value[:8] not in message
+    assert "the environment variable it names (not shown" in message
+    # a name as people write them still is, for the operator to set
+    assert "environment variable HPO_SYNC_TOKEN is not set" in error(
+        f'{table}{key} = "HPO_SYNC_TOKEN"\n', env=ENV_U
+    )
+
+
 @pytest.mark.parametrize("key", ["token_file", "url_file", "secret_file"])
 @pytest.mark.parametrize(
-    "value", [CANARY, "CANARYSECRET0123", "/CANARY SECRET", "s3cr$CANARY", "ftp://CANARY"]
+    "value",
+    [
+        CANARY,
+        "CANARYSECRET0123",
+        "/CANARY SECRET",
+        "s3cr$CANARY",
+        "ftp://CANARY",
+        "/q8ZrCANARY+Xk2pLm9Nw4Vt7Ys1=",  # base64 that happens to start with /
+    ],
 )
 def test_a_secret_pasted_into_a_file_key_is_not_quoted(
     key: str, value: str, tmp_path: Path
@@ -1091,6 +1117,11 @@ def test_a_stall_threshold_not_longer_than_the_hot_interval_is_refused() -> None
         assert message.startswith("alerts.stalled_after_s (line 8): ")
         assert f"{after} s is not longer than sync.hot_interval_s (40 s)" in message
     assert loads(text.format("41"), env={}).alerts.stalled_after_s == 41
+    # not set: the default, or three hot intervals when those are longer (no refusal of a
+    # key the file does not hold)
+    hourly = f"{MINIMAL}\n[sync]\nhot_interval_s = 3600\nfull_interval_s = 7200\n"
+    assert loads(hourly, env={}).alerts.stalled_after_s == 3 * 3600
+    assert loads(MINIMAL, env={}).alerts.stalled_after_s == 1800
 
 
 def test_a_store_path_naming_a_directory_is_refused(tmp_path: Path) -> None:
