@@ -93,9 +93,8 @@ def _command_word(argv: Sequence[str] | None) -> str | None:
     return str(rest[0]) if rest else None
 
 
-def _own_command(argv: Sequence[str] | None) -> str | None:
-    """The command named on the command line when it is one of _OWN_COMMANDS, else None."""
-    word = _command_word(argv)
+def _own_command(word: str | None) -> str | None:
+    """``word`` (see :func:`_command_word`) when it is one of _OWN_COMMANDS, else None."""
     return word if word in _OWN_COMMANDS else None
 
 
@@ -193,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None, word: str | None) -> int:
     _open_closed_streams()
-    parser = build_parser(word if word in _OWN_COMMANDS else None)
+    parser = build_parser(_own_command(word))
     try:
         words = _signed_values(argv)
         args = parser.parse_args(words)  # (--help writes to stdout too)

@@ -865,10 +865,10 @@ class SyncEngine:
         )
         try:
             pages = 0
+            zone = self.config.upstream.tz  # of times without one, as everywhere
             async for page in self.client.iter_pages(query, tally=tally):
                 pages += 1
                 await on_page(page)
-                zone = self.config.upstream.tz  # of times without one, as everywhere
                 times = [
                     parse_time(r.get("GmtModifiedTime"), naive_tz=zone)
                     for r in page.experiments

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from hpo_sync import store as store_mod
-from hpo_sync.cli import _own_command, build_parser
+from hpo_sync.cli import _command_word, _own_command, build_parser
 from hpo_sync.normalise import Experiment, normalise
 from hpo_sync.schema import experiment_values
 from hpo_sync.sim.drift import _space_time, drift_experiment
@@ -191,12 +191,15 @@ def test_space_time_matches_strptime() -> None:
 
 
 def test_own_commands_get_a_parser_of_their_own() -> None:
-    assert _own_command(["--config", "x.toml", "sync", "--full"]) == "sync"
-    assert _own_command(["sync"]) == "sync"
-    assert _own_command(["--log-level", "debug", "simulate", "--port", "0"]) == "simulate"
-    assert _own_command(["ls"]) is None
-    assert _own_command(["--help"]) is None
-    assert _own_command([]) is None
+    def own(argv: list[str]) -> str | None:
+        return _own_command(_command_word(argv))
+
+    assert own(["--config", "x.toml", "sync", "--full"]) == "sync"
+    assert own(["sync"]) == "sync"
+    assert own(["--log-level", "debug", "simulate", "--port", "0"]) == "simulate"
+    assert own(["ls"]) is None
+    assert own(["--help"]) is None
+    assert own([]) is None
     args = build_parser("sync").parse_args(["--config", "c.toml", "sync", "--full"])
     assert args.full and args.config == "c.toml"
 
@@ -204,8 +207,9 @@ def test_own_commands_get_a_parser_of_their_own() -> None:
 def test_sync_does_not_import_the_other_commands() -> None:
     code = (
         "import sys\n"
-        "from hpo_sync.cli import build_parser, _own_command\n"
-        "build_parser(_own_command(['sync', '--full'])).parse_args(['sync', '--full'])\n"
+        "from hpo_sync.cli import build_parser, _command_word, _own_command\n"
+        "word = _command_word(['sync', '--full'])\n"
+        "build_parser(_own_command(word)).parse_args(['sync', '--full'])\n"
         "print(sorted(m for m in sys.modules if m.startswith('hpo_sync.')))\n"
     )
     out = subprocess.run(

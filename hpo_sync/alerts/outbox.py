@@ -140,13 +140,10 @@ def due_rows(conn: sqlite3.Connection, now: datetime, limit: int = 1000) -> list
     out: dict[int, DueRow] = {}
     at = format_time(now)
     due = "(o.next_attempt_at IS NULL OR o.next_attempt_at <= ?)"
+    oldest_waiting = _oldest_waiting(conn, at)
     targets = conn.execute("SELECT DISTINCT target FROM alert_outbox WHERE status = ?", (PENDING,))
     for (target,) in targets.fetchall():
-        (waiting,) = conn.execute(
-            "SELECT min(id) FROM alert_outbox WHERE target = ? AND status = ?"
-            " AND attempts > 0 AND next_attempt_at > ?",
-            (target, PENDING, at),
-        ).fetchone()
+        waiting = oldest_waiting.get(target)
         if waiting is None:
             _read_due(conn, f"o.target = ? AND {due}", (target, at, limit), out)
         else:
@@ -210,12 +207,17 @@ def recent_sends(conn: sqlite3.Connection, target: str, since: datetime) -> list
 def waiting_targets(conn: sqlite3.Connection, now: datetime) -> set[str]:
     """The targets with a pending row attempted and not due again before ``now`` (see
     :func:`due_rows`)."""
+    return set(_oldest_waiting(conn, format_time(now)))
+
+
+def _oldest_waiting(conn: sqlite3.Connection, at: str) -> dict[str, int]:
+    """Per target, its oldest pending row attempted and not due again before ``at``."""
     rows = conn.execute(
-        "SELECT DISTINCT target FROM alert_outbox WHERE status = ? AND attempts > 0"
-        " AND next_attempt_at > ?",
-        (PENDING, format_time(now)),
+        "SELECT target, min(id) FROM alert_outbox WHERE status = ? AND attempts > 0"
+        " AND next_attempt_at > ? GROUP BY target",
+        (PENDING, at),
     )
-    return {target for (target,) in rows}
+    return {target: oldest for target, oldest in rows}
 
 
 def mark_sent(conn: sqlite3.Connection, ids: Sequence[int], now: datetime) -> None:

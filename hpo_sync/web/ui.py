@@ -721,6 +721,10 @@ async def changes_page(request: web.Request) -> web.StreamResponse:
     )
 
 
+def _poll_error(exc: ApiError) -> web.Response:
+    return web.json_response({"error": exc.code, "message": exc.message}, status=exc.status)
+
+
 async def changes_poll(request: web.Request) -> web.StreamResponse:
     """The feed's long poll: changes after ``after`` as rendered table rows (JSON)."""
     api = request.app[READ_API]
@@ -730,7 +734,7 @@ async def changes_poll(request: web.Request) -> web.StreamResponse:
         q = parse_params(CHANGES_PARAMS, request.query)
         scope = principal.scope(q["workspace"])
     except ApiError as exc:
-        return web.json_response({"error": exc.code, "message": exc.message}, status=exc.status)
+        return _poll_error(exc)
     after: int = q["after"]
     limit = min(q["limit"], queries.PAGE_ROWS)
     wait_s = min(q["wait"], FEED_WAIT_S)
@@ -754,14 +758,12 @@ async def changes_poll(request: web.Request) -> web.StreamResponse:
         # The session as it stands now: a reload meanwhile may have ended it (its token
         # removed) or narrowed it; the changes committed since are not for the old one.
         try:
-            now_principal = _principal(request, ui)
-            if now_principal is not None:
-                scope = now_principal.scope(q["workspace"])
-                visible = now_principal.scope([])
+            current = _principal(request, ui)
+            if current is None:
+                return web.json_response(_SIGNED_OUT, status=401)
+            scope, visible = current.scope(q["workspace"]), current.scope([])
         except ApiError as exc:
-            return web.json_response({"error": exc.code, "message": exc.message}, status=exc.status)
-        if now_principal is None:
-            return web.json_response(_SIGNED_OUT, status=401)
+            return _poll_error(exc)
         rows, max_id, seen_id = await api.read(work)
     next_after = rows[-1][0] if rows else max(after, seen_id)
     newest_first = [change_json(r) for r in reversed(rows)]
