@@ -414,7 +414,10 @@ async def _sync_once(
             stopping = True
             main.cancel()
 
-    loop.add_signal_handler(signal.SIGTERM, stop)
+    # A handler of Python's own, as asyncio.run's for SIGINT, not loop.add_signal_handler:
+    # removing that one puts the default action back, and a SIGTERM repeated in the moment
+    # before it is ignored below killed the process instead of letting it exit 143.
+    previous = signal.signal(signal.SIGTERM, lambda *_: loop.call_soon_threadsafe(stop))
     if signal.SIGTERM in held_signals.release():  # it came while the sync was starting
         stop()
     try:
@@ -447,9 +450,9 @@ async def _sync_once(
             bar.close()
         await asyncio.to_thread(store.close)
         lock.release()
-        loop.remove_signal_handler(signal.SIGTERM)
-        if stopping:  # on the way out with 143: a later SIGTERM has nothing left to stop
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        # On the way out with 143, a later SIGTERM has nothing left to stop: ignored, in one
+        # swap from the handler above (never the default action in between).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN if stopping else previous)
     return list(results), queued
 
 
