@@ -11,6 +11,7 @@ import re
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from hpo_sync.config import (
     TargetConfig,
     WorkspaceConfig,
 )
+from hpo_sync.errors import StoreError
 from hpo_sync.normalise import Experiment, format_time, normalise
 from hpo_sync.store import Store
 
@@ -1283,3 +1285,96 @@ async def test_a_new_worker_counts_what_the_last_one_sent_in_the_target_s_window
     limiter = await second._limiter(target)
     assert limiter.wait_s(time.monotonic()) > 50  # both sends are within the minute
     await second.close()
+
+
+@contextmanager
+def write_locked(db: Path) -> Iterator[None]:
+    """Another connection holds the mirror's write lock (as a full disk, it makes every write
+    of the worker fail, but only for as long as the block runs)."""
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        conn.execute("ROLLBACK")
+        conn.close()
+
+
+async def test_a_sent_message_the_mirror_cannot_record_is_not_sent_again(db: Path) -> None:
+    """The target took the message but marking its rows sent failed (the disk is full, or
+    as here the write lock is held): the rows stay pending. They used to go again every
+    round, ~1/s, for as long as the writes failed (16 copies in 15 s). The outcome is kept
+    and recorded once the mirror takes it; meanwhile the target gets nothing."""
+    answer = asyncio.Event()
+    hook = Hook(HOOK_SECRET, held={0: answer})
+    runner, url = await hook.serve()
+    store = Store.open(db, busy_timeout_s=0.05)
+    try:
+        worker = one_target_worker(store, db, "webhook", url, secret=HOOK_SECRET)
+        world = World(store, worker, 2)
+        world.fail(world.ids)
+        t = now()
+        with capture_logs() as logs:
+            await worker.run_once(now=t, wait=False, stalls=False)
+            for _ in range(1000):  # the target has the message; its answer is held
+                if hook.got:
+                    break
+                await asyncio.sleep(0.01)
+            with write_locked(db):
+                answer.set()
+                await asyncio.gather(*worker._busy.values(), return_exceptions=True)
+                for i in range(1, 6):  # rounds while the mirror still refuses writes
+                    with pytest.raises(StoreError, match="record alert deliveries"):
+                        await worker.run_once(now=t + timedelta(seconds=i), stalls=False)
+                assert len(hook.got) == 1
+                assert [r["status"] for r in outbox(db)] == ["pending"] * 2
+            assert await worker.run_once(now=t + timedelta(seconds=7), stalls=False) == 0
+            rows = outbox(db)
+            assert [(r["status"], r["attempts"]) for r in rows] == [("sent", 1)] * 2
+            assert await worker.run_once(now=t + timedelta(seconds=8), stalls=False) == 0
+        assert len(hook.got) == 1
+        assert [e["event"] for e in logs].count("alert.sent") == 1
+        assert any(e["event"] == "alert.worker_failed" for e in logs)
+        await worker.close()
+    finally:
+        store.close()
+        await runner.cleanup()
+
+
+async def test_a_retry_the_mirror_cannot_record_still_waits_its_backoff(db: Path) -> None:
+    """The target answered 500 and recording the retry failed: it is not asked again every
+    round while the writes fail, and once the retry is recorded the message waits its
+    backoff from the answer, then goes."""
+    answer = asyncio.Event()
+    hook = Hook(HOOK_SECRET, statuses={0: 500}, held={0: answer})
+    runner, url = await hook.serve()
+    store = Store.open(db, busy_timeout_s=0.05)
+    try:
+        worker = one_target_worker(store, db, "webhook", url, secret=HOOK_SECRET)
+        world = World(store, worker, 1)
+        world.fail(world.ids)
+        t = now()
+        await worker.run_once(now=t, wait=False, stalls=False)
+        for _ in range(1000):
+            if hook.got:
+                break
+            await asyncio.sleep(0.01)
+        with write_locked(db):
+            answer.set()
+            await asyncio.gather(*worker._busy.values(), return_exceptions=True)
+            for i in range(1, 4):
+                with pytest.raises(StoreError, match="record alert deliveries"):
+                    await worker.run_once(now=t + timedelta(seconds=i), stalls=False)
+            assert len(hook.got) == 1
+        assert await worker.run_once(now=t + timedelta(seconds=4), stalls=False) == 0
+        (row,) = outbox(db)
+        assert (row["status"], row["attempts"]) == ("pending", 1)
+        assert row["next_attempt_at"] == format_time(t + timedelta(seconds=backoff_s(1)))
+        assert await worker.run_once(now=t + timedelta(seconds=4), stalls=False) == 0
+        assert len(hook.got) == 1
+        assert await worker.run_once(now=t + timedelta(seconds=backoff_s(1)), stalls=False) == 1
+        assert len(hook.got) == 2 and outbox(db)[0]["status"] == "sent"
+        await worker.close()
+    finally:
+        store.close()
+        await runner.cleanup()

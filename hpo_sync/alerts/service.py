@@ -246,6 +246,10 @@ class AlertWorker:
         self._announcing: dict[str, asyncio.Task[None]] = {}
         #: per target, when a stall notice it asked to wait for (429, 130101…) may go again
         self._notice_wait: dict[str, datetime] = {}
+        #: per target, the outcomes of its sends that the mirror could not record (a full
+        #: disk, a lock held too long), oldest first: the target gets nothing more until
+        #: they are recorded (see :meth:`_record`)
+        self._unrecorded: dict[str, list[_Unrecorded]] = {}
 
     # --- the daemon's seam ---------------------------------------------------------------
 
@@ -364,7 +368,11 @@ class AlertWorker:
         cfg = self.config.alerts
         # (the targets with a delivery under way: their rows are neither expired nor, when
         # a reload removed the target, dead-lettered until it has recorded its outcome)
-        busy = frozenset(name for name, task in self._busy.items() if not task.done())
+        running = frozenset(name for name, task in self._busy.items() if not task.done())
+        # A target with outcomes still to record is held as if busy: its rows neither go
+        # again (a message it has would be sent once more every round) nor expire.
+        held = frozenset(name for name, left in self._unrecorded.items() if left)
+        busy = running | held
         rows, pending = await asyncio.to_thread(self._due, now, cfg.max_age_s, busy)
         self.metrics.pending.set(pending)
         by_target: dict[str, list[outbox.DueRow]] = {}
@@ -390,7 +398,10 @@ class AlertWorker:
                 for r in group
             ):
                 ready.append((target, group))
-        started = []
+        started = [
+            _track(self._busy, name, self._record_held(name), "record")
+            for name in sorted(held - running)
+        ]
         for target, group in ready:
             if target.name in self._busy:
                 continue
@@ -620,22 +631,52 @@ class AlertWorker:
     async def _record(
         self, target: str, ids: Sequence[int], outcome: Outcome, now: datetime, attempts: int
     ) -> None:
-        def write() -> None:
-            with _write(self.store, "record alert deliveries") as conn:
-                if isinstance(outcome, Sent):
-                    outbox.mark_sent(conn, ids, self.clock())
-                elif isinstance(outcome, Retry):
-                    outbox.mark_retry(conn, ids, now + timedelta(seconds=delay), outcome.reason)
-                else:
-                    outbox.mark_dead(conn, ids, outcome.reason, attempted=attempts > 0)
+        """Record ``outcome`` on rows ``ids`` of ``target`` (sent, to retry, dead).
 
+        When the mirror cannot take it (the disk is full), the outcome is kept in memory and
+        the error raised: the target is then held (:meth:`run_once`) until the outcome is
+        recorded, a round at a time. Left pending as they are, its rows would go again the
+        next round, ~1/s for as long as the disk stays full (a message the target had, sent
+        again and again), or a failing target would be asked again without its backoff. A
+        restart meanwhile forgets it: the rows go again once, as at-least-once promises."""
         delay = 0.0
         if isinstance(outcome, Retry):
             # (a wait of 0 is no wait: the message would go again every round, ~1/s)
             delay = (
                 min(outcome.after_s, RETRY_AFTER_MAX_S) if outcome.after_s else backoff_s(attempts)
             )
-        await asyncio.to_thread(write)
+        entry = _Unrecorded(tuple(ids), outcome, now, attempts, delay, self.clock())
+        try:
+            await asyncio.to_thread(self._write_outcome, entry)
+        except Exception:
+            self._unrecorded.setdefault(target, []).append(entry)
+            raise
+        self._count_outcome(target, entry)
+
+    async def _record_held(self, target: str) -> int:
+        """Record the outcomes kept for ``target`` since the mirror could not take them, in
+        order; the first that fails again stays, with those after it. Sends nothing."""
+        left = self._unrecorded.get(target, [])
+        while left:
+            await asyncio.to_thread(self._write_outcome, left[0])
+            self._count_outcome(target, left.pop(0))
+        self._unrecorded.pop(target, None)
+        log.info("alert.outcomes_recorded", target=target)
+        return 0
+
+    def _write_outcome(self, entry: _Unrecorded) -> None:
+        ids, outcome = entry.ids, entry.outcome
+        with _write(self.store, "record alert deliveries") as conn:
+            if isinstance(outcome, Sent):
+                outbox.mark_sent(conn, ids, entry.answered_at)
+            elif isinstance(outcome, Retry):
+                next_at = entry.now + timedelta(seconds=entry.delay_s)
+                outbox.mark_retry(conn, ids, next_at, outcome.reason)
+            else:
+                outbox.mark_dead(conn, ids, outcome.reason, attempted=entry.attempts > 0)
+
+    def _count_outcome(self, target: str, entry: _Unrecorded) -> None:
+        ids, outcome, attempts, delay = entry.ids, entry.outcome, entry.attempts, entry.delay_s
         if isinstance(outcome, Sent):
             self.metrics.sent.labels(target).inc(len(ids))
             log.info("alert.sent", target=target, alerts=len(ids))
@@ -652,6 +693,18 @@ class AlertWorker:
         else:
             self.metrics.dead.labels(target).inc(len(ids))
             log.error("alert.dead", target=target, alerts=len(ids), reason=outcome.reason)
+
+
+@dataclass(frozen=True)
+class _Unrecorded:
+    """An outcome of a send to record on its rows (see :meth:`AlertWorker._record`)."""
+
+    ids: tuple[int, ...]
+    outcome: Outcome
+    now: datetime  # the round's time at the answer: a retry's wait runs from here
+    attempts: int
+    delay_s: float  # a retry's wait
+    answered_at: datetime  # a sent message's sent_at
 
 
 def target_secrets(target: TargetConfig) -> tuple[str, ...]:
