@@ -70,7 +70,7 @@ from .client import (
     rejects_parameter,
 )
 from .config import Config
-from .errors import FatalUpstreamError, HpoSyncError, UpstreamError
+from .errors import FatalUpstreamError, HpoSyncError, StoreError, UpstreamError
 from .normalise import Experiment, format_time, normalise_all, parse_time
 from .schema import experiment_values
 from .store import ChangeHook, Store, WorkspaceState
@@ -109,7 +109,8 @@ class SweepResult:
 
     workspace_id: str
     mode: Mode
-    run_id: int
+    #: its ``sync_runs`` row; None when the mirror could not record the sweep's start
+    run_id: int | None
     status: Literal["ok", "partial", "failed"] = "ok"
     api_calls: int = 0
     pages: int = 0
@@ -130,6 +131,12 @@ class SweepResult:
     error: str | None = None
     error_code: str | None = None
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def run(self) -> int:
+        """The run's id: a sweep does its work only once its run is recorded."""
+        assert self.run_id is not None
+        return self.run_id
 
     def summary(self) -> str:
         text = (
@@ -185,6 +192,9 @@ class SyncEngine:
         self._creator_refused: set[str] = set()
         # Per workspace, the statuses upstream refused as a Status filter.
         self._status_refused: dict[str, set[str]] = {}
+        # Per workspace, a sweep whose end the mirror could not record (a full disk), with
+        # the time it ended: its run is closed before the workspace's next sweep starts.
+        self._unclosed: dict[str, tuple[SweepResult, str]] = {}
 
     def lock_for(self, workspace_id: str) -> asyncio.Lock:
         """One sweep of a workspace at a time, hot or full."""
@@ -197,18 +207,27 @@ class SyncEngine:
         what went wrong.
         """
         async with self.lock_for(workspace_id):
-            state = await asyncio.to_thread(self.store.workspace_state, workspace_id)
+            started = time.monotonic()
+            chosen: Mode = "hot" if mode == "hot" else "full"
+            try:
+                await self._close_unclosed(workspace_id)
+                state = await asyncio.to_thread(self.store.workspace_state, workspace_id)
+            except StoreError as exc:
+                return self._not_started(workspace_id, chosen, exc, started)
             has_baseline = bool(state and state.baseline_at)
             # Without a baseline only a full sweep makes sense, whatever was asked.
-            chosen: Mode = "hot" if mode != "full" and has_baseline else "full"
-            started = time.monotonic()
+            chosen = "hot" if mode != "full" and has_baseline else "full"
             started_at = self._now()
             begin = asyncio.ensure_future(
                 asyncio.to_thread(self.store.begin_run, workspace_id, chosen, started_at)
             )
             try:
                 run_id = await _to_the_end(begin)
+            except StoreError as exc:
+                return self._not_started(workspace_id, chosen, exc, started)
             except asyncio.CancelledError:
+                if begin.exception() is not None:
+                    raise
                 # Cancelled while its row was being written: close that row as cancelled too.
                 result = SweepResult(
                     workspace_id, chosen, begin.result(), baseline=not has_baseline
@@ -267,20 +286,29 @@ class SyncEngine:
         # One transaction: the run, the workspace's outcome and its baseline. The run's
         # change count is the one its applies kept in their own transactions: a batch still
         # committing when a stop cancelled the sweep is not in result.changes yet.
-        await asyncio.to_thread(
-            self.store.close_run,
-            result.run_id,
-            result.workspace_id,
-            result.mode,
-            finished_at=finished_at,
-            status=result.status,
-            api_calls=result.api_calls,
-            pages=result.pages,
-            experiments_seen=result.experiments_seen,
-            error=result.error,
-            baseline=result.baseline,
-            raise_watermark=result.listed_new,
-        )
+        try:
+            await asyncio.to_thread(
+                self.store.close_run,
+                result.run,
+                result.workspace_id,
+                result.mode,
+                finished_at=finished_at,
+                status=result.status,
+                api_calls=result.api_calls,
+                pages=result.pages,
+                experiments_seen=result.experiments_seen,
+                error=result.error,
+                baseline=result.baseline,
+                raise_watermark=result.listed_new,
+            )
+        except StoreError as exc:
+            # What the sweep applied stays applied (each batch committed whole), but the
+            # workspace's success, its baseline and its watermark are not recorded: it
+            # failed, as the mirror sees it. Its own error stays first.
+            note = f"recording the end of the sweep failed: {exc}"
+            result.error = f"{result.error}; {note}" if result.error else note
+            result.status, result.error_code = "failed", result.error_code or "StoreError"
+            self._unclosed[result.workspace_id] = (result, finished_at)
         event = log.info if result.status == "ok" else log.warning
         event(
             "sync.finished",
@@ -305,6 +333,45 @@ class SyncEngine:
 
     def _now(self) -> str:
         return format_time(self.clock())
+
+    def _not_started(
+        self, workspace_id: str, mode: Mode, exc: StoreError, started: float
+    ) -> SweepResult:
+        """The result of a sweep that could not start: the mirror refused to record it (a
+        full disk, a lock held past the busy timeout). It has no run to close."""
+        result = SweepResult(workspace_id, mode, None, status="failed", error_code="StoreError")
+        result.error = f"the sweep could not start: {exc}"
+        result.duration_s = time.monotonic() - started
+        log.warning(
+            "sync.finished",
+            workspace=workspace_id,
+            mode=mode,
+            status=result.status,
+            error=result.error,
+            error_code=result.error_code,
+        )
+        return result
+
+    async def _close_unclosed(self, workspace_id: str) -> None:
+        """Close the run of the workspace's last sweep if the mirror could not when it
+        ended (as failed, with its error; the workspace's error then names it too)."""
+        unclosed = self._unclosed.get(workspace_id)
+        if unclosed is None:
+            return
+        result, finished_at = unclosed
+        await asyncio.to_thread(
+            self.store.close_run,
+            result.run,
+            workspace_id,
+            result.mode,
+            finished_at=finished_at,
+            status="failed",
+            api_calls=result.api_calls,
+            pages=result.pages,
+            experiments_seen=result.experiments_seen,
+            error=result.error,
+        )
+        del self._unclosed[workspace_id]
 
     # --- applying ------------------------------------------------------------------------
 
@@ -354,18 +421,18 @@ class SyncEngine:
         if previous is not None:
             self._learn_bumping(result.workspace_id, fresh, previous)
         seen.update(e.experiment_id for e in mine)
-        result.experiments_seen += len(fresh)
         if fresh:
             applied = await asyncio.to_thread(
                 self.store.apply,
                 result.workspace_id,
                 fresh,
                 observed_at=self._now(),
-                run_id=result.run_id,
+                run_id=result.run,
                 baseline=result.baseline,
                 on_changes=self.on_changes,
                 contents=fresh_contents,
             )
+            result.experiments_seen += len(fresh)  # in the mirror now, not before
             result.changes += applied.changes
         return fresh
 
@@ -400,7 +467,7 @@ class SyncEngine:
             result.workspace_id,
             list(ids),
             observed_at=self._now(),
-            run_id=result.run_id,
+            run_id=result.run,
             baseline=result.baseline,
             on_changes=self.on_changes,
         )

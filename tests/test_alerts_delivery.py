@@ -11,7 +11,6 @@ import re
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from hook_server import Hook, serve
+from locking import write_locked
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
@@ -1285,19 +1285,6 @@ async def test_a_new_worker_counts_what_the_last_one_sent_in_the_target_s_window
     limiter = await second._limiter(target)
     assert limiter.wait_s(time.monotonic()) > 50  # both sends are within the minute
     await second.close()
-
-
-@contextmanager
-def write_locked(db: Path) -> Iterator[None]:
-    """Another connection holds the mirror's write lock (as a full disk, it makes every write
-    of the worker fail, but only for as long as the block runs)."""
-    conn = sqlite3.connect(db, isolation_level=None)
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    finally:
-        conn.execute("ROLLBACK")
-        conn.close()
 
 
 async def test_a_sent_message_the_mirror_cannot_record_is_not_sent_again(db: Path) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from hook_server import serve
+from locking import write_locked
 from structlog.testing import capture_logs
 
 from hpo_sync import store as store_mod
@@ -2019,3 +2020,66 @@ async def test_an_incomplete_look_up_marks_nothing_deleted(tmp_path: Path, faili
         assert not [c for c in rig.store.history(workspace=ws) if c.field == "Deleted"]
         if failing == "window":
             assert not names  # raised before any look-up by name
+
+
+async def test_a_sweep_the_mirror_cannot_start_fails_and_says_so(tmp_path: Path) -> None:
+    """The mirror refuses the sweep's run row (a full disk; here a write lock held past the
+    busy timeout): the sweep fails with that error instead of raising out of sweep(), which
+    the CLI reported as its own error and the daemon as a crash with a traceback."""
+    options = SimOptions(experiments=120, workspaces=1, seed=5, restart_per_min=0.0)
+    async for rig in make_rig(tmp_path, options, page_size=50):
+        ws = rig.sim.world.workspace_ids[0]
+        rig.store._writer.execute("PRAGMA busy_timeout = 50")  # type: ignore[union-attr]
+        with write_locked(rig.config.store.path):
+            result = await rig.engine.sweep(ws)
+        assert (result.status, result.run_id, result.error_code) == ("failed", None, "StoreError")
+        assert result.error is not None and "the sweep could not start" in result.error
+        assert "database is locked" in result.error
+        assert rig.store.sync_runs(ws) == []
+        assert (await rig.engine.sweep(ws)).status == "ok"
+        assert_mirror_equals_truth(rig.store, rig.sim, ws)
+
+
+async def test_a_sweep_whose_end_the_mirror_cannot_record_is_closed_by_the_next(
+    tmp_path: Path,
+) -> None:
+    """Closing the run fails (a full disk): the sweep fails, keeping what it applied, and
+    its run does not stay `running` (and later read "interrupted" by the next start): the
+    workspace's next sweep closes it as failed with its error first."""
+    options = SimOptions(experiments=120, workspaces=1, seed=5, restart_per_min=0.0)
+    async for rig in make_rig(tmp_path, options, page_size=50):
+        ws = rig.sim.world.workspace_ids[0]
+        rig.store._writer.execute("PRAGMA busy_timeout = 50")  # type: ignore[union-attr]
+        calls = 0
+
+        def close_while_locked(
+            *args: Any,
+            _close: Any = rig.store.close_run,
+            _db: Path = tmp_path / "mirror.db",
+            **kwargs: Any,
+        ) -> None:
+            nonlocal calls
+            calls += 1
+            if calls > 1:
+                return _close(*args, **kwargs)
+            with write_locked(_db):
+                return _close(*args, **kwargs)
+
+        rig.store.close_run = close_while_locked  # type: ignore[method-assign]
+        first = await rig.engine.sweep(ws)
+        assert (first.mode, first.status, first.error_code) == ("full", "failed", "StoreError")
+        assert first.error is not None
+        assert first.error.startswith("recording the end of the sweep failed: close a sync run")
+        assert first.experiments_seen == 120
+        (run,) = rig.store.sync_runs(ws)
+        assert run.status == "running"
+        state = rig.store.workspace_state(ws)
+        assert state is not None and state.baseline_at is None
+        second = await rig.engine.sweep(ws)
+        assert (second.mode, second.status, second.baseline) == ("full", "ok", True)
+        latest, closed = rig.store.sync_runs(ws)  # newest first
+        assert latest.status == "ok"
+        assert (closed.id, closed.status, closed.error) == (first.run_id, "failed", first.error)
+        assert closed.experiments_seen == 120 and closed.finished_at is not None
+        assert_mirror_equals_truth(rig.store, rig.sim, ws)
+        assert_history_replays(rig.store, ws)
