@@ -6,10 +6,12 @@ into the same renderer so journald gets one format.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
 from collections.abc import MutableMapping
+from datetime import UTC, datetime
 from typing import Any, TextIO, cast
 
 import structlog
@@ -36,28 +38,57 @@ def effective_level() -> int:
 
 
 class _Outliving:
-    """A log stream that outlives its reader. Once writing fails (the pipe's reader left, as
-    in ``hpo-sync run 2>&1 | head``; a full disk), log lines are dropped instead of every
-    log call raising wherever it is made: a stop request, a sweep, a request handler."""
+    """A log stream that outlives its reader. Once its reader is gone (the pipe's reader
+    left, as in ``hpo-sync run 2>&1 | head``; the file was closed), log lines are dropped
+    instead of every log call raising wherever it is made: a stop request, a sweep, a
+    request handler. Any other write error (a full disk: ENOSPC, EIO) fails that line only,
+    and the next are tried again (a full disk used to silence the log for good, however
+    soon space was freed): the first line after such failures is preceded by one that says
+    how many failed (the stream's buffer may still have written some of them, late)."""
 
     def __init__(self, stream: Any) -> None:
         self._stream = stream
         self._broken = False
+        self._failures = 0  # lines whose writing failed, not yet told
+        self._line_failed = False
+        #: set by :func:`configure`: the notice is a JSON line where the log is JSON
+        self.json = False
 
     def write(self, text: str) -> int:
-        if not self._broken:
-            try:
-                return int(self._stream.write(text) or 0)
-            except (OSError, ValueError):  # EPIPE, ENOSPC…; ValueError: the file was closed
-                self._broken = True
+        if self._broken:
+            return len(text)
+        try:
+            if self._failures or self._line_failed:
+                # Still failing? Then this line fails too, without piling up in the buffer.
+                self._stream.flush()
+                if self._failures:
+                    self._stream.write(self._failure_notice())
+                    self._failures = 0
+            self._stream.write(text)
+        except (BrokenPipeError, ConnectionError, ValueError):
+            self._broken = True  # the reader is gone (ValueError: the file was closed)
+        except OSError:
+            self._line_failed = True
+        if self._line_failed and "\n" in text:  # print() writes a line's end on its own
+            self._failures += 1
+            self._line_failed = False
         return len(text)
+
+    def _failure_notice(self) -> str:
+        event, now = "log.write_failed", datetime.now(UTC).isoformat().replace("+00:00", "Z")
+        if self.json:
+            notice = {"event": event, "level": "warning", "lines": self._failures}
+            return json.dumps({**notice, "timestamp": now}) + "\n"
+        return f"{now} [warning  ] {event} lines={self._failures}\n"
 
     def flush(self) -> None:
         if not self._broken:
             try:
                 self._stream.flush()
-            except (OSError, ValueError):
+            except (BrokenPipeError, ConnectionError, ValueError):
                 self._broken = True
+            except OSError:
+                pass  # what the buffer holds goes with a later flush
 
     def isatty(self) -> bool:
         return bool(self._stream.isatty())
@@ -68,8 +99,9 @@ class _Outliving:
 
 def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
     """Set up structlog and stdlib logging. ``fmt``: auto (console on a TTY), json, console."""
-    stream = cast(TextIO, _Outliving(stream or sys.stderr))
-    use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
+    outliving = _Outliving(stream or sys.stderr)
+    stream = cast(TextIO, outliving)
+    use_json = outliving.json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
