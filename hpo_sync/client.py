@@ -403,7 +403,8 @@ class UpstreamClient:
                 code="ConnectionError",
                 workspace_id=workspace_id,
             ) from None
-        return self._parse(status, body, retry_after, workspace_id, header_request_id)
+        first_page = params.get("PageNumber") == "1"
+        return self._parse(status, body, retry_after, workspace_id, header_request_id, first_page)
 
     def _observe(self, code: str, workspace_id: str | None) -> None:
         self.stats.count(code)
@@ -417,6 +418,7 @@ class UpstreamClient:
         retry_after_s: float | None,
         workspace_id: str | None,
         header_request_id: str | None = None,
+        first_page: bool = False,
     ) -> Page:
         try:
             data = _loads(body)
@@ -475,6 +477,20 @@ class UpstreamClient:
             total = _total_count(
                 data.get("TotalCount", 0 if experiments is None else None), len(rows)
             )
+            if experiments is None and total and first_page:
+                # An empty page 1 under a positive count: a count of rows the listing leaves
+                # out (soft-deleted ones), or an answer that lost its rows, which null rather
+                # than [] says louder. Asked again, not read as "none": a look-up takes that
+                # for proof that an experiment is gone, and a glitch that answered every call
+                # so marked a whole workspace deleted.
+                self._observe("NullExperiments", workspace_id)
+                raise RetryableUpstreamError(
+                    f"page 1 has no Experiments (null) under a TotalCount of {total}",
+                    code="NullExperiments",
+                    http_status=status,
+                    request_id=request_id,
+                    workspace_id=workspace_id,
+                )
             self._observe("OK", workspace_id)
             return Page(total, rows, request_id)
         hint: str | None
@@ -762,9 +778,11 @@ class UpstreamClient:
         if grew is not None:
             sizes[2], edges[2] = len(grew.experiments), _create_time_edges(grew)
         short_listing: UpstreamError | None = None
+        first_ids = _ids(first)
+        repeats_first = False  # page 2 came back as page 1 again
 
         async def fetch(numbers: Iterator[int]) -> None:
-            nonlocal first_empty, short_listing
+            nonlocal first_empty, short_listing, repeats_first
             for number in numbers:
                 if number > first_empty:
                     return  # past an empty page: the count promised pages that are not there
@@ -784,6 +802,8 @@ class UpstreamClient:
                     continue
                 sizes[number] = len(page.experiments)
                 edges[number] = _create_time_edges(page)
+                if number == 2 and page.experiments and _ids(page) == first_ids:
+                    repeats_first = True
                 if not page.experiments and number < listing.pages_expected:
                     first_empty = min(first_empty, number)
                     listing.error = listing.error or UpstreamError(
@@ -823,6 +843,8 @@ class UpstreamClient:
             if listing.error is not None or grown <= listing.pages_expected or rounds > 3:
                 break
             first_page, listing.pages_expected = listing.pages_expected + 1, grown
+        if repeats_first and listing.error is None and listing.total_count > got:
+            await self._page_one_again(query, listing, got, tally, take)
         ended = False
         # the cap guessed from page 1 alone, refuted: page 1 was short after all
         refuted = capped and first_empty == 2 and not any(sizes[n] for n in sizes if n > 2)
@@ -871,6 +893,41 @@ class UpstreamClient:
                 await self._read_as_one_page(query, listing.total_count, tally, take)
         listing.seen_ids = seen
         return listing
+
+    async def _page_one_again(
+        self,
+        query: ListQuery,
+        listing: Listing,
+        got: int,
+        tally: Tally | None,
+        take: Callable[..., Awaitable[None]],
+    ) -> None:
+        """Page 2 came back as page 1 again, row for row, under a count of more than page 1
+        held. Either the listing is page 1 and its count is off (a server that answers a page
+        number past the end with page 1), or the server ignores PageNumber and answers page 1
+        to every page: then only pages 1 were read, and trusting them would leave the rest of
+        the workspace out of the mirror for good, every sweep "ok". One page of the count
+        (at most :data:`MAX_TIE_PAGE_SIZE`) tells which: more rows than page 1 held mean
+        page numbers are ignored, and the listing is that page, when it holds the count;
+        past that, the rest cannot be reached and the listing stays incomplete."""
+        asked = min(listing.total_count, MAX_TIE_PAGE_SIZE)
+        whole = await self._read_as_one_page(query, asked, tally, take)
+        if whole is None or len(whole.experiments) <= got:
+            return  # page 1 is all there is
+        log.warning(
+            "upstream.page_number_ignored",
+            workspace=query.workspace_id,
+            total_count=listing.total_count,
+            read_as_one_page=len(whole.experiments),
+        )
+        if len(whole.experiments) < listing.total_count:
+            listing.error = UpstreamError(
+                "upstream answers every page number with page 1 (page 2 repeated it under a "
+                f"TotalCount of {listing.total_count}); one page of {asked} held "
+                f"{len(whole.experiments)}, and the rest cannot be reached",
+                code="PageNumberIgnored",
+                workspace_id=query.workspace_id,
+            )
 
     async def _read_as_one_page(
         self,

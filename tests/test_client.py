@@ -1207,6 +1207,7 @@ ONE = {"ExperimentId": "e"}
             0, 0,
         ),
         ({"RequestId": "R", "Experiments": None}, 0, 0),
+        # (past page 1: there, rows left out under a positive count are asked for again)
         ({"RequestId": "R", "TotalCount": 7}, 7, 0),
     ],
 )  # fmt: skip
@@ -1215,7 +1216,7 @@ async def test_success_answers_in_every_shape(
 ) -> None:
     capture.script.append(json_reply(200, body))
     async with make_client(capture.base_url) as client:
-        page = await client.list_page(ListQuery(), 1)
+        page = await client.list_page(ListQuery(), 2)
         assert client.stats.api_calls == 1
     assert (page.total_count, len(page.experiments), page.request_id) == (total, rows, "R")
 
@@ -1729,3 +1730,79 @@ async def test_calls_leave_no_reference_cycles_behind(capture: Capture) -> None:
         "Condition", "RLock", "retry_if_exception_type", "ClientResponse",
     }  # fmt: skip
     assert not tenacity_types & set(left), sorted(set(left))
+
+
+async def test_a_server_that_answers_page_1_to_every_page_number_is_read_as_one_page(
+    capture: Capture,
+) -> None:
+    """PageNumber ignored, an honest count: page 2 is page 1 again. That listing used to end
+    "complete" with page 1's rows alone (a baseline of 10 experiments of 45, every later
+    sweep "ok", the rest never mirrored). One page of the count reads them all."""
+    capture.experiments = [{"ExperimentId": f"e{i:02d}"} for i in range(45)]
+    capture.ignore_page_number = True
+    async with make_client(capture.base_url) as client:
+        with capture_logs() as logs:
+            listing = await client.list_all(ListQuery(workspace_id="w1"), page_size=10)
+        assert client.stats.api_calls == 6  # pages 1-5, then one page of 45
+    assert listing.complete and listing.consistent and len(listing.seen_ids) == 45
+    assert [e["event"] for e in logs].count("upstream.page_number_ignored") == 1
+
+
+async def test_a_server_that_answers_page_1_to_every_page_number_past_one_page_is_incomplete(
+    capture: Capture,
+) -> None:
+    """The same server with more experiments than one page may hold (1,000): what lies
+    past that cannot be reached, and the listing says so (a full sweep then deletes nothing
+    and records a partial run)."""
+    capture.experiments = [{"ExperimentId": f"e{i:04d}"} for i in range(1500)]
+    capture.ignore_page_number = True
+    async with make_client(capture.base_url) as client:
+        listing = await client.list_all(ListQuery(workspace_id="w1"), page_size=100)
+    assert not listing.complete and listing.error is not None
+    assert listing.error.code == "PageNumberIgnored" and "TotalCount of 1500" in str(listing.error)
+    assert len(listing.seen_ids) == 1000
+
+
+async def test_page_1_past_the_end_under_a_count_that_is_off_is_still_the_listing(
+    capture: Capture,
+) -> None:
+    """Page 2 equal to page 1 from a server that answers a page number past the end with
+    page 1, under a count too high (one taking in soft-deleted rows): one page of the count
+    holds page 1's rows only, so that is the listing, complete and not adding up, as
+    before; no warning about page numbers."""
+    capture.experiments = [{"ExperimentId": f"e{i:02d}"} for i in range(10)]
+    capture.first_page_past_end = True
+    capture.total_count = 25
+    async with make_client(capture.base_url) as client:
+        with capture_logs() as logs:
+            listing = await client.list_all(ListQuery(workspace_id="w1"), page_size=10)
+    assert listing.complete and not listing.consistent and listing.error is None
+    assert len(listing.seen_ids) == 10
+    assert "upstream.page_number_ignored" not in {e["event"] for e in logs}
+
+
+@pytest.mark.parametrize("rows", [None, "missing", []])
+async def test_page_1_without_rows_under_a_positive_count(capture: Capture, rows: Any) -> None:
+    """``Experiments: null`` (or no member at all) on page 1 under a TotalCount of 3 is an
+    answer that lost its rows: asked again, and the listing has them. It used to be read
+    as an empty listing, which a look-up takes for proof of absence: a glitch answering so
+    for a whole sweep marked a workspace deleted. ``[]`` stays an empty page (a count of
+    soft-deleted rows the listing leaves out)."""
+    capture.experiments = [{"ExperimentId": f"e{i}"} for i in range(3)]
+
+    async def lost(request: web.Request) -> web.StreamResponse:
+        body: dict[str, Any] = {"RequestId": "r", "TotalCount": 3}
+        if rows != "missing":
+            body["Experiments"] = rows
+        return web.json_response(body)
+
+    capture.script.append(lost)
+    async with make_client(capture.base_url) as client:
+        listing = await client.list_all(ListQuery(workspace_id="w1"), page_size=10)
+        codes = dict(client.stats.by_code)
+    if rows == []:
+        assert listing.complete and len(listing.seen_ids) == 0
+        assert "NullExperiments" not in codes
+    else:
+        assert listing.complete and listing.consistent and len(listing.seen_ids) == 3
+        assert codes.get("NullExperiments") == 1 and client.stats.retries == 1

@@ -2083,3 +2083,31 @@ async def test_a_sweep_whose_end_the_mirror_cannot_record_is_closed_by_the_next(
         assert closed.experiments_seen == 120 and closed.finished_at is not None
         assert_mirror_equals_truth(rig.store, rig.sim, ws)
         assert_history_replays(rig.store, ws)
+
+
+async def test_a_baseline_from_an_upstream_that_ignores_page_numbers_has_every_experiment(
+    tmp_path: Path,
+) -> None:
+    """Upstream answers page 1 whatever PageNumber says, with an honest count. The baseline
+    used to take page 1's 50 experiments of 180 (the same ones twice: "upstream's count is
+    off"), every later sweep "ok" without the other 130. Then hot sweeps would find some
+    of them as new experiments, alerting on old ones."""
+    async for rig in make_rig(tmp_path, _still_world(180, seed=21), page_size=50):
+        ws, world = rig.sim.world.workspace_ids[0], rig.sim.world
+        original = world.list
+
+        def page_1(params: Any, original: Any = original) -> Any:
+            return original({**params, "PageNumber": "1"})
+
+        world.list = page_1  # type: ignore[method-assign]
+        try:
+            first = await rig.engine.sweep(ws)
+            assert (first.status, first.baseline) == ("ok", True), first.summary()
+            assert first.experiments_seen == 180
+            assert_mirror_equals_truth(rig.store, rig.sim, ws)
+            world.advance(60)
+            assert (await rig.engine.sweep(ws)).status == "ok"
+            assert_mirror_equals_truth(rig.store, rig.sim, ws)
+            assert_history_replays(rig.store, ws)
+        finally:
+            world.list = original  # type: ignore[method-assign]
