@@ -338,8 +338,25 @@ class StoreLock:
 
 
 def acquire_lock(db_path: str | Path) -> StoreLock:
-    """Take the single-instance lock of the mirror at ``db_path``, or raise StoreError."""
-    lock_path = Path(f"{db_path}.lock")
+    """Take the single-instance lock of the mirror at ``db_path``, or raise StoreError.
+
+    The lock is the file's, whatever name reaches it: ``<db>.lock`` beside the file a
+    symlink points to (a second daemon named the mirror through a symlink, took a lock of
+    its own and sent every alert a second time). A file of several names (hard links) is
+    refused: SQLite keeps a write-ahead log per name, and two writers through two names
+    corrupt the file (seen)."""
+    real = Path(os.path.realpath(db_path))
+    try:
+        links = real.stat().st_nlink
+    except OSError:
+        links = 1  # a new mirror (or one Store.open will say more about)
+    if links > 1:
+        raise StoreError(
+            f"{db_path} is a file of {links} names (hard links): SQLite keeps a journal "
+            "per name, so writers through two names would corrupt it; give the mirror one "
+            "name (a symlink to it is fine)"
+        )
+    lock_path = Path(f"{real}.lock")
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as e:

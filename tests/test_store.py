@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -932,6 +933,32 @@ def test_lock_is_exclusive_across_processes(db_path: Path) -> None:
         lock.release()
     child = subprocess.run([sys.executable, "-c", code, str(db_path)], text=True, timeout=30)
     assert child.returncode == 0
+
+
+def test_the_lock_is_the_file_s_whatever_name_reaches_it(db_path: Path, tmp_path: Path) -> None:
+    """A second writer naming the mirror through a symlink (to the file, or to its
+    directory) meets the first one's lock: it used to take a lock of its own (two daemons,
+    every alert sent twice). One naming it through a hard link is refused, lock or not:
+    SQLite keeps a journal per name, and two writers through two names corrupted it."""
+    Store.open(db_path).close()
+    (tmp_path / "alias").mkdir()
+    by_file = tmp_path / "alias" / "mirror.db"
+    by_file.symlink_to(db_path)
+    by_dir = tmp_path / "dir-alias"
+    by_dir.symlink_to(db_path.parent, target_is_directory=True)
+    lock = acquire_lock(db_path)
+    try:
+        for alias in (by_file, by_dir / db_path.name):
+            with pytest.raises(StoreError, match="in use by another hpo-sync process"):
+                acquire_lock(alias)
+    finally:
+        lock.release()
+    acquire_lock(by_file).release()
+    linked = tmp_path / "alias" / "linked.db"
+    os.link(db_path, linked)
+    for name in (db_path, linked):
+        with pytest.raises(StoreError, match="2 names \\(hard links\\)"):
+            acquire_lock(name)
 
 
 def test_backup_is_an_identical_readable_copy(populated: Store, tmp_path: Path) -> None:
