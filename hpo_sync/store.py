@@ -20,6 +20,7 @@ import os
 import re
 import sqlite3
 import statistics
+import tempfile
 import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
@@ -134,8 +135,20 @@ def _mapped(where: str, action: str) -> Iterator[None]:
     except sqlite3.Error as e:
         name = getattr(e, "sqlite_errorname", "") or ""
         hint = next((h for prefix, h in _ERROR_HINTS if name.startswith(prefix)), None)
+        if name.startswith("SQLITE_IOERR") and _disk_full(where):
+            # A full disk often surfaces as an I/O error: SQLite cannot size the -shm file
+            # (SQLITE_IOERR_SHMSIZE) even to read, or a write fails on its way to the disk.
+            hint = f"the disk holding {os.path.dirname(os.path.abspath(where))} is full"
         msg = f"{action} failed on {where}: {e}"
         raise StoreError(f"{msg} — {hint}" if hint else msg) from e
+
+
+def _disk_full(path: str) -> bool:
+    """Whether the file system holding ``path`` has no space left for this user."""
+    try:
+        return os.statvfs(os.path.dirname(os.path.abspath(path))).f_bavail == 0
+    except OSError:
+        return False
 
 
 def _check_time(value: str, name: str, pattern: re.Pattern[str] = _ISO_RE) -> None:
@@ -1130,28 +1143,55 @@ class Store:
     def backup(self, dest_path: str | Path, *, overwrite: bool = False) -> None:
         """Write a consistent copy of the mirror to ``dest_path`` while it stays in use.
 
-        The copy is a self-contained file (rollback journal, not WAL), written beside the
-        destination and renamed into place, so a half-written backup is never left behind.
+        The copy is a self-contained file (rollback journal, not WAL), written to a file of
+        its own beside the destination and renamed into place (without ``overwrite``, linked
+        there, which fails if a file came meanwhile), so a half-written backup is never left
+        behind, not even when the destination's disk fills up, and two backups to one
+        destination at once never write the same file. An error of the copy names the
+        destination: reading the mirror did not fail.
         """
         dest = Path(dest_path)
         if dest.exists() and not overwrite:
             raise StoreError(f"{dest} exists; remove it or pass overwrite=True")
         if not self._memory and dest.resolve() == Path(self.path).resolve():
             raise StoreError("cannot back the mirror up onto itself")
-        partial = dest.with_name(dest.name + ".partial")
-        partial.unlink(missing_ok=True)
-        # Only the owner may read the copy, as the mirror (config texts may hold keys): the
-        # file is made 0600 before the first byte goes in, whatever the umask.
-        os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        with _mapped(self.path, f"backing up to {dest}"):
+        try:
+            # Only the owner may read the copy, as the mirror (config texts may hold keys):
+            # mkstemp makes it 0600 before the first byte goes in, whatever the umask.
+            fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
+        except OSError as e:
+            raise StoreError(f"cannot write a backup in {dest.parent}: {e.strerror}") from e
+        os.close(fd)
+        partial = Path(name)
+        try:
+            failed: sqlite3.Error | None = None
             target = sqlite3.connect(partial)
             try:
                 with self.reader() as source:
-                    source.backup(target)
-                target.execute("PRAGMA journal_mode = DELETE")
+                    try:
+                        source.backup(target)
+                    except sqlite3.Error as e:  # the copy's, not the mirror's (see above)
+                        failed = e
+                if failed is None:
+                    with _mapped(str(dest), "backing the mirror up"):
+                        target.execute("PRAGMA journal_mode = DELETE")
             finally:
                 target.close()
-        os.replace(partial, dest)
+            if failed is not None:
+                with _mapped(str(dest), "backing the mirror up"):
+                    raise failed
+            try:
+                if overwrite:
+                    os.replace(partial, dest)
+                else:
+                    os.link(partial, dest)
+            except FileExistsError:
+                raise StoreError(f"{dest} exists; remove it or pass overwrite=True") from None
+            except OSError as e:
+                raise StoreError(f"cannot write the backup {dest}: {e.strerror}") from e
+        finally:
+            for leftover in (partial, Path(f"{partial}-journal")):
+                leftover.unlink(missing_ok=True)
 
     # -- queries --
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sqlite3
@@ -968,7 +969,7 @@ def test_backup_is_an_identical_readable_copy(populated: Store, tmp_path: Path) 
     with pytest.raises(StoreError, match="exists"):
         populated.backup(dest)
     populated.backup(dest, overwrite=True)
-    assert not (tmp_path / "backup" / "copy.db.partial").exists()
+    assert [p.name for p in dest.parent.iterdir()] == ["copy.db"]  # no partial file left
     with Store.open(dest, readonly=True) as copy:
         assert list(copy.iter_export("experiments")) == list(populated.iter_export())
         assert copy.history() == populated.history()
@@ -978,6 +979,62 @@ def test_backup_is_an_identical_readable_copy(populated: Store, tmp_path: Path) 
     assert copied.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
     original.close()
     copied.close()
+
+
+_BACKUP_CHILD = """
+import resource, signal, sys
+from hpo_sync.errors import StoreError
+from hpo_sync.store import Store
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+store = Store.open(sys.argv[1], readonly=True)
+resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
+try:
+    store.backup(sys.argv[2])
+except StoreError as e:
+    print(e)
+    sys.exit(3)
+"""
+
+
+def test_a_backup_its_destination_cannot_hold_blames_it_and_leaves_nothing(
+    populated: Store, tmp_path: Path
+) -> None:
+    """The copy cannot be written (as on a full disk: a file-size limit, so the kernel
+    refuses the write): the error names the destination, not "reading the mirror", and no
+    partial file is left behind beside it."""
+    dest = tmp_path / "backup" / "copy.db"
+    dest.parent.mkdir()
+    child = subprocess.run(
+        [sys.executable, "-c", _BACKUP_CHILD, populated.path, str(dest)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert child.returncode == 3, child.stderr
+    assert child.stdout.startswith(f"backing the mirror up failed on {dest}: ")
+    assert "reading the mirror" not in child.stdout
+    assert list(dest.parent.iterdir()) == []
+
+
+def test_two_backups_to_one_destination_at_once_never_share_a_file(
+    populated: Store, tmp_path: Path
+) -> None:
+    """Each writes a file of its own: the second used to unlink the first one's partial
+    file while it was being written, and both failed. Without overwrite one of them wins
+    and the other says the destination exists; with it, the last one's copy stands."""
+    dest = tmp_path / "copy.db"
+
+    async def both(overwrite: bool) -> list[BaseException | None]:
+        return await asyncio.gather(
+            *(asyncio.to_thread(populated.backup, dest, overwrite=overwrite) for _ in range(4)),
+            return_exceptions=True,
+        )
+
+    outcomes = asyncio.run(both(False))
+    assert outcomes.count(None) >= 1
+    assert all(o is None or "exists" in str(o) for o in outcomes), outcomes
+    assert asyncio.run(both(True)) == [None] * 4
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".copy.db")] == []
+    with Store.open(dest, readonly=True) as copy:
+        assert copy.history() == populated.history()
 
 
 def test_store_errors_are_mapped(tmp_path: Path) -> None:
@@ -1072,3 +1129,40 @@ def test_non_terminal_experiments_with_no_terminal_status_is_every_live_row(
     assert set(store.non_terminal_experiments("ws1", ())) == {"a", "c"}
     apply(store, [exp("b", Status="FAILED"), exp("a"), exp("c", Status=None)], T3)
     assert set(store.non_terminal_experiments("ws1", ())) == {"a", "b", "c"}
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A file system of 2 MiB of its own (tmpfs; needs root, as CI has)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a file system needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(directory: Path) -> None:
+    with open(directory / "filler", "wb") as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * 65536)
+            f.flush()
+
+
+def test_a_full_disk_is_named_as_such(small_disk: Path) -> None:
+    """Reading a mirror on a disk with no space left fails in SQLite as an I/O error (it
+    cannot size the -shm file); the message says the disk is full rather than "check the
+    disk"."""
+    path = small_disk / "mirror.db"
+    with Store.open(path) as store:
+        store.ensure_workspace("ws1")
+    _fill(small_disk)
+    with pytest.raises(StoreError) as failed, Store.open(path, readonly=True) as store:
+        store.workspaces()
+    assert f"the disk holding {small_disk} is full" in str(failed.value)
