@@ -893,10 +893,18 @@ class SyncEngine:
             result.notes.append(f"{len(vanished)} left their status; capped look-ups")
             result.status = "partial"
             result.error = (
-                f"{len(vanished)} non-terminal experiments changed at once; "
-                f"looked up {MAX_LOOKUPS}, the next sweep goes on"
+                f"{len(vanished)} non-terminal experiments were in no listing of their "
+                f"status; looked up the {MAX_LOOKUPS} seen longest ago, the next sweep goes "
+                "on with the rest"
             )
-            vanished = dict(list(vanished.items())[:MAX_LOOKUPS])
+            # Those seen longest ago first: a look-up that finds one marks it seen, so the
+            # next sweep looks up the others. In the mirror's order it looked up the same
+            # ones every sweep when they never left their status (an upstream that filters
+            # by another spelling of it), and the rest were never looked up.
+            oldest = sorted(
+                vanished.items(), key=lambda kv: (kv[1].get("last_seen_at") or "", kv[0])
+            )
+            vanished = dict(oldest[:MAX_LOOKUPS])
         vanished.update(unlisted)
         await self._resolve_missing(
             result,

@@ -2111,3 +2111,38 @@ async def test_a_baseline_from_an_upstream_that_ignores_page_numbers_has_every_e
             assert_history_replays(rig.store, ws)
         finally:
             world.list = original  # type: ignore[method-assign]
+
+
+async def test_capped_look_ups_go_on_with_the_rest_on_the_next_sweep(tmp_path: Path) -> None:
+    """More than MAX_LOOKUPS non-terminal experiments in no listing of their status (here:
+    an upstream whose Status filter matches nothing, as one filtering by another spelling):
+    each hot sweep looks up those seen longest ago. In the mirror's order it looked up the
+    same 200 every sweep (those created first), and a change among the others waited for a
+    full sweep."""
+    options = dataclasses.replace(_still_world(400, seed=23), bump_modified=False)
+    async for rig in make_rig(tmp_path, options, page_size=100):
+        ws, world = rig.sim.world.workspace_ids[0], rig.sim.world
+        by_creation = [r["ExperimentId"] for r in world.truth(ws)]
+        for exp_id in by_creation[:300]:
+            world.mutate(exp_id, status="RUNNING")
+        assert (await rig.engine.sweep(ws)).status == "ok"
+        baseline_at = max(r["last_seen_at"] for r in mirror_rows(rig.store, ws).values())
+        changed = by_creation[250]  # created after the first 200
+        world.advance(2)  # (a later observation; RUNNING ones barely move in 2 s)
+        world.mutate(changed, status="FAILED")
+        original = world.list
+
+        def no_status_matches(params: Any, original: Any = original) -> Any:
+            return (0, []) if "Status" in params else original(params)
+
+        world.list = no_status_matches  # type: ignore[method-assign]
+        try:
+            for _ in range(2):
+                assert (await rig.engine.sweep(ws, "hot")).lookups
+        finally:
+            world.list = original  # type: ignore[method-assign]
+        rows = mirror_rows(rig.store, ws)
+        stale = [i for i in by_creation[:300] if rows[i]["last_seen_at"] <= baseline_at]
+        assert stale == []  # every one looked up (or found in a window) by now
+        assert rows[changed]["status"] == "FAILED"
+        assert_history_replays(rig.store, ws)
