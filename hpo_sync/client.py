@@ -778,8 +778,8 @@ class UpstreamClient:
         if grew is not None:
             sizes[2], edges[2] = len(grew.experiments), _create_time_edges(grew)
         short_listing: UpstreamError | None = None
-        first_ids = _ids(first)
-        repeats_first = False  # page 2 came back as page 1 again
+        first_ids = [i for i in _ids(first) if i not in (None, "")]
+        repeats_first = False  # page 2 came back as page 1 again (its readable ids)
 
         async def fetch(numbers: Iterator[int]) -> None:
             nonlocal first_empty, short_listing, repeats_first
@@ -802,7 +802,7 @@ class UpstreamClient:
                     continue
                 sizes[number] = len(page.experiments)
                 edges[number] = _create_time_edges(page)
-                if number == 2 and page.experiments and _ids(page) == first_ids:
+                if number == 2 and first_ids and _ids(page) == first_ids:
                     repeats_first = True
                 if not page.experiments and number < listing.pages_expected:
                     first_empty = min(first_empty, number)

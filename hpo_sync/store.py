@@ -1109,7 +1109,8 @@ class Store:
         self, workspace_id: str, terminal_statuses: Collection[str]
     ) -> dict[str, dict[str, Any]]:
         """Like :meth:`active_experiments`, but only the rows whose status is not terminal
-        (what a hot sweep plans by: a few percent of a large workspace)."""
+        (what a hot sweep plans by: a few percent of a large workspace), each with its
+        status as upstream last spelled it (``upstream_status``, from ``raw``)."""
         # (No terminal statuses: every row. "NOT IN (NULL)" would be NULL, i.e. none.)
         not_terminal = (
             f" AND (status IS NULL OR status NOT IN ({_marks(len(terminal_statuses))}))"
@@ -1119,7 +1120,9 @@ class Store:
         with self.reader() as conn:
             rows = conn.execute(
                 "SELECT experiment_id, name, creator, status, trial_status, gmt_create_time,"
-                " gmt_modified_time, last_seen_at FROM experiments"
+                " gmt_modified_time, last_seen_at,"
+                # as upstream spelled it: a hot sweep asks for a status in its spelling
+                " json_extract(raw, '$.Status') AS upstream_status FROM experiments"
                 f" WHERE workspace_id = ? AND deleted = 0{not_terminal}",
                 (workspace_id, *terminal_statuses),
             ).fetchall()

@@ -53,6 +53,7 @@ import bisect
 import contextlib
 import gc
 import time
+from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -817,6 +818,7 @@ class SyncEngine:
         # A row without a status has no filter to find it by (sending one would ask for
         # Status "None"): the "new" listing or a look-up by create time finds it instead.
         statuses = sorted({str(s) for row in non_terminal.values() if (s := row.get("status"))})
+        spelled = _upstream_spellings(non_terminal.values())
         seen: set[str] = set()
         overlap = timedelta(seconds=self.config.sync.create_time_overlap_s)
         watermark = parse_time(state.create_watermark)
@@ -839,7 +841,7 @@ class SyncEngine:
                 # An upstream that does not take this value as a Status filter (one its
                 # API version lacks, say): its experiments are looked up by create time
                 # below, as those that left their status are, from now on without asking.
-                refused.add(query.status)
+                refused.add(query.status.strip().upper())
                 log.warning(
                     "sync.status_filter_refused", workspace=ws, status=query.status, error=str(exc)
                 )
@@ -863,7 +865,7 @@ class SyncEngine:
                         f"status:{status}",
                         ListQuery(
                             workspace_id=ws,
-                            status=status,
+                            status=spelled.get(status, status),
                             sort_by=up.sort_by,
                             order="ASC",
                             include_config_data=True,
@@ -1081,6 +1083,26 @@ class _Batches:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+def _upstream_spellings(rows: Iterable[Mapping[str, Any]]) -> dict[str, str]:
+    """Per (normalised) status, how upstream spells it most often among ``rows``: the
+    mirror keeps statuses in capitals, and an upstream that sends ``Running`` may filter by
+    ``Running`` only (asked for ``RUNNING``, it answered nothing, and every experiment of
+    the status was looked up instead, each hot sweep)."""
+    counts: dict[str, Counter[str]] = {}
+    for row in rows:
+        status, raw = row.get("status"), row.get("upstream_status")
+        if status:
+            spelling = (
+                raw.strip() if isinstance(raw, str) and raw.strip().upper() == status else status
+            )
+            counts.setdefault(str(status), Counter())[spelling] += 1
+    # the most frequent spelling of each (the mirror's own on a tie)
+    return {
+        status: max(spellings, key=lambda s: (spellings[s], s == status))
+        for status, spellings in counts.items()
+    }
 
 
 def _unreadable(result: SweepResult) -> bool:
