@@ -53,6 +53,7 @@ EXPERIMENT_STATUSES = (
     "NO_MORE_TRIAL",
     "UNKNOWN",
 )
+_STATUS_RE = re.compile(r"[A-Z][A-Z0-9_]{0,63}", re.ASCII)
 DEFAULT_TERMINAL = ("FINISHED", "FAILED", "EARLY_STOPPED", "USER_CANCELED", "SYS_CANCELED")
 SORT_BY_VOCABULARIES = {
     # create-time sort name -> the same vocabulary's modified-time sort name
@@ -488,6 +489,28 @@ class _Parser:
                 raise self.fail(full, f"{bad[0]!r} is not one of {', '.join(choices)}")
         return tuple(value)
 
+    def statuses(self, data: Mapping[str, Any], key: str, name: str) -> tuple[str, ...]:
+        """A list of experiment statuses, in the mirror's capitals. One PAI does not document
+        is taken (an upstream may use its own: SUCCEEDED, say, which a user must be able to
+        call terminal), with a warning naming the documented one it is closest to, since a
+        typo is likelier."""
+        full = f"{key}.{name}"
+        out = []
+        for value in self.str_list(data, key, name):
+            status = value.strip().upper()
+            if not _STATUS_RE.fullmatch(status):
+                raise self.fail(full, f"{value!r} is no status (letters, digits and _)")
+            out.append(status)
+        for status in (s for s in out if s not in EXPERIMENT_STATUSES):
+            close = difflib.get_close_matches(status, EXPERIMENT_STATUSES, n=1)
+            self.warnings.append(
+                (
+                    "config.status_undocumented",
+                    {"key": full, "status": status, "did_you_mean": close[0] if close else None},
+                )
+            )
+        return tuple(out)
+
     def expand(self, value: str, key: str, *, quote: bool = True) -> str:
         """``~`` and ``$NAME`` / ``${NAME}`` (from the environment given to load). Without
         ``quote`` an unset variable is not named: its name is a piece of ``value``."""
@@ -677,7 +700,7 @@ class _Parser:
         self.table(d, k, k)
         dflt = SyncConfig()
         terminal = (
-            self.str_list(d, k, "terminal_statuses", EXPERIMENT_STATUSES)
+            self.statuses(d, k, "terminal_statuses")
             if "terminal_statuses" in d
             else dflt.terminal_statuses
         )
@@ -892,8 +915,8 @@ class _Parser:
                     workspaces=ws,
                     experiments=experiments,
                     tags=tuple(tags),
-                    from_status=self.str_list(r, rk, "from_status", EXPERIMENT_STATUSES),
-                    to_status=self.str_list(r, rk, "to_status", EXPERIMENT_STATUSES),
+                    from_status=self.statuses(r, rk, "from_status"),
+                    to_status=self.statuses(r, rk, "to_status"),
                     trial_failures_rose=self.get(r, rk, "trial_failures_rose", bool, False),
                     trial_failures_min=self.get(
                         r, rk, "trial_failures_min", int, 1, _range(1, 10**6)

@@ -447,7 +447,7 @@ def test_out_of_range(setting: str, key: str) -> None:
             "upstream.create_time_zone",
             "unknown time zone",
         ),
-        ('[sync]\nterminal_statuses = ["DONE"]', "sync.terminal_statuses", "'DONE' is not one of"),
+        ('[sync]\nterminal_statuses = ["DONE!"]', "sync.terminal_statuses", "'DONE!' is no status"),
         ('[logging]\nlevel = "verbose"', "logging.level", "is not one of"),
         ('[logging]\nformat = "xml"', "logging.format", "is not one of"),
         ('[alerts]\nconsole_url = "https://x/{workspace_id}"', "alerts.console_url", "placeholder"),
@@ -800,12 +800,12 @@ ENV_U = {"U": "https://hooks.example.com/x"}
             "alerts.rules[0].workspaces (line 12): workspace 'ws9' is not configured",
         ),
         (
-            'targets = ["slack"]\nto_status = ["BROKEN"]',
-            "alerts.rules[0].to_status (line 12): 'BROKEN' is not one of",
+            'targets = ["slack"]\nto_status = ["BROKEN DOWN"]',
+            "alerts.rules[0].to_status (line 12): 'BROKEN DOWN' is no status",
         ),
         (
-            'targets = ["slack"]\nfrom_status = ["running"]',
-            "alerts.rules[0].from_status (line 12): 'running' is not one of",
+            'targets = ["slack"]\nfrom_status = [""]',
+            "alerts.rules[0].from_status (line 12): '' is no status",
         ),
         (
             'targets = ["slack"]\nexperiments = ["ok*", " "]',
@@ -1165,3 +1165,20 @@ def test_a_failing_config_does_not_warn_of_an_exposed_secret_file(tmp_path: Path
     with capture_logs() as logs:
         loads(text, env={})
     assert [e["event"] for e in logs] == ["config.secret_file_exposed"]
+
+
+def test_a_status_pai_does_not_document_is_taken_with_a_warning() -> None:
+    """An upstream may report statuses of its own (SUCCEEDED): a user must be able to call
+    one terminal, or alert on it (they were refused, and such experiments counted as
+    running forever, listed by every hot sweep). Written in any case, kept in capitals as
+    the mirror keeps statuses; a warning names the documented status it is closest to, as
+    a typo is likelier."""
+    with capture_logs() as logs:
+        cfg = loads(f'{MINIMAL}\n[sync]\nterminal_statuses = ["Succeeded", "FINISHD", "FAILED"]\n')
+    assert cfg.sync.terminal_statuses == ("SUCCEEDED", "FINISHD", "FAILED")
+    warned = [(e["event"], e["status"], e["did_you_mean"]) for e in logs]
+    assert warned == [
+        ("config.status_undocumented", "SUCCEEDED", None),
+        ("config.status_undocumented", "FINISHD", "FINISHED"),
+    ]
+    assert all(e["key"] == "sync.terminal_statuses" for e in logs)
