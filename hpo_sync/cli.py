@@ -182,7 +182,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Until _sync_once handles it. Not SIGINT: asyncio.run makes Ctrl-C cancel the
         # sync only where SIGINT still has Python's default handler.
         held_signals.hold((signal.SIGTERM,))
+        held_signals.let_go((signal.SIGINT, signal.SIGHUP))  # (held by hpo_sync.entry)
     else:
+        held_signals.let_go()  # what hpo_sync.entry held: no command of these takes them
         return _main(argv, word)
     try:
         return _main(argv, word)

@@ -8,12 +8,14 @@ would kill the daemon, a SIGTERM would kill a sync instead of stopping it with e
 :func:`hold`, the first thing ``main`` does for these commands, records them instead, and
 the command takes them over with :func:`release` once its own handlers are in place: a stop
 then stops it as soon as it has started, a reload re-reads the config once it has (the
-file may have changed after it was read). What comes before ``main`` runs at all (the
-interpreter's own start, ~20 ms) still gets the default action.
+file may have changed after it was read). The ``hpo-sync`` command holds them all before it
+imports anything else (:mod:`hpo_sync.entry`); only the interpreter's own start (~20-30 ms)
+comes before that, and still gets the default action.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 from types import FrameType
 
@@ -41,6 +43,19 @@ def restore() -> None:
             default = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
             signal.signal(sig, default)
     _held.clear()
+
+
+def let_go(signals: tuple[int, ...] = HELD) -> None:
+    """Give ``signals`` their default action back, and deliver again those of them that
+    came while they were held (a command that takes none over, stopped as it started)."""
+    came = [sig for sig in dict.fromkeys(_held) if sig in signals]
+    for sig in signals:
+        if signal.getsignal(sig) is _record:
+            default = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+            signal.signal(sig, default)
+    _held[:] = [sig for sig in _held if sig not in signals]
+    for sig in came:
+        os.kill(os.getpid(), sig)
 
 
 def release() -> list[int]:
