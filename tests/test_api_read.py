@@ -41,6 +41,7 @@ from hpo_sync.api.cursor import MAX_CURSOR_LEN, Cursor
 from hpo_sync.api.openapi import build_document
 from hpo_sync.api.read import MAX_LONG_POLLS_PER_TOKEN
 from hpo_sync.normalise import format_time
+from hpo_sync.runtime import WorkspaceHealth
 from hpo_sync.store import Store
 
 __all__ = ["golden_mirror", "rig"]  # fixtures, imported for pytest
@@ -707,6 +708,26 @@ async def test_workspaces_show_counts_sync_times_errors_and_age(rig: ApiRig) -> 
         assert w["data_age_s"] == body["freshness"]["workspaces"][ws]["age_s"]
     assert got[WS3]["failing"] is True and got[WS3]["last_error"].startswith("Throttling")
     assert got[WS1]["failing"] is False and got[WS1]["last_error"] is None
+
+
+async def test_a_workspace_whose_failures_the_mirror_could_not_record_shows_failing(
+    rig: ApiRig,
+) -> None:
+    """A sweep that fails because the mirror cannot be written (a full disk) records its
+    error nowhere but in the daemon's own health: /v1/workspaces said such a workspace
+    was fine (`failing` false, no error) while its sweeps failed in a row."""
+    at = datetime(2030, 1, 1, 0, 0, 5, tzinfo=UTC)
+    error = "the sweep could not start: record a sync run failed: database or disk is full"
+    rig.runtime.health[WS1] = WorkspaceHealth(
+        WS1, consecutive_failures=3, last_error=error, last_sweep_at=at
+    )
+    got = {w["workspace_id"]: w for w in (await rig.ok("/v1/workspaces"))["workspaces"]}
+    assert (got[WS1]["failing"], got[WS1]["last_error"]) == (True, error)
+    assert got[WS1]["last_error_at"] == "2030-01-01T00:00:05Z"
+    assert got[WS1]["consecutive_failures"] == 3
+    rig.runtime.health[WS1] = WorkspaceHealth(WS1, last_error=error, last_sweep_at=at)
+    got = {w["workspace_id"]: w for w in (await rig.ok("/v1/workspaces"))["workspaces"]}
+    assert (got[WS1]["failing"], got[WS1]["last_error"]) == (False, None)  # recovered
 
 
 async def test_sync_now_queues_a_sweep_for_admins(rig: ApiRig) -> None:

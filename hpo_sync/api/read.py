@@ -1256,6 +1256,12 @@ async def list_workspaces(request: web.Request) -> web.Response:
         last = _last_sync(state)
         err_at = _when(state.last_error_at) if state else None
         h = health.get(ws)
+        # The daemon's own count of failures in a row: a sweep failing because the mirror
+        # cannot be written (a full disk) records its error nowhere but there.
+        live_error = (
+            getattr(h, "last_error", None) if getattr(h, "consecutive_failures", 0) else None
+        )
+        live_at = getattr(h, "last_sweep_at", None) if live_error else None
         out.append(
             {
                 "workspace_id": ws,
@@ -1269,9 +1275,12 @@ async def list_workspaces(request: web.Request) -> web.Response:
                 "last_hot_sync_at": state.last_hot_ok_at if state else None,
                 "last_sync_at": _iso(last) if last else None,
                 "data_age_s": _age_s(now, last),
-                "last_error": state.last_error if state else None,
-                "last_error_at": state.last_error_at if state else None,
-                "failing": err_at is not None and (last is None or err_at > last),
+                "last_error": live_error or (state.last_error if state else None),
+                "last_error_at": (
+                    _iso(live_at) if live_at else (state.last_error_at if state else None)
+                ),
+                "failing": bool(live_error)
+                or (err_at is not None and (last is None or err_at > last)),
                 "sweeping": getattr(h, "sweeping", None),
                 "consecutive_failures": getattr(h, "consecutive_failures", None),
             }
