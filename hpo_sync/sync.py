@@ -193,6 +193,8 @@ class SyncEngine:
         self._creator_refused: set[str] = set()
         # Per workspace, the statuses upstream refused as a Status filter.
         self._status_refused: dict[str, set[str]] = {}
+        # Workspaces whose upstream was seen to ignore the Status filter (warned once).
+        self._status_filter_ignored: set[str] = set()
         # Per workspace, a sweep whose end the mirror could not record (a full disk), with
         # the time it ended: its run is closed before the workspace's next sweep starts.
         self._unclosed: dict[str, tuple[SweepResult, str]] = {}
@@ -436,6 +438,31 @@ class SyncEngine:
             result.experiments_seen += len(fresh)  # in the mirror now, not before
             result.changes += applied.changes
         return fresh
+
+    def _check_status_filter(self, workspace_id: str, asked: str, page: Page) -> None:
+        """Warn (once per workspace) when a listing of one status returns experiments of
+        others: upstream ignores the Status filter. Nothing is lost (every row returned is
+        applied), but each hot sweep then lists the whole workspace once per status, more
+        calls than a full sweep; the warning says why."""
+        wanted = asked.strip().upper()
+        others = sorted(
+            {
+                str(raw.get("Status")).strip().upper()
+                for raw in page.experiments
+                if isinstance(raw, dict)
+                and raw.get("Status") is not None
+                and str(raw.get("Status")).strip().upper() != wanted
+            }
+        )
+        if others:
+            self._status_filter_ignored.add(workspace_id)
+            log.warning(
+                "upstream.status_filter_ignored",
+                workspace=workspace_id,
+                asked=asked,
+                returned=others[:5],
+                hint="each hot sweep lists the workspace once per status; check the upstream",
+            )
 
     def _learn_bumping(
         self,
@@ -831,9 +858,14 @@ class SyncEngine:
         refused = self._status_refused.setdefault(ws, set())
 
         async def run(label: str, query: ListQuery) -> None:
+            async def checked(page: Page) -> None:
+                if query.status is not None and ws not in self._status_filter_ignored:
+                    self._check_status_filter(ws, query.status, page)
+                await on_page(page)
+
             try:
                 listings[label] = await self.client.list_all(
-                    query, on_page=on_page, tally=tally, keep=False
+                    query, on_page=checked, tally=tally, keep=False
                 )
             except FatalUpstreamError as exc:
                 if query.status is None or not rejects_parameter(exc):

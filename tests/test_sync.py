@@ -2185,3 +2185,28 @@ async def test_hot_sweeps_ask_for_a_status_as_upstream_spells_it(tmp_path: Path)
         assert hot.status == "ok", hot.summary()
         assert mirror_rows(rig.store, ws)[running[0]]["status"] == "FAILED"
         assert_history_replays(rig.store, ws)
+
+
+async def test_an_upstream_that_ignores_the_status_filter_is_named_once(tmp_path: Path) -> None:
+    """Status listings that return experiments of other statuses: nothing is lost (each row
+    is applied), but every hot sweep lists the workspace once per status, more calls than
+    a full sweep, silently. A warning (once per workspace) names it."""
+    async for rig in make_rig(tmp_path, _still_world(120, seed=31), page_size=50):
+        ws, world = rig.sim.world.workspace_ids[0], rig.sim.world
+        original = world.list
+
+        def unfiltered(params: Any, original: Any = original) -> Any:
+            return original({k: v for k, v in params.items() if k != "Status"})
+
+        assert (await rig.engine.sweep(ws)).status == "ok"
+        world.list = unfiltered  # type: ignore[method-assign]
+        try:
+            with capture_logs() as logs:
+                for _ in range(2):
+                    world.advance(5)
+                    assert (await rig.engine.sweep(ws, "hot")).status == "ok"
+        finally:
+            world.list = original  # type: ignore[method-assign]
+        warned = [e for e in logs if e["event"] == "upstream.status_filter_ignored"]
+        assert len(warned) == 1 and warned[0]["workspace"] == ws
+        assert_mirror_equals_truth(rig.store, rig.sim, ws)
