@@ -582,6 +582,17 @@ async def test_old_alerts_expire(receivers: Receivers, store: Store, db: Path) -
     assert registry.get_sample_value("hpo_sync_alerts_pending") == 0
 
 
+async def delivery_under_way(worker: AlertWorker, hook: Hook, at: datetime) -> None:
+    """Start a delivery round at ``at`` and wait until the target has its message (the
+    hook holds its answer)."""
+    await worker.run_once(now=at, wait=False, stalls=False)
+    for _ in range(1000):
+        if hook.got:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the delivery never reached the target")
+
+
 async def test_rows_in_flight_do_not_expire_under_the_delivery(store: Store, db: Path) -> None:
     """A delivery still waiting for its answer when its rows pass max_age_s: the next round
     leaves them be, and the target's 204 makes them sent. (They used to be dead-lettered as
@@ -597,13 +608,7 @@ async def test_rows_in_flight_do_not_expire_under_the_delivery(store: Store, db:
         world = World(store, worker, 1)
         world.fail(world.ids)
         t = now()
-        await worker.run_once(now=t + timedelta(seconds=30), wait=False, stalls=False)
-        for _ in range(1000):  # the target has the message; its answer is held
-            if hook.got:
-                break
-            await asyncio.sleep(0.01)
-        else:
-            raise AssertionError("the delivery never reached the target")
+        await delivery_under_way(worker, hook, t + timedelta(seconds=30))
         await worker.run_once(now=t + timedelta(seconds=120), wait=False, stalls=False)
         assert [r["status"] for r in outbox(db)] == ["pending"]
         answer.set()
@@ -1302,11 +1307,7 @@ async def test_a_sent_message_the_mirror_cannot_record_is_not_sent_again(db: Pat
         world.fail(world.ids)
         t = now()
         with capture_logs() as logs:
-            await worker.run_once(now=t, wait=False, stalls=False)
-            for _ in range(1000):  # the target has the message; its answer is held
-                if hook.got:
-                    break
-                await asyncio.sleep(0.01)
+            await delivery_under_way(worker, hook, t)
             with write_locked(db):
                 answer.set()
                 await asyncio.gather(*worker._busy.values(), return_exceptions=True)
@@ -1341,11 +1342,7 @@ async def test_a_retry_the_mirror_cannot_record_still_waits_its_backoff(db: Path
         world = World(store, worker, 1)
         world.fail(world.ids)
         t = now()
-        await worker.run_once(now=t, wait=False, stalls=False)
-        for _ in range(1000):
-            if hook.got:
-                break
-            await asyncio.sleep(0.01)
+        await delivery_under_way(worker, hook, t)
         with write_locked(db):
             answer.set()
             await asyncio.gather(*worker._busy.values(), return_exceptions=True)
