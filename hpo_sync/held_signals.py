@@ -18,16 +18,23 @@ from __future__ import annotations
 import os
 import signal
 from types import FrameType
+from typing import Any
 
 HELD = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 _held: list[int] = []
+#: Each held signal's handler before it was held: ``SIG_IGN`` under ``nohup`` (SIGHUP) or
+#: for a background job of a script (SIGINT), which giving it back must keep.
+_previous: dict[int, Any] = {}
 
 
 def hold(signals: tuple[int, ...] = HELD) -> None:
     """Record ``signals`` (of :data:`HELD`; all of them by default) from now on, until
     something else handles them."""
     for sig in signals:
+        current = signal.getsignal(sig)
+        if current is not _record:
+            _previous[sig] = current
         signal.signal(sig, _record)
 
 
@@ -35,27 +42,35 @@ def _record(signum: int, frame: FrameType | None) -> None:
     _held.append(signum)
 
 
+def _give_back(sig: int) -> Any:
+    """Put back the handler ``sig`` had before it was held (its default if that is not
+    known); returns it."""
+    handler = _previous.pop(sig, None)
+    if handler is None:  # (None: one not installed from Python)
+        handler = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+    signal.signal(sig, handler)
+    return handler
+
+
 def restore() -> None:
-    """Give the signals still recorded here their default action back, and forget what
-    was recorded (``main`` returned before a daemon took them over)."""
+    """Give the signals still held here the handlers they had back, and forget what was
+    recorded (``main`` returned before a daemon took them over)."""
     for sig in HELD:
         if signal.getsignal(sig) is _record:
-            default = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
-            signal.signal(sig, default)
+            _give_back(sig)
     _held.clear()
 
 
 def let_go(signals: tuple[int, ...] = HELD) -> None:
-    """Give ``signals`` their default action back, and deliver again those of them that
-    came while they were held (a command that takes none over, stopped as it started)."""
+    """Give ``signals`` the handlers they had back, and deliver again those of them that
+    came while they were held (a command that takes none over, stopped as it started),
+    unless they were ignored before."""
     came = [sig for sig in dict.fromkeys(_held) if sig in signals]
-    for sig in signals:
-        if signal.getsignal(sig) is _record:
-            default = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
-            signal.signal(sig, default)
+    given = {sig: _give_back(sig) for sig in signals if signal.getsignal(sig) is _record}
     _held[:] = [sig for sig in _held if sig not in signals]
     for sig in came:
-        os.kill(os.getpid(), sig)
+        if given.get(sig, signal.getsignal(sig)) is not signal.SIG_IGN:
+            os.kill(os.getpid(), sig)
 
 
 def release() -> list[int]:
@@ -63,4 +78,6 @@ def release() -> list[int]:
     installing the handlers that take over, so that none can fall in between."""
     out = list(dict.fromkeys(_held))
     _held.clear()
+    for sig in [s for s in _previous if signal.getsignal(s) is not _record]:
+        del _previous[sig]  # taken over
     return out

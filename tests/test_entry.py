@@ -31,25 +31,30 @@ sys.exit(main())
 
 
 @pytest.mark.parametrize(
-    ("sig", "argv", "returncode"),
+    ("sig", "argv", "ignored", "returncode"),
     [
-        ("SIGHUP", ["run"], 2),  # held, then forgotten: the config is broken
-        ("SIGTERM", ["sync"], 2),
-        ("SIGTERM", ["ls"], -signal.SIGTERM),  # given back and delivered: a plain command
-        ("SIGHUP", ["sync"], -signal.SIGHUP),  # sync takes SIGTERM over only
+        ("SIGHUP", ["run"], False, 2),  # held, then forgotten: the config is broken
+        ("SIGTERM", ["sync"], False, 2),
+        ("SIGTERM", ["ls"], False, -signal.SIGTERM),  # given back and delivered
+        ("SIGHUP", ["sync"], False, -signal.SIGHUP),  # sync takes SIGTERM over only
+        ("SIGHUP", ["sync"], True, 2),  # under nohup: ignored it was, ignored it stays
+        ("SIGHUP", ["ls"], True, 1),  # (it ran, and found no mirror)
     ],
 )
 def test_the_command_holds_signals_before_it_imports_the_command_line(
-    tmp_path: Path, sig: str, argv: list[str], returncode: int
+    tmp_path: Path, sig: str, argv: list[str], ignored: bool, returncode: int
 ) -> None:
     """A signal while the command line's modules import (~150 ms) used to get its default
     action: a SIGHUP killed `run`. The entry point holds them first; what the command does
-    not take over is given back and delivered as it would have been."""
+    not take over is given back as it was (ignored under `nohup`) and, if it was not
+    ignored, delivered as it would have been."""
     broken = tmp_path / "config.toml"
     broken.write_text("[sync]\nhot_interval_s = 'soon'\n", encoding="utf-8")
+    signum = getattr(signal, sig)
     child = subprocess.run(
         [sys.executable, "-c", _SIGNAL_AS_CLI_IMPORTS, sig, "--config", str(broken), *argv],
         capture_output=True, text=True, timeout=60,
+        preexec_fn=(lambda: signal.signal(signum, signal.SIG_IGN)) if ignored else None,
     )  # fmt: skip
     assert child.returncode == returncode, child.stderr
     if returncode == 2:
