@@ -217,6 +217,10 @@ class Page:
     total_count: int | None
     experiments: list[dict[str, Any]]
     request_id: str | None
+    #: Page 1 came without its rows (``Experiments`` null or missing) under a positive
+    #: count: what it lacks proves no absence (a glitch that answered so for a whole sweep
+    #: had its look-ups mark a workspace deleted).
+    rows_missing: bool = False
 
 
 @dataclass
@@ -235,6 +239,8 @@ class Listing:
     #: Some page had no readable TotalCount: the listing was paged until an empty page, and
     #: nothing can say its ids add up.
     uncounted: bool = False
+    #: Page 1 came without its rows under a positive count (:attr:`Page.rows_missing`).
+    rows_missing: bool = False
 
     @property
     def complete(self) -> bool:
@@ -477,22 +483,12 @@ class UpstreamClient:
             total = _total_count(
                 data.get("TotalCount", 0 if experiments is None else None), len(rows)
             )
-            if experiments is None and total and first_page:
-                # An empty page 1 under a positive count: a count of rows the listing leaves
-                # out (soft-deleted ones), or an answer that lost its rows, which null rather
-                # than [] says louder. Asked again, not read as "none": a look-up takes that
-                # for proof that an experiment is gone, and a glitch that answered every call
-                # so marked a whole workspace deleted.
-                self._observe("NullExperiments", workspace_id)
-                raise RetryableUpstreamError(
-                    f"page 1 has no Experiments (null) under a TotalCount of {total}",
-                    code="NullExperiments",
-                    http_status=status,
-                    request_id=request_id,
-                    workspace_id=workspace_id,
-                )
             self._observe("OK", workspace_id)
-            return Page(total, rows, request_id)
+            # An empty page 1 under a positive count: a count of rows the listing leaves out
+            # (soft-deleted ones), or an answer that lost its rows, which null (or no member)
+            # rather than [] says louder. Not read as "none" (see Page.rows_missing).
+            missing = experiments is None and bool(total) and first_page
+            return Page(total, rows, request_id, rows_missing=missing)
         hint: str | None
         if code is not None and not _is_success_code(code):
             # an error, whatever the HTTP status: some gateways answer 200 with Code/Message
@@ -702,6 +698,7 @@ class UpstreamClient:
         seen: set[str] = set()
 
         async def take(page: Page, *, counted: bool = True) -> None:
+            listing.rows_missing = listing.rows_missing or page.rows_missing
             if counted:  # not the pages of a tie window (below): their counts are theirs
                 listing.pages_read += 1
                 if page.total_count is None:
@@ -778,7 +775,7 @@ class UpstreamClient:
         if grew is not None:
             sizes[2], edges[2] = len(grew.experiments), _create_time_edges(grew)
         short_listing: UpstreamError | None = None
-        first_ids = [i for i in _ids(first) if i not in (None, "")]
+        first_ids = _readable_ids(first)
         repeats_first = False  # page 2 came back as page 1 again (its readable ids)
 
         async def fetch(numbers: Iterator[int]) -> None:
@@ -802,7 +799,7 @@ class UpstreamClient:
                     continue
                 sizes[number] = len(page.experiments)
                 edges[number] = _create_time_edges(page)
-                if number == 2 and first_ids and _ids(page) == first_ids:
+                if number == 2 and first_ids and _readable_ids(page) == first_ids:
                     repeats_first = True
                 if not page.experiments and number < listing.pages_expected:
                     first_empty = min(first_empty, number)
@@ -844,7 +841,7 @@ class UpstreamClient:
                 break
             first_page, listing.pages_expected = listing.pages_expected + 1, grown
         if repeats_first and listing.error is None and listing.total_count > got:
-            await self._page_one_again(query, listing, got, tally, take)
+            await self._page_one_again(query, listing, first, tally, take)
         ended = False
         # the cap guessed from page 1 alone, refuted: page 1 was short after all
         refuted = capped and first_empty == 2 and not any(sizes[n] for n in sizes if n > 2)
@@ -898,33 +895,45 @@ class UpstreamClient:
         self,
         query: ListQuery,
         listing: Listing,
-        got: int,
+        first: Page,
         tally: Tally | None,
         take: Callable[..., Awaitable[None]],
     ) -> None:
         """Page 2 came back as page 1 again, row for row, under a count of more than page 1
         held. Either the listing is page 1 and its count is off (a server that answers a page
         number past the end with page 1), or the server ignores PageNumber and answers page 1
-        to every page: then only pages 1 were read, and trusting them would leave the rest of
-        the workspace out of the mirror for good, every sweep "ok". One page of the count
-        (at most :data:`MAX_TIE_PAGE_SIZE`) tells which: more rows than page 1 held mean
-        page numbers are ignored, and the listing is that page, when it holds the count;
-        past that, the rest cannot be reached and the listing stays incomplete."""
+        to every page: then only page 1 was read, and trusting it would leave the rest of the
+        workspace out of the mirror for good, every sweep "ok".
+
+        One page of the count (at most :data:`MAX_TIE_PAGE_SIZE`) with more rows than page 1
+        held tells the second, and is the listing when it holds the count. When it holds no
+        more (the server caps or refuses the size), page 2 of one row tells: a server whose
+        page numbers work answers page 1's second row, one that ignores them its first.
+        Unless the listing can be read whole, it stays incomplete."""
+        got, first_ids = len(first.experiments), _readable_ids(first)
         asked = min(listing.total_count, MAX_TIE_PAGE_SIZE)
         whole = await self._read_as_one_page(query, asked, tally, take)
-        if whole is None or len(whole.experiments) <= got:
-            return  # page 1 is all there is
+        held = len(whole.experiments) if whole is not None else 0
+        if held <= got:
+            if len(first_ids) < 2:
+                return  # nothing to tell them apart by: page 1 is taken as all there is
+            try:
+                probe = await self.list_page(query, 2, 1, tally=tally)
+            except UpstreamError:
+                probe = None
+            if probe is None or _readable_ids(probe)[:1] != first_ids[:1]:
+                return  # page numbers work: page 1 is all there is, the count is off
         log.warning(
             "upstream.page_number_ignored",
             workspace=query.workspace_id,
             total_count=listing.total_count,
-            read_as_one_page=len(whole.experiments),
+            read_as_one_page=held,
         )
-        if len(whole.experiments) < listing.total_count:
+        if held < listing.total_count:
             listing.error = UpstreamError(
                 "upstream answers every page number with page 1 (page 2 repeated it under a "
-                f"TotalCount of {listing.total_count}); one page of {asked} held "
-                f"{len(whole.experiments)}, and the rest cannot be reached",
+                f"TotalCount of {listing.total_count}); one page of {asked} held {held}, "
+                "and the rest cannot be reached",
                 code="PageNumberIgnored",
                 workspace_id=query.workspace_id,
             )
@@ -1205,6 +1214,11 @@ class UpstreamClient:
                 return
             number += 1
             previous = ids
+
+
+def _readable_ids(page: Page) -> list[Any]:
+    """The page's ExperimentIds, leaving out the records without a readable one."""
+    return [i for i in _ids(page) if i is not None and i != ""]
 
 
 def _ids(page: Page) -> list[Any]:

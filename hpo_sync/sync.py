@@ -807,13 +807,18 @@ class SyncEngine:
         what = f"the look-up of {', '.join(ids)}"
         if not listing.complete:
             raise listing.error or UpstreamError("look-up incomplete")
-        if not listing.consistent and len(listing.seen_ids) >= self.config.upstream.page_size:
+        if not listing.consistent and (
+            len(listing.seen_ids) >= self.config.upstream.page_size or listing.rows_missing
+        ):
             # Pages that do not add up to their count can have dropped it between them (rows
             # of one create time in another order on each page's query): no proof of absence.
-            # Fewer rows than a page came on a short page 1, all there was: that one decides.
+            # Fewer rows than a page came on a short page 1, all there was: that one decides,
+            # unless page 1 came without its rows under a positive count.
             why = (
                 "had no usable TotalCount to be checked against"
                 if listing.uncounted
+                else f"came without their Experiments under a TotalCount of {listing.total_count}"
+                if listing.rows_missing
                 else f"did not add up to their TotalCount {listing.total_count}"
             )
             raise UpstreamError(
@@ -1223,7 +1228,11 @@ def _baseline_holds(first: Listing, again: Listing, seen_ids: Collection[str]) -
         return True
     return len(again.totals_seen) == 1 and (
         len(seen_ids) >= again.total_count  # the second reading's count held still
-        or (first.totals_seen == again.totals_seen and first.seen_ids == again.seen_ids)
+        or (
+            first.totals_seen == again.totals_seen
+            and first.seen_ids == again.seen_ids
+            and not (first.rows_missing or again.rows_missing)  # no rows is no listing
+        )
     )
 
 

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
+import json
 import random
 import sqlite3
 import threading
@@ -2210,3 +2211,28 @@ async def test_an_upstream_that_ignores_the_status_filter_is_named_once(tmp_path
         warned = [e for e in logs if e["event"] == "upstream.status_filter_ignored"]
         assert len(warned) == 1 and warned[0]["workspace"] == ws
         assert_mirror_equals_truth(rig.store, rig.sim, ws)
+
+
+async def test_answers_that_lost_their_rows_mark_nothing_deleted(tmp_path: Path) -> None:
+    """For a whole full sweep upstream answers `"Experiments": null` under the right
+    TotalCount. Its look-ups used to take each empty answer for proof of absence and mark
+    every experiment deleted (`ok`, with alerts), and the next sweep brought them all back.
+    Now nothing is marked deleted, and the sweep is not `ok`."""
+    async for rig in make_rig(tmp_path, _still_world(45, seed=33), page_size=10):
+        ws, sim = rig.sim.world.workspace_ids[0], rig.sim
+        assert (await rig.engine.sweep(ws)).status == "ok"
+
+        def lost_rows(request_id: str, total: int, page: list[dict[str, Any]]) -> str:
+            return json.dumps({"RequestId": request_id, "TotalCount": total, "Experiments": None})
+
+        real = sim._page_json
+        sim._page_json = lost_rows  # type: ignore[method-assign]
+        try:
+            result = await rig.engine.sweep(ws, "full")
+        finally:
+            sim._page_json = real  # type: ignore[method-assign]
+        assert result.status != "ok" and result.marked_deleted == 0, result.summary()
+        assert not any(r["deleted"] for r in mirror_rows(rig.store, ws).values())
+        assert (await rig.engine.sweep(ws, "full")).status == "ok"
+        assert_mirror_equals_truth(rig.store, rig.sim, ws)
+        assert not [c for c in rig.store.history(workspace=ws) if c.field == "Deleted"]
