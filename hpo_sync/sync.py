@@ -211,7 +211,9 @@ class SyncEngine:
         """
         async with self.lock_for(workspace_id):
             started = time.monotonic()
-            chosen: Mode = "hot" if mode == "hot" else "full"
+            # (until the state is read: auto is reported as hot, so that a sweep that could
+            # not start does not make the daemon's next one full)
+            chosen: Mode = "full" if mode == "full" else "hot"
             try:
                 await self._close_unclosed(workspace_id)
                 state = await asyncio.to_thread(self.store.workspace_state, workspace_id)
@@ -1305,10 +1307,11 @@ async def _to_the_end(future: asyncio.Future[_T]) -> _T:
             await asyncio.shield(future)
         except asyncio.CancelledError:
             cancelled = True
-    result = future.result()
-    if cancelled:
+        except Exception:
+            break  # done, with its error: raised below, unless the caller was cancelled
+    if cancelled:  # (the caller reads the future's outcome if it needs it)
         raise asyncio.CancelledError
-    return result
+    return future.result()
 
 
 def _defect(result: SweepResult, exc: BaseException) -> None:

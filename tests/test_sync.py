@@ -2236,3 +2236,46 @@ async def test_answers_that_lost_their_rows_mark_nothing_deleted(tmp_path: Path)
         assert (await rig.engine.sweep(ws, "full")).status == "ok"
         assert_mirror_equals_truth(rig.store, rig.sim, ws)
         assert not [c for c in rig.store.history(workspace=ws) if c.field == "Deleted"]
+
+
+async def test_a_sweep_cancelled_while_the_mirror_refuses_its_start_is_cancelled(
+    tmp_path: Path,
+) -> None:
+    """A stop that comes while the run's row is being written, which then fails: the sweep
+    is cancelled, as asked (the store's error used to win, and a cancelled sweep returned
+    a result as if it had run)."""
+    options = SimOptions(experiments=20, workspaces=1, seed=5, restart_per_min=0.0)
+    async for rig in make_rig(tmp_path, options, page_size=50):
+        ws = rig.sim.world.workspace_ids[0]
+        rig.store._writer.execute("PRAGMA busy_timeout = 300")  # type: ignore[union-attr]
+        with write_locked(rig.config.store.path):
+            task = asyncio.create_task(rig.engine.sweep(ws))
+            await asyncio.sleep(0.1)  # waiting for the write lock
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        assert rig.store.sync_runs(ws) == []
+
+
+async def test_a_hot_sweep_that_cannot_start_is_reported_as_hot(tmp_path: Path) -> None:
+    """A sweep asked for as `auto` that fails before it read the workspace's state (closing
+    the last sweep's run failed again: the disk is still full) is reported as hot, not full:
+    the daemon makes the next sweep full after a failed full one."""
+    options = SimOptions(experiments=60, workspaces=1, seed=5, restart_per_min=0.0)
+    async for rig in make_rig(tmp_path, options, page_size=50):
+        ws = rig.sim.world.workspace_ids[0]
+        assert (await rig.engine.sweep(ws)).status == "ok"
+        rig.store._writer.execute("PRAGMA busy_timeout = 50")  # type: ignore[union-attr]
+        real_close = rig.store.close_run
+
+        def close_while_locked(*args: Any, _close: Any = real_close, **kwargs: Any) -> None:
+            with write_locked(tmp_path / "mirror.db"):
+                return _close(*args, **kwargs)
+
+        rig.store.close_run = close_while_locked  # type: ignore[method-assign]
+        assert (await rig.engine.sweep(ws)).status == "failed"  # its run stays open
+        result = await rig.engine.sweep(ws)  # which it cannot close yet
+        rig.store.close_run = real_close  # type: ignore[method-assign]
+        assert (result.mode, result.status, result.run_id) == ("hot", "failed", None)
+        assert (await rig.engine.sweep(ws)).status == "ok"
+        assert [r.status for r in rig.store.sync_runs(ws)] == ["ok", "failed", "ok"]
