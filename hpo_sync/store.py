@@ -13,6 +13,7 @@ and the pure diffing rules in :mod:`hpo_sync.diff`.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import functools
 import itertools
@@ -141,6 +142,29 @@ def _mapped(where: str, action: str) -> Iterator[None]:
             hint = f"the disk holding {os.path.dirname(os.path.abspath(where))} is full"
         msg = f"{action} failed on {where}: {e}"
         raise StoreError(f"{msg} — {hint}" if hint else msg) from e
+
+
+def _place(partial: Path, dest: Path, *, overwrite: bool) -> None:
+    """Move the finished copy ``partial`` to ``dest``. Without ``overwrite`` it is linked
+    there, which fails if a file came meanwhile (another backup), rather than replacing
+    one; a file system without hard links (vfat, exFAT, some CIFS mounts) gets a rename
+    after one more look."""
+    try:
+        if overwrite:
+            os.replace(partial, dest)
+            return
+        try:
+            os.link(partial, dest)
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
+                raise
+            if dest.exists():
+                raise FileExistsError(errno.EEXIST, "exists", str(dest)) from None
+            os.replace(partial, dest)
+    except FileExistsError:
+        raise StoreError(f"{dest} exists; remove it or pass overwrite=True") from None
+    except OSError as e:
+        raise StoreError(f"cannot write the backup {dest}: {e.strerror}") from e
 
 
 def _disk_full(path: str) -> bool:
@@ -1150,8 +1174,9 @@ class Store:
         its own beside the destination and renamed into place (without ``overwrite``, linked
         there, which fails if a file came meanwhile), so a half-written backup is never left
         behind, not even when the destination's disk fills up, and two backups to one
-        destination at once never write the same file. An error of the copy names the
-        destination: reading the mirror did not fail.
+        destination at once never write the same file. An error names the file it is
+        about: the destination (its disk full), unless SQLite says the mirror is damaged
+        or unreadable.
         """
         dest = Path(dest_path)
         if dest.exists() and not overwrite:
@@ -1168,12 +1193,13 @@ class Store:
         partial = Path(name)
         try:
             failed: sqlite3.Error | None = None
-            target = sqlite3.connect(partial)
+            with _mapped(str(dest), "backing the mirror up"):
+                target = sqlite3.connect(partial)
             try:
                 with self.reader() as source:
                     try:
                         source.backup(target)
-                    except sqlite3.Error as e:  # the copy's, not the mirror's (see above)
+                    except sqlite3.Error as e:  # whose it is: below
                         failed = e
                 if failed is None:
                     with _mapped(str(dest), "backing the mirror up"):
@@ -1181,20 +1207,16 @@ class Store:
             finally:
                 target.close()
             if failed is not None:
-                with _mapped(str(dest), "backing the mirror up"):
+                code = getattr(failed, "sqlite_errorname", "") or ""
+                # The copy's trouble (its disk full, its directory not writable) or the
+                # mirror's (damaged, unreadable)? SQLite's error does not say which file.
+                mine = code.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB", "SQLITE_IOERR_READ"))
+                with _mapped(self.path if mine else str(dest), "backing the mirror up"):
                     raise failed
-            try:
-                if overwrite:
-                    os.replace(partial, dest)
-                else:
-                    os.link(partial, dest)
-            except FileExistsError:
-                raise StoreError(f"{dest} exists; remove it or pass overwrite=True") from None
-            except OSError as e:
-                raise StoreError(f"cannot write the backup {dest}: {e.strerror}") from e
+            _place(partial, dest, overwrite=overwrite)
         finally:
-            for leftover in (partial, Path(f"{partial}-journal")):
-                leftover.unlink(missing_ok=True)
+            for suffix in ("", "-journal", "-wal", "-shm"):
+                Path(f"{partial}{suffix}").unlink(missing_ok=True)
 
     # -- queries --
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import sqlite3
@@ -1035,6 +1036,28 @@ def test_two_backups_to_one_destination_at_once_never_share_a_file(
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".copy.db")] == []
     with Store.open(dest, readonly=True) as copy:
         assert copy.history() == populated.history()
+
+
+@pytest.mark.parametrize("refusal", [errno.EPERM, errno.EOPNOTSUPP])
+def test_a_backup_to_a_file_system_without_hard_links_is_renamed_into_place(
+    populated: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refusal: int
+) -> None:
+    """vfat, exFAT and some CIFS mounts refuse hard links (no such file system can be
+    mounted here, so the refusal is the kernel's errno, raised in os.link's place): the
+    copy is renamed into place instead, unless the destination exists by then."""
+
+    def no_links(src: object, dst: object, **kw: object) -> None:
+        raise OSError(refusal, os.strerror(refusal))
+
+    monkeypatch.setattr(os, "link", no_links)
+    dest = tmp_path / "stick" / "copy.db"
+    dest.parent.mkdir()
+    populated.backup(dest)
+    with Store.open(dest, readonly=True) as copy:
+        assert copy.history() == populated.history()
+    with pytest.raises(StoreError, match="exists"):
+        populated.backup(dest)
+    assert [p.name for p in dest.parent.iterdir()] == ["copy.db"]
 
 
 def test_store_errors_are_mapped(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from yarl import URL
 
 from hpo_sync.config import Config, TargetConfig
+from hpo_sync.errors import StoreError
 from hpo_sync.normalise import parse_time
 from hpo_sync.store import ChangeRow, Store
 
@@ -648,7 +649,7 @@ class AlertWorker:
         entry = _Unrecorded(tuple(ids), outcome, now, attempts, delay, self.clock())
         try:
             await asyncio.to_thread(self._write_outcome, entry)
-        except Exception:
+        except StoreError:
             self._unrecorded.setdefault(target, []).append(entry)
             raise
         self._count_outcome(target, entry)
