@@ -438,6 +438,7 @@ async def _sync_once(
             results = await asyncio.gather(
                 *(engine.sweep(ws, "full" if full else "auto") for ws in workspaces)
             )
+            await engine.close_unclosed()  # (a run the mirror could not close: once more)
         if bar is not None:
             bar.close()
             bar = None

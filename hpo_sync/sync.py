@@ -314,27 +314,7 @@ class SyncEngine:
             result.error = f"{result.error}; {note}" if result.error else note
             result.status, result.error_code = "failed", result.error_code or "StoreError"
             self._unclosed[result.workspace_id] = (result, finished_at)
-        event = log.info if result.status == "ok" else log.warning
-        event(
-            "sync.finished",
-            workspace=result.workspace_id,
-            mode=result.mode,
-            status=result.status,
-            api_calls=result.api_calls,
-            pages=result.pages,
-            retries=result.retries,
-            throttled=result.throttled,
-            experiments=result.experiments_seen,
-            changes=result.changes,
-            deleted=result.marked_deleted,
-            lookups=result.lookups,
-            baseline=result.baseline,
-            duration_s=round(result.duration_s, 3),
-            error=result.error,
-            error_code=result.error_code,
-            skipped=result.skipped_records,
-            notes=result.all_notes() or None,
-        )
+        _log_finished(result)
 
     def _now(self) -> str:
         return format_time(self.clock())
@@ -347,15 +327,19 @@ class SyncEngine:
         result = SweepResult(workspace_id, mode, None, status="failed", error_code="StoreError")
         result.error = f"the sweep could not start: {exc}"
         result.duration_s = time.monotonic() - started
-        log.warning(
-            "sync.finished",
-            workspace=workspace_id,
-            mode=mode,
-            status=result.status,
-            error=result.error,
-            error_code=result.error_code,
-        )
+        _log_finished(result)
         return result
+
+    async def close_unclosed(self) -> None:
+        """Close, as :meth:`_close_unclosed` does before a workspace's next sweep, every run
+        whose end the mirror could not record (a one-shot sync, which has no next sweep, at
+        its end). Best effort: one it still cannot close stays open, and the next process
+        to take the mirror's lock closes it as interrupted."""
+        for workspace_id in list(self._unclosed):
+            try:
+                await self._close_unclosed(workspace_id)
+            except StoreError as exc:
+                log.warning("sync.run_left_open", workspace=workspace_id, error=str(exc))
 
     async def _close_unclosed(self, workspace_id: str) -> None:
         """Close the run of the workspace's last sweep if the mirror could not when it
@@ -1122,6 +1106,31 @@ class _Batches:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+def _log_finished(result: SweepResult) -> None:
+    """The ``sync.finished`` event of a sweep, whichever way it ended."""
+    event = log.info if result.status == "ok" else log.warning
+    event(
+        "sync.finished",
+        workspace=result.workspace_id,
+        mode=result.mode,
+        status=result.status,
+        api_calls=result.api_calls,
+        pages=result.pages,
+        retries=result.retries,
+        throttled=result.throttled,
+        experiments=result.experiments_seen,
+        changes=result.changes,
+        deleted=result.marked_deleted,
+        lookups=result.lookups,
+        baseline=result.baseline,
+        duration_s=round(result.duration_s, 3),
+        error=result.error,
+        error_code=result.error_code,
+        skipped=result.skipped_records,
+        notes=result.all_notes() or None,
+    )
 
 
 def _upstream_spellings(rows: Iterable[Mapping[str, Any]]) -> dict[str, str]:

@@ -2279,3 +2279,31 @@ async def test_a_hot_sweep_that_cannot_start_is_reported_as_hot(tmp_path: Path) 
         assert (result.mode, result.status, result.run_id) == ("hot", "failed", None)
         assert (await rig.engine.sweep(ws)).status == "ok"
         assert [r.status for r in rig.store.sync_runs(ws)] == ["ok", "failed", "ok"]
+
+
+async def test_runs_left_open_are_closed_at_the_end_when_the_mirror_takes_it(
+    tmp_path: Path,
+) -> None:
+    """A one-shot sync has no next sweep to close a run the mirror would not close: it
+    tries once more at its end (close_unclosed), and keeps the run's own error; one it
+    still cannot close is left for the next process (logged)."""
+    options = SimOptions(experiments=40, workspaces=1, seed=5, restart_per_min=0.0)
+    async for rig in make_rig(tmp_path, options, page_size=50):
+        ws = rig.sim.world.workspace_ids[0]
+        rig.store._writer.execute("PRAGMA busy_timeout = 50")  # type: ignore[union-attr]
+        real_close = rig.store.close_run
+
+        def close_while_locked(*args: Any, _close: Any = real_close, **kwargs: Any) -> None:
+            with write_locked(tmp_path / "mirror.db"):
+                return _close(*args, **kwargs)
+
+        rig.store.close_run = close_while_locked  # type: ignore[method-assign]
+        first = await rig.engine.sweep(ws)
+        with capture_logs() as logs:
+            await rig.engine.close_unclosed()  # the disk is still full
+        assert [e["event"] for e in logs] == ["sync.run_left_open"]
+        assert [r.status for r in rig.store.sync_runs(ws)] == ["running"]
+        rig.store.close_run = real_close  # type: ignore[method-assign]
+        await rig.engine.close_unclosed()
+        (run,) = rig.store.sync_runs(ws)
+        assert (run.status, run.error) == ("failed", first.error)
