@@ -201,7 +201,10 @@ async def test_sweep_process_killed_mid_sweep_then_the_next_sweep_catches_up(
             poll_s=0.005,
             daemon=d,
         )
-        since = now_run_time()  # (before the kill: the next sweep may start at once after it)
+        # This second, not the next (now_run_time): one failure holds nothing back, so the
+        # next hot tick may start the catch-up sweep within the kill's second (it did, on a
+        # loaded machine). The killed run failed: no earlier run of this second is "ok".
+        since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         os.kill(child, signal.SIGKILL)
         died = await d.wait_event("sync.process_died")
         assert died["pid"] == child and died["exit"] == "signal 9" and died["sweeps_lost"] == 1
