@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import email.utils
 import json
 import math
 import random
@@ -155,7 +156,11 @@ def rejects_parameter(exc: UpstreamError) -> bool:
 
 
 def is_throttling(code: str | None) -> bool:
-    return bool(code) and code.split(".")[0] == "Throttling"  # type: ignore[union-attr]
+    """Whether an error code says "too many requests": PAI's ``Throttling``,
+    ``Throttling.User``, ``Throttling.Api`` … and the spellings gateways use
+    (``THROTTLING``, ``ThrottlingException``, ``Throttled``, ``TooManyRequests``)."""
+    folded = (code or "").casefold()
+    return folded.startswith(("throttl", "toomanyrequests", "requestthrottled"))
 
 
 @dataclass(frozen=True)
@@ -389,12 +394,13 @@ class UpstreamClient:
                 timeout=aiohttp.ClientTimeout(total=timeout_s),
                 allow_redirects=False,
             ) as resp:
-                body = await resp.read()
+                body = await _read_capped(resp, workspace_id)
                 status = resp.status
                 retry_after = _retry_after_s(
                     resp.headers.get("x-acs-retry-after"), resp.headers.get("Retry-After")
                 )
                 header_request_id = resp.headers.get("x-acs-request-id")
+                location = resp.headers.get("Location")
         except TimeoutError:
             self._observe("Timeout", workspace_id)
             raise RetryableUpstreamError(
@@ -410,7 +416,9 @@ class UpstreamClient:
                 workspace_id=workspace_id,
             ) from None
         first_page = params.get("PageNumber") == "1"
-        return self._parse(status, body, retry_after, workspace_id, header_request_id, first_page)
+        return self._parse(
+            status, body, retry_after, workspace_id, header_request_id, first_page, location
+        )
 
     def _observe(self, code: str, workspace_id: str | None) -> None:
         self.stats.count(code)
@@ -425,20 +433,40 @@ class UpstreamClient:
         workspace_id: str | None,
         header_request_id: str | None = None,
         first_page: bool = False,
+        location: str | None = None,
     ) -> Page:
+        if 300 <= status < 400:
+            # Not the API's answer, and asking again will not change it: most often an
+            # http:// endpoint that the gateway sends to https://.
+            self._observe(f"HTTP{status}", workspace_id)
+            raise FatalUpstreamError(
+                f"HTTP {status}{_reason(status)}: upstream redirects"
+                + (f" to {_where(location)}" if location else ""),
+                code=f"HTTP{status}",
+                http_status=status,
+                request_id=header_request_id,
+                workspace_id=workspace_id,
+                hint="set upstream.endpoint to where it redirects",
+            )
         try:
             data = _loads(body)
             if not isinstance(data, dict):
                 raise ValueError("not a JSON object")
-        except ValueError:
+            duplicated = _duplicate_members(body)
+            if duplicated:
+                raise ValueError(f"members given twice: {', '.join(duplicated)}")
+        except ValueError as exc:
             # A 200 that is not JSON is a listing cut short (MalformedBody); an error status
             # with a body that is not JSON is a gateway's or proxy's own page (a 503 in
             # HTML, say), reported by its status, which is what went wrong.
             code = "MalformedBody" if status == 200 else f"HTTP{status}"
             self._observe(code, workspace_id)
+            twice = str(exc).startswith("members given twice")
             message = (
                 f"HTTP {status}{_reason(status)} with a body that is not valid JSON"
                 f" ({len(body)} bytes)"
+                if not twice
+                else f"HTTP {status}{_reason(status)} with an ambiguous body ({exc})"
             )
             if 400 <= status < 500 and status not in (408, 429):
                 # not the API's error shape: something else (a wrong endpoint, a proxy, a
@@ -1216,6 +1244,69 @@ class UpstreamClient:
             previous = ids
 
 
+async def _read_capped(resp: aiohttp.ClientResponse, workspace_id: str | None) -> bytes:
+    """The answer's body, decompressed, refused past :data:`MAX_RESPONSE_BYTES` (a page of
+    100 experiments with their config texts is well under a megabyte). Read whole, a body
+    that never ends or a compressed one that expands a thousandfold (a gateway's fault, a
+    hostile endpoint) filled the process's memory, up to a page in flight each."""
+    declared = resp.content_length
+    if declared is None or declared <= MAX_RESPONSE_BYTES:
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in resp.content.iter_any():
+            size += len(chunk)
+            if size > MAX_RESPONSE_BYTES:
+                break
+            chunks.append(chunk)
+        else:
+            return b"".join(chunks)
+    raise FatalUpstreamError(
+        f"an answer larger than {MAX_RESPONSE_BYTES // 2**20} MiB (HTTP {resp.status})",
+        code="ResponseTooLarge",
+        http_status=resp.status,
+        workspace_id=workspace_id,
+        hint="this is not a PAI API answer; check upstream.endpoint and any proxy",
+    )
+
+
+#: A body of this size is no listing page (see _read_capped).
+MAX_RESPONSE_BYTES = 64 * 2**20
+
+#: Members of an answer that decide what it says: one given twice (the last wins in any JSON
+#: parser) makes the answer ambiguous, e.g. a listing followed by "Experiments": [].
+_DECIDING_MEMBERS = (b'"Experiments"', b'"TotalCount"', b'"Code"', b'"Success"')
+
+
+def _duplicate_members(body: bytes) -> list[str]:
+    """The deciding members the answer's top-level object holds more than once. The bytes
+    are searched first (a name's text in a string has its quotes escaped); only a body that
+    has one twice is parsed again, keeping every pair."""
+    if not any(body.count(name) > 1 for name in _DECIDING_MEMBERS):
+        return []
+    top: list[list[tuple[str, Any]]] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        top[:] = [items]  # objects are made innermost first: the last is the top level
+        return dict(items)
+
+    with contextlib.suppress(ValueError, RecursionError):
+        json.loads(body, object_pairs_hook=pairs)
+    names = [name for name, _ in (top[0] if top else [])]
+    deciding = {name.decode().strip('"') for name in _DECIDING_MEMBERS}
+    return sorted({n for n in names if n in deciding and names.count(n) > 1})
+
+
+def _where(location: str) -> str:
+    """A redirect's target as it may be shown: its scheme, host, port and path (no query,
+    no user or password: a redirect may echo what it was asked with)."""
+    try:
+        url = URL(location)
+        shown = url.with_user(None).with_query(None).with_fragment(None)
+        return str(shown)[:200]
+    except (ValueError, TypeError):
+        return "an address that is no URL"
+
+
 def _readable_ids(page: Page) -> list[Any]:
     """The page's ExperimentIds, leaving out the records without a readable one."""
     return [i for i in _ids(page) if i is not None and i != ""]
@@ -1387,7 +1478,8 @@ def _reason(status: int) -> str:
 
 def _retry_after_s(acs_ms: str | None, http_s: str | None = None) -> float | None:
     """The server's wait hint in seconds: ``x-acs-retry-after`` is in milliseconds (as the
-    official SDK reads it), a standard ``Retry-After`` in seconds (HTTP-date form ignored)."""
+    official SDK reads it), a standard ``Retry-After`` in seconds or an HTTP date (the wait
+    until then; a date past is no wait)."""
     for value, scale in ((acs_ms, 1000.0), (http_s, 1.0)):
         if not value:
             continue
@@ -1395,6 +1487,13 @@ def _retry_after_s(acs_ms: str | None, http_s: str | None = None) -> float | Non
             number = float(value)
             if number > 0 and math.isfinite(number):
                 return number / scale
+            continue
+        if scale == 1.0:
+            with contextlib.suppress(TypeError, ValueError, IndexError, OverflowError):
+                when = email.utils.parsedate_to_datetime(value)
+                if when.tzinfo is not None:
+                    wait = (when - datetime.now(UTC)).total_seconds()
+                    return wait if wait > 0 else None
     return None
 
 

@@ -6,6 +6,25 @@ aiohttp, sqlite3 and the TOML parser are mapped onto it at the boundary where th
 
 from __future__ import annotations
 
+#: How much of an upstream's message (or of a library's error about its answer) an error
+#: keeps, and of a request id: errors go to one summary line, the log, ``sync_runs.error``.
+MAX_MESSAGE_CHARS = 500
+MAX_REQUEST_ID_CHARS = 100
+
+_LINE_BREAKS = str.maketrans({"\r": " ", "\n": " ", "\t": " "})
+
+
+def _one_line(text: str, limit: int) -> str:
+    """``text`` as one printable line of at most ``limit`` characters: line breaks become
+    spaces, other control characters (a terminal's escape sequences among them) are
+    shown escaped, and what is past the limit is cut, marked with an ellipsis. An
+    upstream's message reached the terminal raw (an ESC[2J cleared it) and could fill
+    ``sync_runs.error`` with kilobytes."""
+    text = text.translate(_LINE_BREAKS)
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
 
 class HpoSyncError(Exception):
     """Base class of every error hpo-sync raises on purpose."""
@@ -45,10 +64,10 @@ class UpstreamError(HpoSyncError):
     ) -> None:
         self.code = code
         self.http_status = http_status
-        self.request_id = request_id
         self.workspace_id = workspace_id
         self.hint = hint
-        self.upstream_message = message
+        self.upstream_message = _one_line(message, MAX_MESSAGE_CHARS)
+        self.request_id = _one_line(request_id, MAX_REQUEST_ID_CHARS) if request_id else None
         super().__init__(self._render())
 
     def _render(self) -> str:

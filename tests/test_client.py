@@ -5,7 +5,10 @@ for the gateway's own checks, throttling, faults and the issue's acceptance list
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import email.utils
 import gc
+import gzip
 import itertools
 import json
 import math
@@ -1828,3 +1831,145 @@ async def test_page_1_again_from_a_server_that_also_caps_the_page_size_is_incomp
         listing = await client.list_all(ListQuery(workspace_id="w1"), page_size=100)
     assert not listing.complete and listing.error is not None
     assert listing.error.code == "PageNumberIgnored"
+
+
+async def test_an_answer_past_the_size_limit_is_refused_not_read_whole(capture: Capture) -> None:
+    """A gzip body that expands a thousandfold (here 1 MiB of gzip, 96 MiB inflated) was
+    read whole, decompressed: gigabytes of memory, a MemoryError from a body that never
+    ends. Past MAX_RESPONSE_BYTES the answer is refused, once, as no PAI answer."""
+    from hpo_sync.client import MAX_RESPONSE_BYTES
+
+    inflated = MAX_RESPONSE_BYTES + 32 * 2**20
+    packed = gzip.compress(b"{" + b" " * inflated, compresslevel=9)
+
+    async def bomb(request: web.Request) -> web.StreamResponse:
+        return web.Response(
+            body=packed,
+            headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+        )
+
+    capture.script.extend([bomb] * 3)
+    async with make_client(capture.base_url, retry_max_attempts=3) as client:
+        with pytest.raises(FatalUpstreamError) as failed:
+            await client.list_page(ListQuery(), 1)
+        assert client.stats.api_calls == 1
+    assert failed.value.code == "ResponseTooLarge"
+
+
+async def test_an_answer_that_never_ends_is_refused_at_the_size_limit(capture: Capture) -> None:
+    """A chunked body that never ends (it raised MemoryError, gigabytes later)."""
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        await resp.write(b'{"Experiments": [')
+        chunk = b'{"ExperimentId": "e"}, ' * 40_000
+        with contextlib.suppress(ConnectionError):
+            while True:
+                await resp.write(chunk)
+        return resp
+
+    capture.script.append(endless)
+    async with make_client(capture.base_url) as client:
+        with pytest.raises(FatalUpstreamError) as failed:
+            await client.list_page(ListQuery(), 1)
+    assert failed.value.code == "ResponseTooLarge"
+
+
+@pytest.mark.parametrize("status", [429, 503])
+async def test_a_retry_after_given_as_an_http_date_is_waited_for(
+    capture: Capture, status: int
+) -> None:
+    """`Retry-After: <HTTP date>` (RFC 9110's other form) was ignored: a throttled page went
+    again at once, 32 times in 105 s where the server asked for a few. It is the wait
+    until that date now."""
+    when = email.utils.format_datetime(datetime.now(UTC) + timedelta(seconds=3), usegmt=True)
+    code = "Throttling.User" if status == 429 else "ServiceUnavailable"
+    capture.script.append(api_error(status, code, headers={"Retry-After": when}))
+    async with make_client(capture.base_url, retry_max_total_s=30.0) as client:
+        page = await client.list_page(ListQuery(), 1)
+    assert len(page.experiments) == 3
+    first, second = capture.seen[0].at, capture.seen[1].at
+    assert second - first >= 1.5  # (the date has whole seconds: 2-3 s from the answer)
+
+
+@pytest.mark.parametrize(
+    "code", ["THROTTLING", "throttling.user", "ThrottlingException", "Throttled", "TooManyRequests"]
+)
+async def test_throttling_in_other_spellings_is_throttling(capture: Capture, code: str) -> None:
+    """Gateways spell it their own way, at HTTP 400: each failed the sweep as a fatal
+    error. They are throttling: waited for, and asked again."""
+    capture.script.append(api_error(400, code))
+    async with make_client(capture.base_url) as client:
+        page = await client.list_page(ListQuery(), 1)
+        assert client.stats.throttled == 1
+    assert len(page.experiments) == 3
+
+
+async def test_an_answer_that_gives_a_deciding_member_twice_is_no_listing(
+    capture: Capture,
+) -> None:
+    """The listing followed by `"Experiments": [], "TotalCount": 0` in the same object: any
+    JSON parser keeps the last, an empty listing, and a full sweep marked the workspace
+    deleted. An answer that says two things is malformed (asked again)."""
+    rows = json.dumps(capture.experiments)
+
+    async def twice(request: web.Request) -> web.StreamResponse:
+        text = f'{{"RequestId": "r", "TotalCount": 3, "Experiments": {rows}, '
+        text += '"Experiments": [], "TotalCount": 0}'
+        return web.Response(text=text, content_type="application/json")
+
+    capture.script.append(twice)
+    async with make_client(capture.base_url) as client:
+        page = await client.list_page(ListQuery(), 1)
+        assert client.stats.by_code.get("MalformedBody") == 1
+    assert page.total_count == 3 and len(page.experiments) == 3
+
+
+async def test_a_name_holding_a_member_s_name_is_no_duplicate(capture: Capture) -> None:
+    capture.experiments = [{"ExperimentId": "e1", "Name": '"Experiments": [] "TotalCount"'}]
+    async with make_client(capture.base_url) as client:
+        page = await client.list_page(ListQuery(), 1)
+        assert client.stats.api_calls == 1
+    assert page.experiments[0]["Name"] == '"Experiments": [] "TotalCount"'
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+async def test_a_redirect_is_fatal_and_says_where_to(capture: Capture, status: int) -> None:
+    """An http:// endpoint the gateway sends to https://: asked 8 times every sweep as a
+    5xx would be, with a message that did not say where it pointed. Fatal at once, naming
+    the target without its query."""
+
+    async def moved(request: web.Request) -> web.StreamResponse:
+        target = "https://pai.example.com/api/v1/automl/hpo/experiments?secret=x"
+        return web.Response(status=status, headers={"Location": target}, text="moved")
+
+    capture.script.append(moved)
+    async with make_client(capture.base_url) as client:
+        with pytest.raises(FatalUpstreamError) as failed:
+            await client.list_page(ListQuery(), 1)
+        assert client.stats.api_calls == 1
+    assert "redirects to https://pai.example.com/api/v1/automl/hpo/experiments" in str(failed.value)
+    assert "secret" not in str(failed.value)
+
+
+async def test_an_upstream_message_is_one_printable_line_of_bounded_length(
+    capture: Capture,
+) -> None:
+    """An upstream's Message with line breaks, a terminal's escape sequences and 5,000
+    characters reached the summary line (ESC[2J cleared the terminal) and sync_runs.error
+    whole."""
+    message = "line1\nline2\r\n\x1b[2J\x1b[31mred" + "Z" * 5000
+
+    async def noisy(request: web.Request) -> web.StreamResponse:
+        body = {"RequestId": "r\n" + "R" * 500, "Code": "Forbidden.RAM", "Message": message}
+        return web.json_response(body, status=403)
+
+    capture.script.append(noisy)
+    async with make_client(capture.base_url) as client:
+        with pytest.raises(FatalUpstreamError) as failed:
+            await client.list_page(ListQuery(), 1)
+    text = str(failed.value)
+    assert text.isprintable() and "\x1b" not in text and "\n" not in text
+    assert "line1 line2  \\x1b[2J\\x1b[31mred" in text
+    assert len(text) < 1000 and "…" in text
