@@ -131,6 +131,24 @@ def assert_history_replays(store: Store, ws: str) -> None:
         assert state.deleted == bool(row["deleted"]), exp_id
 
 
+@contextmanager
+def runs_cannot_close(rig: Rig) -> Iterator[None]:
+    """Closing a sweep's run fails while the block runs, as on a full disk: the write lock
+    is held elsewhere past a short busy timeout."""
+    rig.store._writer.execute("PRAGMA busy_timeout = 50")  # type: ignore[union-attr]
+    real = rig.store.close_run
+
+    def locked(*args: Any, **kwargs: Any) -> None:
+        with write_locked(rig.config.store.path):
+            return real(*args, **kwargs)
+
+    rig.store.close_run = locked  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        rig.store.close_run = real  # type: ignore[method-assign]
+
+
 class Observations:
     """What the test itself saw of the world at each sweep: the expected history."""
 
@@ -2050,24 +2068,8 @@ async def test_a_sweep_whose_end_the_mirror_cannot_record_is_closed_by_the_next(
     options = SimOptions(experiments=120, workspaces=1, seed=5, restart_per_min=0.0)
     async for rig in make_rig(tmp_path, options, page_size=50):
         ws = rig.sim.world.workspace_ids[0]
-        rig.store._writer.execute("PRAGMA busy_timeout = 50")  # type: ignore[union-attr]
-        calls = 0
-
-        def close_while_locked(
-            *args: Any,
-            _close: Any = rig.store.close_run,
-            _db: Path = tmp_path / "mirror.db",
-            **kwargs: Any,
-        ) -> None:
-            nonlocal calls
-            calls += 1
-            if calls > 1:
-                return _close(*args, **kwargs)
-            with write_locked(_db):
-                return _close(*args, **kwargs)
-
-        rig.store.close_run = close_while_locked  # type: ignore[method-assign]
-        first = await rig.engine.sweep(ws)
+        with runs_cannot_close(rig):
+            first = await rig.engine.sweep(ws)
         assert (first.mode, first.status, first.error_code) == ("full", "failed", "StoreError")
         assert first.error is not None
         assert first.error.startswith("recording the end of the sweep failed: close a sync run")
@@ -2265,17 +2267,9 @@ async def test_a_hot_sweep_that_cannot_start_is_reported_as_hot(tmp_path: Path) 
     async for rig in make_rig(tmp_path, options, page_size=50):
         ws = rig.sim.world.workspace_ids[0]
         assert (await rig.engine.sweep(ws)).status == "ok"
-        rig.store._writer.execute("PRAGMA busy_timeout = 50")  # type: ignore[union-attr]
-        real_close = rig.store.close_run
-
-        def close_while_locked(*args: Any, _close: Any = real_close, **kwargs: Any) -> None:
-            with write_locked(tmp_path / "mirror.db"):
-                return _close(*args, **kwargs)
-
-        rig.store.close_run = close_while_locked  # type: ignore[method-assign]
-        assert (await rig.engine.sweep(ws)).status == "failed"  # its run stays open
-        result = await rig.engine.sweep(ws)  # which it cannot close yet
-        rig.store.close_run = real_close  # type: ignore[method-assign]
+        with runs_cannot_close(rig):
+            assert (await rig.engine.sweep(ws)).status == "failed"  # its run stays open
+            result = await rig.engine.sweep(ws)  # which it cannot close yet
         assert (result.mode, result.status, result.run_id) == ("hot", "failed", None)
         assert (await rig.engine.sweep(ws)).status == "ok"
         assert [r.status for r in rig.store.sync_runs(ws)] == ["ok", "failed", "ok"]
@@ -2290,20 +2284,12 @@ async def test_runs_left_open_are_closed_at_the_end_when_the_mirror_takes_it(
     options = SimOptions(experiments=40, workspaces=1, seed=5, restart_per_min=0.0)
     async for rig in make_rig(tmp_path, options, page_size=50):
         ws = rig.sim.world.workspace_ids[0]
-        rig.store._writer.execute("PRAGMA busy_timeout = 50")  # type: ignore[union-attr]
-        real_close = rig.store.close_run
-
-        def close_while_locked(*args: Any, _close: Any = real_close, **kwargs: Any) -> None:
-            with write_locked(tmp_path / "mirror.db"):
-                return _close(*args, **kwargs)
-
-        rig.store.close_run = close_while_locked  # type: ignore[method-assign]
-        first = await rig.engine.sweep(ws)
-        with capture_logs() as logs:
-            await rig.engine.close_unclosed()  # the disk is still full
+        with runs_cannot_close(rig):
+            first = await rig.engine.sweep(ws)
+            with capture_logs() as logs:
+                await rig.engine.close_unclosed()  # the disk is still full
         assert [e["event"] for e in logs] == ["sync.run_left_open"]
         assert [r.status for r in rig.store.sync_runs(ws)] == ["running"]
-        rig.store.close_run = real_close  # type: ignore[method-assign]
         await rig.engine.close_unclosed()
         (run,) = rig.store.sync_runs(ws)
         assert (run.status, run.error) == ("failed", first.error)
