@@ -346,18 +346,14 @@ async def test_a_full_sweep_that_fails_part_way_does_not_hide_new_experiments(
             at = (newest + timedelta(minutes=1 + 4 * n)).strftime("%Y-%m-%dT%H:%M:%SZ")
             world.mutate(create={"WorkspaceId": ws, "Name": f"n{n}", "Status": "FINISHED",
                                  "GmtCreateTime": at})  # fmt: skip
-        original = world.list
 
-        def page_4_fails(params: Any, original: Any = original) -> Any:
+        def page_4_fails(params: Any, original: Any) -> Any:
             if params.get("PageNumber") == "4" and "MinCreateTime" not in params:
                 raise RuntimeError("page 4 is down")
             return original(params)
 
-        world.list = page_4_fails  # type: ignore[method-assign]
-        try:
+        with listing_replaced(world, page_4_fails):
             result = await rig.engine.sweep(ws, "full")
-        finally:
-            world.list = original  # type: ignore[method-assign]
         assert result.status == "partial", result.summary()
         assert len(mirror_rows(rig.store, ws)) == 400  # pages 1-3 and 5
         # (no modified feed, which would list them all: they were created last)
@@ -410,20 +406,19 @@ async def test_a_listing_without_total_count_still_reads_every_page(
     options = SimOptions(experiments=320, workspaces=1, seed=8, restart_per_min=0.0)
     async for rig in make_rig(tmp_path, options, page_size=100):
         ws = rig.sim.world.workspace_ids[0]
-        world, original = rig.sim.world, rig.sim.world.list
+        world = rig.sim.world
 
-        def uncounted(params: Any, original: Any = original) -> Any:
+        def uncounted(params: Any, original: Any) -> Any:
             page = original(params)[1]
             return (None if count == "null" else len(page), page)
 
-        world.list = uncounted  # type: ignore[method-assign]
-        with capture_logs() as logs:
-            result = await rig.engine.sweep(ws)
-        assert result.status == "ok" and result.experiments_seen == 320
-        assert result.api_calls == 5  # four pages with experiments and the empty one
-        assert any(e["event"] == event for e in logs)
-        await assert_a_deletion_is_marked(rig, ws)
-        world.list = original  # type: ignore[method-assign]
+        with listing_replaced(world, uncounted):
+            with capture_logs() as logs:
+                result = await rig.engine.sweep(ws)
+            assert result.status == "ok" and result.experiments_seen == 320
+            assert result.api_calls == 5  # four pages with experiments and the empty one
+            assert any(e["event"] == event for e in logs)
+            await assert_a_deletion_is_marked(rig, ws)
 
 
 async def assert_a_deletion_is_marked(rig: Rig, ws: str) -> None:
@@ -447,20 +442,20 @@ async def test_a_capped_page_size_with_a_count_of_the_page_gets_a_whole_baseline
     options = SimOptions(experiments=130, workspaces=1, seed=8, restart_per_min=0.0)
     async for rig in make_rig(tmp_path, options, page_size=100):
         ws = rig.sim.world.workspace_ids[0]
-        world, original = rig.sim.world, rig.sim.world.list
+        world = rig.sim.world
 
-        def per_page(params: Any, original: Any = original) -> Any:
+        def per_page(params: Any, original: Any) -> Any:
             capped = {**params, "PageSize": str(min(50, int(params.get("PageSize", "100"))))}
             page = original(capped)[1]
             return len(page), page
 
-        world.list = per_page  # type: ignore[method-assign]
-        with capture_logs() as logs:
-            result = await rig.engine.sweep(ws)
-        assert result.status == "ok", result.error
-        assert result.baseline and result.experiments_seen == 130
-        assert any(e["event"] == "upstream.total_count_per_page" for e in logs)
-        await assert_a_deletion_is_marked(rig, ws)
+        with listing_replaced(world, per_page):
+            with capture_logs() as logs:
+                result = await rig.engine.sweep(ws)
+            assert result.status == "ok", result.error
+            assert result.baseline and result.experiments_seen == 130
+            assert any(e["event"] == "upstream.total_count_per_page" for e in logs)
+            await assert_a_deletion_is_marked(rig, ws)
     options = SimOptions(experiments=30, workspaces=1, seed=8, restart_per_min=0.0)
     (tmp_path / "honest").mkdir()
     async for rig in make_rig(tmp_path / "honest", options, page_size=100):
@@ -485,16 +480,15 @@ async def test_a_row_without_status_is_looked_up_never_queried_as_status_none(
                 (victim["ExperimentId"],),
             )
         conn.close()
-        world, original = rig.sim.world, rig.sim.world.list
+        world = rig.sim.world
         asked: list[dict[str, str]] = []
 
-        def record(params: Any, original: Any = original, asked: Any = asked) -> Any:
+        def record(params: Any, original: Any, asked: Any = asked) -> Any:
             asked.append(dict(params))
             return original(params)
 
-        world.list = record  # type: ignore[method-assign]
-        result = await rig.engine.sweep(ws, "hot")
-        world.list = original  # type: ignore[method-assign]
+        with listing_replaced(world, record):
+            result = await rig.engine.sweep(ws, "hot")
         assert result.status == "ok"
         statuses = {p.get("Status") for p in asked} - {None}
         assert "RUNNING" in statuses and "None" not in statuses and "" not in statuses
@@ -557,11 +551,11 @@ async def test_a_baseline_that_never_adds_up_is_partial_and_no_baseline(tmp_path
     options = SimOptions(experiments=250, workspaces=1, seed=4, drift=False, restart_per_min=0.0)
     async for rig in make_rig(tmp_path, options, page_size=100):
         ws = rig.sim.world.workspace_ids[0]
-        world, original = rig.sim.world, rig.sim.world.list
+        world = rig.sim.world
 
         readings: list[int] = []
 
-        def drops_rows(params: Any, original: Any = original, readings: Any = readings) -> Any:
+        def drops_rows(params: Any, original: Any, readings: Any = readings) -> Any:
             """Page 2 leaves out two rows, one of them another each reading: one row is
             never returned, and the readings differ, so nothing says upstream's count is
             off."""
@@ -572,12 +566,11 @@ async def test_a_baseline_that_never_adds_up_is_partial_and_no_baseline(tmp_path
                 page = [r for i, r in enumerate(page) if i not in (0, len(readings))]
             return total, page
 
-        world.list = drops_rows  # type: ignore[method-assign]
-        result = await rig.engine.sweep(ws)
-        assert result.status == "partial" and "did not add up twice" in (result.error or "")
-        assert result.experiments_seen == 249  # 248 the first time, and one more
-        assert not rig.store.workspace_state(ws).baseline_at  # type: ignore[union-attr]
-        world.list = original  # type: ignore[method-assign]
+        with listing_replaced(world, drops_rows):
+            result = await rig.engine.sweep(ws)
+            assert result.status == "partial" and "did not add up twice" in (result.error or "")
+            assert result.experiments_seen == 249  # 248 the first time, and one more
+            assert not rig.store.workspace_state(ws).baseline_at  # type: ignore[union-attr]
         result = await rig.engine.sweep(ws)  # still no baseline: full again
         assert result.mode == "full" and result.status == "ok" and result.baseline
         assert_mirror_equals_truth(rig.store, rig.sim, ws)
@@ -591,10 +584,10 @@ async def test_a_baseline_whose_count_moves_during_the_second_reading_says_so(
     options = SimOptions(experiments=250, workspaces=1, seed=4, drift=False, restart_per_min=0.0)
     async for rig in make_rig(tmp_path, options, page_size=100, max_concurrency=1):
         ws = rig.sim.world.workspace_ids[0]
-        world, original = rig.sim.world, rig.sim.world.list
+        world = rig.sim.world
         pages: list[str] = []
 
-        def moving(params: Any, original: Any = original, pages: Any = pages) -> Any:
+        def moving(params: Any, original: Any, pages: Any = pages) -> Any:
             """The first reading misses a row (page 2 short); the second's count grows by
             one from its page 2 on."""
             total, page = original(params)
@@ -606,9 +599,8 @@ async def test_a_baseline_whose_count_moves_during_the_second_reading_says_so(
                 total += 1
             return total, page
 
-        world.list = moving  # type: ignore[method-assign]
-        result = await rig.engine.sweep(ws)
-        world.list = original  # type: ignore[method-assign]
+        with listing_replaced(world, moving):
+            result = await rig.engine.sweep(ws)
         assert result.status == "partial", result.error
         assert "TotalCount moved from 250 to 251 while it was read again" in (result.error or "")
 
@@ -622,11 +614,11 @@ async def test_a_baseline_in_a_busy_workspace_holds_when_both_readings_saw_every
     options = SimOptions(experiments=250, workspaces=1, seed=4, drift=False, restart_per_min=0.0)
     async for rig in make_rig(tmp_path, options, page_size=100, max_concurrency=1):
         ws = rig.sim.world.workspace_ids[0]
-        world, original = rig.sim.world, rig.sim.world.list
+        world = rig.sim.world
         pages: list[str] = []
 
         def busy(
-            params: Any, original: Any = original, pages: Any = pages, world: Any = world,
+            params: Any, original: Any, pages: Any = pages, world: Any = world,
             ws: str = ws,
         ) -> Any:  # fmt: skip
             """An experiment is created before each reading's page 2; the first reading's
@@ -640,9 +632,8 @@ async def test_a_baseline_in_a_busy_workspace_holds_when_both_readings_saw_every
                 page = page[1:]
             return total, page
 
-        world.list = busy  # type: ignore[method-assign]
-        result = await rig.engine.sweep(ws)
-        world.list = original  # type: ignore[method-assign]
+        with listing_replaced(world, busy):
+            result = await rig.engine.sweep(ws)
         assert pages.count("1") == 2  # read twice
         assert result.status == "ok" and result.baseline, result.error
         assert rig.store.workspace_state(ws).baseline_at  # type: ignore[union-attr]
@@ -656,17 +647,16 @@ async def test_a_baseline_that_reads_the_same_short_listing_twice_holds(tmp_path
     options = SimOptions(experiments=250, workspaces=1, seed=4, drift=False, restart_per_min=0.0)
     async for rig in make_rig(tmp_path, options, page_size=100):
         ws = rig.sim.world.workspace_ids[0]
-        world, original = rig.sim.world, rig.sim.world.list
+        world = rig.sim.world
 
-        def one_without_id(params: Any, original: Any = original) -> Any:
+        def one_without_id(params: Any, original: Any) -> Any:
             total, page = original(params)
             if params.get("PageNumber") == "2":
                 page = [{k: v for k, v in page[0].items() if k != "ExperimentId"}, *page[1:]]
             return total, page
 
-        world.list = one_without_id  # type: ignore[method-assign]
-        result = await rig.engine.sweep(ws)
-        world.list = original  # type: ignore[method-assign]
+        with listing_replaced(world, one_without_id):
+            result = await rig.engine.sweep(ws)
         assert result.status == "ok" and result.api_calls == 6, result.error
         assert any("upstream's count being off" in n for n in result.notes)
         assert rig.store.workspace_state(ws).baseline_at  # type: ignore[union-attr]
@@ -685,13 +675,13 @@ async def test_a_full_sweep_whose_counts_did_not_add_up_never_deletes_unchecked(
     async for rig in make_rig(tmp_path, options, page_size=100, max_concurrency=1):
         ws = rig.sim.world.workspace_ids[0]
         assert (await rig.engine.sweep(ws)).status == "ok"
-        world, original = rig.sim.world, rig.sim.world.list
+        world = rig.sim.world
         ordered = [e["ExperimentId"] for e in world.truth(ws)]
         done: list[int] = []
 
         def churn(
             params: Any,
-            original: Any = original,
+            original: Any,
             done: Any = done,
             world: Any = world,
             ordered: Any = ordered,
@@ -705,9 +695,8 @@ async def test_a_full_sweep_whose_counts_did_not_add_up_never_deletes_unchecked(
                     world.mutate(create={"WorkspaceId": ws, "Status": "RUNNING"})
             return original(params)
 
-        world.list = churn  # type: ignore[method-assign]
-        result = await rig.engine.sweep(ws, "full")
-        world.list = original  # type: ignore[method-assign]
+        with listing_replaced(world, churn):
+            result = await rig.engine.sweep(ws, "full")
         assert done
         rows = mirror_rows(rig.store, ws)
         live = {e["ExperimentId"] for e in world.truth(ws)}
@@ -905,21 +894,32 @@ def _advance_into(world: Any, seconds: float, events: list[int]) -> None:
 
 
 @contextmanager
-def once_on_page(world: Any, page: int, act: Callable[[], Any]) -> Iterator[None]:
-    """``act()`` once, when a listing first asks ``world`` for page ``page`` (before it is
-    answered); ``world.list`` as it was afterwards."""
-    original, done = world.list, []
-
-    def listing(params: Any) -> Any:
-        if params.get("PageNumber") == str(page) and not done:
-            done.append(act())
-        return original(params)
-
-    world.list = listing
+def listing_replaced(
+    world: Any, replacement: Callable[[Any, Callable[[Any], Any]], Any]
+) -> Iterator[None]:
+    """``world`` answers every listing through ``replacement(params, original)`` while the
+    block runs (``original``: its own ``list``), and as before afterwards."""
+    original = world.list
+    world.list = lambda params: replacement(params, original)
     try:
         yield
     finally:
         world.list = original
+
+
+@contextmanager
+def once_on_page(world: Any, page: int, act: Callable[[], Any]) -> Iterator[None]:
+    """``act()`` once, when a listing first asks ``world`` for page ``page`` (before it is
+    answered); ``world.list`` as it was afterwards."""
+    done = []
+
+    def listing(params: Any, original: Callable[[Any], Any]) -> Any:
+        if params.get("PageNumber") == str(page) and not done:
+            done.append(act())
+        return original(params)
+
+    with listing_replaced(world, listing):
+        yield
 
 
 @contextmanager
@@ -928,20 +928,16 @@ def sorts_refused(world: Any, *refused: str) -> Iterator[list[str | None]]:
     ``refused``; yields the SortBy of every listing asked, in order."""
     from hpo_sync.upstream_query import InvalidInputError
 
-    original = world.list
     sorts: list[str | None] = []
 
-    def strict_sort(params: Any) -> Any:
+    def strict_sort(params: Any, original: Callable[[Any], Any]) -> Any:
         sorts.append(params.get("SortBy"))
         if params.get("SortBy") in refused:
             raise InvalidInputError(f"SortBy {params['SortBy']} is not supported")
         return original(params)
 
-    world.list = strict_sort
-    try:
+    with listing_replaced(world, strict_sort):
         yield sorts
-    finally:
-        world.list = original
 
 
 async def test_an_upstream_that_refuses_the_modified_sort_still_gets_hot_sweeps(
@@ -980,30 +976,28 @@ async def test_the_modified_feed_reads_zone_less_times_in_the_configured_zone(
     options = SimOptions(experiments=300, workspaces=1, seed=6, restart_per_min=0.0)
     async for rig in make_rig(tmp_path, options, create_time_zone="-05:00"):
         ws, world = rig.sim.world.workspace_ids[0], rig.sim.world
-        original = world.list
 
-        def zone_less(params: Any, original: Any = original) -> Any:
+        def zone_less(params: Any, original: Any) -> Any:
             total, page = original(params)
             for row in page:
                 at = parse_time(row["GmtModifiedTime"])
                 row["GmtModifiedTime"] = (at - timedelta(hours=5)).strftime("%Y-%m-%d %H:%M:%S")
             return total, page
 
-        world.list = zone_less  # type: ignore[method-assign]
-        assert (await rig.engine.sweep(ws)).status == "ok"
-        world.advance(60)
-        assert (await rig.engine.sweep(ws, "hot")).status == "ok"
-        finished = [e for e in world.truth(ws) if e["Status"] in TERMINAL][:150]
-        world.advance(5)
-        for e in finished:
-            world.mutate(e["ExperimentId"], trial_status={"SUCCEEDED": e["TrialCount"] + 1})
-        result = await rig.engine.sweep(ws, "hot")
-        assert result.status == "ok", result.error
-        rows = mirror_rows(rig.store, ws)
-        stale = [e["ExperimentId"] for e in finished if rows[e["ExperimentId"]]["trial_count"]
-                 != e["TrialCount"] + 1]  # fmt: skip
-        assert not stale, f"{len(stale)} of 150 changes missed"
-        world.list = original  # type: ignore[method-assign]
+        with listing_replaced(world, zone_less):
+            assert (await rig.engine.sweep(ws)).status == "ok"
+            world.advance(60)
+            assert (await rig.engine.sweep(ws, "hot")).status == "ok"
+            finished = [e for e in world.truth(ws) if e["Status"] in TERMINAL][:150]
+            world.advance(5)
+            for e in finished:
+                world.mutate(e["ExperimentId"], trial_status={"SUCCEEDED": e["TrialCount"] + 1})
+            result = await rig.engine.sweep(ws, "hot")
+            assert result.status == "ok", result.error
+            rows = mirror_rows(rig.store, ws)
+            stale = [e["ExperimentId"] for e in finished if rows[e["ExperimentId"]]["trial_count"]
+                     != e["TrialCount"] + 1]  # fmt: skip
+            assert not stale, f"{len(stale)} of 150 changes missed"
 
 
 @pytest.mark.parametrize("where", ["RUNNING", "GmtModifiedTime"])
@@ -1015,17 +1009,15 @@ async def test_a_hot_sweep_counts_the_records_it_could_not_read(tmp_path: Path, 
         ws, world = rig.sim.world.workspace_ids[0], rig.sim.world
         assert (await rig.engine.sweep(ws)).status == "ok"
         world.advance(60)
-        original = world.list
 
-        def with_junk(params: Any, original: Any = original) -> Any:
+        def with_junk(params: Any, original: Any) -> Any:
             total, page = original(params)
             if where in (params.get("Status"), params.get("SortBy")) and page:
                 page = [*page, {"Name": "no id", "Status": "RUNNING"}, {"ExperimentId": ""}]
             return total, page
 
-        world.list = with_junk  # type: ignore[method-assign]
-        result = await rig.engine.sweep(ws, "hot")
-        world.list = original  # type: ignore[method-assign]
+        with listing_replaced(world, with_junk):
+            result = await rig.engine.sweep(ws, "hot")
         assert result.status == "ok", result.error
         assert result.skipped_records >= 2
         assert "records without a readable ExperimentId" in result.summary()
@@ -1070,18 +1062,17 @@ async def test_one_empty_answer_does_not_delete_a_workspace(tmp_path: Path) -> N
     async for rig in make_rig(tmp_path, options):
         ws = rig.sim.world.workspace_ids[0]
         assert (await rig.engine.sweep(ws)).status == "ok"
-        world, original = rig.sim.world, rig.sim.world.list
+        world = rig.sim.world
         glitches: list[int] = []
 
-        def empty_once(params: Any, original: Any = original, glitches: Any = glitches) -> Any:
+        def empty_once(params: Any, original: Any, glitches: Any = glitches) -> Any:
             if not glitches:
                 glitches.append(1)
                 return 0, []
             return original(params)
 
-        world.list = empty_once  # type: ignore[method-assign]
-        result = await rig.engine.sweep(ws, "full")
-        world.list = original  # type: ignore[method-assign]
+        with listing_replaced(world, empty_once):
+            result = await rig.engine.sweep(ws, "full")
         assert glitches
         assert result.status == "ok" and result.marked_deleted == 0, result.error
         assert not any(r["deleted"] for r in mirror_rows(rig.store, ws).values())
@@ -1169,11 +1160,11 @@ async def test_an_upstream_with_exclusive_create_time_bounds_loses_no_renamed_ex
     async for rig in make_rig(tmp_path, options):
         ws = rig.sim.world.workspace_ids[0]
         assert (await rig.engine.sweep(ws)).status == "ok"
-        world, original = rig.sim.world, rig.sim.world.list
+        world = rig.sim.world
         running = [e for e in world.truth(ws) if e["Status"] == "RUNNING"]
         victim = running[0]["ExperimentId"]
 
-        def exclusive(params: Any, original: Any = original, victim: str = victim) -> Any:
+        def exclusive(params: Any, original: Any, victim: str = victim) -> Any:
             """Bounds read as exclusive; and the newest-modified feed does not reach the
             victim (its modified time was not bumped, and others' were)."""
             total, page = original(params)
@@ -1188,11 +1179,10 @@ async def test_an_upstream_with_exclusive_create_time_bounds_loses_no_renamed_ex
             ]
             return total - (len(page) - len(kept)), kept
 
-        world.list = exclusive  # type: ignore[method-assign]
-        world._live[victim].name = "renamed-since"
-        world.mutate(victim, status="FINISHED")
-        result = await rig.engine.sweep(ws, "hot")
-        world.list = original  # type: ignore[method-assign]
+        with listing_replaced(world, exclusive):
+            world._live[victim].name = "renamed-since"
+            world.mutate(victim, status="FINISHED")
+            result = await rig.engine.sweep(ws, "hot")
         assert result.status == "ok", result.error
         assert result.marked_deleted == 0 and result.lookups >= 1
         mine = [c for c in rig.store.history(victim) if not c.baseline]
@@ -1211,7 +1201,7 @@ async def test_a_status_upstream_refuses_as_a_filter_is_looked_up_instead(
     options = SimOptions(experiments=400, workspaces=1, seed=8, drift=False, restart_per_min=0.0)
     async for rig in make_rig(tmp_path, options):
         ws = rig.sim.world.workspace_ids[0]
-        world, original = rig.sim.world, rig.sim.world.list
+        world = rig.sim.world
         assert (await rig.engine.sweep(ws)).status == "ok"
         by_status: dict[str, list[str]] = {}
         for e in world.truth(ws):
@@ -1219,16 +1209,13 @@ async def test_a_status_upstream_refuses_as_a_filter_is_looked_up_instead(
         odd = next(s for s in ("NO_MORE_TRIAL", "WAITING", "CREATED") if by_status.get(s))
         asked: list[str | None] = []
 
-        def strict(
-            params: Any, original: Any = original, odd: str = odd, asked: Any = asked
-        ) -> Any:
+        def strict(params: Any, original: Any, odd: str = odd, asked: Any = asked) -> Any:
             asked.append(params.get("Status"))
             if params.get("Status") == odd:
                 raise InvalidInputError(f"Status {odd} is not supported")
             return original(params)
 
-        world.list = strict  # type: ignore[method-assign]
-        try:
+        with listing_replaced(world, strict):
             world.mutate(by_status[odd][0], status="FINISHED")
             world.mutate(by_status["RUNNING"][0], status="FAILED")
             with capture_logs() as logs:
@@ -1242,8 +1229,6 @@ async def test_a_status_upstream_refuses_as_a_filter_is_looked_up_instead(
             result = await rig.engine.sweep(ws, "hot")
             assert result.status == "ok" and odd not in asked, result.error
             assert_mirror_equals_truth(rig.store, rig.sim, ws)
-        finally:
-            world.list = original  # type: ignore[method-assign]
 
 
 @pytest.mark.parametrize("experiments", [250, 60], ids=["pages", "one-short-page"])
@@ -1261,15 +1246,14 @@ async def test_a_count_that_includes_soft_deleted_rows_still_ends_the_listing(
     )
     async for rig in make_rig(tmp_path, options, page_size=100):
         ws = rig.sim.world.workspace_ids[0]
-        world, original = rig.sim.world, rig.sim.world.list
+        world = rig.sim.world
         gone: list[str] = []
 
-        def overcounted(params: Any, original: Any = original, gone: Any = gone) -> Any:
+        def overcounted(params: Any, original: Any, gone: Any = gone) -> Any:
             total, page = original(params)
             return total + 250 + len(gone), page  # two pages more than there are
 
-        world.list = overcounted  # type: ignore[method-assign]
-        try:
+        with listing_replaced(world, overcounted):
             with capture_logs() as logs:
                 result = await rig.engine.sweep(ws)
             assert result.status == "ok" and result.baseline, result.error
@@ -1286,8 +1270,6 @@ async def test_a_count_that_includes_soft_deleted_rows_still_ends_the_listing(
             result = await rig.engine.sweep(ws, "hot")
             assert result.status == "ok", result.error
             assert_mirror_equals_truth(rig.store, rig.sim, ws)
-        finally:
-            world.list = original  # type: ignore[method-assign]
 
 
 def _still_world(experiments: int, seed: int) -> SimOptions:
@@ -1346,9 +1328,8 @@ async def test_a_creator_look_up_that_does_not_add_up_still_lets_a_deletion_be_m
     gone (LookupInconclusive), where the name look-up had decided before it existed."""
     async for rig in make_rig(tmp_path, _still_world(120, seed=15), page_size=20):
         ws, world = rig.sim.world.workspace_ids[0], rig.sim.world
-        original = world.list
 
-        def uncounted(params: Any, original: Any = original) -> Any:
+        def uncounted(params: Any, original: Any) -> Any:
             return None, original(params)[1]
 
         newest = parse_time(world.truth(ws)[-1]["GmtCreateTime"])
@@ -1358,13 +1339,10 @@ async def test_a_creator_look_up_that_does_not_add_up_still_lets_a_deletion_be_m
             world.mutate(create={"WorkspaceId": ws, "Name": f"d{n}", "Status": "FINISHED",
                                  "Creator": "dense", "GmtCreateTime": at})  # fmt: skip
         victim = next(e["ExperimentId"] for e in world.truth(ws) if e["Creator"] == "dense")
-        world.list = uncounted  # type: ignore[method-assign]
-        try:
+        with listing_replaced(world, uncounted):
             assert (await rig.engine.sweep(ws)).status == "ok"
             world.mutate(victim, delete=True)
             result = await rig.engine.sweep(ws, "full")
-        finally:
-            world.list = original  # type: ignore[method-assign]
         assert result.status == "ok" and result.marked_deleted == 1, result.error
         assert mirror_rows(rig.store, ws)[victim]["deleted"] == 1
         assert_mirror_equals_truth(rig.store, rig.sim, ws)
@@ -1392,16 +1370,15 @@ async def test_an_upstream_that_refuses_a_creator_filter_still_gets_deletions(
     async for rig in make_rig(tmp_path, _still_world(200, seed=13)):
         ws, world = rig.sim.world.workspace_ids[0], rig.sim.world
         assert (await rig.engine.sweep(ws)).status == "ok"
-        original, asked = world.list, []
+        asked: list[Any] = []
 
-        def no_creator(params: Any, original: Any = original, asked: list[Any] = asked) -> Any:
+        def no_creator(params: Any, original: Any, asked: list[Any] = asked) -> Any:
             if "Creator" in params:
                 asked.append(params["Creator"])
                 raise InvalidInputError("Creator is not supported")
             return original(params)
 
-        world.list = no_creator  # type: ignore[method-assign]
-        try:
+        with listing_replaced(world, no_creator):
             refusals = []
             for victim in [e["ExperimentId"] for e in world.truth(ws)[:2]]:
                 world.mutate(victim, delete=True)
@@ -1413,8 +1390,6 @@ async def test_an_upstream_that_refuses_a_creator_filter_still_gets_deletions(
                     len([e for e in logs if e["event"] == "sync.creator_filter_refused"])
                 )
             assert refusals == [1, 0] and asked  # (asked in both SortBy vocabularies, once)
-        finally:
-            world.list = original  # type: ignore[method-assign]
         assert_mirror_equals_truth(rig.store, rig.sim, ws)
 
 
@@ -1427,7 +1402,7 @@ async def test_a_look_up_whose_pages_do_not_add_up_proves_no_deletion(tmp_path: 
     finds it."""
     async for rig in make_rig(tmp_path, _still_world(5, seed=7), page_size=10):
         ws = rig.sim.world.workspace_ids[0]
-        world, original = rig.sim.world, rig.sim.world.list
+        world = rig.sim.world
         batch = [f"same-{i:02d}" for i in range(25)]
         for exp_id in batch:
             world.mutate(
@@ -1439,16 +1414,13 @@ async def test_a_look_up_whose_pages_do_not_add_up_proves_no_deletion(tmp_path: 
         assert (await rig.engine.sweep(ws)).status == "ok"
         victim = batch[12]
 
-        def between_pages(params: Any, original: Any = original, victim: str = victim) -> Any:
+        def between_pages(params: Any, original: Any, victim: str = victim) -> Any:
             total, page = original(params)  # counted, but on no page
             return total, [e for e in page if e["ExperimentId"] != victim]
 
-        world.list = between_pages  # type: ignore[method-assign]
-        try:
+        with listing_replaced(world, between_pages):
             world.mutate(victim, status="FINISHED")
             result = await rig.engine.sweep(ws, "hot")
-        finally:
-            world.list = original  # type: ignore[method-assign]
         assert result.status != "ok" and "it is not marked deleted" in str(result.error), result
         assert mirror_rows(rig.store, ws)[victim]["deleted"] == 0
         assert (await rig.engine.sweep(ws, "hot")).status == "ok"
@@ -1471,14 +1443,13 @@ async def test_records_without_a_readable_id_delete_nothing_and_make_no_baseline
     test_a_baseline_that_reads_the_same_short_listing_twice_holds)."""
     async for rig in make_rig(tmp_path, _still_world(40, seed=5), page_size=10):
         ws = rig.sim.world.workspace_ids[0]
-        world, original = rig.sim.world, rig.sim.world.list
+        world = rig.sim.world
 
-        def camel(params: Any, original: Any = original) -> Any:
+        def camel(params: Any, original: Any) -> Any:
             total, page = original(params)
             return total, _unreadable_ids(page)
 
-        world.list = camel  # type: ignore[method-assign]
-        try:
+        with listing_replaced(world, camel):
             result = await rig.engine.sweep(ws)
             assert (result.status, result.baseline) == ("partial", True), result.summary()
             assert str(result.error).startswith(
@@ -1488,15 +1459,9 @@ async def test_records_without_a_readable_id_delete_nothing_and_make_no_baseline
             assert result.error_tells_skipped
             state = rig.store.workspace_state(ws)
             assert state is not None and not state.baseline_at
-        finally:
-            world.list = original  # type: ignore[method-assign]
         assert (await rig.engine.sweep(ws)).status == "ok"  # the baseline, once readable
-        world.list = camel  # type: ignore[method-assign]
-        try:
-            with capture_logs() as logs:
-                result = await rig.engine.sweep(ws, "full")
-        finally:
-            world.list = original  # type: ignore[method-assign]
+        with listing_replaced(world, camel), capture_logs() as logs:
+            result = await rig.engine.sweep(ws, "full")
         assert result.status == "partial" and result.marked_deleted == 0, result.summary()
         assert "deletions are skipped" in str(result.error) and "baseline" not in str(result.error)
         assert not any(r["deleted"] for r in mirror_rows(rig.store, ws).values())
@@ -1522,10 +1487,10 @@ async def test_a_look_up_that_meets_unreadable_records_marks_nothing_deleted(
     async for rig in make_rig(tmp_path, _still_world(40, seed=6), page_size=10):
         ws = rig.sim.world.workspace_ids[0]
         assert (await rig.engine.sweep(ws)).status == "ok"
-        world, original = rig.sim.world, rig.sim.world.list
+        world = rig.sim.world
         hidden = next(iter(truth(rig.sim, ws)))
 
-        def hiding(params: Any, original: Any = original, hidden: str = hidden) -> Any:
+        def hiding(params: Any, original: Any, hidden: str = hidden) -> Any:
             total, page = original(params)
             # by name (in a window of its own), or the windows before that
             kind = (
@@ -1543,11 +1508,8 @@ async def test_a_look_up_that_meets_unreadable_records_marks_nothing_deleted(
                 return 0, []
             return total - 1, [r for r in page if r["ExperimentId"] != hidden]
 
-        world.list = hiding  # type: ignore[method-assign]
-        try:
+        with listing_replaced(world, hiding):
             result = await rig.engine.sweep(ws, "full")
-        finally:
-            world.list = original  # type: ignore[method-assign]
         assert result.status != "ok" and result.marked_deleted == 0, result.summary()
         assert (
             f"the look-up of {hidden} returned" in str(result.error)
@@ -1622,20 +1584,18 @@ async def test_a_hot_sweep_whose_listing_of_new_experiments_missed_a_page_keeps_
             at = (newest + timedelta(hours=1, minutes=n)).strftime("%Y-%m-%dT%H:%M:%SZ")
             world.mutate(create={"WorkspaceId": ws, "Name": f"n{n}", "Status": "FINISHED",
                                  "GmtCreateTime": at})  # fmt: skip
-        original = world.list
 
-        def page_2_fails(params: Any, original: Any = original) -> Any:
+        def page_2_fails(params: Any, original: Any) -> Any:
             if _new_listing(params) and params.get("PageNumber") == "2":
                 raise RuntimeError("page 2 is down")
             return original(params)
 
-        world.list = page_2_fails  # type: ignore[method-assign]
-        try:
-            # (no modified feed, which would list them all)
-            with sorts_refused(world, "GmtModifiedTime", "update_time"):
-                result = await rig.engine.sweep(ws, "hot")
-        finally:
-            world.list = original  # type: ignore[method-assign]
+        # (no modified feed, which would list them all)
+        with (
+            listing_replaced(world, page_2_fails),
+            sorts_refused(world, "GmtModifiedTime", "update_time"),
+        ):
+            result = await rig.engine.sweep(ws, "hot")
         assert result.status == "partial" and "new incomplete" in str(result.error), result
         newest_id = world.truth(ws)[-1]["ExperimentId"]
         assert newest_id in mirror_rows(rig.store, ws)  # a later page was applied
@@ -1660,15 +1620,13 @@ async def test_a_status_upstream_refuses_is_looked_up_every_hot_sweep(tmp_path: 
         odd = next(
             s for s in ("NO_MORE_TRIAL", "WAITING", "CREATED") if len(by_status.get(s, [])) > 1
         )
-        original = world.list
 
-        def strict(params: Any, original: Any = original, odd: str = odd) -> Any:
+        def strict(params: Any, original: Any, odd: str = odd) -> Any:
             if params.get("Status") == odd:
                 raise InvalidInputError(f"Status {odd} is not supported")
             return original(params)
 
-        world.list = strict  # type: ignore[method-assign]
-        try:
+        with listing_replaced(world, strict):
             for victim in by_status[odd][:2]:  # the refusing sweep, then a later one
                 world.advance(1)
                 world.mutate(victim, status="FAILED")
@@ -1682,8 +1640,6 @@ async def test_a_status_upstream_refuses_is_looked_up_every_hot_sweep(tmp_path: 
                     if c.field == "Status" and not c.baseline
                 ]
                 assert statuses == [(odd, "FAILED")]
-        finally:
-            world.list = original  # type: ignore[method-assign]
         assert_mirror_equals_truth(rig.store, rig.sim, ws)
 
 
@@ -1705,9 +1661,9 @@ async def test_a_mass_deletion_reread_that_meets_an_unreadable_record_deletes_no
         assert (await rig.engine.sweep(ws)).status == "ok"
         for exp_id in [e["ExperimentId"] for e in world.truth(ws)][:290]:
             world.mutate(exp_id, delete=True)
-        original, readings = world.list, []
+        readings: list[Any] = []
 
-        def junk_on_reread(params: Any, original: Any = original, readings: Any = readings) -> Any:
+        def junk_on_reread(params: Any, original: Any, readings: Any = readings) -> Any:
             total, page = original(params)
             if _full_readings(params):
                 readings.append(1)
@@ -1715,11 +1671,8 @@ async def test_a_mass_deletion_reread_that_meets_an_unreadable_record_deletes_no
                 page = [*page, {"Name": "no id", "Status": "RUNNING"}]
             return total, page
 
-        world.list = junk_on_reread  # type: ignore[method-assign]
-        try:
+        with listing_replaced(world, junk_on_reread):
             result = await rig.engine.sweep(ws, "full")
-        finally:
-            world.list = original  # type: ignore[method-assign]
         assert len(readings) == 2
         assert result.status == "partial" and result.marked_deleted == 0, result.summary()
         assert "reading it again did not add up" in str(result.error)
@@ -1741,19 +1694,16 @@ async def test_a_baseline_read_twice_that_never_adds_up_deletes_no_mass_of_rows(
             conn.execute("UPDATE workspaces SET baseline_at = NULL WHERE workspace_id = ?", (ws,))
         for exp_id in [e["ExperimentId"] for e in world.truth(ws)][:300]:
             world.mutate(exp_id, delete=True)
-        original, readings = world.list, []
+        readings: list[Any] = []
 
-        def off_by_one(params: Any, original: Any = original, readings: Any = readings) -> Any:
+        def off_by_one(params: Any, original: Any, readings: Any = readings) -> Any:
             total, page = original(params)
             if _full_readings(params):
                 readings.append(1)
             return (total + 1 if len(readings) <= 2 else total), page
 
-        world.list = off_by_one  # type: ignore[method-assign]
-        try:
+        with listing_replaced(world, off_by_one):
             result = await rig.engine.sweep(ws)
-        finally:
-            world.list = original  # type: ignore[method-assign]
         assert result.baseline and len(readings) == 2, result.summary()
         assert result.status == "partial" and result.marked_deleted == 0, result.summary()
         assert "300 experiments missing from a listing whose counts did not add up" in str(
@@ -1804,19 +1754,16 @@ async def test_a_hot_sweep_whose_status_listing_is_incomplete_looks_nothing_up(
         ws, world = rig.sim.world.workspace_ids[0], rig.sim.world
         assert (await rig.engine.sweep(ws)).status == "ok"
         assert sum(e["Status"] == "RUNNING" for e in world.truth(ws)) > 5  # pages
-        original, asked = world.list, []
+        asked: list[Any] = []
 
-        def running_fails(params: Any, original: Any = original, asked: Any = asked) -> Any:
+        def running_fails(params: Any, original: Any, asked: Any = asked) -> Any:
             asked.append(dict(params))
             if params.get("Status") == "RUNNING" and params.get("PageNumber") == "2":
                 raise RuntimeError("page 2 is down")
             return original(params)
 
-        world.list = running_fails  # type: ignore[method-assign]
-        try:
+        with listing_replaced(world, running_fails):
             result = await rig.engine.sweep(ws, "hot")
-        finally:
-            world.list = original  # type: ignore[method-assign]
         assert result.status == "partial" and "status:RUNNING incomplete" in str(result.error)
         assert result.lookups == 0 and result.marked_deleted == 0
         assert not [p for p in asked if "MaxCreateTime" in p or "Name" in p]
@@ -1847,25 +1794,20 @@ async def test_a_look_up_of_exactly_a_page_that_does_not_add_up_proves_no_deleti
         ws, world = rig.sim.world.workspace_ids[0], rig.sim.world
         batch = _same_second_batch(world, ws, 11)
         assert (await rig.engine.sweep(ws)).status == "ok"
-        victim, original = batch[-1], world.list
+        victim = batch[-1]
 
         by_name: list[int] = []  # the rows each page of a look-up by name held
 
-        def hiding(
-            params: Any, original: Any = original, victim: str = victim, by_name: Any = by_name
-        ) -> Any:
+        def hiding(params: Any, original: Any, victim: str = victim, by_name: Any = by_name) -> Any:
             total, page = original(params)  # counted, but on no page
             page = [e for e in page if e["ExperimentId"] != victim]
             if "Name" in params:
                 by_name.append(len(page))
             return (None if count == "uncounted" else total), page
 
-        world.list = hiding  # type: ignore[method-assign]
-        try:
+        with listing_replaced(world, hiding):
             world.mutate(victim, status="FINISHED")
             result = await rig.engine.sweep(ws, "hot")
-        finally:
-            world.list = original  # type: ignore[method-assign]
         assert by_name and max(by_name) == 10  # exactly a page
         assert result.status != "ok" and "it is not marked deleted" in str(result.error), result
         assert mirror_rows(rig.store, ws)[victim]["deleted"] == 0
@@ -1888,18 +1830,14 @@ async def test_pages_read_before_a_listing_fails_fatally_are_applied(
     async for rig in make_rig(tmp_path, _still_world(50, seed=5), page_size=10,
                               max_concurrency=1):  # fmt: skip
         ws, world = rig.sim.world.workspace_ids[0], rig.sim.world
-        original = world.list
 
-        def page_3_denied(params: Any, original: Any = original) -> Any:
+        def page_3_denied(params: Any, original: Any) -> Any:
             if params.get("PageNumber") == "3":
                 raise Denied("not for page 3")
             return original(params)
 
-        world.list = page_3_denied  # type: ignore[method-assign]
-        try:
+        with listing_replaced(world, page_3_denied):
             result = await rig.engine.sweep(ws)
-        finally:
-            world.list = original  # type: ignore[method-assign]
         assert result.status == "failed" and result.error_code == "Forbidden.RAM", result
         rows = mirror_rows(rig.store, ws)
         first_page = [e["ExperimentId"] for e in world.truth(ws)[:10]]
@@ -2010,12 +1948,10 @@ async def test_an_incomplete_look_up_marks_nothing_deleted(tmp_path: Path, faili
         ws, world = rig.sim.world.workspace_ids[0], rig.sim.world
         batch = _same_second_batch(world, ws, 6)
         assert (await rig.engine.sweep(ws)).status == "ok"
-        victim, original = batch[-1], world.list
+        victim = batch[-1]
         names: list[str] = []
 
-        def capped(
-            params: Any, original: Any = original, victim: str = victim, names: Any = names
-        ) -> Any:
+        def capped(params: Any, original: Any, victim: str = victim, names: Any = names) -> Any:
             window = "MaxCreateTime" in params and "Creator" not in params
             look_up = "Name" in params if failing == "Name" else window and "Name" not in params
             if "Name" in params:
@@ -2027,12 +1963,9 @@ async def test_an_incomplete_look_up_marks_nothing_deleted(tmp_path: Path, faili
             total, page = original(params)
             return total, [e for e in page if e["ExperimentId"] != victim]
 
-        world.list = capped  # type: ignore[method-assign]
-        try:
+        with listing_replaced(world, capped):
             world.mutate(victim, status="FINISHED")
             result = await rig.engine.sweep(ws, "hot")
-        finally:
-            world.list = original  # type: ignore[method-assign]
         assert result.status != "ok" and result.marked_deleted == 0, result.summary()
         assert result.error_code == "HTTP500"  # the page that kept failing
         assert mirror_rows(rig.store, ws)[victim]["deleted"] == 0
@@ -2097,13 +2030,11 @@ async def test_a_baseline_from_an_upstream_that_ignores_page_numbers_has_every_e
     of them as new experiments, alerting on old ones."""
     async for rig in make_rig(tmp_path, _still_world(180, seed=21), page_size=50):
         ws, world = rig.sim.world.workspace_ids[0], rig.sim.world
-        original = world.list
 
-        def page_1(params: Any, original: Any = original) -> Any:
+        def page_1(params: Any, original: Any) -> Any:
             return original({**params, "PageNumber": "1"})
 
-        world.list = page_1  # type: ignore[method-assign]
-        try:
+        with listing_replaced(world, page_1):
             first = await rig.engine.sweep(ws)
             assert (first.status, first.baseline) == ("ok", True), first.summary()
             assert first.experiments_seen == 180
@@ -2112,8 +2043,6 @@ async def test_a_baseline_from_an_upstream_that_ignores_page_numbers_has_every_e
             assert (await rig.engine.sweep(ws)).status == "ok"
             assert_mirror_equals_truth(rig.store, rig.sim, ws)
             assert_history_replays(rig.store, ws)
-        finally:
-            world.list = original  # type: ignore[method-assign]
 
 
 async def test_capped_look_ups_go_on_with_the_rest_on_the_next_sweep(tmp_path: Path) -> None:
@@ -2133,17 +2062,13 @@ async def test_capped_look_ups_go_on_with_the_rest_on_the_next_sweep(tmp_path: P
         changed = by_creation[250]  # created after the first 200
         world.advance(2)  # (a later observation; RUNNING ones barely move in 2 s)
         world.mutate(changed, status="FAILED")
-        original = world.list
 
-        def no_status_matches(params: Any, original: Any = original) -> Any:
+        def no_status_matches(params: Any, original: Any) -> Any:
             return (0, []) if "Status" in params else original(params)
 
-        world.list = no_status_matches  # type: ignore[method-assign]
-        try:
+        with listing_replaced(world, no_status_matches):
             for _ in range(2):
                 assert (await rig.engine.sweep(ws, "hot")).lookups
-        finally:
-            world.list = original  # type: ignore[method-assign]
         rows = mirror_rows(rig.store, ws)
         stale = [i for i in by_creation[:300] if rows[i]["last_seen_at"] <= baseline_at]
         assert stale == []  # every one looked up (or found in a window) by now
@@ -2162,9 +2087,8 @@ async def test_hot_sweeps_ask_for_a_status_as_upstream_spells_it(tmp_path: Path)
         # (no overlap: else the listing of what is new takes in the whole small world)
         sync = dataclasses.replace(rig.config.sync, create_time_overlap_s=0)
         rig.engine.config = dataclasses.replace(rig.config, sync=sync)
-        original = world.list
 
-        def title_case(params: Any, original: Any = original) -> Any:
+        def title_case(params: Any, original: Any) -> Any:
             asked = params.get("Status")
             if asked is not None and asked != asked.title():
                 return 0, []  # RUNNING is no status here
@@ -2173,8 +2097,7 @@ async def test_hot_sweeps_ask_for_a_status_as_upstream_spells_it(tmp_path: Path)
             total, rows = original({**params, **({"Status": asked.upper()} if asked else {})})
             return total, [{**r, "Status": str(r["Status"]).title()} for r in rows]
 
-        world.list = title_case  # type: ignore[method-assign]
-        try:
+        with listing_replaced(world, title_case):
             for exp_id in [r["ExperimentId"] for r in world.truth(ws)][:250]:
                 world.mutate(exp_id, status="RUNNING")
             assert (await rig.engine.sweep(ws)).status == "ok"
@@ -2183,8 +2106,6 @@ async def test_hot_sweeps_ask_for_a_status_as_upstream_spells_it(tmp_path: Path)
             world.advance(2)
             world.mutate(running[0], status="FAILED")
             hot = await rig.engine.sweep(ws, "hot")
-        finally:
-            world.list = original  # type: ignore[method-assign]
         assert hot.status == "ok", hot.summary()
         assert mirror_rows(rig.store, ws)[running[0]]["status"] == "FAILED"
         assert_history_replays(rig.store, ws)
@@ -2196,20 +2117,15 @@ async def test_an_upstream_that_ignores_the_status_filter_is_named_once(tmp_path
     a full sweep, silently. A warning (once per workspace) names it."""
     async for rig in make_rig(tmp_path, _still_world(120, seed=31), page_size=50):
         ws, world = rig.sim.world.workspace_ids[0], rig.sim.world
-        original = world.list
 
-        def unfiltered(params: Any, original: Any = original) -> Any:
+        def unfiltered(params: Any, original: Any) -> Any:
             return original({k: v for k, v in params.items() if k != "Status"})
 
         assert (await rig.engine.sweep(ws)).status == "ok"
-        world.list = unfiltered  # type: ignore[method-assign]
-        try:
-            with capture_logs() as logs:
-                for _ in range(2):
-                    world.advance(5)
-                    assert (await rig.engine.sweep(ws, "hot")).status == "ok"
-        finally:
-            world.list = original  # type: ignore[method-assign]
+        with listing_replaced(world, unfiltered), capture_logs() as logs:
+            for _ in range(2):
+                world.advance(5)
+                assert (await rig.engine.sweep(ws, "hot")).status == "ok"
         warned = [e for e in logs if e["event"] == "upstream.status_filter_ignored"]
         assert len(warned) == 1 and warned[0]["workspace"] == ws
         assert_mirror_equals_truth(rig.store, rig.sim, ws)
