@@ -5,7 +5,8 @@ signal in that time gets its default action: a SIGHUP (a reload) would kill ``ru
 SIGTERM would kill ``sync`` instead of stopping it with 143. So this module imports nothing
 but :mod:`hpo_sync.held_signals` and holds the signals before it imports the rest;
 :func:`hpo_sync.cli.main` then keeps held what its command takes over and gives the others
-back (re-delivered, with their default action, if they came meanwhile).
+back as they were (delivered again if they came meanwhile, unless they were ignored, as
+``nohup`` ignores SIGHUP).
 """
 
 from __future__ import annotations
