@@ -28,6 +28,11 @@ Hot sweep (every ``hot_interval_s``): asks only for what can have changed recent
    bumps ``GmtModifiedTime``; never relied on, and dropped for a workspace once upstream is
    seen changing an experiment without bumping it.
 
+An upstream seen to ignore the Status filter (each listing of 2. is the whole workspace)
+gets one listing of the whole workspace instead of 1. and 2.; one seen to ignore
+MinCreateTime (1. is the whole workspace) gets 1. newest first, read until the watermark
+(:meth:`SyncEngine._newest_first`).
+
 Look-ups: missing experiments are grouped into create-time windows planned from the
 mirror's own create times so that each window holds about one page (:func:`plan_windows`):
 a handful of calls for many experiments that finished around the same time. One still
@@ -52,6 +57,7 @@ import asyncio
 import bisect
 import contextlib
 import gc
+import itertools
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
@@ -193,8 +199,12 @@ class SyncEngine:
         self._creator_refused: set[str] = set()
         # Per workspace, the statuses upstream refused as a Status filter.
         self._status_refused: dict[str, set[str]] = {}
-        # Workspaces whose upstream was seen to ignore the Status filter (warned once).
+        # Workspaces whose upstream was seen to ignore the Status filter (warned once): their
+        # hot sweeps list the workspace once instead of once per status.
         self._status_filter_ignored: set[str] = set()
+        # Workspaces whose upstream was seen to ignore MinCreateTime (warned once): their hot
+        # sweeps read what is new newest first instead (_newest_first).
+        self._min_create_ignored: set[str] = set()
         # Per workspace, a sweep whose end the mirror could not record (a full disk), with
         # the time it ended: its run is closed before the workspace's next sweep starts.
         self._unclosed: dict[str, tuple[SweepResult, str]] = {}
@@ -428,8 +438,8 @@ class SyncEngine:
     def _check_status_filter(self, workspace_id: str, asked: str, page: Page) -> None:
         """Warn (once per workspace) when a listing of one status returns experiments of
         others: upstream ignores the Status filter. Nothing is lost (every row returned is
-        applied), but each hot sweep then lists the whole workspace once per status, more
-        calls than a full sweep; the warning says why."""
+        applied), but each status listing is the whole workspace: later hot sweeps list it
+        once instead (see :meth:`_hot`)."""
         wanted = asked.strip().upper()
         others = sorted(
             {
@@ -447,7 +457,31 @@ class SyncEngine:
                 workspace=workspace_id,
                 asked=asked,
                 returned=others[:5],
-                hint="each hot sweep lists the workspace once per status; check the upstream",
+                hint="hot sweeps list the whole workspace from now on; check the upstream",
+            )
+
+    def _check_min_create(self, workspace_id: str, since: datetime, page: Page) -> None:
+        """Warn (once per workspace) when the listing of what was created since ``since``
+        returns experiments created well before it (more than any zone offset upstream may
+        read the time in): upstream ignores MinCreateTime, so that listing is the whole
+        workspace. Later hot sweeps read what is new newest first (:meth:`_newest_first`)."""
+        zone = self.config.upstream.tz  # of times without one, as everywhere
+        floor = since - WIDE_WINDOW
+        older = [
+            raw.get("GmtCreateTime")
+            for raw in page.experiments
+            if isinstance(raw, dict)
+            and (created := parse_time(raw.get("GmtCreateTime"), naive_tz=zone)) is not None
+            and created < floor
+        ]
+        if older:
+            self._min_create_ignored.add(workspace_id)
+            log.warning(
+                "upstream.min_create_time_ignored",
+                workspace=workspace_id,
+                asked=format_time(since),
+                returned=[str(t) for t in older[:3]],
+                hint="hot sweeps read new experiments newest first from now on",
             )
 
     def _learn_bumping(
@@ -852,6 +886,8 @@ class SyncEngine:
             async def checked(page: Page) -> None:
                 if query.status is not None and ws not in self._status_filter_ignored:
                     self._check_status_filter(ws, query.status, page)
+                if since is not None and label == "new" and ws not in self._min_create_ignored:
+                    self._check_min_create(ws, since, page)
                 await on_page(page)
 
             try:
@@ -869,20 +905,41 @@ class SyncEngine:
                     "sync.status_filter_refused", workspace=ws, status=query.status, error=str(exc)
                 )
 
+        async def newest_first(since: datetime) -> None:
+            listings["new"] = await self._newest_first(ws, since, tally, on_page)
+
+        # An upstream seen to ignore the Status filter answers each status listing with the
+        # whole workspace: one listing of it instead, which holds what is new too.
+        whole = ws in self._status_filter_ignored
         async with asyncio.TaskGroup() as group:
-            group.create_task(
-                run(
-                    "new",
-                    ListQuery(
-                        workspace_id=ws,
-                        min_create_time=since,
-                        sort_by=up.sort_by,
-                        order="ASC",
-                        include_config_data=True,
-                    ),
+            if whole:
+                group.create_task(
+                    run(
+                        "all",
+                        ListQuery(
+                            workspace_id=ws,
+                            sort_by=up.sort_by,
+                            order="ASC",
+                            include_config_data=True,
+                        ),
+                    )
                 )
-            )
-            for status in (s for s in statuses if s not in refused):
+            elif since is not None and ws in self._min_create_ignored:
+                group.create_task(newest_first(since))
+            else:
+                group.create_task(
+                    run(
+                        "new",
+                        ListQuery(
+                            workspace_id=ws,
+                            min_create_time=since,
+                            sort_by=up.sort_by,
+                            order="ASC",
+                            include_config_data=True,
+                        ),
+                    )
+                )
+            for status in (s for s in statuses if s not in refused and not whole):
                 group.create_task(
                     run(
                         f"status:{status}",
@@ -901,7 +958,9 @@ class SyncEngine:
         # they handed on, and counted them (the feed's pages count theirs as applied;
         # the largest count of one listing: the same record can come in several of them)
         result.skipped_records += max((listing.skipped for listing in listings.values()), default=0)
-        result.listed_new = "new" in listings and listings["new"].complete
+        result.listed_new = any(
+            listings[label].complete for label in ("new", "all") if label in listings
+        )
         incomplete = [label for label, listing in listings.items() if not listing.complete]
         if incomplete:
             result.status = "partial"
@@ -938,6 +997,53 @@ class SyncEngine:
             seen,
             await asyncio.to_thread(self.store.active_create_times, ws) if vanished else (),
         )
+
+    async def _newest_first(
+        self,
+        workspace_id: str,
+        since: datetime,
+        tally: Tally,
+        on_page: Callable[[Page], Any],
+    ) -> Listing:
+        """What was created since ``since``, for an upstream that ignores MinCreateTime:
+        sorted by create time, newest first, read until a page reaches below ``since``.
+
+        Experiments created while it pages push the others down a page: one may be read
+        twice, none is missed (one created after page 1 was read is the next sweep's, which
+        the create-time overlap covers). Upstream's order is checked as the pages come: an
+        upstream that ignores ``Order`` too is read to the end, which is the whole workspace
+        but misses nothing. A failing page leaves the listing incomplete, as in
+        :meth:`UpstreamClient.list_all`."""
+        query = ListQuery(
+            workspace_id=workspace_id,
+            sort_by=self.config.upstream.sort_by,
+            order="DESC",
+            include_config_data=True,
+        )
+        zone = self.config.upstream.tz
+        listing = Listing()
+        newest_first, previous = True, None
+        try:
+            async for page in self.client.iter_pages(query, tally=tally):
+                listing.pages_read += 1
+                await on_page(page)
+                times = [
+                    t
+                    for r in page.experiments
+                    if isinstance(r, dict)
+                    and (t := parse_time(r.get("GmtCreateTime"), naive_tz=zone)) is not None
+                ]
+                chain = ([previous] if previous else []) + times
+                newest_first = newest_first and all(a >= b for a, b in itertools.pairwise(chain))
+                previous = times[-1] if times else previous
+                if newest_first and times and times[-1] < since:
+                    break
+        except FatalUpstreamError:
+            raise  # credentials, access: every other listing fails the same way
+        except UpstreamError as exc:
+            listing.error = exc
+        listing.pages_expected = listing.pages_read + (listing.error is not None)
+        return listing
 
     async def _modified_feed(
         self,

@@ -2131,6 +2131,78 @@ async def test_an_upstream_that_ignores_the_status_filter_is_named_once(tmp_path
         assert_mirror_equals_truth(rig.store, rig.sim, ws)
 
 
+async def test_once_upstream_ignores_the_status_filter_a_hot_sweep_lists_the_workspace_once(
+    tmp_path: Path,
+) -> None:
+    """Each status listing of such an upstream is the whole workspace: a hot sweep that asked
+    for four statuses cost five full listings. Once seen, it lists the workspace once (the
+    listing of what is new included) and still catches a status change and a new one."""
+    async for rig in make_rig(tmp_path, _still_world(300, seed=31), page_size=20):
+        ws, world = rig.sim.world.workspace_ids[0], rig.sim.world
+        full = await rig.engine.sweep(ws)
+        assert full.status == "ok" and full.api_calls == 15
+        held = {r["status"] for r in mirror_rows(rig.store, ws).values()}
+        assert len(held - set(rig.config.sync.terminal_statuses)) >= 3
+
+        def unfiltered(params: Any, original: Any) -> Any:
+            return original({k: v for k, v in params.items() if k != "Status"})
+
+        with listing_replaced(world, unfiltered):
+            world.advance(5)
+            first = await rig.engine.sweep(ws, "hot")
+            running = next(r for r in world.truth(ws) if r["Status"] == "RUNNING")
+            world.mutate(running["ExperimentId"], status="FAILED")
+            world.mutate(create={"WorkspaceId": ws, "Name": "new-one", "Status": "FINISHED"})
+            world.advance(5)
+            second = await rig.engine.sweep(ws, "hot")
+        assert first.status == second.status == "ok"
+        assert first.api_calls > 3 * full.api_calls
+        # the workspace once, the modified feed and the look-ups of any it missed
+        assert second.api_calls <= full.api_calls + 3, second.summary()
+        assert mirror_rows(rig.store, ws)[running["ExperimentId"]]["status"] == "FAILED"
+        assert_mirror_equals_truth(rig.store, rig.sim, ws)
+        assert_history_replays(rig.store, ws)
+
+
+@pytest.mark.parametrize("order_ignored", [False, True])
+async def test_once_upstream_ignores_min_create_time_what_is_new_is_read_newest_first(
+    tmp_path: Path, order_ignored: bool
+) -> None:
+    """Such an upstream answers the listing of what is new with the whole workspace, every
+    hot sweep: more calls than a full sweep. Once seen (and named in the log), hot sweeps
+    read it newest first until the watermark: a page. One that ignores Order as well is
+    read to the end: the whole workspace, but no new experiment missed."""
+    async for rig in make_rig(tmp_path, _still_world(300, seed=31), page_size=20):
+        ws, world = rig.sim.world.workspace_ids[0], rig.sim.world
+        full = await rig.engine.sweep(ws)
+        assert full.status == "ok" and full.api_calls == 15
+
+        def unfiltered(params: Any, original: Any) -> Any:
+            params = {k: v for k, v in params.items() if k != "MinCreateTime"}
+            return original({**params, "Order": "ASC"} if order_ignored else params)
+
+        with listing_replaced(world, unfiltered), capture_logs() as logs:
+            world.advance(5)
+            first = await rig.engine.sweep(ws, "hot")
+            for n in range(3):
+                world.mutate(create={"WorkspaceId": ws, "Name": f"new-{n}", "Status": "FINISHED"})
+                world.advance(1)
+            world.advance(5)
+            second = await rig.engine.sweep(ws, "hot")
+        assert first.status == second.status == "ok"
+        assert {f"new-{n}" for n in range(3)} <= {
+            r["name"] for r in mirror_rows(rig.store, ws).values()
+        }
+        assert_mirror_equals_truth(rig.store, rig.sim, ws)
+        assert first.api_calls > full.api_calls
+        if order_ignored:
+            assert second.api_calls >= full.api_calls
+        else:
+            assert second.api_calls < full.api_calls / 2, second.summary()
+        warned = [e for e in logs if e["event"] == "upstream.min_create_time_ignored"]
+        assert len(warned) == 1 and warned[0]["workspace"] == ws
+
+
 async def test_answers_that_lost_their_rows_mark_nothing_deleted(tmp_path: Path) -> None:
     """For a whole full sweep upstream answers `"Experiments": null` under the right
     TotalCount. Its look-ups used to take each empty answer for proof of absence and mark
