@@ -404,7 +404,9 @@ class UpstreamClient:
         except TimeoutError:
             self._observe("Timeout", workspace_id)
             raise RetryableUpstreamError(
-                f"timed out after {self.config.timeout_s:g}s",
+                # the attempt's own time: shorter than timeout_s when the page's retry budget
+                # had less left
+                f"timed out after {timeout_s:.3g}s",
                 code="Timeout",
                 workspace_id=workspace_id,
             ) from None
@@ -598,6 +600,7 @@ class UpstreamClient:
         attempt = 0
         throttled = 0  # attempts of this page answered with Throttling*
         max_attempts = self.config.retry_max_attempts
+        budget_s = self.config.retry_max_total_s
 
         # The time budget runs from the first attempt, not from the call: waiting for a
         # slot (the client's concurrency, the rate limiter) before it is not retrying.
@@ -671,10 +674,12 @@ class UpstreamClient:
         except _BudgetSpent as spent:
             # (attempt counted the one that was not started)
             raise _exhausted(
-                spent.last, attempt - 1, throttled, started, workspace_id
+                spent.last, attempt - 1, throttled, started, workspace_id, budget_s
             ) from _unlinked(spent.last)
         except RetryableUpstreamError as exc:
-            raise _exhausted(exc, attempt, throttled, started, workspace_id) from _unlinked(exc)
+            raise _exhausted(
+                exc, attempt, throttled, started, workspace_id, budget_s
+            ) from _unlinked(exc)
         finally:
             _break_cycle(retrying, state)
             last_error = None  # an exception held by this frame: a reference cycle
@@ -1385,15 +1390,32 @@ def _exhausted(
     throttled: int,
     started: float,
     workspace_id: str | None,
+    budget_s: float,
 ) -> RetriesExhaustedError:
+    spent_s = time.monotonic() - started
+    asked = last.retry_after_s
+    # A wait upstream asked for that the budget cannot hold ends the call at once (tenacity
+    # stops before a sleep past the budget): say so, or "gave up after 1 attempt" reads as
+    # a client that did not try.
+    too_long = asked is not None and spent_s + asked > budget_s
     return RetriesExhaustedError(
-        f"gave up after {attempts} attempts ({throttled} throttled) in "
-        f"{time.monotonic() - started:.1f}s: {last.upstream_message}",
+        f"gave up after {attempts} attempt{'s' if attempts != 1 else ''} ({throttled} "
+        f"throttled) in {spent_s:.1f}s"
+        + (
+            f", upstream asking to wait {asked:g}s more (past retry_max_total_s = {budget_s:g}s)"
+            if too_long
+            else ""
+        )
+        + f": {last.upstream_message}",
         code=last.code,
         http_status=last.http_status,
         request_id=last.request_id,
         workspace_id=workspace_id,
-        hint="upstream kept failing; the next sweep will try again",
+        hint=(
+            "upstream asks for a longer pause than the retry budget; the next sweep will try again"
+            if too_long
+            else "upstream kept failing; the next sweep will try again"
+        ),
     )
 
 

@@ -12,6 +12,7 @@ import gzip
 import itertools
 import json
 import math
+import re
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -574,11 +575,29 @@ async def test_a_slow_last_attempt_is_cut_to_the_time_budget(capture: Capture) -
         capture.base_url, timeout_s=20.0, retry_max_total_s=2.0, retry_max_attempts=5
     ) as client:
         started = time.monotonic()
-        with pytest.raises(RetriesExhaustedError):
+        with pytest.raises(RetriesExhaustedError) as info:
             await client.list_page(ListQuery(), 1)
         spent_s = time.monotonic() - started
     assert spent_s < 10, spent_s  # 20 s and more without the cut
     assert client.stats.api_calls == 2
+    # the time the attempt had, not timeout_s (20 s, which it never waited)
+    said = re.search(r"timed out after ([0-9.]+)s", str(info.value))
+    assert said and float(said.group(1)) < 2.0, str(info.value)
+
+
+async def test_a_wait_past_the_time_budget_is_named_when_giving_up(capture: Capture) -> None:
+    """A 503 asking for a day's wait ends the page after one attempt (the wait cannot fit
+    its retry budget); the error said only "gave up after 1 attempts", as if the client had
+    not tried. It names the wait and the budget."""
+    capture.script.append(api_error(503, "ServiceUnavailable", headers={"Retry-After": "86400"}))
+    async with make_client(capture.base_url, retry_max_total_s=30.0) as client:
+        with pytest.raises(RetriesExhaustedError) as info:
+            await client.list_page(ListQuery(), 1)
+    assert client.stats.api_calls == 1
+    message = str(info.value)
+    assert "gave up after 1 attempt (0 throttled)" in message, message
+    assert "upstream asking to wait 86400s more (past retry_max_total_s = 30s)" in message
+    assert "longer pause than the retry budget" in (info.value.hint or "")
 
 
 async def test_the_time_budget_runs_from_the_first_attempt_not_the_wait_for_a_slot(
