@@ -1462,16 +1462,26 @@ def _loads(body: bytes) -> Any:
     text: no UTF-8, so no SQLite text, can hold it, and one such name would fail every
     write of its batch. Each becomes U+FFFD, the replacement character, as a UTF-8 decoder
     replaces what it cannot read.
+
+    ``NaN``, ``Infinity`` and ``-Infinity`` (not JSON, but what Python's and JavaScript's
+    encoders send for such floats) are read, as null: kept as floats they made ``raw``
+    invalid JSON, which fails every SQLite JSON function over the whole table, and the
+    API's answers that pass ``raw`` on.
     """
     if _LONG_NUMBER not in body.translate(_DIGIT_RUNS):
         try:
             return orjson.loads(body)
         except orjson.JSONDecodeError:
             pass
-    value = json.loads(body)
+    value = json.loads(body, parse_constant=_non_finite)
     if _SURROGATE_ESCAPE.search(body):  # paired escapes match too; json joined those
         value = _replace_lone_surrogates(value)
     return value
+
+
+def _non_finite(constant: str) -> None:
+    """``NaN``/``Infinity``/``-Infinity`` read as null (see :func:`_loads`)."""
+    return None
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")

@@ -160,6 +160,17 @@ def _int(value: Any) -> int | None:
         return None
 
 
+# SQLite's INTEGER: a count past it (1e19 from a broken upstream) failed every write of
+# its batch, and so every sweep of its workspace, with OverflowError. Stored NULL; ``raw``
+# keeps what upstream sent.
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _int64(value: Any) -> int | None:
+    n = _int(value)
+    return n if n is not None and _INT64_MIN <= n <= _INT64_MAX else None
+
+
 def _bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -306,7 +317,11 @@ def normalise(raw: Mapping[str, Any], *, naive_tz: tzinfo = UTC) -> Experiment |
         job_type=job_type if type(job_type) is str else text(job_type),
         accessibility=accessibility if type(accessibility) is str else text(accessibility),
         description=description if type(description) is str else text(description),
-        trial_count=trial_count if type(trial_count) is int else _int(trial_count),
+        trial_count=(
+            trial_count
+            if type(trial_count) is int and _INT64_MIN <= trial_count <= _INT64_MAX
+            else _int64(trial_count)
+        ),
         trial_status=normalise_trial_status(get("TrialStatus")),
         tags=normalise_tags(get("Tags")),
         search_space=space if type(space) is str else text(space),

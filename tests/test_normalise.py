@@ -60,6 +60,15 @@ def norm(**overrides: Any) -> Experiment:
 # --- fields ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("sent", "stored"),
+    [(2**63 - 1, 2**63 - 1), (2**63, None), (-(2**63), -(2**63)), (10**19, None),
+     ("9223372036854775808", None), (1e19, None), ("12", 12), (float("nan"), None)],
+)  # fmt: skip
+def test_a_trial_count_is_one_sqlite_can_hold(sent: Any, stored: int | None) -> None:
+    assert norm(TrialCount=sent).trial_count == stored
+
+
 def test_a_typical_experiment() -> None:
     exp = norm()
     assert exp.experiment_id == "exp-123"

@@ -2203,6 +2203,50 @@ async def test_once_upstream_ignores_min_create_time_what_is_new_is_read_newest_
         assert len(warned) == 1 and warned[0]["workspace"] == ws
 
 
+async def test_numbers_sqlite_cannot_hold_cost_their_fields_not_the_workspace(
+    tmp_path: Path,
+) -> None:
+    """A TrialCount past 64 bits failed every write of its batch (OverflowError), so every
+    sweep of the workspace, for as long as upstream sent it: a real change beside it was
+    never recorded. NaN and Infinity (which json reads) made ``raw`` invalid JSON, and every
+    SQLite JSON function over the table failed. The count is stored NULL, the others null."""
+    async for rig in make_rig(tmp_path, _still_world(40, seed=5), page_size=50):
+        ws, world = rig.sim.world.workspace_ids[0], rig.sim.world
+        assert (await rig.engine.sweep(ws)).status == "ok"
+        first, second, third = (r["ExperimentId"] for r in world.truth(ws)[:3])
+        odd = {
+            first: {"TrialCount": 10**19},
+            second: {"TrialCount": float("inf"), "Extra": [float("nan"), float("-inf")]},
+        }
+
+        def broken(params: Any, original: Any, odd: dict[str, Any] = odd) -> Any:
+            total, rows = original(params)
+            return total, [{**r, **odd.get(r["ExperimentId"], {})} for r in rows]
+
+        world.mutate(
+            third, status="FAILED" if world.get(third)["Status"] != "FAILED" else "FINISHED"
+        )
+        with listing_replaced(world, broken):
+            result = await rig.engine.sweep(ws, "full")
+        assert result.status == "ok", result.summary()
+        rows = mirror_rows(rig.store, ws)
+        assert rows[third]["status"] == world.get(third)["Status"]
+        assert rows[first]["trial_count"] is None and rows[second]["trial_count"] is None
+        with rig.store.reader() as conn:
+            assert (
+                conn.execute(
+                    "SELECT count(*) FROM experiments WHERE NOT json_valid(raw)"
+                ).fetchone()[0]
+                == 0
+            )
+            extra = conn.execute(
+                "SELECT json_extract(raw, '$.Extra') FROM experiments WHERE experiment_id = ?",
+                (second,),
+            ).fetchone()[0]
+        assert json.loads(extra) == [None, None]
+        assert json.loads(rows[first]["raw"])["TrialCount"] == 10**19  # as upstream sent it
+
+
 async def test_answers_that_lost_their_rows_mark_nothing_deleted(tmp_path: Path) -> None:
     """For a whole full sweep upstream answers `"Experiments": null` under the right
     TotalCount. Its look-ups used to take each empty answer for proof of absence and mark
