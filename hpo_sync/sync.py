@@ -441,13 +441,16 @@ class SyncEngine:
         applied), but each status listing is the whole workspace: later hot sweeps list it
         once instead (see :meth:`_hot`)."""
         wanted = asked.strip().upper()
+        # A blank status is none (as normalise reads it), not another one: one such record
+        # took a listing of RUNNING for the whole workspace, for the rest of the process.
         others = sorted(
             {
-                str(raw.get("Status")).strip().upper()
+                status
                 for raw in page.experiments
                 if isinstance(raw, dict)
                 and raw.get("Status") is not None
-                and str(raw.get("Status")).strip().upper() != wanted
+                and (status := str(raw.get("Status")).strip().upper())
+                and status != wanted
             }
         )
         if others:

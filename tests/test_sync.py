@@ -2164,6 +2164,30 @@ async def test_once_upstream_ignores_the_status_filter_a_hot_sweep_lists_the_wor
         assert_history_replays(rig.store, ws)
 
 
+async def test_a_record_without_a_status_in_a_status_listing_is_no_ignored_filter(
+    tmp_path: Path,
+) -> None:
+    """A record of a RUNNING listing sent with ``"Status": ""`` (a glitch, read as no
+    status) was taken for another status: the upstream was named as ignoring the filter
+    and every later hot sweep listed the whole workspace."""
+    async for rig in make_rig(tmp_path, _still_world(300, seed=31), page_size=20):
+        ws, world = rig.sim.world.workspace_ids[0], rig.sim.world
+        full = await rig.engine.sweep(ws)
+
+        def blank_first(params: Any, original: Any) -> Any:
+            total, rows = original(params)
+            if params.get("Status") and rows:
+                rows = [{**rows[0], "Status": " "}, *rows[1:]]
+            return total, rows
+
+        with listing_replaced(world, blank_first), capture_logs() as logs:
+            for _ in range(2):
+                world.advance(5)
+                hot = await rig.engine.sweep(ws, "hot")
+                assert hot.api_calls < full.api_calls, hot.summary()
+        assert not [e for e in logs if e["event"] == "upstream.status_filter_ignored"]
+
+
 @pytest.mark.parametrize("order_ignored", [False, True])
 async def test_once_upstream_ignores_min_create_time_what_is_new_is_read_newest_first(
     tmp_path: Path, order_ignored: bool
