@@ -1873,6 +1873,8 @@ async def test_an_answer_past_the_size_limit_is_refused_not_read_whole(capture: 
             await client.list_page(ListQuery(), 1)
         assert client.stats.api_calls == 1
     assert failed.value.code == "ResponseTooLarge"
+    # (a real page can be that large too: experiments with megabytes of config text each)
+    assert "lower upstream.page_size" in (failed.value.hint or "")
 
 
 async def test_an_answer_that_never_ends_is_refused_at_the_size_limit(capture: Capture) -> None:
