@@ -192,11 +192,20 @@ def csv_chunks(header: Sequence[str], records: Iterable[Mapping[str, Any]]) -> I
 
 # Control characters (C0, DEL, C1) and line/paragraph separators: a name must not move the
 # cursor or inject terminal escapes, nor break a table row.
-_CONTROL = {c: " " for c in (*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029)}
+_CONTROL: dict[int, str | None] = {
+    c: " " for c in (*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029)
+}
+# Bidirectional controls (embeddings, overrides, isolates, marks): a name holding U+202E
+# shown the rest of its table row reversed, ids and times included. Dropped: they have no
+# width of their own.
+_CONTROL.update(
+    dict.fromkeys((0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)))
+)
 
 
 def clean(text: str) -> str:
-    """``text`` on one line, with control characters shown as spaces."""
+    """``text`` on one line, with control characters shown as spaces and bidirectional
+    controls left out."""
     return text.translate(_CONTROL)
 
 

@@ -1324,6 +1324,25 @@ def test_render_cells() -> None:
     ]  # fmt: skip
 
 
+def test_tables_leave_out_controls_that_would_reorder_the_row(run: Run, tmp_path: Path) -> None:
+    """A name holding U+202E (right-to-left override) printed as is showed the rest of its
+    table row reversed, ids and times included; escapes and newlines were already
+    blanked. Bidirectional controls are left out of tables (JSON keeps the name whole)."""
+    name = "sweep\u202eesrever\u2066iso\u2069\x1b[31m\nred"
+    db = tmp_path / "mirror.db"
+    with Store.open(db) as store:
+        exp = raw("hpo-x", "ws-x", name, "RUNNING", "2024-02-28T10:00:00Z")
+        sweep(store, "ws-x", T0, [exp], baseline=True, complete=True)
+    for argv in (("ls",), ("show", "hpo-x"), ("history",)):
+        code, out, _ = run(*argv, db=db)
+        assert code == 0
+        assert not {"\u202e", "\u2066", "\u2069", "\x1b", "\r"} & set(out), (argv, out)
+        if argv[0] != "history":  # (show keeps a field's lines)
+            assert "sweepesreveriso [31m" in out, out
+    code, out, _ = run("show", "hpo-x", "--format", "json", db=db)
+    assert code == 0 and json.loads(out)["Name"] == name
+
+
 def test_render_text_width() -> None:
     assert render.display_width("中文") == 4
     assert render.display_width("e\u0301") == 1
