@@ -980,7 +980,7 @@ def stats_lines(stats: Sequence[WorkspaceStats], since: str, width: int | None) 
         "TOTAL and the status columns: experiments now, deleted ones left out.",
         f"Since {since}: the runs that ENDED (reached a terminal status), how many of",
         "them FAILED (and the FAILURE RATE), and their MEDIAN RUN time (from first seen",
-        "RUNNING, else from creation, to the end).",
+        "RUNNING after the baseline, else from creation, to the end).",
     ]
 
 
