@@ -103,7 +103,7 @@ def _same(a: Any, b: Any) -> bool:
 def test_response_bodies_parse_as_json_parses_them(value: Any) -> None:
     body = json.dumps({"Experiments": [value]}, ensure_ascii=False).encode("utf-8", "surrogatepass")
     try:
-        expected = json.loads(body)
+        expected = _json_loads(body)
     except ValueError:  # a lone surrogate is not UTF-8: both must refuse it
         with pytest.raises(ValueError):
             _loads(body)
@@ -123,7 +123,13 @@ def test_response_bodies_parse_as_json_parses_them(value: Any) -> None:
     ],
 )
 def test_bodies_orjson_would_read_differently_go_to_json(body: bytes) -> None:
-    assert _same(_loads(body), json.loads(body))
+    assert _same(_loads(body), _json_loads(body))
+
+
+def _json_loads(body: bytes) -> Any:
+    """What ``_loads`` reads: ``json.loads``, but NaN and the infinities (not JSON, which
+    no SQLite JSON function reads back) as null."""
+    return json.loads(body, parse_constant=lambda _: None)
 
 
 def test_a_lone_surrogate_escape_reads_as_the_replacement_character() -> None:
