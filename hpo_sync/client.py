@@ -479,12 +479,7 @@ class UpstreamClient:
                     http_status=status,
                     request_id=header_request_id,
                     workspace_id=workspace_id,
-                    # A page of experiments whose config texts are megabytes each can be this large
-        # too: a smaller page is the way out there.
-        hint=(
-            "lower upstream.page_size if the experiments' config texts are that large;"
-            " otherwise check upstream.endpoint and any proxy"
-        ),
+                    hint="this is not a PAI API answer; check upstream.endpoint and any proxy",
                 ) from None
             # a 200 cut short, a gateway's 5xx page or a 429 from a proxy: worth another
             # try, after the wait it asked for (Retry-After) if it did
