@@ -791,13 +791,13 @@ class Store:
         ``raise_watermark``: the sweep read its listing of what is new whole (a full
         sweep's listing of the workspace, a hot sweep's of what was created since the
         watermark), so the workspace's create watermark moves to the newest create time in
-        the mirror. Only then: hot sweeps list what was created since the watermark (less
-        an overlap), so one raised by the later pages of a listing that then failed, or
-        was killed, would hide the experiments of its earlier pages from every hot sweep
-        until the next full one."""
+        the mirror, but not past ``finished_at`` (see :func:`_raise_watermark`). Only then:
+        hot sweeps list what was created since the watermark (less an overlap), so one
+        raised by the later pages of a listing that then failed, or was killed, would hide
+        the experiments of its earlier pages from every hot sweep until the next full one."""
         with self._write("close a sync run") as conn:
             if raise_watermark:
-                _raise_watermark(conn, workspace_id)
+                _raise_watermark(conn, workspace_id, finished_at)
             _finish_run(
                 conn, run_id, finished_at, status, api_calls, pages, experiments_seen, None,
                 error,
@@ -1548,11 +1548,25 @@ def _mark_gone(
     return [(exp_id, workspace_id, DELETED, old, new, observed_at, run_id, base) for exp_id in gone]
 
 
-def _raise_watermark(conn: sqlite3.Connection, workspace_id: str) -> None:
+def _raise_watermark(conn: sqlite3.Connection, workspace_id: str, now: str) -> None:
+    """Set the workspace's create watermark to the newest create time in the mirror, but
+    never past ``now`` (the end of the sweep, by this machine's clock).
+
+    Past it, one experiment with a create time in the future (a clock upstream off by a
+    day, naive times read in the wrong zone) took the watermark there, and every hot sweep
+    asked for what was created after that: nothing new was found until the next full
+    sweep. Unlike the forward-only move of :func:`_set_watermark`, this one may also go
+    back: create times rewritten by a full sweep (``create_time_zone`` corrected) take a
+    watermark that was ahead of them back with them. A lower watermark only widens the
+    next listing of what is new."""
     newest = conn.execute(
         "SELECT max(gmt_create_time) FROM experiments WHERE workspace_id = ?", (workspace_id,)
     ).fetchone()[0]
-    _set_watermark(conn, workspace_id, newest)
+    if newest is not None:
+        conn.execute(
+            "UPDATE workspaces SET create_watermark = ? WHERE workspace_id = ?",
+            (min(newest, now), workspace_id),
+        )
 
 
 def _set_watermark(conn: sqlite3.Connection, workspace_id: str, value: str | None) -> None:

@@ -575,7 +575,11 @@ class SyncEngine:
         if not listing.complete:
             _incomplete(result, listing)
             return
-        result.listed_new = True  # every page applied: nothing older is missing
+        # Every page applied: nothing older is missing. Unless the count moved and the ids
+        # fell short of it: a row shifted onto a page already read may be one created since
+        # the last sweep (nothing the mirror holds, so nothing to look up), and a watermark
+        # raised past it hid it from every hot sweep until the next full one.
+        result.listed_new = not _fell_short(listing)
         result.skipped_records += listing.skipped
         if _unreadable(result):
             return
@@ -618,6 +622,7 @@ class SyncEngine:
                     "is no baseline; the next sync reads the workspace whole again"
                 )
                 return
+            result.listed_new = True  # the two readings hold every experiment
             if not again.consistent and again.seen_ids == listing.seen_ids:
                 result.notes.append(
                     f"TotalCount {again.total_count} but {len(seen_ids)} experiments, the same "
@@ -1310,13 +1315,9 @@ def _note_count_moved(result: SweepResult, listing: Listing) -> None:
     (a hot sweep's listing of what is new, or of its status; else the next full sweep).
     Reading the workspace again to rule that out would double every such sweep, so the
     run says so instead of a plain ``ok`` — when its ids fall short of the largest count:
-    creations alone, read on to, leave nothing out."""
-    short = len(listing.seen_ids) < max(listing.totals_seen, default=0)
-    if (
-        len(listing.totals_seen) > 1
-        and short
-        and not any(n.startswith(_COUNT_MOVED) for n in result.notes)
-    ):
+    creations alone, read on to, leave nothing out. Nor is the create watermark raised
+    (:func:`_fell_short`)."""
+    if _fell_short(listing) and not any(n.startswith(_COUNT_MOVED) for n in result.notes):
         totals = sorted(listing.totals_seen)
         result.notes.append(
             f"{_COUNT_MOVED} between {totals[0]} and {totals[-1]} while the pages were read: "
@@ -1325,6 +1326,12 @@ def _note_count_moved(result: SweepResult, listing: Listing) -> None:
 
 
 _COUNT_MOVED = "TotalCount varied"
+
+
+def _fell_short(listing: Listing) -> bool:
+    """The listing's TotalCount moved while its pages were read and its ids fall short of
+    the largest count: a row may have shifted onto a page already read."""
+    return len(listing.totals_seen) > 1 and len(listing.seen_ids) < max(listing.totals_seen)
 
 
 def _baseline_holds(first: Listing, again: Listing, seen_ids: Collection[str]) -> bool:

@@ -30,7 +30,7 @@ from hpo_sync.client import UpstreamClient
 from hpo_sync.config import Config, StoreConfig, UpstreamConfig, WorkspaceConfig
 from hpo_sync.credentials import CloudCredentials, StaticCredentials
 from hpo_sync.diff import replay
-from hpo_sync.normalise import Experiment, normalise, parse_time
+from hpo_sync.normalise import Experiment, format_time, normalise, parse_time
 from hpo_sync.sim import DEFAULT_ACCESS_KEY_ID, DEFAULT_ACCESS_KEY_SECRET
 from hpo_sync.sim.server import SimOptions, Simulator
 from hpo_sync.store import Store
@@ -371,16 +371,18 @@ async def test_a_full_sweep_whose_count_moved_says_a_new_experiment_may_wait(
     """Ten experiments new since the baseline fill the last page; one of the first page is
     deleted while that page is requested, so the first new one moves onto the page before,
     already read, and no page returns it. The mirror has nothing to look up for it: the
-    sweep is ``ok`` but says that its count moved; the next full sweep reads it."""
+    sweep is ``ok`` but says that its count moved; the next sweep reads it, a hot one too
+    (the full sweep raised the create watermark past it: no hot sweep's listing of what is
+    new reached it until the next full sweep)."""
     options = SimOptions(experiments=200, workspaces=1, seed=4, drift=False, create_per_min=0.0)
     async for rig in make_rig(tmp_path, options, page_size=10, max_concurrency=1):
         ws = rig.sim.world.workspace_ids[0]
         world = rig.sim.world
         assert (await rig.engine.sweep(ws)).status == "ok"
         victim = world.truth(ws)[0]["ExperimentId"]
-        for n in range(10):
+        for n in range(10):  # over 20 minutes: the first is older than the newest's overlap
             world.mutate(create={"WorkspaceId": ws, "Name": f"new-{n}", "Status": "FINISHED"})
-            world.advance(1)
+            world.advance(120)
         first_new = world.truth(ws)[200]["ExperimentId"]
         with once_on_page(world, 21, partial(world.mutate, victim, delete=True)):
             result = await rig.engine.sweep(ws, "full")
@@ -388,9 +390,57 @@ async def test_a_full_sweep_whose_count_moved_says_a_new_experiment_may_wait(
         assert first_new not in mirror_rows(rig.store, ws)
         assert any("TotalCount varied between 209 and 210" in n for n in result.all_notes())
         assert "TotalCount varied" in result.summary()
+        with sorts_refused(world, "GmtModifiedTime", "update_time"):  # (no modified feed)
+            world.advance(1)
+            assert (await rig.engine.sweep(ws, "hot")).status == "ok"
+        assert first_new in mirror_rows(rig.store, ws)
         result = await rig.engine.sweep(ws, "full")
         assert result.status == "ok" and not result.all_notes()
         assert_mirror_equals_truth(rig.store, rig.sim, ws)
+
+
+async def test_an_experiment_created_in_the_future_does_not_hide_new_ones(
+    tmp_path: Path,
+) -> None:
+    """One experiment whose create time is a day ahead (a clock upstream that is off) took
+    the create watermark there: every hot sweep asked for what was created after it, and
+    nothing new was found until the next full sweep. The watermark stops at the sweep's
+    own time."""
+    async for rig in make_rig(tmp_path, _still_world(60, seed=8), page_size=50):
+        ws, world = rig.sim.world.workspace_ids[0], rig.sim.world
+        ahead = format_time(world.now + timedelta(days=1))
+        world.mutate(create={"WorkspaceId": ws, "Name": "ahead", "GmtCreateTime": ahead})
+        assert (await rig.engine.sweep(ws)).status == "ok"
+        assert rig.store.workspace_state(ws).create_watermark == format_time(world.now)
+        with sorts_refused(world, "GmtModifiedTime", "update_time"):  # (no modified feed)
+            world.advance(30)
+            world.mutate(create={"WorkspaceId": ws, "Name": "fresh", "Status": "FINISHED"})
+            world.advance(30)
+            assert (await rig.engine.sweep(ws, "hot")).status == "ok"
+        assert "fresh" in {r["name"] for r in mirror_rows(rig.store, ws).values()}
+
+
+def test_a_full_sweep_that_moved_create_times_back_takes_the_watermark_back(
+    tmp_path: Path,
+) -> None:
+    """Naive times read in the wrong zone put every create time, and the watermark, 8 h
+    ahead; once ``create_time_zone`` is corrected, a full sweep rewrites the create times,
+    but the watermark only ever moved forward: hot sweeps asked for what was created in
+    the next 8 hours. It follows the mirror's newest create time now, back too."""
+    with Store.open(tmp_path / "mirror.db") as store:
+
+        def sweep_with(created: str, at: str) -> None:
+            exp = normalise({"ExperimentId": "e1", "Status": "FINISHED", "GmtCreateTime": created})
+            assert exp is not None
+            run = store.begin_run("ws", "full", at)
+            store.apply("ws", [exp], observed_at=at, run_id=run, baseline=False)
+            store.close_run(run, "ws", "full", finished_at=at, status="ok", api_calls=1,
+                            pages=1, experiments_seen=1, raise_watermark=True)  # fmt: skip
+
+        sweep_with("2026-01-01T18:00:00Z", "2026-01-01T12:00:00Z")  # ahead of the clock
+        assert store.workspace_state("ws").create_watermark == "2026-01-01T12:00:00Z"
+        sweep_with("2026-01-01T10:00:00Z", "2026-01-01T12:05:00Z")
+        assert store.workspace_state("ws").create_watermark == "2026-01-01T10:00:00Z"
 
 
 @pytest.mark.parametrize(
