@@ -847,6 +847,12 @@ class SyncEngine:
                 if listing.uncounted
                 else f"came without their Experiments under a TotalCount of {listing.total_count}"
                 if listing.rows_missing
+                else (
+                    "gave TotalCounts of "
+                    + ", ".join(str(n) for n in sorted(listing.totals_seen))
+                    + " as they were read"
+                )
+                if len(listing.totals_seen) > 1
                 else f"did not add up to their TotalCount {listing.total_count}"
             )
             raise UpstreamError(
