@@ -1079,9 +1079,14 @@ def _host_problem(url: str) -> str | None:
 def _check_url(v: Any) -> str | None:
     if v == "":
         return None
-    problem = "expected a base URL with no path, such as http://127.0.0.1:8780"
-    if not re.match(r"^https?://[^\s/?#@]+/?$", v):
-        return problem
+    problem = "expected a base URL, such as http://127.0.0.1:8780"
+    # A path is a proxy's prefix, which the client sends before the API path and does not
+    # sign (the proxy strips it before the gateway, which checks the signed path).
+    match = re.match(r"^https?://[^\s/?#@]+(/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*)?$", v)
+    if not match:
+        return f"{problem} (scheme, host[:port] and at most a path: no query, fragment or user)"
+    if "/api/automl/" in f"{match.group(1) or ''}/":  # (client.PATH, not imported: aiohttp)
+        return f"{problem}, without the API path (/api/automl/…): the client adds it"
     # The client builds every request from this URL: a host or port it cannot read would
     # otherwise only fail at the first sync.
     try:

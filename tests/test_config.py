@@ -424,7 +424,14 @@ def test_out_of_range(setting: str, key: str) -> None:
     [
         ('[upstream]\nregion = "Hangzhou"', "upstream.region", "not a region id"),
         ('[upstream]\nendpoint = "localhost:8780"', "upstream.endpoint", "base URL"),
-        ('[upstream]\nendpoint = "http://h/path"', "upstream.endpoint", "no path"),
+        ('[upstream]\nendpoint = "http://h/path?x=1"', "upstream.endpoint", "no query"),
+        ('[upstream]\nendpoint = "http://h/p#f"', "upstream.endpoint", "no query, fragment"),
+        (
+            '[upstream]\nendpoint = "https://h/api/automl/v1/hpo/experiments"',
+            "upstream.endpoint",
+            "without the API path",
+        ),
+        ('[upstream]\nendpoint = "http://h/pai/api/automl"', "upstream.endpoint", "API path"),
         ('[upstream]\nendpoint = "http://h:99999"', "upstream.endpoint", "from 1 to 65535"),
         ('[upstream]\nendpoint = "http://h:abc"', "upstream.endpoint", "from 1 to 65535"),
         ('[upstream]\nendpoint = "http://h:0"', "upstream.endpoint", "from 1 to 65535"),
@@ -505,7 +512,10 @@ def test_good_listen_address(listen: str, host_port: tuple[str, int]) -> None:
     assert loads(f'[api]\nlisten = "{listen}"\n{MINIMAL}', env={}).api.host_port == host_port
 
 
-@pytest.mark.parametrize("endpoint", ["http://127.0.0.1:8780", "http://[::1]:65535/", "https://h"])
+@pytest.mark.parametrize(
+    "endpoint",
+    ["http://127.0.0.1:8780", "http://[::1]:65535/", "https://h", "https://gw.example/pai/"],
+)
 def test_good_endpoints(endpoint: str) -> None:
     cfg = loads(f'[upstream]\nendpoint = "{endpoint}"\n{MINIMAL}', env={})
     assert cfg.upstream.base_url == endpoint.rstrip("/")
