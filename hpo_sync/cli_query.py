@@ -127,11 +127,15 @@ def parse_time_arg(text: str, *, relative: bool = False) -> TimeArg:
 
 
 def parse_tag(text: str) -> tuple[str, str]:
-    """``key=value`` → ``(key, value)``; the value may be empty, the key may not."""
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
+    """``key=value`` → ``(key, value)``; the value may be empty, the key may not. The key
+    ends at the first ``=`` not escaped as ``\\=`` (``k\\=x=v``: key ``k=x``, value
+    ``v``); ``\\\\`` in the key is one backslash, any other backslash itself. The value is
+    taken as it is."""
+    match = re.match(r"((?:[^=\\]|\\[=\\]|\\(?![=\\]))*)=(.*)\Z", text, re.DOTALL)
+    key = re.sub(r"\\([=\\])", r"\1", match.group(1)).strip() if match else ""
+    if not match or not key:
         raise ValueError(f"expected KEY=VALUE, got {text!r}")
-    return key.strip(), value
+    return key, match.group(2)
 
 
 def _arg_type(parse: Callable[[str], Any], name: str) -> Callable[[str], Any]:

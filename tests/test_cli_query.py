@@ -1296,7 +1296,11 @@ def test_parse_tag() -> None:
     assert cli_query.parse_tag("team=nlp") == ("team", "nlp")
     assert cli_query.parse_tag("expr=a=b") == ("expr", "a=b")
     assert cli_query.parse_tag("team=") == ("team", "")
-    for bad in ("team", "=x", " =x"):
+    # a key holding "=" (it ended at the first one: no such tag could be asked for)
+    assert cli_query.parse_tag("k\\=x=v") == ("k=x", "v")
+    assert cli_query.parse_tag("a\\\\=v") == ("a\\", "v")
+    assert cli_query.parse_tag("dom\\user=x\\=y") == ("dom\\user", "x\\=y")
+    for bad in ("team", "=x", " =x", "k\\=x"):
         with pytest.raises(ValueError):
             cli_query.parse_tag(bad)
 
