@@ -37,7 +37,7 @@ from test_api_rig import (
     rig,
 )
 
-from hpo_sync.api.cursor import MAX_CURSOR_LEN, Cursor
+from hpo_sync.api.cursor import MAX_CURSOR_LEN, Cursor, _id_hash
 from hpo_sync.api.openapi import build_document
 from hpo_sync.api.read import MAX_LONG_POLLS_PER_TOKEN
 from hpo_sync.normalise import format_time
@@ -394,6 +394,31 @@ async def test_rows_with_keys_too_long_for_a_cursor_are_paged_past_by_reference(
     reply = await rig.get("/v1/experiments", params)
     assert reply.status == 400 and reply.body["error"]["param"] == "cursor"
     assert "start over" in reply.body["error"]["message"]
+
+
+async def test_a_cursor_by_reference_finds_no_row_outside_the_tokens_workspaces(
+    rig: ApiRig,
+) -> None:
+    """A cursor's row reference was looked up in the whole mirror: a token limited to WS1
+    could forge one to a row of WS2 and learn from 200 against 400 whether that row held a
+    given id, and where it sorted. Outside the query's workspaces it is a stale cursor,
+    whatever it points at."""
+    run_id = rig.store.begin_run(WS2, "hot", "2030-01-01T00:00:00Z")
+    hidden = new_experiment(WS2, "hidden-one", datetime(2030, 1, 1, tzinfo=UTC), name="h" * 600)
+    rig.store.apply(WS2, [hidden], observed_at="2030-01-01T00:00:01Z", run_id=run_id,
+                    baseline=False)  # fmt: skip
+    with sqlite3.connect(rig.store.path) as conn:
+        (rowid,) = conn.execute(
+            "SELECT rowid FROM experiments WHERE experiment_id = 'hidden-one'"
+        ).fetchone()
+    conn.close()
+    own = await rig.ok("/v1/experiments", [("sort", "name"), ("limit", "1")], token="ws1")
+    mine = Cursor.decode(own["next_cursor"])
+    forged = replace(mine, key=None, row=(rowid, _id_hash("hidden-one"))).encode()
+    params = [("sort", "name"), ("limit", "1"), ("cursor", forged)]
+    reply = await rig.get("/v1/experiments", params, token="ws1")
+    # the same answer as for a row that is not there at all
+    assert reply.status == 400 and "start over" in reply.body["error"]["message"]
 
 
 # --- one experiment and its history -------------------------------------------------------

@@ -10,7 +10,8 @@ nothing there.
 
 Cursors are not signed: the key only says where to resume, and the filters (including the
 workspace scope) are re-applied on every page, so a forged cursor can show nothing that the
-same query without a cursor would not.
+same query without a cursor would not. A row referred to (below) is looked up within the
+query's workspaces only.
 
 A key too long to carry (a very long name under ``sort=name``, a very long id: upstream
 bounds neither, and a cursor must fit in a URL) goes by reference instead: ``"r": [ROWID,
@@ -84,15 +85,22 @@ class Cursor:
         ).fetchone()
         return cls(sort, filters_hash, None, (int(rowid), _id_hash(key[1])))
 
-    def resolve(self, conn: sqlite3.Connection, column: str) -> tuple[str | None, str]:
+    def resolve(
+        self, conn: sqlite3.Connection, column: str, workspaces: tuple[str, ...] = ()
+    ) -> tuple[str | None, str]:
         """The key to resume after: carried, or looked up by reference (``column``: the
-        sort's column). Raises :class:`CursorError` for a row that is no longer there."""
+        sort's column) among the rows of ``workspaces`` (the query's, its token's scope
+        included; ``()``: all). Raises :class:`CursorError` for a row that is no longer
+        there. Looked up anywhere, a forged reference told a token limited to one workspace
+        whether a row of another held a given id (200 against 400), and where it sorted."""
         if self.key is not None:
             return self.key
         assert self.row is not None
         rowid, id_hash = self.row
+        scoped = f" AND workspace_id IN ({', '.join('?' * len(workspaces))})" if workspaces else ""
         found = conn.execute(
-            f"SELECT {column}, experiment_id FROM experiments WHERE rowid = ?", (rowid,)
+            f"SELECT {column}, experiment_id FROM experiments WHERE rowid = ?{scoped}",
+            (rowid, *workspaces),
         ).fetchone()
         if found is None or _id_hash(found[1]) != id_hash:
             raise CursorError(

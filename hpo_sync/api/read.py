@@ -1034,7 +1034,9 @@ class ListRequest:
         if self.cursor is None:
             return None
         try:
-            return self.cursor.resolve(conn, sort_column(self.sort)[0])
+            return self.cursor.resolve(
+                conn, sort_column(self.sort)[0], tuple(self.filters.workspaces)
+            )
         except CursorError as exc:
             raise BadParameterError("cursor", str(exc)) from None
 
