@@ -554,15 +554,9 @@ class Store:
             with _mapped(where, "opening the mirror read-only"):
                 conn = store._connect_reader()
                 try:
-                    version = check_version(conn, where)
+                    _check_readable(conn, where)
                 finally:
                     conn.close()
-            if version < SCHEMA_VERSION:
-                raise StoreError(
-                    f"{where} has schema version {version}, this hpo-sync needs "
-                    f"{SCHEMA_VERSION}; open it read-write once (e.g. `hpo-sync sync`) to "
-                    "upgrade it in place"
-                )
             return store
         with _mapped(where, "opening the mirror"):
             conn = sqlite3.connect(
@@ -629,6 +623,18 @@ class Store:
 
     # -- connections --
 
+    def _file_id(self) -> tuple[int, int]:
+        """The mirror file's identity (device, inode), following symlinks."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            raise StoreError(
+                f"the mirror {self.path} is gone (moved or deleted while open)"
+            ) from None
+        except OSError as exc:
+            raise StoreError(f"cannot read the mirror {self.path}: {exc.strerror}") from None
+        return st.st_dev, st.st_ino
+
     def _connect_reader(self) -> sqlite3.Connection:
         uri = Path(self.path).resolve().as_uri() + "?mode=ro"
         conn = sqlite3.connect(
@@ -673,13 +679,36 @@ class Store:
             return
         local = self._local
         conn: sqlite3.Connection | None = getattr(local, "conn", None)
+        # A read-only store (``serve`` of copies of a mirror, the query commands) may see its
+        # file replaced (a backup renamed over it) or moved away. Each thread kept its
+        # connection to the file it first opened: answers came from the old and the new
+        # file in turn, and from a deleted one. A connection to a file that is no longer at
+        # the path is dropped for one to the file that is.
+        if (
+            conn is not None
+            and self.readonly
+            and local.depth == 0
+            and local.file_id != self._file_id()
+        ):
+            with self._readers_lock:
+                self._readers.remove(conn)
+            conn.close()
+            conn = local.conn = None
         if conn is None:
+            file_id = self._file_id() if self.readonly else None
             with _mapped(self.path, "opening a read connection"):
                 conn = self._connect_reader()
+                if self.readonly:
+                    try:  # the file may have been replaced by one of another version
+                        _check_readable(conn, self.path)
+                    except BaseException:
+                        conn.close()
+                        raise
             with self._readers_lock:
                 self._readers.append(conn)
             local.conn = conn
             local.depth = 0
+            local.file_id = file_id
         outer = local.depth == 0 and snapshot
         with _mapped(self.path, "reading the mirror"):
             if outer:
@@ -1546,6 +1575,17 @@ def _mark_gone(
     )
     old, new = encode_deleted(False), encode_deleted(True)
     return [(exp_id, workspace_id, DELETED, old, new, observed_at, run_id, base) for exp_id in gone]
+
+
+def _check_readable(conn: sqlite3.Connection, where: str) -> None:
+    """A read-only connection's mirror must have this code's schema: a read-only open
+    cannot migrate an older one (:func:`check_version` refuses a newer one)."""
+    version = check_version(conn, where)
+    if version < SCHEMA_VERSION:
+        raise StoreError(
+            f"{where} has schema version {version}, this hpo-sync needs {SCHEMA_VERSION}; "
+            "open it read-write once (e.g. `hpo-sync sync`) to upgrade it in place"
+        )
 
 
 def _raise_watermark(conn: sqlite3.Connection, workspace_id: str, now: str) -> None:

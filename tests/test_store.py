@@ -734,6 +734,37 @@ def test_readonly_store(db_path: Path) -> None:
             ro.begin_run("ws1", "hot", T1)
 
 
+def test_a_read_only_store_follows_its_file_when_it_is_replaced(tmp_path: Path) -> None:
+    """``serve`` of copies of a mirror: a new copy renamed over the file (as ``backup
+    --overwrite`` delivers it). Each reading thread kept the connection it first opened:
+    answers came from the old and the new file in turn, and from a deleted one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    path, other = tmp_path / "served.db", tmp_path / "next.db"
+    with Store.open(path) as writer:
+        apply(writer, [exp("a")], T0)
+    with Store.open(other) as writer:
+        apply(writer, [exp("a"), exp("b"), exp("c")], T0)
+
+    def count(ro: Store) -> int:
+        with ro.reader() as conn:
+            return int(conn.execute("SELECT count(*) FROM experiments").fetchone()[0])
+
+    with Store.open(path, readonly=True) as ro, ThreadPoolExecutor(4) as pool:
+        barrier = threading.Barrier(4)
+
+        def every_thread() -> int:  # one read on each of the pool's four threads
+            barrier.wait(timeout=10)
+            return count(ro)
+
+        assert list(pool.map(lambda _: every_thread(), range(4))) == [1] * 4
+        os.replace(other, path)
+        assert list(pool.map(lambda _: every_thread(), range(4))) == [3] * 4
+        path.unlink()
+        with pytest.raises(StoreError, match="is gone"):
+            count(ro)
+
+
 def test_in_memory_store() -> None:
     with Store.open(":memory:") as store:
         apply(store, [exp("a")], T0)
