@@ -310,8 +310,9 @@ class ExperimentFilter:
 
     ``tags`` are ``(key, value)`` pairs (value None: the key is present with any value).
     With ``tags_as_text`` (the read API's ``tag=KEY:VALUE``, split at its first colon) a
-    pair matches a tag whose ``Key:Value`` reads the same: a key that holds a colon itself
-    (``acs:rm:rgId``) is found too. ``created_after`` and ``modified_after`` are inclusive,
+    pair matches a tag whose ``Key:Value`` reads the same, or whose key is the whole text
+    (any value): a key that holds a colon itself (``acs:rm:rgId``) is found too, with a
+    value or without. ``created_after`` and ``modified_after`` are inclusive,
     ``created_before`` exclusive.
     Times may be any format :func:`hpo_sync.normalise.parse_time` reads.
     """
@@ -1801,10 +1802,14 @@ def filter_sql(f: ExperimentFilter) -> tuple[list[str], list[Any]]:
 def tag_condition(key: str, value: str | None, *, as_text: bool = False) -> tuple[str, list[Any]]:
     """SQL (and its parameters) matching experiments carrying tag ``key`` (with ``value``,
     unless None) in their JSON ``tags`` column; ``as_text``: a tag whose ``Key:Value``
-    reads ``key:value`` (see :class:`ExperimentFilter`)."""
+    reads ``key:value`` (see :class:`ExperimentFilter`), or whose key is the whole of it
+    (any value): ``acs:rm:rgId`` asks for that key, which holds colons itself."""
     if value is not None and as_text:
-        tag_where = "json_extract(t.value, '$.Key') || ':' || json_extract(t.value, '$.Value') = ?"
-        params: list[Any] = [f"{key}:{value}"]
+        tag_where = (
+            "(json_extract(t.value, '$.Key') || ':' || json_extract(t.value, '$.Value') = ?"
+            " OR json_extract(t.value, '$.Key') = ?)"
+        )
+        params: list[Any] = [f"{key}:{value}"] * 2
         return f"EXISTS (SELECT 1 FROM json_each(experiments.tags) AS t WHERE {tag_where})", params
     tag_where = "json_extract(t.value, '$.Key') = ?"
     params = [key]

@@ -879,7 +879,8 @@ async def test_an_experiment_with_a_very_long_id_is_reachable(rig: ApiRig) -> No
 async def test_a_tag_key_holding_a_colon_can_be_filtered(rig: ApiRig) -> None:
     """``tag=KEY:VALUE`` splits at the first colon, so a key like ``acs:rm:rgId`` (Alibaba
     Cloud's system tags) could not be asked for: a tag whose ``Key:Value`` reads the
-    parameter matches, and nothing else does."""
+    parameter matches, or one whose key is all of it (any value: ``tag=acs:rm:rgId``
+    found nothing), and nothing else does."""
     rows = mirror_rows(rig.store, "workspace_id = ? AND deleted = 0", [WS1])[:2]
     with sqlite3.connect(rig.store.path) as conn:
         conn.execute(
@@ -895,6 +896,8 @@ async def test_a_tag_key_holding_a_colon_can_be_filtered(rig: ApiRig) -> None:
     found = await rig.ok("/v1/experiments", {"tag": "acs:rm:rgId:rg-10"})
     assert [e["experiment_id"] for e in found["experiments"]] == [rows[1]["experiment_id"]]
     assert (await rig.ok("/v1/experiments", {"tag": "acs:rm"}))["experiments"] == []
+    found = await rig.ok("/v1/experiments", {"tag": "acs:rm:rgId"})  # the key, any value
+    assert [e["experiment_id"] for e in found["experiments"]] == [rows[0]["experiment_id"]]
 
 
 async def test_unknown_routes_methods_and_big_bodies_get_json_errors(rig: ApiRig) -> None:

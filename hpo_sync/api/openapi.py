@@ -253,7 +253,8 @@ EXPERIMENTS_PARAMS: tuple[Param, ...] = (
         "tag",
         "tag",
         "Has this tag: KEY:VALUE (a tag whose key, a colon and its value read so; a key may "
-        "hold colons itself), or KEY for any value. Repeat: all must match.",
+        "hold colons itself), or KEY for any value (a text with colons matches a tag whose "
+        "key is all of it, too). Repeat: all must match.",
         repeatable=True,
         max_length=400,
     ),
