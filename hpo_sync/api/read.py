@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import re
 import sqlite3
 import time
 import weakref
@@ -665,10 +666,12 @@ async def guard_middleware(
     return await _guard(request, handler)
 
 
-def undecodable_parameter(raw_query: str) -> str | None:
+def undecodable_parameter(raw_query: str) -> tuple[str, str] | None:
     """The name of the first parameter of ``raw_query`` (percent-encoded, as sent) whose
-    bytes are not UTF-8, or None. aiohttp decodes such bytes to U+FFFD, which a filter would
-    then go and look for: ``name=%FF`` would be a search, not the mistake it is."""
+    bytes are not UTF-8 or that holds a ``%`` not followed by two hex digits, and what is
+    wrong with it; or None. aiohttp decodes such bytes to U+FFFD, and takes a malformed
+    escape as it stands, which a filter would then go and look for: ``name=%FF`` or
+    ``name=%zz`` would be a search, not the mistake it is."""
     if "%" not in raw_query:
         return None
     for part in raw_query.split("&"):
@@ -676,11 +679,17 @@ def undecodable_parameter(raw_query: str) -> str | None:
         for text in (name, value):
             if "%" not in text:
                 continue
+            if _MALFORMED_ESCAPE.search(text):
+                problem = "has a malformed percent-escape (a % not followed by two hex digits)"
+                return unquote(name.replace("+", " "), errors="replace"), problem
             try:
                 unquote_to_bytes(text.replace("+", " ")).decode("utf-8")
             except UnicodeDecodeError:
-                return unquote(name.replace("+", " "), errors="replace")
+                return unquote(name.replace("+", " "), errors="replace"), "is not valid UTF-8"
     return None
+
+
+_MALFORMED_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
 async def _guard(
@@ -690,7 +699,7 @@ async def _guard(
         raise BadParameterError("query", f"longer than {MAX_QUERY_STRING} characters")
     undecodable = undecodable_parameter(request.rel_url.raw_query_string)
     if undecodable is not None:
-        raise BadParameterError(undecodable, "is not valid UTF-8")
+        raise BadParameterError(*undecodable)
     route = _route_of(request)
     if route is None:
         return await handler(request)  # the router's 404 / 405

@@ -268,7 +268,7 @@ async def _dispatch(request: web.Request) -> web.StreamResponse:
         return error_page(request, 400, f"query: longer than {MAX_QUERY_STRING} characters")
     undecodable = undecodable_parameter(request.rel_url.raw_query_string)
     if undecodable is not None:  # else a filter for U+FFFD, as the read API says too
-        return error_page(request, 400, f"{undecodable}: is not valid UTF-8")
+        return error_page(request, 400, f"{undecodable[0]}: {undecodable[1]}")
     match = request.match_info
     resource = match.route.resource if match.http_exception is None else None
     route = resource.canonical if resource is not None else None
