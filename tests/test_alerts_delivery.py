@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 from hpo_sync.alerts import outbox as queue
-from hpo_sync.alerts.classify import Retry, Sent
+from hpo_sync.alerts.classify import Dead, Retry, Sent
 from hpo_sync.alerts.cli import list_rows, print_rows
 from hpo_sync.alerts.receivers import Receivers
 from hpo_sync.alerts.service import RATE_LIMITS, AlertWorker, backoff_s
@@ -739,6 +739,45 @@ async def test_stall_notices_wait_as_long_as_the_target_asked(
     assert len(calls) == 1 and worker.stalled == set()
     await worker.run_once(now=t + timedelta(seconds=41))
     assert len(calls) == 2 and worker.stalled == {"ws1"}
+    await worker.close()
+
+
+@pytest.mark.parametrize("answer", ["down", "refused"])
+async def test_stall_notices_a_target_fails_back_off(
+    receivers: Receivers, store: Store, db: Path, monkeypatch: pytest.MonkeyPatch, answer: str
+) -> None:
+    """A target that is down (503 without Retry-After) or that refuses the notices (a wrong
+    secret: dead) got them again every round, a second apart, with a warning each, for as
+    long as the stall lasted. The alerts' backoff holds them, over rounds that failed; the
+    notice of every stalled workspace is tried in each round that goes."""
+    cfg = make_config(db, receivers, ("slack",), stalled_after_s=60)
+    workspaces = (WorkspaceConfig("ws1", "nlp"), WorkspaceConfig("ws2", "cv"))
+    cfg = Config(store=cfg.store, alerts=cfg.alerts, workspaces=workspaces)
+    t = now()
+    for ws in ("ws1", "ws2"):
+        store.record_success(ws, "hot", format_time(t - timedelta(seconds=600)))
+    clock = [t]
+    worker = AlertWorker(store, cfg, clock=lambda: clock[0])
+    calls: list[float] = []
+    failing = [True]
+
+    async def scripted(target: Any, message: Any, msg_id: str) -> Any:
+        calls.append((clock[0] - t).total_seconds())
+        if not failing[0]:
+            return Sent()
+        return Retry("HTTP 503") if answer == "down" else Dead("errcode 310000: sign not match")
+
+    monkeypatch.setattr(worker, "_send", scripted)
+    for second in range(0, 40):
+        clock[0] = t + timedelta(seconds=second)
+        await worker.run_once(now=clock[0])
+    # rounds at 0, 5 (backoff 5 s), 15 (10 s), 35 (20 s): both workspaces' notices each
+    assert calls == [0, 0, 5, 5, 15, 15, 35, 35], calls
+    assert backoff_s(1) == 5 and backoff_s(4) == 40
+    failing[0] = False
+    clock[0] = t + timedelta(seconds=75)
+    await worker.run_once(now=clock[0])
+    assert worker.stalled == {"ws1", "ws2"}
     await worker.close()
 
 

@@ -245,8 +245,10 @@ class AlertWorker:
         self._busy: dict[str, asyncio.Task[int]] = {}
         #: per target, its stall notices going out (see :meth:`check_stalls`)
         self._announcing: dict[str, asyncio.Task[None]] = {}
-        #: per target, when a stall notice it asked to wait for (429, 130101…) may go again
+        #: per target, when a stall notice may go again: after the wait it asked for (429,
+        #: 130101…), else after the backoff of its notices that failed in a row
         self._notice_wait: dict[str, datetime] = {}
+        self._notice_failures: dict[str, int] = {}
         #: per target, the outcomes of its sends that the mirror could not record (a full
         #: disk, a lock held too long), oldest first: the target gets nothing more until
         #: they are recorded (see :meth:`_record`)
@@ -456,21 +458,41 @@ class AlertWorker:
     async def _announce_all(
         self, target: TargetConfig, notices: Sequence[StallNotice], told: set[str]
     ) -> None:
+        failed = False
         for notice in notices:
-            if await self._announce(target, notice):
+            outcome = await self._announce(target, notice)
+            if isinstance(outcome, Sent):
                 if notice.state == "stalled":
                     told.add(notice.workspace_id)
                 else:
                     told.discard(notice.workspace_id)
-            elif self._notices_wait(target.name, self.clock()):
-                return  # it asked to wait just now: the rest go after that wait
+                self._notice_failures.pop(target.name, None)
+                continue
+            asked = outcome.after_s if isinstance(outcome, Retry) else None
+            if asked:  # the rest go after that wait
+                wait_s = min(asked, RETRY_AFTER_MAX_S)
+                self._notice_wait[target.name] = self.clock() + timedelta(seconds=wait_s)
+                return
+            # The others are tried this round all the same (it may refuse this workspace's
+            # notice alone), then the backoff holds the next.
+            failed = True
+        if failed:
+            # Not the next round (every second): a target that is down, or that refuses
+            # notices (a wrong secret), got them again every round for as long as the stall
+            # lasted, each with a warning. The alerts' backoff, over rounds that failed.
+            rounds = self._notice_failures[target.name] = (
+                self._notice_failures.get(target.name, 0) + 1
+            )
+            wait_s = backoff_s(rounds)
+            self._notice_wait[target.name] = self.clock() + timedelta(seconds=wait_s)
+            log.info("alert.stall_notices_backoff", target=target.name, retry_in_s=wait_s)
 
     @property
     def stalled(self) -> set[str]:
         """Workspaces some target was told are stalled (and not yet that they recovered)."""
         return set().union(*self._stalled.values())
 
-    async def _announce(self, target: TargetConfig, notice: StallNotice) -> bool:
+    async def _announce(self, target: TargetConfig, notice: StallNotice) -> Outcome:
         last = notice.last_success_at
         last_text = last.strftime("%Y-%m-%dT%H:%M:%SZ") if last else None
         payload = render_notice(
@@ -487,16 +509,14 @@ class AlertWorker:
         if isinstance(outcome, Sent):
             log.info(event, target=target.name, workspace=notice.workspace_id)
             self._notice_wait.pop(target.name, None)
-            return True
-        reason = getattr(outcome, "reason", "")
-        log.warning(event, target=target.name, workspace=notice.workspace_id, reason=reason)
-        if isinstance(outcome, Retry) and outcome.after_s:
-            wait_s = min(outcome.after_s, RETRY_AFTER_MAX_S)
-            self._notice_wait[target.name] = self.clock() + timedelta(seconds=wait_s)
-        return False
+        else:
+            reason = getattr(outcome, "reason", "")
+            log.warning(event, target=target.name, workspace=notice.workspace_id, reason=reason)
+        return outcome
 
     def _notices_wait(self, target: str, at: datetime) -> bool:
-        """Whether ``target``'s stall notices wait, at ``at``, for a wait it asked for."""
+        """Whether ``target``'s stall notices wait, at ``at``: for a wait it asked for, or
+        the backoff of rounds of them that failed."""
         return at < self._notice_wait.get(target, at)
 
     def _waiting(self, now: datetime) -> set[str]:
