@@ -347,6 +347,22 @@ async def test_an_answer_echoing_basic_auth_never_leaks_the_password(
     assert auth.removeprefix("Basic ") not in seen and "S3cret" not in seen
 
 
+def test_the_alert_table_shows_upstream_text_as_ls_does() -> None:
+    """``alerts list`` printed a name (upstream's) and a last error (a target's answer) as
+    they were: an escape sequence, a NUL, a right-to-left override reached the terminal."""
+    row = {
+        "id": 7, "status": "pending", "target": "hook", "attempts": 2,
+        "name": "ctl\x00\x1b[31mred\u202eevil", "experiment_id": "e\u2066x",
+        "field": "Status", "from": "RUNNING", "to": "FAILED\x1b[2J",
+        "last_error": "HTTP 500: \x1b]0;pwned\x07 down",
+    }  # fmt: skip
+    listing = io.StringIO()
+    print_rows([row], "table", listing)
+    text = listing.getvalue()
+    assert not {"\x00", "\x1b", "\x07", "\u202e", "\u2066"} & set(text), repr(text)
+    assert "ctl  [31mredevil (ex)" in text and "HTTP 500:  ]0;pwned  down" in text
+
+
 async def test_dingtalk_130101_retried_then_310000_dead(
     receivers: Receivers, store: Store, db: Path
 ) -> None:

@@ -21,7 +21,7 @@ from hpo_sync.cli_query import limit_type
 from hpo_sync.config import Config, TargetConfig
 from hpo_sync.errors import StoreError
 from hpo_sync.normalise import format_time
-from hpo_sync.render import json_array_chunks, json_line
+from hpo_sync.render import clean, json_array_chunks, json_line
 from hpo_sync.store import Store
 
 from . import outbox
@@ -213,11 +213,13 @@ def print_rows(rows: Sequence[dict[str, Any]], fmt: str, out: TextIO) -> None:
         file=out,
     )
     for r in rows:
-        exp = f"{r['name'] or ''} ({r['experiment_id']})"
-        change = f"{r['field']} {r['from'] or '-'} → {r['to'] or '-'}"
-        tail = f"{change}  [{r['last_error']}]" if r["last_error"] else change
+        # Upstream's names and a target's answers, shown as `ls` shows text: escapes,
+        # control and bidirectional characters reached the terminal as they were.
+        exp = clean(f"{r['name'] or ''} ({r['experiment_id']})")
+        change = clean(f"{r['field']} {r['from'] or '-'} → {r['to'] or '-'}")
+        tail = f"{change}  [{clean(r['last_error'])}]" if r["last_error"] else change
         print(
-            f"{r['id']:>6}  {r['status']:7}  {r['target'][:16]:16}  {r['attempts']:>5}"
+            f"{r['id']:>6}  {r['status']:7}  {clean(r['target'])[:16]:16}  {r['attempts']:>5}"
             f"  {exp[:28]:28}  {tail}",
             file=out,
         )
