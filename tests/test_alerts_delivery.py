@@ -758,6 +758,21 @@ async def test_stall_notices_wait_as_long_as_the_target_asked(
     await worker.close()
 
 
+def _two_stalled_workspaces(
+    receivers: Receivers, store: Store, db: Path
+) -> tuple[AlertWorker, datetime, list[datetime]]:
+    """A worker telling Slack of two workspaces that last synced 10 minutes ago (stalled
+    after 60 s), on a clock the test moves: ``(worker, start, [now])``."""
+    cfg = make_config(db, receivers, ("slack",), stalled_after_s=60)
+    workspaces = (WorkspaceConfig("ws1", "nlp"), WorkspaceConfig("ws2", "cv"))
+    cfg = Config(store=cfg.store, alerts=cfg.alerts, workspaces=workspaces)
+    t = now()
+    for ws in ("ws1", "ws2"):
+        store.record_success(ws, "hot", format_time(t - timedelta(seconds=600)))
+    clock = [t]
+    return AlertWorker(store, cfg, clock=lambda: clock[0]), t, clock
+
+
 @pytest.mark.parametrize("answer", ["down", "refused"])
 async def test_stall_notices_a_target_fails_back_off(
     receivers: Receivers, store: Store, db: Path, monkeypatch: pytest.MonkeyPatch, answer: str
@@ -766,14 +781,7 @@ async def test_stall_notices_a_target_fails_back_off(
     secret: dead) got them again every round, a second apart, with a warning each, for as
     long as the stall lasted. The alerts' backoff holds them, over rounds that failed; the
     notice of every stalled workspace is tried in each round that goes."""
-    cfg = make_config(db, receivers, ("slack",), stalled_after_s=60)
-    workspaces = (WorkspaceConfig("ws1", "nlp"), WorkspaceConfig("ws2", "cv"))
-    cfg = Config(store=cfg.store, alerts=cfg.alerts, workspaces=workspaces)
-    t = now()
-    for ws in ("ws1", "ws2"):
-        store.record_success(ws, "hot", format_time(t - timedelta(seconds=600)))
-    clock = [t]
-    worker = AlertWorker(store, cfg, clock=lambda: clock[0])
+    worker, t, clock = _two_stalled_workspaces(receivers, store, db)
     calls: list[float] = []
     failing = [True]
 
@@ -803,14 +811,7 @@ async def test_a_wait_asked_for_once_does_not_stop_later_notices(
     """Two workspaces stall; the first one's notice is answered with a wait of 40 s, then
     with 502s. After the wait, the second one's notice must still go: a wait that was over
     used to end every round at the first notice that failed."""
-    cfg = make_config(db, receivers, ("slack",), stalled_after_s=60)
-    workspaces = (WorkspaceConfig("ws1", "nlp"), WorkspaceConfig("ws2", "cv"))
-    cfg = Config(store=cfg.store, alerts=cfg.alerts, workspaces=workspaces)
-    t = now()
-    for ws in ("ws1", "ws2"):
-        store.record_success(ws, "hot", format_time(t - timedelta(seconds=600)))
-    clock = [t]
-    worker = AlertWorker(store, cfg, clock=lambda: clock[0])
+    worker, t, clock = _two_stalled_workspaces(receivers, store, db)
     answers = iter([Retry("HTTP 429", after_s=40.0)])
     calls: list[str] = []
 
