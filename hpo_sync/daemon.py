@@ -62,6 +62,10 @@ log = structlog.get_logger(__name__)
 
 #: How long a stop waits for cancelled sweeps to wind down (their store transaction included).
 STOP_SWEEPS_TIMEOUT_S = 5.0
+# How often the daemon looks whether the clock was stepped, and how far it must have moved
+# against the monotonic clock to count (see ClockStepWatch).
+CLOCK_CHECK_S = 1.0
+CLOCK_STEP_S = 2.0
 #: aiohttp's graceful shutdown of open connections (its default is 60 s).
 API_SHUTDOWN_TIMEOUT_S = 1.0
 #: Modules that may provide ``build_service(runtime) -> DaemonService | None``.
@@ -219,6 +223,44 @@ def status_line(health: Mapping[str, WorkspaceHealth], api_url: str | None) -> s
 
 def job_id(workspace_id: str, kind: Literal["hot", "full"]) -> str:
     return f"{kind}:{workspace_id}"
+
+
+class ClockStepWatch:
+    """Tells when this machine's clock was stepped (set, not slewed): the wall clock moved
+    against the monotonic one by ``threshold_s`` or more since the last look. Slewing (NTP
+    nudging the rate) moves them apart by far less between two looks a second apart."""
+
+    def __init__(
+        self,
+        threshold_s: float = CLOCK_STEP_S,
+        wall: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._threshold_s, self._wall, self._monotonic = threshold_s, wall, monotonic
+        self._offset = wall() - monotonic()
+
+    def step_s(self) -> float:
+        """The step since the last look (negative: back), 0.0 for none."""
+        offset = self._wall() - self._monotonic()
+        step, self._offset = offset - self._offset, offset
+        return step if abs(step) >= self._threshold_s else 0.0
+
+
+def shift_jobs(scheduler: AsyncIOScheduler, step_s: float) -> int:
+    """Move every job's next run by ``step_s`` (the clock's step), so that it comes as long
+    after now as it would have without the step; returns how many moved.
+
+    APScheduler keeps next run times on the wall clock and sleeps until the next one on the
+    event loop's monotonic clock: after a step back of ten minutes (an NTP step after boot,
+    an operator's ``date -s``) every sweep waited ten minutes more, and the wait, once
+    computed, outlasted the clock being set right again. Modifying a job wakes the
+    scheduler, which computes its wait afresh."""
+    moved = 0
+    for job in scheduler.get_jobs():
+        if job.next_run_time is not None:
+            job.modify(next_run_time=job.next_run_time + timedelta(seconds=step_s))
+            moved += 1
+    return moved
 
 
 def make_trigger(
@@ -520,6 +562,9 @@ class Daemon:
             )
             self._track(task)
             stack.callback(task.cancel)
+        clock_task = asyncio.create_task(self._watch_clock(), name="clock-step-watch")
+        self._track(clock_task)
+        stack.callback(clock_task.cancel)
         log.info(
             "daemon.ready",
             workspaces=list(cfg.workspace_ids()),
@@ -565,6 +610,16 @@ class Daemon:
                 self.notifier.watchdog()
             else:
                 log.error("daemon.unhealthy", reason="scheduler not running")
+
+    async def _watch_clock(self) -> None:
+        """Keep the sweeps' schedule through a step of the clock (:func:`shift_jobs`)."""
+        watch = ClockStepWatch()
+        while True:
+            await asyncio.sleep(CLOCK_CHECK_S)
+            step_s = watch.step_s()
+            if step_s and self._scheduler is not None and self._scheduler.running:
+                moved = shift_jobs(self._scheduler, step_s)
+                log.warning("daemon.clock_stepped", step_s=round(step_s, 1), jobs_moved=moved)
 
     # --- scheduling ------------------------------------------------------------------------
 

@@ -17,12 +17,14 @@ from hpo_sync.api import alert_backlog, readiness
 from hpo_sync.config import Config, SyncConfig, WorkspaceConfig, loads
 from hpo_sync.daemon import (
     Backoff,
+    ClockStepWatch,
     after_sweep,
     backoff_delay_s,
     counts_as_failure,
     first_full_at,
     make_trigger,
     plan_reload,
+    shift_jobs,
     startup_mode,
     status_line,
     wait_before_sweep_s,
@@ -379,3 +381,44 @@ def test_signals_held_while_run_starts_get_their_default_action_back_if_it_fails
     broken.write_text("[sync]\nhot_interval_s = 'soon'\n", encoding="utf-8")
     assert main(["--config", str(broken), "run"]) == 2
     assert {sig: signal.getsignal(sig) for sig in held_signals.HELD} == before
+
+
+def test_a_step_of_the_clock_is_told_from_slewing() -> None:
+    wall, mono = [1000.0], [50.0]
+    watch = ClockStepWatch(threshold_s=2.0, wall=lambda: wall[0], monotonic=lambda: mono[0])
+    wall[0], mono[0] = 1001.01, 51.0  # slewed: 10 ms in a second
+    assert watch.step_s() == 0.0
+    wall[0], mono[0] = 402.0, 52.0  # set back ten minutes
+    assert watch.step_s() == pytest.approx(-600.01)
+    wall[0], mono[0] = 403.0, 53.0  # then on as before: no new step
+    assert watch.step_s() == 0.0
+    wall[0], mono[0] = 1004.0, 54.0  # set right again
+    assert watch.step_s() == pytest.approx(600.0)
+
+
+async def test_jobs_moved_by_a_step_back_of_the_clock_run_when_they_were_due() -> None:
+    """After the clock was set back ten minutes, APScheduler's next run times (wall clock)
+    lay ten minutes further off, and the wait it had computed (monotonic) outlasted the
+    clock being set right: every sweep stopped for ten minutes. Moved by the step, a job
+    due in half a second runs in half a second."""
+    import asyncio
+
+    from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+    ran = asyncio.Event()
+
+    async def job() -> None:
+        ran.set()
+
+    scheduler = AsyncIOScheduler(timezone=UTC)
+    scheduler.start()
+    try:
+        # as the schedule stands just after a step back of 600 s, 0.5 s before the run
+        due = datetime.now(UTC) + timedelta(seconds=600.5)
+        scheduler.add_job(job, make_trigger(3600, 0), next_run_time=due, id="hot:ws")
+        await asyncio.sleep(0.2)  # the scheduler has computed its wait: ~600 s
+        assert not ran.is_set()
+        assert shift_jobs(scheduler, -600.0) == 1
+        await asyncio.wait_for(ran.wait(), timeout=5)
+    finally:
+        scheduler.shutdown(wait=False)
