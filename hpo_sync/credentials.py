@@ -94,5 +94,8 @@ def _tame_library_logging() -> None:
 
 
 def _first_line(exc: BaseException) -> str:
+    """The chain's error, on one line. It lists every provider it tried, the one that is
+    wrong last but one (the ECS role's comes last): cut at 300 characters, it never said
+    what was wrong with a credentials file. 2,000 hold every provider's reason."""
     text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
+    return text[0][:2000] if text else type(exc).__name__

@@ -173,6 +173,15 @@ class ClientGarbageFilter(logging.Filter):
         return True
 
 
+class _DebugOnly(logging.Filter):
+    """Lets a logger's records through only while the log level is debug."""
+
+    enabled = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.enabled
+
+
 def route_stdlib(handler: logging.Handler, level: int) -> None:
     """Send stdlib logging (libraries) to ``handler`` at ``level``, minus their chatter."""
     root = logging.getLogger()
@@ -189,6 +198,13 @@ def route_stdlib(handler: logging.Handler, level: int) -> None:
     # The credentials library logs every provider that fails while the chain is tried, with
     # a traceback; the chain's outcome is ours to report (CredentialsError), so its records
     # show only at debug. Set here, so that a reload to or from debug applies to it too.
-    logging.getLogger(CREDENTIALS_LOGGER).setLevel(
-        logging.DEBUG if level <= logging.DEBUG else logging.CRITICAL + 1
-    )
+    credentials = logging.getLogger(CREDENTIALS_LOGGER)
+    credentials.setLevel(logging.DEBUG if level <= logging.DEBUG else logging.CRITICAL + 1)
+    # ... but its provider modules, imported as the chain first runs, set that level to INFO
+    # again (and add handlers of their own): a filter on the logger itself, which the
+    # library does not touch, decides instead.
+    debug_only = next((f for f in credentials.filters if isinstance(f, _DebugOnly)), None)
+    if debug_only is None:
+        debug_only = _DebugOnly()
+        credentials.addFilter(debug_only)
+    debug_only.enabled = level <= logging.DEBUG

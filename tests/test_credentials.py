@@ -63,8 +63,10 @@ def library_logger() -> Iterator[logging.Logger]:
     assert any(type(h) is logging.StreamHandler for h in logger.handlers)
     root = logging.getLogger()
     saved = (list(logger.handlers), logger.level, list(root.handlers), root.level)
+    filters = list(logger.filters)
     yield logger
     logger.handlers[:], level, root.handlers[:], root_level = saved
+    logger.filters[:] = filters
     logger.setLevel(level)
     root.setLevel(root_level)
     structlog.reset_defaults()
@@ -90,3 +92,37 @@ def test_the_library_logs_through_our_handler_and_only_at_debug(
     logs.configure("info", "json")  # and a reload back to info silences them again
     library_logger.warning("Refresh credentials failed, cached value is None")
     assert capsys.readouterr().err == ""
+
+
+def test_provider_modules_imported_later_do_not_let_the_library_log(
+    library_logger: logging.Logger, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The chain imports its provider modules as it first runs, after logging is set up;
+    each sets the logger's level to INFO again and adds its own stderr handler: every
+    failed sweep then logged the library's warning and a traceback at info."""
+    logs.configure("info", "json")
+    _tame_library_logging()
+    library_logger.setLevel(logging.INFO)  # what importing a provider module does
+    library_logger.addHandler(logging.StreamHandler())
+    library_logger.warning("Refresh credentials failed, cached value is None")
+    library_logger.error("Failed to get RAM session credentials", exc_info=ValueError("x"))
+    assert capsys.readouterr().err == ""
+
+
+def test_the_chains_error_keeps_every_providers_reason() -> None:
+    """Cut at 300 characters, the error stopped before the provider that said what was
+    wrong (an unsupported type in credentials.ini)."""
+    from hpo_sync.credentials import _first_line
+
+    reasons = [
+        "EnvironmentVariableCredentialsProvider: Environment variable accessKeyId cannot be empty",
+        "OIDCRoleArnCredentialsProvider: roleArn or environment variable "
+        "ALIBABA_CLOUD_ROLE_ARN cannot be empty",
+        "CLIProfileCredentialsProvider: unable to open credentials file: /root/.aliyun/config.json",
+        "ProfileCredentialsProvider: unsupported credential type weird from credentials file "
+        "/root/.alibabacloud/credentials.ini",
+        "EcsRamRoleCredentialsProvider: Failed to get RAM session credentials from ECS metadata",
+    ]
+    message = f"unable to get credentials from any of the providers in the chain: {reasons}"
+    assert len(message) > 500
+    assert "unsupported credential type weird" in _first_line(RuntimeError(message))
