@@ -440,7 +440,17 @@ class Simulator:
                 "IncompleteSignature",
                 "The request signature does not conform to Aliyun standards.",
             )
-        missing = [h for h in _REQUIRED_SIGNED if h not in parsed.signed_headers]
+        # Every x-acs-* header sent must be signed (the gateway's rule): a security token
+        # left out of SignedHeaders was taken, so a client that stopped signing it would
+        # have passed every test against the simulator.
+        sent_acs = sorted(
+            name.lower() for name in request.headers if name.lower().startswith("x-acs-")
+        )
+        missing = [
+            h
+            for h in dict.fromkeys([*_REQUIRED_SIGNED, *sent_acs])
+            if h not in parsed.signed_headers
+        ]
         if missing:
             raise _Reject(
                 400,
