@@ -391,7 +391,9 @@ async def _sync_once(
     from .sync import SyncEngine
 
     try:
-        cfg.store.path.parent.mkdir(parents=True, exist_ok=True)
+        if not cfg.store.path.parent.exists():  # said, so that a mistyped path shows
+            cfg.store.path.parent.mkdir(parents=True, exist_ok=True)
+            log.warning("store.directory_created", path=str(cfg.store.path.parent))
     except OSError as exc:
         raise StoreError(
             f"store.path: cannot create the mirror's directory {cfg.store.path.parent}: "

@@ -461,7 +461,9 @@ class Daemon:
         cfg = self.config
         db_path = cfg.store.path
         try:
-            db_path.parent.mkdir(parents=True, exist_ok=True)
+            if not db_path.parent.exists():  # said, so that a mistyped path shows
+                db_path.parent.mkdir(parents=True, exist_ok=True)
+                log.warning("store.directory_created", path=str(db_path.parent))
         except OSError as exc:
             raise DaemonError(
                 f"cannot create the mirror's directory {db_path.parent}: {exc.strerror}"

@@ -200,6 +200,20 @@ async def test_a_mirror_directory_that_cannot_be_made_is_one_clear_error(
     assert "Traceback" not in err
 
 
+async def test_a_mirror_directory_that_is_made_is_said(sim: Simulator, tmp_path: Path) -> None:
+    """A missing directory is made (the first run of a fresh install), with a warning: a
+    mistyped path silently started a second, empty mirror."""
+    cfg = write_config(tmp_path / "c.toml", sim.base_url, ["100001"])
+    mirror = tmp_path / "new" / "sub" / "mirror.db"
+    cfg.write_text(cfg.read_text().replace(str(tmp_path / "mirror.db"), str(mirror)))
+    code, _, err = await run_cli("sync", "--config", str(cfg), "--log-format", "json")
+    assert code == 0 and mirror.exists(), err
+    made = [json.loads(line) for line in err.splitlines() if "store.directory_created" in line]
+    assert len(made) == 1 and made[0]["path"] == str(mirror.parent)
+    code, _, err = await run_cli("sync", "--config", str(cfg), "--log-format", "json")
+    assert code == 0 and "store.directory_created" not in err
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
