@@ -1629,6 +1629,34 @@ async def test_rows_of_one_create_time_that_straddle_pages_are_read_once_more() 
     assert len(windows) == 1 and windows[0]["MinCreateTime"] < tie.replace("T", " ")
 
 
+async def test_ties_at_more_than_twenty_page_boundaries_are_all_read_again() -> None:
+    """A workspace of batches created within a second: a tie straddles 30 of a listing's
+    59 page boundaries, each query ordering ties its own way. Capped at 20 tie windows, the
+    rows the later ties lost were lost in every reading: a baseline never held."""
+    import random
+
+    rows = _rows_a_second_apart(600)
+    for boundary in range(1, 60, 2):  # 30 boundaries: rows 10k-2 … 10k+1 share a second
+        tie = rows[boundary * 10 - 2]["GmtCreateTime"]
+        for i in range(boundary * 10 - 1, boundary * 10 + 2):
+            rows[i]["GmtCreateTime"] = tie
+
+    def arrange(q: dict[str, str], chosen: Rows) -> Rows:
+        if "MaxCreateTime" in q:
+            return chosen  # (a window: one order for all its pages)
+        rng = random.Random(repr(sorted(q.items())))
+        groups: dict[str, Rows] = {}
+        for r in chosen:
+            groups.setdefault(r["GmtCreateTime"], []).append(r)
+        for group in groups.values():
+            rng.shuffle(group)
+        return [r for t in sorted(groups) for r in groups[t]]
+
+    listing = await _list_all_from(rows, arrange, ListQuery(workspace_id="w"), 10)
+    assert listing.complete and listing.consistent
+    assert listing.seen_ids == {r["ExperimentId"] for r in rows}
+
+
 @pytest.mark.parametrize("since", [None, datetime(2024, 1, 1, 0, 0, 3, tzinfo=UTC)])
 async def test_a_tie_larger_than_a_page_is_read_again_in_one_page(since: datetime | None) -> None:
     """25 experiments of one create time (a batch submitted at once) at a page size of 10,
