@@ -35,10 +35,14 @@ MinCreateTime (1. is the whole workspace) gets 1. newest first, read until the w
 
 Look-ups: missing experiments are grouped into create-time windows planned from the
 mirror's own create times so that each window holds about one page (:func:`plan_windows`):
-a handful of calls for many experiments that finished around the same time. One still
-missing after its window is looked up by name in a ±14 h window (any zone upstream may read
-times in), and one its name does not find either (renamed meanwhile) by its creator in the
-same window, one look-up per creator and stretch of time, before it is declared deleted.
+a handful of calls for many experiments that finished around the same time; each window
+reaches to the mirror's next experiment on either side. One still missing after a window
+that adds up and returned experiments created before and after it is gone: upstream read a
+range holding its create time, whatever zone it read the bounds in. One not so bracketed is
+looked up by name in a ±14 h window (any zone upstream may read times in), and one its name
+does not find either (renamed meanwhile) by its creator in the same window, one look-up per
+creator and stretch of time, before it is declared deleted. An upstream seen to ignore
+MinCreateTime gets no windows (each would be the whole workspace): names and creators.
 
 Why a hot sweep cannot miss a status change of a non-terminal experiment: such an experiment
 is either still in one of the listed statuses (step 2 returns it with its current fields; an
@@ -671,23 +675,39 @@ class SyncEngine:
         """Find experiments a listing did not return: first by create-time windows planned
         from the mirror (a few calls for many experiments), then each one still missing by
         name in a window wide enough for any zone; apply what is found and mark deleted what
-        complete listings do not return."""
+        complete listings do not return.
+
+        A window reaches to the mirror's next experiment on each side. When its listing adds
+        up and returns experiments created before and after a missing one, upstream read a
+        range that holds that one's create time, in whatever zone it reads the bounds (the
+        bounds move together): it is gone, with no look-up by name or creator (those are for
+        a window that upstream read elsewhere, ~3 calls an experiment). An upstream seen to
+        ignore MinCreateTime gets no windows: each would be the whole workspace."""
         if not missing:
             return
         unreadable = 0  # records without a readable ExperimentId the windows returned
         times = sorted(t for t in (parse_time(v) for v in population) if t)
         dated = {i: parse_time(row.get("gmt_create_time")) for i, row in missing.items()}
         targets = sorted(t for t in dated.values() if t)
-        for low, high in plan_windows(targets, times, self.config.upstream.page_size):
+        windows = (
+            []
+            if result.workspace_id in self._min_create_ignored
+            else plan_windows(targets, times, max(1, self.config.upstream.page_size - 2))
+        )
+        bracketed: set[str] = set()
+        for low, high in windows:
             result.lookups += 1
+            before, after = bisect.bisect_left(times, low), bisect.bisect_right(times, high)
+            reach_low = times[before - 1] if before else low
+            reach_high = times[after] if after < len(times) else high
             # WINDOW_EDGE more on each side: else an upstream with exclusive bounds answers
             # nothing for the window [t, t] of one experiment, and the look-up by name after
             # it misses one renamed meanwhile, which would then be taken for deleted.
             listing = await self.client.list_all(
                 self._query(
                     result.workspace_id,
-                    min_create_time=low - WINDOW_EDGE,
-                    max_create_time=high + WINDOW_EDGE,
+                    min_create_time=reach_low - WINDOW_EDGE,
+                    max_create_time=reach_high + WINDOW_EDGE,
                 ),
                 tally=tally,
             )
@@ -695,7 +715,10 @@ class SyncEngine:
                 raise listing.error or UpstreamError("look-up incomplete")
             unreadable += listing.skipped
             await self._apply(result, listing.experiments, seen=seen)
-        still = {i: row for i, row in missing.items() if i not in seen}
+            if listing.consistent and not listing.skipped and not listing.rows_missing:
+                bracketed.update(self._bracketed(listing, dated, low, high))
+        proven = sorted(i for i in bracketed if i not in seen)
+        still = {i: row for i, row in missing.items() if i not in seen and i not in bracketed}
         gone: list[str] = []
 
         async def look(exp_id: str, row: Mapping[str, Any]) -> None:
@@ -710,6 +733,7 @@ class SyncEngine:
                 group.create_task(look(exp_id, row))
         if gone:
             gone = await self._by_creator(result, tally, gone, missing, dated, seen)
+        gone = proven + gone
         if gone and unreadable:
             # a window around them returned records that could be them, renamed
             result.skipped_records += unreadable
@@ -722,6 +746,32 @@ class SyncEngine:
                 workspace_id=result.workspace_id,
             )
         await self._mark_deleted(result, gone)
+
+    def _bracketed(
+        self,
+        listing: Listing,
+        dated: Mapping[str, datetime | None],
+        low: datetime,
+        high: datetime,
+    ) -> Iterator[str]:
+        """The experiments of ``dated`` created in ``[low, high]`` that ``listing`` (a
+        window's, complete and adding up) returned experiments created strictly before and
+        strictly after: whatever zone upstream read the window's bounds in, its range held
+        their create times. (Strictly: an upstream keeping finer times than the whole
+        seconds it shows may hold an equal one on either side.)"""
+        zone = self.config.upstream.tz
+        returned = [
+            t
+            for raw in listing.experiments
+            if isinstance(raw, dict)
+            and (t := parse_time(raw.get("GmtCreateTime"), naive_tz=zone)) is not None
+        ]
+        if not returned:
+            return
+        first, last = min(returned), max(returned)
+        for exp_id, created in dated.items():
+            if created is not None and low <= created <= high and first < created < last:
+                yield exp_id
 
     def _query(self, workspace_id: str, **filters: Any) -> ListQuery:
         return ListQuery(
