@@ -442,8 +442,9 @@ class SyncEngine:
     def _check_status_filter(self, workspace_id: str, asked: str, page: Page) -> None:
         """Warn (once per workspace) when a listing of one status returns experiments of
         others: upstream ignores the Status filter. Nothing is lost (every row returned is
-        applied), but each status listing is the whole workspace: later hot sweeps list it
-        once instead (see :meth:`_hot`)."""
+        applied), but each status listing is the whole workspace: the sweep's status
+        listings stop, and it and later hot sweeps list the workspace once instead (see
+        :meth:`_hot`)."""
         wanted = asked.strip().upper()
         # A blank status is none (as normalise reads it), not another one: one such record
         # took a listing of RUNNING for the whole workspace, for the rest of the process.
@@ -950,6 +951,11 @@ class SyncEngine:
             async def checked(page: Page) -> None:
                 if query.status is not None and ws not in self._status_filter_ignored:
                     self._check_status_filter(ws, query.status, page)
+                if query.status is not None and ws in self._status_filter_ignored:
+                    # Learnt now, by this listing or another: each status listing would be
+                    # the whole workspace (the first sweep to learn it cost several full
+                    # sweeps). They stop here; the workspace is listed once instead, below.
+                    raise _StatusFilterIgnored
                 if since is not None and label == "new" and ws not in self._min_create_ignored:
                     self._check_min_create(ws, since, page)
                 await on_page(page)
@@ -958,6 +964,8 @@ class SyncEngine:
                 listings[label] = await self.client.list_all(
                     query, on_page=checked, tally=tally, keep=False
                 )
+            except _StatusFilterIgnored:
+                return
             except FatalUpstreamError as exc:
                 if query.status is None or not rejects_parameter(exc):
                     raise
@@ -1018,6 +1026,13 @@ class SyncEngine:
                 )
             if self._bumps.get(ws) is not False and ws not in self._feed_refused:
                 group.create_task(self._modified_feed(result, tally, state, on_page))
+        if not whole and ws in self._status_filter_ignored:  # learnt by this sweep
+            await run(
+                "all",
+                ListQuery(
+                    workspace_id=ws, sort_by=up.sort_by, order="ASC", include_config_data=True
+                ),
+            )
         # Records without a readable ExperimentId: the listings left them out of the pages
         # they handed on, and counted them (the feed's pages count theirs as applied;
         # the largest count of one listing: the same record can come in several of them)
@@ -1382,6 +1397,10 @@ def _note_count_moved(result: SweepResult, listing: Listing) -> None:
 
 
 _COUNT_MOVED = "TotalCount varied"
+
+
+class _StatusFilterIgnored(Exception):
+    """A hot sweep's status listing stops: upstream ignores the Status filter (see _hot)."""
 
 
 def _fell_short(listing: Listing) -> bool:

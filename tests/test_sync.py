@@ -2190,8 +2190,10 @@ async def test_once_upstream_ignores_the_status_filter_a_hot_sweep_lists_the_wor
     tmp_path: Path,
 ) -> None:
     """Each status listing of such an upstream is the whole workspace: a hot sweep that asked
-    for four statuses cost five full listings. Once seen, it lists the workspace once (the
-    listing of what is new included) and still catches a status change and a new one."""
+    for four statuses cost five full listings, and so did every later one. The status
+    listings stop at the page that shows it, and that sweep and the later ones list the
+    workspace once instead (the listing of what is new included), still catching a status
+    change and a new one."""
     async for rig in make_rig(tmp_path, _still_world(300, seed=31), page_size=20):
         ws, world = rig.sim.world.workspace_ids[0], rig.sim.world
         full = await rig.engine.sweep(ws)
@@ -2211,7 +2213,8 @@ async def test_once_upstream_ignores_the_status_filter_a_hot_sweep_lists_the_wor
             world.advance(5)
             second = await rig.engine.sweep(ws, "hot")
         assert first.status == second.status == "ok"
-        assert first.api_calls > 3 * full.api_calls
+        # the workspace once, and a page or two of each status listing before they stopped
+        assert first.api_calls <= 2 * full.api_calls, first.summary()
         # the workspace once, the modified feed and the look-ups of any it missed
         assert second.api_calls <= full.api_calls + 3, second.summary()
         assert mirror_rows(rig.store, ws)[running["ExperimentId"]]["status"] == "FAILED"
