@@ -31,7 +31,8 @@ Hot sweep (every ``hot_interval_s``): asks only for what can have changed recent
 An upstream seen to ignore the Status filter (each listing of 2. is the whole workspace)
 gets one listing of the whole workspace instead of 1. and 2.; one seen to ignore
 MinCreateTime (1. is the whole workspace) gets 1. newest first, read until the watermark
-(:meth:`SyncEngine._newest_first`).
+(:meth:`SyncEngine._newest_first`). The sweep that sees it stops the listings concerned at
+the page that shows it and reads the other way at once.
 
 Look-ups: missing experiments are grouped into create-time windows planned from the
 mirror's own create times so that each window holds about one page (:func:`plan_windows`):
@@ -955,16 +956,18 @@ class SyncEngine:
                     # Learnt now, by this listing or another: each status listing would be
                     # the whole workspace (the first sweep to learn it cost several full
                     # sweeps). They stop here; the workspace is listed once instead, below.
-                    raise _StatusFilterIgnored
+                    raise _FilterIgnored
                 if since is not None and label == "new" and ws not in self._min_create_ignored:
                     self._check_min_create(ws, since, page)
+                    if ws in self._min_create_ignored:
+                        raise _FilterIgnored  # what is new is read newest first, below
                 await on_page(page)
 
             try:
                 listings[label] = await self.client.list_all(
                     query, on_page=checked, tally=tally, keep=False
                 )
-            except _StatusFilterIgnored:
+            except _FilterIgnored:
                 return
             except FatalUpstreamError as exc:
                 if query.status is None or not rejects_parameter(exc):
@@ -1027,12 +1030,15 @@ class SyncEngine:
             if self._bumps.get(ws) is not False and ws not in self._feed_refused:
                 group.create_task(self._modified_feed(result, tally, state, on_page))
         if not whole and ws in self._status_filter_ignored:  # learnt by this sweep
+            listings.pop("new", None)  # (the listing of the whole workspace holds it)
             await run(
                 "all",
                 ListQuery(
                     workspace_id=ws, sort_by=up.sort_by, order="ASC", include_config_data=True
                 ),
             )
+        elif since is not None and "new" not in listings and ws in self._min_create_ignored:
+            await newest_first(since)  # learnt by this sweep: its listing stopped
         # Records without a readable ExperimentId: the listings left them out of the pages
         # they handed on, and counted them (the feed's pages count theirs as applied;
         # the largest count of one listing: the same record can come in several of them)
@@ -1399,8 +1405,9 @@ def _note_count_moved(result: SweepResult, listing: Listing) -> None:
 _COUNT_MOVED = "TotalCount varied"
 
 
-class _StatusFilterIgnored(Exception):
-    """A hot sweep's status listing stops: upstream ignores the Status filter (see _hot)."""
+class _FilterIgnored(Exception):
+    """A hot sweep's listing stops: upstream ignores its filter (Status, MinCreateTime), and
+    the sweep reads what it was for another way (see _hot)."""
 
 
 def _fell_short(listing: Listing) -> bool:
