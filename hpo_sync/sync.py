@@ -929,7 +929,6 @@ class SyncEngine:
 
     async def _hot(self, result: SweepResult, tally: Tally, state: WorkspaceState) -> None:
         ws = result.workspace_id
-        up = self.config.upstream
         non_terminal = await asyncio.to_thread(
             self.store.non_terminal_experiments, ws, self.config.sync.terminal_statuses
         )
@@ -988,55 +987,19 @@ class SyncEngine:
         whole = ws in self._status_filter_ignored
         async with asyncio.TaskGroup() as group:
             if whole:
-                group.create_task(
-                    run(
-                        "all",
-                        ListQuery(
-                            workspace_id=ws,
-                            sort_by=up.sort_by,
-                            order="ASC",
-                            include_config_data=True,
-                        ),
-                    )
-                )
+                group.create_task(run("all", self._query(ws)))
             elif since is not None and ws in self._min_create_ignored:
                 group.create_task(newest_first(since))
             else:
-                group.create_task(
-                    run(
-                        "new",
-                        ListQuery(
-                            workspace_id=ws,
-                            min_create_time=since,
-                            sort_by=up.sort_by,
-                            order="ASC",
-                            include_config_data=True,
-                        ),
-                    )
-                )
+                group.create_task(run("new", self._query(ws, min_create_time=since)))
             for status in (s for s in statuses if s not in refused and not whole):
-                group.create_task(
-                    run(
-                        f"status:{status}",
-                        ListQuery(
-                            workspace_id=ws,
-                            status=spelled.get(status, status),
-                            sort_by=up.sort_by,
-                            order="ASC",
-                            include_config_data=True,
-                        ),
-                    )
-                )
+                query = self._query(ws, status=spelled.get(status, status))
+                group.create_task(run(f"status:{status}", query))
             if self._bumps.get(ws) is not False and ws not in self._feed_refused:
                 group.create_task(self._modified_feed(result, tally, state, on_page))
         if not whole and ws in self._status_filter_ignored:  # learnt by this sweep
             listings.pop("new", None)  # (the listing of the whole workspace holds it)
-            await run(
-                "all",
-                ListQuery(
-                    workspace_id=ws, sort_by=up.sort_by, order="ASC", include_config_data=True
-                ),
-            )
+            await run("all", self._query(ws))
         elif since is not None and "new" not in listings and ws in self._min_create_ignored:
             await newest_first(since)  # learnt by this sweep: its listing stopped
         # Records without a readable ExperimentId: the listings left them out of the pages
