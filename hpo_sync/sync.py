@@ -469,27 +469,31 @@ class SyncEngine:
                 hint="hot sweeps list the whole workspace from now on; check the upstream",
             )
 
+    def _times(self, rows: Iterable[Any], field: str = "GmtCreateTime") -> list[datetime]:
+        """The readable times ``field`` of upstream's ``rows``, in their order (a time
+        without a zone read in ``create_time_zone``, as everywhere)."""
+        zone = self.config.upstream.tz
+        return [
+            t
+            for raw in rows
+            if isinstance(raw, dict)
+            and (t := parse_time(raw.get(field), naive_tz=zone)) is not None
+        ]
+
     def _check_min_create(self, workspace_id: str, since: datetime, page: Page) -> None:
         """Warn (once per workspace) when the listing of what was created since ``since``
         returns experiments created well before it (more than any zone offset upstream may
         read the time in): upstream ignores MinCreateTime, so that listing is the whole
         workspace. Later hot sweeps read what is new newest first (:meth:`_newest_first`)."""
-        zone = self.config.upstream.tz  # of times without one, as everywhere
         floor = since - WIDE_WINDOW
-        older = [
-            raw.get("GmtCreateTime")
-            for raw in page.experiments
-            if isinstance(raw, dict)
-            and (created := parse_time(raw.get("GmtCreateTime"), naive_tz=zone)) is not None
-            and created < floor
-        ]
+        older = [t for t in self._times(page.experiments) if t < floor]
         if older:
             self._min_create_ignored.add(workspace_id)
             log.warning(
                 "upstream.min_create_time_ignored",
                 workspace=workspace_id,
                 asked=format_time(since),
-                returned=[str(t) for t in older[:3]],
+                returned=[format_time(t) for t in older[:3]],
                 hint="hot sweeps read new experiments newest first from now on",
             )
 
@@ -761,13 +765,7 @@ class SyncEngine:
         strictly after: whatever zone upstream read the window's bounds in, its range held
         their create times. (Strictly: an upstream keeping finer times than the whole
         seconds it shows may hold an equal one on either side.)"""
-        zone = self.config.upstream.tz
-        returned = [
-            t
-            for raw in listing.experiments
-            if isinstance(raw, dict)
-            and (t := parse_time(raw.get("GmtCreateTime"), naive_tz=zone)) is not None
-        ]
+        returned = self._times(listing.experiments)
         if not returned:
             return
         first, last = min(returned), max(returned)
@@ -1068,19 +1066,13 @@ class SyncEngine:
             order="DESC",
             include_config_data=True,
         )
-        zone = self.config.upstream.tz
         listing = Listing()
         newest_first, previous = True, None
         try:
             async for page in self.client.iter_pages(query, tally=tally):
                 listing.pages_read += 1
                 await on_page(page)
-                times = [
-                    t
-                    for r in page.experiments
-                    if isinstance(r, dict)
-                    and (t := parse_time(r.get("GmtCreateTime"), naive_tz=zone)) is not None
-                ]
+                times = self._times(page.experiments)
                 chain = ([previous] if previous else []) + times
                 newest_first = newest_first and all(a >= b for a, b in itertools.pairwise(chain))
                 previous = times[-1] if times else previous
@@ -1119,16 +1111,10 @@ class SyncEngine:
         )
         try:
             pages = 0
-            zone = self.config.upstream.tz  # of times without one, as everywhere
             async for page in self.client.iter_pages(query, tally=tally):
                 pages += 1
                 await on_page(page)
-                times = [
-                    parse_time(r.get("GmtModifiedTime"), naive_tz=zone)
-                    for r in page.experiments
-                    if isinstance(r, dict)
-                ]
-                oldest = min((t for t in times if t), default=None)
+                oldest = min(self._times(page.experiments, "GmtModifiedTime"), default=None)
                 if oldest is None or oldest < horizon or pages >= MODIFIED_FEED_MAX_PAGES:
                     return
         except FatalUpstreamError as exc:
