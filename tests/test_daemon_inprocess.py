@@ -160,3 +160,56 @@ async def test_daemon_seams(tmp_path: Path, sweep_process: bool) -> None:
             daemon.request_stop()
             await asyncio.wait_for(run, 10)
         assert service.calls == ["start", "reload", "stop"]
+
+
+async def test_a_step_of_the_clock_moves_the_running_daemons_jobs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon watches the clock while it runs and moves its scheduled sweeps by a step
+    (:func:`hpo_sync.daemon.shift_jobs`); here the watch reports a step back of 3 s once
+    (the full sweep, every 10 s, stays due in the future)."""
+    from hpo_sync import daemon as daemon_mod
+
+    class OneStepBack:
+        def __init__(self) -> None:
+            self.steps = [-3.0]
+
+        def step_s(self) -> float:
+            return self.steps.pop() if self.steps else 0.0
+
+    monkeypatch.setattr(daemon_mod, "ClockStepWatch", OneStepBack)
+    monkeypatch.setattr(daemon_mod, "CLOCK_CHECK_S", 0.3)
+    async with Simulator(SimOptions(experiments=30, workspaces=1, seed=4, speed=0)) as sim:
+        cfg_path = tmp_path / "config.toml"
+        cfg_path.write_text(
+            config_text(sim_url=sim.base_url, db=tmp_path / "mirror.db", workspaces=["100001"]),
+            encoding="utf-8",
+        )
+        daemon = Daemon(
+            load(cfg_path),
+            credentials=StaticCredentials(
+                CloudCredentials(DEFAULT_ACCESS_KEY_ID, DEFAULT_ACCESS_KEY_SECRET)
+            ),
+            notifier=Notifier({}),
+            services=[],
+            sweep_process=False,
+        )
+        with capture_logs() as logs:
+            run = asyncio.create_task(daemon.run())
+            try:
+                await asyncio.wait_for(daemon.started.wait(), timeout=10)
+                assert daemon._scheduler is not None
+                job = daemon._scheduler.get_job(job_id("100001", "full"))
+                assert job is not None
+                before = job.next_run_time
+                for _ in range(50):
+                    if any(e["event"] == "daemon.clock_stepped" for e in logs):
+                        break
+                    await asyncio.sleep(0.1)
+                moved = daemon._scheduler.get_job(job_id("100001", "full")).next_run_time
+                assert (before - moved).total_seconds() == pytest.approx(3.0, abs=0.01)
+            finally:
+                daemon.request_stop()
+                await asyncio.wait_for(run, timeout=10)
+        (stepped,) = [e for e in logs if e["event"] == "daemon.clock_stepped"]
+        assert stepped["step_s"] == -3.0 and stepped["jobs_moved"] >= 2
