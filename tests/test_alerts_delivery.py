@@ -4,6 +4,7 @@ and the emulated chat targets on a loopback port."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import io
 import json
@@ -1348,19 +1349,35 @@ async def test_a_new_worker_counts_what_the_last_one_sent_in_the_target_s_window
     await second.close()
 
 
+@contextlib.asynccontextmanager
+async def _answer_held(
+    db: Path, *, alerts: int, statuses: dict[int, int] | None = None
+) -> AsyncIterator[tuple[AlertWorker, Hook, asyncio.Event]]:
+    """A worker whose one webhook holds its answer (``statuses`` by request, else 204) to
+    the first message until the yielded event is set, with ``alerts`` experiments failed
+    and their alerts due; the mirror opened with a short busy timeout, so that a write it
+    cannot take fails at once."""
+    answer = asyncio.Event()
+    hook = Hook(HOOK_SECRET, statuses=statuses or {}, held={0: answer})
+    runner, url = await hook.serve()
+    store = Store.open(db, busy_timeout_s=0.05)
+    try:
+        worker = one_target_worker(store, db, "webhook", url, secret=HOOK_SECRET)
+        world = World(store, worker, alerts)
+        world.fail(world.ids)
+        yield worker, hook, answer
+        await worker.close()
+    finally:
+        store.close()
+        await runner.cleanup()
+
+
 async def test_a_sent_message_the_mirror_cannot_record_is_not_sent_again(db: Path) -> None:
     """The target took the message but marking its rows sent failed (the disk is full, or
     as here the write lock is held): the rows stay pending. They used to go again every
     round, ~1/s, for as long as the writes failed (16 copies in 15 s). The outcome is kept
     and recorded once the mirror takes it; meanwhile the target gets nothing."""
-    answer = asyncio.Event()
-    hook = Hook(HOOK_SECRET, held={0: answer})
-    runner, url = await hook.serve()
-    store = Store.open(db, busy_timeout_s=0.05)
-    try:
-        worker = one_target_worker(store, db, "webhook", url, secret=HOOK_SECRET)
-        world = World(store, worker, 2)
-        world.fail(world.ids)
+    async with _answer_held(db, alerts=2) as (worker, hook, answer):
         t = now()
         with capture_logs() as logs:
             await delivery_under_way(worker, hook, t)
@@ -1379,24 +1396,13 @@ async def test_a_sent_message_the_mirror_cannot_record_is_not_sent_again(db: Pat
         assert len(hook.got) == 1
         assert [e["event"] for e in logs].count("alert.sent") == 1
         assert any(e["event"] == "alert.worker_failed" for e in logs)
-        await worker.close()
-    finally:
-        store.close()
-        await runner.cleanup()
 
 
 async def test_a_retry_the_mirror_cannot_record_still_waits_its_backoff(db: Path) -> None:
     """The target answered 500 and recording the retry failed: it is not asked again every
     round while the writes fail, and once the retry is recorded the message waits its
     backoff from the answer, then goes."""
-    answer = asyncio.Event()
-    hook = Hook(HOOK_SECRET, statuses={0: 500}, held={0: answer})
-    runner, url = await hook.serve()
-    store = Store.open(db, busy_timeout_s=0.05)
-    try:
-        worker = one_target_worker(store, db, "webhook", url, secret=HOOK_SECRET)
-        world = World(store, worker, 1)
-        world.fail(world.ids)
+    async with _answer_held(db, alerts=1, statuses={0: 500}) as (worker, hook, answer):
         t = now()
         await delivery_under_way(worker, hook, t)
         with write_locked(db):
@@ -1414,7 +1420,3 @@ async def test_a_retry_the_mirror_cannot_record_still_waits_its_backoff(db: Path
         assert len(hook.got) == 1
         assert await worker.run_once(now=t + timedelta(seconds=backoff_s(1)), stalls=False) == 1
         assert len(hook.got) == 2 and outbox(db)[0]["status"] == "sent"
-        await worker.close()
-    finally:
-        store.close()
-        await runner.cleanup()
