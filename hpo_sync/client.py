@@ -309,6 +309,9 @@ class UpstreamClient:
         self.config = config
         self._credentials = credentials
         self._base = URL(config.base_url)
+        # Found when the config was read (config.proxy; proxies.py says why not aiohttp's
+        # trust_env); its password goes in Proxy-Authorization, never in a message.
+        self._proxy = URL(config.proxy.reveal()) if config.proxy else None
         self._session = session
         self._own_session = session is None
         self._limiter = AdaptiveRateLimiter(config.max_qps)
@@ -397,6 +400,7 @@ class UpstreamClient:
                 headers=headers,
                 timeout=aiohttp.ClientTimeout(total=timeout_s),
                 allow_redirects=False,
+                proxy=self._proxy,
             ) as resp:
                 body = await _read_capped(resp, workspace_id)
                 status = resp.status
@@ -415,16 +419,61 @@ class UpstreamClient:
                 workspace_id=workspace_id,
             ) from None
         except aiohttp.ClientError as exc:
-            self._observe("ConnectionError", workspace_id)
-            raise RetryableUpstreamError(
-                f"connection failed: {type(exc).__name__}: {exc}",
-                code="ConnectionError",
-                workspace_id=workspace_id,
-            ) from None
+            raise self._transport_error(exc, workspace_id) from None
         first_page = params.get("PageNumber") == "1"
         return self._parse(
             status, body, retry_after, workspace_id, header_request_id, first_page, location
         )
+
+    def _transport_error(self, exc: aiohttp.ClientError, workspace_id: str | None) -> UpstreamError:
+        """What a failure below HTTP (or a proxy's refusal of the tunnel) means. A certificate
+        that is not trusted and a proxy that refuses the tunnel stay so until the config or
+        the host changes: failing at once with what to do beats ``retry_max_total_s`` of
+        retries (2 minutes by default) ending on a connection error."""
+        kw: dict[str, Any] = {"workspace_id": workspace_id}
+        proxy = f"the proxy {self._proxy.with_user(None)}" if self._proxy else "the proxy"
+        if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+            self._observe("CertificateError", workspace_id)
+            why = exc.certificate_error
+            return FatalUpstreamError(
+                f"the TLS certificate of {exc.host} was not trusted: "
+                f"{getattr(why, 'verify_message', None) or why}",
+                code="CertificateError",
+                hint="behind a TLS-inspecting proxy or with a private CA, point SSL_CERT_FILE at "
+                "a CA bundle that holds its CA; else check upstream.endpoint's host name",
+                **kw,
+            )
+        if isinstance(exc, aiohttp.ClientHttpProxyError):
+            # (its text quotes the proxy's URL, password and all: not used)
+            code = "ProxyAuthenticationRequired" if exc.status == 407 else f"Proxy{exc.status}"
+            self._observe(code, workspace_id)
+            message = f"{proxy} answered HTTP {exc.status}{_reason(exc.status)} to the tunnel"
+            if 400 <= exc.status < 500 and exc.status not in (408, 429):
+                return FatalUpstreamError(
+                    message,
+                    code=code,
+                    http_status=exc.status,
+                    hint="check the proxy's user and password (upstream.proxy or the "
+                    "environment's HTTPS_PROXY: http://user:password@host:port)"
+                    if exc.status == 407
+                    else "the proxy does not let this host through; ask its administrators, "
+                    "or set NO_PROXY if the endpoint is reachable without it",
+                    **kw,
+                )
+            return RetryableUpstreamError(message, code=code, http_status=exc.status, **kw)
+        if isinstance(exc, aiohttp.ClientProxyConnectionError):
+            self._observe("ProxyConnectionError", workspace_id)
+            reason = exc.os_error.strerror or type(exc.os_error).__name__
+            return RetryableUpstreamError(
+                f"cannot connect to {proxy}: {reason}", code="ProxyConnectionError", **kw
+            )
+        self._observe("ConnectionError", workspace_id)
+        text = f"{type(exc).__name__}: {exc}"
+        if self._proxy is not None and self._proxy.password:
+            # aiohttp's texts may quote the proxy's URL whole
+            text = text.replace(self._proxy.raw_password or "", "***")
+            text = text.replace(self._proxy.password, "***")
+        return RetryableUpstreamError(f"connection failed: {text}", code="ConnectionError", **kw)
 
     def _observe(self, code: str, workspace_id: str | None) -> None:
         self.stats.count(code)
@@ -483,7 +532,10 @@ class UpstreamClient:
                     http_status=status,
                     request_id=header_request_id,
                     workspace_id=workspace_id,
-                    hint="this is not a PAI API answer; check upstream.endpoint and any proxy",
+                    hint="the proxy asks for a user and password: give them in upstream.proxy "
+                    "or the environment's HTTP(S)_PROXY (http://user:password@host:port)"
+                    if status == 407
+                    else "this is not a PAI API answer; check upstream.endpoint and any proxy",
                 ) from None
             # a 200 cut short, a gateway's 5xx page or a 429 from a proxy: worth another
             # try, after the wait it asked for (Retry-After) if it did

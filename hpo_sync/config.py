@@ -27,6 +27,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import structlog
 from yarl import URL
 
+from . import proxies
 from .alerts.signing import webhook_key
 from .errors import ConfigError
 
@@ -97,6 +98,17 @@ class Secret:
         return hash(self._value)
 
 
+class Proxy(Secret):
+    """A forward proxy's URL (it may hold a password), with where it came from: shown with
+    its password masked."""
+
+    __slots__ = ()
+
+    @property
+    def shown(self) -> str:
+        return f"{proxies.shown(self.reveal())} (from {self.source})"
+
+
 @dataclass(frozen=True)
 class UpstreamConfig:
     region: str = "cn-hangzhou"
@@ -111,6 +123,9 @@ class UpstreamConfig:
     create_time_zone: str = "UTC"
     retry_max_attempts: int = 8
     retry_max_total_s: float = 120.0
+    #: The forward proxy requests go through (None: direct), resolved when the config is
+    #: read from ``proxy``/``proxy_env``/``proxy_file``, else the environment (see proxies).
+    proxy: Proxy | None = None
 
     @property
     def base_url(self) -> str:
@@ -176,6 +191,10 @@ class TargetConfig:
     url: Secret
     secret: Secret | None = None
     keyword: str | None = None
+    #: The forward proxy its messages go through (None: direct): its own ``proxy``, else
+    #: ``alerts.proxy``, else the environment's for the URL's scheme, unless NO_PROXY names
+    #: its host.
+    proxy: Proxy | None = None
 
 
 @dataclass(frozen=True)
@@ -229,15 +248,16 @@ class Config:
 
 SECTION_KEYS: dict[str, frozenset[str]] = {
     "": frozenset({"upstream", "store", "sync", "workspaces", "api", "alerts", "logging"}),
-    "upstream": frozenset(UpstreamConfig.__dataclass_fields__),
+    "upstream": frozenset(UpstreamConfig.__dataclass_fields__) | {"proxy_env", "proxy_file"},
     "store": frozenset({"path"}),
     "sync": frozenset(SyncConfig.__dataclass_fields__),
     "workspaces[]": frozenset({"id", "label"}),
     "api": frozenset({"listen", "tokens"}),
     "api.tokens[]": frozenset({"name", "token_env", "token_file", "workspaces", "admin"}),
-    "alerts": frozenset(AlertsConfig.__dataclass_fields__),
+    "alerts": frozenset(AlertsConfig.__dataclass_fields__) | {"proxy", "proxy_env", "proxy_file"},
     "alerts.targets[]": frozenset(
         {"name", "type", "url", "url_env", "url_file", "secret_env", "secret_file", "keyword"}
+        | {"proxy", "proxy_env", "proxy_file"}
     ),
     "alerts.rules[]": frozenset(RuleConfig.__dataclass_fields__),
     "logging": frozenset({"level", "format"}),
@@ -605,6 +625,55 @@ class _Parser:
             self.warnings.append(("config.secret_file_exposed", exposed))
         return Secret(file_value, f"file:{path}"), full
 
+    def proxy_setting(self, d: Mapping[str, Any], k: str) -> Proxy | str | None:
+        """``<k>.proxy``, ``proxy_env`` or ``proxy_file``: a Proxy; ``proxy = ""``: "" (no
+        proxy, whatever the environment says); none of them: None (the environment's)."""
+        given = [n for n in ("proxy", "proxy_env", "proxy_file") if n in d]
+        if given == ["proxy"] and isinstance(d["proxy"], str):
+            value = d["proxy"].strip()
+            if not value:
+                return ""
+            trouble = proxies.problem(value)
+            if trouble:
+                raise self.fail(f"{k}.proxy", f"the value {trouble}")
+            if proxies.has_password(value):
+                self.warnings.append(
+                    (
+                        "config.literal_secret",
+                        {"key": f"{k}.proxy", "hint": "use proxy_env or proxy_file"},
+                    )
+                )
+            return Proxy(value, "config file")
+        # (another type, or more than one of the keys: the secret reader names what is wrong)
+        resolved = self.secret(d, k, "proxy", required=False, literal_ok=True)
+        if resolved is None:
+            return None
+        secret, key = resolved
+        trouble = proxies.problem(secret.reveal())
+        if trouble:
+            raise self.fail(key, f"the value {trouble}")
+        return Proxy(secret.reveal(), secret.source)
+
+    def proxy_for(self, setting: Proxy | str | None, url: str, key: str) -> Proxy | None:
+        """The proxy requests to ``url`` go through under ``setting`` (see
+        :meth:`proxy_setting`), or None for direct; ``key`` is the setting's, for errors."""
+        if setting == "" or proxies.bypassed(url, self.env):
+            return None
+        if isinstance(setting, Proxy):
+            return setting
+        found = proxies.from_environment(urlsplit(url).scheme, self.env)
+        if found is None:
+            return None
+        name, value = found
+        trouble = proxies.problem(value)
+        if trouble:
+            raise self.fail(
+                key,
+                f'the environment\'s {name} {trouble}; set {key} ("" for none), or name '
+                "the host in NO_PROXY",
+            )
+        return Proxy(value, f"env:{name}")
+
     # --- sections ------------------------------------------------------------------------
 
     def parse(self, data: Mapping[str, Any]) -> Config:
@@ -650,6 +719,7 @@ class _Parser:
         dflt = UpstreamConfig()
         endpoint = self.get(d, k, "endpoint", str, "", _check_url) or None
         region = self.get(d, k, "region", str, dflt.region, _check_region)
+        vpc = self.get(d, k, "vpc", bool, dflt.vpc)
         sort_by = self.get(d, k, "sort_by", str, dflt.sort_by, _check_sort_name)
         sort_by_modified = self.get(
             d,
@@ -662,7 +732,7 @@ class _Parser:
         return UpstreamConfig(
             region=region,
             endpoint=endpoint.rstrip("/") if endpoint else None,
-            vpc=self.get(d, k, "vpc", bool, dflt.vpc),
+            vpc=vpc,
             page_size=self.get(d, k, "page_size", int, dflt.page_size, _range(1, 1000)),
             max_concurrency=self.get(
                 d, k, "max_concurrency", int, dflt.max_concurrency, _range(1, 64)
@@ -679,6 +749,11 @@ class _Parser:
             ),
             retry_max_total_s=self.number(
                 d, k, "retry_max_total_s", dflt.retry_max_total_s, 1, 86400
+            ),
+            proxy=self.proxy_for(
+                self.proxy_setting(d, k),
+                UpstreamConfig(region=region, endpoint=endpoint, vpc=vpc).base_url,
+                f"{k}.proxy",
             ),
         )
 
@@ -802,6 +877,7 @@ class _Parser:
         k = "alerts"
         self.table(d, k, k)
         dflt = AlertsConfig()
+        proxy = self.proxy_setting(d, k)
         targets: list[TargetConfig] = []
         raw_targets = d.get("targets", [])
         if not isinstance(raw_targets, list):
@@ -848,6 +924,7 @@ class _Parser:
             if host_problem:
                 raise self.fail(url_key, f"the webhook URL cannot be used: {host_problem}")
             secret = self.secret(t, tk, "secret", required=False, literal_ok=False)
+            own = self.proxy_setting(t, tk)  # (this target's, over alerts.proxy)
             if secret:
                 try:
                     webhook_key(secret[0].reveal())  # the key the signer will use
@@ -862,6 +939,11 @@ class _Parser:
                     url=url,
                     secret=secret[0] if secret else None,
                     keyword=self.get(t, tk, "keyword", str, None, _non_empty),
+                    proxy=self.proxy_for(
+                        own if own is not None else proxy,
+                        url.reveal(),
+                        f"{tk}.proxy" if own is not None else f"{k}.proxy",
+                    ),
                 )
             )
         target_names = {t.name for t in targets}
@@ -1215,6 +1297,8 @@ def redacted(config: Config) -> dict[str, Any]:
     """The effective config as plain data, every secret replaced by where it comes from."""
 
     def conv(value: Any) -> Any:
+        if isinstance(value, Proxy):
+            return value.shown
         if isinstance(value, Secret):
             return f"<redacted: {value.source}>"
         if isinstance(value, Path):

@@ -178,6 +178,8 @@ def config_text(
 
 [upstream]
 endpoint = "{sim_url}"
+# the simulator is on loopback: no proxy the environment names
+proxy = ""
 page_size = 100
 max_qps = 50
 

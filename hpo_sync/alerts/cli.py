@@ -15,7 +15,7 @@ from typing import Any, TextIO
 
 import aiohttp
 
-from hpo_sync import cli
+from hpo_sync import cli, proxies
 from hpo_sync.cli import UsageError
 from hpo_sync.cli_query import limit_type
 from hpo_sync.config import Config, TargetConfig
@@ -131,7 +131,9 @@ async def try_target(target: TargetConfig, cfg: Config, out: TextIO, now: dateti
             )
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             # The exception's text may name the URL: show only its kind.
-            print(f"{target.name} ({target.type}): no answer ({type(exc).__name__})", file=out)
+            proxy = target.proxy
+            via = f", through the proxy {proxies.shown(proxy.reveal())}" if proxy else ""
+            print(f"{target.name} ({target.type}): no answer ({type(exc).__name__}{via})", file=out)
             return cli.EXIT_FAILED
     secrets = target_secrets(target)
     outcome = classify(target.type, answer.status, answer.headers, answer.body, secrets)

@@ -68,6 +68,8 @@ async def start_demo_extra(data_dir: Path) -> AlertsDemo:
     toml = f"""
 [alerts]
 group_wait_s = 5
+# the receivers are on loopback: no proxy the environment names
+proxy = ""
 
 [[alerts.targets]]
 name = "demo-slack"

@@ -172,6 +172,7 @@ async def send_message(
         headers=headers,
         timeout=timeout,
         allow_redirects=False,
+        proxy=URL(target.proxy.reveal()) if target.proxy else None,
     ) as resp:
         return Answer(resp.status, dict(resp.headers), await _read_at_most(resp))
 
@@ -641,6 +642,10 @@ class AlertWorker:
             )
         except TimeoutError:
             return Retry("timed out")
+        except aiohttp.ClientHttpProxyError as exc:  # (its text quotes the proxy's password)
+            return Retry(f"the proxy answered HTTP {exc.status} ({type(exc).__name__})")
+        except aiohttp.ClientConnectorCertificateError as exc:
+            return Retry(f"the TLS certificate was not trusted ({type(exc).__name__})")
         except aiohttp.ClientError as exc:
             return Retry(f"connection failed ({type(exc).__name__})")
         except ValueError as exc:  # a URL yarl refuses; its message would quote the URL

@@ -17,6 +17,7 @@ import hmac
 import json
 import math
 import random
+import ssl
 import time
 import uuid
 from collections import Counter, OrderedDict, deque
@@ -243,8 +244,11 @@ class Simulator:
         *,
         wall_clock: Callable[[], float] = time.time,
         world: World | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.options = options or SimOptions()
+        # Serve HTTPS with this context (the tests of TLS and of proxy tunnels), else HTTP.
+        self._ssl_context = ssl_context
         opts = self.options
         self._clock = wall_clock
         self.time_zone = _zone(opts.time_zone)
@@ -292,7 +296,8 @@ class Simulator:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> str:
-        """Start serving; returns the base URL ``http://HOST:PORT``."""
+        """Start serving; returns the base URL ``http://HOST:PORT`` (``https://`` with an
+        SSL context)."""
         if self._runner is not None:
             return self.base_url
         app = web.Application()
@@ -306,14 +311,17 @@ class Simulator:
         app.router.add_route("*", "/{tail:.*}", self._api)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
-        site = web.TCPSite(runner, self.options.host, self.options.port)
+        site = web.TCPSite(
+            runner, self.options.host, self.options.port, ssl_context=self._ssl_context
+        )
         await site.start()
         self._runner = runner
         host, port = runner.addresses[0][:2]
         self.port = int(port)
         shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
         shown = f"[{shown}]" if ":" in shown else shown
-        self.base_url = f"http://{shown}:{self.port}"
+        scheme = "https" if self._ssl_context else "http"
+        self.base_url = f"{scheme}://{shown}:{self.port}"
         self._ticker = asyncio.create_task(self._run_clock())
         return self.base_url
 

@@ -1,0 +1,137 @@
+"""Which forward proxy a request goes through (pure: the environment is passed in).
+
+The config's ``proxy`` (``upstream.proxy``, ``alerts.proxy``, or their ``_env``/``_file``
+forms) when given, else the environment's ``https_proxy``/``HTTPS_PROXY`` for an ``https://``
+URL and ``http_proxy``/``HTTP_PROXY`` for an ``http://`` one, the lowercase name first: what
+curl, pip and the official SDK (``Tea.core``) read, so a host that reaches the API through a
+proxy for them does with hpo-sync too. ``no_proxy``/``NO_PROXY`` (host names and domain
+suffixes, ``host:port``, ``*``) sends the hosts it names direct, whichever proxy applies;
+``proxy = ""`` sends everything direct, whatever the environment says.
+
+aiohttp can read the environment itself (``trust_env=True``), but then it also reads
+``~/.netrc`` and, for any host the file has an entry for (or a ``default`` one), adds basic
+auth, which aiohttp refuses next to the client's own ``Authorization`` header: every request
+would fail. And it looks the proxy up in a thread on every request. So the proxy is found
+once, here, and given to each request.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from urllib.parse import urlsplit
+
+#: The environment variables read for each URL scheme, in order of precedence.
+ENV_NAMES: dict[str, tuple[str, str]] = {
+    "https": ("https_proxy", "HTTPS_PROXY"),
+    "http": ("http_proxy", "HTTP_PROXY"),
+}
+NO_PROXY_NAMES = ("no_proxy", "NO_PROXY")
+
+
+def from_environment(scheme: str, env: Mapping[str, str]) -> tuple[str, str] | None:
+    """``(variable, value)`` of the proxy ``env`` gives for URLs of ``scheme``, if any."""
+    for name in ENV_NAMES.get(scheme.lower(), ()):
+        value = env.get(name, "").strip()
+        if value:
+            return name, value
+    return None
+
+
+def bypassed(url: str, env: Mapping[str, str]) -> bool:
+    """Whether ``env``'s ``no_proxy``/``NO_PROXY`` sends requests to ``url``'s host direct.
+
+    As curl reads it: entries separated by commas (or blanks); ``*`` matches every host; a
+    name matches itself and its subdomains (a leading dot is ignored); ``name:port`` only
+    that port; an address or an address range (``10.0.0.0/8``) the host's address. The
+    standard library's matcher (urllib's ``proxy_bypass_environment``) is undocumented and
+    knows no ranges, which NO_PROXY on cloud hosts often holds (the metadata service's)."""
+    no_proxy = next((v for n in NO_PROXY_NAMES if (v := env.get(n, "").strip())), "")
+    if not no_proxy:
+        return False
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower().rstrip(".")
+    port = parts.port or {"https": 443, "http": 80}.get(parts.scheme.lower())
+    try:
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address | None
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    for entry in re.split(r"[\s,]+", no_proxy.lower()):
+        if not entry:
+            continue
+        if entry == "*":
+            return True
+        if "/" in entry:
+            try:
+                if address is not None and address in ipaddress.ip_network(entry, strict=False):
+                    return True
+            except ValueError:
+                pass  # not a range: matches nothing, as curl reads it
+            continue
+        name, want_port = entry, None
+        match = re.fullmatch(r"(\[[^\]]*\]|[^:]*):(\d+)", entry)
+        if match:
+            name, want_port = match.group(1), int(match.group(2))
+        name = name.strip("[]").lstrip(".").rstrip(".")
+        if not name or (want_port is not None and want_port != port):
+            continue
+        if address is not None:
+            try:
+                if address == ipaddress.ip_address(name):
+                    return True
+            except ValueError:
+                pass
+            continue
+        if host == name or host.endswith("." + name):
+            return True
+    return False
+
+
+def problem(value: str) -> str | None:
+    """What is wrong with ``value`` as a proxy URL, without quoting it (it may hold a
+    password), or None."""
+    scheme, sep, _ = value.partition("://")
+    if not sep or not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", scheme):
+        return "is not a proxy URL (expected http://[user:password@]host:port)"
+    if scheme.lower() not in ("http", "https"):
+        return (
+            f"is a {scheme.lower()}:// proxy: only http:// and https:// proxies are supported "
+            "(expected http://[user:password@]host:port)"
+        )
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError:
+        return "has a port that is not a number from 1 to 65535, or an unclosed [IPv6] host"
+    if not parts.hostname:
+        return "has no host (expected http://[user:password@]host:port)"
+    if port == 0:
+        return "has a port that is not a number from 1 to 65535"
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        return "has a path, query or fragment: a proxy is a scheme, host and port"
+    if re.search(r"\s", value):
+        return "holds white space"
+    return None
+
+
+def has_password(value: str) -> bool:
+    try:
+        return urlsplit(value).password is not None
+    except ValueError:
+        return False
+
+
+def shown(value: str) -> str:
+    """``value`` with its password (if any) replaced by ``***``: safe to print."""
+    try:
+        parts = urlsplit(value)
+        password = parts.password
+    except ValueError:
+        return "<unreadable proxy URL>"
+    if password is None:
+        return value
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()
