@@ -64,6 +64,9 @@ def test_demo_config_is_valid(tmp_path: Path) -> None:
     assert cfg.sync.hot_interval_s == 5 and cfg.api.listen == "127.0.0.1:0"
 
 
+DEAD_PROXY = "http://127.0.0.1:9"
+
+
 @pytest.mark.slow
 def test_demo_runs_for_a_while_and_shows_experiments_and_changes(tmp_path: Path) -> None:
     data = tmp_path / "demo"
@@ -73,7 +76,8 @@ def test_demo_runs_for_a_while_and_shows_experiments_and_changes(tmp_path: Path)
         capture_output=True,
         text=True,
         timeout=90,
-        env=daemon_env(PYTHONPATH=str(ROOT)),
+        # A proxy in the environment (down, here) is not for the demo's loopback servers
+        env=daemon_env(PYTHONPATH=str(ROOT), HTTP_PROXY=DEAD_PROXY, HTTPS_PROXY=DEAD_PROXY),
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
