@@ -278,3 +278,25 @@ async def test_order_with_surrounding_blanks_is_read_as_the_document_says(
         e["ExperimentId"] for e in want["Experiments"]
     ]
     assert got["TotalCount"] == want["TotalCount"] > 0
+
+
+async def test_a_wrong_path_or_method_under_the_upstream_prefix_answers_as_the_gateway_does(
+    pair: tuple[Simulator, ApiRig, list[dict[str, str]]],
+) -> None:
+    """What PAI's gateway (and the simulator) answer for an API that is not there: the code
+    ``InvalidAction.NotFound``, in the upstream shape, not the /v1 routes' snake_case."""
+    sim, rig, _ = pair
+    auth = {"Authorization": f"Bearer {TOKENS['all'][0]}"}
+    async with aiohttp.ClientSession() as session:
+        for method, path in (
+            ("POST", "/api/automl/v1/hpo/experiments"),
+            ("GET", "/api/automl/v1/hpo/experiment"),
+        ):
+            codes = []
+            for base in (sim.base_url, f"http://127.0.0.1:{rig.server.port}"):
+                async with session.request(method, base + path, headers=auth) as resp:
+                    body = await resp.json()
+                    codes.append(body["Code"])
+                    assert {"RequestId", "Code", "Message"} <= set(body)
+                    assert resp.headers["x-acs-request-id"] == body["RequestId"]
+            assert codes == ["InvalidAction.NotFound"] * 2, (method, path)

@@ -631,6 +631,10 @@ async def error_middleware(
             message = exc.reason
         code = _STATUS_CODES.get(exc.status, "http_error")
         if upstream:
+            # PAI's gateway (and the simulator) call an API that is not there, by path or
+            # method, InvalidAction.NotFound; a tool reading the code sees the same here.
+            if exc.status in (404, 405):
+                code = "InvalidAction.NotFound"
             return upstream_error_response(exc.status, code, message, headers=headers)
         return error_response(exc.status, code, message, headers=headers)
     except Exception:
