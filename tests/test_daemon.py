@@ -408,3 +408,34 @@ async def test_a_daemon_whose_log_reader_left_still_stops_on_sigterm(tmp_path: P
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
+
+
+async def test_the_daemon_s_sweeps_go_through_the_configured_proxy(
+    tmp_path: Path, daemons: Daemons
+) -> None:
+    """``upstream.proxy`` reaches the sweeps, which run in a child process of the daemon
+    (``sweep_process``, the default): every request the simulator gets came through the
+    proxy, and the proxy's password is nowhere in the log."""
+    from forward_proxy import ForwardProxy
+
+    password = "pr0xy-Pw"
+    async with (
+        ForwardProxy(credentials=("alice", password)) as proxy,
+        Simulator(SimOptions(experiments=60, workspaces=1, seed=4, speed=0)) as sim,
+    ):
+        db, cfg = write_config(
+            tmp_path,
+            sim.base_url,
+            workspaces=["100001"],
+            upstream=f'proxy = "{proxy.url_with("alice", password)}"',
+        )
+        d = await daemons.start(cfg)
+        await d.wait_event("sync.finished", where=lambda e: e["status"] == "ok", timeout_s=30)
+        await d.wait_event("sync.finished", where=lambda e: e["mode"] == "hot", timeout_s=30)
+        await d.stop()
+        assert query(db, "SELECT count(*) FROM experiments")[0][0] == 60
+        assert proxy.carried and not proxy.refused
+        assert sim.stats.requests == len(proxy.carried)
+        assert all(c.target.startswith(sim.base_url) for c in proxy.carried)
+        log = d.log_path.read_text(encoding="utf-8")
+        assert '"config.literal_secret"' in log and password not in log
