@@ -36,7 +36,7 @@ import structlog
 import tenacity
 from yarl import URL
 
-from . import __version__, signing
+from . import __version__, proxies, signing
 from .config import UpstreamConfig
 from .credentials import CredentialsProvider
 from .errors import (
@@ -310,8 +310,10 @@ class UpstreamClient:
         self._credentials = credentials
         self._base = URL(config.base_url)
         # Found when the config was read (config.proxy; proxies.py says why not aiohttp's
-        # trust_env); its password goes in Proxy-Authorization, never in a message.
-        self._proxy = URL(config.proxy.reveal()) if config.proxy else None
+        # trust_env); its user and password go in Proxy-Authorization alone.
+        self._proxy_options, self._proxy_headers = proxies.request_options(
+            config.proxy.reveal() if config.proxy else None, self._base.scheme
+        )
         self._session = session
         self._own_session = session is None
         self._limiter = AdaptiveRateLimiter(config.max_qps)
@@ -390,6 +392,7 @@ class UpstreamClient:
         )
         headers["Authorization"] = signed.authorization
         headers["Accept"] = "application/json"
+        headers.update(self._proxy_headers)  # (not signed: the proxy takes it off)
         self.stats.api_calls += 1
         if tally is not None:
             tally.api_calls += 1
@@ -400,7 +403,7 @@ class UpstreamClient:
                 headers=headers,
                 timeout=aiohttp.ClientTimeout(total=timeout_s),
                 allow_redirects=False,
-                proxy=self._proxy,
+                **self._proxy_options,
             ) as resp:
                 body = await _read_capped(resp, workspace_id)
                 status = resp.status
@@ -431,7 +434,7 @@ class UpstreamClient:
         the host changes: failing at once with what to do beats ``retry_max_total_s`` of
         retries (2 minutes by default) ending on a connection error."""
         kw: dict[str, Any] = {"workspace_id": workspace_id}
-        proxy = f"the proxy {self._proxy.with_user(None)}" if self._proxy else "the proxy"
+        proxy = f"the proxy {self._proxy_options.get('proxy', '')}".rstrip()
         if isinstance(exc, aiohttp.ClientConnectorCertificateError):
             self._observe("CertificateError", workspace_id)
             why = exc.certificate_error
@@ -444,7 +447,6 @@ class UpstreamClient:
                 **kw,
             )
         if isinstance(exc, aiohttp.ClientHttpProxyError):
-            # (its text quotes the proxy's URL, password and all: not used)
             code = "ProxyAuthenticationRequired" if exc.status == 407 else f"Proxy{exc.status}"
             self._observe(code, workspace_id)
             message = f"{proxy} answered HTTP {exc.status}{_reason(exc.status)} to the tunnel"
@@ -468,12 +470,9 @@ class UpstreamClient:
                 f"cannot connect to {proxy}: {reason}", code="ProxyConnectionError", **kw
             )
         self._observe("ConnectionError", workspace_id)
-        text = f"{type(exc).__name__}: {exc}"
-        if self._proxy is not None and self._proxy.password:
-            # aiohttp's texts may quote the proxy's URL whole
-            text = text.replace(self._proxy.raw_password or "", "***")
-            text = text.replace(self._proxy.password, "***")
-        return RetryableUpstreamError(f"connection failed: {text}", code="ConnectionError", **kw)
+        return RetryableUpstreamError(
+            f"connection failed: {type(exc).__name__}: {exc}", code="ConnectionError", **kw
+        )
 
     def _observe(self, code: str, workspace_id: str | None) -> None:
         self.stats.count(code)

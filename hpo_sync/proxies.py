@@ -2,25 +2,29 @@
 
 The config's ``proxy`` (``upstream.proxy``, ``alerts.proxy``, or their ``_env``/``_file``
 forms) when given, else the environment's ``https_proxy``/``HTTPS_PROXY`` for an ``https://``
-URL and ``http_proxy``/``HTTP_PROXY`` for an ``http://`` one, the lowercase name first: what
-curl, pip and the official SDK (``Tea.core``) read, so a host that reaches the API through a
-proxy for them does with hpo-sync too. ``no_proxy``/``NO_PROXY`` (host names and domain
-suffixes, ``host:port``, ``*``) sends the hosts it names direct, whichever proxy applies;
-``proxy = ""`` sends everything direct, whatever the environment says.
+URL and ``http_proxy``/``HTTP_PROXY`` for an ``http://`` one, the lowercase name first, as
+Python's urllib, requests and pip read them (curl and the official SDK read these variables
+too), so a host that reaches the API through a proxy for them does with hpo-sync too.
+``no_proxy``/``NO_PROXY`` (see :func:`bypassed`) sends the hosts it names direct, whichever
+proxy applies; ``proxy = ""`` sends everything direct, whatever the environment says.
 
 aiohttp can read the environment itself (``trust_env=True``), but then it also reads
 ``~/.netrc`` and, for any host the file has an entry for (or a ``default`` one), adds basic
 auth, which aiohttp refuses next to the client's own ``Authorization`` header: every request
 would fail. And it looks the proxy up in a thread on every request. So the proxy is found
-once, here, and given to each request.
+once, here, and given to each request (:func:`request_options`).
 """
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import re
 from collections.abc import Mapping
-from urllib.parse import urlsplit
+from typing import Any
+from urllib.parse import unquote_to_bytes, urlsplit
+
+from yarl import URL
 
 #: The environment variables read for each URL scheme, in order of precedence.
 ENV_NAMES: dict[str, tuple[str, str]] = {
@@ -113,6 +117,13 @@ def problem(value: str) -> str | None:
         return "has a path, query or fragment: a proxy is a scheme, host and port"
     if re.search(r"\s", value):
         return "holds white space"
+    try:
+        URL(value)  # what every request is made with (it refuses a backslash, say)
+    except ValueError:
+        return (
+            "cannot be read as a URL (a backslash, or another character a URL cannot hold, in "
+            "the user, password or host: percent-encode it)"
+        )
     return None
 
 
@@ -135,3 +146,34 @@ def shown(value: str) -> str:
     user = parts.username or ""
     host = parts.netloc.rpartition("@")[2]
     return parts._replace(netloc=f"{user}:***@{host}").geturl()
+
+
+def authorization(value: str) -> str | None:
+    """The ``Proxy-Authorization`` value for the user and password in proxy URL ``value``
+    (None without them): Basic, over the very bytes the URL's percent-escapes stand for, as
+    curl sends them. (aiohttp, given the URL, would encode the decoded text as Latin-1: a
+    password with a character beyond it failed every request, and one with ``ä`` reached
+    the proxy in bytes it does not read as the password.)"""
+    url = URL(value)
+    if url.raw_user is None and url.raw_password is None:
+        return None
+    login = unquote_to_bytes(url.raw_user or "") + b":" + unquote_to_bytes(url.raw_password or "")
+    return "Basic " + base64.b64encode(login).decode("ascii")
+
+
+def request_options(proxy: str | None, scheme: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """For a request to a URL of ``scheme`` through ``proxy`` (None: direct): aiohttp's
+    keyword arguments, and the headers to add to the request. The proxy goes without its
+    user and password (no text aiohttp makes of it can quote them); the credentials go in
+    ``Proxy-Authorization``: with the ``CONNECT`` of an ``https://`` target (never inside
+    the tunnel, where the target would see them), or on an ``http://`` target's request
+    itself, which the proxy reads and answers or forwards."""
+    if proxy is None:
+        return {}, {}
+    options: dict[str, Any] = {"proxy": URL(proxy).with_user(None)}
+    credentials = authorization(proxy)
+    if credentials is None:
+        return options, {}
+    if scheme.lower() == "https":
+        return {**options, "proxy_headers": {"Proxy-Authorization": credentials}}, {}
+    return options, {"Proxy-Authorization": credentials}

@@ -24,6 +24,9 @@ class Carried:
 @dataclass
 class ForwardProxy:
     credentials: tuple[str, str] | None = None
+    #: answer every request it carries with this status, quoting the request (headers and
+    #: all) in the body, as some proxies' error pages do, instead of passing it on
+    echo_status: int | None = None
     carried: list[Carried] = field(default_factory=list)
     refused: list[Carried] = field(default_factory=list)  # answered 407
     port: int = 0
@@ -75,6 +78,7 @@ class ForwardProxy:
         )
         seen = Carried(method, target, auth)
         if self.credentials is not None:
+            # (the user and password in UTF-8, as curl sends what a URL's escapes stand for)
             wanted = "Basic " + base64.b64encode(":".join(self.credentials).encode()).decode()
             if auth != wanted:
                 self.refused.append(seen)
@@ -86,6 +90,15 @@ class ForwardProxy:
                 await writer.drain()
                 return
         self.carried.append(seen)
+        if self.echo_status is not None:
+            body = f"cannot reach the server; your request was:\n{head}".encode("latin-1")
+            writer.write(
+                f"HTTP/1.1 {self.echo_status} Bad Gateway\r\nContent-Type: text/plain\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                + body
+            )
+            await writer.drain()
+            return
         if method == "CONNECT":
             host, _, port = target.rpartition(":")
             up_reader, up_writer = await asyncio.open_connection(host.strip("[]"), int(port))

@@ -198,6 +198,9 @@ url = "https://near.example.net/x"
         ('proxy_env = "P"', {"P": "http://alice:PW@p:0"}, "upstream.proxy_env", "port"),
         ("", {"HTTPS_PROXY": "socks5h://alice:PW@p:1"}, "upstream.proxy", "HTTPS_PROXY"),
         ("", {"https_proxy": "alice:PW@p"}, "upstream.proxy", "https_proxy"),
+        # urlsplit reads it; yarl, which every request is made with, does not
+        ('proxy_env = "P"', {"P": "http://alice:Back\\PW@p:1"}, "upstream.proxy_env", "a URL"),
+        ("proxy = 'http://p\\q:1'", {}, "upstream.proxy", "cannot be read as a URL"),
     ],
 )
 def test_a_bad_proxy_names_its_key_and_never_shows_a_password(
@@ -247,9 +250,11 @@ async def sim() -> AsyncIterator[Simulator]:
         yield s
 
 
+CREDENTIALS = CloudCredentials(DEFAULT_ACCESS_KEY_ID, DEFAULT_ACCESS_KEY_SECRET)
+
+
 def client_for(cfg: Config) -> UpstreamClient:
-    creds = StaticCredentials(CloudCredentials(DEFAULT_ACCESS_KEY_ID, DEFAULT_ACCESS_KEY_SECRET))
-    return UpstreamClient(cfg.upstream, creds)
+    return UpstreamClient(cfg.upstream, StaticCredentials(CREDENTIALS))
 
 
 async def test_every_call_goes_through_the_environment_s_proxy(
@@ -521,3 +526,105 @@ url = "https://127.0.0.1:9/hook"
     assert "no answer (ClientHttpProxyError, through the proxy http://alice:***@127.0.0.1:" in shown
     assert PASSWORD not in shown
     assert proxy.refused and proxy.refused[0].method == "CONNECT"
+
+
+# --- what the proxy is sent --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        "http://alice:p%C3%A4%E2%82%AC-%40x@127.0.0.1:{port}",  # UTF-8, percent-encoded
+        "http://alice:pä€-%40x@127.0.0.1:{port}",  # as typed
+    ],
+)
+async def test_a_password_beyond_latin_1_reaches_the_proxy_as_curl_sends_it(
+    sim: Simulator, tls_sim: Simulator, ca: trustme.CA, given: str
+) -> None:
+    """The bytes the URL's escapes stand for, UTF-8 for what was typed: on an http://
+    request itself and with the CONNECT of an https:// one. aiohttp, given the URL, failed
+    on the € (UnicodeEncodeError: an "internal error" of every sweep) and sent ä in Latin-1
+    (a 407 for a password that is right)."""
+    import ssl
+
+    import aiohttp
+
+    async with ForwardProxy(credentials=("alice", "pä€-@x")) as proxy:
+        env = {"HTTP_PROXY": given.format(port=proxy.port)}
+        env["HTTPS_PROXY"] = env["HTTP_PROXY"]
+        cfg = config(f'endpoint = "{sim.base_url}"', env=env)
+        async with client_for(cfg) as client:
+            assert (await client.list_all(ListQuery(workspace_id=WS))).consistent
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context))
+        cfg = config(f'endpoint = "{tls_sim.base_url}"', env=env)
+        creds = StaticCredentials(CREDENTIALS)
+        async with session, UpstreamClient(cfg.upstream, creds, session=session) as client:
+            assert (await client.list_all(ListQuery(workspace_id=WS))).consistent
+    assert proxy.refused == []
+    assert {c.method for c in proxy.carried} == {"GET", "CONNECT"}
+
+
+async def test_a_proxy_page_quoting_the_request_shows_none_of_the_proxy_s_credentials(
+    tmp_path: Path,
+) -> None:
+    """An http:// webhook through a proxy whose error page quotes the request, its
+    Proxy-Authorization too: neither `alerts test` nor the outbox shows the password or its
+    base64."""
+    import base64
+    import io
+
+    password = "Echo-" + PASSWORD
+    basic = base64.b64encode(f"alice:{password}".encode()).decode()
+    async with ForwardProxy(credentials=("alice", password), echo_status=502) as proxy:
+        text = f"""
+[store]
+path = "{tmp_path / "mirror.db"}"
+[[workspaces]]
+id = "{WS}"
+[alerts]
+group_wait_s = 0
+proxy = "{proxy.url_with("alice", password)}"
+[[alerts.targets]]
+name = "hook"
+type = "slack"
+url = "http://127.0.0.1:9/services/T000/B000/tok-secret-xyz"
+[[alerts.rules]]
+name = "all"
+targets = ["hook"]
+"""
+        cfg = loads(text, env={})
+        out = io.StringIO()
+        assert await try_target(cfg.alerts.targets[0], cfg, out, datetime.now(UTC)) != 0
+        shown = out.getvalue()
+        assert "HTTP 502" in shown and "your request was" in shown
+        assert "Proxy-Authorization: Basic ***" in shown
+        assert password not in shown and basic not in shown
+
+        store = Store.open(tmp_path / "mirror.db")
+        try:
+            worker = AlertWorker(store, cfg, rate_limits={})
+            observed = format_time(datetime.now(UTC))
+            for baseline, status in ((True, "RUNNING"), (False, "FAILED")):
+                run = store.begin_run(WS, "hot", observed)
+                exp = normalise({"ExperimentId": "e1", "WorkspaceId": WS, "Status": status})
+                assert exp is not None
+                store.apply(
+                    WS, [exp], observed_at=observed, run_id=run, baseline=baseline,
+                    on_changes=worker.on_changes,
+                )  # fmt: skip
+            with capture_logs() as logs:
+                assert await worker.run_once(flush=True) == 0
+            await worker.close()
+        finally:
+            store.close()
+    (row,) = [
+        r for r in sqlite3.connect(tmp_path / "mirror.db").execute(
+            "SELECT last_error FROM alert_outbox"
+        )
+    ]  # fmt: skip
+    assert row[0].startswith("HTTP 502")
+    for seen in (row[0], repr(logs)):
+        assert password not in seen and basic not in seen
+    assert len(proxy.carried) == 2  # (each answered with the page)

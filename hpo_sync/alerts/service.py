@@ -14,12 +14,14 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit
 
 import aiohttp
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from yarl import URL
 
+from hpo_sync import proxies
 from hpo_sync.config import Config, TargetConfig
 from hpo_sync.errors import StoreError
 from hpo_sync.normalise import parse_time
@@ -164,6 +166,10 @@ async def send_message(
         # a message id it has processed needs the id whether or not the message is signed
         headers.update(webhook_headers(secret, msg_id, int(now.timestamp()), body))
     timeout = aiohttp.ClientTimeout(total=timeout_s)
+    proxy_options, proxy_headers = proxies.request_options(
+        target.proxy.reveal() if target.proxy else None, urlsplit(url).scheme
+    )
+    headers.update(proxy_headers)
     # Never follow a redirect: aiohttp would turn the POST into a GET (301/302/303), whose
     # answer says nothing of the message, and would carry the request to another address.
     async with session.post(
@@ -172,7 +178,7 @@ async def send_message(
         headers=headers,
         timeout=timeout,
         allow_redirects=False,
-        proxy=URL(target.proxy.reveal()) if target.proxy else None,
+        **proxy_options,
     ) as resp:
         return Answer(resp.status, dict(resp.headers), await _read_at_most(resp))
 
@@ -734,8 +740,14 @@ class _Unrecorded:
 
 
 def target_secrets(target: TargetConfig) -> tuple[str, ...]:
-    """What an answer from ``target`` must have masked before anyone sees it."""
-    return secret_parts(target.url.reveal(), target.secret.reveal() if target.secret else None)
+    """What an answer from ``target`` must have masked before anyone sees it: its URL's and
+    secret's parts, and its proxy's (a proxy's error page may quote the request, its
+    ``Proxy-Authorization`` too)."""
+    parts = secret_parts(target.url.reveal(), target.secret.reveal() if target.secret else None)
+    if target.proxy is None:
+        return parts
+    both = {*parts, *secret_parts(target.proxy.reveal())}
+    return tuple(sorted(both, key=len, reverse=True))
 
 
 def build_service(runtime: Runtime) -> AlertWorker:
