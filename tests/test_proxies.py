@@ -456,6 +456,19 @@ targets = ["hook", "tls-hook"]
     return loads(text, env=dict(env))
 
 
+def raise_one_alert(store: Store, worker: AlertWorker) -> None:
+    """Baseline e1 as RUNNING, then see it FAILED: one change, queued for the worker's targets."""
+    observed = format_time(datetime.now(UTC).replace(microsecond=0))
+    for baseline, status in ((True, "RUNNING"), (False, "FAILED")):
+        run = store.begin_run(WS, "hot", observed)
+        exp = normalise({"ExperimentId": "e1", "WorkspaceId": WS, "Status": status})
+        assert exp is not None
+        store.apply(
+            WS, [exp], observed_at=observed, run_id=run, baseline=baseline,
+            on_changes=worker.on_changes,
+        )  # fmt: skip
+
+
 async def test_alerts_go_through_alerts_proxy_and_nowhere_else(
     proxy: ForwardProxy, tmp_path: Path
 ) -> None:
@@ -468,16 +481,7 @@ async def test_alerts_go_through_alerts_proxy_and_nowhere_else(
         wrong = proxy.url_with("alice", "nope-" + PASSWORD)
         cfg = alert_config(db, receivers, extra, env={}, wrong_proxy=wrong)
         worker = AlertWorker(store, cfg, rate_limits={})
-        t = datetime.now(UTC).replace(microsecond=0)
-        observed = format_time(t)
-        for baseline, status in ((True, "RUNNING"), (False, "FAILED")):
-            run = store.begin_run(WS, "hot", observed)
-            exp = normalise({"ExperimentId": "e1", "WorkspaceId": WS, "Status": status})
-            assert exp is not None
-            store.apply(
-                WS, [exp], observed_at=observed, run_id=run, baseline=baseline,
-                on_changes=worker.on_changes,
-            )  # fmt: skip
+        raise_one_alert(store, worker)
         assert await worker.run_once(flush=True) == 1
         await worker.close()
         assert len(receivers.of("tok-1")) == 1
@@ -605,15 +609,7 @@ targets = ["hook"]
         store = Store.open(tmp_path / "mirror.db")
         try:
             worker = AlertWorker(store, cfg, rate_limits={})
-            observed = format_time(datetime.now(UTC))
-            for baseline, status in ((True, "RUNNING"), (False, "FAILED")):
-                run = store.begin_run(WS, "hot", observed)
-                exp = normalise({"ExperimentId": "e1", "WorkspaceId": WS, "Status": status})
-                assert exp is not None
-                store.apply(
-                    WS, [exp], observed_at=observed, run_id=run, baseline=baseline,
-                    on_changes=worker.on_changes,
-                )  # fmt: skip
+            raise_one_alert(store, worker)
             with capture_logs() as logs:
                 assert await worker.run_once(flush=True) == 0
             await worker.close()
