@@ -469,6 +469,36 @@ class UpstreamClient:
             return RetryableUpstreamError(
                 f"cannot connect to {proxy}: {reason}", code="ProxyConnectionError", **kw
             )
+        if (
+            isinstance(exc, aiohttp.ClientConnectorSSLError)
+            and getattr(exc.os_error, "reason", None) == "WRONG_VERSION_NUMBER"
+        ):
+            # The far end answered the TLS handshake with something else: plain HTTP on that
+            # port (an https:// endpoint for an http:// service). Other TLS failures (a reset
+            # mid-handshake) may pass, and stay retryable.
+            self._observe("TLSError", workspace_id)
+            return FatalUpstreamError(
+                f"{exc.host}:{exc.port} does not speak TLS ({exc.os_error})",
+                code="TLSError",
+                hint="check upstream.endpoint: an http:// service, or the wrong port",
+                **kw,
+            )
+        if type(exc) is aiohttp.ClientResponseError:
+            # aiohttp raises the bare class when it cannot read an answer's head: a status
+            # line that is not HTTP (an http:// endpoint for a TLS or other service) or a
+            # Content-Encoding it was not asked for. The same endpoint will answer the same
+            # way: failing now beats retry_max_total_s of retries ending on a connection error.
+            self._observe("ProtocolError", workspace_id)
+            first = exc.message.splitlines()[0].rstrip(":") if exc.message else ""
+            return FatalUpstreamError(
+                f"upstream's answer was not HTTP that this client reads: {first or exc}",
+                code="ProtocolError",
+                hint="check upstream.endpoint: its scheme (https:// for a TLS service) and port"
+                if "status line" in first
+                else "upstream, or a proxy in between, sent what no request of this client "
+                "asked for",
+                **kw,
+            )
         self._observe("ConnectionError", workspace_id)
         return RetryableUpstreamError(
             f"connection failed: {type(exc).__name__}: {exc}", code="ConnectionError", **kw

@@ -1351,6 +1351,75 @@ async def test_a_non_api_4xx_answer_is_fatal(capture: Capture) -> None:
     assert err.hint is not None and "upstream.endpoint" in err.hint
 
 
+@contextlib.asynccontextmanager
+async def raw_server(*answers: bytes) -> AsyncIterator[tuple[str, list[bytes]]]:
+    """A TCP server on loopback that reads each request's head and writes the next of
+    ``answers`` (the last one again once they run out), then closes. Yields its http:// URL
+    and the heads it read."""
+    heads: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            heads.append(await reader.readuntil(b"\r\n\r\n"))
+            writer.write(answers[min(len(heads), len(answers)) - 1])
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", heads
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize(
+    ("answer", "shown", "hint"),
+    [
+        # an http:// endpoint on a port that speaks something else (TLS, SSH)
+        (b"\x15\x03\x01\x00\x02\x02\x50", "Bad status line", "https://"),
+        (b"SSH-2.0-OpenSSH_9.6\r\n", "Bad status line", "https://"),
+        # an encoding the client did not ask for (it accepts gzip and deflate)
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Encoding: br\r\nContent-Length: 4\r\n\r\nabcd",
+            "content-encoding",
+            "asked for",
+        ),
+    ],
+    ids=["tls-alert", "ssh", "brotli"],
+)
+async def test_an_answer_that_is_not_http_is_fatal_at_once(
+    answer: bytes, shown: str, hint: str
+) -> None:
+    async with raw_server(answer) as (url, heads), make_client(url, retry_max_total_s=30.0) as c:
+        err = await expect_fatal(c, ListQuery(workspace_id="w1"))
+    assert err.code == "ProtocolError" and shown in str(err)
+    assert err.hint is not None and hint in err.hint
+    assert len(heads) == 1  # one attempt: the next ones would get the same
+
+
+async def test_an_answer_cut_short_is_still_retried() -> None:
+    cut = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 400\r\n\r\n{"
+    body = json.dumps({"RequestId": "r", "TotalCount": 1, "Experiments": [{"ExperimentId": "e"}]})
+    whole = (
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}"
+    ).encode()
+    async with raw_server(cut, whole) as (url, heads), make_client(url) as client:
+        page = await client.list_page(ListQuery(), 1)
+        assert page.total_count == 1 and client.stats.retries == 1
+    assert len(heads) == 2
+
+
+async def test_an_https_endpoint_on_a_plain_http_port_is_fatal_at_once(capture: Capture) -> None:
+    endpoint = capture.base_url.replace("http://", "https://")
+    async with make_client(endpoint, retry_max_total_s=30.0) as client:
+        err = await expect_fatal(client, ListQuery())
+    assert err.code == "TLSError" and "does not speak TLS" in str(err)
+    assert err.hint is not None and "http://" in err.hint
+    assert capture.seen == []  # the handshake failed: no request reached it
+
+
 # ---------------------------------------------------------------------- listings
 
 
