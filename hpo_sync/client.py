@@ -133,13 +133,15 @@ MAX_TIE_PAGE_SIZE = 1000
 WINDOW_EDGE = timedelta(seconds=1)
 
 
-def _create_time_edges(page: Page) -> tuple[str | None, str | None]:
-    """The GmtCreateTime of a page's first and last experiment, as sent."""
+def _create_time_edges(page: Page, tz: tzinfo) -> tuple[datetime | None, datetime | None]:
+    """The GmtCreateTime of a page's first and last experiment, read (``tz`` for a time
+    without a zone): the same instant may come in either documented format, and a tie
+    between pages is one of instants, not of strings."""
     rows = [r for r in page.experiments if isinstance(r, dict)]
     if not rows:
         return None, None
     first, last = rows[0].get("GmtCreateTime"), rows[-1].get("GmtCreateTime")
-    return (str(first) if first is not None else None, str(last) if last is not None else None)
+    return parse_time(first, naive_tz=tz), parse_time(last, naive_tz=tz)
 
 
 def _last_before_empty(sizes: Mapping[int, int], first_empty: int) -> int | None:
@@ -889,9 +891,10 @@ class UpstreamClient:
         workers = self.config.max_concurrency * 2
         first_empty = math.inf  # the first page that came back empty too early
         sizes = {1: got}  # experiments per page number read
-        edges = {1: _create_time_edges(first)}  # each page's first and last GmtCreateTime
+        tz = self.config.tz
+        edges = {1: _create_time_edges(first, tz)}  # each page's first and last create time
         if grew is not None:
-            sizes[2], edges[2] = len(grew.experiments), _create_time_edges(grew)
+            sizes[2], edges[2] = len(grew.experiments), _create_time_edges(grew, tz)
         short_listing: UpstreamError | None = None
         first_ids = _readable_ids(first)
         repeats_first = False  # page 2 came back as page 1 again (its readable ids)
@@ -916,7 +919,7 @@ class UpstreamClient:
                     listing.error = listing.error or exc
                     continue
                 sizes[number] = len(page.experiments)
-                edges[number] = _create_time_edges(page)
+                edges[number] = _create_time_edges(page, tz)
                 if number == 2 and first_ids and _readable_ids(page) == first_ids:
                     repeats_first = True
                 if not page.experiments and number < listing.pages_expected:
@@ -1101,7 +1104,7 @@ class UpstreamClient:
     async def _read_straddling_ties(
         self,
         query: ListQuery,
-        edges: Mapping[int, tuple[str | None, str | None]],
+        edges: Mapping[int, tuple[datetime | None, datetime | None]],
         size: int,
         tally: Tally | None,
         take: Callable[..., Awaitable[None]],
@@ -1120,10 +1123,7 @@ class UpstreamClient:
                 if last is not None and edges.get(number + 1, (None, None))[0] == last
             }
         )[: max(MAX_TIE_WINDOWS, len(edges) // 2)]
-        for value in ties:
-            at = parse_time(value, naive_tz=self.config.tz)
-            if at is None:
-                continue
+        for at in ties:
             window = dataclasses.replace(
                 query, min_create_time=at - WINDOW_EDGE, max_create_time=at + WINDOW_EDGE
             )

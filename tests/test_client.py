@@ -1670,16 +1670,22 @@ def _tie_order(
     return arrange
 
 
-async def test_rows_of_one_create_time_that_straddle_pages_are_read_once_more() -> None:
+@pytest.mark.parametrize("formats", ["one", "both"])
+async def test_rows_of_one_create_time_that_straddle_pages_are_read_once_more(
+    formats: str,
+) -> None:
     """A database ordering equal create times differently from one query to the next
     (MySQL's ORDER BY … LIMIT): six experiments share a create time across the boundary of
     pages 1 and 2, and each page's query orders them so that one shows on neither. The
     listing falls one short of its count; that create time is read again on its own, and
-    the listing ends whole (and consistent)."""
+    the listing ends whole (and consistent). Also when the tie's rows give that time in
+    both documented formats (page 1 ends on one, page 2 starts with the other)."""
     rows = _rows_a_second_apart(150)
     tie = "2024-01-01T00:01:37Z"
     for i in range(97, 103):  # e097 … e102: the last 3 of page 1, the first 3 of page 2
         rows[i]["GmtCreateTime"] = tie
+        if formats == "both" and i in (99, 100):  # page 1 ends with e099, page 2 starts
+            rows[i]["GmtCreateTime"] = "2024-01-01 00:01:37"  # with e097 (see below)
     queries: list[dict[str, str]] = []
 
     def arrange(q: dict[str, str], chosen: Rows) -> Rows:
