@@ -10,9 +10,10 @@ Experiments the mirror holds that the listing did not return are *absentees*; th
 looked up (see below) before any is marked deleted, because paging by page number over a
 list that changes underneath can skip a row even when the counts add up (one deletion and
 one creation during the sweep). Only when there are too many absentees to look up do
-complete, consistent listings decide alone: two of them, read one after the other, must
-both miss an experiment (one glitching answer must not delete a workspace); anything less
-is ``partial`` and deletes nothing.
+complete, consistent listings decide alone: two of them, the second read at least
+``MASS_DELETION_WAIT_S`` after the first, must both miss an experiment, and a few of the
+missing, looked up as above, must be gone too (a glitch of a few answers, or of a few
+seconds, must not delete a workspace); anything less is ``partial`` and deletes nothing.
 
 Hot sweep (every ``hot_interval_s``): asks only for what can have changed recently —
 
@@ -95,6 +96,14 @@ _T = TypeVar("_T")
 # Beyond this many absentees, looking each one up costs more than it is worth: a complete,
 # consistent listing decides alone (and an inconsistent one deletes nothing).
 MAX_LOOKUPS = 200
+# ... confirmed by a second reading this long after the first: an upstream that answers
+# "nothing" for a moment (TotalCount 0 and no experiments, in two answers a second apart)
+# made both readings agree, and every experiment of the workspace was marked deleted.
+MASS_DELETION_WAIT_S = 30.0
+# ... and this many of the missing, spread over their create times, looked up one by one:
+# an upstream that answers "nothing" to a few requests in a row, whenever they come, made
+# two readings agree however far apart (the look-ups are other queries, and come later).
+MASS_DELETION_SAMPLE = 3
 # Before concluding that an experiment is gone, it is looked up by name in a create-time
 # window this wide on both sides: any zone offset upstream might read times in.
 WIDE_WINDOW = timedelta(hours=14)
@@ -187,6 +196,7 @@ class SyncEngine:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         on_changes: ChangeHook | None = None,
         progress: Progress | None = None,
+        mass_deletion_wait_s: float = MASS_DELETION_WAIT_S,
     ) -> None:
         self.config = config
         self.client = client
@@ -194,6 +204,7 @@ class SyncEngine:
         self.clock = clock
         self.on_changes = on_changes
         self.progress = progress
+        self.mass_deletion_wait_s = mass_deletion_wait_s
         self._locks: dict[str, asyncio.Lock] = {}
         # Per workspace: whether upstream was seen to bump GmtModifiedTime when an experiment
         # changes (None: not known yet). Without bumping, the modified feed is a wasted call.
@@ -582,6 +593,7 @@ class SyncEngine:
             return listing
 
         listing = await read()
+        listed_at = time.monotonic()
         if not listing.complete:
             _incomplete(result, listing)
             return
@@ -648,9 +660,16 @@ class SyncEngine:
             if counts_add_up:
                 # Too many to look up, so one answer would decide alone; one glitch (an
                 # empty or short listing that still adds up, e.g. TotalCount 0) would mark
-                # the whole workspace deleted and alert on every row. A second reading
-                # must miss them too.
-                log.info("sync.mass_deletion_reread", workspace=ws, missing=len(absentees))
+                # the whole workspace deleted and alert on every row. A second reading,
+                # apart from the first by more than such a glitch lasts, must miss them too.
+                wait_s = max(0.0, listed_at + self.mass_deletion_wait_s - time.monotonic())
+                log.info(
+                    "sync.mass_deletion_reread",
+                    workspace=ws,
+                    missing=len(absentees),
+                    wait_s=round(wait_s, 1),
+                )
+                await asyncio.sleep(wait_s)
                 again = await read()
                 if not again.complete or not again.consistent or again.skipped:
                     result.status = "partial"
@@ -659,7 +678,10 @@ class SyncEngine:
                         "it again did not add up; deletions left to the next full sweep"
                     )
                     return
-                await self._mark_deleted(result, [i for i in absentees if i not in again.seen_ids])
+                missing = {i: r for i, r in absentees.items() if i not in again.seen_ids}
+                if not await self._mass_deletion_holds(result, tally, missing, seen):
+                    return
+                await self._mark_deleted(result, [i for i in missing if i not in seen])
             else:
                 result.status = "partial"
                 result.error = (
@@ -669,6 +691,42 @@ class SyncEngine:
             return
         population = await asyncio.to_thread(self.store.active_create_times, ws)
         await self._resolve_missing(result, tally, absentees, seen, population)
+
+    async def _mass_deletion_holds(
+        self,
+        result: SweepResult,
+        tally: Tally,
+        missing: Mapping[str, Mapping[str, Any]],
+        seen: set[str],
+    ) -> bool:
+        """Whether :data:`MASS_DELETION_SAMPLE` of ``missing`` (two readings' absentees,
+        too many to look up), spread over their create times, are gone when looked up one
+        by one (:meth:`_resolve_missing`: those found are applied, those gone marked). One
+        found means the readings were upstream's glitch: the sweep is ``partial`` and
+        nothing else is deleted."""
+        if not missing:
+            return True
+        ordered = sorted(missing, key=lambda i: (missing[i].get("gmt_create_time") or "", i))
+        step = len(ordered) / min(MASS_DELETION_SAMPLE, len(ordered))
+        sample = {ordered[int(k * step)] for k in range(min(MASS_DELETION_SAMPLE, len(ordered)))}
+        population = await asyncio.to_thread(self.store.active_create_times, result.workspace_id)
+        await self._resolve_missing(
+            result, tally, {i: missing[i] for i in sorted(sample)}, seen, population
+        )
+        found = sorted(i for i in sample if i in seen)
+        if not found:
+            return True
+        log.warning(
+            "sync.mass_deletion_refuted", workspace=result.workspace_id, missing=len(missing),
+            found=found,
+        )  # fmt: skip
+        result.status = "partial"
+        result.error = (
+            f"{len(missing)} experiments missing from two readings, but {len(found)} of "
+            f"{len(sample)} looked up are there ({', '.join(found)}): upstream's listings "
+            "glitched; deletions left to the next full sweep"
+        )
+        return False
 
     async def _resolve_missing(
         self,

@@ -12,6 +12,7 @@ import random
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -70,7 +71,10 @@ async def make_rig(tmp_path: Path, options: SimOptions, **upstream: Any) -> Asyn
         try:
             async with UpstreamClient(config.upstream, creds) as client:
                 # The mirror's clock is the simulator's, so observed_at orders like the world.
-                engine = SyncEngine(config, client, store, clock=lambda: sim.world.now)
+                # (a mass deletion's second reading: 30 s after the first, in production)
+                engine = SyncEngine(
+                    config, client, store, clock=lambda: sim.world.now, mass_deletion_wait_s=0.2
+                )
                 yield Rig(sim, store, client, engine, config)
         finally:
             store.close()
@@ -1132,6 +1136,65 @@ async def test_one_empty_answer_does_not_delete_a_workspace(tmp_path: Path) -> N
             world.mutate(exp_id, delete=True)
         result = await rig.engine.sweep(ws, "full")
         assert result.status == "ok" and result.marked_deleted == 300
+        assert_mirror_equals_truth(rig.store, rig.sim, ws)
+
+
+async def test_an_upstream_that_answers_nothing_for_a_moment_deletes_nothing(
+    tmp_path: Path,
+) -> None:
+    """Every answer empty (TotalCount 0) for a moment: a reading, and a second one straight
+    after, both add up and both miss every experiment; they marked the whole workspace
+    deleted (and the next sweep restored it: a deletion and a restore of each in the
+    history, and alerts). The second reading waits until the moment has passed."""
+    async for rig in make_rig(tmp_path, _still_world(400, seed=5)):
+        ws, world = rig.sim.world.workspace_ids[0], rig.sim.world
+        assert (await rig.engine.sweep(ws)).status == "ok"
+        rig.engine.mass_deletion_wait_s = 1.5
+        answered: list[tuple[float, int]] = []  # (when, TotalCount)
+
+        def nothing_for_a_second(params: Any, original: Any, answered: Any = answered) -> Any:
+            now = time.monotonic()
+            glitching = not answered or now < answered[0][0] + 1.0
+            total, page = (0, []) if glitching else original(params)
+            answered.append((now, total))
+            return total, page
+
+        with capture_logs() as logs, listing_replaced(world, nothing_for_a_second):
+            result = await rig.engine.sweep(ws, "full")
+        assert result.status == "ok" and result.marked_deleted == 0, result.error
+        assert not any(r["deleted"] for r in mirror_rows(rig.store, ws).values())
+        assert not [c for c in rig.store.history(workspace=ws) if c.field == "Deleted"]
+        (reread,) = [e for e in logs if e["event"] == "sync.mass_deletion_reread"]
+        assert reread["missing"] == 400 and reread["wait_s"] > 1.0
+        empty = [t for t, total in answered if total == 0]
+        assert len(empty) == 1 and answered[1][0] - empty[0] >= 1.4  # read again 1.5 s later
+        assert_mirror_equals_truth(rig.store, rig.sim, ws)
+
+
+async def test_an_upstream_that_answers_nothing_to_a_few_requests_deletes_nothing(
+    tmp_path: Path,
+) -> None:
+    """The next two answers empty (TotalCount 0), whenever they come: a reading and its
+    confirmation agree however far apart. A few of the missing, looked up one by one, are
+    there: partial, nothing deleted; the next full sweep finds the workspace whole."""
+    async for rig in make_rig(tmp_path, _still_world(400, seed=6)):
+        ws, world = rig.sim.world.workspace_ids[0], rig.sim.world
+        assert (await rig.engine.sweep(ws)).status == "ok"
+        answered: list[int] = []
+
+        def two_empty(params: Any, original: Any, answered: Any = answered) -> Any:
+            answered.append(1)
+            return (0, []) if len(answered) <= 2 else original(params)
+
+        with capture_logs() as logs, listing_replaced(world, two_empty):
+            result = await rig.engine.sweep(ws, "full")
+        assert result.status == "partial" and result.marked_deleted == 0, result.summary()
+        assert "upstream's listings glitched" in str(result.error)
+        assert [e["missing"] for e in logs if e["event"] == "sync.mass_deletion_refuted"] == [400]
+        assert not any(r["deleted"] for r in mirror_rows(rig.store, ws).values())
+        assert not [c for c in rig.store.history(workspace=ws) if c.field == "Deleted"]
+        again = await rig.engine.sweep(ws, "full")
+        assert again.status == "ok" and again.changes == 0
         assert_mirror_equals_truth(rig.store, rig.sim, ws)
 
 
