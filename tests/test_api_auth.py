@@ -284,6 +284,24 @@ async def test_a_long_poll_waiting_when_its_token_is_revoked_gets_nothing(rig: A
     assert body["changes"] and {c["workspace_id"] for c in body["changes"]} == {WS1}
 
 
+async def test_a_long_poll_whose_token_is_revoked_while_nothing_changes_gets_a_401(
+    rig: ApiRig,
+) -> None:
+    """Revoked while it waits, and no change wakes it: when its wait runs out it gets a
+    401 (it got an empty 200, and its cursor and the workspaces' freshness with it)."""
+    cfg = rig.runtime.config
+    newest = rig.store.history(newest_first=True, limit=1)[0].id
+    revoked = asyncio.create_task(
+        rig.get("/v1/changes", {"after": str(newest), "wait": "1"}, token="ws1")
+    )
+    await asyncio.sleep(0.3)  # it waits
+    rig.runtime.config = replace(
+        cfg, api=replace(cfg.api, tokens=tuple(t for t in cfg.api.tokens if t.name != "ws1"))
+    )
+    answer = await revoked
+    assert answer.status == 401, answer
+
+
 def test_tokens_are_compared_in_constant_time_against_every_token() -> None:
     tokens = token_configs()
     auth = Authenticator()

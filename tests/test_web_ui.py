@@ -602,6 +602,31 @@ async def test_a_feed_poll_waiting_when_a_reload_ends_its_session_gets_nothing(
     assert "USER_CANCELED" not in str(body)
 
 
+async def test_a_feed_poll_whose_session_a_reload_ends_while_nothing_changes_gets_nothing(
+    ui: ApiRig,
+) -> None:
+    """Ended while it waits, and no change wakes it: when its wait runs out the poll
+    answers "signed out" (it answered an empty 200, and the page polled on)."""
+    await sign_in(ui, "ws1")
+    status, text, _ = await page(ui, "/ui/changes")
+    assert status == 200
+    after = int(re.search(r'data-after="(\d+)"', text).group(1))  # type: ignore[union-attr]
+
+    async def reload_without_ws1() -> None:
+        await asyncio.sleep(0.3)
+        runtime = ui.app[RUNTIME]
+        runtime.config = replace(
+            runtime.config,
+            api=replace(runtime.config.api, tokens=token_configs(["all", "ws12"])),
+        )
+
+    task = asyncio.create_task(reload_without_ws1())
+    async with ui.client.get("/ui/changes/poll", params={"after": str(after), "wait": "1"}) as resp:
+        body = await resp.json()
+    await task
+    assert resp.status == 401 and body["error"] == "signed_out"
+
+
 async def test_the_feeds_cursor_shows_nothing_of_other_workspaces(ui: ApiRig) -> None:
     with sqlite3.connect(ui.store.path) as conn:
         own = conn.execute("SELECT max(id) FROM changes WHERE workspace_id = ?", (WS1,))

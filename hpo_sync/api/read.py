@@ -1192,13 +1192,15 @@ async def list_changes(request: web.Request) -> web.Response:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + q["wait"]
     while not rows and (remaining := deadline - loop.time()) > 0:
-        if not await wait_for_change(request, max(max_id, after), remaining):
-            break
-        # Its token as it stands now: a reload meanwhile may have revoked it (a 401, not
-        # the changes committed since) or narrowed it (read reads the new scope).
+        woke = await wait_for_change(request, max(max_id, after), remaining)
+        # Its token as it stands now, woken or timed out: a reload meanwhile may have
+        # revoked it (a 401, not the changes committed since, nor an empty 200) or narrowed
+        # it (read reads the new scope).
         principal = request[REAUTHORIZE]()
         scope, visible = principal.scope(q["workspace"]), principal.scope([])
         rows, max_id, seen_id, states = await api.read(work)
+        if not woke:
+            break
     has_more = len(rows) > limit
     rows = rows[:limit]
     # With no rows: nothing matched up to seen_id in this snapshot, and ids are assigned in

@@ -753,10 +753,10 @@ async def changes_poll(request: web.Request) -> web.StreamResponse:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_s
     while not rows and (remaining := deadline - loop.time()) > 0:
-        if not await wait_for_change(request, max(max_id, after), remaining):
-            break
-        # The session as it stands now: a reload meanwhile may have ended it (its token
-        # removed) or narrowed it; the changes committed since are not for the old one.
+        woke = await wait_for_change(request, max(max_id, after), remaining)
+        # The session as it stands now, woken or timed out: a reload meanwhile may have
+        # ended it (its token removed) or narrowed it; the changes committed since are not
+        # for the old one, and an empty answer would keep a signed-out page polling.
         try:
             current = _principal(request, ui)
             if current is None:
@@ -765,6 +765,8 @@ async def changes_poll(request: web.Request) -> web.StreamResponse:
         except ApiError as exc:
             return _poll_error(exc)
         rows, max_id, seen_id = await api.read(work)
+        if not woke:
+            break
     next_after = rows[-1][0] if rows else max(after, seen_id)
     newest_first = [change_json(r) for r in reversed(rows)]
     html = ui.templates.get_template("_change_rows.html").render(changes=newest_first, fresh=True)
