@@ -220,6 +220,23 @@ def _main(argv: Sequence[str] | None, word: str | None) -> int:
         # quietly.
         _quiet_stdout()
         return EXIT_OK
+    except OSError as exc:
+        # A path the system refuses before any command's own checks can (a name longer than
+        # the file system allows, say): what and where, not a traceback.
+        print(f"hpo-sync: {_os_error_text(exc)}", file=sys.stderr)
+        return EXIT_USAGE if exc.errno == errno.ENAMETOOLONG else EXIT_FAILED
+
+
+def _os_error_text(exc: OSError) -> str:
+    """``exc`` as one line: its reason and its file name, a long name shortened."""
+    reason = exc.strerror or type(exc).__name__
+    name = exc.filename
+    if name is None:
+        return reason
+    shown = os.fsdecode(name) if isinstance(name, bytes) else str(name)
+    if len(shown) > 80:
+        shown = f"{shown[:40]}…{shown[-30:]} ({len(shown)} characters)"
+    return f"{reason}: {shown!r}"
 
 
 #: Options whose value may begin with a minus sign (a mistaken ``--since -5d``).

@@ -895,6 +895,19 @@ def test_missing_mirror_exits_1(run: Run, tmp_path: Path) -> None:
     assert not missing.exists()  # read-only: nothing is created
 
 
+def test_a_path_too_long_for_the_file_system_is_a_usage_error_not_a_traceback(
+    run: Run, tmp_path: Path
+) -> None:
+    too_long = tmp_path / ("a" * 5000)
+    for argv in (["ls"], ["show", "x"], ["history"], ["export"], ["stats"], ["alerts", "list"]):
+        code, out, err = run(*argv, db=too_long)
+        assert (code, out) == (2, ""), argv
+        assert err.startswith("hpo-sync: File name too long: ") and "(5" in err, err[:300]
+        assert "Traceback" not in err and len(err) < 300
+    code, out, err = run("export", "--output", str(too_long))
+    assert code == 2 and "File name too long" in err and "Traceback" not in err
+
+
 def test_an_empty_db_is_a_usage_error_not_the_configs_mirror(
     run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
