@@ -425,7 +425,7 @@ def _handler(run: Callable[[argparse.Namespace, Store, TextIO], int]) -> Handler
     return handle
 
 
-def _table_width(out: IO[str]) -> int | None:
+def table_width(out: IO[str]) -> int | None:
     """Columns to fit tables into: the terminal's, else ``$COLUMNS``, else no limit (a pipe
     or file gets whole names)."""
     if out.isatty():
@@ -631,7 +631,7 @@ def _ls(args: argparse.Namespace, store: Store, out: TextIO) -> int:
     with contextlib.closing(walk.rows()) as rows:
         if args.format == "table":
             columns = ls_columns(include_deleted=args.include_deleted)
-            n = _write_table(out, columns, (ls_cells(row) for row in rows), _table_width(out))
+            n = _write_table(out, columns, (ls_cells(row) for row in rows), table_width(out))
             if n == 0:
                 _note("no experiments match")
             elif walk.more:
@@ -717,7 +717,7 @@ def _show(args: argparse.Namespace, store: Store, out: TextIO) -> int:
         record["History"] = [change_record(c) for c in changes]
         out.write(r.json_document(record))
     else:
-        out.write("".join(line + "\n" for line in show_lines(row, changes, _table_width(out))))
+        out.write("".join(line + "\n" for line in show_lines(row, changes, table_width(out))))
     out.flush()
     return cli.EXIT_OK
 
@@ -818,7 +818,7 @@ def _history(args: argparse.Namespace, store: Store, out: TextIO) -> int:
         ]
         for c in changes
     )
-    n = _write_table(out, HISTORY_COLUMNS, rows, _table_width(out))
+    n = _write_table(out, HISTORY_COLUMNS, rows, table_width(out))
     if n == 0:
         _note("no changes match")
     elif more:
@@ -999,7 +999,7 @@ def _stats(args: argparse.Namespace, store: Store, out: TextIO) -> int:
         if not args.workspace:  # (an unknown --workspace was named above)
             _note("the mirror has no workspaces yet")
     else:
-        out.write("".join(line + "\n" for line in stats_lines(stats, since, _table_width(out))))
+        out.write("".join(line + "\n" for line in stats_lines(stats, since, table_width(out))))
     out.flush()
     return cli.EXIT_OK
 

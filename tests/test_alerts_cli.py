@@ -140,14 +140,14 @@ async def test_alerts_test_target_down(
     assert_no_secret(out)
 
 
-def record_statuses(store: Store, worker: AlertWorker, statuses: tuple[str, ...]) -> None:
+def record_statuses(
+    store: Store, worker: AlertWorker, statuses: tuple[str, ...], name: str = "bert"
+) -> None:
     """Experiment e1 seen with each status in turn, a second apart (the first sighting is the
     baseline), with the worker's outbox hook in every write."""
     t = datetime.now(UTC) - timedelta(seconds=30)
     for i, status in enumerate(statuses):
-        e = normalise(
-            {"ExperimentId": "e1", "WorkspaceId": "ws1", "Name": "bert", "Status": status}
-        )
+        e = normalise({"ExperimentId": "e1", "WorkspaceId": "ws1", "Name": name, "Status": status})
         assert e is not None
         at = format_time(t + timedelta(seconds=i))
         run = store.begin_run("ws1", "hot", at)
@@ -211,6 +211,32 @@ async def test_alerts_list_and_retry(
             cli.main(["alerts", "retry", bad, "--config", str(config_path)])
         err = capsys.readouterr().err
         assert exc.value.code == 2 and f"{bad!r} is not an alert id" in err, err
+
+
+async def test_alerts_list_keeps_whole_names_in_a_pipe_and_cuts_them_to_fit_columns(
+    config_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As `ls` does: whole names in a pipe or a file (they were cut at 28 characters, with
+    no sign of it: a grep for the whole name found nothing), cut with … to fit $COLUMNS."""
+    name = "llama2_7b_dropout_search_0533_with_a_long_tail"
+    cfg = load(config_path)
+    store = Store.open(cfg.store.path)
+    worker = AlertWorker(store, cfg, rate_limits={})
+    record_statuses(store, worker, ("RUNNING", "FAILED"), name=name)
+    await worker.close()
+    store.close()
+    base = ["alerts", "list", "--config", str(config_path)]
+    monkeypatch.delenv("COLUMNS", raising=False)
+    code, out = await run_cli(base, capsys)
+    lines = out.splitlines()
+    assert code == 0 and lines[0].split()[:5] == ["ID", "STATUS", "TARGET", "TRIES", "EXPERIMENT"]
+    assert len(lines) == 3 and all(f"{name} (e1)" in line for line in lines[1:])
+    assert all("Status RUNNING → FAILED" in line for line in lines[1:])
+    monkeypatch.setenv("COLUMNS", "80")
+    code, out = await run_cli(base, capsys)
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 3 and name not in out and "…" in out
+    assert all(len(line) <= 80 for line in lines), lines
 
 
 async def test_alerts_list_formats_and_limits_match_the_query_commands(

@@ -17,11 +17,11 @@ import aiohttp
 
 from hpo_sync import cli, proxies
 from hpo_sync.cli import UsageError
-from hpo_sync.cli_query import limit_type
+from hpo_sync.cli_query import limit_type, table_width
 from hpo_sync.config import Config, TargetConfig
 from hpo_sync.errors import StoreError
 from hpo_sync.normalise import format_time
-from hpo_sync.render import clean, json_array_chunks, json_line
+from hpo_sync.render import Column, clean, format_table, json_array_chunks, json_line
 from hpo_sync.store import Store
 
 from . import outbox
@@ -203,30 +203,48 @@ def list_rows(store: Store, status: str | None, limit: int) -> list[dict[str, An
         ]
 
 
-def print_rows(rows: Sequence[dict[str, Any]], fmt: str, out: TextIO) -> None:
+#: The table of ``alerts list``: as in ``ls``, the text columns are cut with ``…`` to fit
+#: a terminal (or ``$COLUMNS``) and kept whole in a pipe or a file.
+LIST_COLUMNS = (
+    Column("ID", align="right", widest=6),
+    Column("STATUS", widest=7),
+    Column("TARGET", shrink=True, min_width=8),
+    Column("TRIES", align="right"),
+    Column("EXPERIMENT", shrink=True, min_width=16),
+    Column("CHANGE / ERROR", shrink=True, min_width=20),
+)
+
+
+def print_rows(
+    rows: Sequence[dict[str, Any]], fmt: str, out: TextIO, width: int | None = None
+) -> None:
     if fmt == "json":  # one array, as `hpo-sync ls` and `history` write
         out.write("".join(json_array_chunks(rows)))
         return
     if fmt == "jsonl":
         out.write("".join(json_line(row) for row in rows))
         return
-    print(
-        f"{'ID':>6}  {'STATUS':7}  {'TARGET':16}  {'TRIES':>5}  {'EXPERIMENT':28}  CHANGE / ERROR",
-        file=out,
-    )
-    for r in rows:
-        # Upstream's names and a target's answers, shown as `ls` shows text: escapes,
-        # control and bidirectional characters reached the terminal as they were.
-        exp = clean(f"{r['name'] or ''} ({r['experiment_id']})")
-        change = clean(f"{r['field']} {r['from'] or '-'} → {r['to'] or '-'}")
-        tail = f"{change}  [{clean(r['last_error'])}]" if r["last_error"] else change
-        print(
-            f"{r['id']:>6}  {r['status']:7}  {clean(r['target'])[:16]:16}  {r['attempts']:>5}"
-            f"  {exp[:28]:28}  {tail}",
-            file=out,
-        )
     if not rows:
         print("(no alert deliveries)", file=out)
+        return
+    cells = []
+    for r in rows:
+        # Upstream's names and a target's answers are shown as `ls` shows text (the table
+        # cleans every cell): escapes, control and bidirectional characters reached the
+        # terminal as they were.
+        change = f"{r['field']} {r['from'] or '-'} → {r['to'] or '-'}"
+        tail = f"{change}  [{clean(r['last_error'])}]" if r["last_error"] else change
+        cells.append(
+            [
+                str(r["id"]),
+                r["status"],
+                r["target"],
+                str(r["attempts"]),
+                f"{r['name'] or ''} ({r['experiment_id']})",
+                tail,
+            ]
+        )
+    out.write("".join(line + "\n" for line in format_table(LIST_COLUMNS, cells, width)))
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -239,7 +257,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     try:
         rows = list_rows(store, status, args.limit)
         more = args.limit > 0 and len(rows) > args.limit
-        print_rows(rows[: args.limit] if more else rows, args.format, sys.stdout)
+        shown = rows[: args.limit] if more else rows
+        print_rows(shown, args.format, sys.stdout, table_width(sys.stdout))
         if more:  # on stderr, as `ls` says it: the output stays clean for scripts
             print(
                 f"hpo-sync: showing the newest {args.limit}; --limit N for more, --limit 0 for all",
