@@ -237,6 +237,16 @@ OnChanges = Callable[[sqlite3.Connection, list[ChangeRow]], None]
 ChangeHook = OnChanges
 
 
+class RunProgress(NamedTuple):
+    """A sweep's counters so far, written with each of its batches: a run killed mid-sweep
+    (SIGKILL, a power cut) keeps what it had done in ``sync_runs``, not zeros, once the
+    next start closes it as interrupted. The sweep's end writes the final ones."""
+
+    api_calls: int
+    pages: int
+    experiments_seen: int
+
+
 @dataclass(frozen=True, slots=True)
 class ApplyResult:
     """What one :meth:`Store.apply` did.
@@ -890,6 +900,7 @@ class Store:
         listing_started_at: str | None = None,
         on_changes: OnChanges | None = None,
         contents: Sequence[tuple[Any, ...]] | None = None,
+        progress: RunProgress | None = None,
     ) -> ApplyResult:
         """Upsert a batch of one workspace's experiments observed at ``observed_at``, in ONE
         transaction, appending a change row per tracked-field change.
@@ -912,6 +923,8 @@ class Store:
         - ``contents``: ``experiment_values(exp, workspace_id)`` of each of ``experiments``,
           in order, when the caller has computed them already (a full sweep does, on the
           event loop thread, so that the writer thread only writes).
+        - ``progress``: the run's API calls, pages and experiments so far, recorded on its
+          ``sync_runs`` row in the same transaction (see :class:`RunProgress`).
 
         Raises StoreError for an experiment of another workspace or an unknown ``run_id``.
         """
@@ -1054,7 +1067,7 @@ class Store:
                 marked = len(gone)
             change_rows = _commit_changes(
                 conn, cur, pending, workspace_id, run_id, watermark if complete else None,
-                on_changes,
+                on_changes, progress,
             )  # fmt: skip
         return ApplyResult(inserted, updated, unchanged, stale, marked, change_rows)
 
@@ -1067,6 +1080,7 @@ class Store:
         run_id: int,
         baseline: bool,
         on_changes: OnChanges | None = None,
+        progress: RunProgress | None = None,
     ) -> ApplyResult:
         """Mark experiments the caller has established are gone upstream as deleted, in one
         transaction, with a ``Deleted`` change row each (the explicit alternative to
@@ -1105,7 +1119,7 @@ class Store:
                     gone.append(exp_id)
             pending = _mark_gone(cur, workspace_id, gone, observed_at, run_id, base)
             change_rows = _commit_changes(
-                conn, cur, pending, workspace_id, run_id, None, on_changes
+                conn, cur, pending, workspace_id, run_id, None, on_changes, progress
             )
         return ApplyResult(
             unchanged=unchanged, stale=stale, marked_deleted=len(gone), change_rows=change_rows
@@ -1628,11 +1642,19 @@ def _commit_changes(
     run_id: int,
     watermark: str | None,
     on_changes: OnChanges | None,
+    progress: RunProgress | None = None,
 ) -> list[ChangeRow]:
-    """The common tail of a write: change rows, the run's counter, the workspace's create
+    """The common tail of a write: change rows, the run's counters, the workspace's create
     watermark, then the outbox hook — all still inside the caller's transaction."""
     change_rows = _insert_changes(cur, pending)
-    if change_rows:
+    if progress is not None:
+        # (never lowered: batches of a full sweep may commit out of the order they were made)
+        conn.execute(
+            "UPDATE sync_runs SET changes = changes + ?, api_calls = max(api_calls, ?),"
+            " pages = max(pages, ?), experiments_seen = max(experiments_seen, ?) WHERE id = ?",
+            (len(change_rows), *progress, run_id),
+        )
+    elif change_rows:
         conn.execute(
             "UPDATE sync_runs SET changes = changes + ? WHERE id = ?", (len(change_rows), run_id)
         )

@@ -86,7 +86,7 @@ from .config import Config
 from .errors import FatalUpstreamError, HpoSyncError, StoreError, UpstreamError
 from .normalise import Experiment, format_time, normalise_all, parse_time
 from .schema import experiment_values
-from .store import ChangeHook, Store, WorkspaceState
+from .store import ChangeHook, RunProgress, Store, WorkspaceState
 
 log = structlog.get_logger(__name__)
 
@@ -152,6 +152,14 @@ class SweepResult:
     error: str | None = None
     error_code: str | None = None
     notes: list[str] = field(default_factory=list)
+    #: the sweep's running count of calls and pages (its batches record it as they commit)
+    tally: Tally = field(default_factory=Tally, repr=False, compare=False)
+
+    def progress(self, experiments: int = 0) -> RunProgress:
+        """The counters so far, ``experiments`` more applied: see :class:`RunProgress`."""
+        return RunProgress(
+            self.tally.api_calls, self.tally.pages, self.experiments_seen + experiments
+        )
 
     @property
     def run(self) -> int:
@@ -267,7 +275,7 @@ class SyncEngine:
                 await self._finish(result, Tally(), started)
                 raise
             result = SweepResult(workspace_id, chosen, run_id, baseline=not has_baseline)
-            tally = Tally()
+            tally = result.tally
             try:
                 if chosen == "full":
                     with _full_sweep_gc():
@@ -446,6 +454,7 @@ class SyncEngine:
                 baseline=result.baseline,
                 on_changes=self.on_changes,
                 contents=fresh_contents,
+                progress=result.progress(len(fresh)),
             )
             result.experiments_seen += len(fresh)  # in the mirror now, not before
             result.changes += applied.changes
@@ -542,6 +551,7 @@ class SyncEngine:
             run_id=result.run,
             baseline=result.baseline,
             on_changes=self.on_changes,
+            progress=result.progress(),
         )
         result.changes += applied.changes
         result.marked_deleted += applied.marked_deleted

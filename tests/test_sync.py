@@ -1198,6 +1198,49 @@ async def test_an_upstream_that_answers_nothing_to_a_few_requests_deletes_nothin
         assert_mirror_equals_truth(rig.store, rig.sim, ws)
 
 
+async def test_each_batch_records_the_runs_counters_so_far(tmp_path: Path) -> None:
+    """A sweep killed mid-way (SIGKILL) left its run with 0 API calls, pages and
+    experiments (only its change count was written batch by batch): the next start closed
+    it as interrupted with zeros, though it had made requests and committed changes. Each
+    batch now records the counters so far, in its own transaction."""
+    async for rig in make_rig(tmp_path, _still_world(5000, seed=8)):
+        ws = rig.sim.world.workspace_ids[0]
+        seen_rows: list[tuple[int, int, int, int]] = []
+        store, apply = rig.store, rig.store.apply
+
+        def recording(
+            *args: Any,
+            store: Store = store,
+            apply: Any = apply,
+            seen_rows: Any = seen_rows,
+            **kw: Any,
+        ) -> Any:
+            result = apply(*args, **kw)
+            with store.reader() as conn:
+                seen_rows.append(
+                    conn.execute(
+                        "SELECT api_calls, pages, experiments_seen, changes FROM sync_runs"
+                        " WHERE id = ?",
+                        (kw["run_id"],),
+                    ).fetchone()
+                )
+            return result
+
+        rig.store.apply = recording  # type: ignore[method-assign]
+        result = await rig.engine.sweep(ws, "full")
+        assert result.status == "ok" and len(seen_rows) >= 2, (result.summary(), seen_rows)
+        first = tuple(seen_rows[0])
+        assert first[0] >= first[1] > 0 and 0 < first[2] < 5000 and first[3] > 0, first
+        assert [tuple(r)[2] for r in seen_rows] == sorted(tuple(r)[2] for r in seen_rows)
+        assert tuple(seen_rows[-1])[2] == 5000
+        with rig.store.reader() as conn:
+            final = conn.execute(
+                "SELECT api_calls, pages, experiments_seen FROM sync_runs WHERE id = ?",
+                (result.run,),
+            ).fetchone()
+        assert tuple(final) == (result.api_calls, result.pages, 5000)
+
+
 async def test_a_lone_surrogate_upstream_sends_is_stored_as_the_replacement_character(
     tmp_path: Path,
 ) -> None:
