@@ -386,6 +386,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
 #: How long a one-shot sync goes on delivering the alerts it queued (rounds of at most three
 #: messages a target, paced by each target's rate limit) before it leaves the rest queued.
 SYNC_ALERTS_BUDGET_S = 30.0
+#: ... looking again at least this long after a round that sent nothing.
+SYNC_ALERTS_POLL_S = 0.5
 
 
 async def _sync_once(
@@ -479,9 +481,11 @@ async def _sync_once(
 
 
 async def _deliver_alerts(alerts: AlertWorker) -> int:
-    """Deliver what is due, round after round, until a round sends nothing or
-    :data:`SYNC_ALERTS_BUDGET_S` has passed; return the alerts still pending. Stall notices
-    are the daemon's: a sync run from cron would announce the same stall every time."""
+    """Deliver what is due, round after round, for up to :data:`SYNC_ALERTS_BUDGET_S`:
+    after a round that sent nothing, a retry due within the budget (a target's 503 or
+    refused connection is retried 5 s later) is waited for, else it stops. Returns the
+    alerts still pending. Stall notices are the daemon's: a sync run from cron would
+    announce the same stall every time."""
     from .alerts import outbox
 
     loop = asyncio.get_running_loop()
@@ -491,10 +495,18 @@ async def _deliver_alerts(alerts: AlertWorker) -> int:
             # A round can wait in a target's limiter for up to a minute (DingTalk, WeCom):
             # the budget cuts it short; what it had not recorded stays pending.
             try:
-                if not await asyncio.wait_for(alerts.run_once(flush=True, stalls=False), left):
-                    break
+                if await asyncio.wait_for(alerts.run_once(flush=True, stalls=False), left):
+                    continue
             except TimeoutError:
                 break
+            with alerts.store.reader() as conn:
+                due = outbox.next_attempt(conn)
+            if due is None:
+                break
+            wait_s = max(SYNC_ALERTS_POLL_S, (due - alerts.clock()).total_seconds())
+            if wait_s >= deadline - loop.time():
+                break  # (a rate limit's quiet time, a longer backoff: the next sync's)
+            await asyncio.sleep(wait_s)
     finally:
         await alerts.stop()
     with alerts.store.reader() as conn:

@@ -487,14 +487,28 @@ async def test_a_sync_alerts_on_the_changes_it_records_and_sends_them(
         assert "queued" not in err
         with sqlite3.connect(tmp_path / "mirror.db") as conn:
             assert conn.execute("SELECT status FROM alert_outbox").fetchall() == [("sent",)]
-        # The target is down: the alert stays queued, and stderr says so.
+        # The target fails once (HTTP 500): its retry, 5 s later, is within the sync's
+        # 30 s for alerts, and goes out before it exits (the sync used to exit at once).
+        receivers.fail("tok-slack-0123456789", times=1)
+        sim.world.mutate(running[2], status="FAILED")
+        started = time.monotonic()
+        code, out, err = await run_cli("--config", str(cfg), "sync")
+        assert code == 0 and "queued" not in err, err
+        assert time.monotonic() - started >= 4.0
+        assert running[2] in receivers.of("tok-slack-0123456789")[-1].body["text"]
+        with sqlite3.connect(tmp_path / "mirror.db") as conn:
+            rows = conn.execute("SELECT status, attempts FROM alert_outbox ORDER BY id").fetchall()
+        assert rows == [("sent", 1), ("sent", 2)]
+        # The target is down: it is retried within those 30 s, then the alert stays
+        # queued, and stderr says so.
         await receivers.stop()
         sim.world.mutate(running[1], status="FAILED")
         code, out, err = await run_cli("--config", str(cfg), "sync")
         assert code == 0 and "1 alert still queued" in err, err
         with sqlite3.connect(tmp_path / "mirror.db") as conn:
-            rows = conn.execute("SELECT status FROM alert_outbox ORDER BY id").fetchall()
-        assert rows == [("sent",), ("pending",)]
+            rows = conn.execute("SELECT status, attempts FROM alert_outbox ORDER BY id").fetchall()
+        assert rows[:2] == [("sent", 1), ("sent", 2)] and rows[2][0] == "pending"
+        assert rows[2][1] >= 2
     finally:
         await receivers.stop()
 

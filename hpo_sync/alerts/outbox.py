@@ -316,6 +316,16 @@ def counts(conn: sqlite3.Connection) -> dict[str, int]:
     return out
 
 
+def next_attempt(conn: sqlite3.Connection) -> datetime | None:
+    """When the earliest pending delivery is due (one never attempted: its queue time), or
+    None when none waits."""
+    (due,) = conn.execute(
+        "SELECT min(coalesce(next_attempt_at, created_at)) FROM alert_outbox WHERE status = ?",
+        (PENDING,),
+    ).fetchone()
+    return parse_time(due) if due else None
+
+
 def backlog(conn: sqlite3.Connection) -> tuple[int, str | None]:
     """Deliveries waiting (``pending``) and when the oldest of them was queued (``None``
     when none waits). It reads the partial index of pending rows (``alert_outbox_due``),
