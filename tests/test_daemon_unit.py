@@ -347,6 +347,37 @@ def test_readiness_needs_every_workspace_synced_once() -> None:
     assert readiness(["3"], states, {}, NOW)["ready"] is False  # configured, never seen
 
 
+def test_readiness_without_the_daemons_state_tells_the_mirrors_last_error() -> None:
+    """Under `serve` (no daemon), or a daemon restarted and not yet failing again, the
+    error the mirror recorded after the last success is shown (it was always null, where
+    /v1/workspaces showed the workspace failing); one older than a success is not."""
+    states = [
+        state(
+            workspace_id="1", last_error="Forbidden.RAM: no", last_error_at="2025-03-30T00:59:00Z"
+        ),
+        state(
+            workspace_id="2",
+            last_hot_ok_at="2025-03-30T00:59:30Z",
+            last_error="old trouble",
+            last_error_at="2025-03-30T00:58:00Z",
+        ),
+        state(
+            workspace_id="3",
+            last_hot_ok_at="2025-03-30T00:58:00Z",
+            last_error="Throttling",
+            last_error_at="2025-03-30T00:59:00Z",
+        ),
+    ]
+    body = readiness(["1", "2", "3"], states, {}, NOW)["workspaces"]
+    assert [body[w]["last_error"] for w in ("1", "2", "3")] == [
+        "Forbidden.RAM: no",
+        None,
+        "Throttling",
+    ]
+    live = {"3": WorkspaceHealth("3", consecutive_failures=1, last_error="Timeout")}
+    assert readiness(["3"], states, live, NOW)["workspaces"]["3"]["last_error"] == "Timeout"
+
+
 def test_readiness_tells_stalled_workspaces_without_changing_the_verdict() -> None:
     """No success for ``stalled_after_s``: stalled; a workspace never synced counts from
     the start, as the stall notices do. Stale data is still served: still ready."""

@@ -190,6 +190,13 @@ def readiness(
         ]
         last_ok = max(oks) if oks else None
         h = health.get(ws)
+        # The daemon's own error while it is failing; else the mirror's last recorded one,
+        # if no success came after it (serve has no daemon; a restarted daemon, until its
+        # first sweep, had shown null): what /v1/workspaces shows.
+        err_at = parse_time(state.last_error_at) if state and state.last_error else None
+        recorded = (
+            state.last_error if state and err_at and (last_ok is None or err_at > last_ok) else None
+        )
         entry: dict[str, Any] = {
             "synced": last_ok is not None,
             "baseline_at": state.baseline_at if state else None,
@@ -197,7 +204,7 @@ def readiness(
             "age_s": round((now - last_ok).total_seconds(), 1) if last_ok else None,
             "consecutive_failures": h.consecutive_failures if h else 0,
             "backoff_until": format_time(h.retry_at) if h and h.retry_at else None,
-            "last_error": h.last_error if h else None,
+            "last_error": (h.last_error if h else None) or recorded,
             "sweeping": h.sweeping if h else False,
             "stalled": _stalled(last_ok or since, now, stalled_after_s),
         }
