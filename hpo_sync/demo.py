@@ -79,8 +79,15 @@ def register_cli(sub: Any, command: Callable[..., argparse.ArgumentParser]) -> N
         "--data-dir", metavar="DIR", help="keep the mirror and config here (default: a temp dir)"
     )
     p.add_argument("--duration", type=float, metavar="S", help="stop by itself after S seconds")
-    p.add_argument("--experiments", type=int, default=d.experiments, help="%(default)s")
-    p.add_argument("--workspaces", type=int, default=d.workspaces, help="%(default)s")
+    p.add_argument(
+        "--experiments",
+        type=int,
+        default=d.experiments,
+        help="experiments in the simulated world at start, across its workspaces (%(default)s)",
+    )
+    p.add_argument(
+        "--workspaces", type=int, default=d.workspaces, help="workspaces to sync (%(default)s)"
+    )
     p.add_argument(
         "--speed", type=float, default=d.speed, help="sim seconds per second (%(default)s)"
     )
@@ -92,10 +99,18 @@ def register_cli(sub: Any, command: Callable[..., argparse.ArgumentParser]) -> N
         help="API port (%(default)s; any free port if taken; 0: any)",
     )
     p.add_argument(
-        "--hot-interval", type=float, default=d.hot_interval_s, metavar="S", help="%(default)s"
+        "--hot-interval",
+        type=float,
+        default=d.hot_interval_s,
+        metavar="S",
+        help="seconds between hot sweeps (%(default)s)",
     )
     p.add_argument(
-        "--full-interval", type=float, default=d.full_interval_s, metavar="S", help="%(default)s"
+        "--full-interval",
+        type=float,
+        default=d.full_interval_s,
+        metavar="S",
+        help="seconds between full sweeps (%(default)s)",
     )
     p.add_argument(
         "--fault-rate",

@@ -941,8 +941,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="ID",
         help="answer listings of this workspace with 403 Forbidden.RAM (repeatable)",
     )
-    parser.add_argument("--access-key-id", default=DEFAULT_ACCESS_KEY_ID)
-    parser.add_argument("--access-key-secret", default=DEFAULT_ACCESS_KEY_SECRET)
+    parser.add_argument(
+        "--access-key-id",
+        default=DEFAULT_ACCESS_KEY_ID,
+        help="the AccessKey ID it accepts (default %(default)s, as the demo configs use)",
+    )
+    parser.add_argument(
+        "--access-key-secret",
+        default=DEFAULT_ACCESS_KEY_SECRET,
+        help="the AccessKey secret it checks signatures with (default: the demo configs')",
+    )
 
 
 def options_from_args(ns: argparse.Namespace) -> SimOptions:
