@@ -272,7 +272,7 @@ class SyncEngine:
                     workspace_id, chosen, begin.result(), baseline=not has_baseline
                 )
                 result.status, result.error = "failed", "cancelled (shutting down)"
-                await self._finish(result, Tally(), started)
+                await self._finish(result, started)
                 raise
             result = SweepResult(workspace_id, chosen, run_id, baseline=not has_baseline)
             tally = result.tally
@@ -302,22 +302,23 @@ class SyncEngine:
                     _defect(result, _leaves(defects)[0])
             except asyncio.CancelledError:
                 result.status, result.error = "failed", "cancelled (shutting down)"
-                await self._finish(result, tally, started)
+                await self._finish(result, started)
                 raise
             except Exception as exc:
                 _defect(result, exc)
-            await self._finish(result, tally, started)
+            await self._finish(result, started)
             return result
 
-    async def _finish(self, result: SweepResult, tally: Tally, started: float) -> None:
+    async def _finish(self, result: SweepResult, started: float) -> None:
         """Close the sweep's run (and record its outcome) even if cancelled meanwhile, and
         raise CancelledError afterwards if it was. A stop can come twice (systemd signals the
         daemon and the sweep process at once: the daemon's "cancel" and the child's own
         SIGTERM each cancel the sweep): a second cancellation must not cut these writes
         short, or the run would read "running" until the next start of the daemon."""
-        await _to_the_end(asyncio.ensure_future(self._record(result, tally, started)))
+        await _to_the_end(asyncio.ensure_future(self._record(result, started)))
 
-    async def _record(self, result: SweepResult, tally: Tally, started: float) -> None:
+    async def _record(self, result: SweepResult, started: float) -> None:
+        tally = result.tally
         result.api_calls, result.pages = tally.api_calls, tally.pages
         result.retries, result.throttled = tally.retries, tally.throttled
         result.duration_s = time.monotonic() - started

@@ -21,7 +21,7 @@ from hpo_sync.cli_query import limit_type, table_width
 from hpo_sync.config import Config, TargetConfig
 from hpo_sync.errors import StoreError
 from hpo_sync.normalise import format_time
-from hpo_sync.render import Column, clean, format_table, json_array_chunks, json_line
+from hpo_sync.render import Column, format_table, json_array_chunks, json_line
 from hpo_sync.store import Store
 
 from . import outbox
@@ -233,7 +233,7 @@ def print_rows(
         # cleans every cell): escapes, control and bidirectional characters reached the
         # terminal as they were.
         change = f"{r['field']} {r['from'] or '-'} → {r['to'] or '-'}"
-        tail = f"{change}  [{clean(r['last_error'])}]" if r["last_error"] else change
+        tail = f"{change}  [{r['last_error']}]" if r["last_error"] else change
         cells.append(
             [
                 str(r["id"]),
