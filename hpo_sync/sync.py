@@ -275,14 +275,13 @@ class SyncEngine:
                 await self._finish(result, started)
                 raise
             result = SweepResult(workspace_id, chosen, run_id, baseline=not has_baseline)
-            tally = result.tally
             try:
                 if chosen == "full":
                     with _full_sweep_gc():
-                        await self._full(result, tally)
+                        await self._full(result)
                 else:
                     assert state is not None  # a baseline implies a workspace row
-                    await self._hot(result, tally, state)
+                    await self._hot(result, state)
             except FatalUpstreamError as exc:
                 result.status, result.error, result.error_code = "failed", str(exc), exc.code
             except UpstreamError as exc:
@@ -559,7 +558,7 @@ class SyncEngine:
 
     # --- full ----------------------------------------------------------------------------
 
-    async def _full(self, result: SweepResult, tally: Tally) -> None:
+    async def _full(self, result: SweepResult) -> None:
         ws = result.workspace_id
         seen: set[str] = set()
         listing_pages_expected = [0]
@@ -585,11 +584,11 @@ class SyncEngine:
                     expect(page)
                 await batches.add(page.experiments)
                 if self.progress is not None:
-                    self.progress(ws, tally.pages, listing_pages_expected[0])
+                    self.progress(ws, result.tally.pages, listing_pages_expected[0])
 
             try:
                 listing = await self.client.list_all(
-                    query, on_page=on_page, tally=tally, keep=False, check_short=True
+                    query, on_page=on_page, tally=result.tally, keep=False, check_short=True
                 )
             except asyncio.CancelledError:
                 await batches.close(apply_rest=False)  # shutting down: finish only what runs
@@ -690,7 +689,7 @@ class SyncEngine:
                     )
                     return
                 missing = {i: r for i, r in absentees.items() if i not in again.seen_ids}
-                if not await self._mass_deletion_holds(result, tally, missing, seen):
+                if not await self._mass_deletion_holds(result, missing, seen):
                     return
                 await self._mark_deleted(result, [i for i in missing if i not in seen])
             else:
@@ -701,12 +700,11 @@ class SyncEngine:
                 )
             return
         population = await asyncio.to_thread(self.store.active_create_times, ws)
-        await self._resolve_missing(result, tally, absentees, seen, population)
+        await self._resolve_missing(result, absentees, seen, population)
 
     async def _mass_deletion_holds(
         self,
         result: SweepResult,
-        tally: Tally,
         missing: Mapping[str, Mapping[str, Any]],
         seen: set[str],
     ) -> bool:
@@ -722,7 +720,7 @@ class SyncEngine:
         sample = {ordered[int(k * step)] for k in range(min(MASS_DELETION_SAMPLE, len(ordered)))}
         population = await asyncio.to_thread(self.store.active_create_times, result.workspace_id)
         await self._resolve_missing(
-            result, tally, {i: missing[i] for i in sorted(sample)}, seen, population
+            result, {i: missing[i] for i in sorted(sample)}, seen, population
         )
         found = sorted(i for i in sample if i in seen)
         if not found:
@@ -742,7 +740,6 @@ class SyncEngine:
     async def _resolve_missing(
         self,
         result: SweepResult,
-        tally: Tally,
         missing: Mapping[str, Mapping[str, Any]],
         seen: set[str],
         population: Iterable[str | None],
@@ -784,7 +781,7 @@ class SyncEngine:
                     min_create_time=reach_low - WINDOW_EDGE,
                     max_create_time=reach_high + WINDOW_EDGE,
                 ),
-                tally=tally,
+                tally=result.tally,
             )
             if not listing.complete:
                 raise listing.error or UpstreamError("look-up incomplete")
@@ -797,7 +794,7 @@ class SyncEngine:
         gone: list[str] = []
 
         async def look(exp_id: str, row: Mapping[str, Any]) -> None:
-            found = await self._lookup(result, tally, exp_id, row, dated.get(exp_id))
+            found = await self._lookup(result, exp_id, row, dated.get(exp_id))
             if found is None:
                 gone.append(exp_id)
             else:
@@ -807,7 +804,7 @@ class SyncEngine:
             for exp_id, row in still.items():
                 group.create_task(look(exp_id, row))
         if gone:
-            gone = await self._by_creator(result, tally, gone, missing, dated, seen)
+            gone = await self._by_creator(result, gone, missing, dated, seen)
         gone = proven + gone
         if gone and unreadable:
             # a window around them returned records that could be them, renamed
@@ -854,7 +851,6 @@ class SyncEngine:
     async def _lookup(
         self,
         result: SweepResult,
-        tally: Tally,
         exp_id: str,
         row: Mapping[str, Any],
         created: datetime | None,
@@ -863,7 +859,6 @@ class SyncEngine:
         upstream reads times in); None when a complete listing does not return it."""
         found = await self._search(
             result,
-            tally,
             [exp_id],
             self._query(result.workspace_id, name=row.get("name") or None, **_wide(created)),
         )
@@ -872,7 +867,6 @@ class SyncEngine:
     async def _by_creator(
         self,
         result: SweepResult,
-        tally: Tally,
         gone: Sequence[str],
         missing: Mapping[str, Mapping[str, Any]],
         dated: Mapping[str, datetime | None],
@@ -910,7 +904,7 @@ class SyncEngine:
                     # Only what it finds counts: the name look-up before it decided the
                     # rest, and a listing of a creator's whole day that does not add up
                     # (no usable TotalCount, say) must not make every such sweep fail.
-                    found = await self._search(result, tally, wanted, query, proves=False)
+                    found = await self._search(result, wanted, query, proves=False)
                 except FatalUpstreamError as exc:
                     if not rejects_parameter(exc):
                         raise
@@ -931,7 +925,6 @@ class SyncEngine:
     async def _search(
         self,
         result: SweepResult,
-        tally: Tally,
         ids: Sequence[str],
         query: ListQuery,
         *,
@@ -942,7 +935,7 @@ class SyncEngine:
         (a row may have fallen between them), or held records without a readable id.
         ``proves=False``: what it found, whatever the rest."""
         result.lookups += 1
-        listing = await self.client.list_all(query, tally=tally)
+        listing = await self.client.list_all(query, tally=result.tally)
         wanted = set(ids)
         found = {
             key: raw
@@ -994,7 +987,7 @@ class SyncEngine:
 
     # --- hot -----------------------------------------------------------------------------
 
-    async def _hot(self, result: SweepResult, tally: Tally, state: WorkspaceState) -> None:
+    async def _hot(self, result: SweepResult, state: WorkspaceState) -> None:
         ws = result.workspace_id
         non_terminal = await asyncio.to_thread(
             self.store.non_terminal_experiments, ws, self.config.sync.terminal_statuses
@@ -1031,7 +1024,7 @@ class SyncEngine:
 
             try:
                 listings[label] = await self.client.list_all(
-                    query, on_page=checked, tally=tally, keep=False
+                    query, on_page=checked, tally=result.tally, keep=False
                 )
             except _FilterIgnored:
                 return
@@ -1047,7 +1040,7 @@ class SyncEngine:
                 )
 
         async def newest_first(since: datetime) -> None:
-            listings["new"] = await self._newest_first(ws, since, tally, on_page)
+            listings["new"] = await self._newest_first(result, since, on_page)
 
         # An upstream seen to ignore the Status filter answers each status listing with the
         # whole workspace: one listing of it instead, which holds what is new too.
@@ -1063,7 +1056,7 @@ class SyncEngine:
                 query = self._query(ws, status=spelled.get(status, status))
                 group.create_task(run(f"status:{status}", query))
             if self._bumps.get(ws) is not False and ws not in self._feed_refused:
-                group.create_task(self._modified_feed(result, tally, state, on_page))
+                group.create_task(self._modified_feed(result, state, on_page))
         if not whole and ws in self._status_filter_ignored:  # learnt by this sweep
             listings.pop("new", None)  # (the listing of the whole workspace holds it)
             await run("all", self._query(ws))
@@ -1107,7 +1100,6 @@ class SyncEngine:
         vanished.update(unlisted)
         await self._resolve_missing(
             result,
-            tally,
             vanished,
             seen,
             await asyncio.to_thread(self.store.active_create_times, ws) if vanished else (),
@@ -1115,9 +1107,8 @@ class SyncEngine:
 
     async def _newest_first(
         self,
-        workspace_id: str,
+        result: SweepResult,
         since: datetime,
-        tally: Tally,
         on_page: Callable[[Page], Any],
     ) -> Listing:
         """What was created since ``since``, for an upstream that ignores MinCreateTime:
@@ -1130,7 +1121,7 @@ class SyncEngine:
         but misses nothing. A failing page leaves the listing incomplete, as in
         :meth:`UpstreamClient.list_all`."""
         query = ListQuery(
-            workspace_id=workspace_id,
+            workspace_id=result.workspace_id,
             sort_by=self.config.upstream.sort_by,
             order="DESC",
             include_config_data=True,
@@ -1138,7 +1129,7 @@ class SyncEngine:
         listing = Listing()
         newest_first, previous = True, None
         try:
-            async for page in self.client.iter_pages(query, tally=tally):
+            async for page in self.client.iter_pages(query, tally=result.tally):
                 listing.pages_read += 1
                 await on_page(page)
                 times = self._times(page.experiments)
@@ -1157,7 +1148,6 @@ class SyncEngine:
     async def _modified_feed(
         self,
         result: SweepResult,
-        tally: Tally,
         state: WorkspaceState,
         on_page: Callable[[Page], Any],
     ) -> None:
@@ -1180,7 +1170,7 @@ class SyncEngine:
         )
         try:
             pages = 0
-            async for page in self.client.iter_pages(query, tally=tally):
+            async for page in self.client.iter_pages(query, tally=result.tally):
                 pages += 1
                 await on_page(page)
                 oldest = min(self._times(page.experiments, "GmtModifiedTime"), default=None)
