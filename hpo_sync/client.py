@@ -324,6 +324,10 @@ class UpstreamClient:
         self._clock = clock
         #: SortBy names upstream refused, with the other vocabulary's name that it took
         self._sort_names: dict[str, str] = {}
+        #: SortBy names upstream took as they are; and, per name not yet answered either
+        #: way, the lock its first page holds until it is (see list_page)
+        self._sort_taken: set[str] = set()
+        self._sort_probes: dict[str, asyncio.Lock] = {}
         #: Learned from a listing: upstream's TotalCount counts the page, not the listing, so
         #: from then on no count plans pages (every listing is paged until an empty page).
         self.counts_pages = False
@@ -645,7 +649,44 @@ class UpstreamClient:
         whose ``SortBy`` has a name in the other vocabulary is asked once more with that
         name; if that is taken, this client sends it from then on (logged once,
         ``upstream.sort_by_switched``). If it is refused too, the first refusal is raised.
+
+        Until upstream has answered a name either way, pages sorted by it wait for the
+        first one in flight: the concurrent listings of a hot sweep in a new process (one
+        per status, what is new) each had their first page refused and asked again, six
+        calls more for a one-shot ``sync`` instead of one.
         """
+        name = query.sort_by
+        if name is None or self._sort_settled(name):
+            return await self._list_page(query, page_number, page_size, tally=tally)
+        async with self._sort_probes.setdefault(name, asyncio.Lock()):
+            if not self._sort_settled(name):
+                return await self._list_page(query, page_number, page_size, tally=tally)
+        return await self._list_page(query, page_number, page_size, tally=tally)
+
+    def _sort_settled(self, name: str) -> bool:
+        return name in self._sort_taken or name in self._sort_names
+
+    @property
+    def sort_names(self) -> dict[str, str]:
+        """The SortBy names upstream refused, with the name of the other vocabulary it
+        took instead (a copy)."""
+        return dict(self._sort_names)
+
+    def learn_sort_names(self, names: Mapping[str, str]) -> None:
+        """Take SortBy names learnt by an earlier process (:attr:`sort_names`), where this
+        one has not answered them itself; only pairs of the two vocabularies count."""
+        for configured, other in names.items():
+            if SORT_BY_ALIASES.get(configured) == other and not self._sort_settled(configured):
+                self._sort_names[configured] = other
+
+    async def _list_page(
+        self,
+        query: ListQuery,
+        page_number: int,
+        page_size: int | None = None,
+        *,
+        tally: Tally | None = None,
+    ) -> Page:
         params = query.params(self.config.tz)
         params["PageNumber"] = str(page_number)
         params["PageSize"] = str(page_size or self.config.page_size)
@@ -676,6 +717,9 @@ class UpstreamClient:
                     workspace=query.workspace_id,
                     refused=exc.code,
                 )
+        else:
+            if configured is not None and params.get("SortBy") == configured:
+                self._sort_taken.add(configured)
         if tally is not None:
             tally.pages += 1
         return page

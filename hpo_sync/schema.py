@@ -483,6 +483,15 @@ def _m6_alert_shown(conn: sqlite3.Connection) -> None:
     )
 
 
+def _m7_upstream_learnt(conn: sqlite3.Connection) -> None:
+    """Version 7: ``workspaces.upstream_learnt``, what sweeps learnt about how the
+    workspace's upstream behaves (it ignores the Status filter, does not bump
+    GmtModifiedTime, ...), as JSON, so that the next process starts from it rather than
+    paying again to learn it: a one-shot ``sync`` from cron learnt it anew every run (the
+    wasted listings each time). NULL: nothing learnt (every row of an older file)."""
+    _run(conn, ["ALTER TABLE workspaces ADD COLUMN upstream_learnt TEXT"])
+
+
 #: Forward migrations, in order; migration ``i`` (0-based) takes the file to version ``i + 1``.
 #: Append only. Never edit or reorder a released migration.
 MIGRATIONS: tuple[Migration, ...] = (
@@ -492,6 +501,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     _m4_api_json,
     _m5_alert_message_id,
     _m6_alert_shown,
+    _m7_upstream_learnt,
 )
 
 #: Migrations that copy a whole table: the old copy's pages are left free inside the file

@@ -27,6 +27,7 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import EllipsisType
 from typing import Any, Literal, NamedTuple
 
 import orjson
@@ -820,6 +821,7 @@ class Store:
         error: str | None = None,
         baseline: bool = False,
         raise_watermark: bool = False,
+        upstream_learnt: str | EllipsisType | None = ...,
     ) -> None:
         """The end of a sweep in ONE transaction: :meth:`finish_run` (the run keeps the
         change count its applies accumulated), then the workspace's outcome
@@ -834,10 +836,19 @@ class Store:
         the mirror, but not past ``finished_at`` (see :func:`_raise_watermark`). Only then:
         hot sweeps list what was created since the watermark (less an overlap), so one
         raised by the later pages of a listing that then failed, or was killed, would hide
-        the experiments of its earlier pages from every hot sweep until the next full one."""
+        the experiments of its earlier pages from every hot sweep until the next full one.
+
+        ``upstream_learnt``: what the workspace's ``upstream_learnt`` becomes (``...``
+        leaves it as it is)."""
         with self._write("close a sync run") as conn:
             if raise_watermark:
                 _raise_watermark(conn, workspace_id, finished_at)
+            if upstream_learnt is not ...:
+                conn.execute(
+                    "UPDATE workspaces SET upstream_learnt = ? WHERE workspace_id = ?"
+                    " AND upstream_learnt IS NOT ?",
+                    (upstream_learnt, workspace_id, upstream_learnt),
+                )
             _finish_run(
                 conn, run_id, finished_at, status, api_calls, pages, experiments_seen, None,
                 error,
@@ -1272,6 +1283,15 @@ class Store:
                 (workspace_id,),
             ).fetchone()
         return WorkspaceState(*row) if row else None
+
+    def upstream_learnt(self, workspace_id: str) -> str | None:
+        """What sweeps learnt about the workspace's upstream, as they keep it (a JSON
+        object, ``docs/schema.md``), or None."""
+        with self.reader(snapshot=False) as conn:
+            row = conn.execute(
+                "SELECT upstream_learnt FROM workspaces WHERE workspace_id = ?", (workspace_id,)
+            ).fetchone()
+        return row[0] if row else None
 
     def workspaces(self) -> list[WorkspaceState]:
         """Every workspace's sync state, by id.

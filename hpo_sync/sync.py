@@ -71,6 +71,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeVar
 
+import orjson
 import structlog
 
 from .client import (
@@ -108,6 +109,12 @@ MASS_DELETION_SAMPLE = 3
 # window this wide on both sides: any zone offset upstream might read times in.
 WIDE_WINDOW = timedelta(hours=14)
 MODIFIED_FEED_MAX_PAGES = 3
+# What sweeps learn about a workspace's upstream (it ignores a filter, refuses one, does not
+# bump GmtModifiedTime) is kept this long from when it was first learnt, in the process and
+# in the mirror (``workspaces.upstream_learnt``), then forgotten and learnt anew: an
+# upstream fixed meanwhile gets the cheaper listings back within a day, and a one-shot
+# ``sync`` from cron does not pay to learn it again every run.
+LEARNT_KEEP = timedelta(hours=24)
 # A full sweep applies pages in batches of about this many experiments: one transaction per
 # page of 100 spends most of a 100,000-experiment baseline committing (index pages written
 # again and again, WAL checkpoints); batches of ~2,000 write each page about once.
@@ -229,6 +236,9 @@ class SyncEngine:
         # Workspaces whose upstream was seen to ignore MinCreateTime (warned once): their hot
         # sweeps read what is new newest first instead (_newest_first).
         self._min_create_ignored: set[str] = set()
+        # Per workspace, when the first of the facts above was learnt, here or by an
+        # earlier process (see _recall): all are forgotten LEARNT_KEEP after it.
+        self._learnt_at: dict[str, datetime] = {}
         # Per workspace, a sweep whose end the mirror could not record (a full disk), with
         # the time it ended: its run is closed before the workspace's next sweep starts.
         self._unclosed: dict[str, tuple[SweepResult, str]] = {}
@@ -251,6 +261,7 @@ class SyncEngine:
             try:
                 await self._close_unclosed(workspace_id)
                 state = await asyncio.to_thread(self.store.workspace_state, workspace_id)
+                await self._recall(workspace_id)
             except StoreError as exc:
                 return self._not_started(workspace_id, chosen, exc, started)
             has_baseline = bool(state and state.baseline_at)
@@ -339,6 +350,7 @@ class SyncEngine:
                 error=result.error,
                 baseline=result.baseline,
                 raise_watermark=result.listed_new,
+                upstream_learnt=self._kept_learnt(result.workspace_id),
             )
         except StoreError as exc:
             # What the sweep applied stays applied (each batch committed whole), but the
@@ -352,6 +364,96 @@ class SyncEngine:
 
     def _now(self) -> str:
         return format_time(self.clock())
+
+    # --- what was learnt about upstream ------------------------------------------------------
+
+    def _learnt(self, workspace_id: str) -> dict[str, Any]:
+        """What this process knows of the workspace's upstream, as the mirror keeps it."""
+        ws = workspace_id
+        facts: dict[str, Any] = {}
+        if ws in self._bumps:
+            facts["modified_time_bumped"] = self._bumps[ws]
+        if ws in self._feed_refused:
+            facts["modified_feed_refused"] = True
+        if ws in self._creator_refused:
+            facts["creator_filter_refused"] = True
+        if self._status_refused.get(ws):
+            facts["status_values_refused"] = sorted(self._status_refused[ws])
+        if ws in self._status_filter_ignored:
+            facts["status_filter_ignored"] = True
+        if ws in self._min_create_ignored:
+            facts["min_create_time_ignored"] = True
+        return facts
+
+    def _forget(self, workspace_id: str) -> None:
+        self._bumps.pop(workspace_id, None)
+        self._status_refused.pop(workspace_id, None)
+        self._learnt_at.pop(workspace_id, None)
+        for flags in (
+            self._feed_refused,
+            self._creator_refused,
+            self._status_filter_ignored,
+            self._min_create_ignored,
+        ):
+            flags.discard(workspace_id)
+
+    async def _recall(self, workspace_id: str) -> None:
+        """At the start of a sweep: forget what was learnt about the workspace's upstream
+        :data:`LEARNT_KEEP` after it was first learnt, and when this process knows nothing
+        of it, start from what the mirror keeps (learnt by an earlier process, if it is not
+        older than that either). A kept text this code cannot read is no knowledge."""
+        now = self.clock()
+        at = self._learnt_at.get(workspace_id)
+        if at is not None and not _fresh(at, now):
+            self._forget(workspace_id)
+            log.info("sync.upstream_relearnt", workspace=workspace_id, learnt_at=format_time(at))
+        if workspace_id in self._learnt_at or self._learnt(workspace_id):
+            return
+        text = await asyncio.to_thread(self.store.upstream_learnt, workspace_id)
+        try:
+            kept = orjson.loads(text) if text else {}
+            at = parse_time(kept.get("learnt_at")) if isinstance(kept, dict) else None
+        except orjson.JSONDecodeError:
+            at = None
+        if at is None:
+            if text:
+                log.warning("sync.upstream_learnt_unreadable", workspace=workspace_id)
+            return
+        if not _fresh(at, now):
+            return  # the sweep's end writes what this process learns instead
+        if isinstance(bumped := kept.get("modified_time_bumped"), bool):
+            self._bumps[workspace_id] = bumped
+        for key, flags in (
+            ("modified_feed_refused", self._feed_refused),
+            ("creator_filter_refused", self._creator_refused),
+            ("status_filter_ignored", self._status_filter_ignored),
+            ("min_create_time_ignored", self._min_create_ignored),
+        ):
+            if kept.get(key) is True:
+                flags.add(workspace_id)
+        if isinstance(names := kept.get("sort_by_names"), dict):
+            self.client.learn_sort_names({str(k): str(v) for k, v in names.items()})
+        refused = kept.get("status_values_refused")
+        if isinstance(refused, list) and refused:
+            self._status_refused[workspace_id] = {str(s) for s in refused}
+        self._learnt_at[workspace_id] = at
+        log.debug("sync.upstream_recalled", workspace=workspace_id, **self._learnt(workspace_id),
+                 sort_by_names=self.client.sort_names, learnt_at=format_time(at))  # fmt: skip
+
+    def _kept_learnt(self, workspace_id: str) -> str | None:
+        """What the mirror is to keep of the workspace's upstream at the end of a sweep (a
+        JSON object, ``learnt_at`` the first fact's time), or None: nothing learnt."""
+        facts = self._learnt(workspace_id)
+        # (the client's, for every workspace: the names it was first refused in, with the
+        # other vocabulary's that upstream took; a process keeps them while it runs)
+        if sort_names := self.client.sort_names:
+            facts["sort_by_names"] = sort_names
+        if not facts:
+            return None
+        at = self._learnt_at.setdefault(workspace_id, self.clock())
+        return orjson.dumps(
+            {"learnt_at": format_time(at), **facts}, option=orjson.OPT_SORT_KEYS
+        ).decode()
 
     def _not_started(
         self, workspace_id: str, mode: Mode, exc: StoreError, started: float
@@ -468,7 +570,7 @@ class SyncEngine:
         :meth:`_hot`)."""
         wanted = asked.strip().upper()
         # A blank status is none (as normalise reads it), not another one: one such record
-        # took a listing of RUNNING for the whole workspace, for the rest of the process.
+        # took a listing of RUNNING for the whole workspace, for as long as this is learnt.
         others = sorted(
             {
                 status
@@ -1574,6 +1676,12 @@ def _merged_wide(times: Iterable[datetime]) -> list[tuple[datetime, datetime]]:
         else:
             out.append((t, t))
     return out
+
+
+def _fresh(learnt_at: datetime, now: datetime) -> bool:
+    """Whether what was learnt at ``learnt_at`` is still to be trusted (a time ahead of the
+    clock, after it was set back, by no more than :data:`LEARNT_KEEP`)."""
+    return abs(now - learnt_at) < LEARNT_KEEP
 
 
 def _with_workspace(exp: Experiment, workspace_id: str) -> Experiment:

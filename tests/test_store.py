@@ -104,7 +104,7 @@ SPEC_COLUMNS = {
     ],
     "workspaces": [
         "workspace_id", "label", "baseline_at", "last_full_ok_at", "last_hot_ok_at",
-        "last_error", "last_error_at", "create_watermark",
+        "last_error", "last_error_at", "create_watermark", "upstream_learnt",
     ],
     "alert_outbox": [
         "id", "change_id", "target", "rule", "status", "attempts", "next_attempt_at",
@@ -689,6 +689,25 @@ def test_a_version_5_outbox_row_shows_the_current_values_and_new_rows_their_own(
         ("slack", "third", '{"RUNNING":2}', "Renamed"),  # version 5's: today's values
         ("hook", "second", '{"RUNNING":2}', "Team"),  # as written
     ]
+
+
+def test_a_version_6_mirror_upgrades_with_nothing_learnt_about_upstream(db_path: Path) -> None:
+    """Version 7 adds ``workspaces.upstream_learnt`` in place: a workspace's state is kept
+    as it was, with nothing learnt (a sweep learns it again)."""
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    migrate(conn, where=str(db_path), target=6)
+    conn.execute(
+        "INSERT INTO workspaces (workspace_id, label, baseline_at, create_watermark)"
+        " VALUES ('ws1', 'Team', ?, ?)",
+        (T0, T1),
+    )
+    conn.close()
+    with Store.open(db_path) as store:
+        assert store.schema_version == SCHEMA_VERSION >= 7
+        assert store.upstream_learnt("ws1") is None
+        state = store.workspace_state("ws1")
+        assert state is not None
+        assert (state.label, state.baseline_at, state.create_watermark) == ("Team", T0, T1)
 
 
 def test_readonly_refuses_an_old_mirror(db_path: Path) -> None:

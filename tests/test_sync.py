@@ -28,6 +28,7 @@ from locking import write_locked
 from structlog.testing import capture_logs
 
 from hpo_sync import store as store_mod
+from hpo_sync import sync as sync_mod
 from hpo_sync.client import UpstreamClient
 from hpo_sync.config import Config, StoreConfig, UpstreamConfig, WorkspaceConfig
 from hpo_sync.credentials import CloudCredentials, StaticCredentials
@@ -36,7 +37,7 @@ from hpo_sync.normalise import Experiment, format_time, normalise, parse_time
 from hpo_sync.sim import DEFAULT_ACCESS_KEY_ID, DEFAULT_ACCESS_KEY_SECRET
 from hpo_sync.sim.server import SimOptions, Simulator
 from hpo_sync.store import Store
-from hpo_sync.sync import SyncEngine
+from hpo_sync.sync import SweepResult, SyncEngine
 
 TERMINAL = {"FINISHED", "FAILED", "EARLY_STOPPED", "USER_CANCELED", "SYS_CANCELED"}
 
@@ -1106,6 +1107,35 @@ async def test_an_upstream_that_takes_the_other_sort_vocabulary_is_asked_in_it(
             assert_mirror_equals_truth(rig.store, rig.sim, ws)
 
 
+async def test_a_new_process_asks_in_the_other_sort_vocabulary_once_then_never(
+    tmp_path: Path,
+) -> None:
+    """A hot sweep's listings start together. In a process that had not yet asked upstream
+    anything, each one's first page was refused for its SortBy and asked again (one per
+    status listing, one for what is new): six calls more in a one-shot ``sync``, every run.
+    The first page answers for the others, and the mirror keeps the name upstream took, so
+    the next process asks in it from the start."""
+    async for rig in make_rig(tmp_path, _still_world(300, seed=31), page_size=20):
+        ws, world = rig.sim.world.workspace_ids[0], rig.sim.world
+        assert (await rig.engine.sweep(ws)).status == "ok"
+        held = {r["status"] for r in mirror_rows(rig.store, ws).values()}
+        assert len(held - set(rig.config.sync.terminal_statuses)) >= 3  # listings at once
+        with sorts_refused(world, "GmtCreateTime") as sorts, capture_logs() as logs:
+            world.advance(5)
+            first = await _sweep_in_next_process(rig, ws)
+            asked_first = list(sorts)
+            world.advance(5)
+            second = await _sweep_in_next_process(rig, ws)
+        assert first.status == second.status == "ok", (first.summary(), second.summary())
+        assert asked_first.count("GmtCreateTime") == 1, asked_first
+        assert sorts.count("GmtCreateTime") == 1, sorts  # none from the second process
+        assert second.api_calls == first.api_calls - 1, (first.summary(), second.summary())
+        kept = json.loads(rig.store.upstream_learnt(ws) or "{}")
+        assert kept["sort_by_names"] == {"GmtCreateTime": "create_time"}
+        assert len([e for e in logs if e["event"] == "upstream.sort_by_switched"]) == 1
+        assert_mirror_equals_truth(rig.store, rig.sim, ws)
+
+
 async def test_one_empty_answer_does_not_delete_a_workspace(tmp_path: Path) -> None:
     """A listing that adds up but misses more experiments than are worth looking up (here:
     one glitching answer, TotalCount 0 and no experiments) must be confirmed by a second
@@ -1981,7 +2011,6 @@ async def test_pages_read_before_a_listing_fails_fatally_are_applied(
     """Page 3 of a full sweep is refused (access denied): pages 1 and 2, buffered for a
     batch not yet full (nor old enough to go by itself), are valid and go to the mirror
     before the sweep fails."""
-    from hpo_sync import sync as sync_mod
     from hpo_sync.upstream_query import InvalidInputError
 
     class Denied(InvalidInputError):
@@ -2326,6 +2355,151 @@ async def test_once_upstream_ignores_the_status_filter_a_hot_sweep_lists_the_wor
         assert mirror_rows(rig.store, ws)[running["ExperimentId"]]["status"] == "FAILED"
         assert_mirror_equals_truth(rig.store, rig.sim, ws)
         assert_history_replays(rig.store, ws)
+
+
+def _unfiltered(params: Any, original: Any) -> Any:
+    return original({k: v for k, v in params.items() if k != "Status"})
+
+
+@contextlib.asynccontextmanager
+async def next_process(rig: Rig) -> AsyncIterator[SyncEngine]:
+    """A new engine and client on the rig's mirror and upstream: what the next process
+    starts with (nothing learnt but what the mirror keeps)."""
+    world = rig.sim.world
+    creds = StaticCredentials(CloudCredentials(DEFAULT_ACCESS_KEY_ID, DEFAULT_ACCESS_KEY_SECRET))
+    async with UpstreamClient(rig.config.upstream, creds) as client:
+        yield SyncEngine(rig.config, client, rig.store, clock=lambda: world.now)
+
+
+async def _sweep_in_next_process(rig: Rig, ws: str) -> SweepResult:
+    async with next_process(rig) as engine:
+        return await engine.sweep(ws, "hot")
+
+
+async def test_the_next_process_starts_from_what_sweeps_learnt_about_upstream(
+    tmp_path: Path,
+) -> None:
+    """What a sweep learns about upstream (here: it ignores the Status filter) was kept per
+    process, and a one-shot ``sync`` from cron paid to learn it every run: the first page
+    of each status listing, every time. The mirror keeps it: the next engine (the next
+    process) lists the workspace once from its first hot sweep, without the warning; 24 h
+    after it was learnt it is forgotten, and learnt anew, from then on kept again."""
+    async for rig in make_rig(tmp_path, _still_world(300, seed=31), page_size=20):
+        ws, world = rig.sim.world.workspace_ids[0], rig.sim.world
+        full = await rig.engine.sweep(ws)
+        assert rig.store.upstream_learnt(ws) is None  # nothing learnt yet
+
+        with listing_replaced(world, _unfiltered), capture_logs() as logs:
+            world.advance(5)
+            learning = await rig.engine.sweep(ws, "hot")
+            learnt_at = world.now
+            kept = json.loads(rig.store.upstream_learnt(ws) or "null")
+            assert kept["status_filter_ignored"] is True
+            assert parse_time(kept["learnt_at"]) == parse_time(format_time(learnt_at))
+            world.advance(5)
+            recalled = await _sweep_in_next_process(rig, ws)
+            # (a whole day later, the next process no longer trusts it)
+            world.advance(sync_mod.LEARNT_KEEP.total_seconds())
+            relearning = await _sweep_in_next_process(rig, ws)
+            relearnt = json.loads(rig.store.upstream_learnt(ws) or "null")
+        assert learning.status == recalled.status == relearning.status == "ok"
+        # the workspace once (what is new included) and the modified feed
+        assert recalled.api_calls <= full.api_calls + 1 < learning.api_calls, (
+            full.summary(), learning.summary(), recalled.summary(),
+        )  # fmt: skip
+        assert relearning.api_calls == learning.api_calls
+        warned = [e["event"] for e in logs if e["event"] == "upstream.status_filter_ignored"]
+        assert len(warned) == 2  # learnt by the first sweep and by the one a day later
+        assert [e["event"] for e in logs if e["event"] == "sync.upstream_recalled"] == [
+            "sync.upstream_recalled"
+        ]
+        assert relearnt["status_filter_ignored"] is True
+        assert parse_time(relearnt["learnt_at"]) > parse_time(kept["learnt_at"])
+        assert_mirror_equals_truth(rig.store, rig.sim, ws)
+
+
+async def test_a_daemon_forgets_what_it_learnt_about_upstream_after_a_day(tmp_path: Path) -> None:
+    """One process, sweep after sweep: what it learnt holds for 24 h and is then learnt
+    anew (``sync.upstream_relearnt``), so an upstream fixed meanwhile gets its cheaper
+    listings back; the mirror then keeps nothing learnt until something is."""
+    async for rig in make_rig(tmp_path, _still_world(300, seed=31), page_size=20):
+        ws, world = rig.sim.world.workspace_ids[0], rig.sim.world
+        full = await rig.engine.sweep(ws)
+        with listing_replaced(world, _unfiltered):
+            world.advance(5)
+            await rig.engine.sweep(ws, "hot")
+        world.advance(5)
+        broken = await rig.engine.sweep(ws, "hot")  # fixed upstream, still held as broken
+        assert broken.api_calls <= full.api_calls + 1
+        assert rig.store.upstream_learnt(ws) is not None
+        world.advance(sync_mod.LEARNT_KEEP.total_seconds())
+        with capture_logs() as logs:
+            fixed = await rig.engine.sweep(ws, "hot")
+        assert fixed.status == "ok"
+        assert "sync.upstream_relearnt" in [e["event"] for e in logs]
+        # the status listings and what is new (a page each), the feed: far below a full sweep
+        assert fixed.api_calls < full.api_calls // 2, fixed.summary()
+        kept = json.loads(rig.store.upstream_learnt(ws) or "{}")
+        assert "status_filter_ignored" not in kept
+
+
+async def test_what_the_mirror_keeps_of_upstream_is_used_only_while_fresh_and_readable(
+    tmp_path: Path,
+) -> None:
+    """A kept text older than a day, or one this code cannot read (edited by hand), is no
+    knowledge: the sweep learns for itself (a warning for the unreadable one) and the end
+    of the sweep writes what it learnt, or nothing, in its place."""
+    async for rig in make_rig(tmp_path, _still_world(120, seed=31), page_size=50):
+        ws, world = rig.sim.world.workspace_ids[0], rig.sim.world
+        assert (await rig.engine.sweep(ws)).status == "ok"
+        old = format_time(world.now - sync_mod.LEARNT_KEEP - timedelta(seconds=1))
+        for text, warned in (
+            (json.dumps({"learnt_at": old, "status_filter_ignored": True}), False),
+            ("{not json", True),
+            (json.dumps({"status_filter_ignored": True}), True),  # no learnt_at
+        ):
+            with rig.store.write("edit by hand") as conn:
+                conn.execute(
+                    "UPDATE workspaces SET upstream_learnt = ? WHERE workspace_id = ?", (text, ws)
+                )
+            world.advance(5)
+            with capture_logs() as logs:
+                hot = await _sweep_in_next_process(rig, ws)
+            events = [e["event"] for e in logs]
+            assert hot.status == "ok", hot.summary()
+            assert ("sync.upstream_learnt_unreadable" in events) is warned, text
+            assert "sync.upstream_recalled" not in events
+            assert "status_filter_ignored" not in (rig.store.upstream_learnt(ws) or ""), text
+
+
+async def test_an_upstream_that_does_not_bump_modified_time_costs_no_feed_in_the_next_process(
+    tmp_path: Path,
+) -> None:
+    """Without a bump of GmtModifiedTime on a change, the modified feed catches nothing: a
+    process that learnt it reads no feed, and now neither does the next one (a one-shot
+    ``sync`` paid for one every run)."""
+    options = dataclasses.replace(_still_world(120, seed=31), bump_modified=False)
+    async for rig in make_rig(tmp_path, options, page_size=50):
+        ws, world = rig.sim.world.workspace_ids[0], rig.sim.world
+        assert (await rig.engine.sweep(ws)).status == "ok"
+        running = [r["ExperimentId"] for r in world.truth(ws) if r["Status"] == "RUNNING"]
+        world.advance(5)
+        world.mutate(running[0], status="FAILED")
+        assert (await rig.engine.sweep(ws, "hot")).status == "ok"
+        assert json.loads(rig.store.upstream_learnt(ws) or "{}")["modified_time_bumped"] is False
+        feeds: list[str] = []
+
+        def watching(params: Any, original: Any, feeds: list[str] = feeds) -> Any:
+            if params.get("Order") == "DESC":
+                feeds.append(params.get("SortBy"))
+            return original(params)
+
+        world.advance(5)
+        world.mutate(running[1], status="FAILED")
+        with listing_replaced(world, watching):
+            hot = await _sweep_in_next_process(rig, ws)
+        assert hot.status == "ok" and feeds == []
+        assert mirror_rows(rig.store, ws)[running[1]]["status"] == "FAILED"
 
 
 async def test_a_window_that_returns_neighbours_on_both_sides_proves_a_deletion(
