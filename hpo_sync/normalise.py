@@ -171,7 +171,9 @@ def _int64(value: Any) -> int | None:
     return n if n is not None and _INT64_MIN <= n <= _INT64_MAX else None
 
 
-def _bool(value: Any) -> bool:
+def upstream_bool(value: Any) -> bool:
+    """A flag as upstream sends it (``Deleted``): a bool, 0/1, or a string such as
+    ``"true"``; anything else is false."""
     if isinstance(value, bool):
         return value
     if isinstance(value, int | float):
@@ -329,7 +331,7 @@ def normalise(raw: Mapping[str, Any], *, naive_tz: tzinfo = UTC) -> Experiment |
         config_yml=yml if type(yml) is str else text(yml),
         gmt_create_time=iso_time(get("GmtCreateTime"), naive_tz=naive_tz),
         gmt_modified_time=iso_time(get("GmtModifiedTime"), naive_tz=naive_tz),
-        deleted=deleted if type(deleted) is bool else _bool(deleted),
+        deleted=deleted if type(deleted) is bool else upstream_bool(deleted),
         raw=dict(raw),
         # One C-level subset test in the usual case of an answer with every field.
         absent=(

@@ -41,7 +41,7 @@ from hpo_sync.diff import (
     finished_runs,
 )
 from hpo_sync.errors import StoreError
-from hpo_sync.normalise import Experiment, format_time, parse_time
+from hpo_sync.normalise import Experiment, format_time, parse_time, upstream_bool
 from hpo_sync.schema import (
     CHANGE_COLUMNS,
     CONTENT_COLUMNS,
@@ -1189,7 +1189,14 @@ class Store:
     ) -> dict[str, dict[str, Any]]:
         """Like :meth:`active_experiments`, but only the rows whose status is not terminal
         (what a hot sweep plans by: a few percent of a large workspace), each with its
-        status as upstream last spelled it (``upstream_status``, from ``raw``)."""
+        status as upstream last spelled it (``upstream_status``, from ``raw``).
+
+        Also the rows marked deleted because upstream sends them with ``Deleted`` true
+        (soft-deleted: still listed, and their status can still change, a deleted run
+        being cancelled) that the workspace's latest successful sweep saw. Not those
+        marked deleted because they were gone from upstream's listings, nor soft-deleted
+        ones no longer seen (gone since): looking those up every sweep would find
+        nothing, every time."""
         # (No terminal statuses: every row. "NOT IN (NULL)" would be NULL, i.e. none.)
         not_terminal = (
             f" AND (status IS NULL OR status NOT IN ({_marks(len(terminal_statuses))}))"
@@ -1197,15 +1204,28 @@ class Store:
             else ""
         )
         with self.reader() as conn:
+            last_ok = conn.execute(
+                "SELECT started_at FROM sync_runs WHERE workspace_id = ? AND status = 'ok'"
+                " ORDER BY id DESC LIMIT 1",
+                (workspace_id,),
+            ).fetchone()
             rows = conn.execute(
                 "SELECT experiment_id, name, creator, status, trial_status, gmt_create_time,"
-                " gmt_modified_time, last_seen_at,"
+                " gmt_modified_time, last_seen_at, deleted,"
                 # as upstream spelled it: a hot sweep asks for a status in its spelling
-                " json_extract(raw, '$.Status') AS upstream_status FROM experiments"
-                f" WHERE workspace_id = ? AND deleted = 0{not_terminal}",
-                (workspace_id, *terminal_statuses),
+                " json_extract(raw, '$.Status') AS upstream_status,"
+                " json_extract(raw, '$.Deleted') AS upstream_deleted FROM experiments"
+                f" WHERE workspace_id = ? AND (deleted = 0 OR last_seen_at >= ?){not_terminal}",
+                (workspace_id, last_ok[0] if last_ok else "~", *terminal_statuses),
             ).fetchall()
-        return {r["experiment_id"]: decode_experiment_row(dict(r)) for r in rows}
+        out = {}
+        for row in rows:
+            found = dict(row)
+            if found.pop("deleted") and not upstream_bool(found["upstream_deleted"]):
+                continue
+            del found["upstream_deleted"]
+            out[found["experiment_id"]] = decode_experiment_row(found)
+        return out
 
     def active_create_times(self, workspace_id: str) -> list[str | None]:
         """``gmt_create_time`` of the workspace's experiments not marked deleted, sorted

@@ -23,7 +23,9 @@ Hot sweep (every ``hot_interval_s``): asks only for what can have changed recent
    (their current Status and TrialStatus, so trial-count changes are caught too);
 3. every experiment the mirror holds as non-terminal that none of those listings returned
    has necessarily left its status (a status that the mirror held is listed in full): it is
-   looked up, which yields its new status — or, if it is gone, marks it deleted;
+   looked up, which yields its new status — or, if it is gone, marks it deleted. That takes
+   in experiments upstream sends with ``Deleted`` true (soft-deleted, still listed: a
+   deleted run is cancelled a moment later) that the last successful sweep saw;
 4. a "recently modified" feed (sort by modified time, descending, read until the previous
    hot sweep's time) — one call that *may* catch changes of terminal experiments if upstream
    bumps ``GmtModifiedTime``; never relied on, and dropped for a workspace once upstream is

@@ -2502,6 +2502,59 @@ async def test_an_upstream_that_does_not_bump_modified_time_costs_no_feed_in_the
         assert mirror_rows(rig.store, ws)[running[1]]["status"] == "FAILED"
 
 
+async def test_a_hot_sweep_follows_a_soft_deleted_experiment_that_is_still_running(
+    tmp_path: Path,
+) -> None:
+    """An upstream that lists a deleted experiment with ``Deleted`` true (soft-deleted)
+    while it is still RUNNING: the mirror marks it deleted, and hot sweeps followed only
+    experiments not marked deleted, so its cancellation a moment later waited for the
+    next full sweep (with no modified feed to show it). It is followed now; one that is
+    then gone from upstream altogether is looked up once, not every sweep."""
+    options = dataclasses.replace(_still_world(300, seed=31), bump_modified=False)
+    async for rig in make_rig(tmp_path, options, page_size=20):
+        ws, world = rig.sim.world.workspace_ids[0], rig.sim.world
+        # (no overlap: else the listing of what is new takes in the whole small world)
+        sync = dataclasses.replace(rig.config.sync, create_time_overlap_s=0)
+        rig.engine.config = dataclasses.replace(rig.config, sync=sync)
+        assert (await rig.engine.sweep(ws)).status == "ok"
+        running = [r["ExperimentId"] for r in world.truth(ws) if r["Status"] == "RUNNING"]
+        cancelled, removed = running[:2]
+        soft = {cancelled, removed}
+
+        def soft_deleted(params: Any, original: Any, soft: set[str] = soft) -> Any:
+            if params.get("SortBy") == "GmtModifiedTime":
+                return 0, []  # (no modified feed to show the change)
+            total, rows = original(params)
+            return total, [{**r, "Deleted": "true"} if r["ExperimentId"] in soft else r
+                           for r in rows]  # fmt: skip
+
+        with listing_replaced(world, soft_deleted):
+            world.advance(5)
+            assert (await rig.engine.sweep(ws, "hot")).status == "ok"
+            rows = mirror_rows(rig.store, ws)
+            assert rows[cancelled]["deleted"] == rows[removed]["deleted"] == 1
+            world.mutate(cancelled, status="USER_CANCELED")
+            world.mutate(removed, delete=True)  # gone from every listing now
+            world.advance(5)
+            caught = await rig.engine.sweep(ws, "hot")
+            world.advance(5)
+            after = await rig.engine.sweep(ws, "hot")
+        assert caught.status == after.status == "ok", (caught.summary(), after.summary())
+        rows = mirror_rows(rig.store, ws)
+        assert rows[cancelled]["status"] == "USER_CANCELED"
+        assert rows[cancelled]["deleted"] == 1
+        with rig.store.reader() as conn:
+            history = conn.execute(
+                "SELECT old_value, new_value FROM changes WHERE experiment_id = ?"
+                " AND field = 'Status' ORDER BY id",
+                (cancelled,),
+            ).fetchall()
+        assert [tuple(r) for r in history][-1] == ("RUNNING", "USER_CANCELED")
+        assert rows[removed]["status"] == "RUNNING"  # last seen so; gone since
+        assert caught.lookups >= 1 and after.lookups == 0, (caught.summary(), after.summary())
+        assert_history_replays(rig.store, ws)
+
+
 async def test_a_window_that_returns_neighbours_on_both_sides_proves_a_deletion(
     tmp_path: Path,
 ) -> None:
