@@ -1242,35 +1242,62 @@ async def test_success_answers_in_every_shape(
     assert (page.total_count, len(page.experiments), page.request_id) == (total, rows, "R")
 
 
-async def test_pages_refused_for_their_sort_name_while_another_learns_the_other_one(
+async def test_pages_sent_together_wait_for_the_first_to_learn_the_sort_name(
     capture: Capture,
 ) -> None:
-    """Two listings in flight with the configured SortBy, both refused; the second refusal
-    arrives after the first listing learned the other vocabulary's name: it is asked again
-    in that name rather than failing."""
+    """Two listings started together with the configured SortBy, which upstream refuses:
+    both were refused and both asked again (a hot sweep's five or six listings, in every
+    new process). The second waits for the first page's answer and is sent in the name
+    upstream took; once a name is taken as it is, pages no longer wait for one another."""
     refuse = api_error(400, "INVALID_INPUT_PARAMS")
     refused: list[str] = []
 
     async def by_sort_name(request: web.Request) -> web.StreamResponse:
-        """Refuses every GmtCreateTime, the second one late, whatever order the requests
-        arrive in (a loaded machine may send the first page's retry before the second
-        page); answers the other name."""
+        """Refuses GmtCreateTime (slowly: the second page is sent meanwhile if it does not
+        wait); answers the other name."""
         if parse_wire_query(request.raw_path.partition("?")[2]).get("SortBy") != "GmtCreateTime":
             return await capture.listing(request)
         refused.append(request.raw_path)
-        return await (sleep_then(0.5, refuse) if len(refused) == 2 else refuse)(request)
+        return await sleep_then(0.3, refuse)(request)
 
-    capture.script.extend([by_sort_name] * 5)
+    capture.script.extend([by_sort_name] * 4)
     query = ListQuery(workspace_id="w1", sort_by="GmtCreateTime")
     async with make_client(capture.base_url) as client:
         first, second = await asyncio.gather(client.list_page(query, 1), client.list_page(query, 1))
         assert len(first.experiments) == len(second.experiments) == 3
-        assert client.stats.api_calls == 4
+        assert client.stats.api_calls == 3
         later = await client.list_page(query, 1)  # learned: one call, in the other name
-        assert len(later.experiments) == 3 and client.stats.api_calls == 5
+        assert len(later.experiments) == 3 and client.stats.api_calls == 4
+        assert client.sort_names == {"GmtCreateTime": "create_time"}
     sorts = [parse_wire_query(s.raw_query).get("SortBy") for s in capture.seen]
-    assert sorted(sorts) == ["GmtCreateTime"] * 2 + ["create_time"] * 3
-    assert len(refused) == 2 and sorts[-1] == "create_time"
+    assert sorts == ["GmtCreateTime"] + ["create_time"] * 3
+    assert len(refused) == 1
+
+
+async def test_pages_sorted_by_a_name_upstream_takes_go_together_once_it_is_taken(
+    capture: Capture,
+) -> None:
+    """The wait is for a name upstream has not answered yet: the first page's answer
+    settles it, and later pages are in flight together again."""
+    in_flight = peak = 0
+
+    async def counting(request: web.Request) -> web.StreamResponse:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        try:
+            await asyncio.sleep(0.2)
+            return await capture.listing(request)
+        finally:
+            in_flight -= 1
+
+    capture.script.extend([counting] * 4)
+    query = ListQuery(workspace_id="w1", sort_by="GmtCreateTime")
+    async with make_client(capture.base_url, max_concurrency=4) as client:
+        await client.list_page(query, 1)
+        assert peak == 1
+        await asyncio.gather(*(client.list_page(query, 1) for _ in range(3)))
+    assert peak == 3
 
 
 async def test_a_throttling_answer_that_is_not_json_waits_as_told(capture: Capture) -> None:
