@@ -407,8 +407,14 @@ class SyncEngine:
         now = self.clock()
         at = self._learnt_at.get(workspace_id)
         if at is not None and not _fresh(at, now):
+            forgotten = self._learnt(workspace_id)
             self._forget(workspace_id)
-            log.info("sync.upstream_relearnt", workspace=workspace_id, learnt_at=format_time(at))
+            # (an upstream that behaves as it should, seen to bump GmtModifiedTime, is no news)
+            quirks = {k: v for k, v in forgotten.items() if k != "modified_time_bumped" or not v}
+            (log.info if quirks else log.debug)(
+                "sync.upstream_relearnt", workspace=workspace_id, learnt_at=format_time(at),
+                **forgotten,
+            )  # fmt: skip
         if workspace_id in self._learnt_at or self._learnt(workspace_id):
             return
         text = await asyncio.to_thread(self.store.upstream_learnt, workspace_id)
