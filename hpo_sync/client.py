@@ -655,13 +655,56 @@ class UpstreamClient:
         per status, what is new) each had their first page refused and asked again, six
         calls more for a one-shot ``sync`` instead of one.
         """
-        name = query.sort_by
+        async with self._sort_probe(query.sort_by):
+            params = query.params(self.config.tz)
+            params["PageNumber"] = str(page_number)
+            params["PageSize"] = str(page_size or self.config.page_size)
+            configured = query.sort_by
+            if configured is not None and configured in self._sort_names:
+                params["SortBy"] = self._sort_names[configured]
+            try:
+                page = await self._call(params, query.workspace_id, tally)
+            except FatalUpstreamError as exc:
+                sent = params.get("SortBy", "")
+                learned = self._sort_names.get(configured) if configured is not None else None
+                if learned is None:
+                    other = SORT_BY_ALIASES.get(sent)
+                else:  # another page learned the name meanwhile; if this one sent it, it stands
+                    other = learned if learned != sent else None
+                if other is None or not rejects_parameter(exc):
+                    raise
+                try:
+                    page = await self._call({**params, "SortBy": other}, query.workspace_id, tally)
+                except FatalUpstreamError:
+                    raise exc from None
+                if configured is not None and configured not in self._sort_names:
+                    self._sort_names[configured] = other
+                    log.warning(
+                        "upstream.sort_by_switched",
+                        configured=configured,
+                        using=other,
+                        workspace=query.workspace_id,
+                        refused=exc.code,
+                    )
+            else:
+                if configured is not None and params.get("SortBy") == configured:
+                    self._sort_taken.add(configured)
+            if tally is not None:
+                tally.pages += 1
+            return page
+
+    @contextlib.asynccontextmanager
+    async def _sort_probe(self, name: str | None) -> AsyncIterator[None]:
+        """Held around a page sorted by ``name`` while upstream has not yet answered that
+        name either way (see :meth:`list_page`)."""
         if name is None or self._sort_settled(name):
-            return await self._list_page(query, page_number, page_size, tally=tally)
+            yield
+            return
         async with self._sort_probes.setdefault(name, asyncio.Lock()):
             if not self._sort_settled(name):
-                return await self._list_page(query, page_number, page_size, tally=tally)
-        return await self._list_page(query, page_number, page_size, tally=tally)
+                yield
+                return
+        yield
 
     def _sort_settled(self, name: str) -> bool:
         return name in self._sort_taken or name in self._sort_names
@@ -678,51 +721,6 @@ class UpstreamClient:
         for configured, other in names.items():
             if SORT_BY_ALIASES.get(configured) == other and not self._sort_settled(configured):
                 self._sort_names[configured] = other
-
-    async def _list_page(
-        self,
-        query: ListQuery,
-        page_number: int,
-        page_size: int | None = None,
-        *,
-        tally: Tally | None = None,
-    ) -> Page:
-        params = query.params(self.config.tz)
-        params["PageNumber"] = str(page_number)
-        params["PageSize"] = str(page_size or self.config.page_size)
-        configured = query.sort_by
-        if configured is not None and configured in self._sort_names:
-            params["SortBy"] = self._sort_names[configured]
-        try:
-            page = await self._call(params, query.workspace_id, tally)
-        except FatalUpstreamError as exc:
-            sent = params.get("SortBy", "")
-            learned = self._sort_names.get(configured) if configured is not None else None
-            if learned is None:
-                other = SORT_BY_ALIASES.get(sent)
-            else:  # another page learned the name meanwhile; if this one sent it, it stands
-                other = learned if learned != sent else None
-            if other is None or not rejects_parameter(exc):
-                raise
-            try:
-                page = await self._call({**params, "SortBy": other}, query.workspace_id, tally)
-            except FatalUpstreamError:
-                raise exc from None
-            if configured is not None and configured not in self._sort_names:
-                self._sort_names[configured] = other
-                log.warning(
-                    "upstream.sort_by_switched",
-                    configured=configured,
-                    using=other,
-                    workspace=query.workspace_id,
-                    refused=exc.code,
-                )
-        else:
-            if configured is not None and params.get("SortBy") == configured:
-                self._sort_taken.add(configured)
-        if tally is not None:
-            tally.pages += 1
-        return page
 
     async def _call(
         self, params: Mapping[str, str], workspace_id: str | None, tally: Tally | None
