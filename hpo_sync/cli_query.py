@@ -664,10 +664,12 @@ def change_record(change: ChangeRow) -> dict[str, Any]:
     return r.pascal_record(change._asdict())
 
 
+#: The change is never cut (the new status is what the table is read for): a line with a
+#: long one runs wider than the terminal, as a long id does.
 SHOW_HISTORY_COLUMNS = (
     r.Column("OBSERVED"),
     r.Column("FIELD"),
-    r.Column("CHANGE", shrink=True),
+    r.Column("CHANGE"),
     r.Column("RUN"),
 )
 
@@ -725,7 +727,8 @@ def _show(args: argparse.Namespace, store: Store, out: TextIO) -> int:
 cmd_show = _handler(_show)
 
 
-#: Sized up front where the widest cell is known, as in :func:`ls_columns`.
+#: Sized up front where the widest cell is known, as in :func:`ls_columns`. Only the name is
+#: cut to fit a terminal; the change never is (see SHOW_HISTORY_COLUMNS).
 HISTORY_COLUMNS = (
     r.Column("ID", align="right"),
     r.Column("OBSERVED", widest=TIME_WIDTH),
@@ -733,7 +736,7 @@ HISTORY_COLUMNS = (
     r.Column("NAME", shrink=True),
     r.Column("WORKSPACE"),
     r.Column("FIELD", widest=max(map(len, HISTORY_FIELDS))),
-    r.Column("CHANGE", shrink=True, min_width=20),
+    r.Column("CHANGE"),
     r.Column("RUN"),
 )
 
