@@ -137,11 +137,25 @@ def _mapped(where: str, action: str) -> Iterator[None]:
     except sqlite3.Error as e:
         name = getattr(e, "sqlite_errorname", "") or ""
         hint = next((h for prefix, h in _ERROR_HINTS if name.startswith(prefix)), None)
+        detail = " ".join(str(e).split())  # one line, whatever the message holds
+        folder = os.path.dirname(os.path.abspath(where))
         if name.startswith("SQLITE_IOERR") and _disk_full(where):
             # A full disk often surfaces as an I/O error: SQLite cannot size the -shm file
             # (SQLITE_IOERR_SHMSIZE) even to read, or a write fails on its way to the disk.
-            hint = f"the disk holding {os.path.dirname(os.path.abspath(where))} is full"
-        msg = f"{action} failed on {where}: {e}"
+            hint = f"the disk holding {folder} is full"
+        elif name in ("SQLITE_READONLY_DIRECTORY", "SQLITE_READONLY_CANTINIT"):
+            # A read of a WAL file that no process has open: SQLite must create its -shm.
+            hint = (
+                f"reading a mirror that no process has open needs {os.path.basename(where)}"
+                f"-shm created beside it, and this user cannot write to {folder}: run as the "
+                "user the service runs as, or while it runs, or query a copy (hpo-sync backup)"
+            )
+        elif not name and detail.startswith("Could not decode to UTF-8 column"):
+            # Raised by Python's sqlite3 itself (no SQLite error code), quoting the bytes:
+            # say which column, not what it holds.
+            detail = detail.split(" with text", 1)[0]
+            hint = "a stored text is not UTF-8: the file is damaged; restore it from a backup"
+        msg = f"{action} failed on {where}: {detail[:300]}"
         raise StoreError(f"{msg} — {hint}" if hint else msg) from e
 
 

@@ -28,7 +28,8 @@ import pytest
 import structlog
 
 from hpo_sync import cli, cli_query, render
-from hpo_sync.errors import ConfigError
+from hpo_sync import store as store_mod
+from hpo_sync.errors import ConfigError, StoreError
 from hpo_sync.normalise import Experiment, normalise, to_upstream
 from hpo_sync.store import Store
 
@@ -299,6 +300,14 @@ def test_piped_tables_keep_whole_cells_first_met_after_the_first_page(
         assert code == 0 and LONG_NAME not in out and "…" in out, argv
         long = [line for line in out.splitlines() if "hpo-wlong" in line]
         assert long and all(render.display_width(line) <= 100 for line in long), argv
+
+    # The change itself is never cut, however narrow the terminal: the new status is what
+    # these tables are read for (it was: "RUNNING → F…", FAILED or FINISHED?).
+    monkeypatch.setenv("COLUMNS", "60")
+    for argv in (["history", "--limit", "0"], ["show", "hpo-wcanc"]):
+        code, out, _ = run(*argv, db=db)
+        assert code == 0 and "(none) → FAILED 7, SUCCEEDED 1234567" in out, argv
+        assert "USER_CANCELED" in out and "→ …" not in out and "USER_CANC…" not in out, argv
 
 
 def test_ls_filters(run: Run) -> None:
@@ -981,6 +990,41 @@ def test_export_of_a_damaged_mirror_exits_1_without_a_traceback(
     code, _, err = run("export", "--kind", kind, "--output", str(dest), db=bad)
     assert code == 1 and "restore it from a backup" in err
     assert not [p.name for p in tmp_path.iterdir() if "out" in p.name]  # nor a partial one
+
+
+def test_a_stored_text_that_is_not_utf8_is_one_line_naming_the_column_not_its_bytes(
+    run: Run, db: Path, tmp_path: Path
+) -> None:
+    """Python's sqlite3 raises this itself (no SQLite error code), quoting the stored text,
+    newlines and all: four lines of someone's config text, and no word of damage."""
+    bad = tmp_path / "bad-text.db"
+    conn = sqlite3.connect(db)
+    conn.execute("VACUUM INTO ?", (str(bad),))
+    conn.close()
+    conn = sqlite3.connect(bad)
+    conn.execute(
+        "UPDATE experiments SET config_ini = CAST(x'5b6a6f625d0a7365637265743d310aff' AS TEXT)"
+    )
+    conn.commit()
+    conn.close()
+    for argv in (["ls", "--limit", "0", "--format", "json"], ["export"]):
+        code, _, err = run(*argv, db=bad)
+        assert code == 1, argv
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        assert "'config_ini'" in err and "restore it from a backup" in err, err
+        assert "secret" not in err and "[job]" not in err, err
+
+
+def test_a_read_that_cannot_create_the_shm_file_says_why() -> None:
+    """A WAL mirror no process has open, in a directory this user cannot write (the
+    service's, while it is stopped): SQLite must create the -shm file to read it. The error
+    spoke of a read-only database, to a command that only reads."""
+    error = sqlite3.OperationalError("attempt to write a readonly database")
+    error.sqlite_errorname = "SQLITE_READONLY_DIRECTORY"  # type: ignore[attr-defined]
+    with pytest.raises(StoreError) as caught, store_mod._mapped("/srv/m/mirror.db", "reading"):
+        raise error
+    message = str(caught.value)
+    assert "mirror.db-shm" in message and "cannot write to /srv/m" in message
 
 
 def test_without_db_the_config_store_path_is_used(
