@@ -954,6 +954,7 @@ def stats_record(s: WorkspaceStats) -> dict[str, Any]:
         "Failed": s.failed,
         "FailureRate": s.failure_rate,
         "MedianRunTimeS": s.median_run_time_s,
+        "RunsTimed": s.timed,
     }
 
 
@@ -981,6 +982,11 @@ def stats_lines(stats: Sequence[WorkspaceStats], since: str, width: int | None) 
         ]
         for s in stats
     ]
+    untimed = ", ".join(
+        f"{s.workspace_id} {s.finished - s.timed} of {s.finished}"
+        for s in stats
+        if s.timed < s.finished
+    )
     return [
         *r.format_table(columns, rows, width),
         "",
@@ -988,6 +994,14 @@ def stats_lines(stats: Sequence[WorkspaceStats], since: str, width: int | None) 
         f"Since {since}: the runs that ENDED (reached a terminal status), how many of",
         "them FAILED (and the FAILURE RATE), and their MEDIAN RUN time (from first seen",
         "RUNNING after the baseline, else from creation, to the end).",
+        *(
+            [
+                "The median leaves out runs with no known start (a restart whose RUNNING no",
+                f"sync saw): {untimed}.",
+            ]
+            if untimed
+            else []
+        ),
     ]
 
 

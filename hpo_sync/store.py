@@ -374,6 +374,8 @@ class WorkspaceStats:
     failed: int
     failure_rate: float | None
     median_run_time_s: float | None
+    #: the ended runs the median is over: those with a known start (see :meth:`Store.stats`)
+    timed: int = 0
 
 
 # --- single-instance lock -----------------------------------------------------------------
@@ -1571,6 +1573,7 @@ class Store:
                 failed=failed,
                 failure_rate=failed / len(done) if done else None,
                 median_run_time_s=statistics.median(run_times) if run_times else None,
+                timed=len(run_times),
             )
         return out
 

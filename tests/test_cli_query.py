@@ -808,7 +808,7 @@ def test_stats_json(run: Run) -> None:
     # hpo-a1 ran 68 h (from its create time: RUNNING was first seen by the baseline), hpo-a3 42 h.
     assert (a["Ended"], a["Failed"], a["FailureRate"]) == (2, 1, 0.5)
     assert a["EndedByStatus"] == {"FAILED": 1, "FINISHED": 1}
-    assert a["MedianRunTimeS"] == 55 * 3600
+    assert a["MedianRunTimeS"] == 55 * 3600 and a["RunsTimed"] == 2
     b = by_ws["ws-b"]
     assert (b["Ended"], b["Failed"], b["FailureRate"]) == (1, 1, 1.0)
     assert b["MedianRunTimeS"] == 120 * 3600
@@ -818,6 +818,34 @@ def test_stats_json(run: Run) -> None:
     assert [w["WorkspaceId"] for w in only_b["Workspaces"]] == ["ws-b"]
     later = run.json("stats", "--since", "2024-03-02T12:00:00Z")
     assert [w["Ended"] for w in later["Workspaces"]] == [0, 1, 0]
+
+
+def test_stats_says_which_ended_runs_its_median_leaves_out(run: Run, tmp_path: Path) -> None:
+    """A restart that no sync saw RUNNING (seen FINISHED, then NO_MORE_TRIAL, then FINISHED)
+    has no known start: it ended, and counts so, but has no run time. The median was over
+    fewer runs than ENDED, and nothing said so."""
+    db = tmp_path / "restarted.db"
+    created = "2024-02-01T00:00:00Z"
+    with Store.open(db) as store:
+        sweep(store, "ws-u", T0, [raw("hpo-u1", "ws-u", "u", "FINISHED", created),
+                                  raw("hpo-u2", "ws-u", "v", "RUNNING", created)],
+              baseline=True, complete=True)  # fmt: skip
+        sweep(store, "ws-u", "2024-03-01T01:00:00Z",
+              [raw("hpo-u1", "ws-u", "u", "NO_MORE_TRIAL", created)],
+              baseline=False, complete=False)  # fmt: skip
+        sweep(store, "ws-u", "2024-03-01T02:00:00Z",
+              [raw("hpo-u1", "ws-u", "u", "FINISHED", created),
+               raw("hpo-u2", "ws-u", "v", "FAILED", created)],
+              baseline=False, complete=False)  # fmt: skip
+    code, out, _ = run("stats", "--since", T0, "--format", "json", db=db)
+    assert code == 0
+    (u,) = json.loads(out)["Workspaces"]
+    assert (u["Ended"], u["RunsTimed"]) == (2, 1)
+    assert u["MedianRunTimeS"] == (29 * 24 + 2) * 3600  # hpo-u2, from its create time
+    code, table, _ = run("stats", "--since", T0, db=db)
+    assert code == 0
+    assert "The median leaves out runs with no known start" in table and "ws-u 1 of 2" in table
+    assert "leaves out" not in run.ok("stats", "--since", T0)  # every run there is timed
 
 
 def test_stats_default_window_is_the_last_7_days(run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
