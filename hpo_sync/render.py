@@ -272,7 +272,15 @@ def status_cell(status: str | None, deleted: bool = False) -> str:
 
 
 def tags_text(tags: Sequence[Mapping[str, str]]) -> str:
-    return ", ".join(f"{t.get('Key', '')}={t.get('Value', '')}" for t in tags) or NONE_CELL
+    """``key=value, …``, each as ``--tag`` takes it back: in the key a backslash is written
+    ``\\\\`` and a ``=`` ``\\=`` (the key ``a=b`` of the value ``c=d`` is ``a\\=b=c=d``)."""
+    return (
+        ", ".join(f"{_tag_key(t.get('Key', ''))}={t.get('Value', '')}" for t in tags) or NONE_CELL
+    )
+
+
+def _tag_key(key: str) -> str:
+    return key.replace("\\", "\\\\").replace("=", "\\=")
 
 
 def duration_text(seconds: float | None) -> str:

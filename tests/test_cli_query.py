@@ -517,6 +517,23 @@ def test_show_prints_every_field_and_the_history(run: Run) -> None:
     assert "RUNNING 2, SUCCEEDED 3 → FAILED 3, SUCCEEDED 3" in history[5]
 
 
+def test_show_prints_tags_as_tag_takes_them_back(run: Run, tmp_path: Path) -> None:
+    """The key ``a=b`` of the value ``c=d`` was shown ``a=b=c=d``, which ``--tag`` reads as
+    the key ``a``: the experiment could not be found by what ``show`` printed."""
+    db = tmp_path / "tags.db"
+    tags = {"a=b": "c=d", "k\\": "x", "team": "ml=ops"}
+    with Store.open(db) as store:
+        sweep(store, "ws-t", T0, [raw("hpo-t1", "ws-t", "t", "RUNNING", T0, tags=tags)],
+              baseline=True, complete=True)  # fmt: skip
+    code, out, _ = run("show", "hpo-t1", db=db)
+    assert code == 0
+    shown = next(line for line in out.splitlines() if line.startswith("Tags"))
+    assert shown.split(None, 1)[1] == "a\\=b=c=d, k\\\\=x, team=ml=ops"
+    for text in shown.split(None, 1)[1].split(", "):
+        code, out, _ = run("ls", "--tag", text, "--format", "json", db=db)
+        assert code == 0 and [e["ExperimentId"] for e in json.loads(out)] == ["hpo-t1"], text
+
+
 def test_show_json(run: Run) -> None:
     record = run.json("show", "hpo-a1")
     assert record["ExperimentId"] == "hpo-a1" and record["Status"] == "FAILED"
