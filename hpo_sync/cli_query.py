@@ -180,8 +180,10 @@ def _output_path(text: str) -> str:
         raise ValueError("empty path; name a file, or - for standard output")
     if text != "-" and Path(text).is_dir():
         raise ValueError(f"{text} is a directory; name a file in it")
-    if text != "-" and not Path(text).resolve().parent.is_dir():
-        raise ValueError(f"directory {Path(text).parent} does not exist")
+    if text != "-" and not (parent := Path(text).resolve().parent).is_dir():
+        # (the resolved one: a symlink to a file in a missing directory names that one)
+        shown = Path(text).parent if parent == Path(text).absolute().parent else parent
+        raise ValueError(f"directory {shown} does not exist")
     return text
 
 

@@ -939,6 +939,16 @@ def test_bad_arguments_exit_2_with_one_message(run: Run, argv: list[str], messag
     assert len([line for line in err.splitlines() if "error:" in line]) == 1
 
 
+def test_an_output_through_a_dangling_symlink_names_the_missing_directory(
+    run: Run, tmp_path: Path
+) -> None:
+    """It named the link's own directory, which exists."""
+    link = tmp_path / "latest.jsonl"
+    link.symlink_to(tmp_path / "gone" / "deeper" / "x.jsonl")
+    err = run.usage_error("export", "--output", str(link))
+    assert f"directory {tmp_path / 'gone' / 'deeper'} does not exist" in err
+
+
 def test_missing_mirror_exits_1(run: Run, tmp_path: Path) -> None:
     missing = tmp_path / "nope.db"
     for argv in (["ls"], ["show", "x"], ["history"], ["export"], ["stats"]):
