@@ -183,13 +183,19 @@ class SweepResult:
         text = (
             f"{self.workspace_id}: {self.mode} {self.status} — {self.api_calls} API calls, "
             f"{self.experiments_seen} experiments, {self.changes} changes"
-            f"{' (baseline)' if self.baseline else ''}, {self.duration_s:.1f}s"
+            f"{self._baseline_note()}, {self.duration_s:.1f}s"
         )
         if self.error:
             text += f" — {self.error}"
         for note in self.all_notes():
             text += f"; {note}"
         return text
+
+    def _baseline_note(self) -> str:
+        # A baseline that failed or was partial is not recorded: the next full sweep is one.
+        if not self.baseline:
+            return ""
+        return " (baseline)" if self.status == "ok" else " (baseline not made)"
 
     def all_notes(self) -> list[str]:
         """What the sweep noticed without failing for it (records it could not read, upstream

@@ -80,6 +80,8 @@ async def test_sync_exit_codes_and_summaries(sim: Simulator, tmp_path: Path) -> 
     bad = next(line for line in lines if line.startswith("100002"))
     assert "full ok" in ok and "200 experiments" in ok and "(baseline)" in ok
     assert "failed" in bad and "Forbidden.RAM" in bad and "paiautoml:ListHpoExperiments" in bad
+    # (its baseline was tried, not made: the next sync of it is a full sweep again)
+    assert "(baseline not made)" in bad and "(baseline)" not in bad
     assert DEFAULT_ACCESS_KEY_SECRET not in out + err
     # the ok workspace has its baseline: the next sync of it is hot and exits 0
     code, out, _ = await run_cli("--config", str(cfg), "sync", "--workspace", "100001")
