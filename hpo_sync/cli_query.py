@@ -709,13 +709,16 @@ def show_lines(
 
 
 def _show(args: argparse.Namespace, store: Store, out: TextIO) -> int:
-    row = _require_experiment(store, args.experiment_id)
+    # One snapshot for the experiment and its history: a sync committing in between could
+    # show a status its last history row does not reach.
+    with store.reader():
+        row = _require_experiment(store, args.experiment_id)
+        changes = store.history(experiment_id=args.experiment_id)
     if args.format == "csv":
         # The very header and cells of `ls --format csv`: a CSV row has no room for the
         # history, which `history ID --format csv` gives.
         _write_records(out, "csv", r.EXPERIMENT_FIELDS, [r.experiment_record(row)])
         return cli.EXIT_OK
-    changes = store.history(experiment_id=args.experiment_id)
     if args.format == "json":
         record = r.experiment_record(row)
         record["History"] = [change_record(c) for c in changes]

@@ -5,6 +5,7 @@ against the simulator. Output is parsed back and checked, not just exit codes.""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import io
@@ -532,6 +533,37 @@ def test_show_prints_tags_as_tag_takes_them_back(run: Run, tmp_path: Path) -> No
     for text in shown.split(None, 1)[1].split(", "):
         code, out, _ = run("ls", "--tag", text, "--format", "json", db=db)
         assert code == 0 and [e["ExperimentId"] for e in json.loads(out)] == ["hpo-t1"], text
+
+
+def test_show_reads_the_experiment_and_its_history_in_one_snapshot(
+    run: Run, db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sync committing between the two reads showed a status that the history's last row
+    did not reach (or history beyond it)."""
+    copy = tmp_path / "copy.db"
+    conn = sqlite3.connect(db)
+    conn.execute("VACUUM INTO ?", (str(copy),))
+    conn.close()
+    with contextlib.closing(sqlite3.connect(copy)) as conn:
+        conn.execute("PRAGMA journal_mode = WAL")  # as a mirror is: a writer beside readers
+    original = Store.get_experiment
+
+    def then_a_sync_commits(self: Store, experiment_id: str) -> Any:
+        row = original(self, experiment_id)
+        with contextlib.closing(sqlite3.connect(copy)) as writer, writer:
+            writer.execute(
+                "INSERT INTO changes (experiment_id, workspace_id, field, old_value, new_value,"
+                " observed_at) VALUES (?, 'ws-a', 'Status', 'FAILED', 'RUNNING', ?)",
+                (experiment_id, T2),
+            )
+        return row
+
+    monkeypatch.setattr(Store, "get_experiment", then_a_sync_commits)
+    code, out, _ = run("show", "hpo-a1", "--format", "json", db=copy)
+    assert code == 0
+    shown = json.loads(out)
+    assert shown["Status"] == "FAILED"
+    assert [h["NewValue"] for h in shown["History"] if h["Field"] == "Status"][-1] == "FAILED"
 
 
 def test_show_json(run: Run) -> None:
