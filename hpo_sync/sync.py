@@ -20,9 +20,7 @@ Hot sweep (every ``hot_interval_s``): asks only for what can have changed recent
 1. experiments created since the workspace's create-time watermark minus an overlap (new
    experiments, whatever their status);
 2. one listing per non-terminal status that the mirror currently holds experiments in
-   (their current Status and TrialStatus, so trial-count changes are caught too), except a
-   status whose experiments were all created after 1. starts (CREATED, typically): 1.
-   returns them;
+   (their current Status and TrialStatus, so trial-count changes are caught too);
 3. every experiment the mirror holds as non-terminal that none of those listings returned
    has necessarily left its status (a status that the mirror held is listed in full): it is
    looked up, which yields its new status — or, if it is gone, marks it deleted. That takes
@@ -51,10 +49,9 @@ creator and stretch of time, before it is declared deleted. An upstream seen to 
 MinCreateTime gets no windows (each would be the whole workspace): names and creators.
 
 Why a hot sweep cannot miss a status change of a non-terminal experiment: such an experiment
-is either returned by one of the listings (step 2 if it is still in a listed status, step 1
-if it is that new; either returns its current fields; an item that shifts between pages
-while a listing is read shows up as missing and step 3 finds it), or it is not, and then
-step 3 looks it up. A listing that fails makes the sweep
+is either still in one of the listed statuses (step 2 returns it with its current fields; an
+item that shifts between pages while a listing is read shows up as missing and step 3 finds
+it), or it is not, and then step 3 looks it up. A listing that fails makes the sweep
 ``partial`` and skips step 3, so nothing is concluded from incomplete data.
 
 What it leaves to the full sweep: changes of experiments the mirror holds as terminal (trials
@@ -1125,15 +1122,6 @@ class SyncEngine:
 
         listings: dict[str, Any] = {}
         refused = self._status_refused.setdefault(ws, set())
-        # A status all of whose experiments were created after the listing of what is new
-        # starts (CREATED, typically: experiments a moment old) gets no listing of its own:
-        # that listing returns each of them, whatever its status now, and one it does not
-        # return is looked up, as one that left its status is (3. above).
-        new = (
-            _all_created_after(non_terminal.values(), since)
-            if since is not None and ws not in self._min_create_ignored
-            else set()
-        )
 
         async def run(label: str, query: ListQuery) -> None:
             async def checked(page: Page) -> None:
@@ -1180,7 +1168,7 @@ class SyncEngine:
                 group.create_task(newest_first(since))
             else:
                 group.create_task(run("new", self._query(ws, min_create_time=since)))
-            for status in (s for s in statuses if s not in refused and not whole and s not in new):
+            for status in (s for s in statuses if s not in refused and not whole):
                 query = self._query(ws, status=spelled.get(status, status))
                 group.create_task(run(f"status:{status}", query))
             if self._bumps.get(ws) is not False and ws not in self._feed_refused:
@@ -1702,17 +1690,6 @@ def _merged_wide(times: Iterable[datetime]) -> list[tuple[datetime, datetime]]:
         else:
             out.append((t, t))
     return out
-
-
-def _all_created_after(rows: Iterable[Mapping[str, Any]], since: datetime) -> set[str]:
-    """The statuses of ``rows`` whose every row was created after ``since``."""
-    after: dict[str, bool] = {}
-    for row in rows:
-        if status := row.get("status"):
-            created = parse_time(row.get("gmt_create_time"))
-            newer = created is not None and created > since
-            after[str(status)] = after.get(str(status), True) and newer
-    return {status for status, newer in after.items() if newer}
 
 
 def _fresh(learnt_at: datetime, now: datetime) -> bool:

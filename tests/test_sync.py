@@ -2555,52 +2555,6 @@ async def test_a_hot_sweep_follows_a_soft_deleted_experiment_that_is_still_runni
         assert_history_replays(rig.store, ws)
 
 
-async def test_a_status_whose_experiments_are_all_new_is_read_by_the_listing_of_what_is_new(
-    tmp_path: Path,
-) -> None:
-    """CREATED experiments are typically a moment old: the listing of what was created since
-    the watermark (less the overlap) returns each of them, whatever its status now, so a
-    listing of CREATED as well was a call for nothing, every hot sweep. A status with an
-    experiment older than that is still listed."""
-    async for rig in make_rig(tmp_path, _still_world(300, seed=31), page_size=20):
-        ws, world = rig.sim.world.workspace_ids[0], rig.sim.world
-        for row in world.truth(ws):
-            if row["Status"] == "CREATED":
-                world.mutate(row["ExperimentId"], status="RUNNING")
-        assert (await rig.engine.sweep(ws)).status == "ok"
-        world.advance(5)
-        fresh = [
-            world.mutate(create={"WorkspaceId": ws, "Name": f"fresh-{i}", "Status": "CREATED"})
-            for i in range(3)
-        ]
-        ids = [str(events[0].experiment_id) for events in fresh]
-        world.advance(5)
-        assert (await rig.engine.sweep(ws, "hot")).status == "ok"
-        held = mirror_rows(rig.store, ws)
-        # (they may have moved on meanwhile: the simulator's statuses evolve as time goes)
-        only_new = {held[i]["status"] for i in ids} - {
-            r["status"] for key, r in held.items() if key not in ids
-        }
-        assert only_new - set(rig.config.sync.terminal_statuses), only_new
-        asked: list[str] = []
-
-        def watching(params: Any, original: Any, asked: list[str] = asked) -> Any:
-            asked.append(params.get("Status") or "")
-            return original(params)
-
-        world.advance(5)
-        world.mutate(ids[0], status="RUNNING")
-        world.mutate(ids[1], status="FAILED")
-        with listing_replaced(world, watching):
-            hot = await rig.engine.sweep(ws, "hot")
-        assert hot.status == "ok" and hot.lookups == 0, hot.summary()
-        assert not only_new & set(asked) and "RUNNING" in asked, (only_new, asked)
-        rows = mirror_rows(rig.store, ws)
-        assert [rows[i]["status"] for i in ids[:2]] == ["RUNNING", "FAILED"]
-        assert_mirror_equals_truth(rig.store, rig.sim, ws)
-        assert_history_replays(rig.store, ws)
-
-
 async def test_a_window_that_returns_neighbours_on_both_sides_proves_a_deletion(
     tmp_path: Path,
 ) -> None:
