@@ -324,9 +324,11 @@ class UpstreamClient:
         self._clock = clock
         #: SortBy names upstream refused, with the other vocabulary's name that it took
         self._sort_names: dict[str, str] = {}
-        #: SortBy names upstream took as they are; and, per name not yet answered either
-        #: way, the lock its first page holds until it is (see list_page)
+        #: SortBy names upstream took as they are, or in the other vocabulary (a name of
+        #: _sort_names recalled from an earlier process is in neither until upstream takes
+        #: it); and, per name not yet answered, the lock its first page holds (list_page)
         self._sort_taken: set[str] = set()
+        self._sort_confirmed: set[str] = set()
         self._sort_probes: dict[str, asyncio.Lock] = {}
         #: Learned from a listing: upstream's TotalCount counts the page, not the listing, so
         #: from then on no count plans pages (every listing is paged until an empty page).
@@ -660,8 +662,9 @@ class UpstreamClient:
             params["PageNumber"] = str(page_number)
             params["PageSize"] = str(page_size or self.config.page_size)
             configured = query.sort_by
-            if configured is not None and configured in self._sort_names:
-                params["SortBy"] = self._sort_names[configured]
+            learned_before = self._sort_names.get(configured) if configured is not None else None
+            if learned_before is not None:
+                params["SortBy"] = learned_before
             try:
                 page = await self._call(params, query.workspace_id, tally)
             except FatalUpstreamError as exc:
@@ -669,26 +672,26 @@ class UpstreamClient:
                 learned = self._sort_names.get(configured) if configured is not None else None
                 if learned is None:
                     other = SORT_BY_ALIASES.get(sent)
-                else:  # another page learned the name meanwhile; if this one sent it, it stands
-                    other = learned if learned != sent else None
-                if other is None or not rejects_parameter(exc):
+                elif learned != sent:  # another page learned the name meanwhile
+                    other = learned
+                else:
+                    # The name learnt is refused now (upstream changed, or another gateway
+                    # behind the same endpoint, or it was recalled from an earlier process):
+                    # the configured one may be taken again. Else every sweep failed on it.
+                    other = configured
+                if other is None or other == sent or not rejects_parameter(exc):
                     raise
                 try:
                     page = await self._call({**params, "SortBy": other}, query.workspace_id, tally)
                 except FatalUpstreamError:
                     raise exc from None
-                if configured is not None and configured not in self._sort_names:
-                    self._sort_names[configured] = other
-                    log.warning(
-                        "upstream.sort_by_switched",
-                        configured=configured,
-                        using=other,
-                        workspace=query.workspace_id,
-                        refused=exc.code,
-                    )
+                if configured is not None:
+                    self._sort_answered(configured, other, query.workspace_id, exc.code)
             else:
                 if configured is not None and params.get("SortBy") == configured:
                     self._sort_taken.add(configured)
+                elif configured is not None and params.get("SortBy") == learned_before:
+                    self._sort_confirmed.add(configured)
             if tally is not None:
                 tally.pages += 1
             return page
@@ -707,7 +710,38 @@ class UpstreamClient:
         yield
 
     def _sort_settled(self, name: str) -> bool:
-        return name in self._sort_taken or name in self._sort_names
+        return name in self._sort_taken or name in self._sort_confirmed
+
+    def _sort_answered(
+        self, configured: str, taken: str, workspace_id: str | None, refused: str | None
+    ) -> None:
+        """Upstream took ``taken`` for the configured SortBy name after refusing the other."""
+        if taken == configured:
+            self._sort_taken.add(configured)
+            self._sort_confirmed.discard(configured)
+            if self._sort_names.pop(configured, None) is None:
+                return
+        elif self._sort_names.get(configured) == taken:
+            self._sort_confirmed.add(configured)
+            return
+        else:
+            self._sort_taken.discard(configured)
+            self._sort_confirmed.add(configured)
+            self._sort_names[configured] = taken
+        log.warning(
+            "upstream.sort_by_switched",
+            configured=configured,
+            using=taken,
+            workspace=workspace_id,
+            refused=refused,
+        )
+
+    def forget_sort_names(self) -> None:
+        """Forget which SortBy names upstream takes: the next page sorted by one asks
+        again (what sweeps learn is forgotten after a while)."""
+        self._sort_names.clear()
+        self._sort_taken.clear()
+        self._sort_confirmed.clear()
 
     @property
     def sort_names(self) -> dict[str, str]:
@@ -719,6 +753,8 @@ class UpstreamClient:
         """Take SortBy names learnt by an earlier process (:attr:`sort_names`), where this
         one has not answered them itself; only pairs of the two vocabularies count."""
         for configured, other in names.items():
+            # (unconfirmed: the first page sorted by it goes alone, and upstream's answer
+            # settles it for the others; see list_page)
             if SORT_BY_ALIASES.get(configured) == other and not self._sort_settled(configured):
                 self._sort_names[configured] = other
 

@@ -394,6 +394,9 @@ class SyncEngine:
         return facts
 
     def _forget(self, workspace_id: str) -> None:
+        # (the client's SortBy names too, for every workspace: kept with each workspace's
+        # facts, they were written again with a new time by every sweep, never forgotten)
+        self.client.forget_sort_names()
         self._bumps.pop(workspace_id, None)
         self._status_refused.pop(workspace_id, None)
         self._learnt_at.pop(workspace_id, None)

@@ -1300,6 +1300,40 @@ async def test_pages_sorted_by_a_name_upstream_takes_go_together_once_it_is_take
     assert peak == 3
 
 
+async def test_a_sort_name_learnt_and_then_refused_gives_way_to_the_configured_one(
+    capture: Capture,
+) -> None:
+    """The name learnt (here recalled from an earlier process) is refused now, and the
+    configured one taken: an upstream fixed, another gateway behind the endpoint. The
+    learnt name stood, and every listing failed on it, in every process that recalled it."""
+    refused: list[str | None] = []
+
+    async def takes_only_the_configured(request: web.Request) -> web.StreamResponse:
+        sort = parse_wire_query(request.raw_path.partition("?")[2]).get("SortBy")
+        if sort == "create_time":
+            refused.append(sort)
+            return await api_error(400, "INVALID_INPUT_PARAMS")(request)
+        return await capture.listing(request)
+
+    capture.script.extend([takes_only_the_configured] * 4)
+    query = ListQuery(workspace_id="w1", sort_by="GmtCreateTime")
+    async with make_client(capture.base_url) as client:
+        client.learn_sort_names({"GmtCreateTime": "create_time"})
+        with capture_logs() as logs:
+            first = await client.list_page(query, 1)
+        assert len(first.experiments) == 3 and client.stats.api_calls == 2
+        assert client.sort_names == {}
+        switched = [e for e in logs if e["event"] == "upstream.sort_by_switched"]
+        assert [(e["configured"], e["using"]) for e in switched] == [
+            ("GmtCreateTime", "GmtCreateTime")
+        ]
+        await client.list_page(query, 2)  # in the configured name from the start
+        assert client.stats.api_calls == 3
+    assert refused == ["create_time"]
+    sorts = [parse_wire_query(s.raw_query).get("SortBy") for s in capture.seen]
+    assert sorts == ["create_time", "GmtCreateTime", "GmtCreateTime"]
+
+
 async def test_a_throttling_answer_that_is_not_json_waits_as_told(capture: Capture) -> None:
     """A proxy's 429 page (HTML) with Retry-After: throttled, and waited out as asked."""
     capture.script.append(

@@ -1136,6 +1136,54 @@ async def test_a_new_process_asks_in_the_other_sort_vocabulary_once_then_never(
         assert_mirror_equals_truth(rig.store, rig.sim, ws)
 
 
+async def test_a_sort_name_learnt_and_then_refused_costs_a_call_not_every_sweep(
+    tmp_path: Path,
+) -> None:
+    """Upstream refused GmtCreateTime, so create_time was learnt (and kept in the mirror);
+    then it takes GmtCreateTime only (upgraded, or another gateway). The learnt name stood:
+    every sweep of the process failed, and so did every later process that recalled it,
+    while each sweep wrote it back with a new time. Now a refused learnt name gives way to
+    the configured one at once, and a day after they were learnt the names are forgotten
+    with the rest."""
+    async for rig in make_rig(tmp_path, _still_world(120, seed=31), page_size=50):
+        ws, world = rig.sim.world.workspace_ids[0], rig.sim.world
+        with sorts_refused(world, "GmtCreateTime"):
+            assert (await rig.engine.sweep(ws)).status == "ok"
+        assert rig.client.sort_names == {"GmtCreateTime": "create_time"}
+        with sorts_refused(world, "create_time", "update_time") as sorts:
+            world.advance(60)
+            async with next_process(rig) as later:  # recalls create_time from the mirror
+                assert (await later.sweep(ws, "hot")).status == "ok"
+                assert later.client.sort_names == {}
+            # the first page alone, in the recalled name: refused, and the others wait for it
+            assert sorts.count("create_time") == 1
+            world.advance(60)
+            hot = await rig.engine.sweep(ws, "hot")  # the first process, still holding it
+            assert hot.status == "ok", hot.summary()
+            assert rig.client.sort_names == {}
+            asked = len(sorts)
+            world.advance(60)
+            assert (await rig.engine.sweep(ws, "hot")).status == "ok"
+            assert "create_time" not in sorts[asked:]
+            kept = json.loads(rig.store.upstream_learnt(ws) or "{}")
+            assert "sort_by_names" not in kept
+            world.advance(sync_mod.LEARNT_KEEP.total_seconds())
+            assert (await rig.engine.sweep(ws, "hot")).status == "ok"
+        assert_mirror_equals_truth(rig.store, rig.sim, ws)
+
+    (tmp_path / "expiry").mkdir()
+    async for rig in make_rig(tmp_path / "expiry", _still_world(120, seed=31), page_size=50):
+        ws, world = rig.sim.world.workspace_ids[0], rig.sim.world
+        with sorts_refused(world, "GmtCreateTime"):
+            assert (await rig.engine.sweep(ws)).status == "ok"
+            world.advance(sync_mod.LEARNT_KEEP.total_seconds())
+            assert (await rig.engine.sweep(ws, "hot")).status == "ok"
+        # learnt anew after the day, not carried over with a new time
+        assert rig.client.sort_names == {"GmtCreateTime": "create_time"}
+        switched = json.loads(rig.store.upstream_learnt(ws) or "{}")
+        assert parse_time(switched["learnt_at"]) == parse_time(format_time(world.now))
+
+
 async def test_one_empty_answer_does_not_delete_a_workspace(tmp_path: Path) -> None:
     """A listing that adds up but misses more experiments than are worth looking up (here:
     one glitching answer, TotalCount 0 and no experiments) must be confirmed by a second
