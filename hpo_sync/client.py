@@ -651,6 +651,8 @@ class UpstreamClient:
         whose ``SortBy`` has a name in the other vocabulary is asked once more with that
         name; if that is taken, this client sends it from then on (logged once,
         ``upstream.sort_by_switched``). If it is refused too, the first refusal is raised.
+        A name so learnt that upstream refuses later gives way to the configured one the
+        same way.
 
         Until upstream has answered a name either way, pages sorted by it wait for the
         first one in flight: the concurrent listings of a hot sweep in a new process (one
