@@ -1280,13 +1280,18 @@ async def test_pages_sorted_by_a_name_upstream_takes_go_together_once_it_is_take
     """The wait is for a name upstream has not answered yet: the first page's answer
     settles it, and later pages are in flight together again."""
     in_flight = peak = 0
+    three = asyncio.Event()
 
     async def counting(request: web.Request) -> web.StreamResponse:
+        """Held until three are in flight together (or for a second, alone)."""
         nonlocal in_flight, peak
         in_flight += 1
         peak = max(peak, in_flight)
+        if in_flight == 3:
+            three.set()
         try:
-            await asyncio.sleep(0.2)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(three.wait(), 1.0)
             return await capture.listing(request)
         finally:
             in_flight -= 1
