@@ -324,11 +324,11 @@ class UpstreamClient:
         self._clock = clock
         #: SortBy names upstream refused, with the other vocabulary's name that it took
         self._sort_names: dict[str, str] = {}
-        #: SortBy names upstream took as they are, or in the other vocabulary (a name of
-        #: _sort_names recalled from an earlier process is in neither until upstream takes
-        #: it); and, per name not yet answered, the lock its first page holds (list_page)
-        self._sort_taken: set[str] = set()
-        self._sort_confirmed: set[str] = set()
+        #: SortBy names upstream has answered in this process: taken as they are, or (those
+        #: in _sort_names) in the other vocabulary; a name recalled from an earlier process
+        #: is not in it until upstream takes it. Per name not yet answered, the lock its
+        #: first page holds (list_page).
+        self._sort_answered_names: set[str] = set()
         self._sort_probes: dict[str, asyncio.Lock] = {}
         #: Learned from a listing: upstream's TotalCount counts the page, not the listing, so
         #: from then on no count plans pages (every listing is paged until an empty page).
@@ -664,9 +664,8 @@ class UpstreamClient:
             params["PageNumber"] = str(page_number)
             params["PageSize"] = str(page_size or self.config.page_size)
             configured = query.sort_by
-            learned_before = self._sort_names.get(configured) if configured is not None else None
-            if learned_before is not None:
-                params["SortBy"] = learned_before
+            if configured is not None and configured in self._sort_names:
+                params["SortBy"] = self._sort_names[configured]
             try:
                 page = await self._call(params, query.workspace_id, tally)
             except FatalUpstreamError as exc:
@@ -690,10 +689,8 @@ class UpstreamClient:
                 if configured is not None:
                     self._sort_answered(configured, other, query.workspace_id, exc.code)
             else:
-                if configured is not None and params.get("SortBy") == configured:
-                    self._sort_taken.add(configured)
-                elif configured is not None and params.get("SortBy") == learned_before:
-                    self._sort_confirmed.add(configured)
+                if configured is not None:
+                    self._sort_answered_names.add(configured)
             if tally is not None:
                 tally.pages += 1
             return page
@@ -712,23 +709,19 @@ class UpstreamClient:
         yield
 
     def _sort_settled(self, name: str) -> bool:
-        return name in self._sort_taken or name in self._sort_confirmed
+        return name in self._sort_answered_names
 
     def _sort_answered(
         self, configured: str, taken: str, workspace_id: str | None, refused: str | None
     ) -> None:
         """Upstream took ``taken`` for the configured SortBy name after refusing the other."""
+        self._sort_answered_names.add(configured)
         if taken == configured:
-            self._sort_taken.add(configured)
-            self._sort_confirmed.discard(configured)
             if self._sort_names.pop(configured, None) is None:
                 return
         elif self._sort_names.get(configured) == taken:
-            self._sort_confirmed.add(configured)
             return
         else:
-            self._sort_taken.discard(configured)
-            self._sort_confirmed.add(configured)
             self._sort_names[configured] = taken
         log.warning(
             "upstream.sort_by_switched",
@@ -742,8 +735,7 @@ class UpstreamClient:
         """Forget which SortBy names upstream takes: the next page sorted by one asks
         again (what sweeps learn is forgotten after a while)."""
         self._sort_names.clear()
-        self._sort_taken.clear()
-        self._sort_confirmed.clear()
+        self._sort_answered_names.clear()
 
     @property
     def sort_names(self) -> dict[str, str]:
