@@ -29,7 +29,8 @@ Hot sweep (every ``hot_interval_s``): asks only for what can have changed recent
 4. a "recently modified" feed (sort by modified time, descending, read until the previous
    hot sweep's time) — one call that *may* catch changes of terminal experiments if upstream
    bumps ``GmtModifiedTime``; never relied on, and dropped for a workspace once upstream is
-   seen changing an experiment without bumping it.
+   seen changing an experiment without bumping it (for :data:`LEARNT_KEEP`, then tried
+   again).
 
 An upstream seen to ignore the Status filter (each listing of 2. is the whole workspace)
 gets one listing of the whole workspace instead of 1. and 2.; one seen to ignore
@@ -375,22 +376,24 @@ class SyncEngine:
 
     # --- what was learnt about upstream ------------------------------------------------------
 
+    def _flags(self) -> tuple[tuple[str, set[str]], ...]:
+        """The yes/no facts about a workspace's upstream: the mirror's key, and the set of
+        workspaces it holds for."""
+        return (
+            ("modified_feed_refused", self._feed_refused),
+            ("creator_filter_refused", self._creator_refused),
+            ("status_filter_ignored", self._status_filter_ignored),
+            ("min_create_time_ignored", self._min_create_ignored),
+        )
+
     def _learnt(self, workspace_id: str) -> dict[str, Any]:
         """What this process knows of the workspace's upstream, as the mirror keeps it."""
         ws = workspace_id
-        facts: dict[str, Any] = {}
+        facts: dict[str, Any] = {key: True for key, flags in self._flags() if ws in flags}
         if ws in self._bumps:
             facts["modified_time_bumped"] = self._bumps[ws]
-        if ws in self._feed_refused:
-            facts["modified_feed_refused"] = True
-        if ws in self._creator_refused:
-            facts["creator_filter_refused"] = True
         if self._status_refused.get(ws):
             facts["status_values_refused"] = sorted(self._status_refused[ws])
-        if ws in self._status_filter_ignored:
-            facts["status_filter_ignored"] = True
-        if ws in self._min_create_ignored:
-            facts["min_create_time_ignored"] = True
         return facts
 
     def _forget(self, workspace_id: str) -> None:
@@ -400,12 +403,7 @@ class SyncEngine:
         self._bumps.pop(workspace_id, None)
         self._status_refused.pop(workspace_id, None)
         self._learnt_at.pop(workspace_id, None)
-        for flags in (
-            self._feed_refused,
-            self._creator_refused,
-            self._status_filter_ignored,
-            self._min_create_ignored,
-        ):
+        for _, flags in self._flags():
             flags.discard(workspace_id)
 
     async def _recall(self, workspace_id: str) -> None:
@@ -440,12 +438,7 @@ class SyncEngine:
             return  # the sweep's end writes what this process learns instead
         if isinstance(bumped := kept.get("modified_time_bumped"), bool):
             self._bumps[workspace_id] = bumped
-        for key, flags in (
-            ("modified_feed_refused", self._feed_refused),
-            ("creator_filter_refused", self._creator_refused),
-            ("status_filter_ignored", self._status_filter_ignored),
-            ("min_create_time_ignored", self._min_create_ignored),
-        ):
+        for key, flags in self._flags():
             if kept.get(key) is True:
                 flags.add(workspace_id)
         if isinstance(names := kept.get("sort_by_names"), dict):
