@@ -4,10 +4,20 @@ A notification is one datagram of ``KEY=VALUE`` lines sent to the ``AF_UNIX`` so
 by ``$NOTIFY_SOCKET`` (a path, or ``@name`` for the abstract namespace). Outside systemd the
 variable is unset and every call is a no-op, so the daemon runs the same from a shell.
 Sending never raises: a service must not die because its supervisor is gone.
+
+The socket is non-blocking (a supervisor that stops reading must not stall the event loop),
+and the kernel queues only a few datagrams for a reader that is behind
+(``net.unix.max_dgram_qlen``, 10 by default): a send then fails with ``EAGAIN``. libsystemd's
+``sd_notify`` blocks until there is room instead. Here a message that changes the unit's
+state (``READY=1``, ``RELOADING=1``, ``STOPPING=1``: a lost ``READY=1`` times the start out
+and fails the unit) is kept and sent again, in order and ahead of any later message, from
+the event loop with a growing delay, and once more, briefly blocking, when the notifier is
+closed. ``WATCHDOG=1`` and ``STATUS=`` alone are superseded by the next one: dropped.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import time
@@ -22,6 +32,13 @@ WATCHDOG_USEC_ENV = "WATCHDOG_USEC"
 WATCHDOG_PID_ENV = "WATCHDOG_PID"
 #: systemd cuts STATUS= at a line; keep it readable in ``systemctl status``.
 MAX_STATUS_CHARS = 200
+#: The keys of a message that must not be lost to a full socket queue (module docstring).
+STATE_KEYS = frozenset({"READY", "RELOADING", "STOPPING"})
+#: A kept message is sent again after this long, doubling up to RETRY_MAX_S.
+RETRY_FIRST_S = 0.05
+RETRY_MAX_S = 1.0
+#: How long close() may block to hand over what is still kept.
+CLOSE_FLUSH_S = 1.0
 
 
 def socket_address(value: str | None) -> str | bytes | None:
@@ -83,26 +100,78 @@ class Notifier:
         self.watchdog_interval_s = watchdog_interval_s(env, os.getpid())
         self._sock: socket.socket | None = None
         self._warned = False
+        # State messages the socket refused (EAGAIN), oldest first, and the retry timer.
+        self._pending: list[bytes] = []
+        self._retry: asyncio.TimerHandle | None = None
+        self._retry_delay_s = RETRY_FIRST_S
 
     @property
     def enabled(self) -> bool:
         return self.address is not None
 
     def send(self, **fields: str | int) -> bool:
-        """Send one notification; True if it was handed to the socket."""
+        """Send one notification; True if it was handed to the socket now.
+
+        A state message the socket cannot take now is kept and sent later (module
+        docstring); any message waits behind those kept."""
         if self.address is None:
             return False
+        message = format_message(fields)
+        state = not STATE_KEYS.isdisjoint(fields)
+        if self._pending and not self._flush():
+            if state:
+                self._pending.append(message)
+                self._schedule_retry()
+            return False
+        sent = self._sendto(message)
+        if sent is None and state:
+            self._pending.append(message)
+            self._schedule_retry()
+            log.warning("notify.deferred", reason="supervisor's socket queue is full")
+        return bool(sent)
+
+    def _sendto(self, message: bytes) -> bool | None:
+        """True if sent, None if the socket's queue is full (EAGAIN), False on any other
+        error (warned about once: a vanished supervisor would otherwise flood the log)."""
+        assert self.address is not None
         try:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
                 self._sock.setblocking(False)
-            self._sock.sendto(format_message(fields), self.address)
+            self._sock.sendto(message, self.address)
+        except (BlockingIOError, TimeoutError):
+            return None
         except OSError as exc:
-            if not self._warned:  # once: a vanished supervisor would otherwise flood the log
+            if not self._warned:
                 log.warning("notify.failed", error=str(exc), socket=str(self.address))
                 self._warned = True
             return False
         return True
+
+    def _flush(self) -> bool:
+        """Send the kept messages in order; True once none is left. One that fails for
+        another reason than a full queue is dropped (the supervisor is gone)."""
+        while self._pending:
+            if self._sendto(self._pending[0]) is None:
+                return False
+            del self._pending[0]
+        self._retry_delay_s = RETRY_FIRST_S
+        return True
+
+    def _schedule_retry(self) -> None:
+        if self._retry is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop: the next send, or close(), tries again
+        self._retry = loop.call_later(self._retry_delay_s, self._on_retry)
+
+    def _on_retry(self) -> None:
+        self._retry = None
+        if not self._flush():
+            self._retry_delay_s = min(self._retry_delay_s * 2, RETRY_MAX_S)
+            self._schedule_retry()
 
     def ready(self, status: str | None = None) -> bool:
         fields: dict[str, str | int] = {"READY": 1}
@@ -123,6 +192,20 @@ class Notifier:
         return self.send(STOPPING=1, STATUS="stopping")
 
     def close(self) -> None:
+        """Hand over what is kept (blocking up to CLOSE_FLUSH_S in all), then close."""
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        if self._pending and self._sock is not None:
+            deadline = time.monotonic() + CLOSE_FLUSH_S
+            while self._pending and (left := deadline - time.monotonic()) > 0:
+                self._sock.settimeout(left)
+                if self._sendto(self._pending[0]) is None:
+                    break
+                del self._pending[0]
+            if self._pending:
+                log.warning("notify.lost", messages=len(self._pending))
+                self._pending.clear()
         if self._sock is not None:
             self._sock.close()
             self._sock = None

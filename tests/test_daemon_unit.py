@@ -3,6 +3,7 @@ sd_notify framing, metrics and the readiness body — fixed times, no scheduler,
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import time
@@ -274,6 +275,78 @@ def test_notifier_sends_to_an_abstract_socket() -> None:
         n.close()
     finally:
         sock.close()
+
+
+def _fill(n: Notifier) -> int:
+    """Send WATCHDOG=1 until the receiver's queue is full (a supervisor that is behind)."""
+    for sent in range(1000):
+        if not n.watchdog():
+            return sent
+    raise AssertionError("the receiver's queue never filled")
+
+
+def _drain(sock: socket.socket) -> list[bytes]:
+    out = []
+    sock.setblocking(False)
+    try:
+        while True:
+            out.append(sock.recv(4096))
+    except BlockingIOError:
+        return out
+    finally:
+        sock.settimeout(2)
+
+
+async def test_notifier_keeps_state_messages_a_full_queue_refused() -> None:
+    # The kernel queues ~10 datagrams for a reader that is behind; READY=1 / RELOADING=1 sent
+    # then must still arrive, in order and after what was queued; WATCHDOG=1 may be dropped.
+    path = f"/tmp/hpo-notify-{uuid.uuid4().hex[:8]}.sock"
+    sock = _receiver(path)
+    try:
+        n = Notifier({"NOTIFY_SOCKET": path})
+        queued = _fill(n)
+        assert queued >= 1
+        assert not n.ready("up")  # kept, not handed over
+        assert not n.watchdog()  # behind the kept one: dropped
+        assert not n.reloading()  # kept too, after READY
+        await asyncio.sleep(0.3)  # retries while the queue is still full change nothing
+        assert _drain(sock) == [b"WATCHDOG=1\n"] * queued
+        for _ in range(100):  # the retry delay grew to at most RETRY_MAX_S
+            await asyncio.sleep(0.05)
+            if not n._pending:
+                break
+        assert sock.recv(4096) == b"READY=1\nSTATUS=up\n"
+        assert sock.recv(4096).startswith(b"RELOADING=1\nMONOTONIC_USEC=")
+        assert n.status("later") and sock.recv(4096) == b"STATUS=later\n"
+        n.close()
+    finally:
+        sock.close()
+        os.unlink(path)
+
+
+def test_notifier_hands_over_kept_messages_when_closed() -> None:
+    # No event loop to retry from: close() sends what is kept once the reader caught up,
+    # and gives up (with a warning, never raising) after CLOSE_FLUSH_S when it does not.
+    path = f"/tmp/hpo-notify-{uuid.uuid4().hex[:8]}.sock"
+    sock = _receiver(path)
+    try:
+        n = Notifier({"NOTIFY_SOCKET": path})
+        queued = _fill(n)
+        assert not n.stopping()
+        assert len(_drain(sock)) == queued
+        n.close()
+        assert sock.recv(4096) == b"STOPPING=1\nSTATUS=stopping\n"
+
+        stuck = Notifier({"NOTIFY_SOCKET": path})
+        _fill(stuck)
+        assert not stuck.stopping()
+        began = time.monotonic()
+        stuck.close()
+        assert 0.5 < time.monotonic() - began < 5
+        assert stuck._pending == []
+    finally:
+        sock.close()
+        os.unlink(path)
 
 
 def test_notifier_is_a_no_op_outside_systemd_and_never_raises() -> None:
