@@ -13,6 +13,7 @@ and the pure diffing rules in :mod:`hpo_sync.diff`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import functools
@@ -20,9 +21,11 @@ import itertools
 import os
 import re
 import sqlite3
+import stat as stat_mod
 import statistics
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -180,6 +183,48 @@ def _place(partial: Path, dest: Path, *, overwrite: bool) -> None:
         raise StoreError(f"{dest} exists; remove it or pass overwrite=True") from None
     except OSError as e:
         raise StoreError(f"cannot write the backup {dest}: {e.strerror}") from e
+
+
+#: The hidden copy a backup writes beside its destination (``tempfile.mkstemp``'s 8 random
+#: characters between the destination's name and the suffix).
+_BACKUP_COPY_RE = re.compile(r"^\..+\.[a-z0-9_]{8}\.partial$", re.ASCII)
+#: A backup's copy left this long unchanged, and not locked by its writer, is a dead one's.
+STALE_COPY_AGE_S = 60.0
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def _remove_dead_copies(directory: Path) -> list[Path]:
+    """Remove the copies that backups killed in ``directory`` left behind (SIGKILL, power
+    loss: no ``finally`` ran). A backup holds an exclusive ``flock`` on its copy while it
+    writes it, so a copy that no process holds, that is an SQLite file (or empty) and that
+    has not changed for ``STALE_COPY_AGE_S`` is a dead backup's; the age also spares a
+    copy made a moment ago, before its writer took the lock. Returns what was removed."""
+    removed: list[Path] = []
+    try:
+        names = [e.name for e in os.scandir(directory) if _BACKUP_COPY_RE.match(e.name)]
+    except OSError:
+        return removed
+    for name in names:
+        path = directory / name
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if not stat_mod.S_ISREG(st.st_mode) or time.time() - st.st_mtime < STALE_COPY_AGE_S:
+                continue
+            if os.pread(fd, len(_SQLITE_HEADER), 0) not in (b"", _SQLITE_HEADER):
+                continue
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held: a backup in progress
+            for suffix in ("", "-journal", "-wal", "-shm"):
+                Path(f"{path}{suffix}").unlink(missing_ok=True)
+            removed.append(path)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    return removed
 
 
 def _disk_full(path: str) -> bool:
@@ -1265,9 +1310,10 @@ class Store:
         its own beside the destination and renamed into place (without ``overwrite``, linked
         there, which fails if a file came meanwhile), so a half-written backup is never left
         behind, not even when the destination's disk fills up, and two backups to one
-        destination at once never write the same file. An error names the file it is
-        about: the destination (its disk full), unless SQLite says the mirror is damaged
-        or unreadable.
+        destination at once never write the same file. The copies that killed backups left
+        in the destination's directory are removed first (:func:`_remove_dead_copies`).
+        An error names the file it is about: the destination (its disk full), unless
+        SQLite says the mirror is damaged or unreadable.
         """
         dest = Path(dest_path)
         if dest.exists() and not overwrite:
@@ -1280,9 +1326,14 @@ class Store:
             fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
         except OSError as e:
             raise StoreError(f"cannot write a backup in {dest.parent}: {e.strerror}") from e
-        os.close(fd)
         partial = Path(name)
         try:
+            # Held until the copy is placed or removed: it tells this backup's copy from a
+            # killed one's, for the clean-up of the next backup into this directory (a file
+            # system without flock gets no clean-up: nothing there looks unheld either).
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            _remove_dead_copies(dest.parent)
             failed: sqlite3.Error | None = None
             with _mapped(str(dest), "backing the mirror up"):
                 target = sqlite3.connect(partial)
@@ -1308,6 +1359,7 @@ class Store:
         finally:
             for suffix in ("", "-journal", "-wal", "-shm"):
                 Path(f"{partial}{suffix}").unlink(missing_ok=True)
+            os.close(fd)
 
     # -- queries --
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import sqlite3
@@ -1085,6 +1086,70 @@ def test_two_backups_to_one_destination_at_once_never_share_a_file(
     assert asyncio.run(both(True)) == [None] * 4
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".copy.db")] == []
     with Store.open(dest, readonly=True) as copy:
+        assert copy.history() == populated.history()
+
+
+_KILLED_BACKUP_CHILD = """
+import os, signal, sqlite3, sys
+import hpo_sync.store as store_module
+store = store_module.Store.open(sys.argv[1], readonly=True)
+
+class KilledWhileWriting:  # the copy is opened, half written, then the process dies
+    Error = sqlite3.Error
+
+    @staticmethod
+    def connect(path):
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("BEGIN")
+        conn.execute("CREATE TABLE half (x)")
+        conn.execute("INSERT INTO half VALUES (zeroblob(100000))")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+store_module.sqlite3 = KilledWhileWriting
+store.backup(sys.argv[2])
+"""
+
+
+def test_the_next_backup_removes_what_a_killed_one_left_and_nothing_else(
+    populated: Store, tmp_path: Path
+) -> None:
+    """A backup killed with SIGKILL runs no clean-up: its hidden copy (and the copy's
+    journal) stayed beside the destination for good, as big as the mirror, one more per
+    killed run. The next backup into that directory removes such a copy once it is
+    STALE_COPY_AGE_S old; a copy another backup is still writing (it holds a lock on it),
+    one made a moment ago and a hidden file that is no SQLite file are left alone."""
+    from hpo_sync.store import STALE_COPY_AGE_S
+
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    child = subprocess.run(
+        [sys.executable, "-c", _KILLED_BACKUP_CHILD, populated.path, str(backups / "copy.db")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert child.returncode == -9, child.stderr
+    left = sorted(p.name for p in backups.iterdir())
+    assert len(left) == 2 and left[1] == f"{left[0]}-journal", left
+    assert left[0].startswith(".copy.db.") and left[0].endswith(".partial")
+    dead = backups / left[0]
+
+    populated.backup(backups / "1.db")  # a moment after: it may be a backup just begun
+    assert dead.exists()
+
+    aged = dead.stat().st_mtime - STALE_COPY_AGE_S - 1
+    os.utime(dead, (aged, aged))
+    held = backups / ".2.db.abcdefgh.partial"  # another backup's, being written
+    held.write_bytes(dead.read_bytes())
+    notes = backups / ".notes.abcdefgh.partial"  # not SQLite: not a backup's
+    notes.write_text("keep me")
+    for path in (held, notes):
+        os.utime(path, (aged, aged))
+    with held.open("rb") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        populated.backup(backups / "3.db")
+        assert sorted(p.name for p in backups.iterdir()) == [
+            held.name, notes.name, "1.db", "3.db",
+        ]  # fmt: skip
+    with Store.open(backups / "3.db", readonly=True) as copy:
         assert copy.history() == populated.history()
 
 
