@@ -26,6 +26,7 @@ import statistics
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -160,6 +161,56 @@ def _mapped(where: str, action: str) -> Iterator[None]:
             hint = "a stored text is not UTF-8: the file is damaged; restore it from a backup"
         msg = f"{action} failed on {where}: {detail[:300]}"
         raise StoreError(f"{msg} — {hint}" if hint else msg) from e
+
+
+class _WriterConnection(sqlite3.Connection):
+    """The writer connection, which threads take turns at behind ``Store._write_lock``:
+    every cursor made on it while a thread holds it is closed before the thread lets go.
+
+    Why: sqlite3 shares one prepared statement among the cursors that run the same SQL
+    (its statement cache), and a cursor that is freed resets the statement it last ran.
+    A cursor that outlived the lock (``Store.apply``'s ``cur`` is freed when the function
+    returns, after the ``with`` block; a traceback can keep one for longer) was freed in
+    its thread while another thread ran that same statement, and reset it under that
+    thread's feet: ``executemany`` then failed with SQLITE_MISUSE ("bad parameter or other
+    API misuse"), a sweep every so often on a loaded machine. Closed cursors hold no
+    statement. (Turning the cache off would also do, at ~1 ms of parsing per 256-row
+    INSERT, on the writer thread's critical path during a baseline.)
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Those made since a thread last let go that are still alive. Weakly: one freed
+        # inside the block resets its statement there, as it always did (a cursor kept
+        # alive until the COMMIT would keep its SELECT in progress and fail the COMMIT).
+        self._cursors: weakref.WeakSet[sqlite3.Cursor] = weakref.WeakSet()
+        self._held = 0
+
+    def cursor(self, factory: Any = sqlite3.Cursor) -> sqlite3.Cursor:  # type: ignore[override]
+        cur: sqlite3.Cursor = super().cursor(factory)
+        self._cursors.add(cur)
+        return cur
+
+    # Connection.execute() makes its cursor in C, without calling cursor(): these do.
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        return self.cursor().execute(sql, parameters)
+
+    def executemany(self, sql: str, parameters: Any, /) -> sqlite3.Cursor:
+        return self.cursor().executemany(sql, parameters)
+
+    @contextmanager
+    def held(self) -> Iterator[_WriterConnection]:
+        """For the thread holding ``Store._write_lock``: closes the cursors made meanwhile
+        when the outermost such block ends (the lock is re-entrant)."""
+        self._held += 1
+        try:
+            yield self
+        finally:
+            self._held -= 1
+            if not self._held:
+                for cur in list(self._cursors):
+                    cur.close()
+                self._cursors.clear()
 
 
 def _place(partial: Path, dest: Path, *, overwrite: bool) -> None:
@@ -579,7 +630,7 @@ class Store:
     def __init__(
         self,
         path: str,
-        writer: sqlite3.Connection | None,
+        writer: _WriterConnection | None,
         *,
         readonly: bool,
         busy_timeout_s: float,
@@ -637,6 +688,7 @@ class Store:
                 isolation_level=None,  # transactions are explicit: BEGIN IMMEDIATE ... COMMIT
                 check_same_thread=False,  # shared across threads behind _write_lock
                 timeout=busy_timeout_s,
+                factory=_WriterConnection,
             )
             try:
                 conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
@@ -744,11 +796,12 @@ class Store:
             # One in-memory database, one connection: readers must share the writer.
             with self._write_lock:
                 assert self._writer is not None
-                self._writer.row_factory = sqlite3.Row
-                try:
-                    yield self._writer
-                finally:
-                    self._writer.row_factory = None
+                with self._writer.held() as shared:
+                    shared.row_factory = sqlite3.Row
+                    try:
+                        yield shared
+                    finally:
+                        shared.row_factory = None
             return
         local = self._local
         conn: sqlite3.Connection | None = getattr(local, "conn", None)
@@ -809,8 +862,7 @@ class Store:
             raise StoreError(f"the mirror {self.path} is closed")
         if self._writer is None:
             raise StoreError(f"the mirror {self.path} was opened read-only; cannot {action}")
-        conn = self._writer
-        with self._write_lock, _mapped(self.path, action):
+        with self._write_lock, self._writer.held() as conn, _mapped(self.path, action):
             # IMMEDIATE takes the write lock up front: a deferred transaction that upgrades
             # from read to write can fail with SQLITE_BUSY without waiting busy_timeout.
             conn.execute("BEGIN IMMEDIATE")
@@ -1211,8 +1263,12 @@ class Store:
             cur = conn.cursor()
             cur.row_factory = None
             return [r[0] for r in cur.execute(sql, (workspace_id,))]
-        with self._write_lock, _mapped(self.path, "reading the mirror"):
-            cur = self._writer.cursor()
+        with (
+            self._write_lock,
+            self._writer.held() as writer,
+            _mapped(self.path, "reading the mirror"),
+        ):
+            cur = writer.cursor()
             cur.row_factory = None
             return [r[0] for r in cur.execute(sql, (workspace_id,))]
 

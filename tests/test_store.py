@@ -8,10 +8,12 @@ import errno
 import fcntl
 import json
 import os
+import random
 import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
@@ -1012,6 +1014,47 @@ def test_the_lock_is_the_file_s_whatever_name_reaches_it(db_path: Path, tmp_path
     for name in (db_path, linked):
         with pytest.raises(StoreError, match="2 names \\(hard links\\)"):
             acquire_lock(name)
+
+
+def test_a_cursor_of_the_writer_cannot_outlive_its_turn(tmp_path: Path) -> None:
+    """Threads take turns at the writer connection; sqlite3 shares a prepared statement
+    among the cursors running the same SQL, and a cursor that is freed resets it. One
+    freed after its thread let go (``apply``'s ``cur`` outlived the lock until the function
+    returned) reset the statement another thread was running: ``executemany`` failed with
+    "bad parameter or other API misuse" (1 write in 7 here). Now the cursors made in a
+    turn are closed when it ends, and a closed cursor holds no statement."""
+    store = Store.open(tmp_path / "mirror.db")
+    labels = [(f"ws-{i}",) for i in range(300)]
+    with store.write("add workspaces") as conn:
+        conn.executemany("INSERT INTO workspaces (workspace_id) VALUES (?)", labels)
+        kept = conn.cursor()
+    with pytest.raises(sqlite3.ProgrammingError, match="closed cursor"):
+        kept.execute("SELECT 1")
+
+    errors: list[str] = []
+
+    def turns(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(150):
+            try:
+                with store.write("label workspaces") as conn:
+                    cur = conn.cursor()
+                    cur.executemany(
+                        "UPDATE workspaces SET label = ? WHERE workspace_id = ?",
+                        [(str(rng.random()), ws) for (ws,) in labels],
+                    )
+            except StoreError as e:
+                errors.append(str(e))
+            time.sleep(rng.random() * 0.003)  # this thread's cursor lives on a moment
+            del cur
+
+    threads = [threading.Thread(target=turns, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    store.close()
+    assert errors == []
 
 
 def test_backup_is_an_identical_readable_copy(populated: Store, tmp_path: Path) -> None:
