@@ -1008,7 +1008,8 @@ def backup(db: Path, dest: Path, *, overwrite: bool = False) -> tuple[int, str]:
         raise UsageError(f"{dest} exists; pass --overwrite to replace it")
     if not dest.parent.is_dir():
         raise UsageError(f"directory {dest.parent} does not exist")
-    store = Store.open(db, readonly=True)
+    # A mirror of any version: the copy to keep before an upgrade is of an older one.
+    store = Store.open(db, readonly=True, any_version=True)
     try:
         store.backup(dest, overwrite=overwrite)
     finally:

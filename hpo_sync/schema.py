@@ -519,6 +519,18 @@ def read_version(conn: sqlite3.Connection) -> int:
 
 def check_version(conn: sqlite3.Connection, where: str) -> int:
     """Refuse a file that is not a mirror or is newer than this code; return its version."""
+    version = check_mirror(conn, where)
+    if version > SCHEMA_VERSION:
+        raise SchemaTooNewError(
+            f"{where} has schema version {version}, but this hpo-sync only knows versions "
+            f"up to {SCHEMA_VERSION}: it was written by a newer hpo-sync. Upgrade hpo-sync, "
+            "or restore a backup made before the upgrade"
+        )
+    return version
+
+
+def check_mirror(conn: sqlite3.Connection, where: str) -> int:
+    """Refuse a file that is not a mirror (of whatever version); return its version."""
     version = read_version(conn)
     app_id = int(conn.execute("PRAGMA application_id").fetchone()[0])
     if version > 0 and app_id != APPLICATION_ID:
@@ -535,12 +547,6 @@ def check_version(conn: sqlite3.Connection, where: str) -> int:
                 f"{where} already holds tables but is not an hpo-sync mirror; "
                 "point the store path at a new or existing mirror file"
             )
-    if version > SCHEMA_VERSION:
-        raise SchemaTooNewError(
-            f"{where} has schema version {version}, but this hpo-sync only knows versions "
-            f"up to {SCHEMA_VERSION}: it was written by a newer hpo-sync. Upgrade hpo-sync, "
-            "or restore a backup made before the upgrade"
-        )
     return version
 
 

@@ -51,6 +51,7 @@ from hpo_sync.schema import (
     CONTENT_COLUMNS,
     EXPERIMENT_COLUMNS,
     SCHEMA_VERSION,
+    check_mirror,
     check_version,
     decode_experiment_row,
     encode_deleted,
@@ -646,6 +647,7 @@ class Store:
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._closed = False
+        self._any_version = False  # see open()
 
     # -- lifecycle --
 
@@ -655,14 +657,19 @@ class Store:
         path: str | Path,
         *,
         readonly: bool = False,
+        any_version: bool = False,
         busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S,
     ) -> Store:
         """Open the mirror at ``path``, creating it or upgrading its schema in place.
 
         ``readonly`` opens the file with ``mode=ro`` and never migrates: it fails when the
-        file is missing or its schema is older or newer than this code's. ``":memory:"``
-        gives a private in-memory mirror (tests only; readers share the writer connection).
+        file is missing or its schema is older or newer than this code's — unless
+        ``any_version`` (for :meth:`backup` alone: a copy before an upgrade, or of a newer
+        mirror, needs no schema of this code's). ``":memory:"`` gives a private in-memory
+        mirror (tests only; readers share the writer connection).
         """
+        if any_version and not readonly:
+            raise ValueError("any_version is for read-only stores")
         where = str(path)
         if where != ":memory:" and Path(where).is_dir():
             # SQLite would say "disk I/O error" (read-only) or "unable to open": neither
@@ -675,10 +682,11 @@ class Store:
             if where == ":memory:" or not Path(where).exists():
                 raise StoreError(f"no mirror at {where}; run a sync first to create it")
             store = cls(where, None, readonly=True, busy_timeout_s=busy_timeout_s)
+            store._any_version = any_version
             with _mapped(where, "opening the mirror read-only"):
                 conn = store._connect_reader()
                 try:
-                    _check_readable(conn, where)
+                    _check_readable(conn, where, any_version=any_version)
                 finally:
                     conn.close()
             return store
@@ -692,6 +700,9 @@ class Store:
             )
             try:
                 conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+                # Before anything below changes the file (WAL rewrites its header): a file
+                # that is not a mirror, or a newer one, is refused as it was found.
+                check_version(conn, where)
                 # Only takes effect while the file is still empty, i.e. for a new mirror (it
                 # must precede the switch to WAL). An experiments row is ~3 KB (raw JSON and
                 # config texts): 4 KiB pages hold one row each and waste a quarter of the
@@ -826,7 +837,7 @@ class Store:
                 conn = self._connect_reader()
                 if self.readonly:
                     try:  # the file may have been replaced by one of another version
-                        _check_readable(conn, self.path)
+                        _check_readable(conn, self.path, any_version=self._any_version)
                     except BaseException:
                         conn.close()
                         raise
@@ -1757,9 +1768,13 @@ def _mark_gone(
     return [(exp_id, workspace_id, DELETED, old, new, observed_at, run_id, base) for exp_id in gone]
 
 
-def _check_readable(conn: sqlite3.Connection, where: str) -> None:
+def _check_readable(conn: sqlite3.Connection, where: str, *, any_version: bool = False) -> None:
     """A read-only connection's mirror must have this code's schema: a read-only open
-    cannot migrate an older one (:func:`check_version` refuses a newer one)."""
+    cannot migrate an older one (:func:`check_version` refuses a newer one). With
+    ``any_version``, for a copy of the file, a mirror of any version will do."""
+    if any_version:
+        check_mirror(conn, where)
+        return
     version = check_version(conn, where)
     if version < SCHEMA_VERSION:
         raise StoreError(

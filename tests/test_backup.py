@@ -120,3 +120,35 @@ def test_a_backup_is_readable_by_its_owner_only(tmp_path: Path) -> None:
     assert stat.S_IMODE(dest.stat().st_mode) == 0o600
     with sqlite3.connect(dest) as conn:
         assert conn.execute("PRAGMA quick_check").fetchone() == ("ok",)
+
+
+async def test_a_mirror_of_another_version_is_backed_up_as_it_is(tmp_path: Path) -> None:
+    """The copy to keep before an upgrade (docs/schema.md) is of a mirror this hpo-sync
+    would upgrade: `backup` used to refuse it ("open it read-write once to upgrade it"),
+    so the command could not make the copy the docs ask for. A newer mirror is copied
+    too; a database that is no mirror is still refused. The source is left as it was."""
+    from hpo_sync.schema import SCHEMA_VERSION, migrate
+
+    for version in (1, SCHEMA_VERSION - 1, 99):
+        db = tmp_path / f"v{version}.db"
+        conn = sqlite3.connect(db, isolation_level=None)
+        migrate(conn, where=str(db), target=min(version, SCHEMA_VERSION))
+        conn.execute("INSERT INTO workspaces (workspace_id) VALUES ('ws-old')")
+        conn.execute(f"PRAGMA user_version = {version}")
+        conn.close()
+        before = db.read_bytes()
+        dest = tmp_path / f"copy-v{version}.db"
+        code, out, err = await run_cli("backup", "--db", str(db), str(dest))
+        assert code == 0, err
+        assert "integrity ok" in out
+        assert db.read_bytes() == before
+        with sqlite3.connect(dest) as copy:
+            assert copy.execute("PRAGMA user_version").fetchone() == (version,)
+            assert copy.execute("SELECT workspace_id FROM workspaces").fetchall() == [("ws-old",)]
+
+    notes = tmp_path / "notes.db"
+    with sqlite3.connect(notes) as conn:
+        conn.execute("CREATE TABLE notes (x)")
+    code, _, err = await run_cli("backup", "--db", str(notes), str(tmp_path / "notes-copy.db"))
+    assert code == 1 and "not an hpo-sync mirror" in err
+    assert not (tmp_path / "notes-copy.db").exists()

@@ -721,25 +721,45 @@ def test_readonly_refuses_an_old_mirror(db_path: Path) -> None:
         Store.open(db_path, readonly=True)
 
 
+def _files(db_path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in db_path.parent.iterdir()}
+
+
 def test_a_newer_mirror_is_refused(db_path: Path) -> None:
+    """... and left as it was: it was switched to WAL (its header rewritten) before its
+    version was read, a change the newer hpo-sync that made it had not asked for."""
     Store.open(db_path).close()
-    conn = sqlite3.connect(db_path)
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = DELETE")
     conn.execute("PRAGMA user_version = 99")
     conn.close()
+    before = _files(db_path)
     for readonly in (False, True):
         with pytest.raises(SchemaTooNewError) as info:
             Store.open(db_path, readonly=readonly)
         message = str(info.value)
         assert "version 99" in message and f"up to {SCHEMA_VERSION}" in message
         assert "Upgrade hpo-sync" in message
+    assert _files(db_path) == before
 
 
 def test_someone_elses_database_is_refused(db_path: Path) -> None:
+    """... and left byte for byte as it was (it used to be switched to WAL first)."""
     conn = sqlite3.connect(db_path)
     conn.execute("CREATE TABLE notes (x)")
     conn.close()
+    before = _files(db_path)
     with pytest.raises(StoreError, match="not an hpo-sync mirror"):
         Store.open(db_path)
+    assert _files(db_path) == before
+    conn = sqlite3.connect(db_path)
+    conn.execute("PRAGMA application_id = 1234")
+    conn.execute("PRAGMA user_version = 5")
+    conn.close()
+    before = _files(db_path)
+    with pytest.raises(StoreError, match="not an hpo-sync mirror"):
+        Store.open(db_path)
+    assert _files(db_path) == before
     db_path.write_bytes(b"this is not a database" * 100)
     with pytest.raises(StoreError, match=r"not a SQLite database|not a database"):
         Store.open(db_path)
