@@ -111,6 +111,14 @@ class StoreError(HpoSyncError):
     """The SQLite mirror cannot be opened, migrated or written."""
 
 
+class StoreInUseError(StoreError):
+    """Another hpo-sync process holds the mirror's single-instance lock."""
+
+
+class SchemaTooOldError(StoreError):
+    """The mirror's schema is older than this code's, and the open was not to upgrade it."""
+
+
 class SchemaTooNewError(StoreError):
     """The mirror was written by a newer hpo-sync whose schema this version does not know."""
 

@@ -44,7 +44,7 @@ from hpo_sync.diff import (
     diff_rows,
     finished_runs,
 )
-from hpo_sync.errors import StoreError
+from hpo_sync.errors import SchemaTooOldError, StoreError, StoreInUseError
 from hpo_sync.normalise import Experiment, format_time, parse_time, upstream_bool
 from hpo_sync.schema import (
     CHANGE_COLUMNS,
@@ -528,7 +528,7 @@ def acquire_lock(db_path: str | Path) -> StoreLock:
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
-        raise StoreError(
+        raise StoreInUseError(
             f"{db_path} is in use by another hpo-sync process (pid {holder}, lock file "
             f"{lock_path}); stop that process first, or give this one its own store path"
         ) from None
@@ -658,6 +658,7 @@ class Store:
         *,
         readonly: bool = False,
         any_version: bool = False,
+        upgrade: bool = True,
         busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S,
     ) -> Store:
         """Open the mirror at ``path``, creating it or upgrading its schema in place.
@@ -665,8 +666,11 @@ class Store:
         ``readonly`` opens the file with ``mode=ro`` and never migrates: it fails when the
         file is missing or its schema is older or newer than this code's — unless
         ``any_version`` (for :meth:`backup` alone: a copy before an upgrade, or of a newer
-        mirror, needs no schema of this code's). ``":memory:"`` gives a private in-memory
-        mirror (tests only; readers share the writer connection).
+        mirror, needs no schema of this code's). ``upgrade=False`` refuses an older mirror
+        (:class:`SchemaTooOldError`) instead of upgrading it, for a writer without the
+        single-instance lock: another hpo-sync process may be using the file, perhaps of
+        that older version (it would go on writing the old schema). ``":memory:"``
+        gives a private in-memory mirror (tests only; readers share the writer connection).
         """
         if any_version and not readonly:
             raise ValueError("any_version is for read-only stores")
@@ -702,7 +706,12 @@ class Store:
                 conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
                 # Before anything below changes the file (WAL rewrites its header): a file
                 # that is not a mirror, or a newer one, is refused as it was found.
-                check_version(conn, where)
+                version = check_version(conn, where)
+                if not upgrade and version < SCHEMA_VERSION:
+                    raise SchemaTooOldError(
+                        f"{where} has schema version {version}, this hpo-sync needs "
+                        f"{SCHEMA_VERSION}"
+                    )
                 # Only takes effect while the file is still empty, i.e. for a new mirror (it
                 # must precede the switch to WAL). An experiments row is ~3 KB (raw JSON and
                 # config texts): 4 KiB pages hold one row each and waste a quarter of the

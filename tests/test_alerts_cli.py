@@ -302,3 +302,42 @@ async def test_each_test_send_has_an_id_of_its_own(
     for _ in range(2):
         assert await alerts_cli.try_target(ding, cfg, io.StringIO(), datetime.now(UTC)) == 0
     assert len(ids) == len(set(ids)) == 2 and all(i.startswith("hposync_test_") for i in ids)
+
+
+async def test_alerts_retry_upgrades_an_older_mirror_only_when_no_daemon_uses_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`alerts retry` writes beside a running daemon (no single-instance lock). It used to
+    upgrade an older mirror under an older daemon that held the lock, which then went on
+    writing rows of the old schema into the new one (outbox rows without trial_status).
+    It now upgrades only when it can take the lock, and otherwise says why it cannot."""
+    from hpo_sync.schema import SCHEMA_VERSION, migrate
+    from hpo_sync.store import acquire_lock
+
+    db = tmp_path / "mirror.db"
+    conn = sqlite3.connect(db, isolation_level=None)
+    migrate(conn, where=str(db), target=5)
+    conn.close()
+    before = db.read_bytes()
+
+    daemon = acquire_lock(db)  # as a running daemon of version 5 holds it
+    try:
+        code, err = await run_cli(["alerts", "retry", "--all-dead", "--db", str(db)], capsys)
+        assert code == 1, err
+        assert f"schema version 5, this hpo-sync needs {SCHEMA_VERSION}" in err
+        assert "in use by another hpo-sync process" in err
+        assert db.read_bytes() == before
+    finally:
+        daemon.release()
+
+    code, out = await run_cli(["alerts", "retry", "--all-dead", "--db", str(db)], capsys)
+    assert code == 0 and "re-queued 0" in out
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+
+    daemon = acquire_lock(db)  # a daemon of this version: retry writes beside it
+    try:
+        code, out = await run_cli(["alerts", "retry", "--all-dead", "--db", str(db)], capsys)
+        assert code == 0 and "re-queued 0" in out
+    finally:
+        daemon.release()

@@ -19,10 +19,10 @@ from hpo_sync import cli, proxies
 from hpo_sync.cli import UsageError
 from hpo_sync.cli_query import limit_type, table_width
 from hpo_sync.config import Config, TargetConfig
-from hpo_sync.errors import StoreError
+from hpo_sync.errors import SchemaTooOldError, StoreError, StoreInUseError
 from hpo_sync.normalise import format_time
 from hpo_sync.render import Column, format_table, json_array_chunks, json_line
-from hpo_sync.store import Store
+from hpo_sync.store import Store, acquire_lock
 
 from . import outbox
 from .classify import Sent, classify, redact
@@ -276,9 +276,21 @@ def cmd_retry(args: argparse.Namespace) -> int:
     if not path.exists():
         raise StoreError(f"no mirror at {path} (pass --db PATH)")
     cli.setup_logging(args)
-    # No single-instance lock: a running daemon holds it, and this is one short write
-    # transaction that SQLite serialises with the daemon's.
-    store = Store.open(path)
+    # No single-instance lock (a running daemon holds it): one short write transaction,
+    # which SQLite serialises with the daemon's. An older mirror is upgraded only while no
+    # other hpo-sync process uses it: a daemon of that older version would go on writing
+    # the old schema's rows into the new one.
+    try:
+        store = Store.open(path, upgrade=False)
+    except SchemaTooOldError as old:
+        try:
+            lock = acquire_lock(path)
+        except StoreInUseError as busy:
+            raise StoreError(f"{old}, and cannot upgrade it: {busy}") from None
+        try:
+            store = Store.open(path)
+        finally:
+            lock.release()
     try:
         with store.write("re-queue dead alerts") as conn:
             n = outbox.retry_rows(conn, datetime.now(UTC), args.ids, all_dead=args.all_dead)
