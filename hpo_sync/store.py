@@ -1785,6 +1785,8 @@ def _check_readable(conn: sqlite3.Connection, where: str, *, any_version: bool =
         check_mirror(conn, where)
         return
     version = check_version(conn, where)
+    if version == 0:  # an empty file, or an empty database: nothing was ever synced into it
+        raise StoreError(f"{where} holds no mirror yet; run a sync first to create it")
     if version < SCHEMA_VERSION:
         raise StoreError(
             f"{where} has schema version {version}, this hpo-sync needs {SCHEMA_VERSION}; "

@@ -713,6 +713,14 @@ def test_a_version_6_mirror_upgrades_with_nothing_learnt_about_upstream(db_path:
         assert (state.label, state.baseline_at, state.create_watermark) == ("Team", T0, T1)
 
 
+def test_readonly_says_an_empty_file_holds_no_mirror_yet(db_path: Path) -> None:
+    """Not "schema version 0 ... upgrade it in place" (there is nothing to upgrade)."""
+    db_path.write_bytes(b"")
+    with pytest.raises(StoreError, match=r"holds no mirror yet; run a sync first"):
+        Store.open(db_path, readonly=True)
+    assert db_path.read_bytes() == b""
+
+
 def test_readonly_refuses_an_old_mirror(db_path: Path) -> None:
     conn = sqlite3.connect(db_path, isolation_level=None)
     migrate(conn, where=str(db_path), target=1)
