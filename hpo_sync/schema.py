@@ -533,7 +533,8 @@ def check_mirror(conn: sqlite3.Connection, where: str) -> int:
     """Refuse a file that is not a mirror (of whatever version); return its version."""
     version = read_version(conn)
     app_id = int(conn.execute("PRAGMA application_id").fetchone()[0])
-    if version > 0 and app_id != APPLICATION_ID:
+    # Another application's tag, even on a database without tables yet: not ours to take.
+    if (version > 0 or app_id != 0) and app_id != APPLICATION_ID:
         raise StoreError(
             f"{where} is not an hpo-sync mirror (application_id {app_id:#x}, "
             f"user_version {version}); point the store path at another file"

@@ -768,6 +768,14 @@ def test_someone_elses_database_is_refused(db_path: Path) -> None:
     with pytest.raises(StoreError, match="not an hpo-sync mirror"):
         Store.open(db_path)
     assert _files(db_path) == before
+    empty_but_tagged = db_path.with_name("tagged.db")  # another application's, no tables yet
+    conn = sqlite3.connect(empty_but_tagged)
+    conn.execute("PRAGMA application_id = 1234")
+    conn.close()
+    before = empty_but_tagged.read_bytes()
+    with pytest.raises(StoreError, match=r"not an hpo-sync mirror \(application_id 0x4d2"):
+        Store.open(empty_but_tagged)
+    assert empty_but_tagged.read_bytes() == before
     db_path.write_bytes(b"this is not a database" * 100)
     with pytest.raises(StoreError, match=r"not a SQLite database|not a database"):
         Store.open(db_path)
