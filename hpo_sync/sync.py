@@ -67,6 +67,7 @@ import bisect
 import contextlib
 import gc
 import itertools
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
@@ -308,12 +309,14 @@ class SyncEngine:
                 result.status, result.error, result.error_code = "failed", str(exc), exc.code
             except HpoSyncError as exc:
                 result.status, result.error = "failed", str(exc)
+                _trace_misuse(result, exc)
             except BaseExceptionGroup as group:
                 # A TaskGroup (concurrent listings, look-ups) wraps what its tasks raised.
                 first = _first_hpo_error(group)
                 if first is not None:
                     result.status, result.error = "failed", str(first)
                     result.error_code = first.code if isinstance(first, UpstreamError) else None
+                    _trace_misuse(result, first)
                 else:
                     defects, rest = group.split(Exception)
                     if rest is not None or defects is None:
@@ -1647,6 +1650,19 @@ def _defect(result: SweepResult, exc: BaseException) -> None:
     until the next start (and the workspace's error left empty)."""
     log.error("sync.internal_error", workspace=result.workspace_id, mode=result.mode, exc_info=exc)
     result.status, result.error = "failed", f"internal error: {type(exc).__name__}: {exc}"
+
+
+def _trace_misuse(result: SweepResult, exc: HpoSyncError) -> None:
+    """A store error that SQLite or the sqlite3 module raised for misuse of their API
+    (InterfaceError, ProgrammingError) is a defect of this code, not trouble of the file:
+    logged with its traceback, as :func:`_defect` does, so that it can be found from the
+    log (its message alone, "bad parameter or other API misuse", says nothing of where)."""
+    if isinstance(exc, StoreError) and isinstance(
+        exc.__cause__, sqlite3.InterfaceError | sqlite3.ProgrammingError
+    ):
+        log.error(
+            "sync.internal_error", workspace=result.workspace_id, mode=result.mode, exc_info=exc
+        )
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:

@@ -33,6 +33,7 @@ from hpo_sync.client import UpstreamClient
 from hpo_sync.config import Config, StoreConfig, UpstreamConfig, WorkspaceConfig
 from hpo_sync.credentials import CloudCredentials, StaticCredentials
 from hpo_sync.diff import replay
+from hpo_sync.errors import StoreError
 from hpo_sync.normalise import Experiment, format_time, normalise, parse_time
 from hpo_sync.sim import DEFAULT_ACCESS_KEY_ID, DEFAULT_ACCESS_KEY_SECRET
 from hpo_sync.sim.server import SimOptions, Simulator
@@ -1382,6 +1383,35 @@ async def test_a_defect_mid_sweep_still_closes_its_run_as_failed(tmp_path: Path)
         assert (await rig.engine.sweep(ws)).status == "ok"
 
 
+async def test_a_store_error_from_api_misuse_is_logged_with_its_traceback(
+    tmp_path: Path,
+) -> None:
+    """SQLITE_MISUSE ("bad parameter or other API misuse") is a defect of this code, not
+    trouble of the file: the sweep fails with the store's message as before, and the log
+    now has the traceback that says where (it had only the message). A store error of the
+    file itself (here: the disk full) is not logged as a defect."""
+    options = SimOptions(experiments=200, workspaces=1, seed=4)
+    async for rig in make_rig(tmp_path, options):
+        ws = rig.sim.world.workspace_ids[0]
+        for cause, defect in (
+            (sqlite3.InterfaceError("bad parameter or other API misuse"), True),
+            (sqlite3.OperationalError("database or disk is full"), False),
+        ):
+
+            def failing(*args: Any, cause: Exception = cause, **kwargs: Any) -> Any:
+                raise StoreError(f"apply a batch failed on mirror.db: {cause}") from cause
+
+            rig.store.apply = failing  # type: ignore[method-assign]
+            with capture_logs() as logs:
+                result = await rig.engine.sweep(ws, "full")
+            assert result.status == "failed" and str(cause) in (result.error or "")
+            traced = [e for e in logs if e["event"] == "sync.internal_error"]
+            assert bool(traced) is defect, logs
+            if defect:
+                assert traced[0]["exc_info"].__cause__ is cause
+        del rig.store.apply
+
+
 async def test_an_upstream_with_exclusive_create_time_bounds_loses_no_renamed_experiment(
     tmp_path: Path,
 ) -> None:
@@ -2097,8 +2127,6 @@ class _FailingFirstApply:
         return [e for r in raws if (e := normalise(r)) is not None]
 
     async def _apply_normalised(self, result: Any, batch: Any, **kwargs: Any) -> Any:
-        from hpo_sync.errors import StoreError
-
         self.applied.append([e.experiment_id for e in batch])
         if len(self.applied) == 1:
             await self.go.wait()
