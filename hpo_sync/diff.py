@@ -165,25 +165,27 @@ def finished_runs(
     non-baseline observation of ``RUNNING`` after the previous terminal status, or — for the
     first run only — at ``create_time`` when no such observation exists. Entries observed by a
     baseline sync are left out: their time is when we first looked, not when they finished.
-    A change from one terminal status to another is not a new finish.
+    A change from one terminal status to another (``FINISHED`` → ``FAILED``) is a finish too:
+    the experiment was restarted and ended again between two syncs, which saw no
+    ``RUNNING`` — a run of unknown start (``run_time_s`` None), as the README says.
     """
     out: list[FinishedRun] = []
     run_started: str | None = None
     first_run = True
-    was_terminal = False
+    previous: str | None = None
     for change in status_changes:
         status = _get(change, "new_value")
         observed_at = _get(change, "observed_at")
         baseline = bool(_get(change, "baseline"))
         is_terminal = status in terminal_statuses
-        if is_terminal and not was_terminal:
+        if is_terminal and status != previous:
             if not baseline:
                 start = run_started or (create_time if first_run else None)
                 out.append(FinishedRun(status, observed_at, _seconds_between(start, observed_at)))
             run_started, first_run = None, False
         elif status == "RUNNING" and run_started is None and not baseline:
             run_started = observed_at
-        was_terminal = is_terminal
+        previous = status
     return out
 
 

@@ -121,11 +121,22 @@ def test_finished_runs_from_first_running_observation() -> None:
         # restarted: a second run, timed from its own RUNNING
         _status("RUNNING", "2024-01-02T00:00:00Z"),
         _status("FINISHED", "2024-01-02T00:00:30Z"),
-        # terminal to terminal is not a new finish
-        _status("USER_CANCELED", "2024-01-02T00:01:00Z"),
+        # terminal to another terminal status: restarted and ended again between two syncs,
+        # which saw no RUNNING: a finish of unknown start
+        _status("FAILED", "2024-01-03T00:00:00Z"),
     ]
     runs = finished_runs(history, create_time="2023-12-31T00:00:00Z")
-    assert [(r.status, r.run_time_s) for r in runs] == [("FAILED", 3600.0), ("FINISHED", 30.0)]
+    assert [(r.status, r.run_time_s) for r in runs] == [
+        ("FAILED", 3600.0), ("FINISHED", 30.0), ("FAILED", None),
+    ]  # fmt: skip
+    # a baseline's terminal status, then another one: the same
+    history = [
+        _status("FINISHED", "2024-01-01T00:00:00Z", 1),
+        _status("FAILED", "2024-01-02T00:00:00Z"),
+    ]
+    assert [(r.status, r.run_time_s) for r in finished_runs(history, create_time=None)] == [
+        ("FAILED", None)
+    ]
 
 
 def test_finished_runs_fall_back_to_create_time_and_skip_baseline() -> None:

@@ -974,6 +974,14 @@ def test_stats_median_run_time_and_failure_rate(store: Store) -> None:
     empty = store.stats(at(100))["ws1"]
     assert (empty.finished, empty.failure_rate, empty.median_run_time_s) == (0, None, None)
 
+    # 'old' (finished before the baseline) restarted and failed between two syncs, which
+    # saw no RUNNING: it ended in the window, as FAILED, with no known start (it used to
+    # count for nothing: a failure rate of 0 % with a run that had failed)
+    apply(store, [e("old", Status="FAILED")], at(110))
+    later = store.stats(at(100))["ws1"]
+    assert (later.finished, later.failed, later.failure_rate) == (1, 1, 1.0)
+    assert (later.timed, later.median_run_time_s) == (0, None)
+
 
 # --- concurrency, locking, backup, crash safety ---------------------------------------------
 
