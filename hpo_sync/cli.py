@@ -445,6 +445,8 @@ async def _sync_once(
         stop()
     try:
         await asyncio.to_thread(store.abandon_running_runs, format_time(datetime.now(UTC)))
+        for wcfg in cfg.workspaces:  # as the daemon does: their labels, for alerts and the API
+            await asyncio.to_thread(store.ensure_workspace, wcfg.id, wcfg.label)
         # The changes a sync records alert as the daemon's do: their outbox rows are written
         # in the same transaction, so none is lost whether or not they are sent below.
         alerts = AlertWorker(store, cfg)

@@ -541,3 +541,16 @@ async def test_a_syncs_alert_round_waiting_in_a_limiter_is_cut_at_the_budget(
     finally:
         store.close()
     assert rounds == [1]
+
+
+async def test_a_sync_records_the_configured_labels(sim: Simulator, tmp_path: Path) -> None:
+    """docs/schema.md: `workspaces.label` is the human name from the configuration. Only the
+    daemon wrote it: after `hpo-sync sync` it stayed NULL, and so did the label of the alerts
+    such a sync queues (`alert_outbox.workspace_label`)."""
+    cfg = write_config(tmp_path / "c.toml", sim.base_url, [])
+    cfg.write_text(cfg.read_text() + '[[workspaces]]\nid = "100001"\nlabel = "vision team"\n')
+    code, out, err = await run_cli("sync", "--config", str(cfg))
+    assert code == 0, out + err
+    with sqlite3.connect(tmp_path / "mirror.db") as conn:
+        rows = conn.execute("SELECT workspace_id, label FROM workspaces").fetchall()
+    assert rows == [("100001", "vision team")]
