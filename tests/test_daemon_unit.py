@@ -8,6 +8,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -244,25 +245,32 @@ def _receiver(address: str | bytes) -> socket.socket:
     return sock
 
 
-def test_notifier_sends_to_a_path_socket(tmp_path: Path) -> None:
+@pytest.fixture
+def path_receiver() -> Iterator[tuple[str, socket.socket]]:
+    """A notify socket at a path (short: AF_UNIX paths are limited to 108 bytes)."""
     path = f"/tmp/hpo-notify-{uuid.uuid4().hex[:8]}.sock"
     sock = _receiver(path)
     try:
-        n = Notifier({"NOTIFY_SOCKET": path})
-        assert n.enabled
-        assert n.ready("up")
-        assert sock.recv(4096) == b"READY=1\nSTATUS=up\n"
-        assert n.reloading()
-        msg = sock.recv(4096).decode()
-        assert msg.startswith("RELOADING=1\nMONOTONIC_USEC=")
-        usec = int(msg.split("MONOTONIC_USEC=")[1].split("\n")[0])
-        assert abs(usec - time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000) < 5_000_000
-        assert n.stopping() and sock.recv(4096).startswith(b"STOPPING=1\n")
-        assert n.watchdog() and sock.recv(4096) == b"WATCHDOG=1\n"
-        n.close()
+        yield path, sock
     finally:
         sock.close()
         os.unlink(path)
+
+
+def test_notifier_sends_to_a_path_socket(path_receiver: tuple[str, socket.socket]) -> None:
+    path, sock = path_receiver
+    n = Notifier({"NOTIFY_SOCKET": path})
+    assert n.enabled
+    assert n.ready("up")
+    assert sock.recv(4096) == b"READY=1\nSTATUS=up\n"
+    assert n.reloading()
+    msg = sock.recv(4096).decode()
+    assert msg.startswith("RELOADING=1\nMONOTONIC_USEC=")
+    usec = int(msg.split("MONOTONIC_USEC=")[1].split("\n")[0])
+    assert abs(usec - time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000) < 5_000_000
+    assert n.stopping() and sock.recv(4096).startswith(b"STOPPING=1\n")
+    assert n.watchdog() and sock.recv(4096) == b"WATCHDOG=1\n"
+    n.close()
 
 
 def test_notifier_sends_to_an_abstract_socket() -> None:
@@ -297,56 +305,50 @@ def _drain(sock: socket.socket) -> list[bytes]:
         sock.settimeout(2)
 
 
-async def test_notifier_keeps_state_messages_a_full_queue_refused() -> None:
+async def test_notifier_keeps_state_messages_a_full_queue_refused(
+    path_receiver: tuple[str, socket.socket],
+) -> None:
     # The kernel queues ~10 datagrams for a reader that is behind; READY=1 / RELOADING=1 sent
     # then must still arrive, in order and after what was queued; WATCHDOG=1 may be dropped.
-    path = f"/tmp/hpo-notify-{uuid.uuid4().hex[:8]}.sock"
-    sock = _receiver(path)
-    try:
-        n = Notifier({"NOTIFY_SOCKET": path})
-        queued = _fill(n)
-        assert queued >= 1
-        assert not n.ready("up")  # kept, not handed over
-        assert not n.watchdog()  # behind the kept one: dropped
-        assert not n.reloading()  # kept too, after READY
-        await asyncio.sleep(0.3)  # retries while the queue is still full change nothing
-        assert _drain(sock) == [b"WATCHDOG=1\n"] * queued
-        for _ in range(100):  # the retry delay grew to at most RETRY_MAX_S
-            await asyncio.sleep(0.05)
-            if not n._pending:
-                break
-        assert sock.recv(4096) == b"READY=1\nSTATUS=up\n"
-        assert sock.recv(4096).startswith(b"RELOADING=1\nMONOTONIC_USEC=")
-        assert n.status("later") and sock.recv(4096) == b"STATUS=later\n"
-        n.close()
-    finally:
-        sock.close()
-        os.unlink(path)
+    path, sock = path_receiver
+    n = Notifier({"NOTIFY_SOCKET": path})
+    queued = _fill(n)
+    assert queued >= 1
+    assert not n.ready("up")  # kept, not handed over
+    assert not n.watchdog()  # behind the kept one: dropped
+    assert not n.reloading()  # kept too, after READY
+    await asyncio.sleep(0.3)  # retries while the queue is still full change nothing
+    assert _drain(sock) == [b"WATCHDOG=1\n"] * queued
+    for _ in range(100):  # the retry delay grew to at most RETRY_MAX_S
+        await asyncio.sleep(0.05)
+        if not n._pending:
+            break
+    assert sock.recv(4096) == b"READY=1\nSTATUS=up\n"
+    assert sock.recv(4096).startswith(b"RELOADING=1\nMONOTONIC_USEC=")
+    assert n.status("later") and sock.recv(4096) == b"STATUS=later\n"
+    n.close()
 
 
-def test_notifier_hands_over_kept_messages_when_closed() -> None:
+def test_notifier_hands_over_kept_messages_when_closed(
+    path_receiver: tuple[str, socket.socket],
+) -> None:
     # No event loop to retry from: close() sends what is kept once the reader caught up,
     # and gives up (with a warning, never raising) after CLOSE_FLUSH_S when it does not.
-    path = f"/tmp/hpo-notify-{uuid.uuid4().hex[:8]}.sock"
-    sock = _receiver(path)
-    try:
-        n = Notifier({"NOTIFY_SOCKET": path})
-        queued = _fill(n)
-        assert not n.stopping()
-        assert len(_drain(sock)) == queued
-        n.close()
-        assert sock.recv(4096) == b"STOPPING=1\nSTATUS=stopping\n"
+    path, sock = path_receiver
+    n = Notifier({"NOTIFY_SOCKET": path})
+    queued = _fill(n)
+    assert not n.stopping()
+    assert len(_drain(sock)) == queued
+    n.close()
+    assert sock.recv(4096) == b"STOPPING=1\nSTATUS=stopping\n"
 
-        stuck = Notifier({"NOTIFY_SOCKET": path})
-        _fill(stuck)
-        assert not stuck.stopping()
-        began = time.monotonic()
-        stuck.close()
-        assert 0.5 < time.monotonic() - began < 5
-        assert stuck._pending == []
-    finally:
-        sock.close()
-        os.unlink(path)
+    stuck = Notifier({"NOTIFY_SOCKET": path})
+    _fill(stuck)
+    assert not stuck.stopping()
+    began = time.monotonic()
+    stuck.close()
+    assert 0.5 < time.monotonic() - began < 5
+    assert stuck._pending == []
 
 
 def test_notifier_is_a_no_op_outside_systemd_and_never_raises() -> None:
