@@ -37,7 +37,7 @@ STATE_KEYS = frozenset({"READY", "RELOADING", "STOPPING"})
 #: A kept message is sent again after this long, doubling up to RETRY_MAX_S.
 RETRY_FIRST_S = 0.05
 RETRY_MAX_S = 1.0
-#: How long close() may block to hand over what is still kept.
+#: How long close() may wait for the supervisor to take what is still kept.
 CLOSE_FLUSH_S = 1.0
 
 
@@ -197,13 +197,9 @@ class Notifier:
             self._retry.cancel()
             self._retry = None
         if self._pending and self._sock is not None:
-            deadline = time.monotonic() + CLOSE_FLUSH_S
-            while self._pending and (left := deadline - time.monotonic()) > 0:
-                self._sock.settimeout(left)
-                if self._sendto(self._pending[0]) is None:
-                    break
-                del self._pending[0]
-            if self._pending:
+            # Blocking now (the process is on its way out); _flush stops at the first timeout.
+            self._sock.settimeout(CLOSE_FLUSH_S)
+            if not self._flush():
                 log.warning("notify.lost", messages=len(self._pending))
                 self._pending.clear()
         if self._sock is not None:
