@@ -245,17 +245,16 @@ STALE_COPY_AGE_S = 60.0
 _SQLITE_HEADER = b"SQLite format 3\x00"
 
 
-def _remove_dead_copies(directory: Path) -> list[Path]:
+def _remove_dead_copies(directory: Path) -> None:
     """Remove the copies that backups killed in ``directory`` left behind (SIGKILL, power
     loss: no ``finally`` ran). A backup holds an exclusive ``flock`` on its copy while it
     writes it, so a copy that no process holds, that is an SQLite file (or empty) and that
     has not changed for ``STALE_COPY_AGE_S`` is a dead backup's; the age also spares a
-    copy made a moment ago, before its writer took the lock. Returns what was removed."""
-    removed: list[Path] = []
+    copy made a moment ago, before its writer took the lock."""
     try:
         names = [e.name for e in os.scandir(directory) if _BACKUP_COPY_RE.match(e.name)]
     except OSError:
-        return removed
+        return
     for name in names:
         path = directory / name
         try:
@@ -271,12 +270,10 @@ def _remove_dead_copies(directory: Path) -> list[Path]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held: a backup in progress
             for suffix in ("", "-journal", "-wal", "-shm"):
                 Path(f"{path}{suffix}").unlink(missing_ok=True)
-            removed.append(path)
         except OSError:
             continue
         finally:
             os.close(fd)
-    return removed
 
 
 def _disk_full(path: str) -> bool:
@@ -635,6 +632,7 @@ class Store:
         *,
         readonly: bool,
         busy_timeout_s: float,
+        any_version: bool = False,
     ) -> None:
         """Use :meth:`Store.open`."""
         self.path = path
@@ -647,7 +645,7 @@ class Store:
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._closed = False
-        self._any_version = False  # see open()
+        self._any_version = any_version  # see open()
 
     # -- lifecycle --
 
@@ -685,8 +683,9 @@ class Store:
         if readonly:
             if where == ":memory:" or not Path(where).exists():
                 raise StoreError(f"no mirror at {where}; run a sync first to create it")
-            store = cls(where, None, readonly=True, busy_timeout_s=busy_timeout_s)
-            store._any_version = any_version
+            store = cls(
+                where, None, readonly=True, busy_timeout_s=busy_timeout_s, any_version=any_version
+            )
             with _mapped(where, "opening the mirror read-only"):
                 conn = store._connect_reader()
                 try:
