@@ -11,8 +11,8 @@ and the kernel queues only a few datagrams for a reader that is behind
 ``sd_notify`` blocks until there is room instead. Here a message that changes the unit's
 state (``READY=1``, ``RELOADING=1``, ``STOPPING=1``: a lost ``READY=1`` times the start out
 and fails the unit) is kept and sent again, in order and ahead of any later message, from
-the event loop with a growing delay, and once more, briefly blocking, when the notifier is
-closed. ``WATCHDOG=1`` and ``STATUS=`` alone are superseded by the next one: dropped.
+the event loop with a growing delay, and for up to a second when the notifier is closed.
+``WATCHDOG=1`` and ``STATUS=`` alone are superseded by the next one: dropped.
 """
 
 from __future__ import annotations
@@ -37,8 +37,10 @@ STATE_KEYS = frozenset({"READY", "RELOADING", "STOPPING"})
 #: A kept message is sent again after this long, doubling up to RETRY_MAX_S.
 RETRY_FIRST_S = 0.05
 RETRY_MAX_S = 1.0
-#: How long close() may wait for the supervisor to take what is still kept.
+#: How long close() may wait in all for the supervisor to take what is still kept, trying
+#: again this often.
 CLOSE_FLUSH_S = 1.0
+CLOSE_RETRY_S = 0.02
 
 
 def socket_address(value: str | None) -> str | bytes | None:
@@ -139,7 +141,7 @@ class Notifier:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
                 self._sock.setblocking(False)
             self._sock.sendto(message, self.address)
-        except (BlockingIOError, TimeoutError):
+        except BlockingIOError:
             return None
         except OSError as exc:
             if not self._warned:
@@ -192,16 +194,21 @@ class Notifier:
         return self.send(STOPPING=1, STATUS="stopping")
 
     def close(self) -> None:
-        """Hand over what is kept (blocking up to CLOSE_FLUSH_S in all), then close."""
+        """Hand over what is kept (waiting up to CLOSE_FLUSH_S in all), then close."""
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None
         if self._pending and self._sock is not None:
-            # Blocking now (the process is on its way out); _flush stops at the first timeout.
-            self._sock.settimeout(CLOSE_FLUSH_S)
-            if not self._flush():
-                log.warning("notify.lost", messages=len(self._pending))
-                self._pending.clear()
+            # Tried again every CLOSE_RETRY_S, never by a blocking send with a timeout: poll()
+            # says an unconnected datagram socket is writable even while the peer's queue is
+            # full, so such a send spins at full CPU for its timeout, and for each message.
+            deadline = time.monotonic() + CLOSE_FLUSH_S
+            while not self._flush():
+                if time.monotonic() >= deadline:
+                    log.warning("notify.lost", messages=len(self._pending))
+                    self._pending.clear()
+                    break
+                time.sleep(CLOSE_RETRY_S)
         if self._sock is not None:
             self._sock.close()
             self._sock = None
