@@ -237,9 +237,13 @@ def _place(partial: Path, dest: Path, *, overwrite: bool) -> None:
         raise StoreError(f"cannot write the backup {dest}: {e.strerror}") from e
 
 
-#: The hidden copy a backup writes beside its destination (``tempfile.mkstemp``'s 8 random
-#: characters between the destination's name and the suffix).
-_BACKUP_COPY_RE = re.compile(r"^\..+\.[a-z0-9_]{8}\.partial$", re.ASCII)
+#: The hidden copy a backup writes beside its destination: ``.DEST.hpo-sync-backup.XXXXXXXX
+#: .partial`` (``tempfile.mkstemp``'s 8 random characters). The clean-up below removes only
+#: files of this name: "unheld" is told by ``flock``, which SQLite's own (POSIX) locks are
+#: not, so another application's open database of a name like ``.x.sessions.partial`` looked
+#: unheld, and a looser pattern took it.
+_BACKUP_COPY_MARK = ".hpo-sync-backup."
+_BACKUP_COPY_RE = re.compile(r"^\..+\.hpo-sync-backup\.[a-z0-9_]{8}\.partial$", re.ASCII)
 #: A backup's copy left this long unchanged, and not locked by its writer, is a dead one's.
 STALE_COPY_AGE_S = 60.0
 _SQLITE_HEADER = b"SQLite format 3\x00"
@@ -1398,7 +1402,9 @@ class Store:
         try:
             # Only the owner may read the copy, as the mirror (config texts may hold keys):
             # mkstemp makes it 0600 before the first byte goes in, whatever the umask.
-            fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
+            fd, name = tempfile.mkstemp(
+                prefix=f".{dest.name}{_BACKUP_COPY_MARK}", suffix=".partial", dir=dest.parent
+            )
         except OSError as e:
             raise StoreError(f"cannot write a backup in {dest.parent}: {e.strerror}") from e
         partial = Path(name)
@@ -1780,13 +1786,10 @@ def _check_readable(conn: sqlite3.Connection, where: str, *, any_version: bool =
     """A read-only connection's mirror must have this code's schema: a read-only open
     cannot migrate an older one (:func:`check_version` refuses a newer one). With
     ``any_version``, for a copy of the file, a mirror of any version will do."""
-    if any_version:
-        check_mirror(conn, where)
-        return
-    version = check_version(conn, where)
+    version = check_mirror(conn, where) if any_version else check_version(conn, where)
     if version == 0:  # an empty file, or an empty database: nothing was ever synced into it
         raise StoreError(f"{where} holds no mirror yet; run a sync first to create it")
-    if version < SCHEMA_VERSION:
+    if version < SCHEMA_VERSION and not any_version:
         raise StoreError(
             f"{where} has schema version {version}, this hpo-sync needs {SCHEMA_VERSION}; "
             "open it read-write once (e.g. `hpo-sync sync`) to upgrade it in place"

@@ -152,3 +152,9 @@ async def test_a_mirror_of_another_version_is_backed_up_as_it_is(tmp_path: Path)
     code, _, err = await run_cli("backup", "--db", str(notes), str(tmp_path / "notes-copy.db"))
     assert code == 1 and "not an hpo-sync mirror" in err
     assert not (tmp_path / "notes-copy.db").exists()
+    # an empty file (a mistyped --db) is no mirror of any version: no "backup" of nothing
+    empty = tmp_path / "empty.db"
+    empty.write_bytes(b"")
+    code, _, err = await run_cli("backup", "--db", str(empty), str(tmp_path / "empty-copy.db"))
+    assert code == 1 and "holds no mirror yet" in err, err
+    assert not (tmp_path / "empty-copy.db").exists()

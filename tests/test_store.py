@@ -1216,7 +1216,7 @@ def test_the_next_backup_removes_what_a_killed_one_left_and_nothing_else(
     assert child.returncode == -9, child.stderr
     left = sorted(p.name for p in backups.iterdir())
     assert len(left) == 2 and left[1] == f"{left[0]}-journal", left
-    assert left[0].startswith(".copy.db.") and left[0].endswith(".partial")
+    assert left[0].startswith(".copy.db.hpo-sync-backup.") and left[0].endswith(".partial")
     dead = backups / left[0]
 
     populated.backup(backups / "1.db")  # a moment after: it may be a backup just begun
@@ -1224,18 +1224,24 @@ def test_the_next_backup_removes_what_a_killed_one_left_and_nothing_else(
 
     aged = dead.stat().st_mtime - STALE_COPY_AGE_S - 1
     os.utime(dead, (aged, aged))
-    held = backups / ".2.db.abcdefgh.partial"  # another backup's, being written
+    held = backups / ".2.db.hpo-sync-backup.abcdefgh.partial"  # another backup's, being written
     held.write_bytes(dead.read_bytes())
-    notes = backups / ".notes.abcdefgh.partial"  # not SQLite: not a backup's
+    notes = backups / ".notes.hpo-sync-backup.abcdefgh.partial"  # not SQLite: not a backup's
     notes.write_text("keep me")
-    for path in (held, notes):
+    # another application's database, of a name like a copy's but for the mark: SQLite's
+    # locks are not flock's, so an open one looks unheld; only the name tells it apart
+    theirs = backups / ".cache.sessions.partial"
+    with sqlite3.connect(theirs) as conn:
+        conn.execute("CREATE TABLE t (x)")
+    conn.close()
+    for path in (held, notes, theirs):
         os.utime(path, (aged, aged))
     with held.open("rb") as holder:
         fcntl.flock(holder, fcntl.LOCK_EX)
         populated.backup(backups / "3.db")
-        assert sorted(p.name for p in backups.iterdir()) == [
-            held.name, notes.name, "1.db", "3.db",
-        ]  # fmt: skip
+        assert sorted(p.name for p in backups.iterdir()) == sorted(
+            [held.name, notes.name, theirs.name, "1.db", "3.db"]
+        )
     with Store.open(backups / "3.db", readonly=True) as copy:
         assert copy.history() == populated.history()
 
