@@ -752,30 +752,24 @@ def test_a_newer_mirror_is_refused(db_path: Path) -> None:
 
 
 def test_someone_elses_database_is_refused(db_path: Path) -> None:
-    """... and left byte for byte as it was (it used to be switched to WAL first)."""
-    conn = sqlite3.connect(db_path)
-    conn.execute("CREATE TABLE notes (x)")
-    conn.close()
-    before = _files(db_path)
-    with pytest.raises(StoreError, match="not an hpo-sync mirror"):
-        Store.open(db_path)
-    assert _files(db_path) == before
-    conn = sqlite3.connect(db_path)
-    conn.execute("PRAGMA application_id = 1234")
-    conn.execute("PRAGMA user_version = 5")
-    conn.close()
-    before = _files(db_path)
-    with pytest.raises(StoreError, match="not an hpo-sync mirror"):
-        Store.open(db_path)
-    assert _files(db_path) == before
-    empty_but_tagged = db_path.with_name("tagged.db")  # another application's, no tables yet
-    conn = sqlite3.connect(empty_but_tagged)
-    conn.execute("PRAGMA application_id = 1234")
-    conn.close()
-    before = empty_but_tagged.read_bytes()
-    with pytest.raises(StoreError, match=r"not an hpo-sync mirror \(application_id 0x4d2"):
-        Store.open(empty_but_tagged)
-    assert empty_but_tagged.read_bytes() == before
+    """... and left byte for byte as it was: it used to be switched to WAL first, and an
+    empty one another application had tagged was taken over as a new mirror."""
+    cases = {
+        "notes.db": ["CREATE TABLE notes (x)"],
+        "tagged-with-tables.db": [
+            "CREATE TABLE notes (x)", "PRAGMA application_id = 1234", "PRAGMA user_version = 5",
+        ],
+        "tagged.db": ["PRAGMA application_id = 1234"],  # no tables yet
+    }  # fmt: skip
+    for name, statements in cases.items():
+        path = db_path.with_name(name)
+        with closing(sqlite3.connect(path)) as conn:
+            for sql in statements:
+                conn.execute(sql)
+        before = _files(path)
+        with pytest.raises(StoreError, match="not an hpo-sync mirror"):
+            Store.open(path)
+        assert _files(path) == before, name
     db_path.write_bytes(b"this is not a database" * 100)
     with pytest.raises(StoreError, match=r"not a SQLite database|not a database"):
         Store.open(db_path)
