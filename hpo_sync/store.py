@@ -243,7 +243,9 @@ def _place(partial: Path, dest: Path, *, overwrite: bool) -> None:
 #: not, so another application's open database of a name like ``.x.sessions.partial`` looked
 #: unheld, and a looser pattern took it.
 _BACKUP_COPY_MARK = ".hpo-sync-backup."
-_BACKUP_COPY_RE = re.compile(r"^\..+\.hpo-sync-backup\.[a-z0-9_]{8}\.partial$", re.ASCII)
+_BACKUP_COPY_RE = re.compile(
+    rf"^\..+{re.escape(_BACKUP_COPY_MARK)}[a-z0-9_]{{8}}\.partial$", re.ASCII
+)
 #: A backup's copy left this long unchanged, and not locked by its writer, is a dead one's.
 STALE_COPY_AGE_S = 60.0
 _SQLITE_HEADER = b"SQLite format 3\x00"
