@@ -9,7 +9,9 @@ SQLite file with:
   2. the official SDK (``alibabacloud_paiautoml20220828``) in a plain sequential loop, each
      page upserted with ``sqlite_utils`` (``upsert_all(rows, pk="ExperimentId")``);
   3. the SDK's async API with ``--concurrency`` pages in flight after page 1 (asyncio.gather
-     under a semaphore), the same upsert per page.
+     under a semaphore), the same upsert per page;
+  4. the same async listing, every page gathered first and then upserted in one
+     ``upsert_all`` (the other shape a user writes: it holds the whole listing in memory).
 
 Before the timed runs, one untimed listing of every page warms the simulator up (it renders an
 experiment's config texts once, then reuses them), so that the first variant to run does not
@@ -66,7 +68,9 @@ SORT_BY = "GmtCreateTime"
 HPO_SYNC = "hpo-sync"
 SDK_SEQ = "sdk-seq"
 SDK_ASYNC = "sdk-async"
-SDK_VARIANTS = (SDK_SEQ, SDK_ASYNC)
+SDK_GATHER = "sdk-gather"
+SDK_VARIANTS = (SDK_SEQ, SDK_ASYNC, SDK_GATHER)
+ASYNC_PEERS = (SDK_ASYNC, SDK_GATHER)
 WORKSPACE = "100001"  # the simulator's first workspace
 
 # Targets (from the issue): how the final table decides PASS or MISS.
@@ -193,6 +197,37 @@ async def peer_async(
     await asyncio.gather(*(one(n) for n in range(2, pages + 1)))
 
 
+async def peer_gather(
+    out: PeerOutcome, port: int, db_path: str, workspace_id: str, page_size: int, concurrency: int
+) -> None:
+    """The SDK's async API as ``peer_async`` lists, but every page gathered first and then
+    all of them upserted in one ``upsert_all``."""
+    import sqlite_utils
+
+    client = sdk_client(port)
+    out.api_calls += 1
+    first = (await client.list_hpo_experiments_async(_sdk_request(workspace_id, 1, page_size))).body
+    out.total_count = first.total_count
+    out.pages += 1
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(number: int) -> Any:
+        async with gate:
+            out.api_calls += 1
+            resp = await client.list_hpo_experiments_async(
+                _sdk_request(workspace_id, number, page_size)
+            )
+        out.pages += 1
+        return resp.body
+
+    pages = max(1, -(-out.total_count // page_size))
+    bodies = [first, *await asyncio.gather(*(one(n) for n in range(2, pages + 1)))]
+    table = sqlite_utils.Database(db_path)["experiments"]
+    table.upsert_all(  # type: ignore[union-attr]
+        (row for body in bodies for row in _rows(body)), pk="ExperimentId", alter=True
+    )
+
+
 def child_main(args: argparse.Namespace) -> int:
     """Run one SDK peer and print its outcome as one JSON line; an upstream error is part
     of the outcome (exit 0), so that the parent can show it."""
@@ -201,10 +236,9 @@ def child_main(args: argparse.Namespace) -> int:
         if args.child == SDK_SEQ:
             peer_sequential(out, args.port, args.db, args.workspace, args.page_size)
         else:
+            peer = peer_async if args.child == SDK_ASYNC else peer_gather
             asyncio.run(
-                peer_async(
-                    out, args.port, args.db, args.workspace, args.page_size, args.concurrency
-                )
+                peer(out, args.port, args.db, args.workspace, args.page_size, args.concurrency)
             )
     except Exception as exc:  # the point of the throttled run: show how the SDK fails
         out.error_code = _error_code(exc)
@@ -323,7 +357,13 @@ def _label(variant: str, concurrency: int) -> str:
         HPO_SYNC: f"hpo-sync sync ({concurrency} in flight)",
         SDK_SEQ: "official SDK, sequential loop + sqlite-utils",
         SDK_ASYNC: f"official SDK async ({concurrency} in flight) + sqlite-utils",
+        SDK_GATHER: f"official SDK async ({concurrency} in flight), gathered, then upserted",
     }[variant]
+
+
+def fastest_async_peer(best: dict[str, Run]) -> Run:
+    """The faster of the async peer's two shapes: the speed target is held against it."""
+    return min((best[v] for v in ASYNC_PEERS), key=lambda r: r.child.wall_s)
 
 
 @dataclass
@@ -335,7 +375,7 @@ class Verdict:
 
 
 def full_sync_section(args: argparse.Namespace, work: Path) -> list[Verdict]:
-    """Parts 1 and 2: the three variants side by side, then hot sweeps on the mirror of
+    """Parts 1 and 2: the four variants side by side, then hot sweeps on the mirror of
     hpo-sync's last run."""
     sim_args = [
         "--experiments", str(args.experiments), "--workspaces", "1",
@@ -442,10 +482,11 @@ def full_sync_report(args: argparse.Namespace, runs: dict[str, list[Run]]) -> li
     )  # fmt: skip
     print(f"\nevery variant mirrored {args.experiments:,} experiments")
     cpu_budget(best, args.concurrency)
-    speedup = best[SDK_ASYNC].child.wall_s / best[HPO_SYNC].child.wall_s
+    peer = fastest_async_peer(best)
+    speedup = peer.child.wall_s / best[HPO_SYNC].child.wall_s
     return [
         Verdict(
-            "hpo-sync vs SDK async peer (same concurrency), full sync",
+            f"hpo-sync vs SDK async peer (same concurrency, {peer.variant}), full sync",
             f"{speedup:.2f}x faster",
             f">= {SPEEDUP_VS_ASYNC_MIN:g}x",
             speedup >= SPEEDUP_VS_ASYNC_MIN,
@@ -480,7 +521,7 @@ def cpu_budget(best: dict[str, Run], concurrency: int) -> None:
             for v, r in best.items()
         ],
     )  # fmt: skip
-    target_s = best[SDK_ASYNC].child.wall_s / SPEEDUP_VS_ASYNC_MIN
+    target_s = fastest_async_peer(best).child.wall_s / SPEEDUP_VS_ASYNC_MIN
     ours = best[HPO_SYNC].child.cpu_s + best[HPO_SYNC].extra.get("sim_cpu_s", 0.0)
     print(
         f"\nthe speed target means a wall time <= {target_s:.2f} s: at most "
