@@ -533,45 +533,6 @@ async def test_long_poll_answers_as_soon_as_a_matching_change_commits(rig: ApiRi
     assert quiet["next_after"] == newest
 
 
-async def test_long_poll_uses_the_daemons_notifier_when_it_offers_one(
-    golden_mirror: Path, tmp_path: Path
-) -> None:
-    import shutil
-
-    db = tmp_path / "mirror.db"
-    shutil.copy(golden_mirror, db)
-    notifier = asyncio.Condition()
-    async with api_rig(db, notifier=notifier) as r:
-        newest = r.store.history(newest_first=True, limit=1)[0].id
-        exp_id = _some_id(r.store, WS1)
-        poll = asyncio.create_task(r.ok("/v1/changes", {"after": str(newest), "wait": "30"}))
-        await asyncio.sleep(0.2)
-        await asyncio.to_thread(_apply_change, r.store, WS1, exp_id, "FAILED", 3)
-        await asyncio.sleep(1.5)  # no 0.5 s polling: it waits for the notification
-        assert not poll.done()
-        started = time.monotonic()
-        async with notifier:
-            notifier.notify_all()
-        body = await poll
-        assert time.monotonic() - started < 1
-        assert {c["experiment_id"] for c in body["changes"]} == {exp_id}
-        # Notified from inside the writing transaction, before its commit: still caught
-        # promptly (the watcher looks again for a second), not at the next 5 s look.
-        other = _some_id(r.store, WS2)
-        poll = asyncio.create_task(
-            r.ok("/v1/changes", {"after": str(body["next_after"]), "wait": "30"})
-        )
-        await asyncio.sleep(0.2)
-        started = time.monotonic()
-        async with notifier:
-            notifier.notify_all()
-        await asyncio.sleep(0.3)
-        await asyncio.to_thread(_apply_change, r.store, WS2, other, "FAILED", 4)
-        body = await poll
-        assert time.monotonic() - started < 2
-        assert {c["experiment_id"] for c in body["changes"]} == {other}
-
-
 def _gauge(metrics_text: str, name: str) -> float:
     for line in metrics_text.splitlines():
         if line.startswith(name + " "):

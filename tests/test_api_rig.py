@@ -221,7 +221,6 @@ async def api_rig(
     tokens: tuple[TokenConfig, ...] | None = None,
     now: datetime | None = None,
     store: Store | None = None,
-    notifier: asyncio.Condition | None = None,
     prepare: Callable[[web.Application], None] | None = None,
     **setup_kw: Any,
 ) -> AsyncIterator[ApiRig]:
@@ -233,9 +232,6 @@ async def api_rig(
     runtime = make_runtime(
         config, store, now=now or START + timedelta(hours=1), sync_requests=requests
     )
-    if notifier is not None:
-        # What the daemon may offer: a Condition it notifies after change rows commit.
-        setattr(runtime, "changes_notifier", notifier)  # noqa: B010
     # What the daemon's build_app does, spelled out so that setup_kw (a short query budget,
     # another listen address) applies even once build_app calls setup_read_api itself.
     app = web.Application()

@@ -104,10 +104,6 @@ DEFAULT_READ_THREADS = 2
 #: milliseconds of its work, and stopped within a few of its budget.
 BUDGET_CHECK_EVERY = 1_000_000
 LONG_POLL_INTERVAL_S = 0.5
-#: With a notifier, still look at the database this often (a missed notification).
-NOTIFIED_POLL_INTERVAL_S = 5.0
-NOTIFIED_LOOKS = 10
-NOTIFIED_LOOK_INTERVAL_S = 0.1
 MAX_LONG_POLLS = 256
 #: Long polls one token may hold at once (the rest of its polls answer at once), so that one
 #: caller cannot take every place.
@@ -144,8 +140,7 @@ class HasRegistry(Protocol):
 class ReadRuntime(Protocol):
     """What the read API uses of the daemon's :class:`~hpo_sync.runtime.Runtime` (``serve``
     provides the same). Optional, looked up with ``getattr``: ``request_sync(ws, mode)``
-    (absent: ``POST /v1/sync`` is 503), ``health`` (``{ws: WorkspaceHealth}``) and
-    ``changes_notifier`` (an :class:`asyncio.Condition` notified after change rows commit).
+    (absent: ``POST /v1/sync`` is 503) and ``health`` (``{ws: WorkspaceHealth}``).
     ``config`` is read afresh on every request (a SIGHUP reload replaces it)."""
 
     @property
@@ -224,15 +219,14 @@ class ChangeWatcher:
     """Wakes long-polling requests when ``changes`` grows.
 
     One shared poller per app, running only while somebody waits: it reads
-    ``max(changes.id)`` (an index look-up) every :data:`LONG_POLL_INTERVAL_S`, or, when the
-    host offers ``changes_notifier`` (an :class:`asyncio.Condition`), whenever that is notified
-    (and every :data:`NOTIFIED_POLL_INTERVAL_S` in case a notification was missed).
+    ``max(changes.id)`` (an index look-up) every :data:`LONG_POLL_INTERVAL_S`. Polling, not a
+    notification from the writer: by default the daemon's sweeps write from another process
+    (``sweep_process``), and ``serve`` reads a mirror another process writes.
     """
 
     def __init__(
         self,
         read_max_id: Callable[[], Awaitable[int]],
-        notifier: asyncio.Condition | None = None,
         *,
         poll_interval_s: float = LONG_POLL_INTERVAL_S,
         max_waiters: int = MAX_LONG_POLLS,
@@ -241,7 +235,6 @@ class ChangeWatcher:
         on_waiters: Callable[[int], None] | None = None,
     ) -> None:
         self._read_max_id = read_max_id
-        self._notifier = notifier
         self._poll_interval_s = poll_interval_s
         self._max_waiters = max_waiters
         self._max_per_caller = max_waiters_per_caller
@@ -309,30 +302,17 @@ class ChangeWatcher:
 
     async def _poll(self) -> None:
         while self._waiters > 0:
-            # A notification may come from inside the writing transaction, before it
-            # commits: after one, look a few times in quick succession.
-            looks = 1
-            if self._notifier is not None:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(NOTIFIED_POLL_INTERVAL_S), self._notifier:
-                        await self._notifier.wait()
-                        looks = NOTIFIED_LOOKS
-            else:
+            await asyncio.sleep(self._poll_interval_s)
+            try:
+                latest = await self._read_max_id()
+            except Exception as exc:  # the mirror unreadable for a moment: keep watching
+                log.warning("api.change_watcher_failed", error=str(exc))
                 await asyncio.sleep(self._poll_interval_s)
-            for look in range(looks):
-                if look:
-                    await asyncio.sleep(NOTIFIED_LOOK_INTERVAL_S)
-                try:
-                    latest = await self._read_max_id()
-                except Exception as exc:  # the mirror unreadable for a moment: keep watching
-                    log.warning("api.change_watcher_failed", error=str(exc))
-                    await asyncio.sleep(self._poll_interval_s)
-                    break
-                if latest > self._latest and self._cond is not None:
-                    self._latest = latest
-                    async with self._cond:
-                        self._cond.notify_all()
-                    break
+                continue
+            if latest > self._latest and self._cond is not None:
+                self._latest = latest
+                async with self._cond:
+                    self._cond.notify_all()
 
     async def close(self) -> None:
         if self._task is not None:
@@ -437,11 +417,7 @@ class ReadApi:
 
     def __post_init__(self) -> None:
         self.pool = ReadPool(self.read_threads, "api-read")
-        self.watcher = ChangeWatcher(
-            self._max_change_id,
-            getattr(self.runtime, "changes_notifier", None),
-            on_waiters=self.metrics.long_polls.set,
-        )
+        self.watcher = ChangeWatcher(self._max_change_id, on_waiters=self.metrics.long_polls.set)
 
     @property
     def store(self) -> Store:
