@@ -698,8 +698,8 @@ class _Parser:
             # sync: it would be reported stalled, then recovered, on every cycle.
             raise self.fail(
                 "alerts.stalled_after_s",
-                f"{alerts.stalled_after_s:g} s is not longer than sync.hot_interval_s "
-                f"({sync.hot_interval_s:g} s): every healthy workspace would be reported "
+                f"{_number(alerts.stalled_after_s)} s is not longer than sync.hot_interval_s "
+                f"({_number(sync.hot_interval_s)} s): every healthy workspace would be reported "
                 "stalled and recovered each cycle; make it several hot intervals",
             )
         return Config(
@@ -954,7 +954,8 @@ class _Parser:
             # is over: every alert would expire unsent, never tried once.
             raise self.fail(
                 f"{k}.group_wait_s",
-                f"{group_wait_s:g} s is not shorter than alerts.max_age_s ({max_age_s:g} s): "
+                f"{_number(group_wait_s)} s is not shorter than alerts.max_age_s "
+                f"({_number(max_age_s)} s): "
                 "every alert would expire unsent; shorten the wait or raise max_age_s",
             )
         rules: list[RuleConfig] = []
@@ -1013,7 +1014,7 @@ class _Parser:
                 raise self.fail(
                     f"{rk}.quiet_hours",
                     f"a quiet window of {quiet_s / 3600:g} h is not shorter than "
-                    f"alerts.max_age_s ({max_age_s:g} s): alerts raised as it begins would "
+                    f"alerts.max_age_s ({_number(max_age_s)} s): alerts raised as it begins would "
                     "expire unsent; shorten the window or raise max_age_s",
                 )
         return AlertsConfig(
@@ -1069,9 +1070,16 @@ def _did_you_mean(name: str, known: frozenset[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def _number(x: float) -> str:
+    """A limit as a user writes it: 2592000, not 2.592e+06 (as ``{:g}`` has it)."""
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
 def _range(lo: float, hi: float) -> Callable[[Any], str | None]:
     def check(v: Any) -> str | None:
-        return None if lo <= v <= hi else f"must be between {lo:g} and {hi:g}, got {v}"
+        return (
+            None if lo <= v <= hi else f"must be between {_number(lo)} and {_number(hi)}, got {v}"
+        )
 
     return check
 

@@ -419,6 +419,14 @@ def test_out_of_range(setting: str, key: str) -> None:
     assert message.startswith(f"{key} (line {line_of(text, leaf)}): must be between")
 
 
+def test_a_range_names_its_bounds_as_written() -> None:
+    """Not 2.592e+06 (as ``{:g}`` writes 2592000); fractions stay fractions."""
+    assert error(f"[alerts]\nmax_age_s = 59\n{MINIMAL}").endswith(
+        "must be between 60 and 2592000, got 59"
+    )
+    assert "must be between 0.1 and " in error(f"[upstream]\ntimeout_s = 0.01\n{MINIMAL}")
+
+
 @pytest.mark.parametrize(
     ("setting", "key", "fragment"),
     [
