@@ -38,7 +38,7 @@ from yarl import URL
 
 from . import __version__, proxies, signing
 from .config import UpstreamConfig
-from .credentials import CredentialsProvider
+from .credentials import CloudCredentials, CredentialsProvider
 from .errors import (
     FatalUpstreamError,
     RetriesExhaustedError,
@@ -66,7 +66,7 @@ THROTTLED_ATTEMPTS_FACTOR = 4
 _RETRYABLE_CODES = {
     "InternalError",
     "ServiceUnavailable",
-    "SignatureNonceUsed",  # aiohttp may resend a GET on a dead keep-alive connection
+    "SignatureNonceUsed",  # a send repeated on the way (a proxy's retry) with our nonce
     "ServiceTimeout",
     "RequestTimeout",
     "LastResponseInvalid",
@@ -367,17 +367,9 @@ class UpstreamClient:
         target = f"{self._base.origin()}{prefix}{PATH}"
         return URL(f"{target}?{query}" if query else target, encoded=True)
 
-    async def _attempt(
-        self,
-        params: Mapping[str, str],
-        workspace_id: str | None,
-        tally: Tally | None,
-        timeout_s: float,
-    ) -> Page:
-        """One signed attempt, given ``timeout_s`` in all. Raises
-        Retryable/Throttled/FatalUpstreamError."""
-        creds = await self._credentials.get()
-        query = signing.canonical_query(params)
+    def _signed_headers(self, params: Mapping[str, str], creds: CloudCredentials) -> dict[str, str]:
+        """The ACS3 headers of one send of ``params``: a new date and nonce, and their
+        signature (``Authorization``)."""
         headers = {
             "host": self._base.raw_authority,
             "x-acs-action": ACTION,
@@ -390,20 +382,52 @@ class UpstreamClient:
             headers["x-acs-security-token"] = creds.security_token
         # The gateway checks the API path: a path prefix of the endpoint belongs to a proxy
         # in between, which strips it, so it is sent but not signed.
-        signed = signing.sign(
+        headers["Authorization"] = signing.sign(
             method="GET",
             path=PATH,
             query=params,
             headers=headers,
             access_key_id=creds.access_key_id,
             access_key_secret=creds.access_key_secret,
-        )
-        headers["Authorization"] = signed.authorization
+        ).authorization
+        return headers
+
+    async def _attempt(
+        self,
+        params: Mapping[str, str],
+        workspace_id: str | None,
+        tally: Tally | None,
+        timeout_s: float,
+    ) -> Page:
+        """One signed attempt, given ``timeout_s`` in all. Raises
+        Retryable/Throttled/FatalUpstreamError."""
+        creds = await self._credentials.get()
+        query = signing.canonical_query(params)
+        sends = 0  # the sends aiohttp made of this attempt, the first signed below
+
+        def signed() -> dict[str, str]:
+            """A fresh date, nonce and signature; a send counted."""
+            self.stats.api_calls += 1
+            if tally is not None:
+                tally.api_calls += 1
+            return self._signed_headers(params, creds)
+
+        async def resign(
+            request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
+        ) -> aiohttp.ClientResponse:
+            # aiohttp sends an idempotent request once more, by itself, when the connection
+            # drops under it (a kept-alive one the server closed): with the headers of the
+            # first send the gateway refused the nonce it had seen (SignatureNonceUsed), and
+            # the send went uncounted. This runs before every send aiohttp makes.
+            nonlocal sends
+            sends += 1
+            if sends > 1:
+                request.headers.update(signed())
+            return await handler(request)
+
+        headers = signed()
         headers["Accept"] = "application/json"
         headers.update(self._proxy_headers)  # (not signed: the proxy takes it off)
-        self.stats.api_calls += 1
-        if tally is not None:
-            tally.api_calls += 1
         session = self._get_session()
         try:
             async with session.get(
@@ -411,6 +435,7 @@ class UpstreamClient:
                 headers=headers,
                 timeout=aiohttp.ClientTimeout(total=timeout_s),
                 allow_redirects=False,
+                middlewares=(resign,),
                 **self._proxy_options,
             ) as resp:
                 body = await _read_capped(resp, workspace_id)
