@@ -1279,8 +1279,10 @@ def _parse_listen(value: str, key: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[v6]:PORT`` for IPv6) into (host, port); an empty host is loopback."""
     problem = ConfigError("expected HOST:PORT, e.g. 127.0.0.1:8787 or [::1]:8787", key=key)
     host, sep, port = value.strip().rpartition(":")
-    if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
+    if not sep or not (port.isascii() and port.isdigit()):
         raise problem
+    if int(port) > 65535:
+        raise ConfigError(f"the port must be a number from 0 to 65535, got {int(port)}", key=key)
     if host.startswith("[") and host.endswith("]"):
         try:
             ipaddress.IPv6Address(host[1:-1])

@@ -490,7 +490,6 @@ def test_bad_values(setting: str, key: str, fragment: str) -> None:
     [
         "localhost",
         "127.0.0.1",
-        "127.0.0.1:99999",
         "127.0.0.1:-1",
         "127.0.0.1:http",
         "1.2.3.4.5:80",
@@ -504,6 +503,11 @@ def test_bad_values(setting: str, key: str, fragment: str) -> None:
 def test_bad_listen_address(listen: str) -> None:
     message = error(f'[api]\nlisten = "{listen}"\n{MINIMAL}')
     assert message.startswith("api.listen (line 2): expected HOST:PORT")
+
+
+def test_a_listen_port_out_of_range_says_so() -> None:
+    message = error(f'[api]\nlisten = "127.0.0.1:99999"\n{MINIMAL}')
+    assert message == "api.listen (line 2): the port must be a number from 0 to 65535, got 99999"
 
 
 @pytest.mark.parametrize(
