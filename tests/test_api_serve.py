@@ -114,6 +114,16 @@ def test_serve_refuses_a_wide_address_without_tokens(golden_mirror: Path, tmp_pa
         timeout=60,
     )
     assert missing.returncode == 1 and "no mirror at" in missing.stderr
+    unconfigured = subprocess.run(
+        [sys.executable, "-c", LAUNCH, "serve"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert unconfigured.returncode == 2
+    assert "absent.toml does not exist" in unconfigured.stderr
+    assert "or name the mirror with --db PATH" in unconfigured.stderr
 
 
 async def test_serve_with_tokens_reads_but_never_syncs(golden_mirror: Path, tmp_path: Path) -> None:

@@ -95,7 +95,15 @@ def serve_config(args: argparse.Namespace) -> Config:
     path = config_mod.resolve_path(getattr(args, "config", None))
     db = cli.db_arg(args)
     explicit = bool(getattr(args, "config", None))
-    cfg = Config() if db and not explicit and not path.exists() else config_mod.load(path)
+    if db and not explicit and not path.exists():
+        cfg = Config()
+    else:
+        try:
+            cfg = config_mod.load(path)
+        except ConfigError as exc:
+            if db or explicit or path.exists():
+                raise
+            raise ConfigError(f"{exc}; or name the mirror with --db PATH") from None
     if db:
         cfg = replace(cfg, store=StoreConfig(Path(db)))
     listen = getattr(args, "listen", None)
