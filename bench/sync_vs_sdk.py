@@ -163,26 +163,26 @@ def peer_sequential(
         number += 1
 
 
-async def peer_async(
-    out: PeerOutcome, port: int, db_path: str, workspace_id: str, page_size: int, concurrency: int
+async def _list_async(
+    out: PeerOutcome,
+    port: int,
+    workspace_id: str,
+    page_size: int,
+    concurrency: int,
+    on_page: Callable[[Any], None],
 ) -> None:
-    """The SDK's async API: page 1 for TotalCount, then the rest ``concurrency`` at a time,
-    each page upserted as it arrives."""
-    import sqlite_utils
-
+    """The SDK's async API: page 1 for TotalCount, then the rest ``concurrency`` at a time;
+    ``on_page(body)`` as each page arrives."""
     client = sdk_client(port)
-    table = sqlite_utils.Database(db_path)["experiments"]
 
-    def upsert(body: Any) -> None:
+    def take(body: Any) -> None:
         out.pages += 1
-        rows = _rows(body)
-        if rows:
-            table.upsert_all(rows, pk="ExperimentId", alter=True)  # type: ignore[union-attr]
+        on_page(body)
 
     out.api_calls += 1
     first = (await client.list_hpo_experiments_async(_sdk_request(workspace_id, 1, page_size))).body
     out.total_count = first.total_count
-    upsert(first)
+    take(first)
     gate = asyncio.Semaphore(concurrency)
 
     async def one(number: int) -> None:
@@ -191,37 +191,37 @@ async def peer_async(
             resp = await client.list_hpo_experiments_async(
                 _sdk_request(workspace_id, number, page_size)
             )
-        upsert(resp.body)
+        take(resp.body)
 
     pages = max(1, -(-out.total_count // page_size))
     await asyncio.gather(*(one(n) for n in range(2, pages + 1)))
 
 
+async def peer_async(
+    out: PeerOutcome, port: int, db_path: str, workspace_id: str, page_size: int, concurrency: int
+) -> None:
+    """The SDK's async API, each page upserted as it arrives."""
+    import sqlite_utils
+
+    table = sqlite_utils.Database(db_path)["experiments"]
+
+    def upsert(body: Any) -> None:
+        rows = _rows(body)
+        if rows:
+            table.upsert_all(rows, pk="ExperimentId", alter=True)  # type: ignore[union-attr]
+
+    await _list_async(out, port, workspace_id, page_size, concurrency, upsert)
+
+
 async def peer_gather(
     out: PeerOutcome, port: int, db_path: str, workspace_id: str, page_size: int, concurrency: int
 ) -> None:
-    """The SDK's async API as ``peer_async`` lists, but every page gathered first and then
-    all of them upserted in one ``upsert_all``."""
+    """The SDK's async API, every page gathered first and then all of them upserted in one
+    ``upsert_all``."""
     import sqlite_utils
 
-    client = sdk_client(port)
-    out.api_calls += 1
-    first = (await client.list_hpo_experiments_async(_sdk_request(workspace_id, 1, page_size))).body
-    out.total_count = first.total_count
-    out.pages += 1
-    gate = asyncio.Semaphore(concurrency)
-
-    async def one(number: int) -> Any:
-        async with gate:
-            out.api_calls += 1
-            resp = await client.list_hpo_experiments_async(
-                _sdk_request(workspace_id, number, page_size)
-            )
-        out.pages += 1
-        return resp.body
-
-    pages = max(1, -(-out.total_count // page_size))
-    bodies = [first, *await asyncio.gather(*(one(n) for n in range(2, pages + 1)))]
+    bodies: list[Any] = []
+    await _list_async(out, port, workspace_id, page_size, concurrency, bodies.append)
     table = sqlite_utils.Database(db_path)["experiments"]
     table.upsert_all(  # type: ignore[union-attr]
         (row for body in bodies for row in _rows(body)), pk="ExperimentId", alter=True
