@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import os
 import signal
 import sqlite3
@@ -40,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import structlog
 from aiohttp import web
+from apscheduler.events import EVENT_JOB_MAX_INSTANCES, JobSubmissionEvent
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
@@ -223,6 +225,27 @@ def status_line(health: Mapping[str, WorkspaceHealth], api_url: str | None) -> s
 
 def job_id(workspace_id: str, kind: Literal["hot", "full"]) -> str:
     return f"{kind}:{workspace_id}"
+
+
+class _NoMaxInstancesText(logging.Filter):
+    """Drops APScheduler's free-text warning that a tick was skipped because the job's
+    previous run is still going: the daemon reports that tick as a ``sync.skipped`` event
+    with its workspace and kind instead (:meth:`Daemon._on_tick_skipped`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(
+            'Execution of job "%s" skipped: maximum number of running instances'
+        )
+
+
+def scheduler_logger() -> logging.Logger:
+    """The daemon's scheduler's logger: a child of ``apscheduler`` (so the level the
+    logging setup gives that applies), less the warning :class:`_NoMaxInstancesText`
+    drops. Only this scheduler's: the credentials chain runs one of its own."""
+    logger = logging.getLogger("apscheduler.scheduler.daemon")
+    if not any(isinstance(f, _NoMaxInstancesText) for f in logger.filters):
+        logger.addFilter(_NoMaxInstancesText())
+    return logger
 
 
 class ClockStepWatch:
@@ -548,7 +571,8 @@ class Daemon:
         # Cancel sweeps before the services, the API, the client and the store go away.
         stack.push_async_callback(self._cancel_sweeps)
 
-        scheduler = AsyncIOScheduler(timezone=UTC)
+        scheduler = AsyncIOScheduler(timezone=UTC, logger=scheduler_logger())
+        scheduler.add_listener(self._on_tick_skipped, EVENT_JOB_MAX_INSTANCES)
         scheduler.start()
         self._scheduler = scheduler
         stack.callback(self._shutdown_scheduler)
@@ -654,6 +678,24 @@ class Daemon:
             coalesce=True,
             misfire_grace_time=max(1, int(s.full_interval_s)),
             replace_existing=True,
+        )
+
+    def _on_tick_skipped(self, event: JobSubmissionEvent) -> None:
+        """A tick the scheduler skipped: the sweep the job's previous tick started is still
+        running (``max_instances=1``), so the sweeps of this workspace take longer than
+        their interval. A warning, as it means the interval is shorter than the work."""
+        kind, _, ws = event.job_id.partition(":")
+        interval_s = (
+            self.config.sync.hot_interval_s if kind == "hot" else self.config.sync.full_interval_s
+        )
+        log.warning(
+            "sync.skipped",
+            workspace=ws,
+            kind=kind,
+            reason="still_running",
+            interval_s=interval_s,
+            hint=f"the previous {kind} sweep of this workspace is still running;"
+            " it takes longer than its interval",
         )
 
     def _trigger(self, interval_s: float, start: datetime | None = None) -> IntervalTrigger:

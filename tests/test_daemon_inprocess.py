@@ -213,3 +213,55 @@ async def test_a_step_of_the_clock_moves_the_running_daemons_jobs(
                 await asyncio.wait_for(run, timeout=10)
         (stepped,) = [e for e in logs if e["event"] == "daemon.clock_stepped"]
         assert stepped["step_s"] == -3.0 and stepped["jobs_moved"] >= 2
+
+
+async def test_a_tick_skipped_behind_a_long_sweep_is_a_named_event(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Hot sweeps that take longer than the hot interval (each page answered after 0.7 s, a
+    1 s interval): APScheduler skips the ticks that come while one runs. The daemon reports
+    each as a ``sync.skipped`` event with its workspace and kind, not as APScheduler's own
+    free-text warning."""
+    import logging
+
+    async with Simulator(
+        SimOptions(experiments=30, workspaces=1, seed=4, speed=0, latency_ms=700)
+    ) as sim:
+        cfg_path = tmp_path / "config.toml"
+        cfg_path.write_text(
+            config_text(
+                sim_url=sim.base_url,
+                db=tmp_path / "mirror.db",
+                workspaces=["100001"],
+                full_interval_s=3600,
+            ),
+            encoding="utf-8",
+        )
+        daemon = Daemon(
+            load(cfg_path),
+            credentials=StaticCredentials(
+                CloudCredentials(DEFAULT_ACCESS_KEY_ID, DEFAULT_ACCESS_KEY_SECRET)
+            ),
+            notifier=Notifier({}),
+            services=[],
+            sweep_process=False,
+        )
+        caplog.set_level(logging.WARNING, logger="apscheduler")
+        with capture_logs() as logs:
+            run = asyncio.create_task(daemon.run())
+            try:
+                await asyncio.wait_for(daemon.started.wait(), timeout=10)
+                for _ in range(150):
+                    if any(e.get("reason") == "still_running" for e in logs):
+                        break
+                    await asyncio.sleep(0.1)
+            finally:
+                daemon.request_stop()
+                await asyncio.wait_for(run, timeout=20)
+    skipped = [e for e in logs if e.get("reason") == "still_running"]
+    assert skipped, [e["event"] for e in logs]
+    assert skipped[0]["event"] == "sync.skipped"
+    assert skipped[0]["log_level"] == "warning"
+    assert (skipped[0]["workspace"], skipped[0]["kind"]) == ("100001", "hot")
+    assert skipped[0]["interval_s"] == 1
+    assert not [r for r in caplog.records if "maximum number of running instances" in r.message]
