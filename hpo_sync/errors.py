@@ -111,6 +111,11 @@ class StoreError(HpoSyncError):
     """The SQLite mirror cannot be opened, migrated or written."""
 
 
+class StoreBusyError(StoreError):
+    """A write waited ``busy_timeout`` for another connection's write lock (SQLITE_BUSY):
+    transient, unlike most store errors; the work can simply be tried again."""
+
+
 class StoreInUseError(StoreError):
     """Another hpo-sync process holds the mirror's single-instance lock."""
 

@@ -44,7 +44,7 @@ from hpo_sync.diff import (
     diff_rows,
     finished_runs,
 )
-from hpo_sync.errors import SchemaTooOldError, StoreError, StoreInUseError
+from hpo_sync.errors import SchemaTooOldError, StoreBusyError, StoreError, StoreInUseError
 from hpo_sync.normalise import Experiment, format_time, parse_time, upstream_bool
 from hpo_sync.schema import (
     CHANGE_COLUMNS,
@@ -121,8 +121,9 @@ _SORTS: dict[str, tuple[str, bool]] = {
 _ERROR_HINTS = (
     (
         "SQLITE_BUSY",
-        "another process held the write lock past busy_timeout; is a second "
-        "hpo-sync writing this file?",
+        "another connection held the write lock past busy_timeout: a long write of a sweep"
+        " (the daemon's sweep process, on a slow or busy disk), or another program writing"
+        " this file",
     ),
     ("SQLITE_LOCKED", "the database is locked by another connection; retry"),
     ("SQLITE_FULL", "the disk is full; free some space and retry"),
@@ -161,7 +162,8 @@ def _mapped(where: str, action: str) -> Iterator[None]:
             detail = detail.split(" with text", 1)[0]
             hint = "a stored text is not UTF-8: the file is damaged; restore it from a backup"
         msg = f"{action} failed on {where}: {detail[:300]}"
-        raise StoreError(f"{msg} — {hint}" if hint else msg) from e
+        error = StoreBusyError if name.startswith("SQLITE_BUSY") else StoreError
+        raise error(f"{msg} — {hint}" if hint else msg) from e
 
 
 class _WriterConnection(sqlite3.Connection):

@@ -1395,7 +1395,12 @@ async def test_a_sent_message_the_mirror_cannot_record_is_not_sent_again(db: Pat
             assert await worker.run_once(now=t + timedelta(seconds=8), stalls=False) == 0
         assert len(hook.got) == 1
         assert [e["event"] for e in logs].count("alert.sent") == 1
-        assert any(e["event"] == "alert.worker_failed" for e in logs)
+        # The lock held by another connection is transient: a warning that says so, not
+        # an error that suspects a second hpo-sync.
+        busy = [e for e in logs if e["event"] == "alert.store_busy"]
+        assert busy and all(e["log_level"] == "warning" for e in busy)
+        assert "past busy_timeout" in busy[0]["error"] and "second" not in busy[0]["error"]
+        assert not any(e["event"] == "alert.worker_failed" for e in logs)
 
 
 async def test_a_retry_the_mirror_cannot_record_still_waits_its_backoff(db: Path) -> None:

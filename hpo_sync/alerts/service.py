@@ -23,7 +23,7 @@ from yarl import URL
 
 from hpo_sync import proxies
 from hpo_sync.config import Config, TargetConfig
-from hpo_sync.errors import StoreError
+from hpo_sync.errors import StoreBusyError, StoreError
 from hpo_sync.normalise import parse_time
 from hpo_sync.store import ChangeRow, Store
 
@@ -74,6 +74,16 @@ def backoff_s(attempts: int) -> float:
     return float(min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** max(0, attempts - 1)))
 
 
+def _log_failure(exc: BaseException, **where: str) -> None:
+    """A round's failure. The mirror's write lock held past busy_timeout by the other
+    writer (the sweep process, in a long batch) is transient and loses nothing (what was
+    not recorded is kept, and tried again next round): a warning, not an error."""
+    if isinstance(exc, StoreBusyError):
+        log.warning("alert.store_busy", **where, error=str(exc), retry="next round")
+    else:
+        log.error("alert.worker_failed", **where, error=repr(exc))
+
+
 def _track(
     running: dict[str, asyncio.Task[_T]], name: str, work: Coroutine[Any, Any, _T], kind: str
 ) -> asyncio.Task[_T]:
@@ -84,9 +94,9 @@ def _track(
     def done(task: asyncio.Task[_T]) -> None:
         if running.get(name) is task:
             del running[name]
-        if not task.cancelled() and task.exception() is not None:
+        if not task.cancelled() and (exc := task.exception()) is not None:
             # What it had not recorded stays due: the next round tries again.
-            log.error("alert.worker_failed", target=name, error=repr(task.exception()))
+            _log_failure(exc, target=name)
 
     task.add_done_callback(done)
     return task
@@ -320,7 +330,7 @@ class AlertWorker:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # keep delivering whatever one round's trouble was
-                log.error("alert.worker_failed", error=repr(exc))
+                _log_failure(exc)
             await asyncio.sleep(self.poll_s)
 
     def _target(self, name: str) -> TargetConfig | None:
