@@ -180,6 +180,9 @@ async def test_alerts_list_and_retry(
         ["alerts", "list", "--pending", "--format", "json", "--config", str(config_path)], capsys
     )
     assert out == "[]\n"
+    # A table with no rows prints nothing on stdout; the note goes to stderr, as ls's does.
+    await asyncio.to_thread(cli.main, ["alerts", "list", "--pending", "--config", str(config_path)])
+    assert capsys.readouterr() == ("", "hpo-sync: no alert deliveries\n")
     code, out = await run_cli(
         ["alerts", "list", "--format", "json", "--config", str(config_path)], capsys
     )

@@ -224,8 +224,8 @@ def print_rows(
     if fmt == "jsonl":
         out.write("".join(json_line(row) for row in rows))
         return
-    if not rows:
-        print("(no alert deliveries)", file=out)
+    if not rows:  # on stderr, as `ls` says it: a table with no rows prints nothing
+        print("hpo-sync: no alert deliveries", file=sys.stderr)
         return
     cells = []
     for r in rows:
