@@ -640,6 +640,11 @@ def db_arg(args: argparse.Namespace) -> str | None:
     db: str | None = getattr(args, "db", None)
     if db is not None and not db.strip():
         raise UsageError("--db: empty path; name the mirror's file")
+    if db and os.path.isdir(db):  # a usage error (2), as a config's [store] path naming one is
+        raise UsageError(
+            f"--db: {db} is a directory, not a mirror file: name the database file itself"
+            f" (e.g. {Path(db) / 'mirror.db'})"
+        )
     return db
 
 

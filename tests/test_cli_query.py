@@ -1029,12 +1029,18 @@ def test_an_empty_db_is_a_usage_error_not_the_configs_mirror(
 
 
 def test_a_directory_given_as_the_mirror_is_named_as_such(run: Run, tmp_path: Path) -> None:
-    """Not 'an I/O error occurred; check the disk': nothing is wrong with the disk."""
+    """Not 'an I/O error occurred; check the disk': nothing is wrong with the disk. A usage
+    error (2), as a config's ``[store] path`` naming a directory is a config error (2)."""
     for argv in (["ls"], ["show", "x"], ["history"], ["export"], ["stats"]):
         code, out, err = run(*argv, db=tmp_path)
-        assert (code, out) == (1, "")
-        assert f"{tmp_path} is a directory, not a mirror file" in err
+        assert (code, out) == (2, "")
+        assert f"--db: {tmp_path} is a directory, not a mirror file" in err
         assert "check the disk" not in err and "Traceback" not in err
+    for argv in (["alerts", "list"], ["backup", str(tmp_path / "copy.db")], ["serve"]):
+        run.capsys.readouterr()
+        assert cli.main([*argv, "--db", str(tmp_path)]) == 2
+        out, err = run.capsys.readouterr()
+        assert out == "" and f"--db: {tmp_path} is a directory, not a mirror file" in err
 
 
 def test_a_file_that_is_not_a_mirror_exits_1(run: Run, tmp_path: Path) -> None:
