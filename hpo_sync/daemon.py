@@ -323,6 +323,10 @@ class DaemonService(Protocol):
     async def reload(self, config: Config) -> None:
         """Called after a SIGHUP with the config now in force (alert rules may change)."""
 
+    # Optional: ``async def clock_stepped(self, step_s: float) -> None``, called when the
+    # machine's clock stepped by ``step_s`` (see :func:`shift_jobs`), for a service that
+    # keeps waits on the wall clock (the alert worker's retries).
+
     def on_changes(self, conn: sqlite3.Connection, rows: list[ChangeRow]) -> None:
         """Called inside the store transaction that wrote ``rows`` (in a worker thread):
         write outbox rows with ``conn``; raising rolls the whole batch back. Only while
@@ -646,6 +650,19 @@ class Daemon:
             if step_s and self._scheduler is not None and self._scheduler.running:
                 moved = shift_jobs(self._scheduler, step_s)
                 log.warning("daemon.clock_stepped", step_s=round(step_s, 1), jobs_moved=moved)
+                for service in self.services:
+                    # Optional (a service with no waits on the wall clock has none).
+                    hook = getattr(service, "clock_stepped", None)
+                    if hook is None:
+                        continue
+                    try:
+                        await hook(step_s)
+                    except Exception as exc:  # one service's trouble must not stop the watch
+                        log.error(
+                            "daemon.service_clock_step_failed",
+                            service=service.name,
+                            error=repr(exc),
+                        )
 
     # --- scheduling ------------------------------------------------------------------------
 

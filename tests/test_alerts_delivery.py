@@ -1425,3 +1425,40 @@ async def test_a_retry_the_mirror_cannot_record_still_waits_its_backoff(db: Path
         assert len(hook.got) == 1
         assert await worker.run_once(now=t + timedelta(seconds=backoff_s(1)), stalls=False) == 1
         assert len(hook.got) == 2 and outbox(db)[0]["status"] == "sent"
+
+
+async def test_a_step_of_the_clock_moves_the_retries_waits(db: Path) -> None:
+    """The target answered 500 and the retry waits its backoff; then the machine's clock
+    steps back an hour. Due times are wall-clock times: unmoved, the retry would wait an
+    hour more. The daemon's clock watch calls ``clock_stepped``, which moves the waits of
+    rows attempted before (not rows never attempted, whose due time is a time of day)."""
+    async with _answer_held(db, alerts=1, statuses={0: 500}) as (worker, hook, answer):
+        t = now()
+        answer.set()
+        assert await worker.run_once(now=t, stalls=False) == 0
+        (row,) = outbox(db)
+        due = t + timedelta(seconds=backoff_s(1))
+        assert (row["attempts"], row["next_attempt_at"]) == (1, format_time(due))
+        # A row never attempted, due at a time of day (as a rule's quiet hours make it), for
+        # a target of its own.
+        conn = sqlite3.connect(db)
+        with conn:
+            conn.execute(
+                "INSERT INTO alert_outbox (target, rule, change_id, status, attempts,"
+                " next_attempt_at, created_at) SELECT 'quiet', rule, change_id, status, 0,"
+                " ?, created_at FROM alert_outbox WHERE id = ?",
+                (format_time(t + timedelta(hours=8)), row["id"]),
+            )
+        conn.close()
+        step = timedelta(hours=-1)
+        with capture_logs() as logs:
+            await worker.clock_stepped(step.total_seconds())
+        assert [(e["event"], e["retries_moved"]) for e in logs] == [("alert.clock_stepped", 1)]
+        retry, quiet = outbox(db)
+        assert retry["next_attempt_at"] == format_time(due + step)
+        assert quiet["next_attempt_at"] == format_time(t + timedelta(hours=8))
+        # Due as long after the step as it was before it: not an hour later.
+        assert await worker.run_once(now=due + step - timedelta(seconds=1), stalls=False) == 0
+        assert len(hook.got) == 1
+        assert await worker.run_once(now=due + step, stalls=False) == 1
+        assert len(hook.got) == 2 and outbox(db)[0]["status"] == "sent"

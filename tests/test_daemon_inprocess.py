@@ -162,12 +162,24 @@ async def test_daemon_seams(tmp_path: Path, sweep_process: bool) -> None:
         assert service.calls == ["start", "reload", "stop"]
 
 
+class StepRecordingService(RecordingService):
+    """A service with the optional ``clock_stepped`` hook (the alert worker's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps: list[float] = []
+
+    async def clock_stepped(self, step_s: float) -> None:
+        self.steps.append(step_s)
+
+
 async def test_a_step_of_the_clock_moves_the_running_daemons_jobs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The daemon watches the clock while it runs and moves its scheduled sweeps by a step
-    (:func:`hpo_sync.daemon.shift_jobs`); here the watch reports a step back of 3 s once
-    (the full sweep, every 10 s, stays due in the future)."""
+    (:func:`hpo_sync.daemon.shift_jobs`), and tells the services that have waits of their
+    own on the wall clock; here the watch reports a step back of 3 s once (the full sweep,
+    every 10 s, stays due in the future)."""
     from hpo_sync import daemon as daemon_mod
 
     class OneStepBack:
@@ -191,7 +203,7 @@ async def test_a_step_of_the_clock_moves_the_running_daemons_jobs(
                 CloudCredentials(DEFAULT_ACCESS_KEY_ID, DEFAULT_ACCESS_KEY_SECRET)
             ),
             notifier=Notifier({}),
-            services=[],
+            services=[stepped := StepRecordingService(), plain := RecordingService()],
             sweep_process=False,
         )
         with capture_logs() as logs:
@@ -211,8 +223,11 @@ async def test_a_step_of_the_clock_moves_the_running_daemons_jobs(
             finally:
                 daemon.request_stop()
                 await asyncio.wait_for(run, timeout=10)
-        (stepped,) = [e for e in logs if e["event"] == "daemon.clock_stepped"]
-        assert stepped["step_s"] == -3.0 and stepped["jobs_moved"] >= 2
+        (event,) = [e for e in logs if e["event"] == "daemon.clock_stepped"]
+        assert event["step_s"] == -3.0 and event["jobs_moved"] >= 2
+        # told once; a service without the hook is left alone (and the daemon went on)
+        assert stepped.steps == [-3.0] and plain.calls == ["start", "stop"]
+        assert not [e for e in logs if e["event"] == "daemon.service_clock_step_failed"]
 
 
 async def test_a_tick_skipped_behind_a_long_sweep_is_a_named_event(

@@ -228,6 +228,28 @@ def mark_sent(conn: sqlite3.Connection, ids: Sequence[int], now: datetime) -> No
     )
 
 
+def shift_waits(conn: sqlite3.Connection, step_s: float) -> int:
+    """Move the due time of every pending row waiting after an attempt (a backoff, or the
+    wait a target asked for) by ``step_s``, the step the machine's clock just made; returns
+    how many moved. Due times are wall-clock times: after a step back of an hour, a retry
+    due in ten seconds would have waited an hour and ten seconds, and after a step forward
+    a target that asked for a minute's wait (DingTalk bans a bot that sends on) would have
+    been sent to at once. Rows never attempted wait for the end of their rule's quiet
+    hours, a time of day on the wall clock: they stay."""
+    rows = conn.execute(
+        "SELECT id, next_attempt_at FROM alert_outbox"
+        " WHERE status = ? AND attempts > 0 AND next_attempt_at IS NOT NULL",
+        (PENDING,),
+    ).fetchall()
+    moved = [
+        (format_time(at + timedelta(seconds=step_s)), i)
+        for i, text in rows
+        if (at := parse_time(text)) is not None
+    ]
+    conn.executemany("UPDATE alert_outbox SET next_attempt_at = ? WHERE id = ?", moved)
+    return len(moved)
+
+
 def mark_retry(conn: sqlite3.Connection, ids: Sequence[int], next_at: datetime, error: str) -> None:
     conn.executemany(
         "UPDATE alert_outbox SET attempts = attempts + 1, next_attempt_at = ?, last_error = ?"

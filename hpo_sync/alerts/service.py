@@ -11,7 +11,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
@@ -315,6 +315,23 @@ class AlertWorker:
             and lim.windows == tuple(self._rate_limits.get(target.type, ()))
         }
         await asyncio.to_thread(self._redact_stored_errors)
+
+    async def clock_stepped(self, step_s: float) -> None:
+        """The machine's clock just stepped by ``step_s`` (the daemon's clock watch): move
+        the waits kept on the wall clock by as much, so that each ends as long after now as
+        it would have without the step: the outbox rows' retries (:func:`outbox.shift_waits`),
+        the stall notices' waits and the retries of outcomes not yet recorded."""
+        step = timedelta(seconds=step_s)
+        self._notice_wait = {name: at + step for name, at in self._notice_wait.items()}
+        for entries in self._unrecorded.values():
+            entries[:] = [replace(e, now=e.now + step) for e in entries]
+
+        def shift() -> int:
+            with _write(self.store, "move alert retries after a clock step") as conn:
+                return outbox.shift_waits(conn, step_s)
+
+        moved = await asyncio.to_thread(shift)
+        log.info("alert.clock_stepped", step_s=round(step_s, 1), retries_moved=moved)
 
     async def close(self) -> None:
         if self._session is not None:
