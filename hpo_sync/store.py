@@ -30,6 +30,7 @@ import weakref
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from types import EllipsisType
 from typing import Any, Literal, NamedTuple
@@ -1456,6 +1457,23 @@ class Store:
                 (workspace_id,),
             ).fetchone()
         return WorkspaceState(*row) if row else None
+
+    def newest_record_time(self, workspace_id: str) -> datetime | None:
+        """The newest time the mirror holds of the workspace's sweeps: the start and end of
+        its last runs, and its last change's observation (None: never synced). Reads a few
+        rows by index, however large the mirror."""
+        with self.reader(snapshot=False) as conn:
+            runs = conn.execute(
+                "SELECT started_at, finished_at FROM sync_runs WHERE workspace_id = ?"
+                " ORDER BY id DESC LIMIT 10",
+                (workspace_id,),
+            ).fetchall()
+            change = conn.execute(
+                "SELECT observed_at FROM changes WHERE workspace_id = ? ORDER BY id DESC LIMIT 1",
+                (workspace_id,),
+            ).fetchone()
+        texts = [t for run in runs for t in run] + list(change or ())
+        return max((t for t in map(parse_time, texts) if t is not None), default=None)
 
     def upstream_learnt(self, workspace_id: str) -> str | None:
         """What sweeps learnt about the workspace's upstream, as they keep it (a JSON

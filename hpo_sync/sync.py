@@ -252,6 +252,11 @@ class SyncEngine:
         # Per workspace, a sweep whose end the mirror could not record (a full disk), with
         # the time it ended: its run is closed before the workspace's next sweep starts.
         self._unclosed: dict[str, tuple[SweepResult, str]] = {}
+        # Per workspace, the newest time its sweeps recorded (see _now): read from the
+        # mirror before its first sweep here, then kept as sweeps record.
+        self._recorded: dict[str, datetime | None] = {}
+        # Workspaces whose sweeps record held times now (the clock is behind): warned once.
+        self._clock_behind: set[str] = set()
 
     def lock_for(self, workspace_id: str) -> asyncio.Lock:
         """One sweep of a workspace at a time, hot or full."""
@@ -272,12 +277,16 @@ class SyncEngine:
                 await self._close_unclosed(workspace_id)
                 state = await asyncio.to_thread(self.store.workspace_state, workspace_id)
                 await self._recall(workspace_id)
+                if workspace_id not in self._recorded:
+                    self._recorded[workspace_id] = await asyncio.to_thread(
+                        self.store.newest_record_time, workspace_id
+                    )
             except StoreError as exc:
                 return self._not_started(workspace_id, chosen, exc, started)
             has_baseline = bool(state and state.baseline_at)
             # Without a baseline only a full sweep makes sense, whatever was asked.
             chosen = "hot" if mode != "full" and has_baseline else "full"
-            started_at = self._now()
+            started_at = self._now(workspace_id)
             begin = asyncio.ensure_future(
                 asyncio.to_thread(self.store.begin_run, workspace_id, chosen, started_at)
             )
@@ -344,7 +353,7 @@ class SyncEngine:
         result.api_calls, result.pages = tally.api_calls, tally.pages
         result.retries, result.throttled = tally.retries, tally.throttled
         result.duration_s = time.monotonic() - started
-        finished_at = self._now()
+        finished_at = self._now(result.workspace_id)
         # One transaction: the run, the workspace's outcome and its baseline. The run's
         # change count is the one its applies kept in their own transactions: a batch still
         # committing when a stop cancelled the sweep is not in result.changes yet.
@@ -374,8 +383,42 @@ class SyncEngine:
             self._unclosed[result.workspace_id] = (result, finished_at)
         _log_finished(result)
 
-    def _now(self) -> str:
-        return format_time(self.clock())
+    def _now(self, workspace_id: str) -> str:
+        """The time a sweep of ``workspace_id`` records now (its run's start and end, what
+        it observed): the clock's, but never before the newest the workspace's sweeps
+        recorded.
+
+        A row observed later than a batch is skipped as stale (:meth:`Store.apply`), so
+        that replaying old data never rolls the mirror back. With the clock's own time, a
+        step back of the clock (NTP after boot, ``date -s``), or a clock that ran ahead and
+        was set right, made every row the mirror held stale for as long as the step: the
+        sweeps said ``ok`` and wrote nothing, no change, no alert, no deletion, until the
+        clock caught up (a day, for a clock a day ahead). Held at the newest instead, the
+        times stand still until the clock catches up and everything is written, in order.
+
+        The newest is read from the mirror before the workspace's first sweep here (its
+        last runs and its last change, :meth:`Store.newest_record_time`): what a sweep
+        killed mid-way touched after its start without changing is not in those, so for
+        that sweep's length such rows can still be skipped, if the clock also stepped back.
+        """
+        now = self.clock().astimezone(UTC).replace(microsecond=0)
+        newest = self._recorded.get(workspace_id)
+        if newest is not None and now < newest:
+            if workspace_id not in self._clock_behind:
+                self._clock_behind.add(workspace_id)
+                log.warning(
+                    "sync.clock_behind",
+                    workspace=workspace_id,
+                    clock=format_time(now),
+                    held_at=format_time(newest),
+                    note="times this workspace's sweeps record are held at the newest"
+                    " they recorded until the clock catches up",
+                )
+            return format_time(newest)
+        self._clock_behind.discard(workspace_id)
+        if workspace_id in self._recorded:  # (not before the mirror's newest is read)
+            self._recorded[workspace_id] = now
+        return format_time(now)
 
     # --- what was learnt about upstream ------------------------------------------------------
 
@@ -564,7 +607,7 @@ class SyncEngine:
                 self.store.apply,
                 result.workspace_id,
                 fresh,
-                observed_at=self._now(),
+                observed_at=self._now(result.workspace_id),
                 run_id=result.run,
                 baseline=result.baseline,
                 on_changes=self.on_changes,
@@ -662,7 +705,7 @@ class SyncEngine:
             self.store.mark_deleted,
             result.workspace_id,
             list(ids),
-            observed_at=self._now(),
+            observed_at=self._now(result.workspace_id),
             run_id=result.run,
             baseline=result.baseline,
             on_changes=self.on_changes,

@@ -2856,3 +2856,82 @@ async def test_runs_left_open_are_closed_at_the_end_when_the_mirror_takes_it(
         await rig.engine.close_unclosed()
         (run,) = rig.store.sync_runs(ws)
         assert (run.status, run.error) == ("failed", first.error)
+
+
+def _skewed(sim: Simulator, offset: list[timedelta]) -> Callable[[], datetime]:
+    """The world's time plus ``offset[0]`` (a machine clock that is off, or stepped)."""
+    return lambda: sim.world.now + offset[0]
+
+
+def _clock_rig_options() -> SimOptions:
+    return SimOptions(
+        experiments=40, workspaces=1, seed=3, restart_per_min=0.0, create_per_min=0.0,
+        delete_per_min=0.0, drift=False,
+    )  # fmt: skip
+
+
+async def test_a_step_back_of_the_clock_holds_the_times_and_drops_nothing(
+    tmp_path: Path,
+) -> None:
+    """The machine's clock steps back 10 minutes (NTP after boot, `date -s`) between two
+    sweeps. Every row the mirror held was observed later than the clock's time now, so with
+    the clock's own time each was skipped as stale: the hot sweep said ok and dropped the
+    status change it saw (no change row, no alert). The sweeps' times are held at the newest
+    they recorded instead, until the clock catches up."""
+    offset = [timedelta(0)]
+    async for rig in make_rig(tmp_path, _clock_rig_options(), max_qps=500.0):
+        sim, store = rig.sim, rig.store
+        (ws,) = sim.world.workspace_ids
+        rig.engine.clock = _skewed(sim, offset)
+        assert (await rig.engine.sweep(ws, "full")).status == "ok"
+        held = store.newest_record_time(ws)
+        assert held == sim.world.now.replace(microsecond=0)
+        running = [e["ExperimentId"] for e in sim.world.truth(ws) if e["Status"] == "RUNNING"]
+        sim.world.advance(5)
+        sim.world.mutate(running[0], status="FAILED")
+        offset[0] = timedelta(minutes=-10)
+        with capture_logs() as logs:
+            hot = await rig.engine.sweep(ws, "hot")
+        assert hot.status == "ok" and hot.changes >= 1, hot.error
+        assert store.get_experiment(running[0])["status"] == "FAILED"
+        (change,) = [c for c in store.history(workspace=ws) if c.old_value == "RUNNING"]
+        assert (change.new_value, change.observed_at) == ("FAILED", format_time(held))
+        (behind,) = [e for e in logs if e["event"] == "sync.clock_behind"]
+        assert behind["held_at"] == format_time(held) and behind["log_level"] == "warning"
+        assert_mirror_equals_truth(store, sim, ws)
+        assert_history_replays(store, ws)
+
+
+async def test_a_clock_set_right_after_running_ahead_freezes_nothing_across_a_restart(
+    tmp_path: Path,
+) -> None:
+    """The machine booted with its clock a day ahead, the baseline recorded that day, and
+    NTP then set the clock right. A new engine (a restarted daemon, the next `hpo-sync
+    sync`) reads the newest time the mirror holds for the workspace and holds its times
+    there: a status change and a deletion are written at once, not a day later."""
+    offset = [timedelta(days=1)]
+    async for rig in make_rig(tmp_path, _clock_rig_options(), max_qps=500.0):
+        sim, store = rig.sim, rig.store
+        (ws,) = sim.world.workspace_ids
+        rig.engine.clock = _skewed(sim, offset)
+        assert (await rig.engine.sweep(ws, "full")).status == "ok"
+        ahead = store.newest_record_time(ws)
+        offset[0] = timedelta(0)
+        restarted = SyncEngine(
+            rig.config, rig.client, store, clock=_skewed(sim, offset), mass_deletion_wait_s=0
+        )
+        truth_now = sim.world.truth(ws)
+        running = [e["ExperimentId"] for e in truth_now if e["Status"] == "RUNNING"]
+        victim = next(e["ExperimentId"] for e in truth_now if e["ExperimentId"] not in running)
+        sim.world.advance(60)
+        sim.world.mutate(running[0], status="FAILED")
+        sim.world.mutate(victim, delete=True)
+        hot = await restarted.sweep(ws, "hot")
+        full = await restarted.sweep(ws, "full")
+        assert hot.status == full.status == "ok", (hot.error, full.error)
+        assert store.get_experiment(running[0])["status"] == "FAILED"
+        assert store.get_experiment(victim)["deleted"] and full.marked_deleted == 1
+        assert_mirror_equals_truth(store, sim, ws)
+        assert_history_replays(store, ws)
+        # held at the day-ahead time, in order, until the clock catches up
+        assert store.newest_record_time(ws) == ahead
