@@ -1069,7 +1069,12 @@ class Store:
           ``Deleted`` change row. Rows are never hard-deleted.
           Such a batch also raises the workspace's create watermark to its newest create
           time; a batch of a listing that may yet fail does not (see :meth:`close_run`).
-        - ``baseline`` flags the change rows as written by the workspace's baseline sync.
+        - ``baseline`` flags the change rows of first sightings as written by the
+          workspace's baseline sync (alerts ignore them: they describe what already
+          existed). A change to a row the mirror already holds is real and never flagged,
+          even in a baseline: an earlier attempt at the baseline saw that row (it failed or
+          was partial, or the mirror could not record its end), and what happened since
+          must alert.
         - ``on_changes(conn, change_rows)`` runs inside the transaction when rows were
           written (the alert outbox's seam); if it raises, nothing is written.
         - ``contents``: ``experiment_values(exp, workspace_id)`` of each of ``experiments``,
@@ -1179,10 +1184,12 @@ class Store:
                             "trial_status": content[_TRIAL_STATUS_I],
                             "deleted": content[_DELETED_I],
                         }
+                        # A change to a row the mirror holds is real, whichever sweep saw
+                        # it: never flagged baseline (see the docstring).
                         for ch in diff_rows(old, new):
                             pending.append(
                                 (exp_id, content[0], ch.field, ch.old_value, ch.new_value,
-                                 observed_at, run_id, base)
+                                 observed_at, run_id, 0)
                             )  # fmt: skip
                     if exp.gmt_create_time and (
                         watermark is None or exp.gmt_create_time > watermark
@@ -1215,7 +1222,7 @@ class Store:
                     # full sweep): the listing may simply have missed it.
                     if exp_id not in seen and last_seen < cutoff
                 ]
-                pending += _mark_gone(cur, workspace_id, gone, observed_at, run_id, base)
+                pending += _mark_gone(cur, workspace_id, gone, observed_at, run_id)
                 marked = len(gone)
             change_rows = _commit_changes(
                 conn, cur, pending, workspace_id, run_id, watermark if complete else None,
@@ -1239,11 +1246,13 @@ class Store:
         ``apply(complete=True)``, for sweeps that verify absentees themselves).
 
         Ids that are unknown, of another workspace or already deleted are left alone, and so
-        is a row observed after ``observed_at`` (stale, as in :meth:`apply`).
+        is a row observed after ``observed_at`` (stale, as in :meth:`apply`). A deletion of
+        a row the mirror holds is real: never flagged baseline, whatever ``baseline`` says
+        (as in :meth:`apply`).
         """
+        del baseline  # (kept in the signature: sweeps pass their run's flag to every write)
         _check_time(observed_at, "observed_at")
         ids = list(dict.fromkeys(experiment_ids))
-        base = 1 if baseline else 0
         with self._write("mark experiments deleted") as conn:
             _check_run(conn, run_id, workspace_id)
             cur = conn.cursor()
@@ -1269,7 +1278,7 @@ class Store:
                     unchanged += 1
                 else:
                     gone.append(exp_id)
-            pending = _mark_gone(cur, workspace_id, gone, observed_at, run_id, base)
+            pending = _mark_gone(cur, workspace_id, gone, observed_at, run_id)
             change_rows = _commit_changes(
                 conn, cur, pending, workspace_id, run_id, None, on_changes, progress
             )
@@ -1793,15 +1802,15 @@ def _mark_gone(
     gone: list[str],
     observed_at: str,
     run_id: int,
-    base: int,
 ) -> list[tuple[Any, ...]]:
-    """Set ``deleted = 1`` on ``gone``; return their pending ``Deleted`` change rows."""
+    """Set ``deleted = 1`` on ``gone``; return their pending ``Deleted`` change rows (never
+    baseline: the mirror held these rows, so their deletion is news)."""
     cur.executemany(
         "UPDATE experiments SET deleted = 1, last_changed_at = ? WHERE experiment_id = ?",
         [(observed_at, exp_id) for exp_id in gone],
     )
     old, new = encode_deleted(False), encode_deleted(True)
-    return [(exp_id, workspace_id, DELETED, old, new, observed_at, run_id, base) for exp_id in gone]
+    return [(exp_id, workspace_id, DELETED, old, new, observed_at, run_id, 0) for exp_id in gone]
 
 
 def _check_readable(conn: sqlite3.Connection, where: str, *, any_version: bool = False) -> None:

@@ -2935,3 +2935,42 @@ async def test_a_clock_set_right_after_running_ahead_freezes_nothing_across_a_re
         assert_history_replays(store, ws)
         # held at the day-ahead time, in order, until the clock catches up
         assert store.newest_record_time(ws) == ahead
+
+
+async def test_a_change_after_a_baseline_whose_end_was_not_recorded_is_not_baseline(
+    tmp_path: Path,
+) -> None:
+    """The baseline sweep listed everything, but the mirror could not record its end (a held
+    lock, a full disk): the run is failed and the workspace has no baseline, so the next
+    sweep is a baseline again. A status change and a deletion of experiments the first
+    attempt recorded are real, and must alert: they were flagged baseline (no alert)."""
+    options = SimOptions(
+        experiments=60, workspaces=1, seed=5, restart_per_min=0.0, create_per_min=0.0,
+        delete_per_min=0.0,
+    )  # fmt: skip
+    async for rig in make_rig(tmp_path, options, page_size=50):
+        (ws,) = rig.sim.world.workspace_ids
+        with runs_cannot_close(rig):
+            first = await rig.engine.sweep(ws)
+        assert (first.status, first.baseline) == ("failed", True)
+        truth_now = rig.sim.world.truth(ws)
+        running = [e["ExperimentId"] for e in truth_now if e["Status"] == "RUNNING"]
+        gone = next(e["ExperimentId"] for e in truth_now if e["ExperimentId"] not in running)
+        rig.sim.world.advance(5)
+        rig.sim.world.mutate(running[0], status="FAILED")
+        rig.sim.world.mutate(gone, delete=True)
+        rig.engine.mass_deletion_wait_s = 0
+        second = await rig.engine.sweep(ws)
+        assert (second.mode, second.status, second.baseline) == ("full", "ok", True)
+        later = [c for c in rig.store.history(workspace=ws) if c.sync_run_id == second.run]
+        assert {
+            (c.experiment_id, c.field, c.old_value, c.new_value, c.baseline) for c in later
+        } == {
+            (running[0], "Status", "RUNNING", "FAILED", False),
+            (gone, "Deleted", "false", "true", False),
+        }
+        # what the first attempt recorded stays the baseline it was
+        first_rows = [c for c in rig.store.history(workspace=ws) if c.sync_run_id == first.run]
+        assert first_rows and all(c.baseline for c in first_rows)
+        assert_mirror_equals_truth(rig.store, rig.sim, ws)
+        assert_history_replays(rig.store, ws)
