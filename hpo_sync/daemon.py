@@ -735,6 +735,11 @@ class Daemon:
             return
         mode: SweepMode = "full" if kind == "full" or slot.full_pending else "auto"
         task = self._spawn_sweep(ws, mode, trigger=kind)
+        if kind == "hot" and mode == "full":
+            # A full sweep made up by a hot tick: the hot ticks meanwhile find it running
+            # (busy, above). Waited for here, each would be skipped by the scheduler as
+            # behind a hot sweep that outlasts its interval (:meth:`_on_tick_skipped`).
+            return
         # Shielded: the scheduler cancels its jobs on shutdown, while the daemon itself
         # cancels and awaits sweeps (so their transactions finish first). A crash was logged
         # as sync.crashed already.

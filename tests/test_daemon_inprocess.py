@@ -280,3 +280,59 @@ async def test_a_tick_skipped_behind_a_long_sweep_is_a_named_event(
     assert (skipped[0]["workspace"], skipped[0]["kind"]) == ("100001", "hot")
     assert skipped[0]["interval_s"] == 1
     assert not [r for r in caplog.records if "maximum number of running instances" in r.message]
+
+
+async def test_a_full_sweep_a_hot_tick_made_up_is_not_reported_as_a_slow_hot_sweep(
+    tmp_path: Path,
+) -> None:
+    """After a full sweep failed or was postponed, the next hot tick runs a full sweep
+    (``full_pending``). The hot ticks while it runs are skipped as busy (debug), not as
+    "the previous hot sweep is still running; it takes longer than its interval": a warning
+    that was not true, and would have had an operator lengthen the hot interval."""
+    async with Simulator(SimOptions(experiments=300, workspaces=1, seed=4, speed=0)) as sim:
+        cfg_path = tmp_path / "config.toml"
+        cfg_path.write_text(
+            config_text(
+                sim_url=sim.base_url,
+                db=tmp_path / "mirror.db",
+                workspaces=["100001"],
+                full_interval_s=3600,
+            ),
+            encoding="utf-8",
+        )
+        daemon = Daemon(
+            load(cfg_path),
+            credentials=StaticCredentials(
+                CloudCredentials(DEFAULT_ACCESS_KEY_ID, DEFAULT_ACCESS_KEY_SECRET)
+            ),
+            notifier=Notifier({}),
+            services=[],
+            sweep_process=False,
+        )
+        with capture_logs() as logs:
+            run = asyncio.create_task(daemon.run())
+            try:
+                await asyncio.wait_for(daemon.started.wait(), timeout=10)
+                for _ in range(100):  # the startup baseline
+                    if any(e["event"] == "sync.finished" for e in logs):
+                        break
+                    await asyncio.sleep(0.1)
+                mark = len(logs)
+                sim.configure(latency_ms=250)  # a full sweep of 15 pages: ~2 s, 2 in flight
+                daemon._slots["100001"].full_pending = True  # as after a failed full sweep
+                for _ in range(150):
+                    if any(
+                        e["event"] == "sync.finished" and e.get("mode") == "full"
+                        for e in logs[mark:]
+                    ):
+                        break
+                    await asyncio.sleep(0.1)
+            finally:
+                daemon.request_stop()
+                await asyncio.wait_for(run, timeout=30)
+    after = logs[mark:]
+    end = next(
+        i for i, e in enumerate(after) if e["event"] == "sync.finished" and e.get("mode") == "full"
+    )
+    assert not [e for e in after[:end] if e.get("reason") == "still_running"]
+    assert [e for e in after[:end] if e.get("reason") == "busy"]
