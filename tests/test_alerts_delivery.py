@@ -40,7 +40,7 @@ from hpo_sync.config import (
     WorkspaceConfig,
 )
 from hpo_sync.errors import StoreError
-from hpo_sync.normalise import Experiment, format_time, normalise
+from hpo_sync.normalise import Experiment, format_time, normalise, parse_time
 from hpo_sync.store import Store
 
 DING_SECRET = "SECding-secret-value"
@@ -1430,8 +1430,10 @@ async def test_a_retry_the_mirror_cannot_record_still_waits_its_backoff(db: Path
 async def test_a_step_of_the_clock_moves_the_retries_waits(db: Path) -> None:
     """The target answered 500 and the retry waits its backoff; then the machine's clock
     steps back an hour. Due times are wall-clock times: unmoved, the retry would wait an
-    hour more. The daemon's clock watch calls ``clock_stepped``, which moves the waits of
-    rows attempted before (not rows never attempted, whose due time is a time of day)."""
+    hour more. The daemon's clock watch calls ``clock_stepped``, which moves the pending
+    rows' times: a retry's due time, a queued alert's queue time (its group wait and expiry
+    run from it) and due time, but not the due time of a row waiting for the end of its
+    rule's quiet hours (a time of day)."""
     async with _answer_held(db, alerts=1, statuses={0: 500}) as (worker, hook, answer):
         t = now()
         answer.set()
@@ -1439,24 +1441,30 @@ async def test_a_step_of_the_clock_moves_the_retries_waits(db: Path) -> None:
         (row,) = outbox(db)
         due = t + timedelta(seconds=backoff_s(1))
         assert (row["attempts"], row["next_attempt_at"]) == (1, format_time(due))
-        # A row never attempted, due at a time of day (as a rule's quiet hours make it), for
-        # a target of its own.
+        # Two rows never attempted, each for a target of its own (neither configured, so
+        # neither is sent here): one queued in quiet hours, due at their end; one due at once.
+        queued = t - timedelta(seconds=1)
         conn = sqlite3.connect(db)
         with conn:
-            conn.execute(
-                "INSERT INTO alert_outbox (target, rule, change_id, status, attempts,"
-                " next_attempt_at, created_at) SELECT 'quiet', rule, change_id, status, 0,"
-                " ?, created_at FROM alert_outbox WHERE id = ?",
-                (format_time(t + timedelta(hours=8)), row["id"]),
-            )
+            for target, due_at in (("quiet", t + timedelta(hours=8)), ("soon", queued)):
+                conn.execute(
+                    "INSERT INTO alert_outbox (target, rule, change_id, status, attempts,"
+                    " next_attempt_at, created_at) SELECT ?, rule, change_id, status, 0, ?, ?"
+                    " FROM alert_outbox WHERE id = ?",
+                    (target, format_time(due_at), format_time(queued), row["id"]),
+                )
         conn.close()
         step = timedelta(hours=-1)
         with capture_logs() as logs:
             await worker.clock_stepped(step.total_seconds())
-        assert [(e["event"], e["retries_moved"]) for e in logs] == [("alert.clock_stepped", 1)]
-        retry, quiet = outbox(db)
+        assert [(e["event"], e["alerts_moved"]) for e in logs] == [("alert.clock_stepped", 3)]
+        retry, quiet, soon = outbox(db)
         assert retry["next_attempt_at"] == format_time(due + step)
+        created = parse_time(row["created_at"])
+        assert created is not None and retry["created_at"] == format_time(created + step)
         assert quiet["next_attempt_at"] == format_time(t + timedelta(hours=8))
+        assert quiet["created_at"] == soon["created_at"] == format_time(queued + step)
+        assert soon["next_attempt_at"] == format_time(queued + step)
         # Due as long after the step as it was before it: not an hour later.
         assert await worker.run_once(now=due + step - timedelta(seconds=1), stalls=False) == 0
         assert len(hook.got) == 1

@@ -229,24 +229,37 @@ def mark_sent(conn: sqlite3.Connection, ids: Sequence[int], now: datetime) -> No
 
 
 def shift_waits(conn: sqlite3.Connection, step_s: float) -> int:
-    """Move the due time of every pending row waiting after an attempt (a backoff, or the
-    wait a target asked for) by ``step_s``, the step the machine's clock just made; returns
-    how many moved. Due times are wall-clock times: after a step back of an hour, a retry
-    due in ten seconds would have waited an hour and ten seconds, and after a step forward
-    a target that asked for a minute's wait (DingTalk bans a bot that sends on) would have
-    been sent to at once. Rows never attempted wait for the end of their rule's quiet
-    hours, a time of day on the wall clock: they stay."""
+    """Move the times of the pending rows by ``step_s``, the step the machine's clock just
+    made, so that each wait ends as long after now as it would have without the step;
+    returns how many rows moved. The times are wall-clock times: after a step back of an
+    hour, a retry due in ten seconds (or an alert in its group wait) would have waited an
+    hour more, and after a step forward a target that asked for a minute's wait (DingTalk
+    bans a bot that sends on) would have been sent to at once, and alerts queued a minute
+    ago expired as too old.
+
+    ``created_at`` moves on every pending row (the group wait and the expiry run from it),
+    ``next_attempt_at`` on rows waiting after an attempt and on rows due when queued. A row
+    never attempted whose due time is later than its queue time waits for the end of its
+    rule's quiet hours, a time of day on the wall clock: that stays."""
     rows = conn.execute(
-        "SELECT id, next_attempt_at FROM alert_outbox"
-        " WHERE status = ? AND attempts > 0 AND next_attempt_at IS NOT NULL",
+        "SELECT id, attempts, created_at, next_attempt_at FROM alert_outbox WHERE status = ?",
         (PENDING,),
     ).fetchall()
-    moved = [
-        (format_time(at + timedelta(seconds=step_s)), i)
-        for i, text in rows
-        if (at := parse_time(text)) is not None
-    ]
-    conn.executemany("UPDATE alert_outbox SET next_attempt_at = ? WHERE id = ?", moved)
+    step = timedelta(seconds=step_s)
+    moved: list[tuple[str | None, str | None, int]] = []
+    for i, attempts, created_text, due_text in rows:
+        created, due = parse_time(created_text), parse_time(due_text)
+        quiet = attempts == 0 and due is not None and created is not None and due > created
+        moved.append(
+            (
+                format_time(created + step) if created is not None else created_text,
+                format_time(due + step) if due is not None and not quiet else due_text,
+                i,
+            )
+        )
+    conn.executemany(
+        "UPDATE alert_outbox SET created_at = ?, next_attempt_at = ? WHERE id = ?", moved
+    )
     return len(moved)
 
 

@@ -319,7 +319,7 @@ class AlertWorker:
     async def clock_stepped(self, step_s: float) -> None:
         """The machine's clock just stepped by ``step_s`` (the daemon's clock watch): move
         the waits kept on the wall clock by as much, so that each ends as long after now as
-        it would have without the step: the outbox rows' retries (:func:`outbox.shift_waits`),
+        it would have without the step: the pending outbox rows' (:func:`outbox.shift_waits`),
         the stall notices' waits and the retries of outcomes not yet recorded."""
         step = timedelta(seconds=step_s)
         self._notice_wait = {name: at + step for name, at in self._notice_wait.items()}
@@ -331,7 +331,7 @@ class AlertWorker:
                 return outbox.shift_waits(conn, step_s)
 
         moved = await asyncio.to_thread(shift)
-        log.info("alert.clock_stepped", step_s=round(step_s, 1), retries_moved=moved)
+        log.info("alert.clock_stepped", step_s=round(step_s, 1), alerts_moved=moved)
 
     async def close(self) -> None:
         if self._session is not None:
