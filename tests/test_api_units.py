@@ -3,9 +3,11 @@ upstream-compatible route. No server, no database."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import sqlite3
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -17,7 +19,7 @@ from hpo_sync.api.compat import compat_sql
 from hpo_sync.api.cursor import Cursor, CursorError, filters_hash
 from hpo_sync.api.errors import BadParameterError
 from hpo_sync.api.openapi import EXPERIMENTS_PARAMS, parse_params
-from hpo_sync.api.read import filter_identity, freshness
+from hpo_sync.api.read import ChangeWatcher, filter_identity, freshness
 from hpo_sync.store import ExperimentFilter, WorkspaceState
 from hpo_sync.upstream_query import InvalidInputError, parse_query
 
@@ -316,3 +318,33 @@ def test_any_upstream_tag_parses_into_utf8_text_or_is_invalid_input(tag: str) ->
         key.encode("utf-8")
         if value is not None:
             value.encode("utf-8")
+
+
+async def test_the_change_watcher_follows_ids_that_go_back() -> None:
+    """`serve` follows a copy renamed over the mirror (a restored backup) whose change ids
+    are lower than the old file's. The watcher kept the old, higher max id, so every wait
+    beyond the new file's max ended at once, and each quiet long poll re-read the mirror in
+    a tight loop for its whole wait (8,710 reads in a 2 s poll, a CPU pegged)."""
+    current = {"max": 3093}
+    reads = 0
+
+    async def read_max() -> int:
+        nonlocal reads
+        reads += 1
+        return current["max"]
+
+    watcher = ChangeWatcher(read_max, poll_interval_s=0.05)
+    try:
+        assert await watcher.wait_beyond(3000, 1.0) == 3093  # the first file's newer change
+        current["max"] = 3000  # the older copy: nothing above 3000
+        began = time.monotonic()
+        assert await watcher.wait_beyond(3000, 0.5) is None  # a timeout, not 3093 at once
+        assert time.monotonic() - began >= 0.45
+        reads_before = reads
+        waiting = asyncio.create_task(watcher.wait_beyond(3000, 5.0))
+        await asyncio.sleep(0.2)
+        current["max"] = 3001  # a change committed to the new file: seen at the next poll
+        assert await waiting == 3001
+        assert reads - reads_before < 20  # polled at its interval, not in a loop
+    finally:
+        await watcher.close()

@@ -241,6 +241,7 @@ class ChangeWatcher:
         self._client_check_interval_s = client_check_interval_s
         self._on_waiters = on_waiters
         self._latest = 0
+        self._polls = 0  # readings of the max id so far
         self._waiters = 0
         self._by_caller: dict[str, int] = {}
         self._cond: asyncio.Condition | None = None
@@ -276,9 +277,14 @@ class ChangeWatcher:
             self._by_caller[caller] = self._by_caller.get(caller, 0) + 1
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._poll(), name="api-change-watcher")
+        # Only a reading made after the wait began counts: one made before may be of
+        # another file (`serve` follows a copy renamed over the mirror, whose ids can be
+        # lower), and every wait would then end at once, the long polls re-reading the
+        # mirror in a tight loop until their time ran out.
+        start = self._polls
         try:
             async with cond:
-                while self._latest <= known_max_id:
+                while self._polls == start or self._latest <= known_max_id:
                     remaining = deadline - loop.time()
                     if remaining <= 0 or (gone is not None and gone()):
                         return None
@@ -309,8 +315,11 @@ class ChangeWatcher:
                 log.warning("api.change_watcher_failed", error=str(exc))
                 await asyncio.sleep(self._poll_interval_s)
                 continue
-            if latest > self._latest and self._cond is not None:
-                self._latest = latest
+            # The id as the file has it now, lower too (an older copy renamed over it); the
+            # waiters look again after every reading.
+            self._latest = latest
+            self._polls += 1
+            if self._cond is not None:
                 async with self._cond:
                     self._cond.notify_all()
 
