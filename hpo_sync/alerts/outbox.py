@@ -3,6 +3,7 @@ record outcomes. Functions take a connection; the caller owns the transaction.""
 
 from __future__ import annotations
 
+import secrets
 import sqlite3
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
@@ -158,8 +159,14 @@ def due_rows(conn: sqlite3.Connection, now: datetime, limit: int = 1000) -> list
 
 
 def message_id(outbox_ids: Sequence[int]) -> str:
-    """The id a new message of these rows gets: ``hposync_<first row>_<rows>``."""
-    return f"hposync_{outbox_ids[0]}_{len(outbox_ids)}"
+    """A new name for a message of these rows: ``hposync_<first row>_<rows>_<random>``.
+
+    The random part (64 bits) makes it unique beyond this mirror: receivers drop a
+    ``webhook-id`` they have processed, and ids from the rows alone repeat across the
+    mirrors of several daemons (each numbers its rows from 1) and after a mirror is
+    restored from a backup (its rows numbered again from there), so a new message could
+    come under an id the receiver already had, and be dropped."""
+    return f"hposync_{outbox_ids[0]}_{len(outbox_ids)}_{secrets.token_hex(8)}"
 
 
 def name_messages(conn: sqlite3.Connection, messages: Sequence[Sequence[int]]) -> list[str]:
@@ -169,21 +176,13 @@ def name_messages(conn: sqlite3.Connection, messages: Sequence[Sequence[int]]) -
     Call once for all the new messages of a delivery round, in one write transaction, before
     the first is sent: whatever happens to the attempt (a timeout after the receiver took
     it, a kill -9 before its rows are marked sent), the rows go again as this message under
-    this name. A name is :func:`message_id`, or that with ``_2``, ``_3``… if other rows
-    hold it already (rows that were put in a new message by ``alerts retry``): one name
-    never stands for two different sets of alerts."""
+    this name. A name is :func:`message_id`, drawn again in the (unlikely) event that other
+    rows hold it: one name never stands for two different sets of alerts."""
     names: list[str] = []
     for ids in messages:
-        base = name = message_id(ids)
-        n = 1
-        while True:
-            holders = conn.execute(
-                "SELECT id FROM alert_outbox WHERE message_id = ?", (name,)
-            ).fetchall()
-            if not holders or {i for (i,) in holders} == set(ids):
-                break
-            n += 1
-            name = f"{base}_{n}"
+        name = message_id(ids)
+        while conn.execute("SELECT 1 FROM alert_outbox WHERE message_id = ?", (name,)).fetchone():
+            name = message_id(ids)
         conn.executemany(
             "UPDATE alert_outbox SET message_id = ? WHERE id = ?", [(name, i) for i in ids]
         )
