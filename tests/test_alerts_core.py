@@ -148,6 +148,7 @@ def _j(obj: object) -> bytes:
         ("webhook", 408, {}, b"", Retry),
         ("teams", 408, {}, b"timeout", Retry),
         ("discord", 408, {}, b"", Retry),
+        ("slack", 408, {}, b"", Retry),  # (was dead-lettered: Slack's branch refused all)
     ],
 )
 def test_classify(

@@ -236,10 +236,8 @@ def _classify(
         return _code_body(body, shown, "code", _FEISHU, "msg")
     if target_type == "wecom" and status == 200:
         return _code_body(body, shown, "errcode", _WECOM, "errmsg")
-    if target_type == "slack":
-        if status == 200:
-            return Sent() if body.strip() in (b"ok", b"") else Dead(f"HTTP 200: {_snippet(shown)}")
-        return Dead(f"HTTP {status}: {_snippet(shown)}")
+    if target_type == "slack" and status == 200:
+        return Sent() if body.strip() in (b"ok", b"") else Dead(f"HTTP 200: {_snippet(shown)}")
     if target_type == "discord" and status in (200, 204):
         return Sent()
     if target_type == "teams" and status in (200, 202):

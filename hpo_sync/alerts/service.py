@@ -730,6 +730,11 @@ class AlertWorker:
                 outbox.mark_sent(conn, ids, entry.answered_at)
             elif isinstance(outcome, Retry):
                 next_at = entry.now + timedelta(seconds=entry.delay_s)
+                if outcome.after_s and next_at.microsecond:
+                    # A wait the target asked for (Retry-After, DingTalk's ban) ends no
+                    # earlier than asked: due times are kept to the second, and cut there
+                    # it could end up to a second early.
+                    next_at = next_at.replace(microsecond=0) + timedelta(seconds=1)
                 outbox.mark_retry(conn, ids, next_at, outcome.reason)
             else:
                 outbox.mark_dead(conn, ids, outcome.reason, attempted=entry.attempts > 0)
