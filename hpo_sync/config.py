@@ -506,7 +506,7 @@ class _Parser:
         if choices:
             bad = [v for v in value if v not in choices]
             if bad:
-                raise self.fail(full, f"{bad[0]!r} is not one of {', '.join(choices)}")
+                raise self.fail(full, f"{_shown(bad[0])} is not one of {', '.join(choices)}")
         return tuple(value)
 
     def statuses(self, data: Mapping[str, Any], key: str, name: str) -> tuple[str, ...]:
@@ -519,7 +519,7 @@ class _Parser:
         for value in self.str_list(data, key, name):
             status = value.strip().upper()
             if not _STATUS_RE.fullmatch(status):
-                raise self.fail(full, f"{value!r} is no status (letters, digits and _)")
+                raise self.fail(full, f"{_shown(value)} is no status (letters, digits and _)")
             out.append(status)
         for status in (s for s in out if s not in EXPERIMENT_STATUSES):
             close = difflib.get_close_matches(status, EXPERIMENT_STATUSES, n=1)
@@ -977,7 +977,7 @@ class _Parser:
                 raise self.fail(f"{rk}.targets", "name at least one target")
             missing = [t for t in rule_targets if t not in target_names]
             if missing:
-                raise self.fail(f"{rk}.targets", f"no target named {missing[0]!r}")
+                raise self.fail(f"{rk}.targets", f"no target named {_shown(missing[0])}")
             ws = self.str_list(r, rk, "workspaces")
             unknown = [w for w in ws if w not in workspace_ids]
             if unknown:
@@ -1084,10 +1084,20 @@ def _range(lo: float, hi: float) -> Callable[[Any], str | None]:
     return check
 
 
+def _shown(v: Any) -> str:
+    """``v`` quoted for an error message, unless it may be a secret pasted into the wrong
+    key (a webhook URL, a token: with ``://``, or longer than any name here), which the
+    message then leaves out, as the ``*_env`` keys' messages do."""
+    text = str(v)
+    if "://" in text or len(text) > 64:
+        return f"a value of {len(text)} characters (not shown: it may be a secret)"
+    return repr(v)
+
+
 def _choice(choices: tuple[str, ...], *, fold: bool = False) -> Callable[[Any], str | None]:
     def check(v: Any) -> str | None:
         ok = (v.lower() if fold else v) in choices
-        return None if ok else f"{v!r} is not one of {', '.join(choices)}"
+        return None if ok else f"{_shown(v)} is not one of {', '.join(choices)}"
 
     return check
 

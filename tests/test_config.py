@@ -1204,3 +1204,24 @@ def test_a_status_pai_does_not_document_is_taken_with_a_warning() -> None:
         ("config.status_undocumented", "FINISHD", "FINISHED"),
     ]
     assert all(e["key"] == "sync.terminal_statuses" for e in logs)
+
+
+def test_a_secret_pasted_into_a_key_of_choices_is_not_quoted(tmp_path: Path) -> None:
+    """A DingTalk URL pasted into a target's ``type`` (or a rule's ``targets``): the error
+    names the key and the choices, not the value, which may be the robot's token, on the
+    terminal or in the journal (as the ``*_env`` keys' errors already leave theirs out)."""
+    url = "https://oapi.dingtalk.com/robot/send?access_token=9f86d081884c7d659a2feaa0c55ad015"
+    for field, value in (("type", url), ("type", "x" * 80)):
+        text = f"""
+[[workspaces]]
+id = "100001"
+
+[[alerts.targets]]
+name = "ops"
+{field} = "{value}"
+url = "https://example.invalid/hook"
+"""
+        message = error(text)
+        assert message.startswith("alerts.targets[0].type (line 7): a value of"), message
+        assert "not shown" in message and "is not one of" in message
+        assert value not in message and "access_token" not in message
