@@ -1474,3 +1474,90 @@ async def test_a_step_of_the_clock_moves_the_retries_waits(db: Path) -> None:
         assert len(hook.got) == 1
         assert await worker.run_once(now=due + step, stalls=False) == 1
         assert len(hook.got) == 2 and outbox(db)[0]["status"] == "sent"
+
+
+async def test_a_ban_asked_in_answer_to_a_stall_notice_holds_the_alerts_too(
+    store: Store, db: Path
+) -> None:
+    """DingTalk answered a stall notice 130101 (sent too fast: a ban of ~10 minutes, longer
+    for a bot that sends on). The notices waited, but an alert due 5 s later went out
+    inside the ban: the wait was kept for the notices alone."""
+    tok = "tok-ding-S3CRETTOKEN"
+    receivers = Receivers()
+    await receivers.start()
+    worker = None
+    try:
+        target = TargetConfig("ding", "dingtalk", Secret(receivers.url("dingtalk", tok), "t"))
+        cfg = Config(
+            store=StoreConfig(db),
+            workspaces=(WorkspaceConfig("ws1", "nlp"),),
+            alerts=AlertsConfig(
+                group_wait_s=0,
+                stalled_after_s=60,
+                targets=(target,),
+                rules=(RuleConfig("r", ("ding",)),),
+            ),
+        )
+        t = datetime.now(UTC).replace(microsecond=0)
+        store.record_success("ws1", "hot", format_time(t - timedelta(seconds=600)))
+        worker = AlertWorker(store, cfg, rate_limits={})
+        receivers.fail(tok, errcode=130101, times=1)
+        await worker.run_once(now=t)  # the stall notice: 130101
+        assert [x.answer for x in receivers.rejected] and "130101" in receivers.rejected[0].answer
+        world = World(store, worker, 1)
+        world.fail(world.ids)
+        await worker.run_once(now=t + timedelta(seconds=5), stalls=False)
+        assert receivers.received == []  # held: not 5 s into the ban
+        (row,) = outbox(db)
+        assert (row["status"], row["attempts"]) == ("pending", 0)
+    finally:
+        if worker is not None:
+            await worker.close()
+        await receivers.stop()
+
+
+async def test_a_ban_holds_an_older_alert_whose_quiet_hours_end_inside_it(
+    store: Store, db: Path
+) -> None:
+    """Two alerts for one DingTalk robot: the older waits for the end of its rule's quiet
+    hours (two minutes), the newer goes at once and is answered 130101 (a ban of ~10
+    minutes). Only rows newer than the waiting one were held, so the older went out when
+    its quiet hours ended, inside the ban."""
+    tok = "tok-ding-S3CRETTOKEN"
+    receivers = Receivers()
+    await receivers.start()
+    real = datetime.now(UTC)
+    start = real.replace(second=0, microsecond=0)
+    end = start + timedelta(minutes=2)
+    target = TargetConfig("ding", "dingtalk", Secret(receivers.url("dingtalk", tok), "t"))
+    rules = (
+        RuleConfig(
+            "night",
+            ("ding",),
+            experiments=("bert_e0000",),
+            quiet_hours=f"{start:%H:%M}-{end:%H:%M}",
+        ),
+        RuleConfig("loud", ("ding",), experiments=("bert_e0001",)),
+    )
+    cfg = Config(
+        store=StoreConfig(db), alerts=AlertsConfig(group_wait_s=0, targets=(target,), rules=rules)
+    )
+    worker = AlertWorker(store, cfg, rate_limits={})
+    try:
+        world = World(store, worker, 2)
+        world.fail(["e0000"])  # row 1: waits for the end of the quiet hours
+        world.fail(["e0001"])  # row 2: due now
+        receivers.fail(tok, errcode=130101, times=1)
+        await worker.run_once(now=real)
+        quiet, banned = outbox(db)
+        assert (quiet["attempts"], banned["attempts"]) == (0, 1)
+        assert "130101" in banned["last_error"]
+        await worker.run_once(now=end)  # the quiet hours are over; the ban is not
+        assert receivers.received == []
+        ban_ends = datetime.fromisoformat(banned["next_attempt_at"])
+        # then both: the newer again as the message it went in, the older in one of its own
+        assert await worker.run_once(now=ban_ends) == 2
+        assert [r["status"] for r in outbox(db)] == ["sent", "sent"]
+    finally:
+        await worker.close()
+        await receivers.stop()

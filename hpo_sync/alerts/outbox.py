@@ -133,23 +133,20 @@ def due_rows(conn: sqlite3.Connection, now: datetime, limit: int = 1000) -> list
     The limit is per target: a target working through a long backlog at its rate limit
     (WeCom: 20 messages a minute) never keeps the others' newer alerts from being read.
 
-    A target's rows newer than its oldest row still waiting after an attempt (a retry after
-    a backoff or the wait it asked for: 429 and Retry-After, DingTalk's 130101) are not due
-    either: they would reach it inside that wait (DingTalk bans a bot that sends on), and
-    ahead of older alerts. They go with it, oldest first, once it is due. (A row that waits
-    for the end of its rule's quiet hours, never attempted, holds nothing back.)"""
+    None of a target's rows is due while one of them waits after an attempt (a retry after
+    a backoff or the wait it asked for: 429 and Retry-After, DingTalk's 130101): newer ones
+    would reach it inside that wait (DingTalk bans a bot that sends on), and ahead of older
+    alerts; older ones (a row whose rule's quiet hours just ended) inside it too. They go
+    with it, oldest first, once it is due. (A row that waits for the end of its rule's
+    quiet hours, never attempted, holds nothing back.)"""
     out: dict[int, DueRow] = {}
     at = format_time(now)
     due = "(o.next_attempt_at IS NULL OR o.next_attempt_at <= ?)"
     oldest_waiting = _oldest_waiting(conn, at)
     targets = conn.execute("SELECT DISTINCT target FROM alert_outbox WHERE status = ?", (PENDING,))
     for (target,) in targets.fetchall():
-        waiting = oldest_waiting.get(target)
-        if waiting is None:
+        if target not in oldest_waiting:
             _read_due(conn, f"o.target = ? AND {due}", (target, at, limit), out)
-        else:
-            where = f"o.target = ? AND {due} AND o.id < ?"
-            _read_due(conn, where, (target, at, waiting, limit), out)
     messages = sorted({r.message_id for r in out.values() if r.message_id is not None})
     for start in range(0, len(messages), 500):
         chunk = tuple(messages[start : start + 500])

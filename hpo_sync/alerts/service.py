@@ -266,6 +266,9 @@ class AlertWorker:
         #: 130101…), else after the backoff of its notices that failed in a row
         self._notice_wait: dict[str, datetime] = {}
         self._notice_failures: dict[str, int] = {}
+        #: per target, the end of a wait it asked for in answer to a stall notice: its
+        #: alerts wait for it too (DingTalk bans a bot that sends on after 130101)
+        self._asked_wait: dict[str, datetime] = {}
         #: per target, the outcomes of its sends that the mirror could not record (a full
         #: disk, a lock held too long), oldest first: the target gets nothing more until
         #: they are recorded (see :meth:`_record`)
@@ -323,6 +326,7 @@ class AlertWorker:
         the stall notices' waits and the retries of outcomes not yet recorded."""
         step = timedelta(seconds=step_s)
         self._notice_wait = {name: at + step for name, at in self._notice_wait.items()}
+        self._asked_wait = {name: at + step for name, at in self._asked_wait.items()}
         for entries in self._unrecorded.values():
             entries[:] = [replace(e, now=e.now + step) for e in entries]
 
@@ -419,6 +423,8 @@ class AlertWorker:
         for name, group in by_target.items():
             if name in busy:
                 continue
+            if now < self._asked_wait.get(name, now):
+                continue  # it asked a stall notice to wait: its alerts wait as long
             target = self._target(name)
             if target is None:
                 await self._record(
@@ -503,9 +509,10 @@ class AlertWorker:
                 self._notice_failures.pop(target.name, None)
                 continue
             asked = outcome.after_s if isinstance(outcome, Retry) else None
-            if asked:  # the rest go after that wait
+            if asked:  # the rest go after that wait, and its alerts too
                 wait_s = min(asked, RETRY_AFTER_MAX_S)
-                self._notice_wait[target.name] = self.clock() + timedelta(seconds=wait_s)
+                until = self.clock() + timedelta(seconds=wait_s)
+                self._notice_wait[target.name] = self._asked_wait[target.name] = until
                 return
             # The others are tried this round all the same (it may refuse this workspace's
             # notice alone), then the backoff holds the next.
