@@ -1561,3 +1561,39 @@ async def test_a_ban_holds_an_older_alert_whose_quiet_hours_end_inside_it(
     finally:
         await worker.close()
         await receivers.stop()
+
+
+async def test_two_targets_of_one_robot_share_its_rate_limit(store: Store, db: Path) -> None:
+    """Two targets of one DingTalk URL (two rules' routes to one robot, say): the limit is
+    the robot's (20 a minute), but each target had a limiter of its own, so together they
+    sent it 38 a minute and got it banned. Here with a limit of 2 per 1.5 s: six messages,
+    three per target, take at least two windows past the first when they share one."""
+    tok = "tok-ding-S3CRETTOKEN"
+    receivers = Receivers()
+    await receivers.start()
+    url = receivers.url("dingtalk", tok)
+    targets = (
+        TargetConfig("ding-oncall", "dingtalk", Secret(url, "t")),
+        TargetConfig("ding-team", "dingtalk", Secret(url, "t")),
+    )
+    rules = (
+        RuleConfig("failed", ("ding-oncall",), to_status=("FAILED",)),
+        RuleConfig("all", ("ding-team",)),
+    )
+    cfg = Config(
+        store=StoreConfig(db), alerts=AlertsConfig(group_wait_s=0, targets=targets, rules=rules)
+    )
+    worker = AlertWorker(store, cfg, rate_limits={"dingtalk": ((2, 1.5),)})
+    try:
+        world = World(store, worker, 3)
+        began = time.monotonic()
+        for i in world.ids:  # one change a round, each round flushed: a message per target
+            world.fail([i])
+            assert await worker.run_once(flush=True, stalls=False) == 2
+        elapsed = time.monotonic() - began
+        assert len(receivers.received) == 6 and not receivers.rejected
+        assert elapsed >= 2.9, elapsed  # separately limited: ~1.5 s
+        assert len(worker._limiters) == 1
+    finally:
+        await worker.close()
+        await receivers.stop()

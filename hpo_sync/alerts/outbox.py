@@ -187,14 +187,18 @@ def name_messages(conn: sqlite3.Connection, messages: Sequence[Sequence[int]]) -
     return names
 
 
-def recent_sends(conn: sqlite3.Connection, target: str, since: datetime) -> list[datetime]:
-    """The send time (to the second) of each message sent to ``target`` since ``since``."""
+def recent_sends(
+    conn: sqlite3.Connection, targets: Collection[str], since: datetime
+) -> list[datetime]:
+    """The send time (to the second) of each message sent to one of ``targets`` since
+    ``since``."""
+    names = sorted(targets)
     return [
         t
         for (sent_at,) in conn.execute(
-            "SELECT max(sent_at) FROM alert_outbox WHERE target = ? AND status = 'sent'"
-            " AND sent_at >= ? GROUP BY message_id",
-            (target, format_time(since)),
+            "SELECT max(sent_at) FROM alert_outbox WHERE status = 'sent' AND sent_at >= ?"
+            f" AND target IN ({','.join('?' * len(names))}) GROUP BY target, message_id",
+            (format_time(since), *names),
         )
         if (t := parse_time(sent_at)) is not None
     ]

@@ -74,6 +74,12 @@ def backoff_s(attempts: int) -> float:
     return float(min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** max(0, attempts - 1)))
 
 
+def _robot(target: TargetConfig) -> str:
+    """What a target's rate limits are counted per: its type and URL (the robot, or the
+    webhook). An in-memory key only: it holds the URL's token, and is never shown."""
+    return f"{target.type}\n{target.url.reveal()}"
+
+
 def _log_failure(exc: BaseException, **where: str) -> None:
     """A round's failure. The mirror's write lock held past busy_timeout by the other
     writer (the sweep process, in a long batch) is transient and loses nothing (what was
@@ -308,15 +314,11 @@ class AlertWorker:
 
     async def reload(self, config: Config) -> None:
         self.config = config
-        # A limiter stays with its target while the target's type (and so its limits)
+        # A limiter stays while a target of its robot (type and URL, and so its limits)
         # does: one made a DingTalk target in the reload gets DingTalk's, counting what
-        # the outbox says it was sent in them.
-        self._limiters = {
-            name: lim
-            for name, lim in self._limiters.items()
-            if (target := self._target(name)) is not None
-            and lim.windows == tuple(self._rate_limits.get(target.type, ()))
-        }
+        # the outbox says its robot was sent in them.
+        robots = {_robot(t) for t in config.alerts.targets}
+        self._limiters = {key: lim for key, lim in self._limiters.items() if key in robots}
         await asyncio.to_thread(self._redact_stored_errors)
 
     async def clock_stepped(self, step_s: float) -> None:
@@ -358,11 +360,15 @@ class AlertWorker:
         return next((t for t in self.config.alerts.targets if t.name == name), None)
 
     async def _limiter(self, target: TargetConfig) -> RateLimiter:
-        """The target's limiter; a new one counts what this target was sent in its longest
-        window before (by the process before a restart, or by the previous one-shot sync):
-        kept in memory only, a target's limit started afresh with every process, and two
-        `hpo-sync sync` runs back to back sent WeCom 20 messages within two seconds."""
-        lim = self._limiters.get(target.name)
+        """The limiter of the target's robot (its type and URL): the limits are per robot
+        (DingTalk's and WeCom's 20 a minute), and two targets of one URL (two rules'
+        formats, say) each sent 19 a minute, and got the robot banned. A new one counts
+        what the robot's targets were sent in its longest window before (by the process
+        before a restart, or by the previous one-shot sync): kept in memory only, a limit
+        started afresh with every process, and two `hpo-sync sync` runs back to back sent
+        WeCom 20 messages within two seconds."""
+        key = _robot(target)
+        lim = self._limiters.get(key)
         if lim is not None:
             return lim
         windows = self._rate_limits.get(target.type, ())
@@ -370,16 +376,19 @@ class AlertWorker:
         ages: list[float] = []
         if longest:
             now = self.clock()
+            names = [t.name for t in self.config.alerts.targets if _robot(t) == key]
 
             def read() -> list[datetime]:
                 with self.store.reader() as conn:
-                    return outbox.recent_sends(conn, target.name, now - timedelta(seconds=longest))
+                    return outbox.recent_sends(
+                        conn, names or [target.name], now - timedelta(seconds=longest)
+                    )
 
             # sent_at is kept to the second: each is taken as late in its second as it can be
             ages = [(now - t).total_seconds() - 1 for t in await asyncio.to_thread(read)]
-        lim = self._limiters.get(target.name)  # made meanwhile by another task
+        lim = self._limiters.get(key)  # made meanwhile by another task
         if lim is None:
-            lim = self._limiters[target.name] = RateLimiter(windows)
+            lim = self._limiters[key] = RateLimiter(windows)
             lim.seed(ages)
         return lim
 
