@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -93,9 +94,29 @@ def _tame_library_logging() -> None:
             logger.removeHandler(handler)
 
 
+#: configparser's quote of a line it could not parse, in the chain's (repr'd) text:
+#: ``[line  6]: 'q7Hk…\\n'`` and, before any section, ``line: 1\\n'access_key_secret = …'``.
+_QUOTED_LINE = re.compile(
+    r"(\[line\s+\d+\]:|line: \d+(?:\\n|\n))\s*('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")"
+)
+#: ``secret = value``, ``token: value`` and the like, wherever a library quotes them.
+_KEYED_SECRET = re.compile(
+    r"((?:secret|token|password|passwd)[\w.-]*\s*[=:]\s*)([^\s'\",\]\\]+)", re.IGNORECASE
+)
+
+
 def _first_line(exc: BaseException) -> str:
-    """The chain's error, on one line. It lists every provider it tried, the one that is
-    wrong last but one (the ECS role's comes last): cut at 300 characters, it never said
-    what was wrong with a credentials file. 2,000 hold every provider's reason."""
+    """The chain's error, on one line, with nothing in it that may be a secret. It lists
+    every provider it tried, the one that is wrong last but one (the ECS role's comes
+    last): cut at 300 characters, it never said what was wrong with a credentials file.
+    2,000 hold every provider's reason.
+
+    The profile provider's parse errors quote the line they could not read, which can be
+    the secret itself (a value wrapped onto a line of its own): that text went to the
+    terminal, the log, ``sync_runs.error`` and the read API. Quoted lines are left out,
+    and a value after a key named like a secret is masked."""
     text = str(exc).strip().splitlines()
-    return text[0][:2000] if text else type(exc).__name__
+    if not text:
+        return type(exc).__name__
+    line = _QUOTED_LINE.sub(r"\1 (the line is not shown: it may hold a secret)", text[0])
+    return _KEYED_SECRET.sub(r"\1***", line)[:2000]

@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -126,3 +130,60 @@ def test_the_chains_error_keeps_every_providers_reason() -> None:
     message = f"unable to get credentials from any of the providers in the chain: {reasons}"
     assert len(message) > 500
     assert "unsupported credential type weird" in _first_line(RuntimeError(message))
+
+
+_ASK_THE_CHAIN = """
+import asyncio
+from hpo_sync.credentials import DefaultChainCredentials
+from hpo_sync.errors import CredentialsError
+try:
+    asyncio.run(DefaultChainCredentials().get())
+except CredentialsError as exc:
+    print(exc)
+"""
+
+
+@pytest.mark.parametrize(
+    "ini",
+    [
+        # a secret wrapped onto a line of its own: "Source contains parsing errors … [line 6]"
+        "[default]\ntype = access_key\naccess_key_id = sim-id\naccess_key_secret =\n\n{secret}\n",
+        # a key before any section: "File contains no section headers … line: 1"
+        "access_key_secret = {secret}\n[default]\n",
+    ],
+    ids=["wrapped-line", "no-section"],
+)
+def test_a_malformed_credentials_file_never_quotes_its_secret(ini: str, tmp_path: Path) -> None:
+    """The real chain, in a process of its own (the library reads HOME when imported), on a
+    malformed ~/.alibabacloud/credentials.ini: its parse error quoted the line it could not
+    read, the secret itself here, and that text went to the terminal, the log,
+    ``sync_runs.error`` and the read API. It says which line instead."""
+    secret = "q7Hk2SUPERSECRETvAlUe9Xz"
+    (tmp_path / ".alibabacloud").mkdir()
+    (tmp_path / ".alibabacloud" / "credentials.ini").write_text(ini.format(secret=secret))
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("ALIBABA_CLOUD_ACCESS_KEY_ID", "ALIBABA_CLOUD_ACCESS_KEY_SECRET")
+    }
+    env.update(HOME=str(tmp_path), ALIBABA_CLOUD_ECS_METADATA_DISABLED="true")
+    done = subprocess.run(
+        [sys.executable, "-c", _ASK_THE_CHAIN],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    message = done.stdout
+    assert "ProfileCredentialsProvider" in message and "line" in message, message
+    assert "the line is not shown" in message
+    assert secret not in message and secret not in done.stderr
+
+
+def test_a_value_after_a_key_named_like_a_secret_is_masked() -> None:
+    from hpo_sync.credentials import _first_line
+
+    text = "['SomeProvider: bad entry access_key_secret=abc123XYZ, security_token: t0k3n']"
+    shown = _first_line(RuntimeError(text))
+    assert "abc123XYZ" not in shown and "t0k3n" not in shown and "access_key_secret=***" in shown
