@@ -33,7 +33,15 @@ from . import render as r
 from .config import EXPERIMENT_STATUSES
 from .errors import ConfigError, HpoSyncError, StoreError
 from .normalise import format_time, parse_time, round_up_fraction
-from .store import ChangeRow, ExperimentFilter, PageKey, SortOrder, Store, WorkspaceStats
+from .store import (
+    ChangeRow,
+    ExperimentFilter,
+    PageKey,
+    SortOrder,
+    Store,
+    WorkspaceStats,
+    is_mirror_file,
+)
 
 Handler = Callable[[argparse.Namespace], int]
 Command = Callable[[str, str, Handler], argparse.ArgumentParser]
@@ -846,17 +854,12 @@ _EXPORT_HEADERS = {
 }
 
 
-#: Files that belong to a mirror ``<db>``: never an export's output.
-_MIRROR_FILES = ("", "-wal", "-shm", "-journal", ".lock")
-
-
 def _check_output(path: str, db: Path) -> Path:
     """Where ``--output`` writes: the file itself, its symlink's target for a symlink. A
     path that is the mirror or one of its files is a usage error (replacing it would
     destroy the mirror)."""
     dest = Path(path).resolve()  # through symlinks: the file that would really change
-    mirror = db.resolve()
-    if any(dest == Path(f"{mirror}{suffix}") for suffix in _MIRROR_FILES):
+    if is_mirror_file(dest, db):
         raise cli.UsageError(f"--output {path} is the mirror's own file ({dest}); name another")
     return dest
 

@@ -1067,7 +1067,10 @@ def backup(db: Path, dest: Path, *, overwrite: bool = False) -> tuple[int, str]:
     """Copy the mirror at ``db`` to ``dest`` through SQLite's online backup (a consistent
     snapshot even while the daemon writes) and check the copy; returns (bytes, check)."""
     from .cli import UsageError
+    from .store import is_mirror_file
 
+    if is_mirror_file(dest, db):
+        raise UsageError(f"{dest} is the mirror's own file ({dest.resolve()}); name another")
     if dest.exists() and not overwrite:
         raise UsageError(f"{dest} exists; pass --overwrite to replace it")
     if not dest.parent.is_dir():

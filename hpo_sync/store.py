@@ -505,6 +505,16 @@ class StoreLock:
         self.release()
 
 
+#: The files of a mirror ``<db>``: the file, SQLite's companions, the single-instance lock.
+MIRROR_FILE_SUFFIXES = ("", "-wal", "-shm", "-journal", ".lock")
+
+
+def is_mirror_file(path: str | Path, db: str | Path) -> bool:
+    """Whether ``path`` (through symlinks) is the mirror at ``db`` or one of its files."""
+    real, mirror = Path(path).resolve(), Path(db).resolve()
+    return any(real == Path(f"{mirror}{suffix}") for suffix in MIRROR_FILE_SUFFIXES)
+
+
 def acquire_lock(db_path: str | Path) -> StoreLock:
     """Take the single-instance lock of the mirror at ``db_path``, or raise StoreError.
 
@@ -1411,8 +1421,10 @@ class Store:
         dest = Path(dest_path)
         if dest.exists() and not overwrite:
             raise StoreError(f"{dest} exists; remove it or pass overwrite=True")
-        if not self._memory and dest.resolve() == Path(self.path).resolve():
-            raise StoreError("cannot back the mirror up onto itself")
+        if not self._memory and is_mirror_file(dest, Path(self.path)):
+            # Its -wal or .lock replaced, the mirror was unreadable, or a second writer got
+            # in: the lock is the flock held on that very file.
+            raise StoreError(f"cannot back the mirror up onto itself or its files ({dest})")
         try:
             # Only the owner may read the copy, as the mirror (config texts may hold keys):
             # mkstemp makes it 0600 before the first byte goes in, whatever the umask.

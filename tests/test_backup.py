@@ -158,3 +158,28 @@ async def test_a_mirror_of_another_version_is_backed_up_as_it_is(tmp_path: Path)
     code, _, err = await run_cli("backup", "--db", str(empty), str(tmp_path / "empty-copy.db"))
     assert code == 1 and "holds no mirror yet" in err, err
     assert not (tmp_path / "empty-copy.db").exists()
+
+
+async def test_a_backup_onto_the_mirrors_own_files_is_refused(tmp_path: Path) -> None:
+    """``backup --overwrite`` onto ``mirror.db.lock`` replaced the daemon's lock file (the
+    lock is the flock on that very file): a second writer got in. Onto ``mirror.db-wal``,
+    the mirror read as "file is not a database" while the daemon ran. Every file of the
+    mirror, through a symlink too, is refused as a usage error, and left as it was."""
+    from hpo_sync.store import Store, acquire_lock
+
+    db = tmp_path / "mirror.db"
+    lock = acquire_lock(db)  # as the running daemon holds it
+    store = Store.open(db)  # its writer: the -wal and -shm exist
+    try:
+        (tmp_path / "link").symlink_to(f"{db}.lock")
+        for dest in (f"{db}.lock", f"{db}-wal", f"{db}-shm", str(db), str(tmp_path / "link")):
+            before = {s: os.stat(f"{db}{s}").st_ino for s in ("", "-wal", "-shm", ".lock")}
+            code, out, err = await run_cli("backup", "--db", str(db), dest, "--overwrite")
+            assert (code, out) == (2, ""), err
+            assert "is the mirror's own file" in err
+            assert {s: os.stat(f"{db}{s}").st_ino for s in before} == before
+        with pytest.raises(Exception, match="onto itself or its files"):
+            store.backup(f"{db}-wal", overwrite=True)
+    finally:
+        store.close()
+        lock.release()
