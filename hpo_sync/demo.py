@@ -156,6 +156,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run(run_demo(options))
 
 
+#: The first line of the config the demo writes: how it knows a --data-dir it made.
+DEMO_CONFIG_HEADER = "# Written by `hpo-sync demo`"
+
+
 def _check_data_dir(path: Path) -> None:
     """``--data-dir`` must be a directory, or a path where one can be made."""
     from .cli import UsageError
@@ -168,6 +172,26 @@ def _check_data_dir(path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"--data-dir {path}: cannot create it: {exc.strerror or exc}") from None
+    # A directory of a real daemon's (its config and mirror) is not the demo's to write: the
+    # demo replaced the config (which a SIGHUP then loaded into that daemon) and synced the
+    # simulator into the mirror. One an earlier demo made is reused.
+    config, mirror = path / "config.toml", path / "mirror.db"
+    ours = False
+    if config.exists():
+        try:
+            with config.open("rb") as f:
+                ours = f.readline().startswith(DEMO_CONFIG_HEADER.encode())
+        except OSError:
+            ours = False
+        if not ours:
+            raise UsageError(
+                f"--data-dir {path} holds a config.toml the demo did not write; name an empty"
+                " directory (the demo writes its own config and mirror there)"
+            )
+    if mirror.exists() and not ours:
+        raise UsageError(
+            f"--data-dir {path} holds a mirror.db the demo did not make; name an empty directory"
+        )
 
 
 def config_text(
@@ -186,7 +210,7 @@ def config_text(
         for i, ws in enumerate(workspace_ids, 1)
     )
     return f"""\
-# Written by `hpo-sync demo`: the daemon syncing the built-in simulator on loopback.
+{DEMO_CONFIG_HEADER}: the daemon syncing the built-in simulator on loopback.
 # To run the daemon on it yourself (while the simulator runs), pass the simulator's test
 # credentials: ALIBABA_CLOUD_ACCESS_KEY_ID=sim-access-key-id
 # ALIBABA_CLOUD_ACCESS_KEY_SECRET=sim-access-key-secret hpo-sync --config THIS run

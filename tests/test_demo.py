@@ -219,3 +219,35 @@ def test_the_banner_names_a_command_that_runs_from_another_shell(tmp_path: Path)
     assert command_name(str(script), path=path) == str(script.resolve())
     # run as a module
     assert command_name("/x/hpo_sync/cli.py").endswith(" -m hpo_sync.cli")
+
+
+def test_a_data_dir_of_a_real_daemon_is_refused_and_left_alone(tmp_path: Path) -> None:
+    """``demo --data-dir`` naming a daemon's directory replaced its config.toml (a SIGHUP then
+    loaded the demo's into the daemon) and synced the simulator into its mirror.db. Both
+    are refused, exit 2, and left as they were; a directory an earlier demo made is not."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "config.toml").write_text('[store]\npath = "mirror.db"\n')
+    only_mirror = tmp_path / "mirror-only"
+    only_mirror.mkdir()
+    (only_mirror / "mirror.db").write_bytes(b"SQLite format 3\x00")
+    for data_dir, what in ((real, "config.toml"), (only_mirror, "mirror.db")):
+        before = {p.name: p.read_bytes() for p in data_dir.iterdir()}
+        proc = subprocess.run(
+            cli("demo", "--duration", "1", "--data-dir", str(data_dir)),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=daemon_env(TMPDIR=str(tmp_path)),
+            cwd=ROOT,
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert f"holds a {what} the demo did not" in proc.stderr and proc.stdout == ""
+        assert {p.name: p.read_bytes() for p in data_dir.iterdir()} == before
+    from hpo_sync.demo import DEMO_CONFIG_HEADER, _check_data_dir
+
+    earlier = tmp_path / "earlier-demo"
+    earlier.mkdir()
+    (earlier / "config.toml").write_text(f"{DEMO_CONFIG_HEADER}: …\n")
+    (earlier / "mirror.db").write_bytes(b"")
+    _check_data_dir(earlier)  # reused, no error
