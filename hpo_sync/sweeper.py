@@ -26,16 +26,18 @@ alerts still commit together. What it sends back: each sweep's
 ``/metrics``), and its log events, which the daemon renders with its own logging setup.
 
 Lifecycle: the child dies with the daemon (``PR_SET_PDEATHSIG`` on Linux, and EOF on stdin
-anywhere), so a daemon killed with SIGKILL leaves no writer behind: its transaction in flight
-rolls back, exactly as if the sweep had run in the daemon. SIGTERM (systemd stops the whole
-unit) makes it stop as when the daemon asks: sweeps cancelled, their runs closed; SIGINT (a
-Ctrl-C on the daemon's terminal) is left to the daemon. A child that stops or dies on its
-own fails the sweeps it was running (``sync.crashed`` in the log); the daemon closes their
-``sync_runs`` rows if the child could not, and starts a new child for the next sweep. One
-that says nothing for ``HEARTBEAT_TIMEOUT_S`` while it has sweeps to run (it sends word
-every second from the moment its event loop runs) is taken for stuck, killed and treated
-the same way. Until its first word a child is still starting (an interpreter, imports:
-seconds on a loaded machine), and has ``STARTUP_TIMEOUT_S`` for that instead.
+anywhere), so a daemon killed with SIGKILL leaves no writer behind: its transaction in
+flight rolls back, exactly as if the sweep had run in the daemon. SIGTERM (systemd stops the
+whole unit) makes it stop as when the daemon asks: sweeps cancelled, their runs closed;
+SIGINT (a Ctrl-C on the daemon's terminal) and SIGHUP (a reload, for the whole unit) are
+left to the daemon. A child stuck while it stops is killed after ``EXIT_WAIT_S`` when a
+sweep wants it. A child that stops or dies on its own fails the sweeps it was running
+(``sync.crashed`` in the log); the daemon closes their ``sync_runs`` rows if the child could
+not, and starts a new child for the next sweep. One that says nothing for
+``HEARTBEAT_TIMEOUT_S`` while it has sweeps to run (it sends word every second from the
+moment its event loop runs) is taken for stuck, killed and treated the same way. Until its
+first word a child is still starting (an interpreter, imports: seconds on a loaded machine),
+and has ``STARTUP_TIMEOUT_S`` for that instead.
 """
 
 from __future__ import annotations
@@ -227,9 +229,23 @@ class SweepProcess:
                 if alive and self._accepting:
                     return  # running
                 # It is stopping, or exited and the reader is closing its runs: let it
-                # finish first, or the new child's run would be closed as interrupted.
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(watcher)
+                # finish first, or the new child's run would be closed as interrupted. A
+                # child stuck while stopping (it sends no heartbeat then, and the watchdog
+                # only minds children with sweeps to run) is killed after EXIT_WAIT_S, as
+                # close() kills one: waited for without end, no sweep ran again.
+                try:
+                    async with asyncio.timeout(EXIT_WAIT_S):
+                        with contextlib.suppress(Exception):
+                            await asyncio.shield(watcher)
+                except TimeoutError:
+                    proc = self._proc
+                    if proc is not None and proc.returncode is None:
+                        self._killed_because = "stuck while stopping"
+                        log.error("sync.process_kill", pid=proc.pid, reason="stuck while stopping")
+                        with contextlib.suppress(ProcessLookupError):
+                            proc.kill()
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(watcher)
             # The child answers on a pipe of its own (pass_fds), not on its stdout.
             read_fd, write_fd = os.pipe()
             try:
@@ -612,8 +628,12 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     channel = _Channel(int(args[0]))
     # The daemon stops us through the protocol (or by dying): a Ctrl-C on its terminal
-    # reaches us too, and must not cut a transaction short before the daemon asks.
+    # reaches us too, and must not cut a transaction short before the daemon asks. Nor
+    # must SIGHUP ("reload" to the daemon, which passes the new config on): a hangup of
+    # its terminal, `kill -HUP -PGID` or `systemctl kill -s HUP` (every process of the
+    # unit) reaches us as well, and its default action killed us mid-sweep.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from .eventloop import run
 
     return run(child_main(channel))

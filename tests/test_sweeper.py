@@ -7,6 +7,7 @@ only, and the next sweep starts a new child."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -305,3 +306,50 @@ async def test_a_child_slower_to_start_than_its_heartbeat_is_not_taken_for_stuck
         assert not [e for e in logs if e["event"] == "sync.process_unresponsive"]
     finally:
         await sweeper.close()
+
+
+async def test_a_child_stuck_while_it_stops_is_killed_when_a_sweep_wants_it(rig: Rig) -> None:
+    """The child got SIGTERM while idle (systemd, an operator), said it was stopping, and
+    froze before it exited (SIGSTOP, as the heartbeat test models "stuck"). It sends no
+    heartbeat then, and the watchdog only minds a child with sweeps to run: the next sweep
+    waited for it without end, and no sweep of any workspace ran again. It is killed after
+    EXIT_WAIT_S and a new child runs the sweep."""
+    sweeper = short_heartbeat_sweeper(rig)
+    pid = None
+    try:
+        assert (await sweeper.sweep(WS)).status == "ok"
+        pid = sweeper.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(1000):  # until the daemon has heard "stopping"
+            if not sweeper._accepting:
+                break
+            await asyncio.sleep(0.01)
+        assert not sweeper._accepting
+        os.kill(pid, signal.SIGSTOP)
+        with capture_logs() as logs:
+            result = await asyncio.wait_for(sweeper.sweep(WS), 30)
+        assert result.status == "ok", result.error
+        assert sweeper.pid not in (None, pid)
+        killed = [e for e in logs if e["event"] == "sync.process_kill"]
+        assert killed and killed[0]["reason"] == "stuck while stopping"
+    finally:
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        await asyncio.wait_for(sweeper.close(), 15)
+
+
+@pytest.mark.parametrize("rig", [60], indirect=True)
+async def test_a_sighup_to_the_whole_unit_does_not_kill_the_child_mid_sweep(rig: Rig) -> None:
+    """SIGHUP is the daemon's reload. `systemctl kill -s HUP` (every process of the unit),
+    `kill -HUP -PGID` or a hangup of the daemon's terminal reach the child too: its default
+    action killed it, failing its sweep (exited, signal 1)."""
+    task = asyncio.create_task(rig.sweeper.sweep(WS, "full"))
+    await _mid_sweep(rig)
+    pid = rig.sweeper.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGHUP)
+    result = await task
+    assert result.status == "ok", result.error
+    assert rig.sweeper.pid == pid
