@@ -1084,12 +1084,13 @@ def _range(lo: float, hi: float) -> Callable[[Any], str | None]:
     return check
 
 
-def _shown(v: Any) -> str:
+def _shown(v: Any, limit: int = 32) -> str:
     """``v`` quoted for an error message, unless it may be a secret pasted into the wrong
-    key (a webhook URL, a token: with ``://``, or longer than any name here), which the
-    message then leaves out, as the ``*_env`` keys' messages do."""
+    key (a webhook URL, a token: with ``://``, or longer than ``limit``, a little more than
+    any name the key takes), which the message then leaves out, as the ``*_env`` keys'
+    messages do. (A DingTalk token is 64 hex digits, a WeCom key a 36-character UUID.)"""
     text = str(v)
-    if "://" in text or len(text) > 64:
+    if "://" in text or len(text) > limit:
         return f"a value of {len(text)} characters (not shown: it may be a secret)"
     return repr(v)
 
@@ -1097,7 +1098,8 @@ def _shown(v: Any) -> str:
 def _choice(choices: tuple[str, ...], *, fold: bool = False) -> Callable[[Any], str | None]:
     def check(v: Any) -> str | None:
         ok = (v.lower() if fold else v) in choices
-        return None if ok else f"{_shown(v)} is not one of {', '.join(choices)}"
+        limit = max(len(c) for c in choices) + 4  # (room for a typo of the longest)
+        return None if ok else f"{_shown(v, limit)} is not one of {', '.join(choices)}"
 
     return check
 
@@ -1211,11 +1213,11 @@ def _check_region(v: Any) -> str | None:
     # (one label of the endpoint's host name: at most 63 characters)
     if re.match(r"^[a-z]{2}(-[a-z0-9]+)+$", v) and len(v) <= 63:
         return None
-    return f"{v!r} is not a region id (e.g. {', '.join(REGIONS)})"
+    return f"{_shown(v)} is not a region id (e.g. {', '.join(REGIONS)})"
 
 
 def _check_sort_name(v: Any) -> str | None:
-    return None if re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", v) else f"{v!r} is not a field name"
+    return None if re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", v) else f"{_shown(v)} is not a field name"
 
 
 # Minutes 00 to 59: "+08:60" is no offset (not +09:00), as parse_time reads upstream times.

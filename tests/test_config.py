@@ -1211,7 +1211,9 @@ def test_a_secret_pasted_into_a_key_of_choices_is_not_quoted(tmp_path: Path) -> 
     names the key and the choices, not the value, which may be the robot's token, on the
     terminal or in the journal (as the ``*_env`` keys' errors already leave theirs out)."""
     url = "https://oapi.dingtalk.com/robot/send?access_token=9f86d081884c7d659a2feaa0c55ad015"
-    for field, value in (("type", url), ("type", "x" * 80)):
+    token = "9f86d081884c7d659a2feaa0c55ad0159f86d081884c7d659a2feaa0c55ad015"  # 64 hex
+    wecom_key = "693a91f6-7xxx-4bc4-97a0-0ec2sifa5aaa"  # a UUID
+    for field, value in (("type", url), ("type", token), ("type", wecom_key)):
         text = f"""
 [[workspaces]]
 id = "100001"
@@ -1225,3 +1227,12 @@ url = "https://example.invalid/hook"
         assert message.startswith("alerts.targets[0].type (line 7): a value of"), message
         assert "not shown" in message and "is not one of" in message
         assert value not in message and "access_token" not in message
+    # a typo is still quoted: it helps, and is no secret
+    assert "'dingtlak' is not one of" in error(
+        '[[workspaces]]\nid = "1"\n[[alerts.targets]]\nname = "ops"\ntype = "dingtlak"\n'
+        'url = "https://example.invalid/hook"\n'
+    )
+    region = error(
+        '[upstream]\nregion = "cn-hangzhou sk-LIVE-abcdef0123456789-0000"\n[[workspaces]]\nid = "1"\n'
+    )
+    assert "sk-LIVE" not in region and "not a region id" in region
