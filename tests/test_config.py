@@ -1233,6 +1233,7 @@ url = "https://example.invalid/hook"
         'url = "https://example.invalid/hook"\n'
     )
     region = error(
-        '[upstream]\nregion = "cn-hangzhou sk-LIVE-abcdef0123456789-0000"\n[[workspaces]]\nid = "1"\n'
+        '[upstream]\nregion = "cn-hangzhou sk-LIVE-abcdef0123456789-0000"\n'
+        '[[workspaces]]\nid = "1"\n'
     )
     assert "sk-LIVE" not in region and "not a region id" in region
