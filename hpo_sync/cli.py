@@ -175,6 +175,16 @@ def setup_logging(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _held_main(argv)
+    except KeyboardInterrupt:
+        # A Ctrl-C that came while hpo_sync.entry held SIGINT is delivered again as it is
+        # let go, or one comes before _main's own handling starts (the parser's imports):
+        # an exit status, not a traceback.
+        return 130
+
+
+def _held_main(argv: Sequence[str] | None) -> int:
     word = _command_word(argv)
     if word == "run":
         held_signals.hold()  # until the daemon's event loop handles them

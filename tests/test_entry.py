@@ -39,6 +39,9 @@ sys.exit(main())
         ("SIGHUP", ["sync"], False, -signal.SIGHUP),  # sync takes SIGTERM over only
         ("SIGHUP", ["sync"], True, 2),  # under nohup: ignored it was, ignored it stays
         ("SIGHUP", ["ls"], True, 1),  # (it ran, and found no mirror)
+        # a Ctrl-C, given back and delivered: the status a Ctrl-C ends with, no traceback
+        ("SIGINT", ["ls"], False, 130),
+        ("SIGINT", ["sync"], False, 130),
     ],
 )
 def test_the_command_holds_signals_before_it_imports_the_command_line(
@@ -57,6 +60,7 @@ def test_the_command_holds_signals_before_it_imports_the_command_line(
         preexec_fn=(lambda: signal.signal(signum, signal.SIG_IGN)) if ignored else None,
     )  # fmt: skip
     assert child.returncode == returncode, child.stderr
+    assert "Traceback" not in child.stderr
     if returncode == 2:
         assert "config error" in child.stderr
 
