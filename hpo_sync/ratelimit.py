@@ -101,6 +101,7 @@ class AdaptiveRateLimiter:
         self._last_decrease = -1e18
         self._last_adjust = now
         self._last_booked = -1e18
+        self._last_sent = -1e18  # the latest slot a caller was given to send in
         self._busy_since = now
         self._probing_s = 0.0
         self._climbed = False  # has the rate gone up since the last throttled answer?
@@ -115,7 +116,9 @@ class AdaptiveRateLimiter:
 
     def reserve(self) -> float:
         """Reserve the next send slot; return how long to wait for it (pure bookkeeping)."""
-        return self._book() - self._clock()
+        slot = self._book()
+        self._last_sent = max(self._last_sent, slot)
+        return slot - self._clock()
 
     async def acquire(self, deadline: float | None = None) -> bool:
         """Wait for a send slot. A slot booked before a decrease, or one that a later throttle's
@@ -134,6 +137,7 @@ class AdaptiveRateLimiter:
             if delay > 0:
                 await self._sleep(delay)
             if generation == self._generation and self._pause_until <= slot:
+                self._last_sent = max(self._last_sent, slot)
                 return True
 
     def _book(self) -> float:
@@ -178,7 +182,10 @@ class AdaptiveRateLimiter:
             target = min(estimate, self.rate) * self.DECREASE_FACTOR
             self.rate = max(self.min_qps, target)
             self._generation += 1
-            self._next_slot = now  # waiting callers re-book at the new spacing
+            # Waiting callers re-book at the new spacing, counted from the last request sent:
+            # from now, a pause shorter than that spacing (a Retry-After of 10 ms) let the
+            # next go out right behind it, past max_qps.
+            self._next_slot = max(now, self._last_sent + 1.0 / self.rate)
         pause = retry_after_s if retry_after_s and retry_after_s > 0 else 1.0 / self.rate
         self._pause_until = max(self._pause_until, now + min(pause, self.MAX_PAUSE_S))
 

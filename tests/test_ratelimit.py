@@ -469,3 +469,43 @@ def test_follows_a_limit_that_drops_and_comes_back() -> None:
     assert qps(70, 120) >= 0.8 * 2  # followed the drop within seconds
     assert qps(160, 200) >= 0.8 * 8  # and found the limit again within a minute
     assert 1 - len(granted) / attempts <= 0.1
+
+
+def _most_in_a_window(times: list[float], window: float = 1.0) -> int:
+    times = sorted(times)
+    most = start = 0
+    for i, t in enumerate(times):
+        while times[start] <= t - window + 1e-9:  # (a half-open window: float sums)
+            start += 1
+        most = max(most, i - start + 1)
+    return most
+
+
+def test_a_throttle_with_a_short_retry_after_does_not_let_a_send_through_too_soon() -> None:
+    """max_qps 10, three callers, ~200 ms round trips; the answer to the request sent at
+    t = 1.0 is Throttling with a Retry-After of 10 ms. The decrease re-booked the waiting
+    callers from now, forgetting the request sent a moment before: the next went out 15 ms
+    after it, 11 in one second. The new spacing counts from the last request sent."""
+    clock = FakeClock(0.0)
+    limiter = AdaptiveRateLimiter(10, clock=clock, sleep=virtual_sleep)
+    sends: list[float] = []
+
+    async def caller() -> None:
+        for _ in range(8):
+            await limiter.acquire()
+            sent = clock()
+            sends.append(sent)
+            await asyncio.sleep(0.205)
+            if abs(sent - 1.0) < 1e-9:
+                limiter.on_throttle(0.01)
+            else:
+                limiter.on_success()
+
+    async def main() -> None:
+        await asyncio.gather(*(caller() for _ in range(3)))
+
+    run_virtual(clock, main())
+    assert len(sends) == 24
+    gaps = [b - a for a, b in zip(sorted(sends), sorted(sends)[1:], strict=False)]
+    assert min(gaps) >= 0.1 - 1e-9, gaps
+    assert _most_in_a_window(sends) <= 10
