@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import logging
 import os
 import signal
@@ -49,7 +50,7 @@ from . import config as config_mod
 from . import held_signals
 from .config import Config
 from .credentials import CredentialsProvider
-from .errors import ConfigError, HpoSyncError, StoreError
+from .errors import BackupExistsError, ConfigError, HpoSyncError, StoreError
 from .metrics import Metrics
 from .normalise import format_time, parse_time
 from .notify import Notifier
@@ -1051,16 +1052,33 @@ def cmd_backup(args: argparse.Namespace) -> int:
     dest = Path(args.dest)
     if args.dest.endswith("/") and not dest.is_dir():
         raise UsageError(f"directory {dest} does not exist")
-    if dest.is_dir():
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        dest = dest / f"{db.stem}-{stamp}{db.suffix or '.db'}"
     started = time.monotonic()
-    size, check = backup(db, dest, overwrite=args.overwrite)
+    if dest.is_dir():
+        dest, size, check = _backup_into(db, dest)
+    else:
+        size, check = backup(db, dest, overwrite=args.overwrite)
     print(
         f"backed up {db} to {dest} ({size:,} bytes, {time.monotonic() - started:.1f}s, "
         f"integrity {check})"
     )
     return 0
+
+
+def _backup_into(db: Path, directory: Path) -> tuple[Path, int, str]:
+    """Back up into a time-stamped file of its own in ``directory``: ``<mirror>-<UTC time>``,
+    then ``-2``, ``-3``… when a backup in the same second (another, at once) has that name.
+    Never over another backup, whatever ``--overwrite`` says: the user named no file."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    for n in itertools.count(1):
+        dest = directory / f"{db.stem}-{stamp}{'' if n == 1 else f'-{n}'}{db.suffix or '.db'}"
+        if dest.exists():
+            continue
+        try:
+            size, check = backup(db, dest)
+        except BackupExistsError:  # taken by another backup in the meantime
+            continue
+        return dest, size, check
+    raise AssertionError("unreachable")  # (itertools.count never ends)
 
 
 def backup(db: Path, dest: Path, *, overwrite: bool = False) -> tuple[int, str]:

@@ -116,6 +116,10 @@ class StoreBusyError(StoreError):
     transient, unlike most store errors; the work can simply be tried again."""
 
 
+class BackupExistsError(StoreError):
+    """A backup's destination exists (and was not to be replaced)."""
+
+
 class StoreInUseError(StoreError):
     """Another hpo-sync process holds the mirror's single-instance lock."""
 

@@ -45,7 +45,13 @@ from hpo_sync.diff import (
     diff_rows,
     finished_runs,
 )
-from hpo_sync.errors import SchemaTooOldError, StoreBusyError, StoreError, StoreInUseError
+from hpo_sync.errors import (
+    BackupExistsError,
+    SchemaTooOldError,
+    StoreBusyError,
+    StoreError,
+    StoreInUseError,
+)
 from hpo_sync.normalise import Experiment, format_time, parse_time, upstream_bool
 from hpo_sync.schema import (
     CHANGE_COLUMNS,
@@ -235,7 +241,7 @@ def _place(partial: Path, dest: Path, *, overwrite: bool) -> None:
                 raise FileExistsError(errno.EEXIST, "exists", str(dest)) from None
             os.replace(partial, dest)
     except FileExistsError:
-        raise StoreError(f"{dest} exists; remove it or pass overwrite=True") from None
+        raise BackupExistsError(f"{dest} exists; remove it or pass overwrite=True") from None
     except OSError as e:
         raise StoreError(f"cannot write the backup {dest}: {e.strerror}") from e
 
@@ -1420,7 +1426,7 @@ class Store:
         """
         dest = Path(dest_path)
         if dest.exists() and not overwrite:
-            raise StoreError(f"{dest} exists; remove it or pass overwrite=True")
+            raise BackupExistsError(f"{dest} exists; remove it or pass overwrite=True")
         if not self._memory and is_mirror_file(dest, Path(self.path)):
             # Its -wal or .lock replaced, the mirror was unreadable, or a second writer got
             # in: the lock is the flock held on that very file.

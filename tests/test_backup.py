@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sqlite3
 import stat
 from collections.abc import AsyncIterator
@@ -183,3 +184,26 @@ async def test_a_backup_onto_the_mirrors_own_files_is_refused(tmp_path: Path) ->
     finally:
         store.close()
         lock.release()
+
+
+async def test_backups_into_one_directory_at_once_each_get_a_file_of_their_own(
+    tmp_path: Path,
+) -> None:
+    """DEST a directory: the file is named by the time, to the second. Two backups in the
+    same second failed ("… exists; pass --overwrite", a file the user never named, which
+    --overwrite would have clobbered). Each now gets a name of its own (``-2``, ``-3``)."""
+    from hpo_sync.store import Store
+
+    db = tmp_path / "mirror.db"
+    Store.open(db).close()
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    results = await asyncio.gather(
+        *(run_cli("backup", "--db", str(db), f"{backups}/") for _ in range(3))
+    )
+    assert [code for code, _, _ in results] == [0, 0, 0], results
+    made = sorted(p.name for p in backups.iterdir())
+    assert len(made) == 3 and all(re.fullmatch(r"mirror-\d{8}T\d{6}Z(-\d)?\.db", m) for m in made)
+    for name in made:
+        with sqlite3.connect(backups / name) as conn:
+            assert conn.execute("PRAGMA quick_check").fetchone() == ("ok",)
