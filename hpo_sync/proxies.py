@@ -135,16 +135,19 @@ def has_password(value: str) -> bool:
 
 
 def shown(value: str) -> str:
-    """``value`` with its password (if any) replaced by ``***``: safe to print."""
+    """``value`` with its password (if any) replaced by ``***``: safe to print. A user
+    without a password is masked too: some proxies take a token as the user name."""
     try:
         parts = urlsplit(value)
         password = parts.password
     except ValueError:
         return "<unreadable proxy URL>"
-    if password is None:
+    _, at, host = parts.netloc.rpartition("@")
+    if not at:
         return value
+    if password is None:
+        return parts._replace(netloc=f"***@{host}").geturl()
     user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
     return parts._replace(netloc=f"{user}:***@{host}").geturl()
 
 
