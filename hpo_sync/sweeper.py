@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import logging
 import os
@@ -177,7 +178,10 @@ class SweepProcess:
             future: asyncio.Future[SweepResult | str | None] = loop.create_future()
             self._pending[req] = future
             try:
-                self._send(("sweep", req, workspace_id, mode))
+                # With what the caller bound to its log events (the daemon's trigger): the
+                # child binds it around the sweep, so its events say which sweep they are of.
+                bound = dict(structlog.contextvars.get_contextvars())
+                self._send(("sweep", req, workspace_id, mode, bound))
                 try:
                     result = await asyncio.shield(future)
                 except asyncio.CancelledError:
@@ -276,7 +280,11 @@ class SweepProcess:
             self._heard_from = False
             self._killed_because = None
             self._send(("init", self._config, self._credentials, os.getpid(), effective_level()))
-            self._reader = asyncio.create_task(self._read(proc, reader), name="sweep-process")
+            # A context of its own: copied from the sweep that started this child, the
+            # re-emitted events of every later sweep carried that sweep's bound trigger.
+            self._reader = asyncio.create_task(
+                self._read(proc, reader), name="sweep-process", context=contextvars.Context()
+            )
             log.info("sync.process_started", pid=proc.pid)
 
     def _send(self, message: object) -> None:
@@ -339,6 +347,9 @@ class SweepProcess:
         if kind == "log":
             _, level, logger_name, event = message
             name = event.pop("event", "")
+            # (structlog knows the standard levels only: a library's own, 25 say, is
+            # logged at the standard one below it, not dropped with a KeyError)
+            level = max((n for n in (10, 20, 30, 40, 50) if n <= level), default=10)
             structlog.get_logger(logger_name).log(level, name, **event)
         elif kind == "requests":
             for (code, ws), n in message[1].items():
@@ -574,10 +585,11 @@ async def child_main(channel: _Channel) -> int:
         if sweeps.pop(req, None) is not None:
             channel.send(("result", req, None))
 
-    async def run(req: int, workspace_id: str, mode: SweepMode) -> None:
+    async def run(req: int, workspace_id: str, mode: SweepMode, bound: dict[str, Any]) -> None:
         outcome: SweepResult | str | None = None  # None: cancelled
         try:
-            outcome = await engine.sweep(workspace_id, mode)
+            with structlog.contextvars.bound_contextvars(**bound):
+                outcome = await engine.sweep(workspace_id, mode)
         except Exception as exc:  # the engine promises not to raise; say so if it does
             log.error("sync.process_error", workspace=workspace_id, mode=mode, exc_info=exc)
             outcome = f"{type(exc).__name__}: {exc}"
@@ -598,8 +610,8 @@ async def child_main(channel: _Channel) -> int:
                     os._exit(70)
                 break
             if message[0] == "sweep":
-                _, req, workspace_id, mode = message
-                sweeps[req] = asyncio.create_task(run(req, workspace_id, mode))
+                _, req, workspace_id, mode, bound = message
+                sweeps[req] = asyncio.create_task(run(req, workspace_id, mode, bound))
                 sweeps[req].add_done_callback(functools.partial(unstarted, req))
             elif message[0] == "cancel":
                 task = sweeps.get(message[1])

@@ -353,3 +353,25 @@ async def test_a_sighup_to_the_whole_unit_does_not_kill_the_child_mid_sweep(rig:
     result = await task
     assert result.status == "ok", result.error
     assert rig.sweeper.pid == pid
+
+
+async def test_the_childs_events_carry_the_trigger_of_their_own_sweep(rig: Rig) -> None:
+    """The daemon binds ``trigger`` around each sweep. The reader that re-emits the child's
+    events was made inside whichever sweep started the child, so it stamped every later
+    sweep's events with that one's trigger (``request`` on a hot sweep's sync.finished).
+    The child now binds each sweep's own."""
+    from structlog.testing import LogCapture
+
+    capture = LogCapture()
+    structlog.configure(processors=[structlog.contextvars.merge_contextvars, capture])
+    try:
+        with structlog.contextvars.bound_contextvars(trigger="request"):
+            await rig.sweeper.sweep(WS)  # starts the child
+        capture.entries.clear()
+        with structlog.contextvars.bound_contextvars(trigger="hot"):
+            await rig.sweeper.sweep(WS, "hot")
+        await rig.sweeper.sweep(WS, "hot")  # nothing bound
+        finished = [e for e in capture.entries if e["event"] == "sync.finished"]
+        assert [e.get("trigger") for e in finished] == ["hot", None]
+    finally:
+        structlog.reset_defaults()
