@@ -230,6 +230,30 @@ async def test_a_step_of_the_clock_moves_the_running_daemons_jobs(
         assert not [e for e in logs if e["event"] == "daemon.service_clock_step_failed"]
 
 
+def hourly_full_sweeps_daemon(tmp_path: Path, sim: Simulator) -> Daemon:
+    """A daemon of workspace 100001 in this process: hot sweeps every second, a full one
+    an hour (none but the startup baseline in a test), no services."""
+    cfg_path = tmp_path / "config.toml"
+    cfg_path.write_text(
+        config_text(
+            sim_url=sim.base_url,
+            db=tmp_path / "mirror.db",
+            workspaces=["100001"],
+            full_interval_s=3600,
+        ),
+        encoding="utf-8",
+    )
+    return Daemon(
+        load(cfg_path),
+        credentials=StaticCredentials(
+            CloudCredentials(DEFAULT_ACCESS_KEY_ID, DEFAULT_ACCESS_KEY_SECRET)
+        ),
+        notifier=Notifier({}),
+        services=[],
+        sweep_process=False,
+    )
+
+
 async def test_a_tick_skipped_behind_a_long_sweep_is_a_named_event(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -242,25 +266,7 @@ async def test_a_tick_skipped_behind_a_long_sweep_is_a_named_event(
     async with Simulator(
         SimOptions(experiments=30, workspaces=1, seed=4, speed=0, latency_ms=700)
     ) as sim:
-        cfg_path = tmp_path / "config.toml"
-        cfg_path.write_text(
-            config_text(
-                sim_url=sim.base_url,
-                db=tmp_path / "mirror.db",
-                workspaces=["100001"],
-                full_interval_s=3600,
-            ),
-            encoding="utf-8",
-        )
-        daemon = Daemon(
-            load(cfg_path),
-            credentials=StaticCredentials(
-                CloudCredentials(DEFAULT_ACCESS_KEY_ID, DEFAULT_ACCESS_KEY_SECRET)
-            ),
-            notifier=Notifier({}),
-            services=[],
-            sweep_process=False,
-        )
+        daemon = hourly_full_sweeps_daemon(tmp_path, sim)
         caplog.set_level(logging.WARNING, logger="apscheduler")
         with capture_logs() as logs:
             run = asyncio.create_task(daemon.run())
@@ -290,25 +296,7 @@ async def test_a_full_sweep_a_hot_tick_made_up_is_not_reported_as_a_slow_hot_swe
     "the previous hot sweep is still running; it takes longer than its interval": a warning
     that was not true, and would have had an operator lengthen the hot interval."""
     async with Simulator(SimOptions(experiments=300, workspaces=1, seed=4, speed=0)) as sim:
-        cfg_path = tmp_path / "config.toml"
-        cfg_path.write_text(
-            config_text(
-                sim_url=sim.base_url,
-                db=tmp_path / "mirror.db",
-                workspaces=["100001"],
-                full_interval_s=3600,
-            ),
-            encoding="utf-8",
-        )
-        daemon = Daemon(
-            load(cfg_path),
-            credentials=StaticCredentials(
-                CloudCredentials(DEFAULT_ACCESS_KEY_ID, DEFAULT_ACCESS_KEY_SECRET)
-            ),
-            notifier=Notifier({}),
-            services=[],
-            sweep_process=False,
-        )
+        daemon = hourly_full_sweeps_daemon(tmp_path, sim)
         with capture_logs() as logs:
             run = asyncio.create_task(daemon.run())
             try:

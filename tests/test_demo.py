@@ -143,6 +143,18 @@ async def test_demo_stops_on_sigint_and_cleans_up_its_temp_dir() -> None:
             await proc.wait()
 
 
+def demo_cli(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess[str]:
+    """``hpo-sync demo ARGV`` to its end, its temporary directories in ``tmp_path``."""
+    return subprocess.run(
+        cli("demo", *argv),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=daemon_env(TMPDIR=str(tmp_path)),
+        cwd=ROOT,
+    )
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -157,14 +169,7 @@ def test_bad_demo_arguments_exit_2_with_one_message(
 ) -> None:
     file = tmp_path / "a-file"
     file.write_text("not a directory\n")
-    proc = subprocess.run(
-        cli("demo", *(a.format(file=file) for a in argv)),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=daemon_env(TMPDIR=str(tmp_path)),
-        cwd=ROOT,
-    )
+    proc = demo_cli(tmp_path, *(a.format(file=file) for a in argv))
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert proc.stdout == ""
@@ -233,14 +238,7 @@ def test_a_data_dir_of_a_real_daemon_is_refused_and_left_alone(tmp_path: Path) -
     (only_mirror / "mirror.db").write_bytes(b"SQLite format 3\x00")
     for data_dir, what in ((real, "config.toml"), (only_mirror, "mirror.db")):
         before = {p.name: p.read_bytes() for p in data_dir.iterdir()}
-        proc = subprocess.run(
-            cli("demo", "--duration", "1", "--data-dir", str(data_dir)),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=daemon_env(TMPDIR=str(tmp_path)),
-            cwd=ROOT,
-        )
+        proc = demo_cli(tmp_path, "--duration", "1", "--data-dir", str(data_dir))
         assert proc.returncode == 2, proc.stderr
         assert f"holds a {what} the demo did not" in proc.stderr and proc.stdout == ""
         assert {p.name: p.read_bytes() for p in data_dir.iterdir()} == before
