@@ -1253,7 +1253,6 @@ class Store:
         *,
         observed_at: str,
         run_id: int,
-        baseline: bool,
         on_changes: OnChanges | None = None,
         progress: RunProgress | None = None,
     ) -> ApplyResult:
@@ -1263,10 +1262,9 @@ class Store:
 
         Ids that are unknown, of another workspace or already deleted are left alone, and so
         is a row observed after ``observed_at`` (stale, as in :meth:`apply`). A deletion of
-        a row the mirror holds is real: never flagged baseline, whatever ``baseline`` says
-        (as in :meth:`apply`).
+        a row the mirror holds is real, so its change row is never flagged baseline (as in
+        :meth:`apply`).
         """
-        del baseline  # (kept in the signature: sweeps pass their run's flag to every write)
         _check_time(observed_at, "observed_at")
         ids = list(dict.fromkeys(experiment_ids))
         with self._write("mark experiments deleted") as conn:

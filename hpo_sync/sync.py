@@ -707,7 +707,6 @@ class SyncEngine:
             list(ids),
             observed_at=self._now(result.workspace_id),
             run_id=result.run,
-            baseline=result.baseline,
             on_changes=self.on_changes,
             progress=result.progress(),
         )

@@ -391,8 +391,7 @@ def test_mark_deleted_explicitly(store: Store) -> None:
     apply(store, [exp("x", ws="ws2")], T0, ws="ws2")
     run = store.begin_run("ws1", "full", T1)
     result = store.mark_deleted(
-        "ws1", ["c", "a", "x", "unknown", "late", "a"], observed_at=T2, run_id=run,
-        baseline=False,
+        "ws1", ["c", "a", "x", "unknown", "late", "a"], observed_at=T2, run_id=run
     )  # fmt: skip
     # in the caller's order; x (other workspace) and unknown ids ignored; 'late' was seen
     # after the observation, so it is stale
@@ -401,7 +400,7 @@ def test_mark_deleted_explicitly(store: Store) -> None:
         ("a", "Deleted", "false", "true"),
     ]
     assert (result.marked_deleted, result.stale) == (2, 1)
-    again = store.mark_deleted("ws1", ["a"], observed_at=T2, run_id=run, baseline=False)
+    again = store.mark_deleted("ws1", ["a"], observed_at=T2, run_id=run)
     assert (again.changes, again.unchanged) == (0, 1)
     assert sorted(store.active_experiments("ws1")) == ["b", "late"]
     assert store.active_experiments("ws1")["b"]["trial_status"] == {"RUNNING": 2}

@@ -106,9 +106,7 @@ def run_sequence(store: Store, sequence: list[Batch]) -> int:
             ws, exps, observed_at=at(2 * step), run_id=run, complete=complete, baseline=baseline
         )
         written += result.changes
-        marked = store.mark_deleted(
-            ws, gone, observed_at=at(2 * step + 1), run_id=run, baseline=baseline
-        )
+        marked = store.mark_deleted(ws, gone, observed_at=at(2 * step + 1), run_id=run)
         written += marked.changes
     return written
 
