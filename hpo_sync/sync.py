@@ -180,8 +180,9 @@ class SweepResult:
 
     def summary(self) -> str:
         text = (
-            f"{self.workspace_id}: {self.mode} {self.status} — {self.api_calls} API calls, "
-            f"{self.experiments_seen} experiments, {self.changes} changes"
+            f"{self.workspace_id}: {self.mode} {self.status} — "
+            f"{_count(self.api_calls, 'API call')}, {_count(self.experiments_seen, 'experiment')}, "
+            f"{_count(self.changes, 'change')}"
             f"{self._baseline_note()}, {self.duration_s:.1f}s"
         )
         if self.error:
@@ -203,6 +204,11 @@ class SweepResult:
         if self.skipped_records and not self.error_tells_skipped:
             notes.insert(0, f"{self.skipped_records} records without a readable ExperimentId")
         return notes
+
+
+def _count(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless ``n`` is 1: "1 change", "0 changes"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 Progress = Callable[[str, int, int], None]

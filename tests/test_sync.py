@@ -833,6 +833,11 @@ def test_sweep_result_summary_is_one_line() -> None:
 
     r = SweepResult("100001", "hot", 1, api_calls=3, experiments_seen=10, changes=2)
     assert "\n" not in r.summary() and "3 API calls" in r.summary()
+    assert "10 experiments, 2 changes" in r.summary()
+    one = SweepResult("100001", "hot", 1, api_calls=1, experiments_seen=1, changes=1).summary()
+    assert "1 API call, 1 experiment, 1 change," in one
+    none = SweepResult("100001", "hot", 1, api_calls=0, experiments_seen=0, changes=0).summary()
+    assert "0 API calls, 0 experiments, 0 changes" in none
 
 
 async def test_a_hot_sweep_whose_listings_all_fail_is_recorded_not_raised(tmp_path: Path) -> None:
