@@ -1237,3 +1237,27 @@ url = "https://example.invalid/hook"
         '[[workspaces]]\nid = "1"\n'
     )
     assert "sk-LIVE" not in region and "not a region id" in region
+
+
+def test_a_secret_pasted_into_statuses_or_workspaces_is_not_shown() -> None:
+    """A 64-hex DingTalk token passes as a status (letters and digits, once in capitals):
+    the warning that it is undocumented leaves it out. A robot URL in a rule's or an API
+    token's ``workspaces`` is left out of the error that it is no configured workspace."""
+    token = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    head = '[[workspaces]]\nid = "100001"\n[[alerts.targets]]\nname = "ops"\ntype = "slack"\n'
+    head += 'url_env = "HOOK"\n[[alerts.rules]]\nname = "r"\ntargets = ["ops"]\n'
+    env = {"HOOK": "https://hooks.slack.com/services/T/B/x"}
+    with capture_logs() as logs:
+        loads(head + f'to_status = ["{token}", "SUCCEEDED"]\n', env=env)
+    shown = [e["status"] for e in logs if e["event"] == "config.status_undocumented"]
+    assert len(shown) == 2 and "SUCCEEDED" in shown, logs
+    assert token.upper() not in repr(logs) and token not in repr(logs)
+    url = "https://oapi.dingtalk.com/robot/send?access_token=e3b0c44298fc1c149afbf4c8996fb924"
+    message = error(head + f'workspaces = ["{url}"]\n', env=env)
+    assert "is not configured" in message and "access_token" not in message, message
+    message = error(
+        '[[workspaces]]\nid = "100001"\n[api]\n[[api.tokens]]\nname = "t"\n'
+        f'token_env = "TOK"\nworkspaces = ["{url}"]\n',
+        env={"TOK": "x" * 40},
+    )
+    assert "is not configured" in message and "access_token" not in message, message
