@@ -99,6 +99,14 @@ def _tame_library_logging() -> None:
 _QUOTED_LINE = re.compile(
     r"(\[line\s+\d+\]:|line: \d+(?:\\n|\n))\s*('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")"
 )
+#: configparser's errors, which quote the file's text after them (a line it could not parse,
+#: a value it could not interpolate), in whatever quoting: what follows one, up to the next
+#: provider's entry in the chain's list, is left out.
+_PARSER_ERROR = re.compile(
+    r"(Source contains parsing errors|File contains no section headers"
+    r"|'%' must be followed by|[Bb]ad value substitution|[Ii]nterpolation\w*Error)"
+)
+_NEXT_ENTRY = re.compile(r"""['"], ['"]\w+Provider:|['"]\]\s*$""")
 #: ``secret = value``, ``token: value`` and the like, wherever a library quotes them.
 _KEYED_SECRET = re.compile(
     r"((?:secret|token|password|passwd)[\w.-]*\s*[=:]\s*)([^\s'\",\]\\]+)", re.IGNORECASE
@@ -118,5 +126,20 @@ def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     if not text:
         return type(exc).__name__
-    line = _QUOTED_LINE.sub(r"\1 (the line is not shown: it may hold a secret)", text[0])
+    line = _cut_parser_quotes(text[0])
+    line = _QUOTED_LINE.sub(r"\1 (the line is not shown: it may hold a secret)", line)
     return _KEYED_SECRET.sub(r"\1***", line)[:2000]
+
+
+def _cut_parser_quotes(text: str) -> str:
+    """``text`` without what follows each configparser error up to the next provider's
+    entry: the quotes of the file's text there come in too many forms (a line holding a
+    ``"``, a ``%`` in a value) for a pattern of the quote itself to catch them all."""
+    out, at = [], 0
+    while (m := _PARSER_ERROR.search(text, at)) is not None:
+        out.append(text[at : m.end()])
+        out.append(" (the file's text is not shown: it may hold a secret)")
+        nxt = _NEXT_ENTRY.search(text, m.end())
+        at = nxt.start() if nxt is not None else len(text)
+    out.append(text[at:])
+    return "".join(out)

@@ -150,8 +150,13 @@ except CredentialsError as exc:
         "[default]\ntype = access_key\naccess_key_id = sim-id\naccess_key_secret =\n\n{secret}\n",
         # a key before any section: "File contains no section headers … line: 1"
         "access_key_secret = {secret}\n[default]\n",
+        # the same two with the secret in double quotes (repr then escapes the quote)
+        '[default]\ntype = access_key\naccess_key_id = sim-id\naccess_key_secret =\n\n"{secret}"\n',
+        'access_key_secret = "{secret}"\n[default]\n',
+        # a secret holding a "%": an interpolation error quotes what follows it
+        "[default]\ntype = access_key\naccess_key_id = sim-id\naccess_key_secret = ab%{secret}\n",
     ],
-    ids=["wrapped-line", "no-section"],
+    ids=["wrapped-line", "no-section", "wrapped-quoted", "no-section-quoted", "percent"],
 )
 def test_a_malformed_credentials_file_never_quotes_its_secret(ini: str, tmp_path: Path) -> None:
     """The real chain, in a process of its own (the library reads HOME when imported), on a
@@ -176,8 +181,8 @@ def test_a_malformed_credentials_file_never_quotes_its_secret(ini: str, tmp_path
         check=True,
     )
     message = done.stdout
-    assert "ProfileCredentialsProvider" in message and "line" in message, message
-    assert "the line is not shown" in message
+    assert "ProfileCredentialsProvider" in message, message
+    assert "is not shown: it may hold a secret" in message, message
     assert secret not in message and secret not in done.stderr
 
 
