@@ -829,6 +829,31 @@ class SyncEngine:
         absentees = await asyncio.to_thread(self.store.active_experiments, ws, exclude=seen_ids)
         if not absentees:
             return
+        if not seen_ids and len(absentees) <= MAX_LOOKUPS:
+            # A listing that returned nothing at all: the look-ups below would come straight
+            # after it, inside a moment in which upstream answers "nothing" to every query
+            # (TotalCount 0; or a count without its rows, `[]`, which an upstream that counts
+            # soft-deleted experiments sends too), and a workspace of a few experiments was
+            # marked deleted whole. As for a mass deletion, a second reading, apart from the
+            # first by more than such a moment lasts, must miss them too.
+            wait_s = max(0.0, listed_at + self.mass_deletion_wait_s - time.monotonic())
+            log.info(
+                "sync.empty_listing_reread",
+                workspace=ws,
+                missing=len(absentees),
+                wait_s=round(wait_s, 1),
+            )
+            await asyncio.sleep(wait_s)
+            again = await read()
+            if not again.complete:
+                _incomplete(result, again)
+                return
+            result.skipped_records = max(result.skipped_records, again.skipped)
+            if _unreadable(result):
+                return
+            absentees = {i: r for i, r in absentees.items() if i not in again.seen_ids}
+            if not absentees:
+                return
         if len(absentees) > MAX_LOOKUPS:
             if counts_add_up:
                 # Too many to look up, so one answer would decide alone; one glitch (an

@@ -2808,6 +2808,52 @@ async def test_answers_that_lost_their_rows_mark_nothing_deleted(tmp_path: Path)
         assert not [c for c in rig.store.history(workspace=ws) if c.field == "Deleted"]
 
 
+@pytest.mark.parametrize("rows", [None, "empty"], ids=["count-0", "count-without-rows"])
+async def test_a_small_workspace_answered_nothing_for_a_moment_loses_nothing(
+    tmp_path: Path, rows: str | None
+) -> None:
+    """Every answer says "nothing" for a moment: TotalCount 0, or the right TotalCount with
+    `"Experiments": []` (which an upstream counting soft-deleted rows also sends). Below
+    MAX_LOOKUPS the look-ups came straight after the listing, inside that moment, and each
+    "proved" its experiment gone: the whole workspace was marked deleted (`ok`, alerts), and
+    the next sweep restored it. A second reading after the moment now sees them."""
+    async for rig in make_rig(tmp_path, _still_world(45, seed=33), page_size=10):
+        ws, sim = rig.sim.world.workspace_ids[0], rig.sim
+        assert (await rig.engine.sweep(ws)).status == "ok"
+        rig.engine.mass_deletion_wait_s = 1.5
+        real = sim._page_json
+        began: list[float] = []
+
+        def nothing_for_a_second(
+            request_id: str, total: int, page: list[dict[str, Any]], began: Any = began,
+            real: Any = real,
+        ) -> str:  # fmt: skip
+            began.append(began[0] if began else time.monotonic())
+            if time.monotonic() > began[0] + 1.0:
+                return real(request_id, total, page)
+            count = total if rows == "empty" else 0
+            return json.dumps({"RequestId": request_id, "TotalCount": count, "Experiments": []})
+
+        sim._page_json = nothing_for_a_second  # type: ignore[method-assign]
+        try:
+            with capture_logs() as logs:
+                result = await rig.engine.sweep(ws, "full")
+        finally:
+            sim._page_json = real  # type: ignore[method-assign]
+        assert result.status == "ok" and result.marked_deleted == 0, result.summary()
+        (reread,) = [e for e in logs if e["event"] == "sync.empty_listing_reread"]
+        assert reread["missing"] == 45 and reread["wait_s"] > 1.0
+        assert not any(r["deleted"] for r in mirror_rows(rig.store, ws).values())
+        assert not [c for c in rig.store.history(workspace=ws) if c.field == "Deleted"]
+        assert_mirror_equals_truth(rig.store, rig.sim, ws)
+        # a workspace whose experiments are all gone is still marked so, after the wait
+        for exp_id in list(truth(rig.sim, ws)):
+            sim.world.mutate(exp_id, delete=True)
+        result = await rig.engine.sweep(ws, "full")
+        assert result.status == "ok" and result.marked_deleted == 45, result.summary()
+        assert_mirror_equals_truth(rig.store, rig.sim, ws)
+
+
 async def test_a_sweep_cancelled_while_the_mirror_refuses_its_start_is_cancelled(
     tmp_path: Path,
 ) -> None:
