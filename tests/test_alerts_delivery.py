@@ -1597,3 +1597,45 @@ async def test_two_targets_of_one_robot_share_its_rate_limit(store: Store, db: P
     finally:
         await worker.close()
         await receivers.stop()
+
+
+async def test_a_wait_one_target_of_a_robot_was_asked_holds_its_other_targets(
+    store: Store, db: Path
+) -> None:
+    """DingTalk bans a robot (130101) for one target of its URL: its other target sent into
+    that ban 5 s later (waits were kept per target name), which makes a ban longer. Now
+    nothing goes to the robot until the wait is over; then both targets' alerts go."""
+    tok = "tok-ding-S3CRETTOKEN"
+    receivers = Receivers()
+    await receivers.start()
+    url = receivers.url("dingtalk", tok)
+    targets = (
+        TargetConfig("ding-oncall", "dingtalk", Secret(url, "t")),
+        TargetConfig("ding-team", "dingtalk", Secret(url, "t")),
+        TargetConfig("elsewhere", "dingtalk", Secret(receivers.url("dingtalk", "other"), "t")),
+    )
+    rules = (
+        RuleConfig("a", ("ding-oncall",), experiments=("bert_e0000",)),
+        RuleConfig("b", ("ding-team", "elsewhere"), experiments=("bert_e0001",)),
+    )
+    cfg = Config(
+        store=StoreConfig(db), alerts=AlertsConfig(group_wait_s=0, targets=targets, rules=rules)
+    )
+    worker = AlertWorker(store, cfg, rate_limits={})
+    try:
+        world = World(store, worker, 2)
+        t = datetime.now(UTC).replace(microsecond=0)
+        world.fail(["e0000"])
+        receivers.fail(tok, errcode=130101, times=1)
+        await worker.run_once(now=t, stalls=False)
+        assert "130101" in outbox(db)[0]["last_error"]
+        world.fail(["e0001"])
+        assert await worker.run_once(now=t + timedelta(seconds=5), stalls=False) == 1
+        assert [r.token for r in receivers.received] == ["other"]  # another robot: not held
+        due = parse_time(outbox(db)[0]["next_attempt_at"])
+        assert due is not None and due > t + timedelta(seconds=5)
+        assert await worker.run_once(now=due + timedelta(seconds=1), stalls=False) == 2
+        assert sorted(r.token for r in receivers.received) == ["other", tok, tok]
+    finally:
+        await worker.close()
+        await receivers.stop()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import secrets
 import sqlite3
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -124,7 +124,12 @@ def _read_due(
             out[r[0]] = DueRow(*r)
 
 
-def due_rows(conn: sqlite3.Connection, now: datetime, limit: int = 1000) -> list[DueRow]:
+def due_rows(
+    conn: sqlite3.Connection,
+    now: datetime,
+    limit: int = 1000,
+    robots: Mapping[str, str] | None = None,
+) -> list[DueRow]:
     """Pending rows due at ``now``, oldest first, at most ``limit`` per target, and every
     pending row of a message one of them was sent in before (``limit`` may cut a message: it
     goes again whole or not at all, since a receiver that got a message's id once drops
@@ -138,14 +143,19 @@ def due_rows(conn: sqlite3.Connection, now: datetime, limit: int = 1000) -> list
     would reach it inside that wait (DingTalk bans a bot that sends on), and ahead of older
     alerts; older ones (a row whose rule's quiet hours just ended) inside it too. They go
     with it, oldest first, once it is due. (A row that waits for the end of its rule's
-    quiet hours, never attempted, holds nothing back.)"""
+    quiet hours, never attempted, holds nothing back.)
+
+    ``robots`` maps target names to their robot (:func:`hpo_sync.alerts.service._robot`):
+    a wait holds every target of the robot it was asked for (two targets of one DingTalk
+    URL: the second sent into the first one's ban)."""
     out: dict[int, DueRow] = {}
     at = format_time(now)
     due = "(o.next_attempt_at IS NULL OR o.next_attempt_at <= ?)"
-    oldest_waiting = _oldest_waiting(conn, at)
+    robot = (robots or {}).get
+    waiting = {robot(t, t) for t in _oldest_waiting(conn, at)}
     targets = conn.execute("SELECT DISTINCT target FROM alert_outbox WHERE status = ?", (PENDING,))
     for (target,) in targets.fetchall():
-        if target not in oldest_waiting:
+        if robot(target, target) not in waiting:
             _read_due(conn, f"o.target = ? AND {due}", (target, at, limit), out)
     messages = sorted({r.message_id for r in out.values() if r.message_id is not None})
     for start in range(0, len(messages), 500):

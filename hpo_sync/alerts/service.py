@@ -432,7 +432,7 @@ class AlertWorker:
         for name, group in by_target.items():
             if name in busy:
                 continue
-            if now < self._asked_wait.get(name, now):
+            if self._asked_to_wait(name, now):
                 continue  # it asked a stall notice to wait: its alerts wait as long
             target = self._target(name)
             if target is None:
@@ -487,11 +487,18 @@ class AlertWorker:
             last[ws] = max(parsed, default=None)
         labels = {w.id: w.label for w in self.config.workspaces}
         waiting = await asyncio.to_thread(self._waiting, now)
+        # (a wait holds every target of the robot it was asked for: see outbox.due_rows)
+        waiting_robots = {_robot(t) for t in self.config.alerts.targets if t.name in waiting}
         started = []
         for target in self.config.alerts.targets:
             if target.name in self._announcing:
                 continue  # its notices of an earlier round are still going out
-            if target.name in waiting or self._notices_wait(target.name, now):
+            if (
+                target.name in waiting
+                or _robot(target) in waiting_robots
+                or self._notices_wait(target.name, now)
+                or self._asked_to_wait(target.name, now)
+            ):
                 continue  # it asked to wait (or its alerts wait a backoff): later
             told = self._stalled.setdefault(target.name, set())
             notices = stall_notices(
@@ -573,6 +580,18 @@ class AlertWorker:
         with self.store.reader() as conn:
             return outbox.waiting_targets(conn, now)
 
+    def _asked_to_wait(self, name: str, now: datetime) -> bool:
+        """Whether the target's robot (any target of its type and URL) asked a stall notice
+        to wait past ``now``."""
+        target = self._target(name)
+        key = _robot(target) if target is not None else None
+        return any(
+            now < until
+            for other, until in self._asked_wait.items()
+            if other == name
+            or (key is not None and (t := self._target(other)) is not None and _robot(t) == key)
+        )
+
     def _due(
         self, now: datetime, max_age_s: float, busy: frozenset[str] = frozenset()
     ) -> tuple[list[outbox.DueRow], int]:
@@ -586,7 +605,8 @@ class AlertWorker:
             self.metrics.dead.labels(target).inc(n)
             log.error("alert.dead", target=target, alerts=n, reason="expired")
         with self.store.reader() as conn:
-            return outbox.due_rows(conn, now), outbox.counts(conn)[outbox.PENDING]
+            robots = {t.name: _robot(t) for t in self.config.alerts.targets}
+            return outbox.due_rows(conn, now, robots=robots), outbox.counts(conn)[outbox.PENDING]
 
     def _item(self, row: outbox.DueRow) -> AlertItem:
         old = decode_counts(row.trial_old)
