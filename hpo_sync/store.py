@@ -979,6 +979,7 @@ class Store:
         baseline: bool = False,
         raise_watermark: bool = False,
         upstream_learnt: str | EllipsisType | None = ...,
+        succeeded_at: str | None = None,
     ) -> None:
         """The end of a sweep in ONE transaction: :meth:`finish_run` (the run keeps the
         change count its applies accumulated), then the workspace's outcome
@@ -996,7 +997,14 @@ class Store:
         the experiments of its earlier pages from every hot sweep until the next full one.
 
         ``upstream_learnt``: what the workspace's ``upstream_learnt`` becomes (``...``
-        leaves it as it is)."""
+        leaves it as it is).
+
+        ``succeeded_at`` (default ``finished_at``): the time recorded as the workspace's last
+        success, which says how fresh the mirror is (stall notices, the read API); the
+        clock's own, where ``finished_at`` may be held at the newest time recorded before
+        (:meth:`hpo_sync.sync.SyncEngine._now`)."""
+        if succeeded_at is not None:
+            _check_time(succeeded_at, "succeeded_at")
         with self._write("close a sync run") as conn:
             if raise_watermark:
                 _raise_watermark(conn, workspace_id, finished_at)
@@ -1011,7 +1019,7 @@ class Store:
                 error,
             )  # fmt: skip
             if status == "ok":
-                _record_success(conn, workspace_id, mode, finished_at)
+                _record_success(conn, workspace_id, mode, succeeded_at or finished_at)
                 if baseline and mode == "full":
                     _mark_baseline(conn, workspace_id, finished_at)
             else:

@@ -378,6 +378,9 @@ class SyncEngine:
                 baseline=result.baseline,
                 raise_watermark=result.listed_new,
                 upstream_learnt=self._kept_learnt(result.workspace_id),
+                # The clock's own time, not a held one: a success recorded at a time held a
+                # day ahead looked fresh for that day, and stall notices never came.
+                succeeded_at=format_time(self.clock().astimezone(UTC).replace(microsecond=0)),
             )
         except StoreError as exc:
             # What the sweep applied stays applied (each batch committed whole), but the

@@ -2986,6 +2986,11 @@ async def test_a_clock_set_right_after_running_ahead_freezes_nothing_across_a_re
         assert_history_replays(store, ws)
         # held at the day-ahead time, in order, until the clock catches up
         assert store.newest_record_time(ws) == ahead
+        # ... but the successes are the clock's: a day ahead, the mirror looked fresh for a
+        # day, and a workspace that stopped syncing got no stall notice
+        (state,) = [s for s in store.workspaces() if s.workspace_id == ws]
+        now = sim.world.now.replace(microsecond=0)
+        assert state.last_full_ok_at == state.last_hot_ok_at == format_time(now)
 
 
 async def test_a_change_after_a_baseline_whose_end_was_not_recorded_is_not_baseline(
