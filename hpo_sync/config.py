@@ -1016,6 +1016,13 @@ class _Parser:
                     quiet_hours=self.get(r, rk, "quiet_hours", str, None, _check_quiet_hours),
                 )
             )
+            if "trial_failures_min" in r and not rules[-1].trial_failures_rose:
+                # Read only with trial_failures_rose: alone, the rule had no condition left
+                # and alerted on every change.
+                raise self.fail(
+                    f"{rk}.trial_failures_min",
+                    "only counts with trial_failures_rose = true (set it, or remove this key)",
+                )
             quiet_s = _quiet_window_s(rules[-1].quiet_hours)
             if quiet_s >= max_age_s:
                 # Expiry counts from when the alert was raised: one raised as the window

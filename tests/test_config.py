@@ -1261,3 +1261,16 @@ def test_a_secret_pasted_into_statuses_or_workspaces_is_not_shown() -> None:
         env={"TOK": "x" * 40},
     )
     assert "is not configured" in message and "access_token" not in message, message
+
+
+def test_trial_failures_min_without_trial_failures_rose_is_refused() -> None:
+    """The minimum is read only with ``trial_failures_rose``: alone, the rule had no
+    condition left and alerted on every change, with no word of it."""
+    head = '[[workspaces]]\nid = "100001"\n[[alerts.targets]]\nname = "ops"\ntype = "slack"\n'
+    head += 'url_env = "HOOK"\n[[alerts.rules]]\nname = "r"\ntargets = ["ops"]\n'
+    env = {"HOOK": "https://hooks.slack.com/services/T/B/x"}
+    message = error(head + "trial_failures_min = 3\n", env=env)
+    assert message.startswith("alerts.rules[0].trial_failures_min"), message
+    assert "trial_failures_rose" in message
+    rule = loads(head + "trial_failures_rose = true\ntrial_failures_min = 3\n", env=env)
+    assert rule.alerts.rules[0].trial_failures_min == 3
