@@ -1257,8 +1257,13 @@ class SyncEngine:
         # they handed on, and counted them (the feed's pages count theirs as applied;
         # the largest count of one listing: the same record can come in several of them)
         result.skipped_records += max((listing.skipped for listing in listings.values()), default=0)
+        # Not when the count moved and the ids fell short of it (as in a full sweep): a row
+        # shifted onto a page already read may be a new one, and a watermark raised past it
+        # hid it from every hot sweep until the next full one.
         result.listed_new = any(
-            listings[label].complete for label in ("new", "all") if label in listings
+            listings[label].complete and not _fell_short(listings[label])
+            for label in ("new", "all")
+            if label in listings
         )
         incomplete = [label for label, listing in listings.items() if not listing.complete]
         if incomplete:

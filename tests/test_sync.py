@@ -3030,3 +3030,51 @@ async def test_a_change_after_a_baseline_whose_end_was_not_recorded_is_not_basel
         assert first_rows and all(c.baseline for c in first_rows)
         assert_mirror_equals_truth(rig.store, rig.sim, ws)
         assert_history_replays(rig.store, ws)
+
+
+async def test_a_hot_listing_of_what_is_new_that_fell_short_holds_the_watermark(
+    tmp_path: Path,
+) -> None:
+    """40 experiments new since the baseline span four pages of a hot sweep's listing of
+    what is new. After page 1 is read one of its rows is deleted, so the first row of
+    page 2 shifts onto page 1 and no page returns it. That listing was complete (its count
+    moved from 40 to 39, and 39 ids came), so the watermark went past the shifted one and
+    no later hot sweep asked for it: missing until the next full sweep. Now a listing
+    whose ids fall short of a count that moved leaves the watermark where it was."""
+    async for rig in make_rig(tmp_path, _still_world(50, seed=16), page_size=10):
+        ws, world = rig.sim.world.workspace_ids[0], rig.sim.world
+        assert (await rig.engine.sweep(ws)).status == "ok"
+        world.advance(3 * 3600)
+        newest = world.now - timedelta(hours=2)
+        new_ids = [f"new-{n:02d}" for n in range(40)]
+        for n, exp_id in enumerate(new_ids):
+            at = format_time(newest + timedelta(hours=1, minutes=n))
+            world.mutate(
+                create={"WorkspaceId": ws, "Name": f"n{n}", "Status": "FINISHED",
+                        "GmtCreateTime": at, "ExperimentId": exp_id}
+            )  # fmt: skip
+        deleted: list[str] = []
+
+        victim = new_ids[3]
+
+        def delete_after_page_1(
+            params: Any, original: Any, deleted: Any = deleted, world: Any = world,
+            victim: str = victim,
+        ) -> Any:  # fmt: skip
+            if _new_listing(params) and params.get("PageNumber") == "2" and not deleted:
+                deleted.append(victim)
+                world.mutate(victim, delete=True)
+            return original(params)
+
+        with (
+            listing_replaced(world, delete_after_page_1),
+            sorts_refused(world, "GmtModifiedTime", "update_time"),
+        ):
+            first = await rig.engine.sweep(ws, "hot")
+            world.advance(60)
+            second = await rig.engine.sweep(ws, "hot")
+        assert deleted and first.status == second.status == "ok"
+        rows = mirror_rows(rig.store, ws)
+        assert [i for i in new_ids if i not in deleted and i not in rows] == []
+        # (the deleted one, FINISHED, is left to the next full sweep, as hot sweeps leave
+        # every terminal experiment's deletion)
