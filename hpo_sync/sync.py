@@ -770,6 +770,15 @@ class SyncEngine:
 
         listing = await read()
         listed_at = time.monotonic()
+
+        async def read_again(event: str, missing: int) -> Listing:
+            """The workspace read once more, MASS_DELETION_WAIT_S after the first reading
+            (logged as ``event``, with the wait)."""
+            wait_s = max(0.0, listed_at + self.mass_deletion_wait_s - time.monotonic())
+            log.info(event, workspace=ws, missing=missing, wait_s=round(wait_s, 1))
+            await asyncio.sleep(wait_s)
+            return await read()
+
         if not listing.complete:
             _incomplete(result, listing)
             return
@@ -839,15 +848,7 @@ class SyncEngine:
             # soft-deleted experiments sends too), and a workspace of a few experiments was
             # marked deleted whole. As for a mass deletion, a second reading, apart from the
             # first by more than such a moment lasts, must miss them too.
-            wait_s = max(0.0, listed_at + self.mass_deletion_wait_s - time.monotonic())
-            log.info(
-                "sync.empty_listing_reread",
-                workspace=ws,
-                missing=len(absentees),
-                wait_s=round(wait_s, 1),
-            )
-            await asyncio.sleep(wait_s)
-            again = await read()
+            again = await read_again("sync.empty_listing_reread", len(absentees))
             if not again.complete:
                 _incomplete(result, again)
                 return
@@ -863,15 +864,7 @@ class SyncEngine:
                 # empty or short listing that still adds up, e.g. TotalCount 0) would mark
                 # the whole workspace deleted and alert on every row. A second reading,
                 # apart from the first by more than such a glitch lasts, must miss them too.
-                wait_s = max(0.0, listed_at + self.mass_deletion_wait_s - time.monotonic())
-                log.info(
-                    "sync.mass_deletion_reread",
-                    workspace=ws,
-                    missing=len(absentees),
-                    wait_s=round(wait_s, 1),
-                )
-                await asyncio.sleep(wait_s)
-                again = await read()
+                again = await read_again("sync.mass_deletion_reread", len(absentees))
                 if not again.complete or not again.consistent or again.skipped:
                     result.status = "partial"
                     result.error = (
