@@ -805,12 +805,7 @@ class SyncEngine:
                 total_counts=sorted(listing.totals_seen),
             )
             again = await read()
-            if not again.complete:
-                _incomplete(result, again)
-                return
-            # the same unreadable records again, most likely: counted once
-            result.skipped_records = max(result.skipped_records, again.skipped)
-            if _unreadable(result):
+            if _second_reading_stops(result, again):
                 return
             _note_count_moved(result, again)
             seen_ids = listing.seen_ids | again.seen_ids
@@ -849,11 +844,7 @@ class SyncEngine:
             # marked deleted whole. As for a mass deletion, a second reading, apart from the
             # first by more than such a moment lasts, must miss them too.
             again = await read_again("sync.empty_listing_reread", len(absentees))
-            if not again.complete:
-                _incomplete(result, again)
-                return
-            result.skipped_records = max(result.skipped_records, again.skipped)
-            if _unreadable(result):
+            if _second_reading_stops(result, again):
                 return
             absentees = {i: r for i, r in absentees.items() if i not in again.seen_ids}
             if not absentees:
@@ -1539,6 +1530,17 @@ def _upstream_spellings(rows: Iterable[Mapping[str, Any]]) -> dict[str, str]:
         status: max(spellings, key=lambda s: (spellings[s], s == status))
         for status, spellings in counts.items()
     }
+
+
+def _second_reading_stops(result: SweepResult, again: Listing) -> bool:
+    """Whether a full sweep's second reading of its workspace stops it: it was incomplete
+    (recorded so), or it held records without a readable ExperimentId (:func:`_unreadable`;
+    counted once with the first reading's: the same records again, most likely)."""
+    if not again.complete:
+        _incomplete(result, again)
+        return True
+    result.skipped_records = max(result.skipped_records, again.skipped)
+    return _unreadable(result)
 
 
 def _unreadable(result: SweepResult) -> bool:

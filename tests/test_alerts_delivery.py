@@ -1563,11 +1563,9 @@ async def test_a_ban_holds_an_older_alert_whose_quiet_hours_end_inside_it(
         await receivers.stop()
 
 
-async def test_two_targets_of_one_robot_share_its_rate_limit(store: Store, db: Path) -> None:
-    """Two targets of one DingTalk URL (two rules' routes to one robot, say): the limit is
-    the robot's (20 a minute), but each target had a limiter of its own, so together they
-    sent it 38 a minute and got it banned. Here with a limit of 2 per 1.5 s: six messages,
-    three per target, take at least two windows past the first when they share one."""
+async def _one_robot_two_targets() -> tuple[Receivers, str, tuple[TargetConfig, ...]]:
+    """Started receivers, a DingTalk robot's token, and two targets of that robot's URL:
+    ``ding-oncall`` and ``ding-team``."""
     tok = "tok-ding-S3CRETTOKEN"
     receivers = Receivers()
     await receivers.start()
@@ -1576,6 +1574,15 @@ async def test_two_targets_of_one_robot_share_its_rate_limit(store: Store, db: P
         TargetConfig("ding-oncall", "dingtalk", Secret(url, "t")),
         TargetConfig("ding-team", "dingtalk", Secret(url, "t")),
     )
+    return receivers, tok, targets
+
+
+async def test_two_targets_of_one_robot_share_its_rate_limit(store: Store, db: Path) -> None:
+    """Two targets of one DingTalk URL (two rules' routes to one robot, say): the limit is
+    the robot's (20 a minute), but each target had a limiter of its own, so together they
+    sent it 38 a minute and got it banned. Here with a limit of 2 per 1.5 s: six messages,
+    three per target, take at least two windows past the first when they share one."""
+    receivers, _, targets = await _one_robot_two_targets()
     rules = (
         RuleConfig("failed", ("ding-oncall",), to_status=("FAILED",)),
         RuleConfig("all", ("ding-team",)),
@@ -1605,15 +1612,9 @@ async def test_a_wait_one_target_of_a_robot_was_asked_holds_its_other_targets(
     """DingTalk bans a robot (130101) for one target of its URL: its other target sent into
     that ban 5 s later (waits were kept per target name), which makes a ban longer. Now
     nothing goes to the robot until the wait is over; then both targets' alerts go."""
-    tok = "tok-ding-S3CRETTOKEN"
-    receivers = Receivers()
-    await receivers.start()
-    url = receivers.url("dingtalk", tok)
-    targets = (
-        TargetConfig("ding-oncall", "dingtalk", Secret(url, "t")),
-        TargetConfig("ding-team", "dingtalk", Secret(url, "t")),
-        TargetConfig("elsewhere", "dingtalk", Secret(receivers.url("dingtalk", "other"), "t")),
-    )
+    receivers, tok, two = await _one_robot_two_targets()
+    other = receivers.url("dingtalk", "other")
+    targets = (*two, TargetConfig("elsewhere", "dingtalk", Secret(other, "t")))
     rules = (
         RuleConfig("a", ("ding-oncall",), experiments=("bert_e0000",)),
         RuleConfig("b", ("ding-team", "elsewhere"), experiments=("bert_e0001",)),
