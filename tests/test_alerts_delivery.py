@@ -1459,8 +1459,11 @@ async def test_a_step_of_the_clock_moves_the_retries_waits(db: Path) -> None:
                 )
         conn.close()
         step = timedelta(hours=-1)
+        real_clock = worker.clock
+        worker.clock = lambda: datetime.now(UTC) + step  # the machine's clock, stepped
         with capture_logs() as logs:
             await worker.clock_stepped(step.total_seconds())
+        worker.clock = real_clock  # (the receiver checks signature times on the real one)
         assert [(e["event"], e["alerts_moved"]) for e in logs] == [("alert.clock_stepped", 3)]
         retry, quiet, soon = outbox(db)
         assert retry["next_attempt_at"] == format_time(due + step)
@@ -1474,6 +1477,60 @@ async def test_a_step_of_the_clock_moves_the_retries_waits(db: Path) -> None:
         assert len(hook.got) == 1
         assert await worker.run_once(now=due + step, stalls=False) == 1
         assert len(hook.got) == 2 and outbox(db)[0]["status"] == "sent"
+
+
+@pytest.mark.parametrize("days", [1, -2], ids=["forward", "back"])
+async def test_what_is_stamped_between_a_step_and_its_sight_is_not_moved(
+    tmp_path: Path, days: int
+) -> None:
+    """The clock steps; before the daemon's watch sees it (it looks every second) a sweep
+    queues an alert, stamped on the new clock, and a delivery's retry is recorded on it.
+    Moving those by the step as well made the alert wait a day (a step forward) or expire
+    unsent (two days back, past max_age_s), and the retry go at once or a day late. What
+    was queued before the step still moves."""
+    db = tmp_path / "mirror.db"
+    store = Store.open(db)
+    receivers = Receivers()
+    await receivers.start()
+    before = datetime.now(UTC).replace(microsecond=0)
+    clock = [before]
+    worker = AlertWorker(
+        store, make_config(db, receivers, ("slack",)), rate_limits={}, clock=lambda: clock[0]
+    )
+    try:
+        world = World(store, worker, 3)
+        world.fail([world.ids[0]])  # queued before the step
+        step = timedelta(days=days)
+        clock[0] += step
+        world.fail([world.ids[1]])  # queued on the new clock, before the watch saw the step
+        old, new = outbox(db)
+        await worker.clock_stepped(step.total_seconds())
+        moved, kept = outbox(db)
+        assert moved["created_at"] == format_time(parse_time(old["created_at"]) + step)
+        assert kept["created_at"] == new["created_at"]
+        # both due (group_wait_s = 5 s), neither expired: one message of two alerts
+        assert await worker.run_once(now=clock[0] + timedelta(seconds=10), stalls=False) == 1
+        assert [r["status"] for r in outbox(db)] == ["sent", "sent"]
+        if days < 0:
+            return  # (after a step back, a row queued before it is not due until it moved)
+        # Queued, then the clock steps again, then a delivery's retry is recorded on the new
+        # clock (the target answered 500) before the watch sees the step: the row's queue
+        # time moves, the retry's due time stays.
+        world.fail([world.ids[2]])
+        (queued,) = [r for r in outbox(db) if r["status"] == "pending"]
+        clock[0] += step
+        receivers.fail(token("slack"), times=1)
+        assert await worker.run_once(now=clock[0], flush=True, stalls=False) == 0
+        (retry,) = [r for r in outbox(db) if r["status"] == "pending"]
+        assert retry["attempts"] == 1
+        await worker.clock_stepped(step.total_seconds())
+        (after,) = [r for r in outbox(db) if r["status"] == "pending"]
+        assert after["created_at"] == format_time(parse_time(queued["created_at"]) + step)
+        assert after["next_attempt_at"] == retry["next_attempt_at"]
+    finally:
+        await worker.close()
+        await receivers.stop()
+        store.close()
 
 
 async def test_a_ban_asked_in_answer_to_a_stall_notice_holds_the_alerts_too(

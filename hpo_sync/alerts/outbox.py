@@ -238,7 +238,19 @@ def mark_sent(conn: sqlite3.Connection, ids: Sequence[int], now: datetime) -> No
     )
 
 
-def shift_waits(conn: sqlite3.Connection, step_s: float) -> int:
+#: How long before a clock step is seen the step may have come (the daemon looks every
+#: second): a row stamped that recently may be on the new clock already.
+STEP_WINDOW_S = 5.0
+
+
+def shift_waits(
+    conn: sqlite3.Connection,
+    step_s: float,
+    now: datetime,
+    *,
+    recorded: Collection[int] = (),
+    max_wait_s: float = 3600.0,
+) -> int:
     """Move the times of the pending rows by ``step_s``, the step the machine's clock just
     made, so that each wait ends as long after now as it would have without the step;
     returns how many rows moved. The times are wall-clock times: after a step back of an
@@ -250,20 +262,35 @@ def shift_waits(conn: sqlite3.Connection, step_s: float) -> int:
     ``created_at`` moves on every pending row (the group wait and the expiry run from it),
     ``next_attempt_at`` on rows waiting after an attempt and on rows due when queued. A row
     never attempted whose due time is later than its queue time waits for the end of its
-    rule's quiet hours, a time of day on the wall clock: that stays."""
+    rule's quiet hours, a time of day on the wall clock: that stays.
+
+    What was stamped after the step, before it was seen, is on the new clock already and
+    stays: a row queued within :data:`STEP_WINDOW_S` before ``now`` (the new clock's time),
+    and the due time of a row in ``recorded`` (its outcome was recorded in that window)
+    that is a wait of at most ``max_wait_s`` from ``now``.
+    Moved again, an alert queued then expired unsent after a step back of two days, or
+    waited a day after a step forward. (An older row whose queue time, on the old clock,
+    falls in that window stays too: it then waits or expires up to that window early or
+    late, not a day.)"""
     rows = conn.execute(
         "SELECT id, attempts, created_at, next_attempt_at FROM alert_outbox WHERE status = ?",
         (PENDING,),
     ).fetchall()
     step = timedelta(seconds=step_s)
+    fresh_from, fresh_to = now - timedelta(seconds=STEP_WINDOW_S), now + timedelta(seconds=1)
+    fresh = set(recorded)
+    latest = now + timedelta(seconds=max_wait_s + 1)
     moved: list[tuple[str | None, str | None, int]] = []
     for i, attempts, created_text, due_text in rows:
         created, due = parse_time(created_text), parse_time(due_text)
+        if created is not None and fresh_from <= created <= fresh_to:
+            continue  # queued since the step: its times are the new clock's
         quiet = attempts == 0 and due is not None and created is not None and due > created
+        keep_due = quiet or (i in fresh and due is not None and fresh_from <= due <= latest)
         moved.append(
             (
                 format_time(created + step) if created is not None else created_text,
-                format_time(due + step) if due is not None and not quiet else due_text,
+                format_time(due + step) if due is not None and not keep_due else due_text,
                 i,
             )
         )

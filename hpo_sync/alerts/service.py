@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterator, Sequence
@@ -275,6 +276,10 @@ class AlertWorker:
         #: per target, the end of a wait it asked for in answer to a stall notice: its
         #: alerts wait for it too (DingTalk bans a bot that sends on after 130101)
         self._asked_wait: dict[str, datetime] = {}
+        # The outbox rows whose outcome was recorded lately (monotonic time): see
+        # clock_stepped.
+        self._recorded_at: dict[int, float] = {}
+        self._recorded_lock = threading.Lock()
         #: per target, the outcomes of its sends that the mirror could not record (a full
         #: disk, a lock held too long), oldest first: the target gets nothing more until
         #: they are recorded (see :meth:`_record`)
@@ -327,14 +332,25 @@ class AlertWorker:
         it would have without the step: the pending outbox rows' (:func:`outbox.shift_waits`),
         the stall notices' waits and the retries of outcomes not yet recorded."""
         step = timedelta(seconds=step_s)
+        now = self.clock()
         self._notice_wait = {name: at + step for name, at in self._notice_wait.items()}
         self._asked_wait = {name: at + step for name, at in self._asked_wait.items()}
+        fresh_from = now - timedelta(seconds=outbox.STEP_WINDOW_S)
         for entries in self._unrecorded.values():
-            entries[:] = [replace(e, now=e.now + step) for e in entries]
+            entries[:] = [
+                e if e.now >= fresh_from else replace(e, now=e.now + step) for e in entries
+            ]
+        # (the rows whose outcome this worker recorded since the step may have come: their
+        # due times are the new clock's)
+        since = time.monotonic() - outbox.STEP_WINDOW_S
+        with self._recorded_lock:
+            recorded = [i for i, at in self._recorded_at.items() if at >= since]
 
         def shift() -> int:
             with _write(self.store, "move alert retries after a clock step") as conn:
-                return outbox.shift_waits(conn, step_s)
+                return outbox.shift_waits(
+                    conn, step_s, now, recorded=recorded, max_wait_s=RETRY_AFTER_MAX_S
+                )
 
         moved = await asyncio.to_thread(shift)
         log.info("alert.clock_stepped", step_s=round(step_s, 1), alerts_moved=moved)
@@ -762,6 +778,12 @@ class AlertWorker:
     def _write_outcome(self, entry: _Unrecorded) -> None:
         ids, outcome = entry.ids, entry.outcome
         with _write(self.store, "record alert deliveries") as conn:
+            at = time.monotonic()
+            with self._recorded_lock:  # (written in worker threads, read on the loop)
+                self._recorded_at = {
+                    i: t for i, t in self._recorded_at.items() if t >= at - outbox.STEP_WINDOW_S
+                }
+                self._recorded_at.update(dict.fromkeys(ids, at))
             if isinstance(outcome, Sent):
                 outbox.mark_sent(conn, ids, entry.answered_at)
             elif isinstance(outcome, Retry):
