@@ -201,10 +201,16 @@ async def test_alerts_list_and_retry(
         ["alerts", "retry", str(dead_id), "--config", str(config_path)], capsys
     )
     assert code == 0 and "re-queued 1 dead alert delivery" in out
+    # pending now, and an id that does not exist: nothing re-queued, exit 1 (a typo shows)
+    code, out = await run_cli(
+        ["alerts", "retry", str(dead_id), "999999", "--config", str(config_path)], capsys
+    )
+    assert code == 1 and "re-queued 0" in out, out
+    assert "2 of the 2 ids given are not dead-lettered deliveries" in out
     code, out = await run_cli(
         ["alerts", "retry", "--all-dead", "--config", str(config_path)], capsys
     )
-    assert "re-queued 0" in out
+    assert code == 0 and "re-queued 0" in out  # nothing dead: nothing to do
     code, out = await run_cli(["alerts", "list", "--pending", "--config", str(config_path)], capsys)
     assert f"{dead_id:>6}  pending" in out
     code, out = await run_cli(["alerts", "retry", "--config", str(config_path)], capsys)

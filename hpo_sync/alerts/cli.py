@@ -297,6 +297,13 @@ def cmd_retry(args: argparse.Namespace) -> int:
     finally:
         store.close()
     print(f"re-queued {n} dead alert deliver{'y' if n == 1 else 'ies'}")
-    if args.ids and n < len(args.ids):
-        print("(the others are not dead-lettered, or do not exist)")
+    given = len(set(args.ids or ()))
+    if n < given:
+        # (exit 1, as `show` and `history` of an unknown id: a script can tell a typo)
+        print(
+            f"hpo-sync: {given - n} of the {given} ids given are not dead-lettered deliveries"
+            " (pending, sent, or no such id): not re-queued",
+            file=sys.stderr,
+        )
+        return cli.EXIT_FAILED
     return cli.EXIT_OK
