@@ -27,7 +27,7 @@ import structlog
 
 from . import __version__, held_signals
 from . import config as config_mod
-from .errors import ConfigError, HpoSyncError, StoreError
+from .errors import ConfigError, HpoSyncError, StoreError, short_path
 
 if TYPE_CHECKING:  # the alert worker is imported only by the commands that use it
     from .alerts.service import AlertWorker
@@ -243,9 +243,7 @@ def _os_error_text(exc: OSError) -> str:
     name = exc.filename
     if name is None:
         return reason
-    shown = os.fsdecode(name) if isinstance(name, bytes) else str(name)
-    if len(shown) > 80:
-        shown = f"{shown[:40]}…{shown[-30:]} ({len(shown)} characters)"
+    shown = short_path(os.fsdecode(name) if isinstance(name, bytes) else str(name))
     return f"{reason}: {shown!r}"
 
 

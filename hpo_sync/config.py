@@ -29,7 +29,7 @@ from yarl import URL
 
 from . import proxies
 from .alerts.signing import webhook_key
-from .errors import ConfigError
+from .errors import ConfigError, short_path
 
 DEFAULT_CONFIG_PATH = Path("/etc/hpo-sync/config.toml")
 CONFIG_ENV = "HPO_SYNC_CONFIG"
@@ -308,16 +308,17 @@ def load_store(path: Path | str) -> StoreConfig:
 
 
 def _read(path: Path) -> str:
+    shown = short_path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(
-            f"config file {path} does not exist (pass --config PATH or set ${CONFIG_ENV})"
+            f"config file {shown} does not exist (pass --config PATH or set ${CONFIG_ENV})"
         ) from None
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"config file {path} is not UTF-8 text: {exc.reason}") from None
+        raise ConfigError(f"config file {shown} is not UTF-8 text: {exc.reason}") from None
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+        raise ConfigError(f"cannot read config file {shown}: {exc.strerror or exc}") from None
     return text
 
 
@@ -341,7 +342,7 @@ def _parse_toml(text: str, source: Path | None) -> dict[str, Any]:
         data = tomllib.loads(text)
     except RecursionError:
         # tomllib parses nested arrays and inline tables recursively.
-        where = f"config file {source}: " if source else ""
+        where = f"config file {short_path(source)}: " if source else ""
         raise ConfigError(
             f"{where}TOML syntax error: arrays or inline tables nested too deeply"
         ) from None

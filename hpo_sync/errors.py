@@ -26,6 +26,15 @@ def _one_line(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def short_path(path: object, limit: int = 80) -> str:
+    """A file name for a message: as it is, or past ``limit`` characters its start and end
+    and its length (a path of thousands of characters filled the terminal)."""
+    text = str(path)
+    if len(text) > limit:
+        return f"{text[:40]}…{text[-30:]} ({len(text)} characters)"
+    return text
+
+
 class HpoSyncError(Exception):
     """Base class of every error hpo-sync raises on purpose."""
 

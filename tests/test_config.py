@@ -927,6 +927,13 @@ quiet_hours = "22:00-07:00"
 def test_load_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"does not exist .*--config"):
         load(tmp_path / "missing.toml")
+    # a path of hundreds of characters is shortened, not printed whole
+    long_path = tmp_path / ("a/" * 300) / "x.toml"
+    with pytest.raises(ConfigError) as info:
+        load(long_path)
+    message = str(info.value)
+    assert len(message) < 250 and f"({len(str(long_path))} characters)" in message, message
+    assert message.startswith(f"config file {str(tmp_path)[:40]}") and "x.toml (" in message
     bad = tmp_path / "latin1.toml"
     bad.write_bytes(b"# caf\xe9\n" + MINIMAL.encode())
     with pytest.raises(ConfigError, match="not UTF-8"):
