@@ -350,3 +350,20 @@ async def test_alerts_retry_upgrades_an_older_mirror_only_when_no_daemon_uses_it
         assert code == 0 and "re-queued 0" in out
     finally:
         daemon.release()
+
+
+def test_alerts_list_spells_out_trial_counts_as_history_does() -> None:
+    """A TrialStatus delivery's change was shown as its stored JSON; `history` and `show`
+    spell the counts out."""
+    import io
+
+    from hpo_sync.alerts.cli import print_rows
+
+    row = {
+        "id": 7, "status": "pending", "target": "ops", "attempts": 0, "name": "bert",
+        "experiment_id": "e1", "field": "TrialStatus", "from": '{"RUNNING":2}',
+        "to": '{"FAILED":1,"RUNNING":1}', "last_error": None,
+    }  # fmt: skip
+    out = io.StringIO()
+    print_rows([row], "table", out)
+    assert "TrialStatus RUNNING 2 → FAILED 1, RUNNING 1" in out.getvalue(), out.getvalue()

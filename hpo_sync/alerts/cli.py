@@ -21,7 +21,7 @@ from hpo_sync.cli_query import limit_type, table_width
 from hpo_sync.config import Config, TargetConfig
 from hpo_sync.errors import SchemaTooOldError, StoreError, StoreInUseError
 from hpo_sync.normalise import format_time
-from hpo_sync.render import Column, format_table, json_array_chunks, json_line
+from hpo_sync.render import Column, change_text, format_table, json_array_chunks, json_line
 from hpo_sync.store import Store, acquire_lock
 
 from . import outbox
@@ -232,7 +232,8 @@ def print_rows(
         # Upstream's names and a target's answers are shown as `ls` shows text (the table
         # cleans every cell): escapes, control and bidirectional characters reached the
         # terminal as they were.
-        change = f"{r['field']} {r['from'] or '-'} → {r['to'] or '-'}"
+        # (trial counts spelled out, as `history` and `show` write them)
+        change = f"{r['field']} {change_text(r['field'], r['from'], r['to'])}"
         tail = f"{change}  [{r['last_error']}]" if r["last_error"] else change
         cells.append(
             [
