@@ -707,7 +707,8 @@ class Store:
             )
         if readonly:
             if where == ":memory:" or not Path(where).exists():
-                raise StoreError(f"no mirror at {where}; run a sync first to create it")
+                # (the words every command uses: README, exit status 1)
+                raise StoreError(f"no mirror at {where} — run `hpo-sync sync` first")
             store = cls(
                 where, None, readonly=True, busy_timeout_s=busy_timeout_s, any_version=any_version
             )
@@ -1843,7 +1844,7 @@ def _check_readable(conn: sqlite3.Connection, where: str, *, any_version: bool =
     ``any_version``, for a copy of the file, a mirror of any version will do."""
     version = check_mirror(conn, where) if any_version else check_version(conn, where)
     if version == 0:  # an empty file, or an empty database: nothing was ever synced into it
-        raise StoreError(f"{where} holds no mirror yet; run a sync first to create it")
+        raise StoreError(f"{where} holds no mirror yet — run `hpo-sync sync` first")
     if version < SCHEMA_VERSION and not any_version:
         raise StoreError(
             f"{where} has schema version {version}, this hpo-sync needs {SCHEMA_VERSION}; "

@@ -715,7 +715,7 @@ def test_a_version_6_mirror_upgrades_with_nothing_learnt_about_upstream(db_path:
 def test_readonly_says_an_empty_file_holds_no_mirror_yet(db_path: Path) -> None:
     """Not "schema version 0 ... upgrade it in place" (there is nothing to upgrade)."""
     db_path.write_bytes(b"")
-    with pytest.raises(StoreError, match=r"holds no mirror yet; run a sync first"):
+    with pytest.raises(StoreError, match=r"holds no mirror yet — run `hpo-sync sync` first"):
         Store.open(db_path, readonly=True)
     assert db_path.read_bytes() == b""
 
