@@ -570,6 +570,10 @@ _STATUS_I = _CONTENT_INDEX["status"]
 _TRIAL_STATUS_I = _CONTENT_INDEX["trial_status"]
 _DELETED_I = _CONTENT_INDEX["deleted"]
 _DELETED_TRUE = encode_deleted(True)
+_MODIFIED_I = _CONTENT_INDEX["gmt_modified_time"]
+#: A record whose GmtModifiedTime is older than the stored one by less than this is an
+#: older copy of it (see _lagging); a larger gap is more likely a time read in another zone.
+LAG_WINDOW_S = 1800.0
 # What apply reads of a stored row: id, content (comparable with experiment_values), times.
 _STORED_SELECT = ", ".join(("experiment_id", *CONTENT_COLUMNS, "last_seen_at", "last_changed_at"))
 _INSERT_EXPERIMENT = (
@@ -1172,6 +1176,9 @@ class Store:
                             stale += 1
                             continue
                         old_values = stored[1 : _N_CONTENT + 1]
+                        if _lagging(content[_MODIFIED_I], old_values[_MODIFIED_I], exp.absent):
+                            stale += 1
+                            continue
                         if exp.absent:
                             # Not reported is not "became empty": an answer that leaves a
                             # field out (TrialStatus, say) would otherwise write a change to
@@ -2002,6 +2009,21 @@ def _check_run(conn: sqlite3.Connection, run_id: int, workspace_id: str) -> None
         raise StoreError(f"no sync run with id {run_id}; call begin_run() first")
     if row[0] != workspace_id:
         raise StoreError(f"sync run {run_id} belongs to workspace {row[0]}, not {workspace_id}")
+
+
+def _lagging(modified: str | None, stored: str | None, absent: Collection[str]) -> bool:
+    """Whether a record is an older copy of the stored one: its GmtModifiedTime is earlier,
+    by less than :data:`LAG_WINDOW_S`. A replica or a cache behind upstream's gateway that
+    answered with the record from before a change wrote that change backwards (FINISHED →
+    RUNNING) and forwards again at the next sweep, two rows that never happened, and
+    alerts. An equal time is no older (some upstreams do not move it on a status change);
+    a gap of half an hour or more is taken as a time read in another zone (a naive time
+    in one answer, an ISO one in the next, with the wrong ``create_time_zone``), not as an
+    old copy: skipping those would freeze the row for hours."""
+    if not modified or not stored or "gmt_modified_time" in absent or modified >= stored:
+        return False
+    new, old = parse_time(modified), parse_time(stored)
+    return new is not None and old is not None and (old - new).total_seconds() < LAG_WINDOW_S
 
 
 def _dedupe(workspace_id: str, experiments: Sequence[Experiment]) -> dict[str, Experiment]:

@@ -3078,3 +3078,69 @@ async def test_a_hot_listing_of_what_is_new_that_fell_short_holds_the_watermark(
         assert [i for i in new_ids if i not in deleted and i not in rows] == []
         # (the deleted one, FINISHED, is left to the next full sweep, as hot sweeps leave
         # every terminal experiment's deletion)
+
+
+async def test_an_older_copy_of_an_experiment_does_not_roll_its_status_back(
+    tmp_path: Path,
+) -> None:
+    """A lagging replica (or a cache behind upstream's gateway) answers one full sweep with
+    X's record from before it finished: an older GmtModifiedTime than the mirror holds. It
+    wrote FINISHED → RUNNING, and the next sweep RUNNING → FINISHED: two rows, and alerts,
+    for what never happened. Such a copy is skipped as stale now; an answer whose time is
+    hours off (a zone misread) still applies."""
+    async for rig in make_rig(tmp_path, _still_world(30, seed=8)):
+        ws, world = rig.sim.world.workspace_ids[0], rig.sim.world
+        x = world.truth(ws)[5]["ExperimentId"]
+        world.mutate(x, status="RUNNING")
+        world.advance(60)
+        assert (await rig.engine.sweep(ws)).status == "ok"
+        old = dict(world.get(x))
+        world.advance(60)
+        world.mutate(x, status="FINISHED")
+        world.advance(60)
+        assert (await rig.engine.sweep(ws, "hot")).status == "ok"
+        assert mirror_rows(rig.store, ws)[x]["status"] == "FINISHED"
+
+        def older_copy(params: Any, original: Any, old: Any = old, x: str = x) -> Any:
+            total, page = original(params)
+            return total, [old if e["ExperimentId"] == x else e for e in page]
+
+        world.advance(60)
+        with listing_replaced(world, older_copy):
+            assert (await rig.engine.sweep(ws, "full")).status == "ok"
+        world.advance(60)
+        assert (await rig.engine.sweep(ws, "hot")).status == "ok"
+        statuses = [
+            (c.old_value, c.new_value)
+            for c in rig.store.history(experiment_id=x)
+            if c.field == "Status"
+        ]
+        assert statuses == [(None, "RUNNING"), ("RUNNING", "FINISHED")], statuses
+        assert_mirror_equals_truth(rig.store, rig.sim, ws)
+
+
+def test_a_record_hours_older_than_the_stored_one_still_applies(tmp_path: Path) -> None:
+    """Half an hour or more older is no lagging copy but, most likely, a time read in
+    another zone (a naive time one answer, an ISO one the next): skipped, the row would
+    freeze for hours. Minutes older is a lagging copy; the same time is no older."""
+    store = Store.open(tmp_path / "m.db")
+    run = store.begin_run("ws", "full", "2024-01-01T00:00:00Z")
+
+    def record(status: str, modified: str) -> Experiment:
+        raw = {"ExperimentId": "x", "WorkspaceId": "ws", "Status": status,
+               "GmtModifiedTime": modified}  # fmt: skip
+        exp = normalise(raw)
+        assert exp is not None
+        return exp
+
+    def apply(exp: Experiment, at: str) -> str:
+        store.apply("ws", [exp], observed_at=at, run_id=run, baseline=False)
+        row = store.get_experiment("x")
+        assert row is not None
+        return str(row["status"])
+
+    assert apply(record("RUNNING", "2024-01-01T10:00:00Z"), "2024-01-01T10:01:00Z") == "RUNNING"
+    assert apply(record("FAILED", "2024-01-01T09:50:00Z"), "2024-01-01T10:02:00Z") == "RUNNING"
+    assert apply(record("FAILED", "2024-01-01T10:00:00Z"), "2024-01-01T10:03:00Z") == "FAILED"
+    assert apply(record("RUNNING", "2024-01-01T02:00:00Z"), "2024-01-01T10:04:00Z") == "RUNNING"
+    store.close()
