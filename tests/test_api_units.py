@@ -348,3 +348,26 @@ async def test_the_change_watcher_follows_ids_that_go_back() -> None:
         assert reads - reads_before < 20  # polled at its interval, not in a loop
     finally:
         await watcher.close()
+
+
+def test_a_method_a_client_makes_up_adds_no_metrics_series() -> None:
+    """The method label came from the client: each made-up one (aiohttp's pure-Python
+    parser lets any token through) was a series for good, and anyone who could reach the
+    port could grow /metrics at will. Methods outside HTTP's own count as "other"."""
+    from prometheus_client import CollectorRegistry
+
+    from hpo_sync.api.read import ApiMetrics
+
+    registry = CollectorRegistry()
+    metrics = ApiMetrics(registry)
+    for n in range(300):
+        metrics.observe("unmatched", f"X{n:04d}", 405, 0.001)
+    metrics.observe("/v1/experiments", "GET", 200, 0.001)
+    series = {
+        (s.labels["method"], s.labels["status"])
+        for m in registry.collect()
+        if m.name == "hpo_sync_api_requests"
+        for s in m.samples
+        if s.name == "hpo_sync_api_requests_total"
+    }
+    assert series == {("other", "405"), ("GET", "200")}, series

@@ -187,6 +187,11 @@ class ApiMetrics:
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     def observe(self, route: str, method: str, status: int, duration_s: float) -> None:
+        # A method outside HTTP's own is "other": the method comes from the client, and each
+        # new one made a series that stayed for good (aiohttp's pure-Python parser lets any
+        # token through), so anyone who could reach the port could grow /metrics at will.
+        if method not in _METHODS:
+            method = "other"
         key = (route, method, status)
         children = self._children.get(key)
         if children is None:
@@ -200,6 +205,9 @@ class ApiMetrics:
         children[1].observe(duration_s)
 
 
+_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"}
+)
 _METRICS: weakref.WeakKeyDictionary[CollectorRegistry, ApiMetrics] = weakref.WeakKeyDictionary()
 
 
