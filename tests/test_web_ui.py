@@ -704,6 +704,20 @@ def test_sessions_expire_and_are_bounded() -> None:
     assert current_token(tokens[:2], store.create(tokens[2], 41).token_digest) is None
 
 
+def test_one_token_s_sign_ins_sign_no_other_token_out() -> None:
+    """Past the store's bound the least recently used session went, whoever's: a script
+    signing in with any token (one workspace's) over and over signed every admin out. One
+    token's sessions are bounded on their own now, and its sign-ins drop only its own."""
+    tokens = token_configs()
+    store = SessionStore(max_age_s=1e6, idle_s=1e6, max_sessions=50, max_per_token=5)
+    admin = store.create(tokens[0], 0)
+    mine = [store.create(tokens[1], 1 + n) for n in range(200)]
+    assert store.get(admin.id, 300) is admin
+    assert len(store) == 6  # the admin's one and the newest five of the other token's
+    assert all(store.get(s.id, 300) is s for s in mine[-5:])
+    assert all(store.get(s.id, 300) is None for s in mine[:-5])
+
+
 def test_small_helpers() -> None:
     assert human_age(None) == "never" and human_age(5) == "5 s" and human_age(7200) == "2 h"
     assert status_class("EARLY_STOPPED") == "st-early-stopped"

@@ -25,6 +25,10 @@ SESSION_MAX_AGE_S = 12 * 3600
 SESSION_IDLE_S = 2 * 3600
 #: At most this many sessions are kept; past it the oldest are dropped.
 MAX_SESSIONS = 10_000
+#: ... and at most this many of one token; past it that token's oldest are dropped. Without
+#: it one token's sign-ins (a script, any token, one workspace's) filled the store and
+#: signed every other user out.
+MAX_SESSIONS_PER_TOKEN = 100
 
 
 def token_digest(value: str) -> bytes:
@@ -49,10 +53,12 @@ class SessionStore:
         max_age_s: float = SESSION_MAX_AGE_S,
         idle_s: float = SESSION_IDLE_S,
         max_sessions: int = MAX_SESSIONS,
+        max_per_token: int = MAX_SESSIONS_PER_TOKEN,
     ) -> None:
         self.max_age_s = max_age_s
         self.idle_s = idle_s
         self.max_sessions = max_sessions
+        self.max_per_token = max_per_token
         self._sessions: dict[str, Session] = {}
 
     def __len__(self) -> int:
@@ -60,14 +66,18 @@ class SessionStore:
 
     def create(self, token: TokenConfig, now_s: float) -> Session:
         """A new session for ``token`` (already checked by the caller)."""
+        digest = token_digest(token.token.reveal())
+        own = [s for s in self._sessions.values() if s.token_digest == digest]
+        if len(own) >= self.max_per_token:
+            own.sort(key=lambda s: s.last_used_s)
+            for old in own[: len(own) - self.max_per_token + 1]:
+                del self._sessions[old.id]
         if len(self._sessions) >= self.max_sessions:
             self.purge(now_s)
         while len(self._sessions) >= self.max_sessions:
             oldest = min(self._sessions.values(), key=lambda s: s.last_used_s)
             del self._sessions[oldest.id]
-        session = Session(
-            secrets.token_urlsafe(32), token_digest(token.token.reveal()), token.name, now_s, now_s
-        )
+        session = Session(secrets.token_urlsafe(32), digest, token.name, now_s, now_s)
         self._sessions[session.id] = session
         return session
 
