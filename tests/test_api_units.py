@@ -46,11 +46,12 @@ def test_a_key_too_long_to_carry_goes_by_reference_to_its_row() -> None:
     conn.execute("CREATE TABLE experiments (experiment_id TEXT PRIMARY KEY, name TEXT)")
     long_id, long_name = "x" * 600, "名" * 300
     conn.executemany(
-        "INSERT INTO experiments VALUES (?, ?)", [("short", "a"), (long_id, long_name)]
+        "INSERT INTO experiments VALUES (?, ?)",
+        [("short", "a"), ("s2", long_name), (long_id, "b")],
     )
     short = Cursor.after(conn, "name", "f" * 16, ("a", "short"))
     assert short.key == ("a", "short") and short.row is None
-    for key in ((long_name, "short"), ("a", long_id)):
+    for key in ((long_name, "s2"), ("b", long_id)):
         exp_id = key[1]
         rowid = conn.execute(
             "SELECT rowid FROM experiments WHERE experiment_id = ?", (exp_id,)
@@ -67,7 +68,13 @@ def test_a_key_too_long_to_carry_goes_by_reference_to_its_row() -> None:
             ).fetchone()
         )
     # a row renumbered (another id at that rowid) or gone: stale, never another position
-    moved = Cursor.after(conn, "name", "f" * 16, ("a", long_id))
+    # a row renamed since: it sorts elsewhere, and resuming there would skip (or repeat)
+    # every row in between
+    renamed = Cursor.after(conn, "name", "f" * 16, (long_name, "s2"))
+    conn.execute("UPDATE experiments SET name = 'zz' WHERE experiment_id = 's2'")
+    with pytest.raises(CursorError, match="renamed"):
+        renamed.resolve(conn, "name")
+    moved = Cursor.after(conn, "name", "f" * 16, ("b", long_id))
     conn.execute("DELETE FROM experiments WHERE experiment_id = ?", (long_id,))
     conn.execute("INSERT INTO experiments (rowid, experiment_id, name) VALUES (?, 'z', 'z')",
                  (moved.row[0],))  # fmt: skip

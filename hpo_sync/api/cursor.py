@@ -15,10 +15,12 @@ query's workspaces only.
 
 A key too long to carry (a very long name under ``sort=name``, a very long id: upstream
 bounds neither, and a cursor must fit in a URL) goes by reference instead: ``"r": [ROWID,
-ID_HASH]``, the last row's SQLite rowid and a hash of its id, in place of ``"k"``. The next
-page looks the row's key up again (:meth:`Cursor.resolve`); a row that is no longer there
-(the file was rebuilt, renumbering rows) makes the cursor stale, a 400 that says to start
-over — never a walk silently resumed elsewhere.
+ID_HASH, KEY_HASH]``, the last row's SQLite rowid, a hash of its id and a hash of its key, in
+place of ``"k"``. The next page looks the row's key up again (:meth:`Cursor.resolve`); a row
+that is no longer there (the file was rebuilt, renumbering rows), or whose key changed (it
+was renamed, under ``sort=name``), makes the cursor stale, a 400 that says to start over —
+never a walk silently resumed elsewhere (resumed from the renamed row's new place, it skipped
+or repeated every row in between).
 """
 
 from __future__ import annotations
@@ -53,6 +55,10 @@ def _id_hash(experiment_id: str) -> str:
     return hashlib.sha256(experiment_id.encode("utf-8", "surrogatepass")).hexdigest()[:_HASH_LEN]
 
 
+def _key_hash(key: tuple[str | None, str]) -> str:
+    return hashlib.sha256(orjson.dumps(list(key))).hexdigest()[:_HASH_LEN]
+
+
 def filters_hash(filters: Mapping[str, Any]) -> str:
     """A short, stable hash of a query's effective filters (canonical JSON, SHA-256)."""
     # orjson writes what json.dumps(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -69,8 +75,9 @@ class Cursor:
     filters_hash: str
     #: the last row's ``(sort value, experiment_id)``; None when it goes by reference
     key: tuple[str | None, str] | None
-    #: the last row's ``(rowid, id hash)``, for a key too long to carry
-    row: tuple[int, str] | None = None
+    #: the last row's ``(rowid, id hash, key hash)``, for a key too long to carry (a cursor
+    #: of an older version has no key hash: "")
+    row: tuple[int, str, str] | None = None
 
     @classmethod
     def after(
@@ -83,7 +90,7 @@ class Cursor:
         (rowid,) = conn.execute(
             "SELECT rowid FROM experiments WHERE experiment_id = ?", (key[1],)
         ).fetchone()
-        return cls(sort, filters_hash, None, (int(rowid), _id_hash(key[1])))
+        return cls(sort, filters_hash, None, (int(rowid), _id_hash(key[1]), _key_hash(key)))
 
     def resolve(
         self, conn: sqlite3.Connection, column: str, workspaces: tuple[str, ...] = ()
@@ -96,7 +103,7 @@ class Cursor:
         if self.key is not None:
             return self.key
         assert self.row is not None
-        rowid, id_hash = self.row
+        rowid, id_hash, key_hash = self.row
         scoped = f" AND workspace_id IN ({', '.join('?' * len(workspaces))})" if workspaces else ""
         found = conn.execute(
             f"SELECT {column}, experiment_id FROM experiments WHERE rowid = ?{scoped}",
@@ -107,6 +114,11 @@ class Cursor:
                 "this cursor points at a row that is no longer where it was (the mirror "
                 "was rebuilt): drop the cursor to start over"
             )
+        if key_hash and _key_hash((found[0], found[1])) != key_hash:
+            raise CursorError(
+                "the row this cursor resumes after changed where it sorts (it was renamed, "
+                "say) since the page was served: drop the cursor to start over"
+            )
         return found[0], found[1]
 
     def encode(self) -> str:
@@ -114,7 +126,8 @@ class Cursor:
         if self.key is not None:
             payload["k"] = list(self.key)
         else:
-            payload["r"] = list(self.row or ())
+            rowid, id_hash, key_hash = self.row or (0, "", "")
+            payload["r"] = [rowid, id_hash, key_hash] if key_hash else [rowid, id_hash]
         raw = orjson.dumps(payload)
         return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
@@ -144,14 +157,13 @@ class Cursor:
             row = data["r"]
             if (
                 not isinstance(row, list)
-                or len(row) != 2
+                or len(row) not in (2, 3)  # (2: made before the key hash was added)
                 or type(row[0]) is not int
                 or not 0 < row[0] < 2**63  # a rowid SQLite can hold (orjson reads 2**64 - 1)
-                or not isinstance(row[1], str)
-                or len(row[1]) != _HASH_LEN
+                or not all(isinstance(h, str) and len(h) == _HASH_LEN for h in row[1:])
             ):
                 raise CursorError("malformed cursor: pass next_cursor exactly as it was returned")
-            return cls(sort, fhash, None, (row[0], row[1]))
+            return cls(sort, fhash, None, (row[0], row[1], row[2] if len(row) == 3 else ""))
         key = data["k"]
         if (
             not isinstance(key, list)
