@@ -75,6 +75,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 
+#: The signals the sweep child ignores (see main).
+_CHILD_IGNORES = frozenset({signal.SIGINT, signal.SIGHUP})
 _HEADER = struct.Struct("!I")
 #: How often the child sends what it counted (upstream requests, change rows), or else word
 #: that its event loop is running.
@@ -252,6 +254,11 @@ class SweepProcess:
                         await asyncio.shield(watcher)
             # The child answers on a pipe of its own (pass_fds), not on its stdout.
             read_fd, write_fd = os.pipe()
+            # The child starts with SIGINT and SIGHUP blocked (a mask survives fork and exec)
+            # and unblocks them once it ignores them (main): a SIGHUP to the whole unit in
+            # its first ~0.2 s (the interpreter's start and its imports) killed it, sweep
+            # and all. This thread's mask only: another thread of ours takes such a signal.
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, _CHILD_IGNORES)
             try:
                 proc = await asyncio.create_subprocess_exec(
                     sys.executable,
@@ -267,6 +274,7 @@ class SweepProcess:
                 os.close(read_fd)
                 raise SweepProcessError(f"cannot start the sweep process: {exc}") from None
             finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
                 os.close(write_fd)
             loop = asyncio.get_running_loop()
             reader = asyncio.StreamReader(limit=2**20, loop=loop)
@@ -644,8 +652,10 @@ def main(argv: list[str] | None = None) -> int:
     # must SIGHUP ("reload" to the daemon, which passes the new config on): a hangup of
     # its terminal, `kill -HUP -PGID` or `systemctl kill -s HUP` (every process of the
     # unit) reaches us as well, and its default action killed us mid-sweep.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    for signum in _CHILD_IGNORES:
+        signal.signal(signum, signal.SIG_IGN)
+    # (started with them blocked, see SweepProcess: one that came meanwhile is dropped now)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _CHILD_IGNORES)
     from .eventloop import run
 
     return run(child_main(channel))

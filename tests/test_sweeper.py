@@ -355,6 +355,27 @@ async def test_a_sighup_to_the_whole_unit_does_not_kill_the_child_mid_sweep(rig:
     assert rig.sweeper.pid == pid
 
 
+async def test_a_sighup_while_the_child_starts_does_not_kill_it(rig: Rig) -> None:
+    """The child ignored SIGHUP only once its interpreter had started and imported what it
+    needs (~0.2 s): a SIGHUP to the whole unit in that time (a reload by `systemctl kill -s
+    HUP`, a hangup) killed it, and the sweep with it. It starts with SIGHUP and SIGINT
+    blocked now, and drops one that came meanwhile once it ignores them."""
+    task = asyncio.create_task(rig.sweeper.sweep(WS, "full"))
+    for _ in range(5000):
+        if rig.sweeper.pid is not None:
+            break
+        await asyncio.sleep(0.001)
+    pid = rig.sweeper.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGHUP)  # the child is still starting
+    os.kill(pid, signal.SIGINT)
+    result = await task
+    assert result.status == "ok", result.error
+    assert rig.sweeper.pid == pid
+    # and the daemon's own thread has them unblocked again
+    assert not {signal.SIGHUP, signal.SIGINT} & signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+
 async def test_the_childs_events_carry_the_trigger_of_their_own_sweep(rig: Rig) -> None:
     """The daemon binds ``trigger`` around each sweep. The reader that re-emits the child's
     events was made inside whichever sweep started the child, so it stamped every later
