@@ -896,17 +896,23 @@ class Daemon:
                 check_listen(new)
                 check_listen_allowed(self.config.api.host_port[0], new.api.tokens)
             except ConfigError as exc:
-                self.metrics.reloads.labels(outcome="rejected").inc()
-                log.error(
-                    "config.reload_rejected",
-                    path=str(path),
-                    error=str(exc),
-                    hint="the running config stays in force; fix the file and reload again",
-                )
-                self.notifier.ready(f"config reload rejected: {exc}")
+                self._reject_reload(path, exc, "fix the file and reload again")
                 return False
             plan = plan_reload(self.config, new)
-            await self._apply(plan)
+            try:
+                await self._apply(plan)
+            except HpoSyncError as exc:
+                # The mirror refused what the new config needs written (a write lock held
+                # past the busy timeout, a full disk), before any of it took effect: the
+                # reload used to end there, half applied (the new config in force, its new
+                # workspaces never swept), with systemd left waiting in "reloading".
+                self._reject_reload(path, exc, "reload again once the mirror takes writes")
+                return False
+            except Exception as exc:  # a defect: said, and the daemon told ready again
+                self.metrics.reloads.labels(outcome="rejected").inc()
+                log.exception("config.reload_failed", path=str(path), error=repr(exc))
+                self.notifier.ready(f"config reload failed: {exc!r}")
+                return False
             self.metrics.reloads.labels(outcome="applied").inc()
             log.info(
                 "config.reloaded",
@@ -925,9 +931,27 @@ class Daemon:
             self.notifier.ready(status_line(self._health, self.api_url))
             return True
 
+    def _reject_reload(self, path: Path | None, exc: Exception, hint: str) -> None:
+        self.metrics.reloads.labels(outcome="rejected").inc()
+        log.error(
+            "config.reload_rejected",
+            path=str(path),
+            error=str(exc),
+            hint=f"the running config stays in force; {hint}",
+        )
+        self.notifier.ready(f"config reload rejected: {exc}")
+
     async def _apply(self, plan: ReloadPlan) -> None:
         assert self._scheduler is not None and self._store is not None
         cfg = plan.config
+        # The mirror's part first, which can fail (StoreError): then none of the new config
+        # is in force yet, and the reload is rejected whole.
+        labels = {w.id: w.label for w in cfg.workspaces}
+        for ws in (*plan.relabelled, *plan.added):
+            await asyncio.to_thread(self._store.ensure_workspace, ws, labels[ws])
+        kept = [ws for ws in self._slots if ws not in plan.removed]
+        read = [*(kept if plan.intervals_changed else ()), *plan.added]
+        states = {ws: await asyncio.to_thread(self._store.workspace_state, ws) for ws in read}
         old = self.config
         self.config = cfg
         if self._on_reload_logging is not None and cfg.logging != old.logging:
@@ -942,17 +966,13 @@ class Daemon:
             self._slots.pop(ws, None)
             self._health.pop(ws, None)
             self.metrics.forget_workspace(ws)
-        labels = {w.id: w.label for w in cfg.workspaces}
-        for ws in (*plan.relabelled, *plan.added):
-            await asyncio.to_thread(self._store.ensure_workspace, ws, labels[ws])
         now = self._clock()
         if plan.intervals_changed:
             for ws in self._slots:
-                state = await asyncio.to_thread(self._store.workspace_state, ws)
-                self._schedule_jobs(ws, state, now)
+                self._schedule_jobs(ws, states[ws], now)
         for ws in plan.added:
             self._add_slot(ws)
-            state = await asyncio.to_thread(self._store.workspace_state, ws)
+            state = states[ws]
             self._schedule_jobs(ws, state, now)
             self._spawn_sweep(
                 ws, startup_mode(state, now, cfg.sync.full_interval_s), trigger="reload"

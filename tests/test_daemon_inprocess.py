@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from daemon_harness import config_text
+from locking import write_locked
 from structlog.testing import capture_logs
 
 from hpo_sync.config import Config, load
@@ -156,10 +157,31 @@ async def test_daemon_seams(tmp_path: Path, sweep_process: bool) -> None:
                 assert not await daemon.reload()
             (rejected,) = [e for e in logs if e["event"] == "config.reload_rejected"]
             assert "url_env" in rejected["error"] and "CANARY" not in repr(logs)
+            # A reload the mirror refuses to record (its write lock held past the busy
+            # timeout) is rejected whole, and systemd hears READY=1 again: it used to end
+            # half applied (the new config in force, the added workspace never swept) and
+            # leave systemd waiting in "reloading".
+            store = daemon._store
+            assert store is not None and store._writer is not None
+            store._writer.execute("PRAGMA busy_timeout = 200")
+            readies: list[str] = []
+            daemon.notifier.ready = readies.append  # type: ignore[method-assign]
+            added = config_text(sim_url=sim.base_url, db=db, workspaces=["100002", "100004"])
+            cfg_path.write_text(added, encoding="utf-8")
+            with capture_logs() as logs, write_locked(db):
+                assert not await daemon.reload()
+            (rejected,) = [e for e in logs if e["event"] == "config.reload_rejected"]
+            assert "locked" in rejected["error"] or "busy" in rejected["error"], rejected
+            assert len(readies) == 1 and "reload rejected" in readies[0]
+            assert runtime.config.workspace_ids() == ("100002", "100003")
+            assert set(runtime.health) == {"100002", "100003"}
+            assert await daemon.reload()  # once the mirror takes writes, it applies whole
+            assert runtime.config.workspace_ids() == ("100002", "100004")
+            assert set(runtime.health) == {"100002", "100004"}
         finally:
             daemon.request_stop()
             await asyncio.wait_for(run, 10)
-        assert service.calls == ["start", "reload", "stop"]
+        assert service.calls == ["start", "reload", "reload", "stop"]
 
 
 class StepRecordingService(RecordingService):
