@@ -1697,3 +1697,26 @@ async def test_a_wait_one_target_of_a_robot_was_asked_holds_its_other_targets(
     finally:
         await worker.close()
         await receivers.stop()
+
+
+@pytest.mark.parametrize("days", [1, -2], ids=["forward", "back"])
+async def test_a_clock_step_moves_only_the_outcomes_kept_from_before_it(
+    store: Store, db: Path, days: int
+) -> None:
+    """Outcomes the mirror could not record yet are kept with the time of their attempt: an
+    old one moves with the step, one made since the step (on the new clock) stays."""
+    from hpo_sync.alerts.service import _Unrecorded
+
+    step = timedelta(days=days)
+    before = datetime.now(UTC).replace(microsecond=0)
+    clock = [before + step]
+    worker = AlertWorker(
+        store, make_config(db, Receivers(), ("slack",)), rate_limits={}, clock=lambda: clock[0]
+    )
+    old = _Unrecorded((1,), Retry("500"), before - timedelta(seconds=30), 1, 5.0, before)
+    new = _Unrecorded((2,), Retry("500"), clock[0], 1, 5.0, clock[0])
+    worker._unrecorded["t-slack"] = [old, new]
+    await worker.clock_stepped(step.total_seconds())
+    moved, kept = worker._unrecorded["t-slack"]
+    assert moved.now == old.now + step and kept.now == new.now
+    await worker.close()

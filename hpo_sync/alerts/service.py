@@ -336,9 +336,12 @@ class AlertWorker:
         self._notice_wait = {name: at + step for name, at in self._notice_wait.items()}
         self._asked_wait = {name: at + step for name, at in self._asked_wait.items()}
         fresh_from = now - timedelta(seconds=outbox.STEP_WINDOW_S)
+        fresh_to = now + timedelta(seconds=1)
         for entries in self._unrecorded.values():
+            # (one made since the step is on the new clock already, as in shift_waits)
             entries[:] = [
-                e if e.now >= fresh_from else replace(e, now=e.now + step) for e in entries
+                e if fresh_from <= e.now <= fresh_to else replace(e, now=e.now + step)
+                for e in entries
             ]
         # (the rows whose outcome this worker recorded since the step may have come: their
         # due times are the new clock's)
