@@ -273,8 +273,9 @@ class AlertWorker:
         #: 130101…), else after the backoff of its notices that failed in a row
         self._notice_wait: dict[str, datetime] = {}
         self._notice_failures: dict[str, int] = {}
-        #: per target, the end of a wait it asked for in answer to a stall notice: its
-        #: alerts wait for it too (DingTalk bans a bot that sends on after 130101)
+        #: per robot (:func:`_robot`), the end of a wait one of its targets asked for in
+        #: answer to a stall notice: the alerts of every target of that robot wait for it
+        #: too (DingTalk bans a bot that sends on after 130101)
         self._asked_wait: dict[str, datetime] = {}
         # The outbox rows whose outcome was recorded lately (monotonic time): see
         # clock_stepped.
@@ -334,7 +335,7 @@ class AlertWorker:
         step = timedelta(seconds=step_s)
         now = self.clock()
         self._notice_wait = {name: at + step for name, at in self._notice_wait.items()}
-        self._asked_wait = {name: at + step for name, at in self._asked_wait.items()}
+        self._asked_wait = {robot: at + step for robot, at in self._asked_wait.items()}
         fresh_from = now - timedelta(seconds=outbox.STEP_WINDOW_S)
         fresh_to = now + timedelta(seconds=1)
         for entries in self._unrecorded.values():
@@ -451,9 +452,9 @@ class AlertWorker:
         for name, group in by_target.items():
             if name in busy:
                 continue
-            if self._asked_to_wait(name, now):
-                continue  # it asked a stall notice to wait: its alerts wait as long
             target = self._target(name)
+            if target is not None and self._asked_to_wait(target, now):
+                continue  # it asked a stall notice to wait: its alerts wait as long
             if target is None:
                 await self._record(
                     name,
@@ -516,7 +517,7 @@ class AlertWorker:
                 target.name in waiting
                 or _robot(target) in waiting_robots
                 or self._notices_wait(target.name, now)
-                or self._asked_to_wait(target.name, now)
+                or self._asked_to_wait(target, now)
             ):
                 continue  # it asked to wait (or its alerts wait a backoff): later
             told = self._stalled.setdefault(target.name, set())
@@ -547,7 +548,7 @@ class AlertWorker:
             if asked:  # the rest go after that wait, and its alerts too
                 wait_s = min(asked, RETRY_AFTER_MAX_S)
                 until = self.clock() + timedelta(seconds=wait_s)
-                self._notice_wait[target.name] = self._asked_wait[target.name] = until
+                self._notice_wait[target.name] = self._asked_wait[_robot(target)] = until
                 return
             # The others are tried this round all the same (it may refuse this workspace's
             # notice alone), then the backoff holds the next.
@@ -599,17 +600,10 @@ class AlertWorker:
         with self.store.reader() as conn:
             return outbox.waiting_targets(conn, now)
 
-    def _asked_to_wait(self, name: str, now: datetime) -> bool:
+    def _asked_to_wait(self, target: TargetConfig, now: datetime) -> bool:
         """Whether the target's robot (any target of its type and URL) asked a stall notice
         to wait past ``now``."""
-        target = self._target(name)
-        key = _robot(target) if target is not None else None
-        return any(
-            now < until
-            for other, until in self._asked_wait.items()
-            if other == name
-            or (key is not None and (t := self._target(other)) is not None and _robot(t) == key)
-        )
+        return now < self._asked_wait.get(_robot(target), now)
 
     def _due(
         self, now: datetime, max_age_s: float, busy: frozenset[str] = frozenset()
