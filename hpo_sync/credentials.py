@@ -96,6 +96,8 @@ def _tame_library_logging() -> None:
 
 #: configparser's quote of a line it could not parse, in the chain's (repr'd) text:
 #: ``[line  6]: 'q7Hk…\\n'`` and, before any section, ``line: 1\\n'access_key_secret = …'``.
+#: A second net behind _PARSER_ERROR, which cuts such quotes whole: for a configparser
+#: that words the error before them otherwise.
 _QUOTED_LINE = re.compile(
     r"(\[line\s+\d+\]:|line: \d+(?:\\n|\n))\s*('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")"
 )
