@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from typing import Any
 
@@ -286,6 +286,12 @@ class Experiment:
     absent: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
 
+#: Experiment's field names, in order: what :func:`normalise` sets on each instance.
+EXPERIMENT_FIELDS = tuple(f.name for f in fields(Experiment))
+_new_object = object.__new__
+_set_attribute = object.__setattr__  # past the frozen class's own __setattr__
+
+
 def normalise(raw: Mapping[str, Any], *, naive_tz: tzinfo = UTC) -> Experiment | None:
     """Normalise one raw upstream experiment; None when it has no ``ExperimentId``."""
     get = raw.get
@@ -309,37 +315,47 @@ def normalise(raw: Mapping[str, Any], *, naive_tz: tzinfo = UTC) -> Experiment |
     yml = get("ConfigYml")
     trial_count = get("TrialCount")
     deleted = get("Deleted")
-    return Experiment(
-        experiment_id=exp_id,
-        # blank (or padded): the workspace queried, as when the field is left out
-        workspace_id=(ws if type(ws) is str else text(ws) or "").strip() or None,
-        name=name if type(name) is str else text(name),
-        creator=creator if type(creator) is str else text(creator),
-        status=(status.strip().upper() or None) if status else None,
-        job_type=job_type if type(job_type) is str else text(job_type),
-        accessibility=accessibility if type(accessibility) is str else text(accessibility),
-        description=description if type(description) is str else text(description),
-        trial_count=(
-            trial_count
-            if type(trial_count) is int and _INT64_MIN <= trial_count <= _INT64_MAX
-            else _int64(trial_count)
-        ),
-        trial_status=normalise_trial_status(get("TrialStatus")),
-        tags=normalise_tags(get("Tags")),
-        search_space=space if type(space) is str else text(space),
-        config_ini=ini if type(ini) is str else text(ini),
-        config_yml=yml if type(yml) is str else text(yml),
-        gmt_create_time=iso_time(get("GmtCreateTime"), naive_tz=naive_tz),
-        gmt_modified_time=iso_time(get("GmtModifiedTime"), naive_tz=naive_tz),
-        deleted=deleted if type(deleted) is bool else upstream_bool(deleted),
-        raw=dict(raw),
-        # One C-level subset test in the usual case of an answer with every field.
-        absent=(
-            _NONE_ABSENT
-            if raw.keys() >= _REPORTED_FIELDS.keys()
-            else frozenset(c for k, c in _REPORTED_FIELDS.items() if k not in raw)
-        ),
+    # The instance's attributes set as one dict: a frozen dataclass's __init__ assigns each
+    # of its 19 fields through object.__setattr__, ~5 µs an experiment (a baseline builds
+    # 100,000 on the event loop's thread) against ~1 µs. EXPERIMENT_FIELDS keeps the keys
+    # in step with the class (a test compares them).
+    exp = _new_object(Experiment)
+    _set_attribute(
+        exp,
+        "__dict__",
+        {
+            "experiment_id": exp_id,
+            # blank (or padded): the workspace queried, as when the field is left out
+            "workspace_id": (ws if type(ws) is str else text(ws) or "").strip() or None,
+            "name": name if type(name) is str else text(name),
+            "creator": creator if type(creator) is str else text(creator),
+            "status": (status.strip().upper() or None) if status else None,
+            "job_type": job_type if type(job_type) is str else text(job_type),
+            "accessibility": (accessibility if type(accessibility) is str else text(accessibility)),
+            "description": description if type(description) is str else text(description),
+            "trial_count": (
+                trial_count
+                if type(trial_count) is int and _INT64_MIN <= trial_count <= _INT64_MAX
+                else _int64(trial_count)
+            ),
+            "trial_status": normalise_trial_status(get("TrialStatus")),
+            "tags": normalise_tags(get("Tags")),
+            "search_space": space if type(space) is str else text(space),
+            "config_ini": ini if type(ini) is str else text(ini),
+            "config_yml": yml if type(yml) is str else text(yml),
+            "gmt_create_time": iso_time(get("GmtCreateTime"), naive_tz=naive_tz),
+            "gmt_modified_time": iso_time(get("GmtModifiedTime"), naive_tz=naive_tz),
+            "deleted": deleted if type(deleted) is bool else upstream_bool(deleted),
+            "raw": dict(raw),
+            # One C-level subset test in the usual case of an answer with every field.
+            "absent": (
+                _NONE_ABSENT
+                if raw.keys() >= _REPORTED_FIELDS.keys()
+                else frozenset(c for k, c in _REPORTED_FIELDS.items() if k not in raw)
+            ),
+        },
     )
+    return exp
 
 
 @dataclass

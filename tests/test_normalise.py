@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import pickle
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -12,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hpo_sync.normalise import (
+    EXPERIMENT_FIELDS,
     Experiment,
     format_time,
     iso_time,
@@ -81,6 +84,26 @@ def test_a_typical_experiment() -> None:
     assert exp.deleted is False
     assert exp.tags == [{"Key": "team", "Value": "ml ops"}]
     assert exp.config_ini is None
+
+
+def test_a_normalised_experiment_is_a_whole_instance_of_its_class() -> None:
+    """normalise sets an Experiment's attributes as one dict, past the frozen class's
+    __init__: every field, no other, and an instance like one the class makes itself."""
+    for raw in (raw_experiment(), {"ExperimentId": "e-1"}):
+        exp = normalise(raw)
+        assert exp is not None and type(exp) is Experiment
+        assert tuple(vars(exp)) == EXPERIMENT_FIELDS
+        made = Experiment(**vars(exp))
+        assert exp == made and repr(exp) == repr(made) and vars(exp) == vars(made)
+        assert dataclasses.replace(exp, name="renamed").name == "renamed"
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            exp.name = "x"  # type: ignore[misc]
+        assert pickle.loads(pickle.dumps(exp)) == exp
+    assert normalise({"ExperimentId": "e-1"}).absent == frozenset(  # type: ignore[union-attr]
+        c
+        for c in EXPERIMENT_FIELDS
+        if c not in ("experiment_id", "workspace_id", "deleted", "raw", "absent")
+    )
 
 
 @pytest.mark.parametrize(
