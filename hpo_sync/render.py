@@ -249,7 +249,10 @@ def short_time(value: str | None) -> str:
     if not value:
         return NONE_CELL
     dt = parse_time(value)
-    return dt.strftime("%Y-%m-%d %H:%M") if dt else value
+    if dt is None:
+        return value
+    # (not strftime: its %Y does not pad years before 1000, e.g. Go's zero time, year 1)
+    return f"{dt.year:04d}-{dt.month:02d}-{dt.day:02d} {dt.hour:02d}:{dt.minute:02d}"
 
 
 def trial_status_text(trial_status: Mapping[str, int]) -> str:

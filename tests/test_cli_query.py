@@ -1478,6 +1478,20 @@ def test_render_cells() -> None:
     ]  # fmt: skip
 
 
+def test_table_times_keep_four_digit_years(run: Run, tmp_path: Path) -> None:
+    """Upstream's "no time" can be Go's zero time, 0001-01-01T00:00:00Z: strftime's %Y
+    does not pad, and the table showed it as ``1-01-01 00:00``."""
+    assert render.short_time("0001-01-01T00:00:00Z") == "0001-01-01 00:00"
+    assert render.short_time("0999-12-31T23:59:59Z") == "0999-12-31 23:59"
+    db = tmp_path / "mirror.db"
+    with Store.open(db) as store:
+        exp = raw("hpo-z", "ws-z", "zero-time", "RUNNING", "0001-01-01T00:00:00Z")
+        sweep(store, "ws-z", T0, [exp], baseline=True, complete=True)
+    code, out, _ = run("ls", db=db)
+    assert code == 0
+    assert re.search(r"hpo-z\s+ws-z\s+-\s+0001-01-01 00:00\s+0001-01-01 00:00$", out), out
+
+
 def test_tables_leave_out_controls_that_would_reorder_the_row(run: Run, tmp_path: Path) -> None:
     """A name holding U+202E (right-to-left override) printed as is showed the rest of its
     table row reversed, ids and times included; escapes and newlines were already
