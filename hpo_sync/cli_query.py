@@ -427,6 +427,18 @@ def _handler(run: Callable[[argparse.Namespace, Store, TextIO], int]) -> Handler
             )
             cli.quiet_stream(out)  # nor again at exit, with a traceback
             return cli.EXIT_FAILED
+        except UnicodeEncodeError as exc:
+            # Standard output in a locale's encoding (Latin-1, say) that lacks a character
+            # of the mirror, a CJK name: say so and how to fix it, not a traceback.
+            char = exc.object[exc.start : exc.start + 1] if isinstance(exc.object, str) else ""
+            what = f"U+{ord(char):04X}" if char else "a character"
+            print(
+                f"hpo-sync: cannot write standard output: its encoding ({exc.encoding}) has "
+                f"no {what}; use a UTF-8 locale, or set PYTHONIOENCODING=utf-8",
+                file=sys.stderr,
+            )
+            cli.quiet_stream(out)  # what is still buffered cannot be written either
+            return cli.EXIT_FAILED
         finally:
             store.close()
 

@@ -1278,6 +1278,28 @@ def test_a_full_disk_on_standard_output_is_one_clear_error(
 
 
 @pytest.mark.parametrize(
+    "command", [("ls", "--workspace", "ws-a"), ("show", "hpo-a7", "--format", "json"), ("export",)]
+)
+def test_a_standard_output_that_cannot_encode_a_name_is_one_clear_error(
+    db: Path, command: tuple[str, ...]
+) -> None:
+    """Standard output in a locale's encoding that lacks a character of the mirror (a CJK
+    name on a Latin-1 terminal) ended in a traceback."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONIOENCODING": "latin-1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "hpo_sync.cli", *command, "--db", str(db)],
+        capture_output=True, timeout=60, env=env, check=False,
+    )  # fmt: skip
+    err = proc.stderr.decode("latin-1")
+    assert proc.returncode == 1, err
+    assert "Traceback" not in err
+    assert err == (
+        "hpo-sync: cannot write standard output: its encoding (latin-1) has no U+4E2D; "
+        "use a UTF-8 locale, or set PYTHONIOENCODING=utf-8\n"
+    )
+
+
+@pytest.mark.parametrize(
     ("command", "read"),
     [
         (("export", "--kind", "changes"), 100),  # like `| head -c 100`
