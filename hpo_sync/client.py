@@ -208,7 +208,13 @@ class ListQuery:
         ):
             if isinstance(value, datetime):
                 aware = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
-                out[key] = aware.astimezone(zone).strftime("%Y-%m-%d %H:%M:%S")
+                t = aware.astimezone(zone)
+                # (not strftime: its %Y does not pad years before 1000, and a look-up's
+                # window around Go's zero time, year 1, would read "1-01-01 ...")
+                out[key] = (
+                    f"{t.year:04d}-{t.month:02d}-{t.day:02d}"
+                    f" {t.hour:02d}:{t.minute:02d}:{t.second:02d}"
+                )
             elif value is not None:
                 out[key] = value
         if self.include_config_data is not None:

@@ -15,7 +15,6 @@ import json
 import unicodedata
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
-from datetime import UTC, datetime
 from typing import Any, Literal
 
 from hpo_sync.normalise import Experiment, parse_time, to_upstream
@@ -326,10 +325,6 @@ def run_cell(sync_run_id: int | None, baseline: bool) -> str:
     """Which sweep saw a change: ``#12``, ``#3 baseline``."""
     run = NONE_CELL if sync_run_id is None else f"#{sync_run_id}"
     return f"{run} baseline" if baseline else run
-
-
-def utc_text(dt: datetime) -> str:
-    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # --- tables ---------------------------------------------------------------------------------

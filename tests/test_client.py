@@ -348,6 +348,15 @@ async def test_every_parameter_has_its_name_and_format(
         "PageNumber": "1",
         "PageSize": "100",  # the configured default
     }
+    # a window around Go's zero time keeps four-digit years (strftime's %Y would not)
+    early = ListQuery(
+        min_create_time=datetime(1, 1, 1, tzinfo=UTC),
+        max_create_time=datetime(999, 12, 31, 23, 59, 59, tzinfo=UTC),
+    )
+    assert early.params() == {
+        "MinCreateTime": "0001-01-01 00:00:00",
+        "MaxCreateTime": "0999-12-31 23:59:59",
+    }
     monkeypatch.undo()
     time.tzset()
     headers = capture.seen[0].headers

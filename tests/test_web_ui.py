@@ -39,6 +39,7 @@ from hpo_sync.web import WEB_UI, setup_web_ui
 from hpo_sync.web.charts import (
     HistoryRow,
     WindowChange,
+    _short,
     stacked_bars,
     status_by_day,
     timeline,
@@ -667,6 +668,13 @@ def test_status_by_day_walks_back_through_history() -> None:
     chart = stacked_bars(days, status_by_day(current, window, days), ["RUNNING", "FAILED"])
     assert {b.status for b in chart.bars} == {"RUNNING", "FAILED"}
     assert "today: 1 RUNNING" in chart.summary
+
+
+def test_chart_times_keep_four_digit_years() -> None:
+    """A band's tooltip and an axis label of a year before 1000 (Go's zero time, year 1, as
+    a create time) read 0001-..., not 1-... as strftime's %Y writes it."""
+    assert _short(datetime(1, 1, 1, 0, 5, tzinfo=UTC)) == "0001-01-01 00:05"
+    assert _short(datetime(2024, 3, 1, 8, 30, tzinfo=UTC)) == "2024-03-01 08:30"
 
 
 def test_timeline_bands_and_trial_lines() -> None:

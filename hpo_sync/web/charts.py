@@ -330,4 +330,5 @@ def timeline(
 
 
 def _short(t: datetime) -> str:
-    return t.astimezone(UTC).strftime("%Y-%m-%d %H:%M")
+    u = t.astimezone(UTC)  # (not strftime: its %Y does not pad years before 1000)
+    return f"{u.year:04d}-{u.month:02d}-{u.day:02d} {u.hour:02d}:{u.minute:02d}"
