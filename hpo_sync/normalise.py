@@ -84,6 +84,30 @@ def parse_time(value: Any, *, naive_tz: tzinfo = UTC) -> datetime | None:
     return _to_utc(dt.replace(tzinfo=zone_info))
 
 
+def time_has_zone(value: Any) -> bool | None:
+    """Whether an upstream time says its zone (``2023-03-31T10:29:30Z``, an offset, epoch
+    seconds): True; is naive (``2024-01-01 08:30:11``, read in whatever zone the reader
+    assumes): False; None when :func:`parse_time` would not read it.
+
+    Times of one form order as upstream's do whatever zone naive ones are read in; a naive
+    time read in the wrong zone against a zoned one does not."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return True
+    if isinstance(value, datetime):
+        return value.tzinfo is not None
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    if text.isascii() and text.isdigit():
+        return True if len(text) <= 20 else None
+    m = _TIME_RE.match(text)
+    if m is None:
+        return None
+    return m.group(8) is not None
+
+
 _FRACTION_RE = re.compile(r"\d{2}:\d{2}:\d{2}[.,](\d+)", re.ASCII)
 
 

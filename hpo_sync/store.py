@@ -1344,14 +1344,17 @@ class Store:
     ) -> dict[str, dict[str, Any]]:
         """``{experiment_id: row}`` of the workspace's experiments not marked deleted, with the
         columns a sweep plans by: ``name``, ``creator``, ``status``, ``trial_status`` (decoded),
-        ``gmt_create_time``, ``gmt_modified_time`` and ``last_seen_at``.
+        ``gmt_create_time``, ``gmt_modified_time`` and ``last_seen_at``, and
+        ``upstream_create_time``: ``GmtCreateTime`` as upstream last sent it (from ``raw``),
+        which says whether ``gmt_create_time`` was read from a time with a zone or from a
+        naive one read in ``create_time_zone``.
 
         ``exclude``: ids to leave out. Only the ids are read for them, so a full sweep looking
         for absentees never holds (or decodes) the whole workspace's rows at once.
         """
         select = (
             "SELECT experiment_id, name, creator, status, trial_status, gmt_create_time,"
-            " gmt_modified_time, last_seen_at FROM experiments"
+            f" gmt_modified_time, last_seen_at, {_UPSTREAM_CREATE_TIME} FROM experiments"
             " WHERE workspace_id = ? AND deleted = 0"
         )
         with self.reader() as conn:
@@ -1395,7 +1398,7 @@ class Store:
             ).fetchone()
             rows = conn.execute(
                 "SELECT experiment_id, name, creator, status, trial_status, gmt_create_time,"
-                " gmt_modified_time, last_seen_at, deleted,"
+                f" gmt_modified_time, last_seen_at, deleted, {_UPSTREAM_CREATE_TIME},"
                 # as upstream spelled it: a hot sweep asks for a status in its spelling
                 " json_extract(raw, '$.Status') AS upstream_status,"
                 " json_extract(raw, '$.Deleted') AS upstream_deleted FROM experiments"
@@ -1826,6 +1829,11 @@ def _export_row(kind: str, row: sqlite3.Row, decode: bool) -> dict[str, Any]:
 
 
 # --- helpers that run inside a transaction -------------------------------------------------
+
+
+#: ``GmtCreateTime`` as upstream last sent it: ISO with a zone, or naive (see
+#: :meth:`Store.active_experiments`).
+_UPSTREAM_CREATE_TIME = "json_extract(raw, '$.GmtCreateTime') AS upstream_create_time"
 
 
 def _mark_gone(

@@ -43,11 +43,15 @@ mirror's own create times so that each window holds about one page (:func:`plan_
 a handful of calls for many experiments that finished around the same time; each window
 reaches to the mirror's next experiment on either side. One still missing after a window
 that adds up and returned experiments created before and after it is gone: upstream read a
-range holding its create time, whatever zone it read the bounds in. One not so bracketed is
-looked up by name in a ±14 h window (any zone upstream may read times in), and one its name
-does not find either (renamed meanwhile) by its creator in the same window, one look-up per
-creator and stretch of time, before it is declared deleted. An upstream seen to ignore
-MinCreateTime gets no windows (each would be the whole workspace): names and creators.
+range holding its create time, whatever zone it read the bounds in. Before and after are
+judged only among create times of its own form (with a zone, or naive and read in
+``create_time_zone``): a naive time read in the wrong zone is off by hours against a zoned
+one, and across forms a window read far away seemed to hold an experiment that is there.
+One not so bracketed is looked up by name in a ±14 h window (any zone upstream may read
+times in), and one its name does not find either (renamed meanwhile) by its creator in the
+same window, one look-up per creator and stretch of time, before it is declared deleted.
+An upstream seen to ignore MinCreateTime gets no windows (each would be the whole
+workspace): names and creators.
 
 Why a hot sweep cannot miss a status change of a non-terminal experiment: such an experiment
 is either still in one of the listed statuses (step 2 returns it with its current fields; an
@@ -89,7 +93,7 @@ from .client import (
 )
 from .config import Config
 from .errors import FatalUpstreamError, HpoSyncError, StoreError, UpstreamError
-from .normalise import Experiment, format_time, normalise_all, parse_time
+from .normalise import Experiment, format_time, normalise_all, parse_time, time_has_zone
 from .schema import experiment_values
 from .store import ChangeHook, RunProgress, Store, WorkspaceState
 
@@ -935,6 +939,7 @@ class SyncEngine:
         unreadable = 0  # records without a readable ExperimentId the windows returned
         times = sorted(t for t in (parse_time(v) for v in population) if t)
         dated = {i: parse_time(row.get("gmt_create_time")) for i, row in missing.items()}
+        zoned = {i: time_has_zone(row.get("upstream_create_time")) for i, row in missing.items()}
         targets = sorted(t for t in dated.values() if t)
         windows = (
             []
@@ -963,7 +968,7 @@ class SyncEngine:
             unreadable += listing.skipped
             await self._apply(result, listing.experiments, seen=seen)
             if listing.consistent and not listing.skipped and not listing.rows_missing:
-                bracketed.update(self._bracketed(listing, dated, low, high))
+                bracketed.update(self._bracketed(listing, dated, zoned, low, high))
         proven = sorted(i for i in bracketed if i not in seen)
         still = {i: row for i, row in missing.items() if i not in seen and i not in bracketed}
         gone: list[str] = []
@@ -998,6 +1003,7 @@ class SyncEngine:
         self,
         listing: Listing,
         dated: Mapping[str, datetime | None],
+        zoned: Mapping[str, bool | None],
         low: datetime,
         high: datetime,
     ) -> Iterator[str]:
@@ -1005,13 +1011,30 @@ class SyncEngine:
         window's, complete and adding up) returned experiments created strictly before and
         strictly after: whatever zone upstream read the window's bounds in, its range held
         their create times. (Strictly: an upstream keeping finer times than the whole
-        seconds it shows may hold an equal one on either side.)"""
-        returned = self._times(listing.experiments)
-        if not returned:
-            return
-        first, last = min(returned), max(returned)
+        seconds it shows may hold an equal one on either side.)
+
+        Only times of the missing one's own form count (``zoned``: whether upstream last
+        sent its create time with a zone, see :func:`time_has_zone`; None, unknown, counts
+        for neither): a naive time is read in ``create_time_zone``, and where that is wrong
+        it is off by the difference, while a zoned one is not. Across forms, a naive time
+        truly before the missing one reads as after it, and a window upstream read hours
+        away from it "bracketed" an experiment that is there. Within one form every time
+        is off by the same amount, so their order is upstream's."""
+        by_form: dict[bool, list[datetime]] = {}
+        for raw in listing.experiments:
+            value = raw.get("GmtCreateTime")
+            form = time_has_zone(value)
+            if form is None:
+                continue
+            created = parse_time(value, naive_tz=self.config.upstream.tz)
+            if created is not None:
+                by_form.setdefault(form, []).append(created)
         for exp_id, created in dated.items():
-            if created is not None and low <= created <= high and first < created < last:
+            form = zoned.get(exp_id)
+            returned = by_form.get(form) if form is not None else None
+            if created is None or not returned or not low <= created <= high:
+                continue
+            if min(returned) < created < max(returned):
                 yield exp_id
 
     def _query(self, workspace_id: str, **filters: Any) -> ListQuery:

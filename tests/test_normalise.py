@@ -568,3 +568,12 @@ def test_a_whitespace_only_status_is_unknown(status: str) -> None:
     exp = normalise({"ExperimentId": "exp-1", "Status": status})
     assert exp is not None and exp.status is None
     assert normalise(to_upstream(exp)) == exp
+
+
+def test_time_has_zone_tells_zoned_times_from_naive_ones() -> None:
+    from hpo_sync.normalise import time_has_zone
+
+    zoned = ["2023-03-31T10:29:30Z", "2024-01-01T08:30:11+08:00", 1700000000, "1700000000"]
+    assert [time_has_zone(v) for v in zoned] == [True] * 4
+    assert [time_has_zone(v) for v in ("2024-01-01 08:30:11", "2024-01-01")] == [False, False]
+    assert [time_has_zone(v) for v in (None, True, "junk", {})] == [None] * 4

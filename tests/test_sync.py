@@ -3144,3 +3144,56 @@ def test_a_record_hours_older_than_the_stored_one_still_applies(tmp_path: Path) 
     assert apply(record("FAILED", "2024-01-01T10:00:00Z"), "2024-01-01T10:03:00Z") == "FAILED"
     assert apply(record("RUNNING", "2024-01-01T02:00:00Z"), "2024-01-01T10:04:00Z") == "RUNNING"
     store.close()
+
+
+async def test_mixed_time_forms_in_a_wrong_zone_prove_no_deletion(tmp_path: Path) -> None:
+    """Upstream sends some create times as ISO UTC and some naive, in +08:00, and reads
+    MinCreateTime/MaxCreateTime in +08:00; ``create_time_zone`` says UTC. The window of an
+    experiment a full listing missed (it shifted between pages) is read 8 h earlier than
+    asked: it returns one ISO time truly before the missing one and one naive time truly
+    4 h before it, read as 4 h after it. Compared across forms, those "bracketed" it, and
+    an experiment that exists was marked deleted (a change row, an alert). Only times of the
+    missing one's own form prove anything; its name finds it. A real deletion still is one."""
+    from zoneinfo import ZoneInfo
+
+    from hpo_sync.sim.drift import _space_time
+
+    shanghai = ZoneInfo("Asia/Shanghai")
+    options = dataclasses.replace(_still_world(0, seed=41), time_zone="Asia/Shanghai")
+    async for rig in make_rig(tmp_path, options):
+        ws, world = rig.sim.world.workspace_ids[0], rig.sim.world
+        at = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
+        made: dict[str, str] = {}
+        for name, hours in (("r", -6), ("naive-q", -4), ("p", -1), ("x", 0)):
+            when = (at + timedelta(hours=hours)).strftime("%Y-%m-%dT%H:%M:%SZ")
+            fields = {"WorkspaceId": ws, "Name": name, "Status": "FINISHED", "Creator": "c"}
+            (event,) = world.mutate(create={**fields, "GmtCreateTime": when})
+            made[name] = event.experiment_id
+        victim = made["x"]
+        hidden: list[str] = []
+
+        def skewed(params: Any, original: Any, hidden: list[str] = hidden) -> Any:
+            total, page = original(params)
+            whole = not any(k in params for k in ("MinCreateTime", "Name", "Creator"))
+            if whole and any(r["ExperimentId"] in hidden for r in page):
+                page = [r for r in page if r["ExperimentId"] not in hidden]
+                total -= 1  # shifted onto a page already read: the ids still add up
+            return total, [
+                {**r, "GmtCreateTime": _space_time(r["GmtCreateTime"], shanghai)}
+                if r["Name"].startswith("naive")
+                else r
+                for r in page
+            ]
+
+        with listing_replaced(world, skewed):
+            assert (await rig.engine.sweep(ws)).status == "ok"
+            hidden.append(victim)
+            result = await rig.engine.sweep(ws, "full")
+            assert result.status == "ok" and result.marked_deleted == 0, result.summary()
+            assert mirror_rows(rig.store, ws)[victim]["deleted"] == 0
+            assert not [c for c in rig.store.history(workspace=ws) if c.field == "Deleted"]
+            hidden.clear()
+            world.mutate(victim, delete=True)
+            result = await rig.engine.sweep(ws, "full")
+            assert result.status == "ok" and result.marked_deleted == 1, result.summary()
+            assert mirror_rows(rig.store, ws)[victim]["deleted"] == 1
