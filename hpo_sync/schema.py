@@ -492,6 +492,29 @@ def _m7_upstream_learnt(conn: sqlite3.Connection) -> None:
     _run(conn, ["ALTER TABLE workspaces ADD COLUMN upstream_learnt TEXT"])
 
 
+def _m8_deletion_suspects(conn: sqlite3.Connection) -> None:
+    """Version 8: ``deletion_suspects``, experiments a full sweep found gone only by a
+    look-up whose TotalCount counts rows it does not return (``"Experiments": []`` under a
+    positive count): a glitch answers so, and so does an upstream that counts soft-deleted
+    experiments for one really deleted. Such an experiment is marked deleted only when a
+    later full sweep finds it gone again; a sweep that sees it removes its row. Empty in an
+    older file."""
+    _run(
+        conn,
+        [
+            """
+            CREATE TABLE deletion_suspects (
+                experiment_id TEXT PRIMARY KEY NOT NULL
+                              REFERENCES experiments (experiment_id),
+                workspace_id  TEXT NOT NULL REFERENCES workspaces (workspace_id),
+                sync_run_id   INTEGER NOT NULL,
+                suspected_at  TEXT NOT NULL
+            )""",
+            "CREATE INDEX deletion_suspects_workspace ON deletion_suspects (workspace_id)",
+        ],
+    )
+
+
 #: Forward migrations, in order; migration ``i`` (0-based) takes the file to version ``i + 1``.
 #: Append only. Never edit or reorder a released migration.
 MIGRATIONS: tuple[Migration, ...] = (
@@ -502,6 +525,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     _m5_alert_message_id,
     _m6_alert_shown,
     _m7_upstream_learnt,
+    _m8_deletion_suspects,
 )
 
 #: Migrations that copy a whole table: the old copy's pages are left free inside the file

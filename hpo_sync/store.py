@@ -1239,6 +1239,7 @@ class Store:
             cur.executemany(
                 "UPDATE experiments SET last_seen_at = ? WHERE experiment_id = ?", touches
             )
+            _clear_suspects(cur, workspace_id, ids)
             if complete:
                 seen = set(batch)
                 if seen_ids_for_deletion is not None:
@@ -1315,6 +1316,67 @@ class Store:
         return ApplyResult(
             unchanged=unchanged, stale=stale, marked_deleted=len(gone), change_rows=change_rows
         )
+
+    def weigh_suspects(
+        self,
+        workspace_id: str,
+        experiment_ids: Collection[str],
+        *,
+        observed_at: str,
+        run_id: int,
+        on_changes: OnChanges | None = None,
+        progress: RunProgress | None = None,
+    ) -> tuple[ApplyResult, list[str]]:
+        """Experiments a full sweep found gone only by an answer that cannot prove it (a
+        look-up counting rows it does not return), in one transaction: those an earlier
+        sweep suspected already, and no sweep has seen since (a sighting forgets the
+        suspicion, see :meth:`apply`), are marked deleted as :meth:`mark_deleted` marks
+        them; the others become suspects of run ``run_id`` (``deletion_suspects``).
+        Returns the marking's result and the ids suspected now."""
+        _check_time(observed_at, "observed_at")
+        ids = list(dict.fromkeys(experiment_ids))
+        with self._write("weigh deletion suspects") as conn:
+            _check_run(conn, run_id, workspace_id)
+            cur = conn.cursor()
+            cur.row_factory = None
+            rows: dict[str, tuple[int, str, str, int | None]] = {}
+            for chunk in _chunks(ids, CHUNK_SIZE):
+                cur.execute(
+                    "SELECT e.experiment_id, e.deleted, e.last_seen_at, e.last_changed_at,"
+                    " s.sync_run_id FROM experiments e LEFT JOIN deletion_suspects s"
+                    " ON s.experiment_id = e.experiment_id WHERE e.workspace_id = ?"
+                    f" AND e.experiment_id IN ({_marks(len(chunk))})",
+                    [workspace_id, *chunk],
+                )
+                rows.update((r[0], r[1:]) for r in cur)
+            gone: list[str] = []
+            suspected: list[str] = []
+            stale = unchanged = 0
+            for exp_id in ids:
+                if exp_id not in rows:
+                    continue
+                deleted, last_seen, last_changed, suspected_by = rows[exp_id]
+                if observed_at < max(last_seen, last_changed):
+                    stale += 1
+                elif deleted:
+                    unchanged += 1
+                elif suspected_by is not None and suspected_by < run_id:
+                    gone.append(exp_id)
+                elif suspected_by is None:
+                    suspected.append(exp_id)
+            cur.executemany(
+                "INSERT INTO deletion_suspects"
+                " (experiment_id, workspace_id, sync_run_id, suspected_at) VALUES (?, ?, ?, ?)",
+                [(exp_id, workspace_id, run_id, observed_at) for exp_id in suspected],
+            )
+            pending = _mark_gone(cur, workspace_id, gone, observed_at, run_id)
+            change_rows = _commit_changes(
+                conn, cur, pending, workspace_id, run_id, None, on_changes, progress
+            )
+        applied = ApplyResult(
+            unchanged=unchanged, stale=stale, marked_deleted=len(gone), change_rows=change_rows
+        )
+        return applied, suspected
 
     def _live_ids(self, workspace_id: str, conn: sqlite3.Connection) -> list[str]:
         """Ids of the workspace's experiments not marked deleted.
@@ -1849,8 +1911,25 @@ def _mark_gone(
         "UPDATE experiments SET deleted = 1, last_changed_at = ? WHERE experiment_id = ?",
         [(observed_at, exp_id) for exp_id in gone],
     )
+    _clear_suspects(cur, workspace_id, gone)
     old, new = encode_deleted(False), encode_deleted(True)
     return [(exp_id, workspace_id, DELETED, old, new, observed_at, run_id, 0) for exp_id in gone]
+
+
+def _clear_suspects(cur: sqlite3.Cursor, workspace_id: str, ids: Sequence[str]) -> None:
+    """Forget the deletion suspicions of ``ids`` (seen, or marked deleted): one indexed
+    look-up when the workspace has none, as it almost always has."""
+    if (
+        not ids
+        or not cur.execute(
+            "SELECT 1 FROM deletion_suspects WHERE workspace_id = ? LIMIT 1", (workspace_id,)
+        ).fetchone()
+    ):
+        return
+    for chunk in _chunks(ids, CHUNK_SIZE):
+        cur.execute(
+            f"DELETE FROM deletion_suspects WHERE experiment_id IN ({_marks(len(chunk))})", chunk
+        )
 
 
 def _check_readable(conn: sqlite3.Connection, where: str, *, any_version: bool = False) -> None:

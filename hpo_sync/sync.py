@@ -51,7 +51,12 @@ One not so bracketed is looked up by name in a ±14 h window (any zone upstream 
 times in), and one its name does not find either (renamed meanwhile) by its creator in the
 same window, one look-up per creator and stretch of time, before it is declared deleted.
 An upstream seen to ignore MinCreateTime gets no windows (each would be the whole
-workspace): names and creators.
+workspace): names and creators. A look-up by name that comes back with fewer experiments
+than its TotalCount (``"Experiments": []`` under a positive count) proves nothing within one
+sweep: a glitch answers so, and so does an upstream that counts soft-deleted experiments for
+one really deleted. A full sweep only suspects such an experiment (``deletion_suspects``);
+the next full sweep that finds it gone the same way marks it deleted, one that sees it in
+between clears the suspicion, and a hot sweep does neither (see :meth:`_weigh_doubted`).
 
 Why a hot sweep cannot miss a status change of a non-terminal experiment: such an experiment
 is either still in one of the listed statuses (step 2 returns it with its current fields; an
@@ -898,10 +903,19 @@ class SyncEngine:
         step = len(ordered) / min(MASS_DELETION_SAMPLE, len(ordered))
         sample = {ordered[int(k * step)] for k in range(min(MASS_DELETION_SAMPLE, len(ordered)))}
         population = await asyncio.to_thread(self.store.active_create_times, result.workspace_id)
-        await self._resolve_missing(
+        doubted = await self._resolve_missing(
             result, {i: missing[i] for i in sorted(sample)}, seen, population
         )
         found = sorted(i for i in sample if i in seen)
+        if not found and doubted:
+            # not proven gone: the rest are not marked on their word
+            result.status = "partial"
+            result.error = (
+                f"{len(missing)} experiments missing from two readings, but {len(doubted)} of "
+                f"{len(sample)} looked up were counted and not returned, which proves no "
+                "deletion; deletions left to the next full sweep"
+            )
+            return False
         if not found:
             return True
         log.warning(
@@ -922,7 +936,7 @@ class SyncEngine:
         missing: Mapping[str, Mapping[str, Any]],
         seen: set[str],
         population: Iterable[str | None],
-    ) -> None:
+    ) -> list[str]:
         """Find experiments a listing did not return: first by create-time windows planned
         from the mirror (a few calls for many experiments), then each one still missing by
         name in a window wide enough for any zone; apply what is found and mark deleted what
@@ -933,9 +947,14 @@ class SyncEngine:
         range that holds that one's create time, in whatever zone it reads the bounds (the
         bounds move together): it is gone, with no look-up by name or creator (those are for
         a window that upstream read elsewhere, ~3 calls an experiment). An upstream seen to
-        ignore MinCreateTime gets no windows: each would be the whole workspace."""
+        ignore MinCreateTime gets no windows: each would be the whole workspace.
+
+        One whose look-up by name came back with fewer rows than its TotalCount (the
+        answer of a glitch, and of an upstream counting soft-deleted experiments for one
+        really deleted) is only *suspected* gone: see :meth:`_weigh_doubted`. Returns those
+        of ``missing`` left neither found nor marked deleted that way."""
         if not missing:
-            return
+            return []
         unreadable = 0  # records without a readable ExperimentId the windows returned
         times = sorted(t for t in (parse_time(v) for v in population) if t)
         dated = {i: parse_time(row.get("gmt_create_time")) for i, row in missing.items()}
@@ -972,9 +991,10 @@ class SyncEngine:
         proven = sorted(i for i in bracketed if i not in seen)
         still = {i: row for i, row in missing.items() if i not in seen and i not in bracketed}
         gone: list[str] = []
+        doubtful: set[str] = set()
 
         async def look(exp_id: str, row: Mapping[str, Any]) -> None:
-            found = await self._lookup(result, exp_id, row, dated.get(exp_id))
+            found = await self._lookup(result, exp_id, row, dated.get(exp_id), doubtful)
             if found is None:
                 gone.append(exp_id)
             else:
@@ -997,7 +1017,47 @@ class SyncEngine:
                 code="UnreadableRecords",
                 workspace_id=result.workspace_id,
             )
-        await self._mark_deleted(result, gone)
+        await self._mark_deleted(result, [i for i in gone if i not in doubtful])
+        return await self._weigh_doubted(result, [i for i in gone if i in doubtful])
+
+    async def _weigh_doubted(self, result: SweepResult, ids: Sequence[str]) -> list[str]:
+        """Experiments gone only by a look-up whose TotalCount counts rows it did not
+        return. Within one sweep that cannot be told from a glitch that answers so for
+        longer than any wait, and a false deletion alerts: a full sweep marks one deleted
+        only when an earlier full sweep suspected it already and no sweep has seen it since
+        (:meth:`Store.weigh_suspects`), else suspects it; a hot sweep (a few seconds after
+        the last one, inside the same glitch) does neither, and leaves it to full sweeps.
+        Returns those neither found nor marked deleted."""
+        if not ids:
+            return []
+        ws = result.workspace_id
+        if result.mode == "hot":
+            log.info("sync.deletion_doubted", workspace=ws, ids=list(ids[:5]), count=len(ids))
+            result.notes.append(
+                f"{_count(len(ids), 'experiment')} looked up and counted but not returned: "
+                "not marked deleted, left to full sweeps"
+            )
+            return list(ids)
+        applied, suspected = await asyncio.to_thread(
+            self.store.weigh_suspects,
+            ws,
+            list(ids),
+            observed_at=self._now(ws),
+            run_id=result.run,
+            on_changes=self.on_changes,
+            progress=result.progress(),
+        )
+        result.changes += applied.changes
+        result.marked_deleted += applied.marked_deleted
+        if suspected:
+            log.warning(
+                "sync.deletion_suspected", workspace=ws, ids=suspected[:5], count=len(suspected)
+            )
+            result.notes.append(
+                f"{_count(len(suspected), 'experiment')} suspected gone (looked up, counted "
+                "but not returned): marked deleted if the next full sweep misses them too"
+            )
+        return suspected
 
     def _bracketed(
         self,
@@ -1052,13 +1112,16 @@ class SyncEngine:
         exp_id: str,
         row: Mapping[str, Any],
         created: datetime | None,
+        doubtful: set[str] | None = None,
     ) -> dict[str, Any] | None:
         """One experiment by name, in a create-time window of ±14 h (whatever the zone
-        upstream reads times in); None when a complete listing does not return it."""
+        upstream reads times in); None when a complete listing does not return it (and
+        ``exp_id`` added to ``doubtful`` if that listing counted rows it did not return)."""
         found = await self._search(
             result,
             [exp_id],
             self._query(result.workspace_id, name=row.get("name") or None, **_wide(created)),
+            doubtful=doubtful,
         )
         return found.get(exp_id)
 
@@ -1127,11 +1190,14 @@ class SyncEngine:
         query: ListQuery,
         *,
         proves: bool = True,
+        doubtful: set[str] | None = None,
     ) -> dict[str, dict[str, Any]]:
         """Those of ``ids`` that a listing of ``query`` returns. The rest are proven absent
         from it, or this raises: the listing was incomplete, did not add up over pages
         (a row may have fallen between them), or held records without a readable id.
-        ``proves=False``: what it found, whatever the rest."""
+        ``proves=False``: what it found, whatever the rest. ``doubtful``: where the rest
+        are absent only from rows fewer than the listing's TotalCount (a count of rows it
+        does not return), they are added to it."""
         result.lookups += 1
         listing = await self.client.list_all(query, tally=result.tally)
         wanted = set(ids)
@@ -1181,6 +1247,15 @@ class SyncEngine:
                 code="UnreadableRecords",
                 workspace_id=result.workspace_id,
             )
+        if (
+            doubtful is not None
+            and not listing.uncounted
+            and listing.total_count > len(listing.seen_ids)
+        ):
+            # Fewer rows than counted, on fewer than a page (`"Experiments": []` under a
+            # positive count, for one missing experiment): a glitch answers so, and so does
+            # an upstream that counts soft-deleted experiments, for one really deleted.
+            doubtful.update(i for i in wanted if i not in found)
         return found
 
     # --- hot -----------------------------------------------------------------------------
