@@ -493,12 +493,12 @@ def _m7_upstream_learnt(conn: sqlite3.Connection) -> None:
 
 
 def _m8_deletion_suspects(conn: sqlite3.Connection) -> None:
-    """Version 8: ``deletion_suspects``, experiments a full sweep found gone only by a
-    look-up whose TotalCount counts rows it does not return (``"Experiments": []`` under a
-    positive count): a glitch answers so, and so does an upstream that counts soft-deleted
+    """Version 8: ``deletion_suspects``, experiments a sweep found gone only by a look-up
+    whose TotalCount counts rows it does not return (``"Experiments": []`` under a positive
+    count): a glitch answers so, and so does an upstream that counts soft-deleted
     experiments for one really deleted. Such an experiment is marked deleted only when a
-    later full sweep finds it gone again; a sweep that sees it removes its row. Empty in an
-    older file."""
+    later sweep finds it gone again, long enough after (see sync.SUSPECT_CONFIRM_S); a
+    sweep that sees it removes its row. Empty in an older file."""
     _run(
         conn,
         [

@@ -1324,26 +1324,31 @@ class Store:
         *,
         observed_at: str,
         run_id: int,
+        confirm_before: str,
         on_changes: OnChanges | None = None,
         progress: RunProgress | None = None,
-    ) -> tuple[ApplyResult, list[str]]:
-        """Experiments a full sweep found gone only by an answer that cannot prove it (a
-        look-up counting rows it does not return), in one transaction: those an earlier
-        sweep suspected already, and no sweep has seen since (a sighting forgets the
-        suspicion, see :meth:`apply`), are marked deleted as :meth:`mark_deleted` marks
-        them; the others become suspects of run ``run_id`` (``deletion_suspects``).
-        Returns the marking's result and the ids suspected now."""
+    ) -> tuple[ApplyResult, list[str], list[str]]:
+        """Experiments a sweep found gone only by an answer that cannot prove it (a look-up
+        counting rows it does not return), in one transaction: those an earlier sweep
+        suspected at or before ``confirm_before``, and no sweep has seen since (a sighting
+        forgets the suspicion, see :meth:`apply`), are marked deleted as
+        :meth:`mark_deleted` marks them; those not suspected yet become suspects of run
+        ``run_id`` (``deletion_suspects``); a suspicion younger than ``confirm_before``
+        stays as it is. Returns the marking's result, the ids suspected now, and those whose
+        younger suspicion waits."""
         _check_time(observed_at, "observed_at")
+        _check_time(confirm_before, "confirm_before")
         ids = list(dict.fromkeys(experiment_ids))
         with self._write("weigh deletion suspects") as conn:
             _check_run(conn, run_id, workspace_id)
             cur = conn.cursor()
             cur.row_factory = None
-            rows: dict[str, tuple[int, str, str, int | None]] = {}
+            rows: dict[str, tuple[int, str, str, int | None, str | None]] = {}
             for chunk in _chunks(ids, CHUNK_SIZE):
                 cur.execute(
                     "SELECT e.experiment_id, e.deleted, e.last_seen_at, e.last_changed_at,"
-                    " s.sync_run_id FROM experiments e LEFT JOIN deletion_suspects s"
+                    " s.sync_run_id, s.suspected_at"
+                    " FROM experiments e LEFT JOIN deletion_suspects s"
                     " ON s.experiment_id = e.experiment_id WHERE e.workspace_id = ?"
                     f" AND e.experiment_id IN ({_marks(len(chunk))})",
                     [workspace_id, *chunk],
@@ -1351,19 +1356,22 @@ class Store:
                 rows.update((r[0], r[1:]) for r in cur)
             gone: list[str] = []
             suspected: list[str] = []
+            waiting: list[str] = []
             stale = unchanged = 0
             for exp_id in ids:
                 if exp_id not in rows:
                     continue
-                deleted, last_seen, last_changed, suspected_by = rows[exp_id]
+                deleted, last_seen, last_changed, suspected_by, suspected_at = rows[exp_id]
                 if observed_at < max(last_seen, last_changed):
                     stale += 1
                 elif deleted:
                     unchanged += 1
-                elif suspected_by is not None and suspected_by < run_id:
-                    gone.append(exp_id)
                 elif suspected_by is None:
                     suspected.append(exp_id)
+                elif suspected_by < run_id and (suspected_at or "") <= confirm_before:
+                    gone.append(exp_id)
+                else:
+                    waiting.append(exp_id)
             cur.executemany(
                 "INSERT INTO deletion_suspects"
                 " (experiment_id, workspace_id, sync_run_id, suspected_at) VALUES (?, ?, ?, ?)",
@@ -1376,7 +1384,7 @@ class Store:
         applied = ApplyResult(
             unchanged=unchanged, stale=stale, marked_deleted=len(gone), change_rows=change_rows
         )
-        return applied, suspected
+        return applied, suspected, waiting
 
     def _live_ids(self, workspace_id: str, conn: sqlite3.Connection) -> list[str]:
         """Ids of the workspace's experiments not marked deleted.

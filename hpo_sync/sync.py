@@ -54,9 +54,10 @@ An upstream seen to ignore MinCreateTime gets no windows (each would be the whol
 workspace): names and creators. A look-up by name that comes back with fewer experiments
 than its TotalCount (``"Experiments": []`` under a positive count) proves nothing within one
 sweep: a glitch answers so, and so does an upstream that counts soft-deleted experiments for
-one really deleted. A full sweep only suspects such an experiment (``deletion_suspects``);
-the next full sweep that finds it gone the same way marks it deleted, one that sees it in
-between clears the suspicion, and a hot sweep does neither (see :meth:`_weigh_doubted`).
+one really deleted. A sweep only suspects such an experiment (``deletion_suspects``); a
+later sweep, hot or full, that finds it gone the same way at least ``SUSPECT_CONFIRM_S``
+(10 minutes) after the suspicion marks it deleted, and one that sees it in between clears
+the suspicion (see :meth:`_weigh_doubted`).
 
 Why a hot sweep cannot miss a status change of a non-terminal experiment: such an experiment
 is either still in one of the listed statuses (step 2 returns it with its current fields; an
@@ -118,6 +119,11 @@ MASS_DELETION_WAIT_S = 30.0
 # an upstream that answers "nothing" to a few requests in a row, whenever they come, made
 # two readings agree however far apart (the look-ups are other queries, and come later).
 MASS_DELETION_SAMPLE = 3
+# An experiment a look-up counted but did not return is only suspected gone (see
+# _weigh_doubted); a look-up by a later sweep at least this long after the suspicion, still
+# answering so, confirms it: a glitch that answers so does not last ten minutes, and an
+# upstream that counts soft-deleted experiments has its deletions marked that much later.
+SUSPECT_CONFIRM_S = 600.0
 # Before concluding that an experiment is gone, it is looked up by name in a create-time
 # window this wide on both sides: any zone offset upstream might read times in.
 WIDE_WINDOW = timedelta(hours=14)
@@ -1023,27 +1029,25 @@ class SyncEngine:
     async def _weigh_doubted(self, result: SweepResult, ids: Sequence[str]) -> list[str]:
         """Experiments gone only by a look-up whose TotalCount counts rows it did not
         return. Within one sweep that cannot be told from a glitch that answers so for
-        longer than any wait, and a false deletion alerts: a full sweep marks one deleted
-        only when an earlier full sweep suspected it already and no sweep has seen it since
-        (:meth:`Store.weigh_suspects`), else suspects it; a hot sweep (a few seconds after
-        the last one, inside the same glitch) does neither, and leaves it to full sweeps.
+        longer than any wait, and a false deletion alerts: a sweep marks one deleted only
+        when an earlier sweep suspected it at least SUSPECT_CONFIRM_S before and no sweep
+        has seen it since (:meth:`Store.weigh_suspects`), and otherwise suspects it (or
+        leaves a younger suspicion as it is). Hot sweeps weigh too: a non-terminal
+        experiment deleted upstream is marked within minutes, not at the next full sweep.
         Returns those neither found nor marked deleted."""
         if not ids:
             return []
         ws = result.workspace_id
-        if result.mode == "hot":
-            log.info("sync.deletion_doubted", workspace=ws, ids=list(ids[:5]), count=len(ids))
-            result.notes.append(
-                f"{_count(len(ids), 'experiment')} looked up and counted but not returned: "
-                "not marked deleted, left to full sweeps"
-            )
-            return list(ids)
-        applied, suspected = await asyncio.to_thread(
+        now = self._now(ws)
+        at = parse_time(now)
+        assert at is not None  # _now gives the stored form
+        applied, suspected, waiting = await asyncio.to_thread(
             self.store.weigh_suspects,
             ws,
             list(ids),
-            observed_at=self._now(ws),
+            observed_at=now,
             run_id=result.run,
+            confirm_before=format_time(at - timedelta(seconds=SUSPECT_CONFIRM_S)),
             on_changes=self.on_changes,
             progress=result.progress(),
         )
@@ -1053,11 +1057,14 @@ class SyncEngine:
             log.warning(
                 "sync.deletion_suspected", workspace=ws, ids=suspected[:5], count=len(suspected)
             )
+        left = suspected + waiting
+        if left:
             result.notes.append(
-                f"{_count(len(suspected), 'experiment')} suspected gone (looked up, counted "
-                "but not returned): marked deleted if the next full sweep misses them too"
+                f"{_count(len(left), 'experiment')} looked up, counted but not returned: not "
+                f"marked deleted until a sweep {SUSPECT_CONFIRM_S / 60:.0f} minutes after the "
+                "first such answer misses them too"
             )
-        return suspected
+        return left
 
     def _bracketed(
         self,

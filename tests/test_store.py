@@ -387,8 +387,10 @@ def test_change_ids_are_the_stored_ones_after_a_gap_in_the_sequence(
 
 def test_weigh_suspects_marks_deleted_only_on_a_later_sweeps_word(store: Store) -> None:
     """An experiment gone only by an answer that cannot prove it is suspected first; a
-    later run that finds it gone again marks it deleted (the same run does not), and a
-    sighting or a deletion in between forgets the suspicion."""
+    later run that finds it gone again, once the suspicion is old enough (made at or
+    before ``confirm_before``), marks it deleted (the same run does not, nor a later one
+    while the suspicion is younger), and a sighting or a deletion in between forgets the
+    suspicion."""
     apply(store, [exp("a"), exp("b"), exp("c")], T0)
 
     def suspects() -> list[tuple[str, int]]:
@@ -397,19 +399,32 @@ def test_weigh_suspects_marks_deleted_only_on_a_later_sweeps_word(store: Store) 
             return sorted((r[0], r[1]) for r in rows)
 
     first = store.begin_run("ws1", "full", T1)
-    applied, suspected = store.weigh_suspects("ws1", ["a", "b", "c"], observed_at=T1,
-                                              run_id=first)  # fmt: skip
-    assert (applied.marked_deleted, suspected) == (0, ["a", "b", "c"])
+    applied, suspected, waiting = store.weigh_suspects(
+        "ws1", ["a", "b", "c"], observed_at=T1, run_id=first, confirm_before=T0
+    )
+    assert (applied.marked_deleted, suspected, waiting) == (0, ["a", "b", "c"], [])
     assert suspects() == [("a", first), ("b", first), ("c", first)]
-    applied, suspected = store.weigh_suspects("ws1", ["a"], observed_at=T1, run_id=first)
-    assert (applied.marked_deleted, suspected) == (0, [])  # its own suspicion is no proof
+    applied, suspected, waiting = store.weigh_suspects(
+        "ws1", ["a"], observed_at=T1, run_id=first, confirm_before=T1
+    )
+    # its own suspicion is no proof, however old
+    assert (applied.marked_deleted, suspected, waiting) == (0, [], ["a"])
     apply(store, [exp("b")], T2)  # seen again
     store.mark_deleted("ws1", ["c"], observed_at=T2, run_id=first)  # proven gone otherwise
     assert suspects() == [("a", first)]
-    later = store.begin_run("ws1", "full", T3)
-    applied, suspected = store.weigh_suspects("ws1", ["a", "b"], observed_at=T3, run_id=later)
+    hot = store.begin_run("ws1", "hot", T2)
+    applied, suspected, waiting = store.weigh_suspects(
+        "ws1", ["a"], observed_at=T2, run_id=hot, confirm_before=T0
+    )
+    # a later run, but the suspicion (made at T1) is younger than confirm_before allows
+    assert (applied.marked_deleted, suspected, waiting) == (0, [], ["a"])
+    assert suspects() == [("a", first)]
+    later = store.begin_run("ws1", "hot", T3)
+    applied, suspected, waiting = store.weigh_suspects(
+        "ws1", ["a", "b"], observed_at=T3, run_id=later, confirm_before=T1
+    )
     assert [(c.experiment_id, c.field) for c in applied.change_rows] == [("a", "Deleted")]
-    assert suspected == ["b"] and suspects() == [("b", later)]
+    assert (suspected, waiting) == (["b"], []) and suspects() == [("b", later)]
     assert store.get_experiment("a")["deleted"] is True  # type: ignore[index]
     assert store.get_experiment("b")["deleted"] is False  # type: ignore[index]
 

@@ -38,7 +38,7 @@ from hpo_sync.normalise import Experiment, format_time, normalise, parse_time
 from hpo_sync.sim import DEFAULT_ACCESS_KEY_ID, DEFAULT_ACCESS_KEY_SECRET
 from hpo_sync.sim.server import SimOptions, Simulator
 from hpo_sync.store import Store
-from hpo_sync.sync import SweepResult, SyncEngine
+from hpo_sync.sync import SUSPECT_CONFIRM_S, SweepResult, SyncEngine
 
 TERMINAL = {"FINISHED", "FAILED", "EARLY_STOPPED", "USER_CANCELED", "SYS_CANCELED"}
 
@@ -1508,14 +1508,15 @@ async def test_a_count_that_includes_soft_deleted_rows_still_ends_the_listing(
     """TotalCount counts rows no page returns (soft-deleted ones): a short page, then an
     empty one before the count's last page. That is the listing's end: full sweeps are
     `ok` and still mark deletions (after looking the missing ones up; a look-up that
-    counts what it does not return proves nothing alone, so on the next full sweep's
-    word), instead of every listing being incomplete and every full sweep partial, for
-    good. With fewer
+    counts what it does not return proves nothing alone, so on the word of a sweep
+    SUSPECT_CONFIRM_S later), instead of every listing being incomplete and every full
+    sweep partial, for good. With fewer
     experiments than a page, page 1 (short, against a larger count) looks like a server
     capping the page size: page 2 at that size coming back empty ends the listing too."""
     options = SimOptions(
-        experiments=experiments, workspaces=1, seed=4, drift=False, restart_per_min=0.0
-    )
+        experiments=experiments, workspaces=1, seed=4, drift=False, restart_per_min=0.0,
+        delete_per_min=0.0,
+    )  # fmt: skip
     async for rig in make_rig(tmp_path, options, page_size=100):
         ws = rig.sim.world.workspace_ids[0]
         world = rig.sim.world
@@ -1534,9 +1535,10 @@ async def test_a_count_that_includes_soft_deleted_rows_still_ends_the_listing(
             gone.append(victim["ExperimentId"])
             world.mutate(victim["ExperimentId"], delete=True)
             # its look-up counts it but returns nothing, which a glitch answers too: only
-            # suspected by one full sweep, marked deleted by the next
+            # suspected by one full sweep, marked deleted by one SUSPECT_CONFIRM_S later
             result = await rig.engine.sweep(ws, "full")
             assert result.status == "ok" and result.marked_deleted == 0, result.error
+            world.advance(SUSPECT_CONFIRM_S)
             result = await rig.engine.sweep(ws, "full")
             assert result.status == "ok" and result.marked_deleted == 1, result.error
             assert_mirror_equals_truth(rig.store, rig.sim, ws)
@@ -3205,7 +3207,7 @@ async def test_mixed_time_forms_in_a_wrong_zone_prove_no_deletion(tmp_path: Path
             assert mirror_rows(rig.store, ws)[victim]["deleted"] == 1
 
 
-async def test_a_count_without_the_rows_deletes_only_when_the_next_full_sweep_agrees(
+async def test_a_count_without_the_rows_deletes_only_when_a_later_sweep_agrees(
     tmp_path: Path,
 ) -> None:
     """Upstream counts an experiment but returns it in no listing, for longer than the wait
@@ -3213,9 +3215,10 @@ async def test_a_count_without_the_rows_deletes_only_when_the_next_full_sweep_ag
     answering for one really deleted. Its look-ups answer `"Experiments": []` under a
     positive TotalCount, which no single sweep can tell apart from a deletion; it was
     marked deleted at once (a change row, an alert), and the next sweep, with the glitch
-    over, restored it. Now such an answer only makes it suspected: a later full sweep that
-    misses it the same way marks it deleted, one that sees it clears the suspicion, and a
-    hot sweep neither marks nor suspects. A deletion proven cleanly is still marked at once."""
+    over, restored it. Now such an answer only makes it suspected: a sweep, hot or full,
+    that misses it the same way SUSPECT_CONFIRM_S or more later marks it deleted, one
+    sooner leaves it suspected, and one that sees it clears the suspicion. A deletion
+    proven cleanly is still marked at once."""
     async for rig in make_rig(tmp_path, _still_world(30, seed=42), page_size=50):
         ws, world = rig.sim.world.workspace_ids[0], rig.sim.world
         hidden: set[str] = set()
@@ -3229,35 +3232,50 @@ async def test_a_count_without_the_rows_deletes_only_when_the_next_full_sweep_ag
 
         truth_now = world.truth(ws)
         victim = next(e["ExperimentId"] for e in truth_now if e["Status"] == "FINISHED")
-        running = next(e["ExperimentId"] for e in truth_now if e["Status"] not in TERMINAL)
+        running, running2 = [e["ExperimentId"] for e in truth_now if e["Status"] not in TERMINAL][
+            :2
+        ]
         with listing_replaced(world, counted_not_returned):
             assert (await rig.engine.sweep(ws)).status == "ok"
             hidden.update({victim, running})
             result = await rig.engine.sweep(ws, "hot")
             assert result.marked_deleted == 0, result.summary()
+            assert any("not returned" in note for note in result.all_notes())
             result = await rig.engine.sweep(ws, "full")
             assert result.status == "ok" and result.marked_deleted == 0, result.summary()
-            assert any("suspected" in note for note in result.all_notes()), result.all_notes()
+            assert any("not returned" in note for note in result.all_notes()), result.all_notes()
             assert not deleted_rows()
             hidden.clear()  # the glitch is over: seen again, no longer suspected
             assert (await rig.engine.sweep(ws, "full")).changes == 0
-            hidden.add(victim)  # and back
+            world.advance(SUSPECT_CONFIRM_S)
+            hidden.add(victim)  # and back: an old suspicion, forgotten, confirms nothing
             result = await rig.engine.sweep(ws, "full")
             assert result.status == "ok" and result.marked_deleted == 0, result.summary()
+            result = await rig.engine.sweep(ws, "full")  # a later sweep, but too soon
+            assert result.status == "ok" and result.marked_deleted == 0, result.summary()
             assert not deleted_rows()
-            # a deletion upstream still counts (soft-deleted): the next full sweep marks it
+            # a deletion upstream still counts (soft-deleted): marked by a sweep that long
+            # after the first such answer
+            world.advance(SUSPECT_CONFIRM_S)
             result = await rig.engine.sweep(ws, "full")
             assert result.status == "ok" and result.marked_deleted == 1, result.summary()
             assert [c.experiment_id for c in deleted_rows()] == [victim]
+            # hot sweeps weigh alike: a non-terminal experiment is marked within minutes
+            hidden.add(running2)
+            result = await rig.engine.sweep(ws, "hot")
+            assert result.marked_deleted == 0, result.summary()
+            world.advance(SUSPECT_CONFIRM_S)
+            result = await rig.engine.sweep(ws, "hot")
+            assert result.marked_deleted == 1, result.summary()
+            assert [c.experiment_id for c in deleted_rows()] == [victim, running2]
         # a deletion upstream does not count is proven by a clean answer: marked at once
         other = next(
             e["ExperimentId"]
             for e in world.truth(ws)
             if e["Status"] == "FINISHED" and e["ExperimentId"] != victim
         )
-        world.mutate(other, delete=True)
-        world.mutate(victim, delete=True)
-        world.mutate(running, delete=True)
+        for exp_id in (other, victim, running, running2):
+            world.mutate(exp_id, delete=True)
         result = await rig.engine.sweep(ws, "full")
         assert result.status == "ok" and result.marked_deleted == 2, result.summary()
         assert_mirror_equals_truth(rig.store, rig.sim, ws)
