@@ -54,10 +54,12 @@ An upstream seen to ignore MinCreateTime gets no windows (each would be the whol
 workspace): names and creators. A look-up by name that comes back with fewer experiments
 than its TotalCount (``"Experiments": []`` under a positive count) proves nothing within one
 sweep: a glitch answers so, and so does an upstream that counts soft-deleted experiments for
-one really deleted. A sweep only suspects such an experiment (``deletion_suspects``); a
-later sweep, hot or full, that finds it gone the same way at least ``SUSPECT_CONFIRM_S``
-(10 minutes) after the suspicion marks it deleted, and one that sees it in between clears
-the suspicion (see :meth:`_weigh_doubted`).
+one really deleted. Where the workspace's own full listing counts as many rows more than it
+returns, upstream is one that counts hidden rows, and the experiment is marked deleted at
+once. Elsewhere a sweep only suspects it (``deletion_suspects``); a later sweep, hot or
+full, that finds it gone the same way at least ``SUSPECT_CONFIRM_S`` (10 minutes) after the
+suspicion marks it deleted, and one that sees it in between clears the suspicion (see
+:meth:`_weigh_doubted`).
 
 Why a hot sweep cannot miss a status change of a non-terminal experiment: such an experiment
 is either still in one of the listed statuses (step 2 returns it with its current fields; an
@@ -174,6 +176,9 @@ class SweepResult:
     #: the sweep's listing of what is new (a full sweep's whole listing, a hot sweep's of
     #: what was created since the watermark) was read whole: the watermark may move
     listed_new: bool = False
+    #: a full sweep's listing of the workspace came back whole, under one TotalCount, with
+    #: this many ids fewer than it counts: rows upstream counts and does not return
+    hidden_counted: int = 0
     duration_s: float = 0.0
     error: str | None = None
     error_code: str | None = None
@@ -267,6 +272,11 @@ class SyncEngine:
         # Workspaces whose upstream was seen to ignore MinCreateTime (warned once): their hot
         # sweeps read what is new newest first instead (_newest_first).
         self._min_create_ignored: set[str] = set()
+        # Workspaces whose last full listing came back whole under one TotalCount with fewer
+        # ids than it counted: an upstream that counts rows it does not return (soft-deleted
+        # experiments). Its look-ups that count an experiment and return none answer so for
+        # a deleted one, so they prove a deletion there (see _weigh_doubted).
+        self._hidden_counted: set[str] = set()
         # Per workspace, when the first of the facts above was learnt, here or by an
         # earlier process (see _recall): all are forgotten LEARNT_KEEP after it.
         self._learnt_at: dict[str, datetime] = {}
@@ -454,6 +464,7 @@ class SyncEngine:
             ("creator_filter_refused", self._creator_refused),
             ("status_filter_ignored", self._status_filter_ignored),
             ("min_create_time_ignored", self._min_create_ignored),
+            ("hidden_rows_counted", self._hidden_counted),
         )
 
     def _learnt(self, workspace_id: str) -> dict[str, Any]:
@@ -802,6 +813,7 @@ class SyncEngine:
         # the last sweep (nothing the mirror holds, so nothing to look up), and a watermark
         # raised past it hid it from every hot sweep until the next full one.
         result.listed_new = not _fell_short(listing)
+        self._weigh_count(result, listing)
         result.skipped_records += listing.skipped
         if _unreadable(result):
             return
@@ -1026,6 +1038,21 @@ class SyncEngine:
         await self._mark_deleted(result, [i for i in gone if i not in doubtful])
         return await self._weigh_doubted(result, [i for i in gone if i in doubtful])
 
+    def _weigh_count(self, result: SweepResult, listing: Listing) -> None:
+        """What a full sweep's whole, complete listing says of upstream's TotalCount: under
+        one count, fewer ids than it counts are rows upstream counts and does not return
+        (learnt, see _hidden_counted); exactly as many, that it counts what it returns."""
+        if listing.uncounted or len(listing.totals_seen) != 1:
+            return  # a count that moved says nothing of what upstream counts
+        ws = result.workspace_id
+        hidden = listing.total_count - len(listing.seen_ids)
+        result.hidden_counted = max(hidden, 0)
+        if hidden > 0 and ws not in self._hidden_counted:
+            log.info("sync.hidden_rows_counted", workspace=ws, hidden=hidden)
+            self._hidden_counted.add(ws)
+        elif hidden == 0:
+            self._hidden_counted.discard(ws)
+
     async def _weigh_doubted(self, result: SweepResult, ids: Sequence[str]) -> list[str]:
         """Experiments gone only by a look-up whose TotalCount counts rows it did not
         return. Within one sweep that cannot be told from a glitch that answers so for
@@ -1034,10 +1061,23 @@ class SyncEngine:
         has seen it since (:meth:`Store.weigh_suspects`), and otherwise suspects it (or
         leaves a younger suspicion as it is). Hot sweeps weigh too: a non-terminal
         experiment deleted upstream is marked within minutes, not at the next full sweep.
+
+        Except where upstream is known to count rows it does not return: this full sweep's
+        listing of the workspace counted at least as many more than it returned, or (for a
+        hot sweep) the last full sweep's did (_hidden_counted). Such an upstream answers a
+        look-up of a deleted experiment so every time, and a glitch confined to look-ups
+        would not make the workspace's own listing over-count: they are marked at once.
         Returns those neither found nor marked deleted."""
         if not ids:
             return []
         ws = result.workspace_id
+        if (
+            result.hidden_counted >= len(ids)
+            if result.mode == "full"
+            else ws in self._hidden_counted
+        ):
+            await self._mark_deleted(result, ids)
+            return []
         now = self._now(ws)
         at = parse_time(now)
         assert at is not None  # _now gives the stored form

@@ -1507,10 +1507,11 @@ async def test_a_count_that_includes_soft_deleted_rows_still_ends_the_listing(
 ) -> None:
     """TotalCount counts rows no page returns (soft-deleted ones): a short page, then an
     empty one before the count's last page. That is the listing's end: full sweeps are
-    `ok` and still mark deletions (after looking the missing ones up; a look-up that
-    counts what it does not return proves nothing alone, so on the word of a sweep
-    SUSPECT_CONFIRM_S later), instead of every listing being incomplete and every full
-    sweep partial, for good. With fewer
+    `ok` and still mark deletions at once (after looking the missing ones up: a look-up
+    that counts what it does not return proves a deletion where the workspace's own
+    listing counts at least as many rows it does not return, and hot sweeps remember
+    that), instead of every listing being incomplete and every full sweep partial, for
+    good. With fewer
     experiments than a page, page 1 (short, against a larger count) looks like a server
     capping the page size: page 2 at that size coming back empty ends the listing too."""
     options = SimOptions(
@@ -1534,12 +1535,16 @@ async def test_a_count_that_includes_soft_deleted_rows_still_ends_the_listing(
             victim = next(e for e in world.truth(ws) if e["Status"] == "FINISHED")
             gone.append(victim["ExperimentId"])
             world.mutate(victim["ExperimentId"], delete=True)
-            # its look-up counts it but returns nothing, which a glitch answers too: only
-            # suspected by one full sweep, marked deleted by one SUSPECT_CONFIRM_S later
+            # its look-up counts it but returns nothing, as the workspace's listing counts
+            # rows it does not return: deleted
             result = await rig.engine.sweep(ws, "full")
-            assert result.status == "ok" and result.marked_deleted == 0, result.error
-            world.advance(SUSPECT_CONFIRM_S)
-            result = await rig.engine.sweep(ws, "full")
+            assert result.status == "ok" and result.marked_deleted == 1, result.error
+            assert_mirror_equals_truth(rig.store, rig.sim, ws)
+            # and a hot sweep, which has no such listing of its own, remembers it
+            running = next(e for e in world.truth(ws) if e["Status"] == "RUNNING")
+            gone.append(running["ExperimentId"])
+            world.mutate(running["ExperimentId"], delete=True)
+            result = await rig.engine.sweep(ws, "hot")
             assert result.status == "ok" and result.marked_deleted == 1, result.error
             assert_mirror_equals_truth(rig.store, rig.sim, ws)
             # hot sweeps' status listings (short pages, over-counted) end the same way
@@ -3215,7 +3220,9 @@ async def test_a_count_without_the_rows_deletes_only_when_a_later_sweep_agrees(
     answering for one really deleted. Its look-ups answer `"Experiments": []` under a
     positive TotalCount, which no single sweep can tell apart from a deletion; it was
     marked deleted at once (a change row, an alert), and the next sweep, with the glitch
-    over, restored it. Now such an answer only makes it suspected: a sweep, hot or full,
+    over, restored it. Where nothing says that upstream counts rows it does not return
+    (the workspace's own listings add up), such an answer only makes it suspected: a
+    sweep, hot or full,
     that misses it the same way SUSPECT_CONFIRM_S or more later marks it deleted, one
     sooner leaves it suspected, and one that sees it clears the suspicion. A deletion
     proven cleanly is still marked at once."""
@@ -3224,8 +3231,13 @@ async def test_a_count_without_the_rows_deletes_only_when_a_later_sweep_agrees(
         hidden: set[str] = set()
 
         def counted_not_returned(params: Any, original: Any, hidden: set[str] = hidden) -> Any:
+            """Look-ups count the hidden ones and do not return them; every other listing
+            (the workspace's, a status's: one page of 50 here) leaves them out and counts
+            what it returns, so nothing says that upstream counts rows it hides."""
             total, page = original(params)
-            return total, [r for r in page if r["ExperimentId"] not in hidden]
+            shown = [r for r in page if r["ExperimentId"] not in hidden]
+            lookup = any(k in params for k in ("Name", "Creator", "MaxCreateTime"))
+            return (total if lookup else total - (len(page) - len(shown))), shown
 
         def deleted_rows(store: Store = rig.store, ws: str = ws) -> list[Any]:
             return [c for c in store.history(workspace=ws) if c.field == "Deleted"]
