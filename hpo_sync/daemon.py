@@ -50,7 +50,7 @@ from . import config as config_mod
 from . import held_signals
 from .config import Config
 from .credentials import CredentialsProvider
-from .errors import BackupExistsError, ConfigError, HpoSyncError, StoreError
+from .errors import BackupExistsError, ConfigError, HpoSyncError, ShuttingDownError, StoreError
 from .metrics import Metrics
 from .normalise import format_time, parse_time
 from .notify import Notifier
@@ -750,9 +750,16 @@ class Daemon:
     def request_sync(
         self, workspace_id: str, mode: SweepMode = "auto"
     ) -> asyncio.Task[SweepResult]:
-        """Sweep a configured workspace now, whatever its backoff (an operator asked)."""
+        """Sweep a configured workspace now, whatever its backoff (an operator asked).
+
+        Refused once a stop is requested (:class:`ShuttingDownError`): the sweeps have been
+        cancelled, or are being cancelled, and one started now would run past that — in
+        the sweep process until it is stopped under it, or in this process after the
+        mirror was closed under it, its run left ``running``."""
         if workspace_id not in self._slots:
             raise KeyError(workspace_id)
+        if self._stop.is_set():
+            raise ShuttingDownError("the daemon is stopping; it starts no sweep any more")
         return self._spawn_sweep(workspace_id, mode, trigger="request")
 
     def _spawn_sweep(self, ws: str, mode: SweepMode, *, trigger: str) -> asyncio.Task[SweepResult]:

@@ -143,3 +143,7 @@ class SchemaTooNewError(StoreError):
 
 class DeliveryError(HpoSyncError):
     """A chat webhook delivery failed."""
+
+
+class ShuttingDownError(HpoSyncError):
+    """The daemon is stopping: it starts no sweep any more (``POST /v1/sync`` answers 503)."""

@@ -26,7 +26,8 @@ SweepMode = Literal["auto", "hot", "full"]
 class SyncRequester(Protocol):
     def __call__(self, workspace_id: str, mode: SweepMode = "auto") -> asyncio.Future[SweepResult]:
         """Start a sweep of a configured workspace now, whatever its backoff; the future
-        resolves to its result (await it, or not). Raises KeyError for an unknown workspace."""
+        resolves to its result (await it, or not). Raises KeyError for an unknown workspace,
+        :class:`~hpo_sync.errors.ShuttingDownError` once the daemon is stopping."""
         ...
 
 

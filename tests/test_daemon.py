@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from daemon_harness import (
     Daemons,
@@ -277,6 +278,58 @@ async def test_a_sighup_while_the_daemon_starts_is_applied_once_it_has_started(
         await wait_db(db, "SELECT id FROM sync_runs WHERE status = 'ok'", timeout_s=30, daemon=d)
         code, _ = await d.stop(signal.SIGTERM)
         assert code == 0, d.tail()
+
+
+@pytest.mark.parametrize("sweep_process", [True, False], ids=["sweep_process", "in_process"])
+async def test_a_sync_requested_while_the_daemon_stops_is_refused(
+    tmp_path: Path, daemons: Daemons, sweep_process: bool
+) -> None:
+    """``POST /v1/sync`` between SIGTERM and the API's close (the daemon cancels its sweeps
+    first): 503, no sweep. One started then ran past the cancellation: in the sweep process
+    until that was stopped under it (``sync.crashed``, an error, for a stop), in the daemon
+    after the mirror was closed under it (its run left ``running`` after an exit 0)."""
+    async with Simulator(SimOptions(experiments=120, workspaces=1, seed=3, speed=0)) as sim:
+        db, cfg = write_config(
+            tmp_path,
+            sim.base_url,
+            workspaces=["100001"],
+            hot_interval_s=60,
+            full_interval_s=600,
+            sync="" if sweep_process else "sweep_process = false",
+        )
+        token = tmp_path / "token"
+        token.write_text("admin-token\n", encoding="utf-8")
+        token.chmod(0o600)
+        with cfg.open("a", encoding="utf-8") as f:
+            f.write(f'\n[[api.tokens]]\nname = "ops"\ntoken_file = "{token}"\nadmin = true\n')
+        d = await daemons.start(cfg)
+        await d.wait_event("sync.finished", where=lambda e: e["status"] == "ok", timeout_s=60)
+        url = f"{await d.api_url()}/v1/sync?workspace=100001&mode=full"
+        answers: list[tuple[int, str | None]] = []
+
+        async def ask() -> None:
+            headers = {"Authorization": "Bearer admin-token"}
+            async with aiohttp.ClientSession(headers=headers) as session:
+                while d.proc.returncode is None:
+                    try:
+                        async with session.post(url) as resp:
+                            body = await resp.json()
+                            answers.append((resp.status, body.get("error", {}).get("code")))
+                    except aiohttp.ClientError:
+                        await asyncio.sleep(0.002)  # the API closed; the process exits
+
+        askers = [asyncio.create_task(ask()) for _ in range(3)]
+        try:
+            await wait_until(lambda: (202, None) in answers, timeout_s=10, what="a 202")
+            code, took = await d.stop(signal.SIGTERM)
+        finally:
+            await asyncio.gather(*askers)
+        assert code == 0 and took < 10, d.tail()
+        # The requests kept coming while it stopped: those after the stop were refused.
+        assert (503, "shutting_down") in answers, sorted(set(answers))
+        assert {a for a in answers if a[0] != 202} == {(503, "shutting_down")}
+        assert not [e for e in d.events() if e.get("level") == "error"], d.tail()
+        assert not query(db, "SELECT id FROM sync_runs WHERE status = 'running'")
 
 
 def handles(pid: int, sig: int) -> bool:

@@ -32,7 +32,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ..config import Config
-from ..errors import StoreError
+from ..errors import ShuttingDownError, StoreError
 from ..normalise import parse_time
 
 # The store's query builders, so that the API's pages and counts select exactly what
@@ -1318,6 +1318,8 @@ async def request_sync(request: web.Request) -> web.Response:
         raise NotFoundError(
             f"workspace {ws!r} is not configured", code="unknown_workspace"
         ) from None
+    except ShuttingDownError as exc:
+        raise UnavailableError(str(exc), code="shutting_down") from None
     if isinstance(future, asyncio.Future):
         future.add_done_callback(_consume)
     log.info("api.sync_requested", workspace=ws, mode=mode, token=principal.name)
