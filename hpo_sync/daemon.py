@@ -448,7 +448,8 @@ class Daemon:
         self._track(asyncio.create_task(self.reload(), name="reload"))
 
     def install_signal_handlers(self) -> Callable[[], None]:
-        """SIGTERM/SIGINT stop, SIGHUP reloads; returns a function that removes them."""
+        """SIGTERM/SIGINT stop, SIGHUP reloads; returns a function that removes them once
+        the daemon has stopped, and ignores those signals for the rest of the exit."""
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
@@ -460,6 +461,11 @@ class Daemon:
         def remove() -> None:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+                # The loop's removal puts the default action back, and the exit goes on for
+                # a while yet (systemd's last notifications, the event loop's close): a
+                # second Ctrl-C or SIGTERM there (the stop is done: a repeated one does
+                # nothing before) ended the process by the signal, not with its exit 0.
+                signal.signal(sig, signal.SIG_IGN)
 
         return remove
 

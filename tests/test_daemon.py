@@ -6,6 +6,7 @@ ground truth is fixed whenever the mirror is compared with it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -330,6 +331,31 @@ async def test_a_sync_requested_while_the_daemon_stops_is_refused(
         assert {a for a in answers if a[0] != 202} == {(503, "shutting_down")}
         assert not [e for e in d.events() if e.get("level") == "error"], d.tail()
         assert not query(db, "SELECT id FROM sync_runs WHERE status = 'running'")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_a_stop_signal_repeated_until_the_daemon_exits_still_ends_it_with_0(
+    tmp_path: Path, daemons: Daemons, sig: signal.Signals
+) -> None:
+    """A stop signal sent again and again (Ctrl-C pressed twice, a supervisor's or an
+    operator's repeated ``kill``) while the daemon stops: the first stops it, the others
+    change nothing, and it exits 0 — also those that come once it has stopped and removed
+    its handlers (they took the default action then: the process ended by the signal)."""
+    async with Simulator(SimOptions(experiments=60, workspaces=1, seed=3, speed=0)) as sim:
+        _, cfg = write_config(tmp_path, sim.base_url, workspaces=["100001"])
+        d = await daemons.start(cfg)
+        await d.wait_event("sync.finished", where=lambda e: e["status"] == "ok", timeout_s=60)
+        d.proc.send_signal(sig)
+        sent = 1
+        async with asyncio.timeout(20):
+            while d.proc.returncode is None:
+                await asyncio.sleep(0.001)
+                with contextlib.suppress(ProcessLookupError):
+                    d.proc.send_signal(sig)
+                    sent += 1
+        assert await d.proc.wait() == 0, d.tail()
+        assert sent > 1 and d.events("daemon.stopped")
+        assert "Traceback" not in d.log_path.read_text(encoding="utf-8"), d.tail()
 
 
 def handles(pid: int, sig: int) -> bool:
