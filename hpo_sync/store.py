@@ -911,17 +911,24 @@ class Store:
             raise StoreError(f"the mirror {self.path} is closed")
         if self._writer is None:
             raise StoreError(f"the mirror {self.path} was opened read-only; cannot {action}")
-        with self._write_lock, self._writer.held() as conn, _mapped(self.path, action):
-            # IMMEDIATE takes the write lock up front: a deferred transaction that upgrades
-            # from read to write can fail with SQLITE_BUSY without waiting busy_timeout.
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+        with self._write_lock:
+            if self._closed:
+                # Closed while this write waited for the one before it: each write queued
+                # behind one that waits out busy_timeout (another program holds the file's
+                # write lock) waited it out in turn, and a stop of the daemon as long.
+                raise StoreError(f"the mirror {self.path} is closed")
+            with self._writer.held() as conn, _mapped(self.path, action):
+                # IMMEDIATE takes the write lock up front: a deferred transaction that
+                # upgrades from read to write can fail with SQLITE_BUSY without waiting
+                # busy_timeout.
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
 
     # -- workspaces and sync runs --
 

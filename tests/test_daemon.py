@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -356,6 +357,43 @@ async def test_a_stop_signal_repeated_until_the_daemon_exits_still_ends_it_with_
         assert await d.proc.wait() == 0, d.tail()
         assert sent > 1 and d.events("daemon.stopped")
         assert "Traceback" not in d.log_path.read_text(encoding="utf-8"), d.tail()
+
+
+async def test_a_stop_while_another_program_holds_the_write_lock_waits_one_busy_timeout(
+    tmp_path: Path, daemons: Daemons
+) -> None:
+    """Another program holds the mirror's write lock (``BEGIN IMMEDIATE`` in a shell) while
+    the sweeps of four workspaces run in the daemon (``sweep_process = false``): each one's
+    first write waits for it, behind the one before. A stop waited each of them out in
+    turn, a busy timeout (10 s) each — 40 s, past systemd's TimeoutStopSec=30 — where the
+    writes still queued once the mirror is closed now give up at once."""
+    workspaces = ["100001", "100002", "100003", "100004"]
+    async with Simulator(SimOptions(experiments=120, workspaces=4, seed=3, speed=0)) as sim:
+        db, cfg = write_config(
+            tmp_path, sim.base_url, workspaces=workspaces, sync="sweep_process = false"
+        )
+        d = await daemons.start(cfg)
+        await wait_full_ok_since(db, workspaces, "", timeout_s=60, daemon=d)
+        holder = sqlite3.connect(db, timeout=0, isolation_level=None)
+        try:
+            async with asyncio.timeout(10):
+                while not holder.in_transaction:
+                    with contextlib.suppress(sqlite3.OperationalError):  # a sweep writes
+                        holder.execute("BEGIN IMMEDIATE")
+                    await asyncio.sleep(0.01)
+            # Every workspace's hot sweep is stuck at its first write: its next tick skips.
+            await wait_until(
+                lambda: {e["workspace"] for e in d.events("sync.skipped")} == set(workspaces),
+                timeout_s=20,
+                what="every workspace's sweep waiting for the write lock",
+            )
+            code, took = await d.stop(signal.SIGTERM, timeout_s=60)
+        finally:
+            holder.close()  # (rolls back: the lock is let go)
+        assert code == 0, d.tail()
+        assert took < 20, f"the stop took {took:.1f}s"
+        assert query(db, "PRAGMA integrity_check")[0][0] == "ok"
+        assert not query(db, "SELECT id FROM sync_runs WHERE status = 'running'")
 
 
 def handles(pid: int, sig: int) -> bool:
