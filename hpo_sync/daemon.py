@@ -625,14 +625,16 @@ class Daemon:
             log.error("daemon.service_stop_failed", service=service.name, error=repr(exc))
 
     async def _cancel_sweeps(self) -> None:
+        # The background tasks first: a reload still under way would otherwise go on while
+        # the sweeps are waited for, and start its new workspaces' sweeps after them.
+        for task in list(self._background):
+            task.cancel()
         pending = [t for t in self._sweeps if not t.done()]
         for task in pending:
             task.cancel()
         if pending:
             _, still = await asyncio.wait(pending, timeout=STOP_SWEEPS_TIMEOUT_S)
             log.info("daemon.sweeps_cancelled", count=len(pending), unfinished=len(still))
-        for task in list(self._background):
-            task.cancel()
 
     def _track(self, task: asyncio.Task[Any]) -> None:
         self._background.add(task)

@@ -396,6 +396,53 @@ async def test_a_stop_while_another_program_holds_the_write_lock_waits_one_busy_
         assert not query(db, "SELECT id FROM sync_runs WHERE status = 'running'")
 
 
+async def test_a_reload_under_way_when_the_daemon_stops_starts_no_sweep(
+    tmp_path: Path, daemons: Daemons
+) -> None:
+    """A SIGHUP that adds a workspace, then a SIGTERM before the reload is done: the stop
+    ends the reload; the new workspace is never swept. The reload went on while the stop
+    waited for the cancelled sweeps, and started the new workspace's sweep after them,
+    in a sweep process about to be stopped (an error: ``sync.crashed``; in the daemon's
+    own process, one left ``running`` over a closed mirror). Here the reload waits on its
+    config's token file (a FIFO) and the sweep process is held (SIGSTOP), which make the
+    few milliseconds of a real stop last until the reload is let through."""
+    async with Simulator(SimOptions(experiments=60, workspaces=2, seed=3, speed=0)) as sim:
+        token = tmp_path / "token"
+        os.mkfifo(token, 0o600)
+
+        def feed() -> None:  # blocks until the daemon opens the FIFO to read it
+            token.write_text("admin-token\n", encoding="utf-8")
+
+        def write(workspaces: list[str]) -> None:
+            text = config_text(sim_url=sim.base_url, db=db, workspaces=workspaces)
+            tokens = f'\n[[api.tokens]]\nname = "ops"\ntoken_file = "{token}"\nadmin = true\n'
+            cfg.write_text(text + tokens, encoding="utf-8")
+
+        db, cfg = tmp_path / "mirror.db", tmp_path / "config.toml"
+        write(["100001"])
+        fed = asyncio.create_task(asyncio.to_thread(feed))
+        d = await daemons.start(cfg)
+        await asyncio.wait_for(fed, 60)
+        await d.wait_event("sync.finished", where=lambda e: e["status"] == "ok", timeout_s=60)
+        child = (await d.wait_event("sync.process_started"))["pid"]
+        os.kill(child, signal.SIGSTOP)  # (SIGKILLed by the stop, which it never answers)
+        # A sweep waits for the held process: the next tick of its job finds it running.
+        await d.wait_event("sync.skipped", timeout_s=20)
+
+        write(["100001", "100002"])
+        d.proc.send_signal(signal.SIGHUP)
+        await d.wait_event("config.reloading")  # and reading the token file, blocked
+        d.proc.send_signal(signal.SIGTERM)
+        await d.wait_event("daemon.stopping")
+        await asyncio.wait_for(asyncio.to_thread(feed), 10)  # the reload may go on now
+        code = await asyncio.wait_for(d.proc.wait(), 30)
+        assert code == 0, d.tail()
+        names = [e["event"] for e in d.events()]
+        assert "config.reloaded" not in names[names.index("daemon.stopping") :], d.tail()
+        assert not [e for e in d.events() if e.get("workspace") == "100002"], d.tail()
+        assert not [e for e in d.events() if e.get("level") == "error"], d.tail()
+
+
 def handles(pid: int, sig: int) -> bool:
     """Whether process ``pid`` has a handler of its own for ``sig`` (``SigCgt``)."""
     with open(f"/proc/{pid}/status", encoding="ascii") as f:
