@@ -404,6 +404,11 @@ async def run_demo(options: DemoOptions, out: TextIO | None = None) -> int:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+            # A second Ctrl-C while the demo stops (its daemon's stop is bounded, a few
+            # seconds at most) took the default action: a KeyboardInterrupt traceback, the
+            # simulator left running in the loop's teardown and the temporary directory
+            # left behind. The stop under way is what it would ask for.
+            signal.signal(sig, signal.SIG_IGN)
         say("stopping…")
         if daemon is not None:
             daemon.request_stop()

@@ -4,6 +4,7 @@ process (the CLI path, exit codes, SIGTERM) and in-process (tokens, no syncing).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import shutil
@@ -15,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
+import pytest
 from test_api_rig import TOKENS, WS1, golden_mirror, make_config
 
 from hpo_sync.api.serve import serve
@@ -84,6 +86,45 @@ async def test_serve_runs_as_a_process_and_never_writes_the_mirror(
             proc.kill()
             await proc.communicate()
     assert _digest(db) == before
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_a_stop_signal_repeated_until_serve_exits_still_ends_it_with_0(
+    golden_mirror: Path, tmp_path: Path, sig: signal.Signals
+) -> None:
+    """A stop signal sent again and again while serve stops (Ctrl-C pressed twice, a
+    supervisor's repeated kill): it exits 0, also when one comes after it removed its
+    handlers (the default action then ended it by the signal)."""
+    db = tmp_path / "mirror.db"
+    shutil.copy(golden_mirror, db)
+    env = {**os.environ, "HPO_SYNC_CONFIG": str(tmp_path / "absent.toml")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", LAUNCH, "serve", "--db", str(db), "--listen", "127.0.0.1:0",
+        "--log-level", "warning",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        assert line.startswith("serving "), line
+        errors = asyncio.ensure_future(proc.stderr.read())
+        proc.send_signal(sig)
+        sent = 1
+        async with asyncio.timeout(20):
+            while proc.returncode is None:
+                await asyncio.sleep(0.001)
+                # (os.kill, not send_signal: that polls first, and a poll that reaps the
+                # child leaves asyncio's own wait for it nothing, returncode 255)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, sig)
+                    sent += 1
+        stderr = (await errors).decode()
+        assert await proc.wait() == 0, stderr
+        assert sent > 1 and "Traceback" not in stderr, stderr
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.communicate()
 
 
 def test_serve_refuses_a_wide_address_without_tokens(golden_mirror: Path, tmp_path: Path) -> None:

@@ -196,3 +196,8 @@ async def serve(
 def _remove_handlers(loop: asyncio.AbstractEventLoop) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.remove_signal_handler(sig)
+        # The loop's removal puts the default action back while the exit goes on (the
+        # server's close, systemd's last notification): a repeated Ctrl-C or SIGTERM there
+        # ended the process by the signal (a KeyboardInterrupt traceback for SIGINT), not
+        # with its exit 0. The stop is under way: the signal has nothing left to ask.
+        signal.signal(sig, signal.SIG_IGN)
