@@ -1289,40 +1289,10 @@ class Store:
         a row the mirror holds is real, so its change row is never flagged baseline (as in
         :meth:`apply`).
         """
-        _check_time(observed_at, "observed_at")
-        ids = list(dict.fromkeys(experiment_ids))
-        with self._write("mark experiments deleted") as conn:
-            _check_run(conn, run_id, workspace_id)
-            cur = conn.cursor()
-            cur.row_factory = None
-            rows: dict[str, tuple[int, str, str]] = {}
-            for chunk in _chunks(ids, CHUNK_SIZE):
-                cur.execute(
-                    "SELECT experiment_id, deleted, last_seen_at, last_changed_at"
-                    " FROM experiments WHERE workspace_id = ?"
-                    f" AND experiment_id IN ({_marks(len(chunk))})",
-                    [workspace_id, *chunk],
-                )
-                rows.update((r[0], r[1:]) for r in cur)
-            gone: list[str] = []
-            stale = unchanged = 0
-            for exp_id in ids:  # in the caller's order, so change ids follow it
-                if exp_id not in rows:
-                    continue
-                deleted, last_seen, last_changed = rows[exp_id]
-                if observed_at < max(last_seen, last_changed):
-                    stale += 1
-                elif deleted:
-                    unchanged += 1
-                else:
-                    gone.append(exp_id)
-            pending = _mark_gone(cur, workspace_id, gone, observed_at, run_id)
-            change_rows = _commit_changes(
-                conn, cur, pending, workspace_id, run_id, None, on_changes, progress
-            )
-        return ApplyResult(
-            unchanged=unchanged, stale=stale, marked_deleted=len(gone), change_rows=change_rows
+        applied, _, _ = self._delete_or_suspect(
+            workspace_id, experiment_ids, observed_at, run_id, None, on_changes, progress
         )
+        return applied
 
     def weigh_suspects(
         self,
@@ -1343,29 +1313,37 @@ class Store:
         ``run_id`` (``deletion_suspects``); a suspicion younger than ``confirm_before``
         stays as it is. Returns the marking's result, the ids suspected now, and those whose
         younger suspicion waits."""
-        _check_time(observed_at, "observed_at")
         _check_time(confirm_before, "confirm_before")
+        return self._delete_or_suspect(
+            workspace_id, experiment_ids, observed_at, run_id, confirm_before, on_changes,
+            progress,
+        )  # fmt: skip
+
+    def _delete_or_suspect(
+        self,
+        workspace_id: str,
+        experiment_ids: Collection[str],
+        observed_at: str,
+        run_id: int,
+        confirm_before: str | None,
+        on_changes: OnChanges | None,
+        progress: RunProgress | None,
+    ) -> tuple[ApplyResult, list[str], list[str]]:
+        """:meth:`mark_deleted` (``confirm_before`` None: every live one is gone) and
+        :meth:`weigh_suspects`, in one transaction: the marking's result, the ids suspected
+        now and those whose younger suspicion waits."""
+        _check_time(observed_at, "observed_at")
         ids = list(dict.fromkeys(experiment_ids))
-        with self._write("weigh deletion suspects") as conn:
+        with self._write("mark experiments deleted") as conn:
             _check_run(conn, run_id, workspace_id)
             cur = conn.cursor()
             cur.row_factory = None
-            rows: dict[str, tuple[int, str, str, int | None, str | None]] = {}
-            for chunk in _chunks(ids, CHUNK_SIZE):
-                cur.execute(
-                    "SELECT e.experiment_id, e.deleted, e.last_seen_at, e.last_changed_at,"
-                    " s.sync_run_id, s.suspected_at"
-                    " FROM experiments e LEFT JOIN deletion_suspects s"
-                    " ON s.experiment_id = e.experiment_id WHERE e.workspace_id = ?"
-                    f" AND e.experiment_id IN ({_marks(len(chunk))})",
-                    [workspace_id, *chunk],
-                )
-                rows.update((r[0], r[1:]) for r in cur)
+            rows = _deletion_rows(cur, workspace_id, ids)
             gone: list[str] = []
             suspected: list[str] = []
             waiting: list[str] = []
             stale = unchanged = 0
-            for exp_id in ids:
+            for exp_id in ids:  # in the caller's order, so change ids follow it
                 if exp_id not in rows:
                     continue
                 deleted, last_seen, last_changed, suspected_by, suspected_at = rows[exp_id]
@@ -1373,6 +1351,8 @@ class Store:
                     stale += 1
                 elif deleted:
                     unchanged += 1
+                elif confirm_before is None:
+                    gone.append(exp_id)
                 elif suspected_by is None:
                     suspected.append(exp_id)
                 elif suspected_by < run_id and (suspected_at or "") <= confirm_before:
@@ -1911,6 +1891,26 @@ def _export_row(kind: str, row: sqlite3.Row, decode: bool) -> dict[str, Any]:
 #: ``GmtCreateTime`` as upstream last sent it: ISO with a zone, or naive (see
 #: :meth:`Store.active_experiments`).
 _UPSTREAM_CREATE_TIME = "json_extract(raw, '$.GmtCreateTime') AS upstream_create_time"
+
+
+def _deletion_rows(
+    cur: sqlite3.Cursor, workspace_id: str, ids: Sequence[str]
+) -> dict[str, tuple[Any, ...]]:
+    """What deciding on a deletion reads of the workspace's ``ids``: ``{id: (deleted,
+    last_seen_at, last_changed_at, suspecting sync_run_id, suspected_at)}``, the last two
+    None for an experiment not suspected (``deletion_suspects``)."""
+    rows: dict[str, tuple[Any, ...]] = {}
+    for chunk in _chunks(ids, CHUNK_SIZE):
+        cur.execute(
+            "SELECT e.experiment_id, e.deleted, e.last_seen_at, e.last_changed_at,"
+            " s.sync_run_id, s.suspected_at"
+            " FROM experiments e LEFT JOIN deletion_suspects s"
+            " ON s.experiment_id = e.experiment_id WHERE e.workspace_id = ?"
+            f" AND e.experiment_id IN ({_marks(len(chunk))})",
+            [workspace_id, *chunk],
+        )
+        rows.update((r[0], r[1:]) for r in cur)
+    return rows
 
 
 def _mark_gone(
