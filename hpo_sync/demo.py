@@ -153,7 +153,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     from .eventloop import run
 
-    return run(run_demo(options))
+    return run(run_demo(options, exiting=True))
 
 
 #: The first line of the config the demo writes: how it knows a --data-dir it made.
@@ -329,8 +329,13 @@ class _Out:
                 self.on_closed()
 
 
-async def run_demo(options: DemoOptions, out: TextIO | None = None) -> int:
-    """Run the demo until Ctrl-C, SIGTERM or ``duration_s``; returns the exit status."""
+async def run_demo(
+    options: DemoOptions, out: TextIO | None = None, *, exiting: bool = False
+) -> int:
+    """Run the demo until Ctrl-C, SIGTERM or ``duration_s``; returns the exit status.
+    ``exiting``: the process ends when this returns (the ``demo`` command), so those
+    signals are ignored once the stop is under way; in-process, the process keeps its own
+    dispositions (and the processes it starts later inherit them)."""
     from . import logs
     from .sim import DEFAULT_ACCESS_KEY_ID, DEFAULT_ACCESS_KEY_SECRET
     from .sim.server import SimOptions, Simulator
@@ -404,6 +409,8 @@ async def run_demo(options: DemoOptions, out: TextIO | None = None) -> int:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+            if not exiting:  # in-process: the process keeps its own dispositions
+                continue
             # A second Ctrl-C while the demo stops (its daemon's stop is bounded, a few
             # seconds at most) took the default action: a KeyboardInterrupt traceback, the
             # simulator left running in the loop's teardown and the temporary directory

@@ -127,6 +127,24 @@ async def test_a_stop_signal_repeated_until_serve_exits_still_ends_it_with_0(
             await proc.communicate()
 
 
+async def test_serve_in_process_leaves_the_signal_dispositions_as_they_were(
+    golden_mirror: Path, tmp_path: Path
+) -> None:
+    """Only the ``serve`` command, whose process ends with it, ignores stop signals once
+    it stops; serve() in a process of its caller's leaves them as they were (a process it
+    starts later inherits an ignored signal, and could no longer be stopped by it)."""
+    db = tmp_path / "mirror.db"
+    shutil.copy(golden_mirror, db)
+    cfg = make_config(db, tokens=())
+    stop = asyncio.Event()
+    sigs = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    assert signal.SIG_IGN not in [signal.getsignal(sig) for sig in sigs]
+    task = asyncio.create_task(serve(cfg, stop=stop, on_ready=lambda url: stop.set()))
+    assert await asyncio.wait_for(task, 30) == 0
+    # (the event loop puts back the default handlers, not what was there before it)
+    assert signal.SIG_IGN not in [signal.getsignal(sig) for sig in sigs]
+
+
 def test_serve_refuses_a_wide_address_without_tokens(golden_mirror: Path, tmp_path: Path) -> None:
     env = {**os.environ, "HPO_SYNC_CONFIG": str(tmp_path / "absent.toml")}
     proc = subprocess.run(

@@ -125,7 +125,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cli.setup_logging(args, cfg)
     from ..eventloop import run
 
-    return run(serve(cfg, reload_from=cfg.source))
+    return run(serve(cfg, reload_from=cfg.source, exiting=True))
 
 
 async def serve(
@@ -134,8 +134,12 @@ async def serve(
     reload_from: Path | None = None,
     on_ready: Callable[[str], None] | None = None,
     stop: asyncio.Event | None = None,
+    exiting: bool = False,
 ) -> int:
-    """Serve until SIGTERM/SIGINT (or ``stop`` is set)."""
+    """Serve until SIGTERM/SIGINT (or ``stop`` is set). ``exiting``: the process ends when
+    this returns (the ``serve`` command), so those signals are ignored once the stop is
+    under way (see _remove_handlers); in-process, the process keeps its own dispositions
+    (and the processes it starts later inherit them)."""
     store = await asyncio.to_thread(Store.open, cfg.store.path, readonly=True)
     runtime = ServeRuntime(config=cfg, store=store)
     host, port = cfg.api.host_port
@@ -181,7 +185,7 @@ async def serve(
             loop.add_signal_handler(signal.SIGTERM, stop.set)
             loop.add_signal_handler(signal.SIGINT, stop.set)
             loop.add_signal_handler(signal.SIGHUP, reload)
-            stack.callback(_remove_handlers, loop)
+            stack.callback(_remove_handlers, loop, exiting)
         log.info("serve.listening", url=url, mirror=str(cfg.store.path), readonly=True)
         print(f"serving {cfg.store.path} (read-only) on {url}", flush=True)
         notifier.ready(f"serving {cfg.store.path} read-only on {url}")
@@ -193,9 +197,11 @@ async def serve(
     return 0
 
 
-def _remove_handlers(loop: asyncio.AbstractEventLoop) -> None:
+def _remove_handlers(loop: asyncio.AbstractEventLoop, exiting: bool) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.remove_signal_handler(sig)
+        if not exiting:
+            continue
         # The loop's removal puts the default action back while the exit goes on (the
         # server's close, systemd's last notification): a repeated Ctrl-C or SIGTERM there
         # ended the process by the signal (a KeyboardInterrupt traceback for SIGINT), not
