@@ -1044,6 +1044,11 @@ class SyncEngine:
         (learnt, see _hidden_counted); exactly as many, that it counts what it returns."""
         if listing.uncounted or len(listing.totals_seen) != 1:
             return  # a count that moved says nothing of what upstream counts
+        if not listing.seen_ids:
+            # No rows at all under a positive count (`"Experiments": []`): the shape of the
+            # glitch that answers every query so. Learnt from it, its own look-ups' answers
+            # proved the whole workspace deleted at once, however long the glitch lasted.
+            return
         ws = result.workspace_id
         hidden = listing.total_count - len(listing.seen_ids)
         result.hidden_counted = max(hidden, 0)

@@ -3286,3 +3286,33 @@ async def test_a_count_without_the_rows_deletes_only_when_a_later_sweep_agrees(
         result = await rig.engine.sweep(ws, "full")
         assert result.status == "ok" and result.marked_deleted == 2, result.summary()
         assert_mirror_equals_truth(rig.store, rig.sim, ws)
+
+
+async def test_a_count_without_rows_to_every_query_for_long_deletes_nothing(
+    tmp_path: Path,
+) -> None:
+    """Every answer is `"Experiments": []` under the right TotalCount, for longer than the
+    wait before a second reading. The workspace's listing, all of it counted and none of it
+    returned, was taken for an upstream that counts rows it hides: the look-ups' answers,
+    the same glitch, then proved every experiment gone at once, and the whole workspace was
+    marked deleted (alerts for each). It is only suspected now."""
+    async for rig in make_rig(tmp_path, _still_world(45, seed=33), page_size=10):
+        ws, sim = rig.sim.world.workspace_ids[0], rig.sim
+        assert (await rig.engine.sweep(ws)).status == "ok"
+        real = sim._page_json
+
+        def nothing(request_id: str, total: int, page: list[dict[str, Any]]) -> str:
+            return json.dumps({"RequestId": request_id, "TotalCount": total, "Experiments": []})
+
+        sim._page_json = nothing  # type: ignore[method-assign]
+        try:
+            result = await rig.engine.sweep(ws, "full")
+        finally:
+            sim._page_json = real  # type: ignore[method-assign]
+        assert result.marked_deleted == 0, result.summary()
+        assert any("not returned" in note for note in result.all_notes()), result.all_notes()
+        assert not any(r["deleted"] for r in mirror_rows(rig.store, ws).values())
+        assert not [c for c in rig.store.history(workspace=ws) if c.field == "Deleted"]
+        assert (await rig.engine.sweep(ws, "full")).changes == 0  # seen again: cleared
+        with rig.store.reader() as conn:
+            assert not conn.execute("SELECT 1 FROM deletion_suspects").fetchall()
