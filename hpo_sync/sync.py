@@ -1049,6 +1049,10 @@ class SyncEngine:
             # glitch that answers every query so. Learnt from it, its own look-ups' answers
             # proved the whole workspace deleted at once, however long the glitch lasted.
             return
+        if listing.skipped:
+            # Records without a readable ExperimentId are rows it returned, not hidden ones:
+            # the ids fall short of the count by them.
+            return
         ws = result.workspace_id
         hidden = listing.total_count - len(listing.seen_ids)
         result.hidden_counted = max(hidden, 0)
