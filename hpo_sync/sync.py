@@ -1053,6 +1053,11 @@ class SyncEngine:
             # Records without a readable ExperimentId are rows it returned, not hidden ones:
             # the ids fall short of the count by them.
             return
+        if listing.duplicates:
+            # A row returned twice under one count: rows shifted between pages (upstream
+            # ordered equal create times differently on each), and as many were never
+            # returned, there and not hidden (their look-ups find them).
+            return
         ws = result.workspace_id
         hidden = listing.total_count - len(listing.seen_ids)
         result.hidden_counted = max(hidden, 0)
