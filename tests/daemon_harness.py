@@ -7,6 +7,7 @@ The simulator runs in the test's event loop, so everything here that waits does 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -243,6 +244,26 @@ class Daemons:
 
 
 # --- the mirror --------------------------------------------------------------------------------
+
+
+async def signal_until_exit(
+    proc: asyncio.subprocess.Process, sig: int, *, timeout_s: float = 20.0
+) -> int:
+    """Send ``sig`` to ``proc``, then again every millisecond or so until it has exited (a
+    stop signal repeated: Ctrl-C pressed twice, a supervisor's repeated kill); returns how
+    many were sent. Whoever reads the process's pipes must be reading them meanwhile.
+
+    (os.kill, not send_signal: that polls first, and a poll that reaps the child leaves
+    asyncio's own wait for it nothing, returncode 255.)"""
+    proc.send_signal(sig)
+    sent = 1
+    async with asyncio.timeout(timeout_s):
+        while proc.returncode is None:
+            await asyncio.sleep(0.001)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, sig)
+                sent += 1
+    return sent
 
 
 def query(db: Path, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:

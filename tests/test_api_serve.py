@@ -4,7 +4,6 @@ process (the CLI path, exit codes, SIGTERM) and in-process (tokens, no syncing).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import os
 import shutil
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from daemon_harness import signal_until_exit
 from test_api_rig import TOKENS, WS1, golden_mirror, make_config
 
 from hpo_sync.api.serve import serve
@@ -108,16 +108,7 @@ async def test_a_stop_signal_repeated_until_serve_exits_still_ends_it_with_0(
         line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
         assert line.startswith("serving "), line
         errors = asyncio.ensure_future(proc.stderr.read())
-        proc.send_signal(sig)
-        sent = 1
-        async with asyncio.timeout(20):
-            while proc.returncode is None:
-                await asyncio.sleep(0.001)
-                # (os.kill, not send_signal: that polls first, and a poll that reaps the
-                # child leaves asyncio's own wait for it nothing, returncode 255)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, sig)
-                    sent += 1
+        sent = await signal_until_exit(proc, sig)
         stderr = (await errors).decode()
         assert await proc.wait() == 0, stderr
         assert sent > 1 and "Traceback" not in stderr, stderr

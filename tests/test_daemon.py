@@ -28,6 +28,7 @@ from daemon_harness import (
     metric_value,
     now_run_time,
     query,
+    signal_until_exit,
     sim_post,
     sim_truth,
     wait_db,
@@ -346,16 +347,7 @@ async def test_a_stop_signal_repeated_until_the_daemon_exits_still_ends_it_with_
         _, cfg = write_config(tmp_path, sim.base_url, workspaces=["100001"])
         d = await daemons.start(cfg)
         await d.wait_event("sync.finished", where=lambda e: e["status"] == "ok", timeout_s=60)
-        d.proc.send_signal(sig)
-        sent = 1
-        async with asyncio.timeout(20):
-            while d.proc.returncode is None:
-                await asyncio.sleep(0.001)
-                # (os.kill, not send_signal: that polls first, and a poll that reaps the
-                # child leaves asyncio's own wait for it nothing, returncode 255)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(d.proc.pid, sig)
-                    sent += 1
+        sent = await signal_until_exit(d.proc, sig)
         assert await d.proc.wait() == 0, d.tail()
         assert sent > 1 and d.events("daemon.stopped")
         assert "Traceback" not in d.log_path.read_text(encoding="utf-8"), d.tail()

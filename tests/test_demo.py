@@ -4,7 +4,6 @@ changes scroll by; ``--duration`` and SIGINT both stop it cleanly."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import re
 import signal
@@ -14,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from daemon_harness import ROOT, cli, daemon_env, query
+from daemon_harness import ROOT, cli, daemon_env, query, signal_until_exit
 
 from hpo_sync.demo import command_name, config_text, format_change
 from hpo_sync.store import ChangeRow
@@ -136,14 +135,11 @@ async def test_demo_stops_on_sigint_and_cleans_up_its_temp_dir(again: bool) -> N
         data_dir = Path(lines[0].rsplit("data in ", 1)[1].strip())
         assert (data_dir / "mirror.db").exists()
         began = time.monotonic()
-        proc.send_signal(signal.SIGINT)
         ended = asyncio.ensure_future(asyncio.wait_for(proc.communicate(), 15))
-        while again and not ended.done():
-            await asyncio.sleep(0.002)
-            # (os.kill, not send_signal: that polls first, and a poll that reaps the child
-            # leaves asyncio's own wait for it nothing, returncode 255)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGINT)
+        if again:
+            await signal_until_exit(proc, signal.SIGINT, timeout_s=15)
+        else:
+            proc.send_signal(signal.SIGINT)
         out, err = await ended
         assert proc.returncode == 0, err.decode()
         assert "Traceback" not in err.decode(), err.decode()
