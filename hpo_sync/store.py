@@ -1355,7 +1355,7 @@ class Store:
                     gone.append(exp_id)
                 elif suspected_by is None:
                     suspected.append(exp_id)
-                elif suspected_by < run_id and (suspected_at or "") <= confirm_before:
+                elif suspected_by < run_id and suspected_at <= confirm_before:
                     gone.append(exp_id)
                 else:
                     waiting.append(exp_id)

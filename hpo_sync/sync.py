@@ -1313,9 +1313,9 @@ class SyncEngine:
             and not listing.uncounted
             and listing.total_count > len(listing.seen_ids)
         ):
-            # Fewer rows than counted, on fewer than a page (`"Experiments": []` under a
-            # positive count, for one missing experiment): a glitch answers so, and so does
-            # an upstream that counts soft-deleted experiments, for one really deleted.
+            # Fewer rows than counted (`"Experiments": []` under a positive count, for one
+            # missing experiment): a glitch answers so, and so does an upstream that counts
+            # soft-deleted experiments, for one really deleted.
             doubtful.update(i for i in wanted if i not in found)
         return found
 
